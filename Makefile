@@ -1,0 +1,35 @@
+# `make demo` and `make test` set themselves up: a virtualenv in .venv with pinned installs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kiln-installed
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+# Reinstall only when the package metadata or the pins change.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/kiln train configs/quickstart.yaml --overwrite
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python benchmarks/step_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,43 @@
+"""kiln: a config-driven training engine for transformer language models.
+
+The engine (and torch) load on first use of `Trainer`, `Callback`, ..., so `kiln config`
+commands start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kiln.config import ConfigError, RunConfig, load_config
+from kiln.errors import DataError, KilnError, ModelError
+
+__all__ = [
+    "Callback",
+    "ConfigError",
+    "DataError",
+    "Event",
+    "KilnError",
+    "ModelError",
+    "RunConfig",
+    "TrainResult",
+    "TrainState",
+    "Trainer",
+    "load_config",
+]
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Callback": "kiln.callbacks",
+    "Event": "kiln.engine",
+    "TrainResult": "kiln.engine",
+    "TrainState": "kiln.engine",
+    "Trainer": "kiln.engine",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")

@@ -1,0 +1,6 @@
+"""Callbacks: observers of the training loop."""
+
+from kiln.callbacks.base import Callback
+from kiln.callbacks.progress import ProgressCallback
+
+__all__ = ["Callback", "ProgressCallback"]

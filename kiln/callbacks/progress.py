@@ -1,0 +1,100 @@
+"""Live progress: a rich bar with loss, LR and tokens/s on a TTY; plain lines or quiet else."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from kiln.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from kiln.engine.trainer import Trainer
+
+__all__ = ["ProgressCallback"]
+
+
+class ProgressCallback(Callback):
+    """Shows training progress.
+
+    Modes: `bar` (rich live bar), `plain` (a line per log step), `none`, and `auto`: the bar on
+    a TTY, otherwise only validation results. Reads only what the loop already logged, so it
+    adds no host syncs.
+    """
+
+    def __init__(self, mode: str = "auto") -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "val"
+        self.mode = mode
+        self._progress: Any = None
+        self._task: Any = None
+        self._postfix = ""
+
+    def _print(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if self.mode != "bar":
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[postfix]}"),
+            console=Console(file=sys.stderr),
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(
+            "train", total=trainer.state.total_steps, postfix="", completed=trainer.state.step
+        )
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=trainer.state.step)
+
+    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if metrics.get("split") != "train":
+            return
+        line = (
+            f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+            f"{metrics['tokens_per_s']:,.0f} tok/s"
+        )
+        if self._progress is not None:
+            self._progress.update(self._task, postfix=line)
+        elif self.mode == "plain":
+            self._print(f"step {metrics['step']}/{trainer.state.total_steps}  {line}")
+
+    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if self.mode == "none":
+            return
+        self._print(
+            f"step {trainer.state.step}/{trainer.state.total_steps}  val_loss "
+            f"{metrics['val_loss']:.4f}  ppl {metrics['val_ppl']:.2f}  "
+            f"acc {metrics['val_accuracy']:.3f}"
+        )
+
+    def _stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self._stop()
+
+    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
+        self._stop()

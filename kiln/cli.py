@@ -1,0 +1,118 @@
+"""The `kiln` command line: train, config validate, config explain.
+
+Bad input (config, data, arguments, files) ends with one line per problem on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from kiln.config import load_config
+from kiln.errors import KilnError
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(EXIT_USAGE, f"kiln: error: {message}\n")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = _Parser(
+        prog="kiln",
+        description="kiln: train transformer language models from one YAML file.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p_train = sub.add_parser("train", help="train a model described by a config")
+    _add_config_args(p_train)
+    p_train.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in the same output_dir"
+    )
+
+    p_cfg = sub.add_parser("config", help="check or explain a config")
+    cfg_sub = p_cfg.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    _add_config_args(cfg_sub.add_parser("validate", help="validate a config (exit 2 if bad)"))
+    _add_config_args(
+        cfg_sub.add_parser("explain", help="resolved config, batch and token counts, LR schedule")
+    )
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kiln.engine import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    result = Trainer.from_config(cfg, overwrite=args.overwrite).fit()
+    s = result.summary
+    val = s["final_val"]
+    print(f"\nrun directory: {result.run_dir}")
+    print(
+        f"steps {s['steps']}  tokens {s['tokens']:,}  {s['wall_time_s']:.1f}s  "
+        f"{s['tokens_per_s']:,.0f} tok/s"
+    )
+    if val:
+        first = result.metrics[0]
+        print(
+            f"val_loss {first['val_loss']:.4f} (step {first['step']}) -> "
+            f"{val['val_loss']:.4f} (step {s['steps']}), perplexity {val['val_ppl']:.2f}"
+        )
+    print(f"final model: {result.final_dir}")
+    if result.sample is not None:
+        print("\n--- sample ---\n" + result.sample + "\n--------------")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.config_command == "validate":
+        print(f"{args.config}: ok")
+        return 0
+    from kiln.explain import explain
+
+    print(explain(cfg))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kiln` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="kiln: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "huggingface_hub", "transformers", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        if args.command == "train":
+            return _train(args)
+        return _config(args)
+    except KilnError as exc:
+        for line in str(exc).splitlines():
+            print(f"kiln: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

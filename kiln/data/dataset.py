@@ -1,0 +1,175 @@
+"""TokenDataset: tokenized examples held in a few flat int64 tensors.
+
+Two layouts:
+
+- blocks: one (N, L) tensor of equal-length sequences (packed causal_lm). A batch is one gather,
+  `dataset.blocks[indices]`, and collation is a stack.
+- ragged: all sequences concatenated into one 1-D tensor plus an offsets tensor (N + 1,). Compact
+  (no Python list per example), cheap to pickle to DataLoader workers, and easy to cache.
+
+An example is `{"input_ids": Tensor}`, plus `"labels"` when the dataset has labels (seq2seq).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["TokenDataset"]
+
+
+def _flatten(seqs: Iterable[Iterable[int]]) -> tuple[Tensor, Tensor]:
+    """Concatenate sequences into (flat (T,), offsets (N + 1,)) int64 tensors."""
+    flat = array("q")
+    offsets = array("q", [0])
+    for seq in seqs:
+        # extend copies a list of ints in one C loop; a tensor would iterate as 0-d tensors.
+        flat.extend(seq.tolist() if isinstance(seq, Tensor) else seq)
+        offsets.append(len(flat))
+    return _as_tensor(flat), _as_tensor(offsets)
+
+
+def _as_tensor(buf: array) -> Tensor:
+    # frombuffer shares the array's memory (and keeps it alive); it refuses empty buffers.
+    if len(buf) == 0:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.frombuffer(buf, dtype=torch.int64)
+
+
+class TokenDataset(Dataset[dict[str, Tensor]]):
+    """Tokenized examples, indexable like a list of `{"input_ids", ["labels"]}` dicts.
+
+    Build one from your own token ids, e.g. `TokenDataset([[5, 6, 7], [8, 9]])`, or
+    `TokenDataset(src_ids, labels=tgt_ids)` for seq2seq, or `TokenDataset(blocks)` from an (N, L)
+    integer tensor.
+
+    Args:
+        input_ids: a list of token-id lists, or an (N, L) integer tensor of equal-length blocks.
+        labels: seq2seq target ids, one list per example (not with a blocks tensor).
+    """
+
+    def __init__(
+        self,
+        input_ids: Tensor | Sequence[Sequence[int]],
+        labels: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        self._blocks: Tensor | None = None
+        self._ids: tuple[Tensor, Tensor] | None = None
+        self._labels: tuple[Tensor, Tensor] | None = None
+        if isinstance(input_ids, Tensor):
+            if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+                raise ValueError(
+                    f"a tensor of input_ids must be an (N, L) integer tensor, "
+                    f"got shape {tuple(input_ids.shape)} and dtype {input_ids.dtype}"
+                )
+            if labels is not None:
+                raise ValueError("labels are not supported with a blocks tensor (causal_lm)")
+            self._blocks = input_ids.to(torch.int64).contiguous()
+        else:
+            self._ids = _flatten(input_ids)
+            if labels is not None:
+                self._labels = _flatten(labels)
+                if len(self._labels[1]) != len(self._ids[1]):
+                    raise ValueError(
+                        f"labels has {len(self._labels[1]) - 1} sequences, "
+                        f"input_ids has {len(self._ids[1]) - 1}"
+                    )
+        self._check_ids()
+
+    @classmethod
+    def from_ragged(
+        cls, ids: tuple[Tensor, Tensor], labels: tuple[Tensor, Tensor] | None = None
+    ) -> TokenDataset:
+        """Wrap (flat (T,), offsets (N + 1,)) int64 tensors without copying.
+
+        Example i is `flat[offsets[i] : offsets[i + 1]]`; `offsets` starts at 0 and ends at T.
+        """
+        for name, pair in (("input_ids", ids), ("labels", labels)):
+            if pair is None:
+                continue
+            flat, offsets = pair
+            if flat.dim() != 1 or offsets.dim() != 1 or len(offsets) == 0:
+                raise ValueError(f"{name}: expected a 1-D flat tensor and 1-D offsets")
+            if int(offsets[0]) != 0 or int(offsets[-1]) != len(flat) or (offsets.diff() < 0).any():
+                raise ValueError(f"{name}: offsets must rise from 0 to len(flat)")
+        if labels is not None and len(labels[1]) != len(ids[1]):
+            raise ValueError("input_ids and labels have different numbers of sequences")
+        ds = cls.__new__(cls)
+        ds._blocks = None
+        ds._ids = (ids[0].to(torch.int64), ids[1].to(torch.int64))
+        ds._labels = (
+            None if labels is None else (labels[0].to(torch.int64), labels[1].to(torch.int64))
+        )
+        ds._check_ids()
+        return ds
+
+    def _check_ids(self) -> None:
+        for flat in (self._blocks, self._ids and self._ids[0], self._labels and self._labels[0]):
+            if flat is not None and flat.numel() and int(flat.min()) < 0:
+                raise ValueError("token ids must be >= 0")
+
+    @property
+    def blocks(self) -> Tensor | None:
+        """The (N, L) int64 tensor when every example has the same length, else None."""
+        return self._blocks
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether examples carry separate `labels` (seq2seq)."""
+        return self._labels is not None
+
+    @property
+    def lengths(self) -> Tensor:
+        """Length of each example's input_ids, (N,) int64."""
+        if self._blocks is not None:
+            n, length = self._blocks.shape
+            return torch.full((n,), length, dtype=torch.int64)
+        assert self._ids is not None
+        return self._ids[1].diff()
+
+    @property
+    def num_tokens(self) -> int:
+        """Target tokens: the tokens the loss is computed on.
+
+        causal_lm: every token but the first of each example (each predicts the next one);
+        seq2seq: every label token.
+        """
+        if self._labels is not None:
+            return int(self._labels[1][-1])
+        if self._blocks is not None:
+            n, length = self._blocks.shape
+            return n * max(length - 1, 0)
+        return int((self.lengths - 1).clamp(min=0).sum())
+
+    def __len__(self) -> int:
+        if self._blocks is not None:
+            return self._blocks.shape[0]
+        assert self._ids is not None
+        return len(self._ids[1]) - 1
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} examples")
+        index %= n
+        if self._blocks is not None:
+            return {"input_ids": self._blocks[index]}
+        assert self._ids is not None
+        example = {"input_ids": _slice(self._ids, index)}
+        if self._labels is not None:
+            example["labels"] = _slice(self._labels, index)
+        return example
+
+    def __repr__(self) -> str:
+        layout = f"blocks of {self._blocks.shape[1]}" if self._blocks is not None else "ragged"
+        labels = ", labels" if self.has_labels else ""
+        return f"TokenDataset({len(self)} examples, {layout}{labels}, {self.num_tokens} tokens)"
+
+
+def _slice(ragged: tuple[Tensor, Tensor], index: int) -> Tensor:
+    flat, offsets = ragged
+    return flat[int(offsets[index]) : int(offsets[index + 1])]

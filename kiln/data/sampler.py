@@ -1,0 +1,142 @@
+"""Data order: a pure function of (seed, epoch), walked by a sample-level cursor.
+
+The training order of epoch `e` is `epoch_permutation(n, seed, e)`. A position in training is
+(epoch, cursor), where `cursor` counts samples already taken in that epoch, so a resumed run
+rebuilds the permutation and continues at `perm[cursor:]` in O(1), with no batches replayed.
+
+When shuffling, the last partial batch of each epoch is dropped: every step then sees a full
+batch (same shapes, same loss weighting), and the dropped samples differ from epoch to epoch.
+
+For data parallelism each rank takes its own slice of a global batch of
+`batch_size * world_size` samples; the cursor counts global samples, so it is the same on all
+ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kiln.errors import DataError
+
+__all__ = ["BatchCursor", "batches_per_epoch", "epoch_permutation", "sequential_batches"]
+
+_U64 = (1 << 64) - 1
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The order of the `n` samples in `epoch`: a (n,) int64 permutation, fixed by (seed, epoch).
+
+    Uses its own CPU generator, so it neither reads nor disturbs torch's global RNG.
+    """
+    # Mix seed and epoch into one 64-bit generator seed (distinct for nearby seeds and epochs).
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) & _U64)
+    return torch.randperm(n, generator=gen)
+
+
+def batches_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
+    """Batches in one epoch of `n` samples: floor(n / batch_size), or ceil without drop_last."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def sequential_batches(n: int, batch_size: int) -> Iterator[Tensor]:
+    """Indices of `n` samples in order, `batch_size` at a time, the last batch possibly short.
+
+    For evaluation, where the order does not matter and every sample counts.
+    """
+    for start in range(0, n, batch_size):
+        yield torch.arange(start, min(start + batch_size, n))
+
+
+class BatchCursor:
+    """Shuffled training batches from a position (epoch, cursor), across epochs without end.
+
+    `next_indices()` returns the sample indices of the next batch and advances the position;
+    the trainer saves `state_dict()` with its checkpoint and resumes with
+    `BatchCursor(..., epoch=e, cursor=c)` (or `load_state_dict`).
+
+    Args:
+        n: number of samples.
+        batch_size: samples per batch, per rank.
+        seed: the run seed.
+        epoch: epoch to start in.
+        cursor: samples of that epoch already taken.
+        rank: this process's rank (data parallel).
+        world_size: number of ranks.
+
+    Raises:
+        DataError: the dataset holds fewer samples than one global batch.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        *,
+        epoch: int = 0,
+        cursor: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+        if n < self.global_batch:
+            raise DataError(
+                f"the training set has {n} examples, fewer than one batch of {self.global_batch}; "
+                "lower train.batch_size or add data"
+            )
+        self.epoch, self.cursor = 0, 0
+        self._perm: Tensor | None = None
+        self._perm_epoch = -1
+        self.load_state_dict({"epoch": epoch, "cursor": cursor})
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Full global batches per epoch (the partial one is dropped)."""
+        return batches_per_epoch(self.n, self.global_batch)
+
+    def _permutation(self) -> Tensor:
+        if self._perm_epoch != self.epoch:  # one randperm per epoch, not per batch
+            self._perm = epoch_permutation(self.n, self.seed, self.epoch)
+            self._perm_epoch = self.epoch
+        assert self._perm is not None
+        return self._perm
+
+    def next_indices(self) -> Tensor:
+        """This rank's (batch_size,) sample indices for the next batch; advances the position.
+
+        After the last full batch of an epoch the position moves to (epoch + 1, 0).
+        """
+        start = self.cursor + self.rank * self.batch_size
+        indices = self._permutation()[start : start + self.batch_size]
+        self.cursor += self.global_batch
+        if self.cursor + self.global_batch > self.n:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        return indices
+
+    def __iter__(self) -> Iterator[Tensor]:
+        while True:
+            yield self.next_indices()
+
+    def state_dict(self) -> dict[str, int]:
+        """The position, {"epoch", "cursor"}: all that a resume needs besides the config."""
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Move to a saved position."""
+        epoch, cursor = int(state["epoch"]), int(state["cursor"])
+        if epoch < 0 or cursor < 0:
+            raise ValueError(f"bad position epoch={epoch}, cursor={cursor}")
+        if cursor + self.global_batch > self.n:
+            # A position saved at the end of an epoch resumes at the start of the next one.
+            epoch, cursor = epoch + 1, 0
+        self.epoch, self.cursor = epoch, cursor

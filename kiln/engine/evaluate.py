@@ -1,0 +1,62 @@
+"""Validation: streaming, token-weighted loss, perplexity and token accuracy."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kiln.data import collate
+from kiln.engine.loss import IGNORE_INDEX, count_targets, forward_loss_sum
+from kiln.engine.precision import Precision
+
+__all__ = ["evaluate"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    dataset: Any,
+    *,
+    task: str,
+    batch_size: int,
+    pad_id: int,
+    precision: Precision,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Mean token loss, perplexity and next-token accuracy over `dataset`, in order.
+
+    Sums are accumulated on the device and read once at the end, so memory does not grow
+    with the validation set and there is a single host sync.
+    """
+    was_training = model.training
+    model.eval()
+    device = precision.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    tokens = 0
+    try:
+        for i, start in enumerate(range(0, len(dataset), batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            examples = [dataset[j] for j in range(start, min(start + batch_size, len(dataset)))]
+            batch = collate(examples, pad_id=pad_id, task=task)
+            tokens += count_targets(batch, task)  # on the CPU copy: no device sync
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with precision.autocast():
+                batch_loss, logits, labels = forward_loss_sum(model, batch, task)
+            mask = labels != IGNORE_INDEX
+            loss_sum += batch_loss.double()
+            correct += ((logits.argmax(-1) == labels) & mask).sum()
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        return {}
+    loss = loss_sum.item() / tokens
+    return {
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 50.0)),
+        "val_accuracy": correct.item() / tokens,
+        "val_tokens": float(tokens),
+    }

@@ -1,0 +1,58 @@
+"""Token-weighted language-model loss.
+
+The loss of an accumulation window is the sum of the token losses of all its micro-batches
+divided by the number of target tokens in the whole window, so `grad_accum_steps=k, batch=b`
+gives the same gradients as `1, k*b` even when micro-batches hold different numbers of tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["IGNORE_INDEX", "count_targets", "forward_loss_sum"]
+
+IGNORE_INDEX = -100
+
+
+def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
+    """Target tokens a batch contributes to the loss (host-side: call on CPU tensors)."""
+    labels = batch["labels"]
+    if task == "causal_lm":
+        labels = labels[:, 1:]  # the first token of a sequence is never predicted
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def _model_inputs(model: Any, batch: dict[str, torch.Tensor], task: str) -> dict[str, Any]:
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"]}
+    if "attention_mask" in batch:
+        inputs["attention_mask"] = batch["attention_mask"]
+    if task == "seq2seq":
+        # Teacher forcing from the labels; the loss is computed here, not by the model.
+        inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(
+            labels=batch["labels"]
+        )
+    return inputs
+
+
+def forward_loss_sum(
+    model: Any, batch: dict[str, torch.Tensor], task: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the model and return (sum of token losses, logits, aligned labels).
+
+    The sum is in fp32 whatever the autocast dtype; `logits` is (B, T, V) and `labels` is
+    (B, T) aligned with it (shifted for causal LMs).
+    """
+    logits = model(**_model_inputs(model, batch, task), use_cache=False).logits  # (B, T, V)
+    labels = batch["labels"]
+    if task == "causal_lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    loss_sum = F.cross_entropy(
+        logits.flatten(0, 1).float(),
+        labels.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss_sum, logits, labels

@@ -1,0 +1,88 @@
+"""Device selection and mixed precision (autocast, fp16 grad scaling)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from kiln.errors import KilnError
+
+__all__ = ["Precision", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KilnError(f"train.device: {name} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise KilnError(
+                f"train.device: {name} requested but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise KilnError(f"train.device: {name} requested but MPS is not available")
+    return device
+
+
+class Precision:
+    """Autocast and loss scaling for `train.precision` on a device.
+
+    fp32 runs plain; bf16 autocasts matmuls to bfloat16 (weights stay fp32); fp16 autocasts to
+    float16 and scales the loss (CUDA only) so small gradients do not underflow.
+    """
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.precision = precision
+        self.device = device
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if precision == "fp16" and device.type != "cuda":
+            raise KilnError(f"train.precision: fp16 needs a CUDA device, training on {device.type}")
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name(device)
+            raise KilnError(f"train.precision: bf16 is not supported on {name}; use fp16 or fp32")
+        if precision == "bf16" and device.type == "mps":
+            try:
+                torch.ones(1, device=device, dtype=torch.bfloat16)
+            except (RuntimeError, TypeError):
+                raise KilnError(
+                    "train.precision: bf16 is not supported by this MPS device; use fp32"
+                ) from None
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Context for forward passes."""
+        if self.dtype is None:
+            yield
+        else:
+            with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+                yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward, through the grad scaler when there is one."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring gradients back to their true scale before clipping."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Optimizer step (skipped by the scaler when gradients overflowed)."""
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()

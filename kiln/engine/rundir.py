@@ -1,0 +1,109 @@
+"""The run directory contract: config.yaml, metrics.jsonl, final/, summary.json.
+
+Only the main process writes (rank 0 once training is distributed). Files that replace
+something the user has (final/, summary.json) are written to a temporary name first and
+renamed into place, so an interrupted run never leaves them half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kiln.config import RunConfig, dump_yaml
+from kiln.errors import KilnError
+
+__all__ = ["RUN_ARTIFACTS", "RunDir"]
+
+# What a run writes; `--overwrite` removes exactly these and nothing else of the user's.
+RUN_ARTIFACTS = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "data_stats.json",
+    "final",
+    "checkpoints",
+    "plots",
+    "samples",
+)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Writes one run's directory."""
+
+    def __init__(self, path: Path, *, enabled: bool = True) -> None:
+        self.path = path
+        self.enabled = enabled
+        self._metrics_file: Any = None
+
+    def prepare(self, cfg: RunConfig, *, overwrite: bool) -> None:
+        """Create the directory and write config.yaml; refuse to clobber an earlier run."""
+        if not self.enabled:
+            return
+        existing = [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
+        if existing and not overwrite:
+            raise KilnError(
+                f"output_dir: {self.path} already holds a run ({', '.join(existing)}); "
+                "pass --overwrite (overwrite=True) or choose another name/output_dir"
+            )
+        for name in existing:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.path / "config.yaml", dump_yaml(cfg))
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        """Append one JSON object to metrics.jsonl (flushed, so a crash keeps what was logged)."""
+        if not self.enabled:
+            return
+        if self._metrics_file is None:
+            self._metrics_file = open(self.path / "metrics.jsonl", "a")  # noqa: SIM115
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+
+    def write_json(self, name: str, data: dict[str, Any]) -> Path:
+        """Write `name` (summary.json, data_stats.json) atomically."""
+        path = self.path / name
+        if self.enabled:
+            _write_atomic(path, json.dumps(data, indent=2) + "\n")
+        return path
+
+    def save_final(self, model: Any, tokenizer: Any, cfg: RunConfig) -> Path:
+        """Write final/ (save_pretrained model + tokenizer + config.yaml) and swap it in."""
+        final = self.path / "final"
+        if not self.enabled:
+            return final
+        tmp = self.path / f".final.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kiln_config.yaml").write_text(dump_yaml(cfg))
+        old = self.path / f".final.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+        return final
+
+    def close(self) -> None:
+        """Close open files."""
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None

@@ -1,0 +1,459 @@
+"""Trainer: builds what the config describes, runs the loop, fires events, writes the run."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.callbacks.base import Callback
+from kiln.callbacks.progress import ProgressCallback
+from kiln.config import RunConfig
+from kiln.data import (
+    BatchCursor,
+    TokenDataset,
+    build_datasets,
+    collate,
+    load_splits,
+    make_format,
+    render_rows,
+)
+from kiln.engine.evaluate import evaluate
+from kiln.engine.events import Event
+from kiln.engine.loss import count_targets, forward_loss_sum
+from kiln.engine.precision import Precision, resolve_device
+from kiln.engine.rundir import RunDir
+from kiln.engine.sample import generate_sample
+from kiln.engine.state import TrainState
+from kiln.errors import DataError, KilnError
+from kiln.optim import build_optimizer, make_schedule, set_lr
+
+__all__ = ["TrainResult", "Trainer", "seed_everything"]
+
+log = logging.getLogger("kiln")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.fit()` returns."""
+
+    run_dir: Path
+    loss_history: list[float]
+    """Train loss of every optimizer step (index i is step i + 1)."""
+    metrics: list[dict[str, float]]
+    """One row per validation: step plus val_loss, val_ppl, val_accuracy."""
+    best_step: int | None
+    best_metric: float | None
+    final_dir: Path | None
+    checkpoint_paths: list[Path] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    sample: str | None = None
+
+
+def _as_dataset(data: Any, task: str) -> TokenDataset:
+    if isinstance(data, TokenDataset):
+        return data
+    if isinstance(data, torch.Tensor):
+        return TokenDataset(data)
+    if isinstance(data, Sequence) and data and isinstance(data[0], dict):
+        ids = [list(map(int, ex["input_ids"])) for ex in data]
+        labels = [list(map(int, ex["labels"])) for ex in data] if "labels" in data[0] else None
+        return TokenDataset(ids, labels)
+    if isinstance(data, Sequence):
+        return TokenDataset([list(map(int, x)) for x in data])
+    raise TypeError(f"cannot use {type(data).__name__} as data for task {task}")
+
+
+class Trainer:
+    """Runs one training job described by a `RunConfig`.
+
+    Pass `model`, `tokenizer`, `train_data` or `val_data` to use your own objects instead of
+    building them from the config. Data may be a `TokenDataset`, a list of token-id lists, a
+    list of example dicts (`input_ids`, optional `labels`) or an (N, L) tensor of token ids.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        train_data: Any = None,
+        val_data: Any = None,
+        callbacks: Sequence[Callback] = (),
+        overwrite: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self._train_data = train_data
+        self._val_data = val_data
+        self.overwrite = overwrite
+        self.state = TrainState()
+        self.run_dir = RunDir(cfg.run_dir)
+        self.callbacks: list[Callback] = list(callbacks)
+        if not any(isinstance(cb, ProgressCallback) for cb in self.callbacks):
+            self.callbacks.append(ProgressCallback(cfg.log.progress))
+        self.history: list[dict[str, float]] = []
+        self.loss_history: list[float] = []
+        self._pending_losses: list[torch.Tensor] = []
+        self._pending_norms: list[torch.Tensor] = []
+        self._stop_requested = False
+        self._save_requested = False
+        self._setup_done = False
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, **kwargs: Any) -> Trainer:
+        """A trainer that builds model, tokenizer and data from `cfg`."""
+        return cls(cfg, **kwargs)
+
+    # ---- requests from callbacks -------------------------------------------------------------
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Stop after the current step (the final model is still written)."""
+        self._stop_requested = True
+        if self.state.stop_reason is None:
+            self.state.stop_reason = reason
+
+    def request_save(self) -> None:
+        """Ask for a checkpoint at the next step boundary."""
+        self._save_requested = True
+
+    # ---- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Build device, data, tokenizer, model and optimizer (idempotent; `fit` calls it)."""
+        if self._setup_done:
+            return
+        cfg = self.cfg
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.device = resolve_device(cfg.train.device)
+        self.precision = Precision(cfg.train.precision, self.device)
+        seed_everything(cfg.seed)
+        self.data_stats: dict[str, Any] = {}
+        self._build_data_and_model()
+        self.model.to(self.device)
+        self.model.train()
+        self.optimizer = build_optimizer(
+            self.model,
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+            fused=cfg.optim.fused,
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.state.total_steps = self._total_steps()
+        if cfg.optim.warmup_steps >= self.state.total_steps:
+            raise KilnError(
+                f"optim.warmup_steps: must be < total steps ({self.state.total_steps}), "
+                f"got {cfg.optim.warmup_steps}"
+            )
+        self.schedule = make_schedule(
+            scheduler=cfg.optim.scheduler,
+            warmup_steps=cfg.optim.warmup_steps,
+            total_steps=self.state.total_steps,
+            min_lr_ratio=cfg.optim.min_lr_ratio,
+            num_cycles=cfg.optim.num_cycles,
+        )
+        self._setup_done = True
+
+    def _build_data_and_model(self) -> None:
+        from kiln.models import build_model, build_tokenizer
+
+        cfg = self.cfg
+        rows = None
+        if self._train_data is None:
+            train_rows, val_rows, stats = load_splits(cfg)
+            rows = (train_rows, val_rows, stats)
+        if self.tokenizer is None:
+            texts = None
+            if rows is not None:
+                texts = _tokenizer_corpus(cfg, rows[0])
+            self.tokenizer = build_tokenizer(cfg, texts)
+        if rows is not None:
+            train, val, stats = build_datasets(cfg, self.tokenizer, rows[0], rows[1], stats=rows[2])
+            self.train_data, self.val_data = train, val
+            self.data_stats = stats.to_dict()
+        else:
+            self.train_data = _as_dataset(self._train_data, cfg.task)
+            self.val_data = (
+                None if self._val_data is None else _as_dataset(self._val_data, cfg.task)
+            )
+        if len(self.train_data) < cfg.train.batch_size:
+            raise DataError(
+                f"data.train: {len(self.train_data)} training examples, fewer than "
+                f"train.batch_size ({cfg.train.batch_size})"
+            )
+        if self.model is None:
+            seed_everything(cfg.seed)  # weight init independent of what ran before
+            self.model = build_model(cfg, self.tokenizer)
+        seed_everything(cfg.seed)
+
+    def _total_steps(self) -> int:
+        train = self.cfg.train
+        steps = []
+        if train.max_steps is not None:
+            steps.append(train.max_steps)
+        if train.num_epochs is not None:
+            per_epoch = len(self.train_data) // train.batch_size
+            steps.append(int(train.num_epochs * per_epoch) // train.grad_accum_steps)
+        total = min(steps)
+        if total < 1:
+            raise KilnError(
+                "train.num_epochs: the run would take 0 optimizer steps "
+                f"({len(self.train_data)} examples, batch {train.batch_size} x "
+                f"{train.grad_accum_steps} accumulation)"
+            )
+        return total
+
+    @property
+    def pad_id(self) -> int:
+        """Padding token id (0 when the tokenizer has none)."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def fire(self, event: Event, **payload: Any) -> None:
+        """Call `on_<event>` on every callback, in order."""
+        for cb in self.callbacks:
+            getattr(cb, event.method)(self, **payload)
+
+    def fit(self) -> TrainResult:
+        """Train to the end (or a stop request), validate, write final/ and summary.json."""
+        self.setup()
+        cfg = self.cfg
+        self.run_dir.prepare(cfg, overwrite=self.overwrite)
+        if self.data_stats:
+            self.run_dir.write_json("data_stats.json", self.data_stats)
+        self._start_time = time.perf_counter()
+        self._last_log = (self._start_time, self.state.tokens_seen)
+        self.cursor = BatchCursor(
+            len(self.train_data),
+            cfg.train.batch_size,
+            cfg.seed,
+            epoch=self.state.epoch,
+            cursor=self.state.cursor,
+        )
+        self._epoch_started = False
+        self._epochs_ended = 0
+        try:
+            self.fire(Event.TRAIN_BEGIN)
+            while self.state.step < self.state.total_steps and not self._stop_requested:
+                self._train_step()
+                every = cfg.eval.every_steps
+                last = self.state.step == self.state.total_steps or self._stop_requested
+                if self.val_data is not None and (last or (every and self.state.step % every == 0)):
+                    self._validate()
+            final_dir = self.run_dir.save_final(self.model, self.tokenizer, cfg)
+            self.fire(Event.CHECKPOINT, path=final_dir)
+            sample = self._sample()
+            summary = self._summary(final_dir, sample)
+            self.run_dir.write_json("summary.json", summary)
+            self.fire(Event.TRAIN_END)
+        except BaseException as exc:
+            self.fire(Event.EXCEPTION, exc=exc)
+            raise
+        finally:
+            self.run_dir.close()
+        return TrainResult(
+            run_dir=self.run_dir.path,
+            loss_history=self.loss_history,
+            metrics=self.history,
+            best_step=self.state.best_step,
+            best_metric=self.state.best_metric,
+            final_dir=final_dir,
+            summary=summary,
+            sample=sample,
+        )
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch of the seeded epoch order; crosses epochs as needed."""
+        epoch = self.cursor.epoch
+        idx = self.cursor.next_indices()
+        if self.cursor.epoch != epoch:
+            self._epochs_ended += 1
+        self.state.epoch, self.state.cursor = self.cursor.epoch, self.cursor.cursor
+        blocks = self.train_data.blocks
+        if blocks is not None and self.cfg.task == "causal_lm":
+            # Packed blocks: no padding, so no attention mask (which would cost a check per step).
+            ids = blocks[idx]
+            return {"input_ids": ids, "labels": ids}
+        examples = [self.train_data[i] for i in idx.tolist()]
+        return collate(examples, pad_id=self.pad_id, task=self.cfg.task)
+
+    def _train_step(self) -> None:
+        cfg, state = self.cfg, self.state
+        if not self._epoch_started:
+            self._epoch_started = True
+            self.fire(Event.EPOCH_BEGIN)
+        self.fire(Event.STEP_BEGIN)
+        batches = [self._next_batch() for _ in range(cfg.train.grad_accum_steps)]
+        # Token weighting over the whole window: every micro-loss shares one denominator.
+        window_targets = max(1, sum(count_targets(b, cfg.task) for b in batches))
+        window_loss = torch.zeros((), device=self.device)
+        for batch in batches:
+            state.tokens_seen += _input_tokens(batch)
+            state.samples_seen += batch["input_ids"].shape[0]
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self.precision.autocast():
+                loss_sum, _, _ = forward_loss_sum(self.model, batch, cfg.task)
+            loss = loss_sum / window_targets
+            self.fire(Event.BACKWARD_BEGIN)
+            self.precision.backward(loss)
+            self.fire(Event.BACKWARD_END)
+            window_loss += loss.detach()
+            state.micro_step += 1
+        self._lr = cfg.optim.lr * self.schedule(state.step)
+        set_lr(self.optimizer, self._lr)
+        self.precision.unscale(self.optimizer)
+        if cfg.train.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip)
+            self._pending_norms.append(norm.detach())
+        self.fire(Event.OPTIMIZER_STEP_BEGIN)
+        self.precision.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.fire(Event.OPTIMIZER_STEP_END)
+        state.step += 1
+        self._pending_losses.append(window_loss)
+        self.fire(Event.STEP_END)
+        last = state.step == state.total_steps or self._stop_requested
+        if state.step % cfg.log.every_steps == 0 or last:
+            self._log_train()
+        for _ in range(self._epochs_ended):
+            self.fire(Event.EPOCH_END)
+            self._epoch_started = False
+        self._epochs_ended = 0
+
+    def _log_train(self) -> None:
+        """Materialize the losses since the last log: the loop's only per-interval host sync."""
+        losses = torch.stack(self._pending_losses).tolist()
+        self.loss_history.extend(losses)
+        self._pending_losses.clear()
+        now = time.perf_counter()
+        since, tokens_then = self._last_log
+        self._last_log = (now, self.state.tokens_seen)
+        record: dict[str, Any] = {
+            "step": self.state.step,
+            "split": "train",
+            "loss": sum(losses) / len(losses),
+            "lr": self._lr,
+            "epoch": self.state.epoch,
+            "tokens": self.state.tokens_seen,
+            "tokens_per_s": (self.state.tokens_seen - tokens_then) / max(now - since, 1e-9),
+            "elapsed_s": now - self._start_time,
+        }
+        if self._pending_norms:
+            record["grad_norm"] = torch.stack(self._pending_norms).mean().item()
+            self._pending_norms.clear()
+        self.state.last_train_loss = record["loss"]
+        self.run_dir.log_metrics(record)
+        self.fire(Event.LOG, metrics=record)
+
+    def _validate(self) -> None:
+        self.fire(Event.VALIDATION_BEGIN)
+        metrics = evaluate(
+            self.model,
+            self.val_data,
+            task=self.cfg.task,
+            batch_size=self.cfg.eval.batch_size or self.cfg.train.batch_size,
+            pad_id=self.pad_id,
+            precision=self.precision,
+            max_batches=self.cfg.eval.max_batches,
+        )
+        if not metrics:
+            return
+        self.state.last_val = metrics
+        self._track_best(metrics)
+        self.history.append({"step": self.state.step, **metrics})
+        self.fire(Event.VALIDATION_END, metrics=metrics)
+        record = {"step": self.state.step, "split": "val", **metrics}
+        record["loss"] = metrics["val_loss"]
+        self.run_dir.log_metrics(record)
+        self.fire(Event.LOG, metrics=record)
+
+    def _track_best(self, metrics: dict[str, float]) -> None:
+        name, mode = self.cfg.checkpoint.metric, self.cfg.checkpoint.mode
+        value = metrics.get(name)
+        if value is None:
+            return
+        best = self.state.best_metric
+        if best is None or (value < best if mode == "min" else value > best):
+            self.state.best_metric, self.state.best_step = value, self.state.step
+
+    # ---- the end of a run ---------------------------------------------------------------------
+
+    def _sample(self) -> str | None:
+        prompt = self.cfg.eval.sample_prompt
+        if prompt is None:
+            return None
+        return generate_sample(
+            self.model,
+            self.tokenizer,
+            prompt,
+            task=self.cfg.task,
+            max_new_tokens=self.cfg.eval.sample_max_new_tokens,
+            seed=self.cfg.seed,
+        )
+
+    def _summary(self, final_dir: Path, sample: str | None) -> dict[str, Any]:
+        wall = time.perf_counter() - self._start_time
+        total, trainable = _count_params(self.model)
+        return {
+            "name": self.cfg.name,
+            "task": self.cfg.task,
+            "steps": self.state.step,
+            "epochs": self.state.epoch + self.state.cursor / max(1, len(self.train_data)),
+            "tokens": self.state.tokens_seen,
+            "samples": self.state.samples_seen,
+            "wall_time_s": wall,
+            "tokens_per_s": self.state.tokens_seen / max(wall, 1e-9),
+            "parameters": total,
+            "trainable_parameters": trainable,
+            "device": str(self.device),
+            "precision": self.cfg.train.precision,
+            "final_train_loss": self.state.last_train_loss,
+            "best_metric": {
+                "name": self.cfg.checkpoint.metric,
+                "value": self.state.best_metric,
+                "step": self.state.best_step,
+            },
+            "final_val": self.state.last_val,
+            "stop_reason": self.state.stop_reason,
+            "final_dir": str(final_dir),
+            "sample": sample,
+        }
+
+
+def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    n = batch["input_ids"].numel() if mask is None else int(mask.sum())
+    return n
+
+
+def _count_params(model: Any) -> tuple[int, int]:
+    seen: dict[int, torch.nn.Parameter] = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return total, trainable
+
+
+def _tokenizer_corpus(cfg: RunConfig, rows: list[Any]) -> list[str]:
+    """Texts to train a tokenizer on: the training split only (never the val rows)."""
+    return ["\n".join(parts) for parts in render_rows(make_format(cfg), rows)]

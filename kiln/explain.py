@@ -1,0 +1,97 @@
+"""`kiln config explain`: the resolved config with each key's meaning, and what it implies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from kiln.config import RunConfig, config_hash
+
+__all__ = ["annotated_yaml", "explain"]
+
+
+def _scalar(value: Any) -> str:
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10_000)
+        .strip()
+        .removesuffix("...")
+        .strip()
+    )
+
+
+def annotated_yaml(model: BaseModel, indent: int = 0) -> list[str]:
+    """The config as YAML lines, each key followed by its docstring as a comment."""
+    lines = []
+    pad = " " * indent
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            lines.extend(annotated_yaml(value, indent + 2))
+            continue
+        dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        if isinstance(dumped, tuple):
+            dumped = list(dumped)
+        doc = f"  # {info.description}" if info.description else ""
+        lines.append(f"{pad}{name}: {_scalar(dumped)}{doc}")
+    return lines
+
+
+def _total_steps(cfg: RunConfig) -> tuple[int, str]:
+    """Optimizer steps of the run, and how they were found (epochs need the data)."""
+    train = cfg.train
+    if train.num_epochs is None:
+        return train.max_steps or 0, "train.max_steps"
+    from kiln.data import build_datasets, load_splits, make_format, render_rows
+    from kiln.models import build_tokenizer
+
+    train_rows, val_rows, stats = load_splits(cfg)
+    texts = ["\n".join(parts) for parts in render_rows(make_format(cfg), train_rows)]
+    tokenizer = build_tokenizer(cfg, texts)
+    train_ds, _, _ = build_datasets(cfg, tokenizer, train_rows, val_rows, stats=stats)
+    per_epoch = len(train_ds) // train.batch_size
+    steps = int(train.num_epochs * per_epoch) // train.grad_accum_steps
+    how = f"{train.num_epochs} epochs x {per_epoch} batches / {train.grad_accum_steps}"
+    if train.max_steps is not None and train.max_steps < steps:
+        return train.max_steps, f"train.max_steps (epochs would give {steps})"
+    return steps, how
+
+
+def explain(cfg: RunConfig) -> str:
+    """A human-readable account of the resolved config."""
+    from kiln.optim import make_schedule, render_schedule, schedule_table
+
+    train, data = cfg.train, cfg.data
+    out = ["# resolved config (every key, with its meaning)", *annotated_yaml(cfg), ""]
+    eff_batch = train.batch_size * train.grad_accum_steps
+    total, how = _total_steps(cfg)
+    if cfg.task == "causal_lm" and data.packing:
+        per_step = f"{eff_batch * data.max_length:,} (packed blocks of {data.max_length})"
+    else:
+        longest = data.max_length + (data.max_target_length if cfg.task == "seq2seq" else 0)
+        per_step = f"up to {eff_batch * longest:,} (padded to the longest in each batch)"
+    out += [
+        "# what it implies",
+        f"config hash:               {config_hash(cfg)[:16]}",
+        f"run directory:             {cfg.run_dir}",
+        f"effective batch size:      {eff_batch} sequences "
+        f"({train.batch_size} x {train.grad_accum_steps} accumulation)",
+        f"tokens per optimizer step: {per_step}",
+        f"total optimizer steps:     {total:,} ({how})",
+        f"warmup steps:              {cfg.optim.warmup_steps}",
+    ]
+    if total > cfg.optim.warmup_steps:
+        fn = make_schedule(
+            scheduler=cfg.optim.scheduler,
+            warmup_steps=cfg.optim.warmup_steps,
+            total_steps=total,
+            min_lr_ratio=cfg.optim.min_lr_ratio,
+            num_cycles=cfg.optim.num_cycles,
+        )
+        out += ["", f"# learning rate ({cfg.optim.scheduler})"]
+        out += render_schedule(fn, total, base_lr=cfg.optim.lr).splitlines()
+        out += ["", "step        lr"]
+        out += [f"{step:<10d}  {lr:.3e}" for step, lr in schedule_table(fn, total, cfg.optim.lr)]
+    return "\n".join(out)

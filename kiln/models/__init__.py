@@ -1,0 +1,21 @@
+"""Models and tokenizers: build or load them from a `RunConfig`."""
+
+from __future__ import annotations
+
+from kiln.models.build import build_model, count_parameters, model_flops_per_token
+from kiln.models.tokenizer import (
+    build_tokenizer,
+    ensure_pad_token,
+    load_tokenizer,
+    train_bpe_tokenizer,
+)
+
+__all__ = [
+    "build_model",
+    "build_tokenizer",
+    "count_parameters",
+    "ensure_pad_token",
+    "load_tokenizer",
+    "model_flops_per_token",
+    "train_bpe_tokenizer",
+]

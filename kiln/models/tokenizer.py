@@ -1,0 +1,168 @@
+"""Tokenizers: train a byte-level BPE on the training text, or load a pretrained one.
+
+`build_tokenizer` is the entry point the engine uses: an explicit `tokenizer.name_or_path`, else
+the tokenizer shipped with `model.name_or_path`, else a byte-level BPE trained on the training
+texts. Whatever it returns has a pad token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from kiln.config import RunConfig
+from kiln.errors import ModelError
+
+__all__ = [
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "build_tokenizer",
+    "ensure_pad_token",
+    "load_tokenizer",
+    "looks_local",
+    "train_bpe_tokenizer",
+]
+
+logger = logging.getLogger("kiln")
+
+EOS_TOKEN = "<|endoftext|>"
+"""Bos, eos and unk token of trained tokenizers (GPT-2's convention)."""
+PAD_TOKEN = "<|pad|>"
+"""Pad token of trained tokenizers; also added to tokenizers with neither pad nor eos."""
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    *,
+    model_max_length: int = 1024,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style) on `texts`.
+
+    Every string encodes (the 256 byte symbols are always in the vocabulary) and decodes back to
+    itself exactly. Training is deterministic: the same texts give the same vocabulary.
+
+    Args:
+        texts: training strings; iterated once.
+        vocab_size: target vocabulary size, special tokens included (smaller if the text runs
+            out of merges).
+        min_frequency: minimum count of a pair for it to be merged.
+        model_max_length: longest sequence the model will take, stored on the tokenizer.
+
+    Returns:
+        A fast tokenizer with `<|endoftext|>` as bos/eos/unk and `<|pad|>` as pad.
+    """
+    tok = Tokenizer(models.BPE())
+    # No prefix space: "a" at the start of a text and after a newline encode the same way as
+    # the raw bytes, so decode(encode(x)) == x without stripping anything.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=model_max_length,
+        # The default clean-up rewrites " ," to "," on decode, which breaks exact round trips.
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def looks_local(name_or_path: str) -> bool:
+    """Whether a string is meant as a filesystem path rather than a hub id ("org/name").
+
+    Checked before asking the hub, which retries an unreachable host for ~20 s.
+    """
+    return (
+        name_or_path.startswith(("/", ".", "~"))
+        or name_or_path.count("/") > 1
+        or "\\" in name_or_path
+    )
+
+
+def load_tokenizer(
+    name_or_path: str, *, key: str = "tokenizer.name_or_path"
+) -> PreTrainedTokenizerBase:
+    """Load a pretrained tokenizer from a local directory or a hub id.
+
+    Args:
+        name_or_path: local directory or hub id.
+        key: the config key the value came from, named in the error message.
+
+    Raises:
+        ModelError: a one-line message when the tokenizer cannot be loaded.
+    """
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise ModelError(f"{key}: cannot load tokenizer {name_or_path!r}: no such directory")
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser()))
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        if Path(name_or_path).expanduser().is_dir():
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        else:
+            reason = "not a local directory and not reachable on the hub"
+        raise ModelError(f"{key}: cannot load tokenizer {name_or_path!r}: {reason}") from None
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Give `tokenizer` a pad token if it has none (pad = eos, else a new `<|pad|>`).
+
+    Returns:
+        A one-line message describing the change for the caller to log, or None if the
+        tokenizer already had a pad token.
+    """
+    if tokenizer.pad_token is not None:
+        return None
+    if tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        return f"tokenizer has no pad token; padding with its eos token {tokenizer.eos_token!r}"
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return (
+        f"tokenizer has no pad or eos token; added {PAD_TOKEN!r} "
+        f"(id {tokenizer.pad_token_id}) for padding"
+    )
+
+
+def build_tokenizer(cfg: RunConfig, texts: Iterable[str] | None) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: `tokenizer.name_or_path`, else `model.name_or_path`, else trained.
+
+    Args:
+        cfg: the run config.
+        texts: training texts, used (and then required) only when a tokenizer is trained.
+
+    Raises:
+        ModelError: a pretrained tokenizer cannot be loaded.
+        ValueError: a tokenizer must be trained but `texts` is None.
+    """
+    if cfg.tokenizer.name_or_path is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer.name_or_path, key="tokenizer.name_or_path")
+    elif cfg.model.name_or_path is not None:
+        tokenizer = load_tokenizer(cfg.model.name_or_path, key="model.name_or_path")
+    else:
+        if texts is None:
+            raise ValueError("training a tokenizer (no tokenizer.name_or_path) needs texts")
+        tokenizer = train_bpe_tokenizer(
+            texts,
+            cfg.tokenizer.vocab_size,
+            cfg.tokenizer.min_frequency,
+            model_max_length=cfg.model.max_position_embeddings,
+        )
+        logger.info("trained a byte-level BPE tokenizer: %d tokens", len(tokenizer))
+    message = ensure_pad_token(tokenizer)
+    if message:
+        logger.info(message)
+    return tokenizer
