@@ -8,10 +8,15 @@ STAMP  := $(VENV)/.kiln-installed
 
 setup: $(STAMP)
 
+# On a GPU machine: make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# installs the CUDA build of the pinned torch first (2.13.0+cu128 satisfies torch==2.13.0).
+TORCH_INDEX_URL ?=
+
 # Reinstall only when the package metadata or the pins change.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
+	$(if $(TORCH_INDEX_URL),$(BIN)/python -m pip install --quiet -c constraints.txt torch --index-url $(TORCH_INDEX_URL))
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench,lora]"
 	@touch $(STAMP)
 
 demo: setup

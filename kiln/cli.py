@@ -101,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("httpx", "huggingface_hub", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.command == "train":  # kiln draws its own progress; hide transformers' save bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         if args.command == "train":
             return _train(args)

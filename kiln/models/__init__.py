@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kiln.models.build import build_model, count_parameters, model_flops_per_token
+from kiln.models.lora import apply_lora
 from kiln.models.tokenizer import (
     build_tokenizer,
     ensure_pad_token,
@@ -11,6 +12,7 @@ from kiln.models.tokenizer import (
 )
 
 __all__ = [
+    "apply_lora",
     "build_model",
     "build_tokenizer",
     "count_parameters",

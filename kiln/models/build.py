@@ -233,6 +233,10 @@ def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTraine
         # Classes like GPT2LMHeadModel match no loss name and warn before falling back to this.
         model.loss_type = "ForCausalLM"
     _set_generation_ids(model, tokenizer)
+    if cfg.lora.enabled:
+        from kiln.models.lora import apply_lora
+
+        model = apply_lora(model, cfg)
     return model
 
 

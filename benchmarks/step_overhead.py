@@ -1,0 +1,449 @@
+"""Per-step overhead of kiln's Trainer against a raw PyTorch loop and `transformers.Trainer`.
+
+One process trains three copies of the same tiny GPT-2 (same init, same batches, same fused
+AdamW, fp32, grad clip 1.0, constant LR) and times each optimizer step:
+
+- raw:  `model(ids).logits`, token-mean cross-entropy, backward, clip, AdamW step, zero_grad.
+- kiln: `kiln.Trainer(...).fit()`, timed by a kiln `Callback` at `on_step_end`.
+- hf:   `transformers.Trainer(...).train()`, timed by a `TrainerCallback` at `on_step_end`.
+
+The contenders run interleaved, round-robin, so drift in machine speed hits all of them alike.
+kiln hosts the run: ONE `fit()` covers every kiln step, and its callback, at the end of each
+kiln block, runs the raw block and the hf block synchronously (alternating which goes first),
+then hands control back to kiln. hf cannot pause inside `train()`, so it gets one `train()` per
+block on one long-lived `transformers.Trainer` (its optimizer and Adam state carry over).
+
+A step's time is the difference of two consecutive `on_step_end` stamps: everything the loop
+does from the end of one step to the end of the next (data, forward, loss, backward, clip,
+optimizer, zero_grad, callbacks, periodic logging). Each block runs `steps + 1` steps and the
+first is not timed: that step carries the block's start (hf's `train()` setup, kiln resuming
+after the nested blocks, caches cooled by the other models). So every contender contributes
+exactly `steps` timed steps per round, all of them steady-state.
+
+Run it on a quiet machine:
+
+    .venv/bin/python benchmarks/step_overhead.py [--rounds 5] [--steps 20] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    PrinterCallback,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers import Trainer as HFTrainer
+
+import kiln
+from kiln import Callback, Trainer, load_config
+from kiln.data import BatchCursor, epoch_permutation
+from kiln.models import train_bpe_tokenizer
+
+CONTENDERS = ("raw", "kiln", "hf")
+LR, WEIGHT_DECAY, BETAS, EPS, CLIP = 3e-4, 0.01, (0.9, 0.999), 1e-8, 1.0
+
+
+# ---- the shared model and data ---------------------------------------------------------------
+
+
+def make_model(args: argparse.Namespace) -> GPT2LMHeadModel:
+    """The reference GPT-2: 4 layers, 256 wide, no dropout, seeded init."""
+    config = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=args.seq_len,
+        n_embd=args.width,
+        n_layer=args.layers,
+        n_head=args.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        # kiln passes use_cache=False itself; off in the config, the raw loop and hf also skip
+        # building a DynamicCache during training, so the comparison is about the loop only.
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(args.seed)
+    return GPT2LMHeadModel(config)
+
+
+def copy_of(ref: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """A contender's own model: a fresh module with the reference state_dict loaded."""
+    model = GPT2LMHeadModel(copy.deepcopy(ref.config))
+    model.load_state_dict(ref.state_dict())
+    return model.train()
+
+
+def make_batches(args: argparse.Namespace, n_steps: int) -> torch.Tensor:
+    """(n_steps, B, T) random token ids from a fixed generator: packed, no padding."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    return torch.randint(0, args.vocab, (n_steps, args.batch_size, args.seq_len), generator=gen)
+
+
+def kiln_blocks(batches: torch.Tensor, seed: int) -> torch.Tensor:
+    """(N, T) rows laid out so kiln's seeded cursor yields `batches[i]` at step i."""
+    n_steps, bsz, seq = batches.shape
+    rows = batches.reshape(-1, seq)  # (N, T) in step order
+    perm = epoch_permutation(len(rows), seed, 0)
+    blocks = torch.empty_like(rows)
+    blocks[perm] = rows  # kiln gathers blocks[perm[i*B:(i+1)*B]] == rows[i*B:(i+1)*B]
+    cursor = BatchCursor(len(rows), bsz, seed)
+    for i in range(n_steps):
+        if not torch.equal(blocks[cursor.next_indices()], batches[i]):
+            raise RuntimeError(f"kiln would not see batch {i} at step {i}")
+    return blocks
+
+
+# ---- contenders ------------------------------------------------------------------------------
+
+
+def decay_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """kiln's and hf's split for GPT-2: matrices decay; biases and LayerNorm weights do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+class RawLoop:
+    """The minimal loop: what a step costs with no framework around it."""
+
+    def __init__(self, model: GPT2LMHeadModel, batches: torch.Tensor) -> None:
+        self.model, self.batches = model, batches
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            decay_groups(model), lr=LR, betas=BETAS, eps=EPS, fused=True
+        )
+        self.losses: list[torch.Tensor] = []
+
+    def run_block(self, start: int, n: int) -> list[float]:
+        stamps = []
+        for i in range(start, start + n):
+            ids = self.batches[i]  # (B, T)
+            logits = self.model(ids).logits  # (B, T, V)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, CLIP)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.losses.append(loss.detach())
+            stamps.append(time.perf_counter())
+        return stamps
+
+
+class _Sequences(torch.utils.data.Dataset):
+    """hf's view of a block of batches: one `{"input_ids", "labels"}` example per row."""
+
+    def __init__(self, batches: torch.Tensor) -> None:
+        self.rows = batches.reshape(-1, batches.shape[-1])  # (n * B, T)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+class _HFStamps(TrainerCallback):
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+class HFLoop:
+    """One long-lived `transformers.Trainer`; each block is one `train()` over that block's rows."""
+
+    def __init__(self, model: GPT2LMHeadModel, batches: torch.Tensor, out: Path, seed: int) -> None:
+        self.batches = batches
+        self.timer = _HFStamps()
+        hf_args = TrainingArguments(
+            output_dir=str(out),
+            per_device_train_batch_size=batches.shape[1],
+            num_train_epochs=1,  # one pass over the block's rows = one block of steps
+            learning_rate=LR,
+            weight_decay=WEIGHT_DECAY,
+            adam_beta1=BETAS[0],
+            adam_beta2=BETAS[1],
+            adam_epsilon=EPS,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            max_grad_norm=CLIP,
+            optim="adamw_torch_fused",
+            train_sampling_strategy="sequential",  # the same batches in the same order
+            report_to=[],
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            use_cpu=True,
+            seed=seed,
+        )
+        self.trainer = HFTrainer(
+            model=model,
+            args=hf_args,
+            train_dataset=_Sequences(batches[:1]),
+            callbacks=[self.timer],
+        )
+        # disable_tqdm swaps the progress bar for a printer of the end-of-train() metrics.
+        self.trainer.remove_callback(PrinterCallback)
+
+    def run_block(self, start: int, n: int) -> list[float]:
+        self.timer.stamps = []
+        self.trainer.train_dataset = _Sequences(self.batches[start : start + n])
+        self.trainer.train()
+        if len(self.timer.stamps) != n:
+            raise RuntimeError(f"hf ran {len(self.timer.stamps)} steps, expected {n}")
+        return self.timer.stamps
+
+
+class KilnHost(Callback):
+    """Stamps kiln's steps; at each block boundary runs the other contenders' blocks."""
+
+    def __init__(self, boundaries: list[int], between: Callable[[int], None]) -> None:
+        self.boundaries = boundaries
+        self.between = between
+        self.blocks: list[list[float]] = [[]]
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.blocks[-1].append(time.perf_counter())
+        block = len(self.blocks) - 1
+        if trainer.state.step == self.boundaries[block]:
+            self.between(block)
+            if block + 1 < len(self.boundaries):
+                self.blocks.append([])
+
+
+def kiln_config(args: argparse.Namespace, out: Path, total_steps: int) -> kiln.RunConfig:
+    return load_config(
+        data={
+            "name": "step-overhead",
+            "output_dir": str(out),
+            "seed": args.seed,
+            # Documentation only: the model object is passed in, so these build nothing.
+            "model": {
+                "arch": "gpt2",
+                "hidden_size": args.width,
+                "num_layers": args.layers,
+                "num_heads": args.heads,
+                "max_position_embeddings": args.seq_len,
+            },
+            "data": {"train": "(passed in memory)", "max_length": args.seq_len},
+            "optim": {
+                "lr": LR,
+                "weight_decay": WEIGHT_DECAY,
+                "betas": list(BETAS),
+                "eps": EPS,
+                "scheduler": "constant",
+                "warmup_steps": 0,
+            },
+            "train": {
+                "max_steps": total_steps,
+                "batch_size": args.batch_size,
+                "precision": "fp32",
+                "grad_clip": CLIP,
+                "device": "cpu",
+                "num_threads": args.threads,
+            },
+            "log": {"every_steps": 50, "progress": "none"},
+        }
+    )
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    steps_per_block = [args.warmup] + [args.steps + 1] * args.rounds
+    starts = [sum(steps_per_block[:i]) for i in range(len(steps_per_block))]
+    total = sum(steps_per_block)
+    batches = make_batches(args, total)
+    ref = make_model(args)
+
+    with tempfile.TemporaryDirectory(prefix="kiln-step-overhead-") as tmp:
+        raw = RawLoop(copy_of(ref), batches)
+        hf = HFLoop(copy_of(ref), batches, Path(tmp) / "hf", args.seed)
+        stamps: dict[str, list[list[float]]] = {"raw": [], "hf": []}
+
+        def between(block: int) -> None:
+            # Alternate who follows kiln, so no contender always inherits the same caches.
+            order = ("raw", "hf") if block % 2 == 0 else ("hf", "raw")
+            for name in order:
+                loop = raw if name == "raw" else hf
+                stamps[name].append(loop.run_block(starts[block], steps_per_block[block]))
+            if torch.get_num_threads() != args.threads:
+                raise RuntimeError(f"something changed torch threads to {torch.get_num_threads()}")
+            print(f"  block {block}/{args.rounds} done", file=sys.stderr, flush=True)
+
+        host = KilnHost([s + n for s, n in zip(starts, steps_per_block, strict=True)], between)
+        trainer = Trainer(
+            kiln_config(args, Path(tmp) / "kiln", total),
+            model=copy_of(ref),
+            tokenizer=train_bpe_tokenizer(["benchmark"], vocab_size=260),
+            train_data=kiln_blocks(batches, args.seed),
+            callbacks=[host],
+        )
+        result = trainer.fit()
+        stamps["kiln"] = host.blocks
+
+        models = {"raw": raw.model, "kiln": trainer.model, "hf": hf.trainer.model}
+        first_loss = {"raw": raw.losses[0].item(), "kiln": result.loss_history[0]}
+
+    # Block 0 is the warmup; in each timed block the first stamp only opens the clock.
+    times: dict[str, list[list[float]]] = {}
+    for name in CONTENDERS:
+        blocks = stamps[name]
+        if len(blocks) != args.rounds + 1:
+            raise RuntimeError(f"{name}: {len(blocks)} blocks, expected {args.rounds + 1}")
+        times[name] = [[1e3 * (b - a) for a, b in itertools.pairwise(blk)] for blk in blocks[1:]]
+    return summarize(args, times, models, first_loss)
+
+
+def _pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def summarize(
+    args: argparse.Namespace,
+    times: dict[str, list[list[float]]],
+    models: dict[str, torch.nn.Module],
+    first_loss: dict[str, float],
+) -> dict[str, Any]:
+    stats: dict[str, dict[str, Any]] = {}
+    for name in CONTENDERS:
+        flat = [t for blk in times[name] for t in blk]
+        stats[name] = {
+            "median_ms": statistics.median(flat),
+            "p10_ms": _pct(flat, 10),
+            "p90_ms": _pct(flat, 90),
+            "mean_ms": statistics.fmean(flat),
+            "round_medians_ms": [statistics.median(blk) for blk in times[name]],
+            "step_ms": times[name],
+        }
+    raw_median = stats["raw"]["median_ms"]
+    for name in CONTENDERS:
+        s = stats[name]
+        s["ratio_to_raw"] = s["median_ms"] / raw_median
+        # Paired per round: the same slice of machine time for both; the spread shows the noise.
+        raw_rounds = stats["raw"]["round_medians_ms"]
+        s["round_ratios"] = [m / r for m, r in zip(s["round_medians_ms"], raw_rounds, strict=True)]
+    ref = dict(models["raw"].named_parameters())
+    drift = {
+        name: max((p - ref[n]).abs().max().item() for n, p in models[name].named_parameters())
+        for name in ("kiln", "hf")
+    }
+    return {
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "rounds",
+                "steps",
+                "warmup",
+                "threads",
+                "batch_size",
+                "seq_len",
+                "vocab",
+                "width",
+                "layers",
+                "heads",
+                "seed",
+            )
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "kiln": kiln.__version__,
+        },
+        "results": stats,
+        "kiln_over_raw": stats["kiln"]["ratio_to_raw"],
+        "hf_over_raw": stats["hf"]["ratio_to_raw"],
+        "sanity": {"first_loss": first_loss, "max_param_diff_vs_raw": drift},
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    cfg = report["config"]
+    print(
+        f"\nGPT-2 {cfg['layers']}x{cfg['width']}, vocab {cfg['vocab']}, batch "
+        f"{cfg['batch_size']}x{cfg['seq_len']}, fp32, {cfg['threads']} threads; "
+        f"{cfg['rounds']} rounds x {cfg['steps']} timed steps per contender\n"
+    )
+    print(f"{'contender':<10}{'median ms':>11}{'p10':>9}{'p90':>9}{'mean':>9}{'vs raw':>8}")
+    for name in CONTENDERS:
+        s = report["results"][name]
+        print(
+            f"{name:<10}{s['median_ms']:>11.2f}{s['p10_ms']:>9.2f}{s['p90_ms']:>9.2f}"
+            f"{s['mean_ms']:>9.2f}{s['ratio_to_raw']:>8.3f}"
+        )
+    print()
+    for name in ("kiln", "hf"):
+        rr = report["results"][name]["round_ratios"]
+        print(
+            f"{name}/raw = {report[f'{name}_over_raw']:.3f}   "
+            f"(per-round {min(rr):.3f} .. {max(rr):.3f})"
+        )
+    sanity = report["sanity"]
+    loss = ", ".join(f"{k} {v:.4f}" for k, v in sanity["first_loss"].items())
+    drift = ", ".join(f"{k} {v:.1e}" for k, v in sanity["max_param_diff_vs_raw"].items())
+    print(f"\nsanity: first-step loss {loss}; max |param - raw| at the end: {drift}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per block (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per contender first")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the results (every step time) here")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.steps < 2 or args.warmup < 1 or args.threads < 1:
+        p.error("need --rounds >= 1, --steps >= 2, --warmup >= 1, --threads >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # save_pretrained's shard bar at kiln's end
+    logging.getLogger("kiln").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    report = run(args)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The `kiln` command: shipped configs validate, errors are one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_rows, write_jsonl
+
+from kiln.cli import main
+from kiln.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_every_shipped_config_validates() -> None:
+    # Found recursively; the count guards against a glob that silently matches less.
+    assert len(SHIPPED) >= 5, SHIPPED
+    for path in SHIPPED:
+        load_config(path)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_validate_command(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "validate", str(path)]) == 0
+    assert capsys.readouterr().out.strip().endswith(": ok")
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kiln.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_bad_override_exits_2_with_one_line_and_no_traceback() -> None:
+    proc = run_cli("train", "configs/quickstart.yaml", "optim.lr=-1")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "kiln: error: configs/quickstart.yaml: optim.lr: input should be greater than 0 (got -1)"
+    ]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_key_and_mistyped_value_each_name_their_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
+    raw["train"]["max_stepz"] = 10
+    raw["optim"]["lr"] = "fast"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"kiln: error: {path}: optim.lr: input should be a valid number, unable to parse "
+        "string as a number (got 'fast')",
+        f"kiln: error: {path}: train.max_stepz: unknown key",
+    ]
+
+
+def test_missing_config_and_bad_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "cannot read config" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["train"])
+    assert info.value.code == 2
+
+
+def test_bad_data_row_names_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", make_rows(30))
+    with data.open("a") as f:
+        f.write('{"text": "ok"}\n{not json\n')
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"arch": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 2},
+        "data": {"train": str(data)},
+        "train": {"max_steps": 2},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert f"{data}:32: invalid JSON" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_explain_shows_derived_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "explain", "configs/quickstart.yaml", "train.grad_accum_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "effective batch size:      32 sequences (16 x 2 accumulation)" in out
+    assert "tokens per optimizer step: 8,192 (packed blocks of 256)" in out
+    assert "total optimizer steps:     350 (train.max_steps)" in out
+    assert "lr: 0.002  # Peak learning rate." in out
+    assert "# learning rate (cosine)" in out
+
+
+def test_explain_counts_steps_from_epochs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", make_rows(200))
+    cfg = {
+        "model": {"arch": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 2},
+        "tokenizer": {"vocab_size": 300},
+        "data": {"train": str(data), "val_split": 0.1, "max_length": 64},
+        "train": {"num_epochs": 2, "batch_size": 4},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(cfg))
+    assert main(["config", "explain", str(path)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("total optimizer steps"))
+    assert "2.0 epochs x" in line
+    steps = int(line.split(":")[1].split("(")[0].replace(",", ""))
+    per_epoch = int(line.split("x ")[1].split(" batches")[0])
+    assert steps == 2 * per_epoch > 0
