@@ -128,3 +128,11 @@ def test_explain_counts_steps_from_epochs(
     steps = int(line.split(":")[1].split("(")[0].replace(",", ""))
     per_epoch = int(line.split("x ")[1].split(" batches")[0])
     assert steps == 2 * per_epoch > 0
+
+
+def test_overrides_may_follow_options(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["config", "explain", "configs/quickstart.yaml", "train.max_steps=100"]
+    assert main([*argv, "train.batch_size=4"]) == 0
+    assert "4 sequences (4 x 1 accumulation)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*argv, "--bogus"])
