@@ -48,17 +48,21 @@ class RunDir:
         self.enabled = enabled
         self._metrics_file: Any = None
 
-    def prepare(self, cfg: RunConfig, *, overwrite: bool) -> None:
-        """Create the directory and write config.yaml; refuse to clobber an earlier run."""
-        if not self.enabled:
-            return
+    def check_free(self, *, overwrite: bool) -> list[str]:
+        """The run artifacts already here; raises unless `overwrite` allows replacing them."""
         existing = [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
-        if existing and not overwrite:
+        if existing and not overwrite and self.enabled:
             raise KilnError(
                 f"output_dir: {self.path} already holds a run ({', '.join(existing)}); "
                 "pass --overwrite (overwrite=True) or choose another name/output_dir"
             )
-        for name in existing:
+        return existing
+
+    def prepare(self, cfg: RunConfig, *, overwrite: bool) -> None:
+        """Create the directory and write config.yaml; refuse to clobber an earlier run."""
+        if not self.enabled:
+            return
+        for name in self.check_free(overwrite=overwrite):
             target = self.path / name
             if target.is_dir():
                 shutil.rmtree(target)

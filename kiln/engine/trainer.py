@@ -237,6 +237,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train to the end (or a stop request), validate, write final/ and summary.json."""
+        self.run_dir.check_free(overwrite=self.overwrite)  # before minutes of setup, not after
         self.setup()
         cfg = self.cfg
         self.run_dir.prepare(cfg, overwrite=self.overwrite)
