@@ -200,6 +200,8 @@ class CheckpointConfig(_Section):
     """Metric that ranks checkpoints for keep_best."""
     mode: Literal["min", "max"] = "min"
     """Whether a smaller or larger `metric` is better."""
+    resume: Literal["never", "auto"] = "never"
+    """auto: continue from the newest complete checkpoint in the run directory, if any."""
 
 
 class LoraConfig(_Section):
@@ -281,11 +283,6 @@ class RunConfig(_Section):
             problems.append(
                 f"data.max_length: {self.data.max_length} exceeds "
                 f"model.max_position_embeddings ({self.model.max_position_embeddings})"
-            )
-        if self.checkpoint.every_steps is not None:
-            problems.append(
-                "checkpoint.every_steps: periodic checkpoints are not available yet "
-                "(the checkpoint issue); only final/ is written"
             )
         if self.train.precision == "fp16" and not self.train.device.startswith(("cuda", "auto")):
             problems.append(f"train.precision: fp16 needs a CUDA device, got {self.train.device}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,11 +25,13 @@ def evaluate(
     pad_id: int,
     precision: Precision,
     max_batches: int | None = None,
-) -> dict[str, float]:
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float] | None:
     """Mean token loss, perplexity and next-token accuracy over `dataset`, in order.
 
     Sums are accumulated on the device and read once at the end, so memory does not grow
-    with the validation set and there is a single host sync.
+    with the validation set and there is a single host sync. Returns None when `should_stop`
+    turned true between batches (a stop request: the caller checkpoints instead).
     """
     was_training = model.training
     model.eval()
@@ -40,6 +43,8 @@ def evaluate(
         for i, start in enumerate(range(0, len(dataset), batch_size)):
             if max_batches is not None and i >= max_batches:
                 break
+            if should_stop is not None and should_stop():
+                return None
             examples = [dataset[j] for j in range(start, min(start + batch_size, len(dataset)))]
             batch = collate(examples, pad_id=pad_id, task=task)
             tokens += count_targets(batch, task)  # on the CPU copy: no device sync

@@ -71,6 +71,28 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.path / "config.yaml", dump_yaml(cfg))
 
+    def resume(self, cfg: RunConfig, step: int) -> None:
+        """Continue a run at `step`: metrics.jsonl keeps exactly the records up to `step`.
+
+        A killed run may have logged past its last checkpoint; those lines are dropped so the
+        resumed run writes them again, with no duplicate or missing step.
+        """
+        if not self.enabled:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        metrics = self.path / "metrics.jsonl"
+        kept = []
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line torn by the kill
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    kept.append(line + "\n")
+        _write_atomic(metrics, "".join(kept))
+        _write_atomic(self.path / "config.yaml", dump_yaml(cfg))
+
     def log_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON object to metrics.jsonl (flushed, so a crash keeps what was logged)."""
         if not self.enabled:

@@ -15,7 +15,8 @@ import torch
 
 from kiln.callbacks.base import Callback
 from kiln.callbacks.progress import ProgressCallback
-from kiln.config import RunConfig
+from kiln.checkpoint import CheckpointManager
+from kiln.config import RunConfig, config_hash
 from kiln.data import (
     BatchCursor,
     TokenDataset,
@@ -29,8 +30,10 @@ from kiln.engine.evaluate import evaluate
 from kiln.engine.events import Event
 from kiln.engine.loss import count_targets, forward_loss_sum
 from kiln.engine.precision import Precision, resolve_device
+from kiln.engine.resume import check_compatible, checkpoint_writers, restore_checkpoint
 from kiln.engine.rundir import RunDir
 from kiln.engine.sample import generate_sample
+from kiln.engine.signals import StopSignals
 from kiln.engine.state import TrainState
 from kiln.errors import DataError, KilnError
 from kiln.optim import build_optimizer, make_schedule, set_lr
@@ -82,8 +85,11 @@ class Trainer:
     """Runs one training job described by a `RunConfig`.
 
     Pass `model`, `tokenizer`, `train_data` or `val_data` to use your own objects instead of
-    building them from the config. Data may be a `TokenDataset`, a list of token-id lists, a
-    list of example dicts (`input_ids`, optional `labels`) or an (N, L) tensor of token ids.
+    building them from the config. `resume`: True (or "latest") continues from the newest
+    complete checkpoint of the run directory, a path from that checkpoint; None follows
+    `checkpoint.resume` (auto: resume when there is a checkpoint). Data may be a
+    `TokenDataset`, a list of token-id lists, a list of example dicts (`input_ids`, optional
+    `labels`) or an (N, L) tensor of token ids.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class Trainer:
         val_data: Any = None,
         callbacks: Sequence[Callback] = (),
         overwrite: bool = False,
+        resume: str | Path | bool | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -103,8 +110,19 @@ class Trainer:
         self._train_data = train_data
         self._val_data = val_data
         self.overwrite = overwrite
+        self.resume = resume
         self.state = TrainState()
         self.run_dir = RunDir(cfg.run_dir)
+        ck = cfg.checkpoint
+        self.checkpoints = CheckpointManager(
+            cfg.run_dir / "checkpoints",
+            keep_last=ck.keep_last,
+            keep_best=ck.keep_best,
+            metric=ck.metric,
+            mode=ck.mode,
+        )
+        self.checkpoint_paths: list[Path] = []
+        self.resumed_from: Path | None = None
         self.callbacks: list[Callback] = list(callbacks)
         if not any(isinstance(cb, ProgressCallback) for cb in self.callbacks):
             self.callbacks.append(ProgressCallback(cfg.log.progress))
@@ -114,6 +132,8 @@ class Trainer:
         self._pending_norms: list[torch.Tensor] = []
         self._stop_requested = False
         self._save_requested = False
+        self._interrupted = False
+        self._validation_pending = False
         self._setup_done = False
 
     @classmethod
@@ -123,15 +143,42 @@ class Trainer:
 
     # ---- requests from callbacks -------------------------------------------------------------
 
-    def request_stop(self, reason: str = "requested") -> None:
-        """Stop after the current step (the final model is still written)."""
+    def request_stop(self, reason: str = "requested", *, resumable: bool = False) -> None:
+        """Stop after the current step.
+
+        By default training ends: a final validation runs and final/ is written. With
+        `resumable=True` it pauses instead (what SIGTERM does): a checkpoint is written, and
+        no validation or final/, so the run continues exactly with `--resume`.
+        """
         self._stop_requested = True
+        self._interrupted = self._interrupted or resumable
         if self.state.stop_reason is None:
             self.state.stop_reason = reason
 
     def request_save(self) -> None:
         """Ask for a checkpoint at the next step boundary."""
         self._save_requested = True
+
+    def _on_signal(self, reason: str) -> None:
+        self.request_stop(reason, resumable=True)
+
+    def _resume_path(self) -> Path | None:
+        """The checkpoint to resume from, per `resume` and `checkpoint.resume`."""
+        want = self.resume
+        if want is None:
+            want = "auto" if self.cfg.checkpoint.resume == "auto" else False
+        if want is False:
+            return None
+        if want in (True, "latest", "auto"):
+            latest = self.checkpoints.latest()
+            if latest is None and want != "auto":
+                raise KilnError(f"--resume: no complete checkpoint in {self.checkpoints.root}")
+            return None if latest is None else latest.path
+        path = Path(want)
+        try:
+            return self.checkpoints.verify(path).path
+        except ValueError as exc:
+            raise KilnError(f"--resume: {exc}") from None
 
     # ---- setup --------------------------------------------------------------------------------
 
@@ -237,10 +284,16 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train to the end (or a stop request), validate, write final/ and summary.json."""
-        self.run_dir.check_free(overwrite=self.overwrite)  # before minutes of setup, not after
+        resume_from = self._resume_path()
+        if resume_from is None:  # checked before minutes of setup, not after
+            self.run_dir.check_free(overwrite=self.overwrite)
         self.setup()
         cfg = self.cfg
-        self.run_dir.prepare(cfg, overwrite=self.overwrite)
+        if resume_from is not None:
+            self._restore(resume_from)
+        else:
+            self.run_dir.prepare(cfg, overwrite=self.overwrite)
+        self.checkpoints.clean_incomplete()
         if self.data_stats:
             self.run_dir.write_json("data_stats.json", self.data_stats)
         self._start_time = time.perf_counter()
@@ -252,19 +305,21 @@ class Trainer:
             epoch=self.state.epoch,
             cursor=self.state.cursor,
         )
-        self._epoch_started = False
+        self._epoch_started = self.state.cursor > 0
         self._epochs_ended = 0
+        final_dir, sample = None, None
         try:
-            self.fire(Event.TRAIN_BEGIN)
-            while self.state.step < self.state.total_steps and not self._stop_requested:
-                self._train_step()
-                every = cfg.eval.every_steps
-                last = self.state.step == self.state.total_steps or self._stop_requested
-                if self.val_data is not None and (last or (every and self.state.step % every == 0)):
+            with StopSignals(self._on_signal):
+                self.fire(Event.TRAIN_BEGIN)
+                if self._validation_pending:  # a stop interrupted it before the checkpoint
                     self._validate()
-            final_dir = self.run_dir.save_final(self.model, self.tokenizer, cfg)
-            self.fire(Event.CHECKPOINT, path=final_dir)
-            sample = self._sample()
+                while self.state.step < self.state.total_steps and not self._stop_requested:
+                    self._train_step()
+                    self._after_step()
+                if not self._interrupted:
+                    final_dir = self.run_dir.save_final(self.model, self.tokenizer, cfg)
+                    self.fire(Event.CHECKPOINT, path=final_dir)
+                    sample = self._sample()
             summary = self._summary(final_dir, sample)
             self.run_dir.write_json("summary.json", summary)
             self.fire(Event.TRAIN_END)
@@ -280,9 +335,52 @@ class Trainer:
             best_step=self.state.best_step,
             best_metric=self.state.best_metric,
             final_dir=final_dir,
+            checkpoint_paths=self.checkpoint_paths,
             summary=summary,
             sample=sample,
         )
+
+    def _after_step(self) -> None:
+        """Validation and checkpoints that fall due after a step (or a stop request)."""
+        cfg, step = self.cfg, self.state.step
+        last = step == self.state.total_steps or self._stop_requested
+        every = cfg.eval.every_steps
+        due = (every and step % every == 0) or (last and not self._interrupted)
+        if self.val_data is not None and due:
+            self._validate()
+        every = cfg.checkpoint.every_steps
+        periodic = every is not None and (step % every == 0 or last)
+        if periodic or self._save_requested or self._interrupted:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> Path:
+        """Write a complete checkpoint of the current step (atomically) and rotate."""
+        self._save_requested = False
+        metrics = (
+            self.history[-1] if self.history and self.history[-1]["step"] == self.state.step else {}
+        )
+        path = self.checkpoints.save(
+            self.state.step,
+            checkpoint_writers(self),
+            metrics={k: v for k, v in metrics.items() if k != "step"},
+            config_hash=config_hash(self.cfg),
+        )
+        if path not in self.checkpoint_paths:
+            self.checkpoint_paths.append(path)
+        self.checkpoint_paths = [p for p in self.checkpoint_paths if p.exists()]
+        self.fire(Event.CHECKPOINT, path=path)
+        return path
+
+    def _restore(self, path: Path) -> None:
+        changes = check_compatible(self, path)
+        restore_checkpoint(self, path)
+        self.resumed_from = path
+        self.run_dir.resume(self.cfg, self.state.step)
+        log.info("resumed from %s (step %d)", path, self.state.step)
+        for line in changes:
+            log.info("config changed since the checkpoint: %s", line)
+        self.state.total_steps = self._total_steps()
+        self.checkpoint_paths = [c.path for c in self.checkpoints.list()]
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         """The next micro-batch of the seeded epoch order; crosses epochs as needed."""
@@ -334,7 +432,8 @@ class Trainer:
         state.step += 1
         self._pending_losses.append(window_loss)
         self.fire(Event.STEP_END)
-        last = state.step == state.total_steps or self._stop_requested
+        # A pause (resumable stop) keeps the log cadence, so a resumed run logs identically.
+        last = state.step == state.total_steps or (self._stop_requested and not self._interrupted)
         if state.step % cfg.log.every_steps == 0 or last:
             self._log_train()
         for _ in range(self._epochs_ended):
@@ -369,6 +468,7 @@ class Trainer:
 
     def _validate(self) -> None:
         self.fire(Event.VALIDATION_BEGIN)
+        self._validation_pending = True
         metrics = evaluate(
             self.model,
             self.val_data,
@@ -377,7 +477,11 @@ class Trainer:
             pad_id=self.pad_id,
             precision=self.precision,
             max_batches=self.cfg.eval.max_batches,
+            should_stop=lambda: self._interrupted,
         )
+        if metrics is None:  # interrupted: the checkpoint records it as still to do
+            return
+        self._validation_pending = False
         if not metrics:
             return
         self.state.last_val = metrics
@@ -413,7 +517,7 @@ class Trainer:
             seed=self.cfg.seed,
         )
 
-    def _summary(self, final_dir: Path, sample: str | None) -> dict[str, Any]:
+    def _summary(self, final_dir: Path | None, sample: str | None) -> dict[str, Any]:
         wall = time.perf_counter() - self._start_time
         total, trainable = _count_params(self.model)
         return {
@@ -437,7 +541,9 @@ class Trainer:
             },
             "final_val": self.state.last_val,
             "stop_reason": self.state.stop_reason,
-            "final_dir": str(final_dir),
+            "final_dir": None if final_dir is None else str(final_dir),
+            "resumed_from": None if self.resumed_from is None else str(self.resumed_from),
+            "checkpoints": [str(p) for p in self.checkpoint_paths],
             "sample": sample,
         }
 

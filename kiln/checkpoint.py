@@ -1,0 +1,266 @@
+"""CheckpointManager: atomic, verified, rotated checkpoints under `<run>/checkpoints/`.
+
+A checkpoint is written into a staging directory, every file is fsynced, a manifest (files,
+sizes, checksums, step, config hash) is written last, and the directory is renamed into place
+as `step-<N>/`. A directory without a valid manifest is never loaded: a crash at any moment
+leaves either the old set of checkpoints or the old set plus one complete new one.
+
+Files of one checkpoint:
+    model.safetensors     trainable weights (all of them; only the adapters under LoRA)
+    optimizer.pt          optimizer state_dict
+    rng.pt                python, numpy, torch CPU and CUDA RNG states
+    trainer_state.json    TrainState, pending losses, loss history, eval history, grad scaler,
+                          callback and component states
+    config.yaml           the resolved config that wrote it
+    manifest.json         written last; its presence and checksums make the checkpoint valid
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointInfo", "CheckpointManager", "fsync_dir"]
+
+log = logging.getLogger("kiln")
+
+CHECKPOINT_FORMAT = 1
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
+_CHUNK = 1 << 24
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (no-op where directories can't be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_checksum(path: Path) -> str:
+    """crc32 of a file, hex: catches truncation and corruption at disk speed."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint on disk."""
+
+    path: Path
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    config_hash: str = ""
+
+
+class CheckpointManager:
+    """Saves, lists, verifies and rotates checkpoints in one directory.
+
+    Rotation keeps the `keep_last` newest checkpoints plus the `keep_best` best by `metric`
+    (`mode` min or max); the newest complete checkpoint is never deleted.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        keep_last: int = 3,
+        keep_best: int = 0,
+        metric: str = "val_loss",
+        mode: str = "min",
+        enabled: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.metric = metric
+        self.mode = mode
+        self.enabled = enabled
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def _read_manifest(self, path: Path) -> dict[str, Any] | None:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+            return None
+        return manifest
+
+    def _info(self, path: Path, manifest: dict[str, Any]) -> CheckpointInfo:
+        return CheckpointInfo(
+            path=path,
+            step=int(manifest["step"]),
+            metrics=dict(manifest.get("metrics") or {}),
+            config_hash=str(manifest.get("config_hash", "")),
+        )
+
+    def list(self) -> list[CheckpointInfo]:
+        """Complete checkpoints (a manifest whose files exist with the recorded sizes), by step."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            if not path.is_dir() or not _STEP_DIR.fullmatch(path.name):
+                continue
+            manifest = self._read_manifest(path)
+            if manifest is None or not self._sizes_match(path, manifest):
+                continue
+            found.append(self._info(path, manifest))
+        return sorted(found, key=lambda c: c.step)
+
+    def _sizes_match(self, path: Path, manifest: dict[str, Any]) -> bool:
+        for name, meta in manifest.get("files", {}).items():
+            try:
+                if (path / name).stat().st_size != meta["size"]:
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest complete checkpoint, or None."""
+        found = self.list()
+        return found[-1] if found else None
+
+    def verify(self, path: Path) -> CheckpointInfo:
+        """Check every file of the checkpoint at `path` against its manifest.
+
+        Raises:
+            ValueError: naming what is missing or corrupt.
+        """
+        path = Path(path)
+        manifest = self._read_manifest(path)
+        if manifest is None:
+            raise ValueError(f"{path}: not a complete kiln checkpoint (no valid {MANIFEST})")
+        for name, meta in manifest["files"].items():
+            file = path / name
+            if not file.is_file():
+                raise ValueError(f"{file}: missing from the checkpoint")
+            if file.stat().st_size != meta["size"] or file_checksum(file) != meta["checksum"]:
+                raise ValueError(f"{file}: corrupt (size or checksum differs from the manifest)")
+        return self._info(path, manifest)
+
+    def incomplete(self) -> list[Path]:
+        """Directories here that are not complete checkpoints (staging leftovers, torn writes)."""
+        if not self.root.is_dir():
+            return []
+        complete = {c.path for c in self.list()}
+        return sorted(
+            p
+            for p in self.root.iterdir()
+            if p.is_dir()
+            and p not in complete
+            and (p.name.startswith(".") or _STEP_DIR.fullmatch(p.name))
+        )
+
+    def clean_incomplete(self) -> list[Path]:
+        """Remove and report incomplete checkpoint directories (left by a crash)."""
+        removed = self.incomplete() if self.enabled else []
+        for path in removed:
+            log.warning("removing incomplete checkpoint %s (interrupted write)", path)
+            shutil.rmtree(path, ignore_errors=True)
+        return removed
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        writers: dict[str, Any],
+        *,
+        metrics: dict[str, float] | None = None,
+        config_hash: str = "",
+    ) -> Path:
+        """Write a checkpoint for `step` atomically, then rotate.
+
+        Args:
+            step: the optimizer step the checkpoint captures.
+            writers: file name -> callable(path) that writes that file.
+            metrics: metrics at this step (ranks the checkpoint for keep_best).
+            config_hash: hash of the config that wrote it.
+
+        Returns:
+            The final directory `step-<step>`.
+        """
+        final = self.root / f"step-{step}"
+        if not self.enabled:
+            return final
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".staging-step-{step}-{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        try:
+            files = {}
+            for name, write in writers.items():
+                target = staging / name
+                write(target)
+                with open(target, "rb+") as f:
+                    os.fsync(f.fileno())
+                files[name] = {"size": target.stat().st_size, "checksum": file_checksum(target)}
+            manifest = {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "created": time.time(),
+                "config_hash": config_hash,
+                "metrics": metrics or {},
+                "files": files,
+            }
+            with open(staging / MANIFEST, "w") as f:
+                json.dump(manifest, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(staging)
+            if final.exists():  # an earlier write of the same step (e.g. before a crash)
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.rotate()
+        return final
+
+    def rotate(self) -> list[Path]:
+        """Delete checkpoints beyond keep_last newest + keep_best best; returns what went."""
+        found = self.list()
+        if not found:
+            return []
+        keep = {c.path for c in found[-self.keep_last :]}
+        keep.add(found[-1].path)  # never the newest complete one
+        if self.keep_best:
+            ranked = [c for c in found if self.metric in c.metrics]
+            ranked.sort(key=lambda c: c.metrics[self.metric], reverse=self.mode == "max")
+            keep.update(c.path for c in ranked[: self.keep_best])
+        removed = [c.path for c in found if c.path not in keep]
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        return removed
+
+    def best(self) -> CheckpointInfo | None:
+        """The best complete checkpoint by `metric`, or None when none has it."""
+        ranked = [c for c in self.list() if self.metric in c.metrics]
+        if not ranked:
+            return None
+        pick = min if self.mode == "min" else max
+        return pick(ranked, key=lambda c: c.metrics[self.metric])

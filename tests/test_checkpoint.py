@@ -1,0 +1,219 @@
+"""Checkpoints: atomic writes, rotation, keep-best, and a resume that is bit-exact."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from kiln import Callback, Trainer
+from kiln.checkpoint import CheckpointManager
+from kiln.errors import KilnError
+from kiln.models import train_bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return train_bpe_tokenizer(["Title: Rice\nSteps:\n1. Rinse the rice."] * 10, vocab_size=300)
+
+
+def _data(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, 250, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
+
+
+class StopAt(Callback):
+    """Checkpoint and stop at a given step, as a preempted job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.state.step == self.step:
+            trainer.request_stop("test", resumable=True)
+
+
+def _cfg(tmp_path: Path, recipe_files, **sections: Any):
+    base = {
+        "model": {"dropout": 0.1},  # dropout makes the RNG state matter
+        "train": {"max_steps": 8, "batch_size": 3, "grad_accum_steps": 2},
+        "eval": {"every_steps": 2},
+        "log": {"every_steps": 3},
+        "optim": {"scheduler": "cosine", "warmup_steps": 2},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return tiny_config(tmp_path, *recipe_files, **base)
+
+
+def _run(cfg, tokenizer, **kwargs: Any):
+    trainer = Trainer(
+        cfg,
+        tokenizer=tokenizer,
+        train_data=_data(10, 0),  # 3 batches of 3 per epoch: epochs end mid-window
+        val_data=_data(4, 1),
+        **kwargs,
+    )
+    return trainer, trainer.fit()
+
+
+def _metrics(run: Path) -> list[tuple]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["split"], r["loss"]) for r in records]
+
+
+@pytest.mark.parametrize("stop_at", [1, 2, 3, 5, 7])
+def test_resume_is_bit_exact(tmp_path: Path, recipe_files, tokenizer, stop_at: int) -> None:
+    ref_trainer, ref = _run(_cfg(tmp_path / "ref", recipe_files), tokenizer)
+
+    cfg = _cfg(tmp_path / "cut", recipe_files)
+    first, _ = _run(cfg, tokenizer, callbacks=[StopAt(stop_at)])
+    assert first.state.step == stop_at
+    assert [p.name for p in first.checkpoint_paths] == [f"step-{stop_at}"]
+    resumed_trainer, resumed = _run(cfg, tokenizer, resume=True)
+
+    assert (
+        resumed_trainer.resumed_from == tmp_path / "cut" / "run" / "checkpoints" / f"step-{stop_at}"
+    )
+    assert resumed.loss_history == ref.loss_history
+    assert resumed.metrics == ref.metrics
+    for name, tensor in ref_trainer.model.state_dict().items():
+        assert torch.equal(tensor, resumed_trainer.model.state_dict()[name]), name
+    assert _metrics(tmp_path / "cut" / "run") == _metrics(tmp_path / "ref" / "run")
+
+
+def test_checkpoint_files_and_manifest(tmp_path: Path, recipe_files, tokenizer) -> None:
+    trainer, _ = _run(_cfg(tmp_path, recipe_files, checkpoint={"every_steps": 4}), tokenizer)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-8"]
+    ckpt = root / "step-8"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["step"] == 8
+    assert set(manifest["files"]) == {
+        "model.safetensors",
+        "optimizer.pt",
+        "rng.pt",
+        "trainer_state.json",
+        "config.yaml",
+    }
+    assert manifest["metrics"]["val_loss"] == trainer.history[-1]["val_loss"]
+    weights = load_file(ckpt / "model.safetensors")
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, trainer.model.state_dict()[name])
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["state"]["step"] == 8
+    assert CheckpointManager(root).verify(ckpt).step == 8
+
+
+def _writers(payload: bytes) -> dict[str, Any]:
+    return {"a.bin": lambda p: p.write_bytes(payload), "b.json": lambda p: p.write_text("{}")}
+
+
+def test_rotation_keeps_last_and_best(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_best=1, metric="val_loss", mode="min")
+    losses = {1: 3.0, 2: 1.0, 3: 2.5, 4: 2.0, 5: 4.0, 6: 3.5}
+    for step, loss in losses.items():
+        manager.save(step, _writers(b"x" * step), metrics={"val_loss": loss})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-5", "step-6"]
+    assert manager.best().step == 2
+    assert manager.latest().step == 6
+
+    maxed = CheckpointManager(tmp_path / "max", keep_last=1, keep_best=2, mode="max")
+    for step, loss in losses.items():
+        maxed.save(step, _writers(b"y"), metrics={"val_loss": loss})
+    assert sorted(p.name for p in (tmp_path / "max").iterdir()) == ["step-5", "step-6"]
+
+
+def test_newest_checkpoint_survives_rotation(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=1, keep_best=1, metric="val_loss")
+    manager.save(1, _writers(b"a"), metrics={"val_loss": 1.0})
+    manager.save(2, _writers(b"b"), metrics={"val_loss": 9.0})  # worse, but newest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1", "step-2"]
+
+
+def test_incomplete_checkpoints_are_ignored_and_cleaned(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, _writers(b"ok"))
+    (tmp_path / "step-7").mkdir()  # renamed but manifest-less: impossible by construction,
+    (tmp_path / "step-7" / "a.bin").write_bytes(b"torn")  # yet must never be loaded
+    (tmp_path / ".staging-step-9-123").mkdir()
+    truncated = manager.save(3, _writers(b"12345"))
+    (truncated / "a.bin").write_bytes(b"12")  # torn file: size differs from the manifest
+    assert [c.step for c in manager.list()] == [1]
+    assert manager.latest().step == 1
+    with pytest.raises(ValueError, match="not a complete kiln checkpoint"):
+        manager.verify(tmp_path / "step-7")
+    removed = manager.clean_incomplete()
+    assert {p.name for p in removed} == {"step-7", ".staging-step-9-123", "step-3"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, _writers(b"abcd"))
+    (path / "a.bin").write_bytes(b"abcX")  # same size, different bytes
+    with pytest.raises(ValueError, match="corrupt"):
+        manager.verify(path)
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(
+    tmp_path: Path, recipe_files, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg(tmp_path, recipe_files, checkpoint={"every_steps": 2})
+    trainer = Trainer(cfg, tokenizer=tokenizer, train_data=_data(10, 0), val_data=_data(4, 1))
+
+    class FullDisk(Callback):
+        def on_step_end(self, trainer: Trainer) -> None:
+            if trainer.state.step == 4:
+
+                def no_space(*args: Any, **kwargs: Any) -> None:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                monkeypatch.setattr("kiln.engine.resume.torch.save", no_space)
+
+    trainer.callbacks.append(FullDisk())
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit()
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-2"]  # no staging left behind
+    info = CheckpointManager(root).verify(root / "step-2")
+    assert info.step == 2
+    monkeypatch.undo()
+    resumed, result = _run(cfg, tokenizer, resume=True)
+    assert resumed.resumed_from == root / "step-2"
+    assert result.summary["steps"] == 8
+
+
+def test_unsafe_config_change_is_refused_safe_one_reported(
+    tmp_path: Path, recipe_files, tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _cfg(tmp_path, recipe_files)
+    _run(cfg, tokenizer, callbacks=[StopAt(3)])
+    wider = _cfg(tmp_path, recipe_files, model={"hidden_size": 64})
+    with pytest.raises(KilnError, match=r"model\.hidden_size: 32 -> 64"):
+        _run(wider, tokenizer, resume=True)
+    longer = _cfg(tmp_path, recipe_files, train={"max_steps": 10})
+    with caplog.at_level("INFO", logger="kiln"):
+        trainer, result = _run(longer, tokenizer, resume=True)
+    assert "train.max_steps: 8 -> 10" in caplog.text
+    assert result.summary["steps"] == 10
+
+
+def test_resume_auto_and_missing_checkpoint(tmp_path: Path, recipe_files, tokenizer) -> None:
+    cfg = _cfg(tmp_path, recipe_files, checkpoint={"resume": "auto"})
+    trainer, _ = _run(cfg, tokenizer, callbacks=[StopAt(2)])
+    assert trainer.resumed_from is None  # nothing to resume yet: a fresh start
+    trainer, result = _run(cfg, tokenizer)
+    assert trainer.resumed_from is not None
+    assert result.summary["steps"] == 8
+    with pytest.raises(KilnError, match="no complete checkpoint"):
+        _run(_cfg(tmp_path / "other", recipe_files), tokenizer, resume=True)
