@@ -1,7 +1,8 @@
 """The `kiln` command line: train, config validate, config explain.
 
-Bad input (config, data, arguments, files) ends with one line per problem on stderr and exit
-code 2, never a traceback.
+Exit codes: 0 done; 2 bad input (config, data, arguments, files: one line per problem on
+stderr, never a traceback); 3 stopped by SIGTERM/SIGINT after writing a checkpoint (continue
+with `--resume`); 130 aborted by a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kiln.errors import KilnError
 __all__ = ["main"]
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: aborted at once (checkpoints already written stay)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument(
         "--overwrite", action="store_true", help="replace an earlier run in the same output_dir"
     )
+    p_train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest complete checkpoint of the run, or from CHECKPOINT",
+    )
 
     p_cfg = sub.add_parser("config", help="check or explain a config")
     cfg_sub = p_cfg.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
@@ -58,10 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from kiln.engine import Trainer
+    from kiln.engine.signals import EXIT_STOPPED
 
     cfg = load_config(args.config, args.overrides)
-    result = Trainer.from_config(cfg, overwrite=args.overwrite).fit()
+    result = Trainer.from_config(cfg, overwrite=args.overwrite, resume=args.resume).fit()
     s = result.summary
+    if result.final_dir is None:  # paused by SIGTERM/SIGINT after writing a checkpoint
+        where = result.checkpoint_paths[-1] if result.checkpoint_paths else result.run_dir
+        print(f"\nstopped at step {s['steps']} ({s['stop_reason']}); checkpoint: {where}")
+        print(f"continue with: kiln train {args.config} --resume")
+        return EXIT_STOPPED
     val = s["final_val"]
     print(f"\nrun directory: {result.run_dir}")
     print(

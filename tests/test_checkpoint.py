@@ -203,7 +203,7 @@ def test_unsafe_config_change_is_refused_safe_one_reported(
         _run(wider, tokenizer, resume=True)
     longer = _cfg(tmp_path, recipe_files, train={"max_steps": 10})
     with caplog.at_level("INFO", logger="kiln"):
-        trainer, result = _run(longer, tokenizer, resume=True)
+        _, result = _run(longer, tokenizer, resume=True)
     assert "train.max_steps: 8 -> 10" in caplog.text
     assert result.summary["steps"] == 10
 
@@ -217,3 +217,24 @@ def test_resume_auto_and_missing_checkpoint(tmp_path: Path, recipe_files, tokeni
     assert result.summary["steps"] == 8
     with pytest.raises(KilnError, match="no complete checkpoint"):
         _run(_cfg(tmp_path / "other", recipe_files), tokenizer, resume=True)
+
+
+def test_stop_inside_validation_checkpoints_and_redoes_it(
+    tmp_path: Path, recipe_files, tokenizer
+) -> None:
+    class StopInValidation(Callback):
+        def on_validation_begin(self, trainer: Trainer) -> None:
+            if trainer.state.step == 4:
+                trainer.request_stop("signal SIGTERM", resumable=True)
+
+    _, ref = _run(_cfg(tmp_path / "ref", recipe_files), tokenizer)
+    cfg = _cfg(tmp_path / "cut", recipe_files)
+    first, paused = _run(cfg, tokenizer, callbacks=[StopInValidation()])
+    assert first.state.step == 4
+    assert [m["step"] for m in paused.metrics] == [2]  # step 4's validation was cut short
+    assert paused.final_dir is None
+    state = json.loads((first.checkpoint_paths[-1] / "trainer_state.json").read_text())
+    assert state["validation_pending"] is True
+    _, resumed = _run(cfg, tokenizer, resume=True)
+    assert resumed.metrics == ref.metrics
+    assert _metrics(tmp_path / "cut" / "run") == _metrics(tmp_path / "ref" / "run")
