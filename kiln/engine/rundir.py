@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from kiln.checkpoint import fsync_dir
 from kiln.config import RunConfig, dump_yaml
 from kiln.errors import KilnError
 
@@ -109,8 +110,9 @@ class RunDir:
             _write_atomic(path, json.dumps(data, indent=2) + "\n")
         return path
 
-    def save_final(self, model: Any, tokenizer: Any, cfg: RunConfig) -> Path:
-        """Write final/ (save_pretrained model + tokenizer + config.yaml) and swap it in."""
+    def save_final(self, model: Any, tokenizer: Any, cfg: RunConfig, card: str = "") -> Path:
+        """Write final/ (save_pretrained model + tokenizer + kiln_config.yaml + README.md model
+        card) into a staging directory, fsync it, and swap it in."""
         final = self.path / "final"
         if not self.enabled:
             return final
@@ -120,16 +122,80 @@ class RunDir:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "kiln_config.yaml").write_text(dump_yaml(cfg))
+        if card:
+            (tmp / "README.md").write_text(card)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
         old = self.path / f".final.old-{os.getpid()}"
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(self.path)
         if old.exists():
             shutil.rmtree(old)
         return final
+
+    def clean_stale(self) -> None:
+        """Remove staging leftovers of a run that was killed while writing final/."""
+        if not self.enabled or not self.path.is_dir():
+            return
+        for stale in self.path.glob(".final.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
 
     def close(self) -> None:
         """Close open files."""
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
+
+
+def model_card(trainer: Any) -> str:
+    """A short README.md for final/: what was trained, on what, and how well."""
+    cfg, state = trainer.cfg, trainer.state
+    model = cfg.model.name_or_path or f"{cfg.model.arch} from scratch"
+    auto = "AutoModelForSeq2SeqLM" if cfg.task == "seq2seq" else "AutoModelForCausalLM"
+    lines = [
+        f"# {cfg.name}",
+        "",
+        f"Trained with kiln: {cfg.task}, {model}"
+        + (" + LoRA adapters" if cfg.lora.enabled else ""),
+        "",
+        "| | |",
+        "|---|---|",
+        f"| steps | {state.step} |",
+        f"| tokens | {state.tokens_seen:,} |",
+        f"| training data | `{cfg.data.train}` |",
+        f"| final train loss | {_fmt(state.last_train_loss)} |",
+    ]
+    for key, value in state.last_val.items():
+        lines.append(f"| final {key} | {_fmt(value)} |")
+    if state.best_metric is not None:
+        lines.append(
+            f"| best {cfg.checkpoint.metric} | {_fmt(state.best_metric)} (step {state.best_step}) |"
+        )
+    loader = (
+        "from peft import AutoPeftModelForCausalLM as M"
+        if cfg.lora.enabled and cfg.task == "causal_lm"
+        else f"from transformers import {auto} as M"
+    )
+    lines += [
+        "",
+        "```python",
+        loader,
+        "from transformers import AutoTokenizer",
+        'model = M.from_pretrained("path/to/final")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/final")',
+        "```",
+        "",
+        "The resolved config that produced this model is in `kiln_config.yaml`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

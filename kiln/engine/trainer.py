@@ -31,7 +31,7 @@ from kiln.engine.events import Event
 from kiln.engine.loss import count_targets, forward_loss_sum
 from kiln.engine.precision import Precision, resolve_device
 from kiln.engine.resume import check_compatible, checkpoint_writers, restore_checkpoint
-from kiln.engine.rundir import RunDir
+from kiln.engine.rundir import RunDir, model_card
 from kiln.engine.sample import generate_sample
 from kiln.engine.signals import StopSignals
 from kiln.engine.state import TrainState
@@ -294,6 +294,7 @@ class Trainer:
         else:
             self.run_dir.prepare(cfg, overwrite=self.overwrite)
         self.checkpoints.clean_incomplete()
+        self.run_dir.clean_stale()
         if self.data_stats:
             self.run_dir.write_json("data_stats.json", self.data_stats)
         self._start_time = time.perf_counter()
@@ -317,7 +318,8 @@ class Trainer:
                     self._train_step()
                     self._after_step()
                 if not self._interrupted:
-                    final_dir = self.run_dir.save_final(self.model, self.tokenizer, cfg)
+                    card = model_card(self)
+                    final_dir = self.run_dir.save_final(self.model, self.tokenizer, cfg, card)
                     self.fire(Event.CHECKPOINT, path=final_dir)
                     sample = self._sample()
             summary = self._summary(final_dir, sample)
