@@ -46,3 +46,34 @@ def test_lora_trains_adapters_only_and_saves_an_adapter(tmp_path: Path, recipe_f
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, trainer.model(ids).logits)
+
+
+def test_lora_resume_is_exact_and_checkpoints_only_adapters(tmp_path: Path, recipe_files) -> None:
+    from safetensors.torch import load_file
+
+    from kiln import Callback
+
+    class Pause(Callback):
+        def on_step_end(self, trainer: Trainer) -> None:
+            if trainer.state.step == 3:
+                trainer.request_stop("test", resumable=True)
+
+    def cfg(name: str):
+        return tiny_config(
+            tmp_path / name,
+            *recipe_files,
+            lora={"enabled": True, "r": 4, "dropout": 0.1},
+            train={"max_steps": 6},
+        )
+
+    ref = Trainer(cfg("ref"))
+    ref_result = ref.fit()
+    Trainer(cfg("cut"), callbacks=[Pause()]).fit()
+    ckpt = tmp_path / "cut" / "run" / "checkpoints" / "step-3" / "model.safetensors"
+    assert all("lora_" in name for name in load_file(ckpt))
+    resumed = Trainer(cfg("cut"), resume=True)
+    result = resumed.fit()
+    assert result.loss_history == ref_result.loss_history
+    ref_state = ref.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, ref_state[name]), name
