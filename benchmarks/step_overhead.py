@@ -20,19 +20,27 @@ first is not timed: that step carries the block's start (hf's `train()` setup, k
 after the nested blocks, caches cooled by the other models). So every contender contributes
 exactly `steps` timed steps per round, all of them steady-state.
 
-Run it on a quiet machine:
+glibc's allocator is pinned first (`pin_malloc`): by default it hands large freed blocks back
+to the OS, so steps page-fault their activations back in, by an amount that depends on heap
+layout rather than on the loop (measured here: 0 to 12k faults a step, up to 10% of step time,
+different for each contender from run to run). The table reports page faults per step.
+
+Run it on a quiet machine (`--tiny` shrinks the model until the loops' own cost shows):
 
     .venv/bin/python benchmarks/step_overhead.py [--rounds 5] [--steps 20] [--threads 2]
+    .venv/bin/python benchmarks/step_overhead.py --tiny --rounds 10 --steps 50
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import itertools
 import json
 import logging
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -63,11 +71,40 @@ CONTENDERS = ("raw", "kiln", "hf")
 LR, WEIGHT_DECAY, BETAS, EPS, CLIP = 3e-4, 0.01, (0.9, 0.999), 1e-8, 1.0
 
 
+Stamp = tuple[float, int]
+"""(time.perf_counter(), minor page faults so far) at the end of a step."""
+
+
+def stamp() -> Stamp:
+    return time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def pin_malloc() -> bool:
+    """Make glibc keep freed memory in its heap instead of returning it to the OS.
+
+    By default glibc unmaps or trims large freed blocks, so the next step page-faults its
+    activations back in (thousands of faults per step here). How many depends on the heap's
+    layout, which each contender's allocation order shapes differently: a few percent of step
+    time that tracks allocator luck, not loop overhead. With the allocator pinned no contender
+    faults in steady state. Returns False where this is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MiB is glibc's largest mmap threshold: smaller blocks come from the heap.
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 # ---- the shared model and data ---------------------------------------------------------------
 
 
 def make_model(args: argparse.Namespace) -> GPT2LMHeadModel:
-    """The reference GPT-2: 4 layers, 256 wide, no dropout, seeded init."""
+    """The reference GPT-2, sized by the flags: no dropout, seeded init."""
     config = GPT2Config(
         vocab_size=args.vocab,
         n_positions=args.seq_len,
@@ -81,6 +118,8 @@ def make_model(args: argparse.Namespace) -> GPT2LMHeadModel:
         # building a DynamicCache during training, so the comparison is about the loop only.
         use_cache=False,
         attn_implementation="sdpa",
+        bos_token_id=args.vocab - 1,  # GPT-2's 50256 lies outside the small vocabulary
+        eos_token_id=args.vocab - 1,
     )
     torch.manual_seed(args.seed)
     return GPT2LMHeadModel(config)
@@ -134,20 +173,30 @@ class RawLoop:
         self.optimizer = torch.optim.AdamW(
             decay_groups(model), lr=LR, betas=BETAS, eps=EPS, fused=True
         )
-        self.losses: list[torch.Tensor] = []
+        self.first_loss: torch.Tensor | None = None
 
-    def run_block(self, start: int, n: int) -> list[float]:
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        # A function, not the loop body: inline, `logits` (B, T, V) would stay alive into the
+        # next step's forward, raising peak memory by 17 MB and making that step page-fault.
+        logits = self.model(ids).logits  # (B, T, V)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def run_block(self, start: int, n: int) -> list[Stamp]:
         stamps = []
         for i in range(start, start + n):
-            ids = self.batches[i]  # (B, T)
-            logits = self.model(ids).logits  # (B, T, V)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, CLIP)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.losses.append(loss.detach())
-            stamps.append(time.perf_counter())
+            loss = self.step(self.batches[i])  # batches[i]: (B, T)
+            # Keep no per-step loss tensors. Kept, they made this loop page-fault 16 MiB every
+            # step (+8% time, 3 runs of 3): each few-byte storage likely lands in the hole a
+            # freed (B, T-1, V) buffer left, so the hole never coalesces and the next step's
+            # buffer comes from fresh heap.
+            if self.first_loss is None:
+                self.first_loss = loss
+            stamps.append(stamp())
         return stamps
 
 
@@ -166,10 +215,10 @@ class _Sequences(torch.utils.data.Dataset):
 
 class _HFStamps(TrainerCallback):
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.stamps: list[Stamp] = []
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(stamp())
 
 
 class HFLoop:
@@ -210,7 +259,7 @@ class HFLoop:
         # disable_tqdm swaps the progress bar for a printer of the end-of-train() metrics.
         self.trainer.remove_callback(PrinterCallback)
 
-    def run_block(self, start: int, n: int) -> list[float]:
+    def run_block(self, start: int, n: int) -> list[Stamp]:
         self.timer.stamps = []
         self.trainer.train_dataset = _Sequences(self.batches[start : start + n])
         self.trainer.train()
@@ -225,10 +274,10 @@ class KilnHost(Callback):
     def __init__(self, boundaries: list[int], between: Callable[[int], None]) -> None:
         self.boundaries = boundaries
         self.between = between
-        self.blocks: list[list[float]] = [[]]
+        self.blocks: list[list[Stamp]] = [[]]
 
     def on_step_end(self, trainer: Trainer) -> None:
-        self.blocks[-1].append(time.perf_counter())
+        self.blocks[-1].append(stamp())
         block = len(self.blocks) - 1
         if trainer.state.step == self.boundaries[block]:
             self.between(block)
@@ -286,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kiln-step-overhead-") as tmp:
         raw = RawLoop(copy_of(ref), batches)
         hf = HFLoop(copy_of(ref), batches, Path(tmp) / "hf", args.seed)
-        stamps: dict[str, list[list[float]]] = {"raw": [], "hf": []}
+        stamps: dict[str, list[list[Stamp]]] = {"raw": [], "hf": []}
 
         def between(block: int) -> None:
             # Alternate who follows kiln, so no contender always inherits the same caches.
@@ -310,16 +359,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stamps["kiln"] = host.blocks
 
         models = {"raw": raw.model, "kiln": trainer.model, "hf": hf.trainer.model}
-        first_loss = {"raw": raw.losses[0].item(), "kiln": result.loss_history[0]}
+        first_loss = {"raw": float(raw.first_loss), "kiln": result.loss_history[0]}
 
     # Block 0 is the warmup; in each timed block the first stamp only opens the clock.
     times: dict[str, list[list[float]]] = {}
+    faults: dict[str, list[int]] = {}
     for name in CONTENDERS:
         blocks = stamps[name]
         if len(blocks) != args.rounds + 1:
             raise RuntimeError(f"{name}: {len(blocks)} blocks, expected {args.rounds + 1}")
-        times[name] = [[1e3 * (b - a) for a, b in itertools.pairwise(blk)] for blk in blocks[1:]]
-    return summarize(args, times, models, first_loss)
+        pairs = [list(itertools.pairwise(blk)) for blk in blocks[1:]]
+        times[name] = [[1e3 * (b[0] - a[0]) for a, b in blk] for blk in pairs]
+        faults[name] = [b[1] - a[1] for blk in pairs for a, b in blk]
+    return summarize(args, times, faults, models, first_loss)
 
 
 def _pct(values: list[float], q: int) -> float:
@@ -329,6 +381,7 @@ def _pct(values: list[float], q: int) -> float:
 def summarize(
     args: argparse.Namespace,
     times: dict[str, list[list[float]]],
+    faults: dict[str, list[int]],
     models: dict[str, torch.nn.Module],
     first_loss: dict[str, float],
 ) -> dict[str, Any]:
@@ -340,6 +393,7 @@ def summarize(
             "p10_ms": _pct(flat, 10),
             "p90_ms": _pct(flat, 90),
             "mean_ms": statistics.fmean(flat),
+            "page_faults_per_step": statistics.median(faults[name]),
             "round_medians_ms": [statistics.median(blk) for blk in times[name]],
             "step_ms": times[name],
         }
@@ -347,6 +401,7 @@ def summarize(
     for name in CONTENDERS:
         s = stats[name]
         s["ratio_to_raw"] = s["median_ms"] / raw_median
+        s["overhead_ms"] = s["median_ms"] - raw_median
         # Paired per round: the same slice of machine time for both; the spread shows the noise.
         raw_rounds = stats["raw"]["round_medians_ms"]
         s["round_ratios"] = [m / r for m, r in zip(s["round_medians_ms"], raw_rounds, strict=True)]
@@ -370,6 +425,7 @@ def summarize(
                 "layers",
                 "heads",
                 "seed",
+                "pin_malloc",
             )
         },
         "versions": {
@@ -392,12 +448,14 @@ def print_report(report: dict[str, Any]) -> None:
         f"{cfg['batch_size']}x{cfg['seq_len']}, fp32, {cfg['threads']} threads; "
         f"{cfg['rounds']} rounds x {cfg['steps']} timed steps per contender\n"
     )
-    print(f"{'contender':<10}{'median ms':>11}{'p10':>9}{'p90':>9}{'mean':>9}{'vs raw':>8}")
+    head = f"{'contender':<10}{'median ms':>11}{'p10':>9}{'p90':>9}{'mean':>9}{'vs raw':>8}"
+    print(f"{head}{'+ms':>8}{'faults/step':>13}")
     for name in CONTENDERS:
         s = report["results"][name]
         print(
             f"{name:<10}{s['median_ms']:>11.2f}{s['p10_ms']:>9.2f}{s['p90_ms']:>9.2f}"
-            f"{s['mean_ms']:>9.2f}{s['ratio_to_raw']:>8.3f}"
+            f"{s['mean_ms']:>9.2f}{s['ratio_to_raw']:>8.3f}{s['overhead_ms']:>+8.2f}"
+            f"{s['page_faults_per_step']:>13.0f}"
         )
     print()
     for name in ("kiln", "hf"):
@@ -410,6 +468,14 @@ def print_report(report: dict[str, Any]) -> None:
     loss = ", ".join(f"{k} {v:.4f}" for k, v in sanity["first_loss"].items())
     drift = ", ".join(f"{k} {v:.1e}" for k, v in sanity["max_param_diff_vs_raw"].items())
     print(f"\nsanity: first-step loss {loss}; max |param - raw| at the end: {drift}")
+    for name in CONTENDERS:
+        faults = report["results"][name]["page_faults_per_step"]
+        if faults:
+            mib = faults * 4 / 1024  # 4 KiB pages
+            print(
+                f"warning: {name} page-faulted {faults:.0f} times a typical step (~{mib:.0f} MiB):"
+                " its time includes the allocator's luck, not only its loop; rerun"
+            )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -425,8 +491,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a 1x32 GPT-2 on 2x16 tokens: steps of ~2 ms, so the gaps are the loops' own cost",
+    )
+    p.add_argument(
+        "--no-pin-malloc",
+        dest="pin_malloc",
+        action="store_false",
+        help="leave glibc's default trimming on (steps then page-fault; see pin_malloc)",
+    )
     p.add_argument("--json", type=Path, help="also write the results (every step time) here")
     args = p.parse_args(argv)
+    if args.tiny:
+        args.layers, args.width, args.heads, args.vocab = 1, 32, 1, 512
+        args.batch_size, args.seq_len = 2, 16
     if args.rounds < 1 or args.steps < 2 or args.warmup < 1 or args.threads < 1:
         p.error("need --rounds >= 1, --steps >= 2, --warmup >= 1, --threads >= 1")
     return args
@@ -438,6 +518,9 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.disable_progress_bar()  # save_pretrained's shard bar at kiln's end
     logging.getLogger("kiln").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
+    if args.pin_malloc and not pin_malloc():
+        print("note: could not pin the allocator (not glibc); expect page-fault noise")
+        args.pin_malloc = False
     report = run(args)
     print_report(report)
     if args.json:

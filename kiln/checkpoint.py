@@ -13,6 +13,10 @@ Files of one checkpoint:
                           callback and component states
     config.yaml           the resolved config that wrote it
     manifest.json         written last; its presence and checksums make the checkpoint valid
+
+Saving overlaps the work: while the next file is written, background threads fsync the files
+already written and crc32 them, in pieces hashed in parallel and combined into the crc32 of the
+whole file. The manifest still goes last, after every fsync and checksum has finished.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import re
 import shutil
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,9 @@ log = logging.getLogger("kiln")
 CHECKPOINT_FORMAT = 1
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
-_CHUNK = 1 << 24
+_PIECE = 32 << 20  # bytes of a file one thread hashes; pieces combine into the file's crc32
+_BUFFER = 1 << 22  # read buffer per piece: small enough to stay in cache while crc32 reads it
+_CRC_POLY = 0xEDB88320  # crc32's polynomial, bit-reversed
 
 
 def fsync_dir(path: Path) -> None:
@@ -52,13 +59,129 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def file_checksum(path: Path) -> str:
-    """crc32 of a file, hex: catches truncation and corruption at disk speed."""
+def _crc_multmodp(a: int, b: int) -> int:
+    """a * b modulo crc32's polynomial, over GF(2) (zlib's multmodp; a != 0)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+
+
+def _crc_x2n_table() -> list[int]:
+    table, p = [], 1 << 30  # x^1
+    for _ in range(32):
+        table.append(p)
+        p = _crc_multmodp(p, p)
+    return table  # table[k] = x^(2^k)
+
+
+_CRC_X2N = _crc_x2n_table()
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """crc32 of A + B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine)."""
+    p, k = 1 << 31, 3  # p = x^0; shift crc1 by x^(8 * len2)
+    while len2:
+        if len2 & 1:
+            p = _crc_multmodp(_CRC_X2N[k & 31], p)
+        len2 >>= 1
+        k += 1
+    return _crc_multmodp(p, crc1) ^ crc2
+
+
+def _crc_range(path: Path, start: int, length: int) -> int:
+    """crc32 of `length` bytes of the file from `start`; OSError if the file is shorter."""
+    buf = memoryview(bytearray(min(_BUFFER, max(length, 1))))
     crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        while length > 0:
+            n = f.readinto(buf[: min(len(buf), length)])
+            if not n:
+                raise OSError(f"{path}: shorter than expected while checksumming")
+            crc = zlib.crc32(buf[:n], crc)
+            length -= n
+    return crc
+
+
+def _hash_threads() -> int:
+    return max(2, min(8, os.cpu_count() or 1))
+
+
+class _Checksum:
+    """A file's crc32 being computed in a thread pool, piece by piece."""
+
+    def __init__(self, pool: ThreadPoolExecutor, path: Path, size: int) -> None:
+        self.pieces: list[tuple[int, Future[int]]] = [
+            (n, pool.submit(_crc_range, path, start, n))
+            for start in range(0, size, _PIECE)
+            for n in (min(_PIECE, size - start),)
+        ]
+
+    def result(self) -> str:
+        crc = 0
+        for n, piece in self.pieces:
+            crc = crc32_combine(crc, piece.result(), n)
+        return f"{crc:08x}"
+
+
+def file_checksum(path: Path) -> str:
+    """crc32 of a file, hex: catches truncation and corruption at disk speed.
+
+    Pieces of a large file are hashed in parallel threads (zlib releases the GIL).
+    """
+    size = Path(path).stat().st_size
+    if size <= _PIECE:
+        return f"{_crc_range(path, 0, size):08x}"
+    with ThreadPoolExecutor(_hash_threads(), thread_name_prefix="kiln-crc") as pool:
+        return _Checksum(pool, path, size).result()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Sealer:
+    """fsyncs and checksums written files in background threads, while the next is written.
+
+    One thread runs the fsyncs (each mostly waits on the disk); a pool hashes the pieces.
+    Leaving the `with` block waits for (or cancels) whatever is still running, so nothing
+    reads a staging directory after it is removed.
+    """
+
+    def __init__(self) -> None:
+        self._sync = ThreadPoolExecutor(1, thread_name_prefix="kiln-fsync")
+        self._hash = ThreadPoolExecutor(_hash_threads(), thread_name_prefix="kiln-crc")
+        self._files: dict[str, tuple[int, Future[None], _Checksum]] = {}
+
+    def __enter__(self) -> _Sealer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sync.shutdown(wait=True, cancel_futures=True)
+        self._hash.shutdown(wait=True, cancel_futures=True)
+
+    def add(self, name: str, path: Path) -> None:
+        """Start sealing a file whose writer has returned (it must not change any more)."""
+        size = path.stat().st_size
+        synced = self._sync.submit(_fsync_file, path)
+        self._files[name] = (size, synced, _Checksum(self._hash, path, size))
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        """name -> {size, checksum} once every file is fsynced and hashed; re-raises errors."""
+        files = {}
+        for name, (size, synced, checksum) in self._files.items():
+            synced.result()
+            files[name] = {"size": size, "checksum": checksum.result()}
+        return files
 
 
 @dataclass(frozen=True)
@@ -152,12 +275,29 @@ class CheckpointManager:
         manifest = self._read_manifest(path)
         if manifest is None:
             raise ValueError(f"{path}: not a complete kiln checkpoint (no valid {MANIFEST})")
-        for name, meta in manifest["files"].items():
+        files = manifest["files"]
+        for name, meta in files.items():
             file = path / name
             if not file.is_file():
                 raise ValueError(f"{file}: missing from the checkpoint")
-            if file.stat().st_size != meta["size"] or file_checksum(file) != meta["checksum"]:
+            if file.stat().st_size != meta["size"]:
                 raise ValueError(f"{file}: corrupt (size or checksum differs from the manifest)")
+        found: dict[str, str | None] = {}
+        with ThreadPoolExecutor(_hash_threads(), thread_name_prefix="kiln-crc") as pool:
+            # Every piece of every file is queued at once, so all threads stay busy.
+            pending = {
+                name: _Checksum(pool, path / name, meta["size"]) for name, meta in files.items()
+            }
+            for name, checksum in pending.items():
+                try:
+                    found[name] = checksum.result()
+                except OSError:  # shrank since the size check
+                    found[name] = None
+        for name, meta in files.items():
+            if found[name] != meta["checksum"]:
+                raise ValueError(
+                    f"{path / name}: corrupt (size or checksum differs from the manifest)"
+                )
         return self._info(path, manifest)
 
     def incomplete(self) -> list[Path]:
@@ -211,13 +351,12 @@ class CheckpointManager:
             shutil.rmtree(staging)
         staging.mkdir()
         try:
-            files = {}
-            for name, write in writers.items():
-                target = staging / name
-                write(target)
-                with open(target, "rb+") as f:
-                    os.fsync(f.fileno())
-                files[name] = {"size": target.stat().st_size, "checksum": file_checksum(target)}
+            with _Sealer() as sealer:
+                for name, write in writers.items():
+                    target = staging / name
+                    write(target)
+                    sealer.add(name, target)  # fsync + crc32 in the background
+                files = sealer.results()
             manifest = {
                 "format": CHECKPOINT_FORMAT,
                 "step": step,

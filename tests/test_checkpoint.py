@@ -238,3 +238,40 @@ def test_stop_inside_validation_checkpoints_and_redoes_it(
     _, resumed = _run(cfg, tokenizer, resume=True)
     assert resumed.metrics == ref.metrics
     assert _metrics(tmp_path / "cut" / "run") == _metrics(tmp_path / "ref" / "run")
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, (32 << 20) - 1, (32 << 20) + 7, (70 << 20) + 3])
+def test_file_checksum_matches_zlib(tmp_path: Path, size: int) -> None:
+    import zlib
+
+    from kiln.checkpoint import crc32_combine, file_checksum
+
+    data = (
+        torch.randint(
+            0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size)
+        )
+        .numpy()
+        .tobytes()
+    )
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    assert file_checksum(path) == f"{zlib.crc32(data):08x}"
+    cut = size // 3
+    a, b = data[:cut], data[cut:]
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
+
+
+def test_resume_skips_a_corrupt_latest_checkpoint(
+    tmp_path: Path, recipe_files, tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _cfg(tmp_path, recipe_files, checkpoint={"every_steps": 2})
+    _run(cfg, tokenizer, callbacks=[StopAt(5)])  # checkpoints at 2, 4 and 5
+    newest = tmp_path / "run" / "checkpoints" / "step-5" / "model.safetensors"
+    raw = bytearray(newest.read_bytes())
+    raw[-1] ^= 0xFF  # bit rot: same size, different bytes
+    newest.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="kiln"):
+        trainer, result = _run(cfg, tokenizer, resume=True)
+    assert trainer.resumed_from == tmp_path / "run" / "checkpoints" / "step-4"
+    assert "corrupt" in caplog.text
+    assert result.summary["steps"] == 8

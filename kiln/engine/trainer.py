@@ -170,10 +170,15 @@ class Trainer:
         if want is False:
             return None
         if want in (True, "latest", "auto"):
-            latest = self.checkpoints.latest()
-            if latest is None and want != "auto":
+            # Newest first; one that fails its checksums is skipped (and said so), not loaded.
+            for info in reversed(self.checkpoints.list()):
+                try:
+                    return self.checkpoints.verify(info.path).path
+                except ValueError as exc:
+                    log.warning("skipping checkpoint: %s", exc)
+            if want != "auto":
                 raise KilnError(f"--resume: no complete checkpoint in {self.checkpoints.root}")
-            return None if latest is None else latest.path
+            return None
         path = Path(want)
         try:
             return self.checkpoints.verify(path).path
