@@ -25,6 +25,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "InstructionTemplate",
     "LogConfig",
     "LoraConfig",
     "ModelConfig",
@@ -97,11 +98,25 @@ class TokenizerConfig(_Section):
     """Minimum pair frequency for a BPE merge when training a tokenizer."""
 
 
+class InstructionTemplate(_Section):
+    prompt: str
+    """Prompt format string over the row's fields (list fields joined by newlines)."""
+    response: str
+    """Response format string; only its tokens carry loss."""
+
+
 class DataConfig(_Section):
-    train: str
-    """Training data file (JSONL, one object per line)."""
-    val: str | None = None
-    """Validation data file; when unset, `val_split` of the training rows are held out."""
+    train: str | list[str]
+    """Training data: a file (JSONL, JSON, CSV, Parquet, text), a glob, a list of them, a
+    `datasets` dataset saved to disk, or `hf:<hub name>`."""
+    val: str | list[str] | None = None
+    """Validation data (same forms as `train`); when unset, `val_split` of the training rows."""
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "text", "hf"] = "auto"
+    """File format; auto picks it from each file's extension (.jsonl .json .csv .parquet .txt)."""
+    hf_split: str = "train"
+    """Split to read from a `datasets` dataset (hub name or saved DatasetDict)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A malformed row stops with file:line (error), or is skipped and counted (skip)."""
     val_split: float = Field(0.05, ge=0.0, lt=1.0)
     """Fraction of training rows held out for validation when `data.val` is unset."""
     text_field: str = "text"
@@ -110,16 +125,32 @@ class DataConfig(_Section):
     """seq2seq input, a format string over the row's fields (list fields joined by newlines)."""
     target_template: str = "{target}"
     """seq2seq target, a format string over the row's fields (list fields joined by newlines)."""
+    prompt_template: str = "{prompt}"
+    """instruction: the prompt, a format string over the row's fields (no loss on its tokens)."""
+    response_template: str = "{response}"
+    """instruction: the response, a format string over the row's fields (the loss is on it)."""
+    templates: list[InstructionTemplate] = Field(default_factory=list)
+    """instruction: several prompt/response templates, one picked per sample (seeded): mixed
+    sample formats. Overrides prompt_template/response_template when set."""
     max_length: int = Field(256, gt=1)
-    """causal_lm: tokens per packed block (sequence length); seq2seq: max input tokens."""
+    """causal_lm: tokens per packed block (sequence length); seq2seq/instruction: max input
+    tokens (instruction: prompt + response)."""
     max_target_length: int = Field(256, gt=1)
-    """seq2seq: max target tokens (longer targets are truncated)."""
+    """seq2seq: max target tokens."""
+    truncation: bool = True
+    """Cut sequences longer than the limits; false makes such a sequence an error."""
     packing: bool = True
     """causal_lm: concatenate documents (EOS-separated) into blocks of max_length tokens."""
     min_quality_score: float | None = Field(None, ge=0.0, le=1.0)
     """Drop rows whose `quality_field` is below this score."""
     quality_field: str = "quality_score"
     """Row field holding the quality score used by `min_quality_score`."""
+    dedup: bool = True
+    """Drop exact duplicates (by rendered text), keeping the first."""
+    min_chars: int | None = Field(None, ge=0)
+    """Drop rows whose rendered text is shorter than this many characters."""
+    max_chars: int | None = Field(None, gt=0)
+    """Drop rows whose rendered text is longer than this many characters."""
     max_samples: int | None = Field(None, gt=0)
     """Use at most this many training rows (after filtering), for quick experiments."""
 
@@ -238,8 +269,9 @@ class RunConfig(_Section):
     """Preset the file starts from; the file's own values win."""
     seed: int = 42
     """Seed for data order, initialization and dropout."""
-    task: Literal["causal_lm", "seq2seq"] = "causal_lm"
-    """causal_lm: next-token prediction on text; seq2seq: source -> target (encoder-decoder)."""
+    task: Literal["causal_lm", "seq2seq", "instruction"] = "causal_lm"
+    """causal_lm: next-token prediction on text; instruction: prompt -> response with a causal
+    LM, loss on the response only; seq2seq: source -> target (encoder-decoder)."""
     model: ModelConfig
     """The model: pretrained by path, or an architecture built from scratch."""
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -265,7 +297,8 @@ class RunConfig(_Section):
     def _check(self) -> RunConfig:
         problems = []
         arch_task = {"gpt2": "causal_lm", "llama": "causal_lm", "t5": "seq2seq"}
-        if self.model.arch and arch_task[self.model.arch] != self.task:
+        model_task = "causal_lm" if self.task == "instruction" else self.task
+        if self.model.arch and arch_task[self.model.arch] != model_task:
             problems.append(
                 f"model.arch: {self.model.arch} is a {arch_task[self.model.arch]} model, "
                 f"but task is {self.task}"

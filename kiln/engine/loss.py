@@ -20,7 +20,7 @@ IGNORE_INDEX = -100
 def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
     """Target tokens a batch contributes to the loss (host-side: call on CPU tensors)."""
     labels = batch["labels"]
-    if task == "causal_lm":
+    if task != "seq2seq":
         labels = labels[:, 1:]  # the first token of a sequence is never predicted
     return int((labels != IGNORE_INDEX).sum())
 
@@ -47,7 +47,7 @@ def forward_loss_sum(
     """
     logits = model(**_model_inputs(model, batch, task), use_cache=False).logits  # (B, T, V)
     labels = batch["labels"]
-    if task == "causal_lm":
+    if task != "seq2seq":  # causal_lm, instruction: predict the next token
         logits, labels = logits[:, :-1], labels[:, 1:]
     loss_sum = F.cross_entropy(
         logits.flatten(0, 1).float(),

@@ -32,27 +32,11 @@ __all__ = [
     "trainable_state_dict",
 ]
 
-# Config keys whose change makes a checkpoint meaningless (shapes, vocabulary, the data the
-# cursor indexes into). Everything else may change on resume and is reported.
-UNSAFE_CHANGES = (
-    "task",
-    "seed",
-    "model.",
-    "tokenizer.",
-    "lora.",
-    "data.train",
-    "data.text_field",
-    "data.source_template",
-    "data.target_template",
-    "data.max_length",
-    "data.max_target_length",
-    "data.packing",
-    "data.min_quality_score",
-    "data.quality_field",
-    "data.max_samples",
-    "data.val_split",
-    "train.batch_size",
-)
+# Config keys whose change makes a checkpoint meaningless: shapes, vocabulary, and everything
+# that decides which training examples exist and in what order (the cursor indexes into them).
+# Everything else may change on resume and is reported.
+UNSAFE_CHANGES = ("task", "seed", "model.", "tokenizer.", "lora.", "data.", "train.batch_size")
+SAFE_EXCEPTIONS = ("data.val",)  # validation data does not move the training cursor
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -165,7 +149,9 @@ def compare_configs(old: RunConfig, new: RunConfig) -> tuple[list[str], list[str
         if a.get(key) == b.get(key):
             continue
         line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
-        is_unsafe = any(key == u or (u.endswith(".") and key.startswith(u)) for u in UNSAFE_CHANGES)
+        is_unsafe = key not in SAFE_EXCEPTIONS and any(
+            key == u or (u.endswith(".") and key.startswith(u)) for u in UNSAFE_CHANGES
+        )
         (unsafe if is_unsafe else safe).append(line)
     return unsafe, safe
 

@@ -179,7 +179,7 @@ def model_card(trainer: Any) -> str:
         )
     loader = (
         "from peft import AutoPeftModelForCausalLM as M"
-        if cfg.lora.enabled and cfg.task == "causal_lm"
+        if cfg.lora.enabled and cfg.task != "seq2seq"
         else f"from transformers import {auto} as M"
     )
     lines += [

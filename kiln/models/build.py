@@ -44,12 +44,21 @@ VOCAB_MULTIPLE = 64
 that is a multiple of 64 hit faster GPU kernels (nanoGPT's 50257 -> 50304). The extra rows are
 never produced by the tokenizer; training pushes their logits down."""
 
-_TASK_AUTO = {"causal_lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
+_TASK_AUTO = {
+    "causal_lm": AutoModelForCausalLM,
+    "instruction": AutoModelForCausalLM,
+    "seq2seq": AutoModelForSeq2SeqLM,
+}
 _TASK_NAMES = {
     "causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    "instruction": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     "seq2seq": MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
 }
-_TASK_WORDS = {"causal_lm": "a causal LM", "seq2seq": "a seq2seq (encoder-decoder) model"}
+_TASK_WORDS = {
+    "causal_lm": "a causal LM",
+    "instruction": "a causal LM",
+    "seq2seq": "a seq2seq (encoder-decoder) model",
+}
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -161,7 +170,7 @@ def _load_pretrained_config(cfg: RunConfig) -> tuple[str, PretrainedConfig]:
         raise ModelError(f"model.name_or_path: cannot load {path!r}: {reason}") from None
     model_type = config.model_type
     if model_type not in _TASK_NAMES[cfg.task]:
-        other = "seq2seq" if cfg.task == "causal_lm" else "causal_lm"
+        other = "causal_lm" if cfg.task == "seq2seq" else "seq2seq"
         hint = f"; set task: {other}" if model_type in _TASK_NAMES[other] else ""
         raise ModelError(f"model.name_or_path: {model_type} is not {_TASK_WORDS[cfg.task]}{hint}")
     return source, config
@@ -229,7 +238,7 @@ def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTraine
         for module in model.modules():
             if isinstance(getattr(module, "config", None), PretrainedConfig):
                 module.config.use_cache = False
-    if cfg.task == "causal_lm" and getattr(model, "loss_type", None) is None:
+    if cfg.task != "seq2seq" and getattr(model, "loss_type", None) is None:
         # Classes like GPT2LMHeadModel match no loss name and warn before falling back to this.
         model.loss_type = "ForCausalLM"
     _set_generation_ids(model, tokenizer)

@@ -22,7 +22,7 @@ def apply_lora(model: Any, cfg: RunConfig) -> Any:
         raise KilnError(
             "lora.enabled: LoRA needs peft; install the extra: pip install 'kiln[lora]'"
         ) from None
-    task_type = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}[cfg.task]
+    task_type = "SEQ_2_SEQ_LM" if cfg.task == "seq2seq" else "CAUSAL_LM"
     lora = cfg.lora
     config = peft.LoraConfig(
         r=lora.r,
