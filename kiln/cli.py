@@ -1,4 +1,4 @@
-"""The `kiln` command line: train, config validate, config explain.
+"""The `kiln` command line: train, data preview, config validate, config explain.
 
 Exit codes: 0 done; 2 bad input (config, data, arguments, files: one line per problem on
 stderr, never a traceback); 3 stopped by SIGTERM/SIGINT after writing a checkpoint (continue
@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the newest complete checkpoint of the run, or from CHECKPOINT",
     )
 
+    p_data = sub.add_parser("data", help="inspect the data a config trains on")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    p_prev = data_sub.add_parser(
+        "preview", help="counts kept/dropped, token lengths, rendered samples with loss masks"
+    )
+    _add_config_args(p_prev)
+    p_prev.add_argument("--samples", type=int, default=3, help="rendered samples to show")
+
     p_cfg = sub.add_parser("config", help="check or explain a config")
     cfg_sub = p_cfg.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
     _add_config_args(cfg_sub.add_parser("validate", help="validate a config (exit 2 if bad)"))
@@ -106,6 +114,14 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from kiln.data.preview import preview
+
+    cfg = load_config(args.config, args.overrides)
+    print(preview(cfg, samples=args.samples))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kiln` console script; returns the exit code."""
     parser = build_parser()
@@ -123,13 +139,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("httpx", "huggingface_hub", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    if args.command == "train":  # kiln draws its own progress; hide transformers' save bars
+    if args.command in ("train", "data"):
         from transformers.utils import logging as hf_logging
 
+        # kiln draws its own progress and reports lengths itself (e.g. the warning that a
+        # document is longer than model_max_length is expected before packing).
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "data":
+            return _data(args)
         return _config(args)
     except KilnError as exc:
         for line in str(exc).splitlines():

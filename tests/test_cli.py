@@ -136,3 +136,28 @@ def test_overrides_may_follow_options(capsys: pytest.CaptureFixture[str]) -> Non
     assert "4 sequences (4 x 1 accumulation)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*argv, "--bogus"])
+
+
+def test_data_preview_counts_and_marks_the_unlearned_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = make_rows(60)
+    rows.append(dict(rows[0]))  # an exact duplicate
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = {
+        "model": {"arch": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 2},
+        "tokenizer": {"vocab_size": 300},
+        "data": {"train": str(data), "val_split": 0.1, "max_length": 32, "min_quality_score": 0.2},
+        "train": {"max_steps": 2},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["data", "preview", str(path), "--samples", "2"]) == 0
+    out = capsys.readouterr().out
+    dropped = sum(r["quality_score"] < 0.2 for r in rows[:60])
+    assert "read               61" in out
+    assert f"dropped: low_quality {dropped}" in out.replace("  ", " ")
+    assert "dropped: duplicate 1" in out.replace("  ", " ")
+    assert "--- train example 1 ---" in out
+    assert "packed into" in out
+    assert "⟦" in out  # the first token of a block is never a target
