@@ -154,6 +154,13 @@ class DataConfig(_Section):
     max_samples: int | None = Field(None, gt=0)
     """Use at most this many training rows (after filtering), for quick experiments."""
 
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        lo, hi = self.min_chars, self.max_chars
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"data.min_chars: must be <= data.max_chars ({hi}), got {lo}")
+        return self
+
 
 class OptimConfig(_Section):
     name: Literal["adamw"] = "adamw"

@@ -105,6 +105,7 @@ def test_yaml_file_reads_exponent_floats(tmp_path: Path) -> None:
         (["data.max_length=4096"], "data.max_length: 4096 exceeds model.max_position_embeddings"),
         (["train.device=tpu"], "train.device: expected auto, cpu, mps, cuda or cuda:N"),
         (["optim.lr"], "optim.lr: an override must look like section.key=value"),
+        (["data.min_chars=10", "data.max_chars=5"], "data.min_chars: must be <= data.max_chars"),
         (["optim.lr=1", "optim.lr.x=1"], "optim.lr: is a value, not a section"),
     ],
 )
