@@ -19,23 +19,37 @@ from kiln.data.prepare import (
     split_indices,
 )
 from kiln.data.sampler import BatchCursor, batches_per_epoch, epoch_permutation, sequential_batches
-from kiln.data.sources import READERS, Row, read_jsonl, read_rows
+from kiln.data.sources import (
+    READERS,
+    BadRows,
+    IndexRow,
+    ReadOptions,
+    Row,
+    read_jsonl,
+    read_rows,
+    rows_from_python,
+)
 from kiln.data.tasks import (
     CausalFormat,
+    InstructionFormat,
     Seq2SeqFormat,
     TaskFormat,
     make_format,
     render_rows,
     render_template,
 )
-from kiln.data.tokenize import tokenize_causal, tokenize_seq2seq
+from kiln.data.tokenize import tokenize_causal, tokenize_instruction, tokenize_seq2seq
 
 __all__ = [
     "IGNORE_INDEX",
     "READERS",
+    "BadRows",
     "BatchCursor",
     "CausalFormat",
     "DataStats",
+    "IndexRow",
+    "InstructionFormat",
+    "ReadOptions",
     "Row",
     "Seq2SeqFormat",
     "TaskFormat",
@@ -54,8 +68,10 @@ __all__ = [
     "read_rows",
     "render_rows",
     "render_template",
+    "rows_from_python",
     "sequential_batches",
     "split_indices",
     "tokenize_causal",
+    "tokenize_instruction",
     "tokenize_seq2seq",
 ]

@@ -1,7 +1,7 @@
 """Collation: a list of examples -> a batch of padded int64 tensors.
 
-Labels are not shifted here: transformers' causal LMs shift inside the loss (position t predicts
-token t + 1), and seq2seq models build decoder inputs from the labels.
+Labels are not shifted here: the causal loss shifts them (position t predicts token t + 1), and
+seq2seq models build decoder inputs from the labels.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ __all__ = ["IGNORE_INDEX", "collate", "pad_sequences"]
 IGNORE_INDEX = -100
 """Label value the cross-entropy loss skips (padding); transformers' default ignore_index."""
 
-_TASKS = ("causal_lm", "seq2seq")
+_TASKS = ("causal_lm", "instruction", "seq2seq")
 
 
 def _as_long(seq: Sequence[int] | Tensor) -> Tensor:
@@ -57,7 +57,10 @@ def collate(
 
     causal_lm: `input_ids` right-padded with `pad_id`, `attention_mask`, and `labels` = input_ids
     with -100 on padding (unshifted). Equal-length examples (packed blocks) are just stacked, and
-    their attention_mask is all ones.
+    their attention_mask is all ones. Examples that carry aligned `labels` keep them (as for
+    instruction).
+    instruction: like causal_lm, but every example must carry `labels` aligned with its
+    input_ids (-100 on prompt tokens); they are right-padded with -100 (unshifted).
     seq2seq: `input_ids` padded with `pad_id`, `attention_mask`, and `labels` padded with -100.
 
     Padding is found from lengths, not by comparing with `pad_id`, so a real token that equals
@@ -66,22 +69,34 @@ def collate(
     Args:
         examples: the batch, as from `TokenDataset.__getitem__` (token ids as lists or tensors).
         pad_id: the tokenizer's pad token id.
-        task: "causal_lm" or "seq2seq".
+        task: "causal_lm", "instruction" or "seq2seq".
         pad_to_multiple_of: round padded lengths up to a multiple of this.
 
     Returns:
         int64 tensors of shape (B, T) (labels (B, T_target) for seq2seq).
+
+    Raises:
+        ValueError: an unknown task, an empty batch, instruction examples without labels, or
+            causal labels whose length differs from their input_ids.
     """
     if task not in _TASKS:
         raise ValueError(f"unknown task {task!r}, expected one of {_TASKS}")
     if not examples:
         raise ValueError("cannot collate an empty batch")
     ids = [_as_long(e["input_ids"]) for e in examples]
-    if task == "seq2seq":
-        input_ids, attention_mask = pad_sequences(ids, pad_id, pad_to_multiple_of)
-        labels, _ = pad_sequences(
-            [_as_long(e["labels"]) for e in examples], IGNORE_INDEX, pad_to_multiple_of
+    with_labels = all("labels" in e for e in examples)
+    if task == "instruction" and not with_labels:
+        raise ValueError(
+            "task instruction: every example needs labels (input_ids with -100 on the prompt)"
         )
+    if task == "seq2seq" or with_labels:
+        labels_list = [_as_long(e["labels"]) for e in examples]
+        if task != "seq2seq" and any(
+            len(a) != len(b) for a, b in zip(ids, labels_list, strict=True)
+        ):
+            raise ValueError(f"task {task}: labels must have the length of their input_ids")
+        input_ids, attention_mask = pad_sequences(ids, pad_id, pad_to_multiple_of)
+        labels, _ = pad_sequences(labels_list, IGNORE_INDEX, pad_to_multiple_of)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     width = len(ids[0])

@@ -7,7 +7,9 @@ Two layouts:
 - ragged: all sequences concatenated into one 1-D tensor plus an offsets tensor (N + 1,). Compact
   (no Python list per example), cheap to pickle to DataLoader workers, and easy to cache.
 
-An example is `{"input_ids": Tensor}`, plus `"labels"` when the dataset has labels (seq2seq).
+An example is `{"input_ids": Tensor}`, plus `"labels"` when the dataset has labels: seq2seq
+targets (a separate sequence), or, for causal tasks like instruction, labels *aligned* with
+input_ids position by position, -100 (`IGNORE_INDEX`) where no loss is taken (prompt tokens).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from kiln.data.collate import IGNORE_INDEX
 
 __all__ = ["TokenDataset"]
 
@@ -44,22 +48,31 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
     """Tokenized examples, indexable like a list of `{"input_ids", ["labels"]}` dicts.
 
     Build one from your own token ids, e.g. `TokenDataset([[5, 6, 7], [8, 9]])`, or
-    `TokenDataset(src_ids, labels=tgt_ids)` for seq2seq, or `TokenDataset(blocks)` from an (N, L)
-    integer tensor.
+    `TokenDataset(src_ids, labels=tgt_ids)` for seq2seq, or
+    `TokenDataset(ids, labels=[[-100, -100, 7], [-100, 9]], aligned=True)` for a causal LM with
+    loss on some tokens only (instruction), or `TokenDataset(blocks)` from an (N, L) integer
+    tensor.
 
     Args:
         input_ids: a list of token-id lists, or an (N, L) integer tensor of equal-length blocks.
-        labels: seq2seq target ids, one list per example (not with a blocks tensor).
+        labels: per-example label ids (not with a blocks tensor): seq2seq targets, or aligned
+            causal labels with -100 on tokens that carry no loss.
+        aligned: `labels` align with `input_ids` (same lengths; a causal LM, which shifts them:
+            the first label of an example is never predicted). False: a separate target
+            sequence (seq2seq).
     """
 
     def __init__(
         self,
         input_ids: Tensor | Sequence[Sequence[int]],
         labels: Sequence[Sequence[int]] | None = None,
+        *,
+        aligned: bool = False,
     ) -> None:
         self._blocks: Tensor | None = None
         self._ids: tuple[Tensor, Tensor] | None = None
         self._labels: tuple[Tensor, Tensor] | None = None
+        self._aligned = aligned and labels is not None
         if isinstance(input_ids, Tensor):
             if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
                 raise ValueError(
@@ -82,11 +95,16 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
 
     @classmethod
     def from_ragged(
-        cls, ids: tuple[Tensor, Tensor], labels: tuple[Tensor, Tensor] | None = None
+        cls,
+        ids: tuple[Tensor, Tensor],
+        labels: tuple[Tensor, Tensor] | None = None,
+        *,
+        aligned: bool = False,
     ) -> TokenDataset:
         """Wrap (flat (T,), offsets (N + 1,)) int64 tensors without copying.
 
         Example i is `flat[offsets[i] : offsets[i + 1]]`; `offsets` starts at 0 and ends at T.
+        `aligned` labels may share the offsets tensor of `ids` (see the class docstring).
         """
         for name, pair in (("input_ids", ids), ("labels", labels)):
             if pair is None:
@@ -100,6 +118,7 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
             raise ValueError("input_ids and labels have different numbers of sequences")
         ds = cls.__new__(cls)
         ds._blocks = None
+        ds._aligned = aligned and labels is not None
         ds._ids = (ids[0].to(torch.int64), ids[1].to(torch.int64))
         ds._labels = (
             None if labels is None else (labels[0].to(torch.int64), labels[1].to(torch.int64))
@@ -108,9 +127,18 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
         return ds
 
     def _check_ids(self) -> None:
-        for flat in (self._blocks, self._ids and self._ids[0], self._labels and self._labels[0]):
+        for flat in (self._blocks, self._ids and self._ids[0]):
             if flat is not None and flat.numel() and int(flat.min()) < 0:
                 raise ValueError("token ids must be >= 0")
+        if self._labels is not None:
+            flat = self._labels[0]
+            if flat.numel() and bool(((flat < 0) & (flat != IGNORE_INDEX)).any()):
+                raise ValueError(f"labels must be token ids >= 0 or {IGNORE_INDEX}")
+        if self._aligned:
+            assert self._ids is not None
+            assert self._labels is not None
+            if not torch.equal(self._ids[1], self._labels[1]):
+                raise ValueError("aligned labels must have the lengths of their input_ids")
 
     @property
     def blocks(self) -> Tensor | None:
@@ -119,8 +147,13 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
 
     @property
     def has_labels(self) -> bool:
-        """Whether examples carry separate `labels` (seq2seq)."""
+        """Whether examples carry `labels` (seq2seq targets, or aligned causal labels)."""
         return self._labels is not None
+
+    @property
+    def aligned(self) -> bool:
+        """Whether `labels` align with input_ids (causal: instruction), not a separate target."""
+        return self._aligned
 
     @property
     def lengths(self) -> Tensor:
@@ -136,10 +169,18 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
         """Target tokens: the tokens the loss is computed on.
 
         causal_lm: every token but the first of each example (each predicts the next one);
-        seq2seq: every label token.
+        aligned labels (instruction): the labels != -100 after the causal shift, i.e. not
+        counting each example's first position; seq2seq: every label token != -100. The same
+        count as `kiln.engine.loss.count_targets` over the collated batches.
         """
         if self._labels is not None:
-            return int(self._labels[1][-1])
+            flat, offsets = self._labels
+            is_target = flat != IGNORE_INDEX
+            total = int(is_target.sum())
+            if self._aligned:
+                starts = offsets[:-1][offsets.diff() > 0]  # first position of non-empty examples
+                total -= int(is_target[starts].sum())
+            return total
         if self._blocks is not None:
             n, length = self._blocks.shape
             return n * max(length - 1, 0)
@@ -166,7 +207,7 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
 
     def __repr__(self) -> str:
         layout = f"blocks of {self._blocks.shape[1]}" if self._blocks is not None else "ragged"
-        labels = ", labels" if self.has_labels else ""
+        labels = (", aligned labels" if self._aligned else ", labels") if self.has_labels else ""
         return f"TokenDataset({len(self)} examples, {layout}{labels}, {self.num_tokens} tokens)"
 
 

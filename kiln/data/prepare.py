@@ -8,6 +8,7 @@ counted in `DataStats`); `build_datasets` renders and tokenizes them for the tas
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -16,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kiln.data.dataset import TokenDataset
-from kiln.data.sources import Row, _Problems, json_type, read_rows, where
+from kiln.data.sources import BadRows, ReadOptions, Row, _Problems, json_type, read_rows, where
 from kiln.data.tasks import TaskFormat, make_format, render_rows
-from kiln.data.tokenize import tokenize_causal, tokenize_seq2seq
+from kiln.data.tokenize import tokenize_causal, tokenize_instruction, tokenize_seq2seq
 from kiln.errors import DataError
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
     from transformers import PreTrainedTokenizerBase
 
-    from kiln.config import RunConfig
+    from kiln.config import DataConfig, RunConfig
 
 __all__ = [
     "DataStats",
@@ -38,6 +39,8 @@ __all__ = [
     "split_indices",
 ]
 
+log = logging.getLogger("kiln")
+
 
 def _drop_reasons() -> dict[str, int]:
     return {"low_quality": 0, "duplicate": 0, "max_samples": 0}
@@ -47,14 +50,23 @@ def _drop_reasons() -> dict[str, int]:
 class DataStats:
     """Counts of a run's data, from the files to the token datasets.
 
-    `rows_read` and `dropped` cover the training file and, when set, the validation file.
-    `dropped` maps a reason to the rows it removed: low_quality (below data.min_quality_score),
-    duplicate (same rendered text as an earlier row), max_samples (training rows past the cap).
-    Tokens are target tokens (those the loss is computed on; see `TokenDataset.num_tokens`).
+    `rows_read`, `dropped` and `bad_rows` cover the training data and, when set, the
+    validation data; `rows_read` counts every row read, bad ones included, so it equals
+    `bad_rows` + the drops of `load_splits` + `train_rows` + `val_rows`. `dropped` maps a
+    reason to the rows it removed: low_quality (below data.min_quality_score), too_short /
+    too_long (rendered text outside data.min_chars / data.max_chars; present when set),
+    duplicate (same rendered text as an earlier row), max_samples (training rows past the
+    cap); `build_datasets` may add its own (no_target). `bad_rows` counts malformed rows
+    skipped under data.on_bad_row=skip, `bad_row_examples` holds the first 5 found (per side:
+    unreadable rows, then rows failing the field checks), each a one-line problem naming the
+    row's location, e.g. `train.jsonl:7: missing field 'text'`. Tokens are target tokens
+    (those the loss is computed on; see `TokenDataset.num_tokens`).
     """
 
     rows_read: int = 0
     dropped: dict[str, int] = field(default_factory=_drop_reasons)
+    bad_rows: int = 0
+    bad_row_examples: list[str] = field(default_factory=list)
     train_rows: int = 0
     val_rows: int = 0
     train_examples: int = 0
@@ -67,10 +79,41 @@ class DataStats:
         return asdict(self)
 
 
+def _score(value: Any) -> float | None:
+    """A quality score as a float: a number, or a string holding one (CSV values are strings)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _quality_problem(row: Mapping[str, Any], index: int, quality_field: str) -> str | None:
+    """What is wrong with a row's quality score, or None when it is a finite number."""
+    if quality_field not in row:
+        return (
+            f"{where(row, index)}: missing field '{quality_field}' "
+            "(needed by data.min_quality_score)"
+        )
+    value = row[quality_field]
+    score = _score(value)
+    if score is None:
+        got = f"string {value!r}" if isinstance(value, str) else json_type(value)
+        return f"{where(row, index)}: field '{quality_field}' must be a number, got {got}"
+    if not math.isfinite(score):
+        return f"{where(row, index)}: field '{quality_field}' must be finite, got {value}"
+    return None
+
+
 def quality_mask(
     rows: Sequence[Mapping[str, Any]], quality_field: str, min_score: float
 ) -> list[bool]:
-    """Which rows have `quality_field` >= `min_score`.
+    """Which rows have `quality_field` >= `min_score` (a number, or a numeric string).
 
     Raises:
         DataError: rows without a finite numeric `quality_field`, each named `file:line`.
@@ -78,19 +121,10 @@ def quality_mask(
     keep = []
     problems = _Problems()
     for i, row in enumerate(rows):
-        score = row.get(quality_field)
-        if quality_field not in row:
-            problems.add(
-                f"{where(row, i)}: missing field '{quality_field}' "
-                "(needed by data.min_quality_score)"
-            )
-        elif isinstance(score, bool) or not isinstance(score, (int, float)):
-            problems.add(
-                f"{where(row, i)}: field '{quality_field}' must be a number, got {json_type(score)}"
-            )
-        elif not math.isfinite(score):
-            problems.add(f"{where(row, i)}: field '{quality_field}' must be finite, got {score}")
-        keep.append(isinstance(score, (int, float)) and score >= min_score)
+        problem = _quality_problem(row, i, quality_field)
+        if problem is not None:
+            problems.add(problem)
+        keep.append(problem is None and (_score(row[quality_field]) or 0.0) >= min_score)
     problems.raise_if_any()
     return keep
 
@@ -103,6 +137,11 @@ def dedup_mask(keys: Sequence[Hashable]) -> list[bool]:
         keep.append(key not in seen)
         seen.add(key)
     return keep
+
+
+def _chars(rendered: tuple[str, ...]) -> int:
+    """Length of a rendered row: its characters over all parts (source + target, ...)."""
+    return sum(len(part) for part in rendered)
 
 
 def split_indices(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
@@ -118,63 +157,138 @@ def split_indices(n: int, val_split: float, seed: int) -> tuple[list[int], list[
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
+_Item = tuple[Row, tuple[str, ...]]  # a row and its rendering
+
+
+def _keep(items: list[_Item], keep: list[bool]) -> list[_Item]:
+    return [item for item, k in zip(items, keep, strict=True) if k]
+
+
+def _render_checked(fmt: TaskFormat, rows: list[Row], bad: BadRows) -> list[_Item]:
+    """Render every row for the task; bad rows raise together, or are reported and left out."""
+    if not bad.skip:
+        return list(zip(rows, render_rows(fmt, rows), strict=True))
+    items = []
+    for i, row in enumerate(rows):
+        try:
+            items.append((row, fmt.render(row, i)))
+        except DataError as exc:  # missing field, wrong type, unrenderable template
+            bad.add(exc.problems[0])
+    return items
+
+
 def _clean(
-    rows: list[Row], fmt: TaskFormat, cfg: RunConfig, stats: DataStats, path: str
-) -> list[Row]:
-    """Check, quality-filter and deduplicate one file's rows, counting drops in `stats`."""
-    data = cfg.data
-    if not rows:
-        raise DataError(f"{path}: no rows (the file is empty)")
-    rendered = render_rows(fmt, rows)  # checks every row has what the task needs
-    n_low = 0
+    rows: list[Row], fmt: TaskFormat, data: DataConfig, bad: BadRows
+) -> tuple[list[Row], dict[str, int]]:
+    """Check, filter and deduplicate rows: (kept rows, rows dropped per reason).
+
+    The order: field checks (bad rows), quality score, length, duplicates, each on the rows
+    the previous step kept.
+    """
+    items = _render_checked(fmt, rows, bad)
+    drops: dict[str, int] = {}
     if data.min_quality_score is not None:
-        keep = quality_mask(rows, data.quality_field, data.min_quality_score)
-        n_low = keep.count(False)
-        rows = [r for r, k in zip(rows, keep, strict=True) if k]
-        rendered = [r for r, k in zip(rendered, keep, strict=True) if k]
-    keep = dedup_mask(rendered)
-    n_dup = keep.count(False)
-    rows = [r for r, k in zip(rows, keep, strict=True) if k]
-    stats.dropped["low_quality"] += n_low
-    stats.dropped["duplicate"] += n_dup
+        if bad.skip:
+            problems = [
+                _quality_problem(row, i, data.quality_field) for i, (row, _) in enumerate(items)
+            ]
+            for problem in problems:
+                if problem is not None:
+                    bad.add(problem)
+            items = _keep(items, [p is None for p in problems])
+        keep = quality_mask([row for row, _ in items], data.quality_field, data.min_quality_score)
+        drops["low_quality"] = keep.count(False)
+        items = _keep(items, keep)
+    if data.min_chars is not None:
+        keep = [_chars(rendered) >= data.min_chars for _, rendered in items]
+        drops["too_short"] = keep.count(False)
+        items = _keep(items, keep)
+    if data.max_chars is not None:
+        keep = [_chars(rendered) <= data.max_chars for _, rendered in items]
+        drops["too_long"] = keep.count(False)
+        items = _keep(items, keep)
+    if data.dedup:
+        keep = dedup_mask([rendered for _, rendered in items])
+        drops["duplicate"] = keep.count(False)
+        items = _keep(items, keep)
+    return [row for row, _ in items], drops
+
+
+def _spec_name(spec: str | list[str]) -> str:
+    return spec if isinstance(spec, str) else ", ".join(spec)
+
+
+def _why_empty(data: DataConfig, n_bad: int, drops: dict[str, int]) -> str:
+    """The reasons no row survived, e.g. `2 bad rows (...), 3 below data.min_quality_score=0.5`."""
+    labels = {
+        "low_quality": f"below data.min_quality_score={data.min_quality_score}",
+        "too_short": f"shorter than data.min_chars={data.min_chars}",
+        "too_long": f"longer than data.max_chars={data.max_chars}",
+        "duplicate": "duplicates",
+    }
+    reasons = [f"{n_bad} bad rows (data.on_bad_row=skip)"] if n_bad else []
+    reasons += [f"{drops[key]} {label}" for key, label in labels.items() if drops.get(key)]
+    return ", ".join(reasons)
+
+
+def _load(
+    spec: str | list[str], fmt: TaskFormat, data: DataConfig, options: ReadOptions, stats: DataStats
+) -> list[Row]:
+    """Read one side's sources (data.train or data.val) and clean them, counting in `stats`."""
+    name, bad = _spec_name(spec), options.bad
+    bad_before = bad.count
+    rows = read_rows(spec, options)
+    n_read = len(rows) + bad.count - bad_before
+    stats.rows_read += n_read
+    if n_read == 0:
+        raise DataError(f"{name}: no rows (the data is empty)")
+    rows, drops = _clean(rows, fmt, data, bad)
+    for reason, n in drops.items():
+        stats.dropped[reason] = stats.dropped.get(reason, 0) + n
     if not rows:
-        n_read = n_low + n_dup
-        reasons = []
-        if n_low:
-            reasons.append(f"{n_low} below data.min_quality_score={data.min_quality_score}")
-        if n_dup:
-            reasons.append(f"{n_dup} duplicates")
-        raise DataError(
-            f"{path}: no rows left after filtering ({n_read} read: {', '.join(reasons)})"
-        )
+        why = _why_empty(data, bad.count - bad_before, drops)
+        first = bad.examples[bad_before] if bad_before < len(bad.examples) else None
+        example = f"; first bad row: {first}" if first else ""
+        raise DataError(f"{name}: no rows left after filtering ({n_read} read: {why}){example}")
     return rows
 
 
 def load_splits(cfg: RunConfig) -> tuple[list[Row], list[Row], DataStats]:
     """Read, check, filter and split the run's data into train and validation rows.
 
-    Every row is checked for the fields the task needs; then rows below
-    `data.min_quality_score` and exact duplicates (by rendered text, first one kept) are
-    dropped. Validation rows come from `data.val` (checked and filtered the same way) or, when
-    unset, from a split of the training rows (`split_indices`, seeded by `cfg.seed`).
-    Finally `data.max_samples` caps the training rows. Rows keep their file order.
+    Sources are read as `data.format` says (see `kiln.data.sources`). Every row is checked for
+    the fields the task needs; a malformed row stops the run with its `file:line`
+    (`data.on_bad_row=error`), or is skipped and counted (`skip`; a warning on the "kiln"
+    logger names the first 5). Then rows below `data.min_quality_score`, rows whose rendered
+    text is shorter than `data.min_chars` or longer than `data.max_chars`, and (with
+    `data.dedup`) exact duplicates by rendered text (first one kept) are dropped, in that
+    order. Validation rows come from `data.val` (checked and filtered the same way;
+    duplicates are found within each side) or, when unset, from a split of the training rows
+    (`split_indices`, seeded by `cfg.seed`). Finally `data.max_samples` caps the training
+    rows. Rows keep their source order.
 
     Returns:
         (train rows, val rows, stats); val rows may be empty (val_split=0, no data.val).
 
     Raises:
-        DataError: unreadable files, bad rows (named `file:line`), or no training rows left.
+        DataError: unreadable sources, bad rows (named `file:line`) unless skipped, or no
+            rows left (naming how many each filter dropped).
     """
     data = cfg.data
     fmt = make_format(cfg)
     stats = DataStats()
-    train = read_rows(data.train)
-    stats.rows_read += len(train)
-    train = _clean(train, fmt, cfg, stats, data.train)
+    for reason, limit in (("too_short", data.min_chars), ("too_long", data.max_chars)):
+        if limit is not None:
+            stats.dropped[reason] = 0
+    options = ReadOptions(
+        format=data.format,
+        hf_split=data.hf_split,
+        text_field=data.text_field,
+        bad=BadRows(skip=data.on_bad_row == "skip"),
+    )
+    train = _load(data.train, fmt, data, options, stats)
     if data.val is not None:
-        val = read_rows(data.val)
-        stats.rows_read += len(val)
-        val = _clean(val, fmt, cfg, stats, data.val)
+        val = _load(data.val, fmt, data, options, stats)
     else:
         train_idx, val_idx = split_indices(len(train), data.val_split, cfg.seed)
         if not train_idx:
@@ -187,6 +301,13 @@ def load_splits(cfg: RunConfig) -> tuple[list[Row], list[Row], DataStats]:
         stats.dropped["max_samples"] = len(train) - data.max_samples
         train = train[: data.max_samples]
     stats.train_rows, stats.val_rows = len(train), len(val)
+    stats.bad_rows, stats.bad_row_examples = options.bad.count, list(options.bad.examples)
+    if options.bad.count:
+        log.warning(
+            "skipped %d bad rows (data.on_bad_row=skip); first: %s",
+            options.bad.count,
+            " | ".join(options.bad.examples),
+        )
     return train, val, stats
 
 
@@ -209,6 +330,26 @@ def _tokenize(
     return tokenize_causal(texts, tokenizer, data.max_length, data.packing, what=what)
 
 
+def _build_instruction(
+    cfg: RunConfig,
+    fmt: TaskFormat,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[Mapping[str, Any]],
+    what: str,
+) -> TokenDataset:
+    """Render rows to (prompt, response) and tokenize them, naming rows by `file:line`."""
+    rendered = render_rows(fmt, rows)
+    return tokenize_instruction(
+        [r[0] for r in rendered],
+        [r[1] for r in rendered],
+        tokenizer,
+        cfg.data.max_length,
+        cfg.data.truncation,
+        locations=[where(row, i) for i, row in enumerate(rows)],
+        what=what,
+    )
+
+
 def build_datasets(
     cfg: RunConfig,
     tokenizer: PreTrainedTokenizerBase,
@@ -221,7 +362,9 @@ def build_datasets(
 
     causal_lm: `data.text_field`, packed into blocks of `data.max_length` (or truncated to it
     without `data.packing`); seq2seq: the data templates, truncated to `data.max_length` and
-    `data.max_target_length`.
+    `data.max_target_length`; instruction: prompt + response + EOS with the loss on the
+    response (`tokenize_instruction`), at most `data.max_length` tokens per sample. Samples it
+    drops (no room for a response token) are counted in `stats.dropped["no_target"]`.
 
     Args:
         cfg: the run config.
@@ -238,13 +381,17 @@ def build_datasets(
     stats = replace(stats, dropped=dict(stats.dropped)) if stats is not None else DataStats()
     stats.train_rows, stats.val_rows = len(train_rows), len(val_rows)
     fmt = make_format(cfg)
-    train = _tokenize(cfg, fmt, tokenizer, train_rows, f"training data ({cfg.data.train})")
+    tokenize = _build_instruction if cfg.task == "instruction" else _tokenize
+    train = tokenize(cfg, fmt, tokenizer, train_rows, f"training data ({cfg.data.train})")
     stats.train_examples, stats.train_tokens = len(train), train.num_tokens
     val = None
     if val_rows:
         source = cfg.data.val or f"held-out data.val_split of {cfg.data.train}"
-        val = _tokenize(cfg, fmt, tokenizer, val_rows, f"validation data ({source})")
+        val = tokenize(cfg, fmt, tokenizer, val_rows, f"validation data ({source})")
         stats.val_examples, stats.val_tokens = len(val), val.num_tokens
+    if cfg.task == "instruction":  # one example per row, less the ones without a target
+        kept = len(train) + (len(val) if val is not None else 0)
+        stats.dropped["no_target"] = len(train_rows) + len(val_rows) - kept
     return train, val, stats
 
 

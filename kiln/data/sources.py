@@ -1,33 +1,83 @@
-"""Data sources: read rows from files, each row remembering the file and line it came from.
+"""Data sources: read rows from files, datasets and Python objects, each row knowing its origin.
 
-Every later stage (field checks, filters, templates) names `file:line` in its errors through
-`Row.where`. New formats plug in by adding a reader to `READERS`, keyed by file suffix.
+Every later stage (field checks, filters, templates) names a row's location in its errors
+through `Row.where`: `file:line` for line-based files (JSONL, JSON, CSV, text), `name#index`
+(0-based) for columnar sources (Parquet, `datasets` datasets, Python objects).
+
+A source spec (`data.train`, `data.val`) is one string or a list of them, each:
+
+- a file, read by `data.format` or, when that is `auto`, by its suffix (`SUFFIX_FORMATS`;
+  any other suffix is read as JSONL);
+- a glob (`data/*.jsonl`, `**` allowed): its matches, sorted; matching nothing is an error;
+- a directory holding a `datasets` dataset written by `save_to_disk` (a DatasetDict gives
+  its `data.hf_split` split);
+- `hf:<name>`: a Hugging Face hub dataset, `datasets.load_dataset(name, split=hf_split)`.
+
+Formats: JSONL (one object per non-blank line); JSON (a list of objects, or an object whose
+"data" key holds one); CSV (a header row, then one row per record; values stay strings; blank
+records are skipped); text (each line with non-blank content is a row `{text_field: line}`,
+the line without its newline); Parquet (pyarrow). New formats plug in through `READERS`.
+
+Malformed rows (bad JSON, not an object, a wrong field count) go to a `BadRows` collector:
+raised together as one `DataError` (`data.on_bad_row=error`) or counted and skipped (`skip`).
+Problems with a whole file (missing, not UTF-8 where the format cannot resynchronize, not
+valid JSON) are always errors.
 """
 
 from __future__ import annotations
 
+import csv
+import glob
+import io
 import json
-from collections.abc import Callable, Mapping
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from kiln.errors import DataError
 
-__all__ = ["READERS", "Row", "json_type", "read_jsonl", "read_rows", "where"]
+__all__ = [
+    "READERS",
+    "SUFFIX_FORMATS",
+    "BadRows",
+    "IndexRow",
+    "ReadOptions",
+    "Row",
+    "expand_source",
+    "json_type",
+    "read_csv",
+    "read_json",
+    "read_jsonl",
+    "read_rows",
+    "read_source",
+    "read_text",
+    "rows_from_python",
+    "where",
+]
 
 # Stop collecting problems after this many: a broken file should not print a million lines.
 _MAX_PROBLEMS = 10
+# Bad rows named in DataStats and in the warning when data.on_bad_row=skip.
+_MAX_EXAMPLES = 5
+_GLOB_CHARS = re.compile(r"[*?[]")
+_HF_PREFIX = "hf:"
+# Files `save_to_disk` writes: a Dataset has the first two, a DatasetDict the third.
+_SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
 class Row(dict[str, Any]):
     """A data row (a plain dict of its fields) that also knows where it was read from.
 
     Attributes:
-        source: the file the row came from.
-        line: its 1-based line number in that file.
+        source: the file (or dataset) the row came from.
+        line: its 1-based line number in that file (for an `IndexRow`, its 0-based index).
     """
 
     __slots__ = ("line", "source")
+    _sep: ClassVar[str] = ":"
 
     def __init__(self, fields: Mapping[str, Any], source: str, line: int) -> None:
         super().__init__(fields)
@@ -36,12 +86,19 @@ class Row(dict[str, Any]):
 
     @property
     def where(self) -> str:
-        """`file:line` of the row, for error messages."""
-        return f"{self.source}:{self.line}"
+        """`file:line` of the row (`name#index` for an `IndexRow`), for error messages."""
+        return f"{self.source}{self._sep}{self.line}"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # dict subclasses pickle their items but not slots by default; keep the location.
-        return (Row, (dict(self), self.source, self.line))
+        return (type(self), (dict(self), self.source, self.line))
+
+
+class IndexRow(Row):
+    """A row of a columnar source (Parquet, a dataset, a Python list): `where` is `name#index`."""
+
+    __slots__ = ()
+    _sep: ClassVar[str] = "#"
 
 
 def where(row: Mapping[str, Any], index: int) -> str:
@@ -68,54 +125,279 @@ class _Problems:
             raise DataError(self.lines + more)
 
 
+class BadRows:
+    """Where malformed rows are reported: collected and raised, or counted and skipped.
+
+    Args:
+        skip: False (`data.on_bad_row=error`): `check()` raises every problem added since the
+            last check as one DataError. True (`skip`): problems are only counted, and the
+            first few kept in `examples`.
+
+    Attributes:
+        count: bad rows seen (skip mode).
+        examples: the first 5 problems, each a line naming the row's location.
+    """
+
+    def __init__(self, skip: bool = False) -> None:
+        self.skip = skip
+        self.count = 0
+        self.examples: list[str] = []
+        self._problems = _Problems()
+
+    def add(self, problem: str) -> None:
+        """Report one bad row; `problem` names its location, e.g. `f.jsonl:3: invalid JSON`."""
+        if not self.skip:
+            self._problems.add(problem)
+            return
+        self.count += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(problem)
+
+    def check(self) -> None:
+        """Raise the problems collected so far (error mode); a no-op when skipping."""
+        problems, self._problems = self._problems, _Problems()
+        problems.raise_if_any()
+
+
+@dataclass
+class ReadOptions:
+    """What readers need besides a path: the data config's source settings."""
+
+    format: str = "auto"
+    """`data.format`: auto (by suffix), jsonl, json, csv, parquet, text or hf."""
+    hf_split: str = "train"
+    """Split of a `datasets` DatasetDict or hub dataset."""
+    text_field: str = "text"
+    """Field that holds each line of a text file."""
+    bad: BadRows = field(default_factory=BadRows)
+    """Collector of malformed rows (raises by default)."""
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def _file_error(path: Path, exc: OSError) -> DataError:
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"{path}: no such file")
+    if isinstance(exc, IsADirectoryError):
+        return DataError(f"{path}: is a directory, expected a file")
+    return DataError(f"{path}: cannot read ({exc.strerror})")
+
+
 def _open_lines(path: Path) -> list[bytes]:
     try:
         with path.open("rb") as f:
             return f.readlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a file") from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+        raise _file_error(path, exc) from None
 
 
-def read_jsonl(path: str | Path) -> list[Row]:
-    """Read a JSONL file: each non-blank line one JSON object.
+def _read_text(path: Path) -> str:
+    """The whole file as text (UTF-8, an optional BOM dropped); bad bytes name their line."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _file_error(path, exc) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {column})") from None
 
-    Args:
-        path: the file.
 
-    Returns:
-        The rows in file order, each a `Row` (a dict) carrying its file and line number.
-
-    Raises:
-        DataError: a missing file, or lines that are not JSON objects (each named `path:LINE`).
-    """
-    path = Path(path)
-    name = str(path)
-    rows: list[Row] = []
-    problems = _Problems()
+def _decoded_lines(path: Path, bad: BadRows) -> Iterable[tuple[int, str]]:
+    """(line number, text without its line break) of each non-blank line; lines that are not
+    UTF-8 are bad rows."""
     for lineno, raw in enumerate(_open_lines(path), 1):
         if lineno == 1:
             raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as some editors write
         if not raw.strip():
             continue
         try:
-            text = raw.decode("utf-8")
+            yield lineno, raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
-            problems.add(f"{name}:{lineno}: not valid UTF-8 (byte {exc.start + 1})")
-            continue
+            bad.add(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start + 1})")
+
+
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    # json's messages may end in " at" ("Unterminated string starting at"): no "at at".
+    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+
+
+def read_jsonl(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
+    """Read a JSONL file: each non-blank line one JSON object.
+
+    Args:
+        path: the file.
+        options: where bad lines go (default: raise them).
+
+    Returns:
+        The rows in file order, each a `Row` (a dict) carrying its file and line number.
+
+    Raises:
+        DataError: a missing file, or (unless skipped) lines that are not JSON objects, each
+            named `path:LINE`.
+    """
+    path = Path(path)
+    bad = (options or ReadOptions()).bad
+    rows: list[Row] = []
+    for lineno, text in _decoded_lines(path, bad):
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            problems.add(f"{name}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
+            bad.add(f"{path}:{lineno}: invalid JSON ({_json_problem(exc)})")
             continue
         if not isinstance(value, dict):
-            problems.add(f"{name}:{lineno}: expected a JSON object, got {json_type(value)}")
+            bad.add(f"{path}:{lineno}: expected a JSON object, got {json_type(value)}")
             continue
-        rows.append(Row(value, name, lineno))
-    problems.raise_if_any()
+        rows.append(Row(value, str(path), lineno))
+    bad.check()
+    return rows
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    match = _WS.match(text, pos)
+    return match.end() if match else pos
+
+
+def _array_starts(text: str, pos: int) -> list[int]:
+    """Offsets of the elements of the (valid) JSON array that starts at `pos`."""
+    decoder = json.JSONDecoder()
+    starts: list[int] = []
+    pos = _skip_ws(text, pos + 1)
+    if text.startswith("]", pos):
+        return starts
+    while True:
+        starts.append(pos)
+        _, pos = decoder.raw_decode(text, pos)
+        pos = _skip_ws(text, pos)
+        if not text.startswith(",", pos):
+            return starts
+        pos = _skip_ws(text, pos + 1)
+
+
+def _data_array_start(text: str, pos: int) -> int:
+    """Offset of the value of the last "data" key of the (valid) JSON object at `pos`."""
+    decoder = json.JSONDecoder()
+    found = -1
+    pos = _skip_ws(text, pos + 1)
+    while not text.startswith("}", pos):
+        key, pos = decoder.raw_decode(text, pos)
+        pos = _skip_ws(text, _skip_ws(text, pos) + 1)  # past the colon
+        if key == "data":
+            found = pos  # json.loads keeps the last of repeated keys; so do we
+        _, pos = decoder.raw_decode(text, pos)
+        pos = _skip_ws(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip_ws(text, pos + 1)
+    return found
+
+
+def read_json(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
+    """Read a JSON file: a list of objects, or an object whose "data" key holds that list.
+
+    Each row is named by the line its object starts on.
+
+    Raises:
+        DataError: a missing or invalid file, another top-level shape, or (unless skipped)
+            list items that are not objects, each named `path:LINE`.
+    """
+    path = Path(path)
+    bad = (options or ReadOptions()).bad
+    text = _read_text(path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({_json_problem(exc)})") from None
+    start = _skip_ws(text, 0)
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        items, start = value["data"], _data_array_start(text, start)
+    elif isinstance(value, list):
+        items = value
+    else:
+        got = 'an object without a "data" list' if isinstance(value, dict) else json_type(value)
+        raise DataError(
+            f'{path}: expected a JSON list of objects, or an object with a "data" list; got {got}'
+        )
+    rows: list[Row] = []
+    lineno, last = 1, 0
+    for item, offset in zip(items, _array_starts(text, start), strict=True):
+        lineno += text.count("\n", last, offset)
+        last = offset
+        if isinstance(item, dict):
+            rows.append(Row(item, str(path), lineno))
+        else:
+            bad.add(f"{path}:{lineno}: expected a JSON object, got {json_type(item)}")
+    bad.check()
+    return rows
+
+
+def read_csv(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
+    """Read a CSV file with a header row; every value is a string.
+
+    Rows are named by the line their record starts on (a quoted value may span lines).
+    Records whose values are all blank are skipped.
+
+    Raises:
+        DataError: a missing or non-UTF-8 file, a repeated column name, or (unless skipped)
+            records with another number of values than the header, each named `path:LINE`.
+    """
+    path = Path(path)
+    bad = (options or ReadOptions()).bad
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    header: list[str] | None = None
+    rows: list[Row] = []
+    line = 0  # the line the last record ended on
+    old_limit = csv.field_size_limit(2**31 - 1)  # documents may exceed the 128 KiB default
+    try:
+        while True:
+            start = line + 1
+            try:
+                record = next(reader, None)
+            except csv.Error as exc:
+                raise DataError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
+            line = reader.line_num
+            if record is None:
+                break
+            if not any(value.strip() for value in record):
+                continue
+            if header is None:
+                header = record
+                repeated = sorted({name for name in header if header.count(name) > 1})
+                if repeated:
+                    raise DataError(f"{path}:{start}: repeated column name(s): {repeated}")
+            elif len(record) != len(header):
+                bad.add(
+                    f"{path}:{start}: expected {len(header)} values (the header's), got "
+                    f"{len(record)}"
+                )
+            else:
+                rows.append(Row(dict(zip(header, record, strict=True)), str(path), start))
+    finally:
+        csv.field_size_limit(old_limit)
+    bad.check()
+    return rows
+
+
+def read_text(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
+    """Read a plain text file: each line with non-blank content is a row `{text_field: line}`.
+
+    The line is kept as written, without its line break.
+
+    Raises:
+        DataError: a missing file, or (unless skipped) lines that are not UTF-8.
+    """
+    path = Path(path)
+    options = options or ReadOptions()
+    rows = [
+        Row({options.text_field: text}, str(path), lineno)
+        for lineno, text in _decoded_lines(path, options.bad)
+    ]
+    options.bad.check()
     return rows
 
 
@@ -136,14 +418,162 @@ def json_type(value: Any) -> str:
     return type(value).__name__
 
 
-READERS: dict[str, Callable[[str | Path], list[Row]]] = {
-    ".jsonl": read_jsonl,
-    ".ndjson": read_jsonl,
+def _read_parquet(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
+    from kiln.data.arrow import read_parquet
+
+    return read_parquet(path, options)
+
+
+Reader = Callable[[Path, ReadOptions | None], list[Row]]
+
+READERS: dict[str, Reader] = {
+    "jsonl": read_jsonl,
+    "json": read_json,
+    "csv": read_csv,
+    "text": read_text,
+    "parquet": _read_parquet,
 }
-"""Reader per file suffix; files with any other suffix are read as JSONL."""
+"""Reader per `data.format` name; a reader takes (path, options) and returns rows."""
+
+SUFFIX_FORMATS: dict[str, str] = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".txt": "text",
+    ".text": "text",
+}
+"""Format per file suffix under `data.format: auto`; other suffixes are read as JSONL."""
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    """Read a data file with the reader for its suffix (JSONL by default)."""
-    reader = READERS.get(Path(path).suffix.lower(), read_jsonl)
-    return reader(path)
+# --- specs: globs, directories, datasets ------------------------------------------------------
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in _SAVED_DATASET_FILES)
+
+
+def expand_source(spec: str | Path) -> list[str]:
+    """The sources one spec stands for: a glob's sorted matches, else the spec itself.
+
+    Raises:
+        DataError: a glob that matches nothing.
+    """
+    spec = str(spec)
+    if spec.startswith(_HF_PREFIX) or not _GLOB_CHARS.search(spec) or Path(spec).exists():
+        return [spec]
+    matches = sorted(glob.glob(spec, recursive=True))
+    if not matches:
+        raise DataError(f"{spec}: no files match this pattern")
+    return matches
+
+
+def read_source(source: str | Path, options: ReadOptions | None = None) -> list[Row]:
+    """Read one source (not a glob): a file, a saved dataset directory, or `hf:<name>`.
+
+    Raises:
+        DataError: a missing file, an unreadable source, a missing optional dependency, or
+            (unless `options.bad` skips them) malformed rows.
+    """
+    options = options or ReadOptions()
+    source = str(source)
+    if source.startswith(_HF_PREFIX) or options.format == "hf":
+        from kiln.data.arrow import read_dataset
+
+        return read_dataset(source, options)
+    path = Path(source)
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            from kiln.data.arrow import read_dataset
+
+            return read_dataset(source, options)
+        raise DataError(
+            f"{path}: is a directory, expected a data file or a dataset saved with save_to_disk"
+        )
+    fmt = options.format
+    if fmt == "auto":
+        fmt = SUFFIX_FORMATS.get(path.suffix.lower(), "jsonl")
+    return READERS[fmt](path, options)
+
+
+def read_rows(
+    spec: str | Path | Sequence[str | Path], options: ReadOptions | None = None
+) -> list[Row]:
+    """Read a source spec (one string, or a list): every file, glob match or dataset, in order.
+
+    Args:
+        spec: e.g. `data/train.jsonl`, `data/*.csv`, `hf:user/recipes`, or a list of these.
+        options: format, split, text field and the bad-row collector (default: auto, raise).
+
+    Returns:
+        The rows of every source, concatenated in the order given (glob matches sorted).
+    """
+    options = options or ReadOptions()
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    rows: list[Row] = []
+    for one in specs:
+        for source in expand_source(one):
+            rows.extend(read_source(source, options))
+    return rows
+
+
+# --- Python objects -------------------------------------------------------------------------
+
+
+def _is_hf_dataset(obj: Any, kind: str) -> bool:
+    module = sys.modules.get("datasets")  # loaded whenever such an object exists
+    return module is not None and isinstance(obj, getattr(module, kind))
+
+
+def _python_items(obj: Any, name: str) -> Iterable[Any]:
+    if _is_hf_dataset(obj, "DatasetDict"):
+        splits = ", ".join(obj)
+        raise DataError(f"{name}: a DatasetDict; pass one split, e.g. data['train'] ({splits})")
+    if _is_hf_dataset(obj, "Dataset"):
+        return obj.to_list()
+    if isinstance(obj, (str, bytes, Mapping)) or not (
+        hasattr(obj, "__iter__") or hasattr(obj, "__getitem__")
+    ):
+        raise DataError(
+            f"{name}: expected a list of dicts, a torch Dataset or a datasets.Dataset, "
+            f"got {type(obj).__name__}"
+        )
+    from torch.utils.data import IterableDataset
+
+    if (
+        not isinstance(obj, IterableDataset)
+        and hasattr(obj, "__len__")
+        and hasattr(obj, "__getitem__")
+    ):
+        return (obj[i] for i in range(len(obj)))  # a list, or a map-style torch Dataset
+    return iter(obj)  # an IterableDataset, a generator
+
+
+def rows_from_python(
+    obj: Any, *, name: str = "<python>", bad: BadRows | None = None
+) -> list[IndexRow]:
+    """Rows from a Python object: a list of dicts, a torch Dataset yielding dicts, or a
+    `datasets.Dataset`.
+
+    Args:
+        obj: the data.
+        name: the source name in locations (`<python>#3`).
+        bad: where items that are not dicts go (default: raise them).
+
+    Returns:
+        One `IndexRow` per item (a shallow copy of its fields), located `name#index`.
+
+    Raises:
+        DataError: an unsupported object, or (unless skipped) items that are not dicts.
+    """
+    bad = bad or BadRows()
+    rows = []
+    for i, item in enumerate(_python_items(obj, name)):
+        if isinstance(item, Mapping):
+            rows.append(IndexRow(item, name, i))
+        else:
+            bad.add(f"{name}#{i}: expected a dict, got {type(item).__name__}")
+    bad.check()
+    return rows

@@ -1,19 +1,21 @@
 """Task formats: how a row becomes the text(s) a task trains on.
 
 A `TaskFormat` renders one row to a tuple of strings: `(text,)` for causal_lm, `(source, target)`
-for seq2seq. The same rendering feeds field checks, deduplication and tokenization, so a row is
-judged by exactly the text the model will see. A new task (e.g. instruction tuning) adds a format
-and a branch in `make_format`.
+for seq2seq, `(prompt, response)` for instruction. The same rendering feeds field checks,
+deduplication and tokenization, so a row is judged by exactly the text the model will see. A new
+task adds a format and a branch in `make_format`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from kiln.data.sources import _Problems, json_type, where
+from kiln.data.sources import Row, _Problems, json_type, where
 from kiln.errors import DataError
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CausalFormat",
+    "InstructionFormat",
     "Seq2SeqFormat",
     "TaskFormat",
     "make_format",
@@ -143,12 +146,108 @@ class Seq2SeqFormat:
         )
 
 
+def _field_names(template: str) -> set[str]:
+    """Top-level row fields a (checked) template reads: `{a.b}` and `{a[0]}` read `a`."""
+    names = set()
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name:
+            names.add(name.split(".", 1)[0].split("[", 1)[0])
+    return names
+
+
+@dataclass(frozen=True)
+class InstructionFormat:
+    """instruction: a prompt and a response, each a template rendered over the row's fields.
+
+    With one template pair (`data.prompt_template`, `data.response_template`) every row uses
+    it. With several (`data.templates`: mixed sample formats), each row gets one pair, picked
+    uniformly by a hash of (seed, the row's file name, its line number), or of (seed, its index)
+    for a plain dict without a location. The pick never reads a global RNG, and the row's
+    location does not change when rows before it are filtered out or split off, so the same row
+    gets the same template in every run with that seed, on every resume, and in every stage
+    that renders it (checks, dedup, tokenizer corpus, tokenization). The file's directory is
+    left out, so moving the data keeps the assignment.
+
+    Every row must hold the fields of *every* template, not just of the one it got, so whether
+    a file is valid does not depend on the seed.
+
+    Args:
+        templates: (prompt, response) format-string pairs; at least one.
+        seed: the run's seed (`cfg.seed`), for the per-row pick.
+        keys: config keys of each pair's (prompt, response), for messages; default
+            `data.templates[i].prompt` and `.response`.
+    """
+
+    templates: tuple[tuple[str, str], ...] = (("{prompt}", "{response}"),)
+    seed: int = 0
+    keys: tuple[tuple[str, str], ...] | None = None
+    parts: ClassVar[tuple[str, ...]] = ("prompt", "response")
+    _fields: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.templates:
+            raise ValueError("InstructionFormat needs at least one (prompt, response) template")
+        if self.keys is None:
+            keys = tuple(
+                (f"data.templates[{i}].prompt", f"data.templates[{i}].response")
+                for i in range(len(self.templates))
+            )
+            object.__setattr__(self, "keys", keys)
+        elif len(self.keys) != len(self.templates):
+            raise ValueError(f"{len(self.keys)} keys for {len(self.templates)} templates")
+        names: set[str] = set()
+        for (prompt, response), (prompt_key, response_key) in self._pairs():
+            _check_template(prompt, prompt_key)
+            _check_template(response, response_key)
+            names |= _field_names(prompt) | _field_names(response)
+        object.__setattr__(self, "_fields", frozenset(names))
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> InstructionFormat:
+        """The format of `cfg.data`: `templates` when set, else the prompt/response pair."""
+        data = cfg.data
+        if data.templates:
+            return cls(tuple((t.prompt, t.response) for t in data.templates), cfg.seed)
+        keys = (("data.prompt_template", "data.response_template"),)
+        return cls(((data.prompt_template, data.response_template),), cfg.seed, keys)
+
+    def _pairs(self) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+        assert self.keys is not None
+        return list(zip(self.templates, self.keys, strict=True))
+
+    def template_index(self, row: Mapping[str, Any], index: int) -> int:
+        """Which template pair `row` (the `index`-th of its list) is rendered with."""
+        n = len(self.templates)
+        if n == 1:
+            return 0
+        if isinstance(row, Row):
+            where_key = f"{PurePath(row.source).name}\x00{row.line}"
+        else:
+            where_key = f"\x00{index}"
+        # blake2b, not hash(): Python salts str hashes per process.
+        digest = hashlib.blake2b(f"{self.seed}\x00{where_key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") % n
+
+    def render(self, row: Mapping[str, Any], index: int) -> tuple[str, str]:
+        """The row's (prompt, response) pair (see `TaskFormat.render`)."""
+        pairs = self._pairs()
+        if len(pairs) > 1 and any(row.get(name) is None for name in self._fields):
+            # Name the first template the row cannot fill, whichever one it was given.
+            for (prompt, response), (pk, rk) in pairs:
+                render_template(prompt, row, pk, index)
+                render_template(response, row, rk, index)
+        (prompt, response), (pk, rk) = pairs[self.template_index(row, index)]
+        return render_template(prompt, row, pk, index), render_template(response, row, rk, index)
+
+
 def make_format(cfg: RunConfig) -> TaskFormat:
     """The task format a run config asks for."""
     if cfg.task == "causal_lm":
         return CausalFormat(cfg.data.text_field)
     if cfg.task == "seq2seq":
         return Seq2SeqFormat(cfg.data.source_template, cfg.data.target_template)
+    if cfg.task == "instruction":
+        return InstructionFormat.from_config(cfg)
     raise ValueError(f"unknown task {cfg.task!r}")
 
 

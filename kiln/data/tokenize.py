@@ -2,24 +2,30 @@
 
 Special tokens are added here, not by the tokenizer (`add_special_tokens=False`), so every
 tokenizer gets the same layout: each causal document ends with EOS (the separator when packing),
-and seq2seq inputs and labels end with EOS, as T5 was trained.
+seq2seq inputs and labels end with EOS, as T5 was trained, and an instruction sample is
+prompt + response + EOS.
 """
 
 from __future__ import annotations
 
+import logging
 from array import array
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from kiln.data.collate import IGNORE_INDEX
 from kiln.data.dataset import TokenDataset, _as_tensor
+from kiln.data.sources import _Problems
 from kiln.errors import DataError, ModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["encode", "tokenize_causal", "tokenize_seq2seq"]
+__all__ = ["encode", "tokenize_causal", "tokenize_instruction", "tokenize_seq2seq"]
+
+log = logging.getLogger("kiln")
 
 # Texts per tokenizer call: large enough for the Rust tokenizer's thread pool, small enough that
 # the intermediate Python lists of one call stay a bounded share of memory.
@@ -135,3 +141,119 @@ def tokenize_seq2seq(
     ids = _ragged_with_eos(sources, tokenizer, max_length, eos)
     labels = _ragged_with_eos(targets, tokenizer, max_target_length, eos)
     return TokenDataset.from_ragged(ids, labels)
+
+
+def tokenize_instruction(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    truncation: bool = True,
+    *,
+    locations: Sequence[str] | None = None,
+    what: str = "data",
+) -> TokenDataset:
+    """Tokenize instruction samples: the loss is on the response and its EOS only.
+
+    input_ids = prompt_ids + response_ids + [eos]; labels (aligned with input_ids, unshifted)
+    = [-100] * len(prompt_ids) + response_ids + [eos]. After the causal shift, the position of
+    the last prompt token predicts the first response token, and the last response token
+    predicts EOS, so the model learns where to stop.
+
+    Prompt and response are tokenized separately (two batched calls), then concatenated: at
+    inference the prompt is tokenized alone and the model continues from its last token, so
+    training sees exactly the token boundary it will see then. Tokenizing the joined text
+    instead could let BPE merge across the boundary (e.g. ":" + " The" -> ": The"), putting a
+    prompt character in a target token and giving the model a boundary it never gets at
+    inference. Put separating whitespace in the templates where you want it.
+
+    Longer than `max_length` tokens (EOS included):
+
+    - `truncation=True`: the whole prompt is kept and the response is cut from its end to fit;
+      a cut response gets no EOS (it did not end there, and the model should not learn to
+      stop mid-answer). A sample whose prompt alone leaves no room for a response token (no
+      target token after the shift) is dropped, never trained on a cut prompt: a response
+      whose prompt lost its beginning (often the instruction itself) teaches the model to
+      answer questions it was not asked. Drops are logged; the caller counts them as
+      `len(prompts) - len(dataset)`.
+    - `truncation=False`: every too-long sample is a DataError, named by its location.
+
+    Args:
+        prompts: rendered prompts (no loss on their tokens).
+        responses: rendered responses, one per prompt.
+        tokenizer: a (preferably fast) transformers tokenizer with an eos token.
+        max_length: tokens per sample at most (prompt + response + EOS).
+        truncation: cut too-long samples (see above), or refuse them.
+        locations: each sample's `file:line` for messages; default `sample <i>`.
+        what: names the data in messages, e.g. "training data (train.jsonl)".
+
+    Returns:
+        A ragged dataset with aligned labels (`TokenDataset.aligned`), in input order, without
+        the dropped samples.
+
+    Raises:
+        DataError: too-long samples with `truncation=False`, or every sample dropped.
+    """
+    n = len(prompts)
+    if len(responses) != n:
+        raise ValueError(f"{n} prompts but {len(responses)} responses")
+    if locations is not None and len(locations) != n:
+        raise ValueError(f"{n} prompts but {len(locations)} locations")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    eos = _eos_id(tokenizer)
+    mask = array("q", [IGNORE_INDEX]) * max_length  # sliced for the prompt part of the labels
+    ids, labels = array("q"), array("q")
+    offsets = array("q", [0])
+    too_long = _Problems()
+    dropped: list[int] = []
+
+    def name(i: int) -> str:
+        return locations[i] if locations is not None else f"sample {i}"
+
+    pairs = zip(encode(prompts, tokenizer), encode(responses, tokenizer), strict=True)
+    for i, (prompt, response) in enumerate(pairs):
+        length = len(prompt) + len(response) + 1
+        end = [eos]
+        if length > max_length:
+            if not truncation:
+                too_long.add(
+                    f"{name(i)}: {length} tokens (prompt {len(prompt)} + response "
+                    f"{len(response)} + EOS) exceed data.max_length={max_length}; raise "
+                    "data.max_length or set data.truncation: true"
+                )
+                continue
+            response, end = response[: max(max_length - len(prompt), 0)], []
+        # Targets after the shift: every label but the one at position 0.
+        if len(response) + len(end) - (len(prompt) == 0) <= 0:
+            dropped.append(i)
+            continue
+        ids.extend(prompt)
+        ids.extend(response)
+        ids.extend(end)
+        labels.extend(mask[: len(prompt)])
+        labels.extend(response)
+        labels.extend(end)
+        offsets.append(len(ids))
+    too_long.raise_if_any()
+    if dropped:
+        kept = n - len(dropped)
+        if kept == 0:
+            raise DataError(
+                f"{what}: all {n} samples dropped: no response token fits after the prompt "
+                f"within data.max_length={max_length}; raise data.max_length or shorten the "
+                f"prompts (first: {name(dropped[0])})"
+            )
+        log.warning(
+            "%s: dropped %d of %d samples whose prompt leaves no room for a response token "
+            "within data.max_length=%d (first: %s)",
+            what,
+            len(dropped),
+            n,
+            max_length,
+            name(dropped[0]),
+        )
+    flat_offsets = _as_tensor(offsets)
+    return TokenDataset.from_ragged(
+        (_as_tensor(ids), flat_offsets), (_as_tensor(labels), flat_offsets), aligned=True
+    )

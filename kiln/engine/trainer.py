@@ -75,7 +75,8 @@ def _as_dataset(data: Any, task: str) -> TokenDataset:
     if isinstance(data, Sequence) and data and isinstance(data[0], dict):
         ids = [list(map(int, ex["input_ids"])) for ex in data]
         labels = [list(map(int, ex["labels"])) for ex in data] if "labels" in data[0] else None
-        return TokenDataset(ids, labels)
+        # Causal labels line up with input_ids (the loss shifts them); seq2seq labels do not.
+        return TokenDataset(ids, labels, aligned=labels is not None and task != "seq2seq")
     if isinstance(data, Sequence):
         return TokenDataset([list(map(int, x)) for x in data])
     raise TypeError(f"cannot use {type(data).__name__} as data for task {task}")
