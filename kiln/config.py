@@ -141,6 +141,19 @@ class DataConfig(_Section):
     """Cut sequences longer than the limits; false makes such a sequence an error."""
     packing: bool = True
     """causal_lm: concatenate documents (EOS-separated) into blocks of max_length tokens."""
+    isolate_documents: bool = True
+    """With packing: documents in a block do not attend to each other (position ids restart
+    per document), where the model supports it."""
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+    """Pad each batch's length up to a multiple of this (tensor-core and compile friendly)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding); the order stays seeded."""
+    collator: str = "auto"
+    """Collator by registry name; auto picks the task's default."""
+    cache_dir: str | None = ".kiln_cache"
+    """Cache tokenized datasets here, keyed by data, tokenizer and settings; null disables."""
+    num_workers: int = Field(0, ge=0)
+    """Worker processes for tokenization (0: in the main process)."""
     min_quality_score: float | None = Field(None, ge=0.0, le=1.0)
     """Drop rows whose `quality_field` is below this score."""
     quality_field: str = "quality_score"
