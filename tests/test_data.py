@@ -199,7 +199,9 @@ def test_packing_blocks_equal_the_eos_separated_stream(tokenizer: PreTrainedToke
     assert len(ds) == n
     assert ds.blocks.flatten().tolist() == stream[: n * 8]
     assert ds[0]["input_ids"].tolist() == stream[:8]
-    assert ds.num_tokens == n * 7
+    # Isolated documents (the default): a document's first token inside a block is no target.
+    assert ds.doc_starts is not None
+    assert ds.num_tokens == n * 7 - int((ds.doc_starts % 8 != 0).sum())
 
 
 def test_packing_without_one_block_is_an_error(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -281,7 +283,8 @@ def test_build_datasets_fills_stats(tmp_path: Path, tokenizer: PreTrainedTokeniz
     assert full.dropped["duplicate"] == 15
     assert val_ds is not None
     assert full.val_examples == len(val_ds) > 0
-    assert full.train_tokens == len(train_ds) * 7
+    assert train_ds.doc_starts is not None
+    assert full.train_tokens == len(train_ds) * 7 - int((train_ds.doc_starts % 8 != 0).sum())
     assert full.to_dict()["train_examples"] == len(train_ds)
 
 

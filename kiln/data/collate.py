@@ -2,21 +2,82 @@
 
 Labels are not shifted here: the causal loss shifts them (position t predicts token t + 1), and
 seq2seq models build decoder inputs from the labels.
+
+Collators live in a registry, `COLLATORS`, chosen by name (`data.collator`; "auto" is the task's
+default). A collator is called as `fn(examples, pad_id=..., pad_to_multiple_of=...)`; add one with
+`@register_collator("name")`. `Batcher` turns dataset indices into a batch: packed causal blocks
+take a fast path (one gather, no attention mask, position ids restarting per document), the rest
+goes through the collator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "collate", "pad_sequences"]
+__all__ = [
+    "COLLATORS",
+    "DEFAULT_COLLATORS",
+    "IGNORE_INDEX",
+    "Batcher",
+    "Collator",
+    "collate",
+    "get_collator",
+    "packed_batch",
+    "pad_sequences",
+    "register_collator",
+]
 
 IGNORE_INDEX = -100
 """Label value the cross-entropy loss skips (padding); transformers' default ignore_index."""
 
 _TASKS = ("causal_lm", "instruction", "seq2seq")
+
+Example = Mapping[str, Sequence[int] | Tensor]
+
+
+class Collator(Protocol):
+    """Batches examples into int64 tensors (see `collate` for the layout per task)."""
+
+    def __call__(
+        self, examples: Sequence[Example], *, pad_id: int, pad_to_multiple_of: int | None = None
+    ) -> dict[str, Tensor]: ...
+
+
+COLLATORS: dict[str, Collator] = {}
+"""Collators by name; `data.collator` picks one ("auto": `DEFAULT_COLLATORS[task]`)."""
+
+DEFAULT_COLLATORS = {"causal_lm": "causal", "instruction": "instruction", "seq2seq": "seq2seq"}
+
+
+def register_collator(name: str) -> Callable[[Collator], Collator]:
+    """Decorator adding a collator to `COLLATORS` under `name` (which must be new, not "auto")."""
+
+    def add(fn: Collator) -> Collator:
+        if name == "auto" or name in COLLATORS:
+            raise ValueError(f"collator name {name!r} is reserved or already registered")
+        COLLATORS[name] = fn
+        return fn
+
+    return add
+
+
+def get_collator(name: str, task: str) -> Collator:
+    """The collator registered as `name`, or the task's default for "auto".
+
+    Raises:
+        ValueError: an unknown task, or an unknown name (the message lists the known names).
+    """
+    if task not in _TASKS:
+        raise ValueError(f"unknown task {task!r}, expected one of {_TASKS}")
+    key = DEFAULT_COLLATORS[task] if name == "auto" else name
+    if key not in COLLATORS:
+        known = ", ".join(["auto", *sorted(COLLATORS)])
+        raise ValueError(f"unknown collator {name!r}; known: {known}")
+    return COLLATORS[key]
 
 
 def _as_long(seq: Sequence[int] | Tensor) -> Tensor:
@@ -47,13 +108,80 @@ def pad_sequences(
     return padded, mask
 
 
+def _check_batch(examples: Sequence[Example]) -> None:
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+
+
+def _with_aligned_labels(
+    examples: Sequence[Example], task: str, pad_id: int, pad_to_multiple_of: int | None
+) -> dict[str, Tensor]:
+    ids = [_as_long(e["input_ids"]) for e in examples]
+    labels_list = [_as_long(e["labels"]) for e in examples]
+    if task != "seq2seq" and any(len(a) != len(b) for a, b in zip(ids, labels_list, strict=True)):
+        raise ValueError(f"task {task}: labels must have the length of their input_ids")
+    input_ids, attention_mask = pad_sequences(ids, pad_id, pad_to_multiple_of)
+    labels, _ = pad_sequences(labels_list, IGNORE_INDEX, pad_to_multiple_of)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@register_collator("causal")
+def collate_causal(
+    examples: Sequence[Example], *, pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, Tensor]:
+    """causal_lm: right-padded input_ids, attention_mask, labels = input_ids with -100 on padding.
+
+    Equal-length examples (packed blocks) are just stacked, with an all-ones attention_mask.
+    Examples that all carry aligned `labels` keep them (as for instruction).
+    """
+    _check_batch(examples)
+    if all("labels" in e for e in examples):
+        return _with_aligned_labels(examples, "causal_lm", pad_id, pad_to_multiple_of)
+    ids = [_as_long(e["input_ids"]) for e in examples]
+    width = len(ids[0])
+    if all(len(s) == width for s in ids) and (
+        not pad_to_multiple_of or width % pad_to_multiple_of == 0
+    ):
+        input_ids = torch.stack(ids)  # (B, L): nothing to pad
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "labels": input_ids.clone(),
+        }
+    input_ids, attention_mask = pad_sequences(ids, pad_id, pad_to_multiple_of)
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@register_collator("instruction")
+def collate_instruction(
+    examples: Sequence[Example], *, pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, Tensor]:
+    """instruction: like causal, but every example carries aligned labels (-100 on the prompt)."""
+    _check_batch(examples)
+    if not all("labels" in e for e in examples):
+        raise ValueError(
+            "task instruction: every example needs labels (input_ids with -100 on the prompt)"
+        )
+    return _with_aligned_labels(examples, "instruction", pad_id, pad_to_multiple_of)
+
+
+@register_collator("seq2seq")
+def collate_seq2seq(
+    examples: Sequence[Example], *, pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, Tensor]:
+    """seq2seq: input_ids padded with pad_id, attention_mask, labels padded with -100."""
+    _check_batch(examples)
+    return _with_aligned_labels(examples, "seq2seq", pad_id, pad_to_multiple_of)
+
+
 def collate(
-    examples: Sequence[Mapping[str, Sequence[int] | Tensor]],
+    examples: Sequence[Example],
     pad_id: int,
     task: str,
     pad_to_multiple_of: int | None = None,
 ) -> dict[str, Tensor]:
-    """Batch examples (`{"input_ids"[, "labels"]}`) into padded int64 tensors.
+    """Batch examples (`{"input_ids"[, "labels"]}`) into padded int64 tensors (task default).
 
     causal_lm: `input_ids` right-padded with `pad_id`, `attention_mask`, and `labels` = input_ids
     with -100 on padding (unshifted). Equal-length examples (packed blocks) are just stacked, and
@@ -79,36 +207,59 @@ def collate(
         ValueError: an unknown task, an empty batch, instruction examples without labels, or
             causal labels whose length differs from their input_ids.
     """
-    if task not in _TASKS:
-        raise ValueError(f"unknown task {task!r}, expected one of {_TASKS}")
-    if not examples:
-        raise ValueError("cannot collate an empty batch")
-    ids = [_as_long(e["input_ids"]) for e in examples]
-    with_labels = all("labels" in e for e in examples)
-    if task == "instruction" and not with_labels:
-        raise ValueError(
-            "task instruction: every example needs labels (input_ids with -100 on the prompt)"
-        )
-    if task == "seq2seq" or with_labels:
-        labels_list = [_as_long(e["labels"]) for e in examples]
-        if task != "seq2seq" and any(
-            len(a) != len(b) for a, b in zip(ids, labels_list, strict=True)
-        ):
-            raise ValueError(f"task {task}: labels must have the length of their input_ids")
-        input_ids, attention_mask = pad_sequences(ids, pad_id, pad_to_multiple_of)
-        labels, _ = pad_sequences(labels_list, IGNORE_INDEX, pad_to_multiple_of)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    fn = get_collator("auto", task)
+    return fn(examples, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
 
-    width = len(ids[0])
-    if all(len(s) == width for s in ids) and (
-        not pad_to_multiple_of or width % pad_to_multiple_of == 0
-    ):
-        input_ids = torch.stack(ids)  # (B, L): nothing to pad
-        return {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
-            "labels": input_ids.clone(),
-        }
-    input_ids, attention_mask = pad_sequences(ids, pad_id, pad_to_multiple_of)
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+def packed_batch(dataset: Any, indices: Tensor) -> dict[str, Tensor]:
+    """The packed causal blocks at `indices`: one gather, no padding, so no attention mask.
+
+    With document boundaries (`dataset.doc_starts`), `position_ids` restart at 0 for each
+    document, which transformers turns into a block-diagonal causal mask (no attention across
+    documents), and each document's first token is not a target (label -100): it is not
+    predicted from the previous document's EOS, as it would not be with the document alone.
+    """
+    ids = dataset.blocks[indices]  # (B, L)
+    if dataset.doc_starts is None:
+        return {"input_ids": ids, "labels": ids}
+    position_ids = dataset.block_position_ids(indices)  # (B, L)
+    labels = ids.masked_fill(position_ids == 0, IGNORE_INDEX)
+    return {"input_ids": ids, "labels": labels, "position_ids": position_ids}
+
+
+class Batcher:
+    """Turns sample indices of a dataset into a batch, as training and evaluation share it.
+
+    Packed blocks of a causal_lm dataset take `packed_batch` (unless a non-default collator is
+    named); everything else goes through the collator, with `pad_to_multiple_of`.
+
+    Args:
+        task: "causal_lm", "instruction" or "seq2seq".
+        pad_id: the tokenizer's pad token id.
+        collator: a `COLLATORS` name, or "auto" for the task's default.
+        pad_to_multiple_of: round padded lengths up to a multiple of this.
+
+    Raises:
+        ValueError: an unknown task or collator name.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        pad_id: int,
+        *,
+        collator: str = "auto",
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        self.task, self.pad_id, self.pad_to_multiple_of = task, pad_id, pad_to_multiple_of
+        self.collate_fn = get_collator(collator, task)
+        self._packed = task == "causal_lm" and collator in ("auto", DEFAULT_COLLATORS[task])
+
+    def __call__(self, dataset: Any, indices: Tensor) -> dict[str, Tensor]:
+        """The batch of `dataset[indices]` (indices: a 1-D int64 tensor)."""
+        if self._packed and getattr(dataset, "blocks", None) is not None:
+            return packed_batch(dataset, indices)
+        examples = [dataset[i] for i in indices.tolist()]
+        return self.collate_fn(
+            examples, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of
+        )

@@ -3,7 +3,9 @@
 Two layouts:
 
 - blocks: one (N, L) tensor of equal-length sequences (packed causal_lm). A batch is one gather,
-  `dataset.blocks[indices]`, and collation is a stack.
+  `dataset.blocks[indices]`, and collation is a stack. Packed blocks may carry `doc_starts`, the
+  token offsets (into the row-major flattened blocks) where documents begin, so a batch can
+  restart position ids at each document (`block_position_ids`) and keep documents isolated.
 - ragged: all sequences concatenated into one 1-D tensor plus an offsets tensor (N + 1,). Compact
   (no Python list per example), cheap to pickle to DataLoader workers, and easy to cache.
 
@@ -51,7 +53,7 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
     `TokenDataset(src_ids, labels=tgt_ids)` for seq2seq, or
     `TokenDataset(ids, labels=[[-100, -100, 7], [-100, 9]], aligned=True)` for a causal LM with
     loss on some tokens only (instruction), or `TokenDataset(blocks)` from an (N, L) integer
-    tensor.
+    tensor (with `doc_starts=` offsets where packed documents begin).
 
     Args:
         input_ids: a list of token-id lists, or an (N, L) integer tensor of equal-length blocks.
@@ -60,6 +62,10 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
         aligned: `labels` align with `input_ids` (same lengths; a causal LM, which shifts them:
             the first label of an example is never predicted). False: a separate target
             sequence (seq2seq).
+        doc_starts: with a blocks tensor only: the increasing offsets into the flattened
+            (N * L,) blocks at which documents begin (packed causal_lm). A document's first
+            token, when it is not the first of its block, is then not a target (`num_tokens`),
+            as it would not be with the document alone in its own sequence.
     """
 
     def __init__(
@@ -68,8 +74,10 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
         labels: Sequence[Sequence[int]] | None = None,
         *,
         aligned: bool = False,
+        doc_starts: Tensor | Sequence[int] | None = None,
     ) -> None:
         self._blocks: Tensor | None = None
+        self._doc_starts: Tensor | None = None
         self._ids: tuple[Tensor, Tensor] | None = None
         self._labels: tuple[Tensor, Tensor] | None = None
         self._aligned = aligned and labels is not None
@@ -82,7 +90,11 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
             if labels is not None:
                 raise ValueError("labels are not supported with a blocks tensor (causal_lm)")
             self._blocks = input_ids.to(torch.int64).contiguous()
+            if doc_starts is not None:
+                self._doc_starts = _check_doc_starts(doc_starts, self._blocks.numel())
         else:
+            if doc_starts is not None:
+                raise ValueError("doc_starts needs a blocks tensor (packed causal_lm)")
             self._ids = _flatten(input_ids)
             if labels is not None:
                 self._labels = _flatten(labels)
@@ -118,6 +130,7 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
             raise ValueError("input_ids and labels have different numbers of sequences")
         ds = cls.__new__(cls)
         ds._blocks = None
+        ds._doc_starts = None
         ds._aligned = aligned and labels is not None
         ds._ids = (ids[0].to(torch.int64), ids[1].to(torch.int64))
         ds._labels = (
@@ -146,6 +159,37 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
         return self._blocks
 
     @property
+    def doc_starts(self) -> Tensor | None:
+        """Offsets (D,) into the flattened blocks where packed documents begin, or None."""
+        return self._doc_starts
+
+    def without_documents(self) -> TokenDataset:
+        """The same blocks without document boundaries (documents attend across each other)."""
+        if self._doc_starts is None:
+            return self
+        assert self._blocks is not None
+        return TokenDataset(self._blocks)
+
+    def block_position_ids(self, indices: Tensor) -> Tensor:
+        """Position ids (B, L) of the blocks at `indices`: 0 at each block and document start.
+
+        Vectorized over the batch (one searchsorted) on the CPU tensors the batch is built
+        from, so it costs no device sync. Without `doc_starts`, every row is 0 .. L - 1.
+        """
+        if self._blocks is None:
+            raise ValueError("block_position_ids needs a blocks dataset (packed causal_lm)")
+        length = self._blocks.shape[1]
+        steps = torch.arange(length, dtype=torch.int64)
+        if self._doc_starts is None:
+            return steps.expand(len(indices), length).clone()
+        base = indices.to(torch.int64)[:, None] * length  # (B, 1) offset of each block
+        flat = base + steps  # (B, L) offset of each token
+        starts = self._doc_starts
+        k = torch.searchsorted(starts, flat, right=True) - 1  # last document start <= token
+        start = torch.where(k >= 0, starts[k.clamp(min=0)], 0).maximum(base)
+        return flat - start
+
+    @property
     def has_labels(self) -> bool:
         """Whether examples carry `labels` (seq2seq targets, or aligned causal labels)."""
         return self._labels is not None
@@ -168,7 +212,8 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
     def num_tokens(self) -> int:
         """Target tokens: the tokens the loss is computed on.
 
-        causal_lm: every token but the first of each example (each predicts the next one);
+        causal_lm: every token but the first of each example (each predicts the next one), and,
+        in blocks with `doc_starts`, but the first of each document (isolated documents);
         aligned labels (instruction): the labels != -100 after the causal shift, i.e. not
         counting each example's first position; seq2seq: every label token != -100. The same
         count as `kiln.engine.loss.count_targets` over the collated batches.
@@ -183,7 +228,10 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
             return total
         if self._blocks is not None:
             n, length = self._blocks.shape
-            return n * max(length - 1, 0)
+            total = n * max(length - 1, 0)
+            if self._doc_starts is not None:  # an isolated document's first token: no target
+                total -= int((self._doc_starts % length != 0).sum())
+            return total
         return int((self.lengths - 1).clamp(min=0).sum())
 
     def __len__(self) -> int:
@@ -209,6 +257,17 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
         layout = f"blocks of {self._blocks.shape[1]}" if self._blocks is not None else "ragged"
         labels = (", aligned labels" if self._aligned else ", labels") if self.has_labels else ""
         return f"TokenDataset({len(self)} examples, {layout}{labels}, {self.num_tokens} tokens)"
+
+
+def _check_doc_starts(doc_starts: Tensor | Sequence[int], size: int) -> Tensor:
+    starts = torch.as_tensor(doc_starts, dtype=torch.int64).contiguous()
+    if starts.dim() != 1:
+        raise ValueError("doc_starts must be a 1-D sequence of offsets")
+    if starts.numel() and (
+        int(starts[0]) < 0 or int(starts[-1]) >= size or bool((starts.diff() <= 0).any())
+    ):
+        raise ValueError(f"doc_starts must rise strictly within [0, {size})")
+    return starts
 
 
 def _slice(ragged: tuple[Tensor, Tensor], index: int) -> Tensor:

@@ -7,6 +7,11 @@ rebuilds the permutation and continues at `perm[cursor:]` in O(1), with no batch
 When shuffling, the last partial batch of each epoch is dropped: every step then sees a full
 batch (same shapes, same loss weighting), and the dropped samples differ from epoch to epoch.
 
+With `lengths` (`data.group_by_length`), the epoch order is `grouped_permutation`: the same
+seeded permutation, cut into mega-batches of `MEGA_BATCHES` global batches, each sorted by length
+so a batch holds examples of similar length (less padding), with the batch order then shuffled by
+the same generator. Still a pure function of (seed, epoch): resume stays O(1) and exact.
+
 For data parallelism each rank takes its own slice of a global batch of
 `batch_size * world_size` samples; the cursor counts global samples, so it is the same on all
 ranks.
@@ -22,9 +27,24 @@ from torch import Tensor
 
 from kiln.errors import DataError
 
-__all__ = ["BatchCursor", "batches_per_epoch", "epoch_permutation", "sequential_batches"]
+__all__ = [
+    "MEGA_BATCHES",
+    "BatchCursor",
+    "batches_per_epoch",
+    "epoch_permutation",
+    "grouped_permutation",
+    "sequential_batches",
+]
 
 _U64 = (1 << 64) - 1
+
+MEGA_BATCHES = 50
+"""Batches per length-sorted group in `grouped_permutation`."""
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # Mix seed and epoch into one 64-bit generator seed (distinct for nearby seeds and epochs).
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) & _U64)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
@@ -32,9 +52,39 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
 
     Uses its own CPU generator, so it neither reads nor disturbs torch's global RNG.
     """
-    # Mix seed and epoch into one 64-bit generator seed (distinct for nearby seeds and epochs).
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) & _U64)
-    return torch.randperm(n, generator=gen)
+    return torch.randperm(n, generator=_epoch_generator(seed, epoch))
+
+
+def grouped_permutation(lengths: Tensor, batch_size: int, seed: int, epoch: int) -> Tensor:
+    """A length-grouped order of the samples in `epoch`, fixed by (seed, epoch).
+
+    Takes `epoch_permutation`, sets aside its tail of `n % batch_size` samples (the partial
+    batch, which a drop-last epoch leaves out: still a random choice), cuts the rest into
+    mega-batches of `MEGA_BATCHES * batch_size`, sorts each by length (descending, stable),
+    then shuffles the order of the batches within each mega-batch with the same generator.
+
+    Args:
+        lengths: (n,) length of each sample.
+        batch_size: the global batch size (samples per optimizer micro-step over all ranks).
+        seed: the run seed.
+        epoch: the epoch.
+
+    Returns:
+        An (n,) int64 permutation whose consecutive `batch_size` slices hold similar lengths.
+    """
+    n = len(lengths)
+    gen = _epoch_generator(seed, epoch)
+    perm = torch.randperm(n, generator=gen)
+    keep = n - n % batch_size
+    mega = MEGA_BATCHES * batch_size
+    parts = []
+    for start in range(0, keep, mega):
+        chunk = perm[start : min(start + mega, keep)]
+        order = torch.sort(lengths[chunk], descending=True, stable=True).indices
+        batches = chunk[order].view(-1, batch_size)  # (batches, batch_size), longest first
+        parts.append(batches[torch.randperm(len(batches), generator=gen)].flatten())
+    parts.append(perm[keep:])
+    return torch.cat(parts)
 
 
 def batches_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
@@ -68,6 +118,7 @@ class BatchCursor:
         cursor: samples of that epoch already taken.
         rank: this process's rank (data parallel).
         world_size: number of ranks.
+        lengths: (n,) sample lengths: group batches by length (`grouped_permutation`).
 
     Raises:
         DataError: the dataset holds fewer samples than one global batch.
@@ -83,6 +134,7 @@ class BatchCursor:
         cursor: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        lengths: Tensor | None = None,
     ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad batch_size={batch_size}, rank={rank}, world_size={world_size}")
@@ -94,6 +146,9 @@ class BatchCursor:
                 f"the training set has {n} examples, fewer than one batch of {self.global_batch}; "
                 "lower train.batch_size or add data"
             )
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"lengths has {len(lengths)} entries for {n} samples")
+        self.lengths = lengths
         self.epoch, self.cursor = 0, 0
         self._perm: Tensor | None = None
         self._perm_epoch = -1
@@ -106,7 +161,12 @@ class BatchCursor:
 
     def _permutation(self) -> Tensor:
         if self._perm_epoch != self.epoch:  # one randperm per epoch, not per batch
-            self._perm = epoch_permutation(self.n, self.seed, self.epoch)
+            if self.lengths is None:
+                self._perm = epoch_permutation(self.n, self.seed, self.epoch)
+            else:
+                self._perm = grouped_permutation(
+                    self.lengths, self.global_batch, self.seed, self.epoch
+                )
             self._perm_epoch = self.epoch
         assert self._perm is not None
         return self._perm

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from array import array
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,12 +33,44 @@ _CHUNK = 4096
 
 
 def encode(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> Iterator[list[int]]:
-    """Token ids of each text, without special tokens, from batched tokenizer calls."""
+    """Token ids of each text, without special tokens, from batched tokenizer calls.
+
+    A fast tokenizer is called through its Rust backend (`encode_batch_fast`, which skips the
+    character offsets) when that gives what `tokenizer(...)` gives: the same ids, without
+    transformers building a `BatchEncoding` of per-text dicts, ~25% of the time.
+    """
+    backend = _plain_backend(tokenizer)
     for start in range(0, len(texts), _CHUNK):
         batch = list(texts[start : start + _CHUNK])
+        if backend is not None:
+            yield from (e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False))
+            continue
         # verbose=False: no "sequence longer than model_max_length" warning; we truncate later.
         out = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)
         yield from out["input_ids"]
+
+
+def _plain_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The Rust tokenizer behind `tokenizer` when calling it directly changes nothing, else None.
+
+    That holds for a transformers fast tokenizer whose encoding path is not overridden, whose
+    backend has no truncation or padding set (transformers would switch them off for the call)
+    and whose `split_special_tokens` matches the backend's.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    cls = type(tokenizer)
+    if not isinstance(tokenizer, PreTrainedTokenizerFast) or any(
+        getattr(cls, name) is not getattr(PreTrainedTokenizerFast, name)
+        for name in ("__call__", "_encode_plus", "set_truncation_and_padding")
+    ):
+        return None
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None:
+        return None
+    if backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False)):
+        return None
+    return backend if hasattr(backend, "encode_batch_fast") else None
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -57,6 +89,7 @@ def tokenize_causal(
     packing: bool,
     *,
     what: str = "data",
+    isolate_documents: bool = True,
 ) -> TokenDataset:
     """Tokenize causal_lm documents, each followed by EOS.
 
@@ -68,6 +101,8 @@ def tokenize_causal(
             `max_length` tokens, dropping the last partial block; otherwise truncate each
             document (with its EOS) to `max_length` tokens and keep variable lengths.
         what: names the data in error messages, e.g. "validation data".
+        isolate_documents: packing: record where each document starts (`doc_starts`), so
+            batches restart position ids per document and documents do not attend across.
 
     Returns:
         A blocks dataset (packing) or a ragged one.
@@ -80,7 +115,9 @@ def tokenize_causal(
     eos = _eos_id(tokenizer)
     flat = array("q")
     if packing:
+        starts = array("q")
         for ids in encode(texts, tokenizer):
+            starts.append(len(flat))
             flat.extend(ids)
             flat.append(eos)
         n_blocks = len(flat) // max_length
@@ -90,7 +127,11 @@ def tokenize_causal(
                 f"of data.max_length={max_length}; lower data.max_length or add text"
             )
         # (T,) -> (N, max_length); the view shares the array's memory, no copy.
-        return TokenDataset(_as_tensor(flat)[: n_blocks * max_length].view(n_blocks, max_length))
+        blocks = _as_tensor(flat)[: n_blocks * max_length].view(n_blocks, max_length)
+        if not isolate_documents:
+            return TokenDataset(blocks)
+        doc_starts = _as_tensor(starts)
+        return TokenDataset(blocks, doc_starts=doc_starts[doc_starts < blocks.numel()])
     offsets = array("q", [0])
     for ids in encode(texts, tokenizer):
         # Same as (ids + [eos])[:max_length]: a cut document gets no EOS, it did not end there.

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from kiln.data import collate
+from kiln.data.collate import Batcher
 from kiln.engine.loss import IGNORE_INDEX, count_targets, forward_loss_sum
 from kiln.engine.precision import Precision
 
@@ -26,13 +26,18 @@ def evaluate(
     precision: Precision,
     max_batches: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    batcher: Batcher | None = None,
 ) -> dict[str, float] | None:
     """Mean token loss, perplexity and next-token accuracy over `dataset`, in order.
 
     Sums are accumulated on the device and read once at the end, so memory does not grow
     with the validation set and there is a single host sync. Returns None when `should_stop`
     turned true between batches (a stop request: the caller checkpoints instead).
+    `batcher` builds the batches as training does (collator, pad_to_multiple_of, packed
+    documents); by default, the task's collator with `pad_id`.
     """
+    if batcher is None:
+        batcher = Batcher(task, pad_id)
     was_training = model.training
     model.eval()
     device = precision.device
@@ -45,8 +50,7 @@ def evaluate(
                 break
             if should_stop is not None and should_stop():
                 return None
-            examples = [dataset[j] for j in range(start, min(start + batch_size, len(dataset)))]
-            batch = collate(examples, pad_id=pad_id, task=task)
+            batch = batcher(dataset, torch.arange(start, min(start + batch_size, len(dataset))))
             tokens += count_targets(batch, task)  # on the CPU copy: no device sync
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with precision.autocast():

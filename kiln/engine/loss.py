@@ -27,8 +27,9 @@ def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
 
 def _model_inputs(model: Any, batch: dict[str, torch.Tensor], task: str) -> dict[str, Any]:
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"]}
-    if "attention_mask" in batch:
-        inputs["attention_mask"] = batch["attention_mask"]
+    for key in ("attention_mask", "position_ids"):  # position_ids: packed documents
+        if key in batch:
+            inputs[key] = batch[key]
     if task == "seq2seq":
         # Teacher forcing from the labels; the loss is computed here, not by the model.
         inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(

@@ -21,11 +21,11 @@ from kiln.data import (
     BatchCursor,
     TokenDataset,
     build_datasets,
-    collate,
     load_splits,
     make_format,
     render_rows,
 )
+from kiln.data.collate import Batcher, get_collator
 from kiln.engine.evaluate import evaluate
 from kiln.engine.events import Event
 from kiln.engine.loss import count_targets, forward_loss_sum
@@ -198,8 +198,18 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         self.precision = Precision(cfg.train.precision, self.device)
         seed_everything(cfg.seed)
+        try:  # a bad name fails here, before minutes of data preparation
+            get_collator(cfg.data.collator, cfg.task)
+        except ValueError as exc:
+            raise KilnError(f"data.collator: {exc}") from None
         self.data_stats: dict[str, Any] = {}
         self._build_data_and_model()
+        self.batcher = Batcher(
+            cfg.task,
+            self.pad_id,
+            collator=cfg.data.collator,
+            pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+        )
         self.model.to(self.device)
         self.model.train()
         self.optimizer = build_optimizer(
@@ -248,6 +258,10 @@ class Trainer:
             self.val_data = (
                 None if self._val_data is None else _as_dataset(self._val_data, cfg.task)
             )
+        if not cfg.data.isolate_documents:  # packed documents then attend across each other
+            self.train_data = self.train_data.without_documents()
+            if self.val_data is not None:
+                self.val_data = self.val_data.without_documents()
         if len(self.train_data) < cfg.train.batch_size:
             raise DataError(
                 f"data.train: {len(self.train_data)} training examples, fewer than "
@@ -311,6 +325,7 @@ class Trainer:
             cfg.seed,
             epoch=self.state.epoch,
             cursor=self.state.cursor,
+            lengths=self._group_lengths(),
         )
         self._epoch_started = self.state.cursor > 0
         self._epochs_ended = 0
@@ -390,6 +405,12 @@ class Trainer:
         self.state.total_steps = self._total_steps()
         self.checkpoint_paths = [c.path for c in self.checkpoints.list()]
 
+    def _group_lengths(self) -> torch.Tensor | None:
+        """Sample lengths for `data.group_by_length` (None: plain shuffle, or equal lengths)."""
+        if not self.cfg.data.group_by_length or self.train_data.blocks is not None:
+            return None
+        return self.train_data.lengths
+
     def _next_batch(self) -> dict[str, torch.Tensor]:
         """The next micro-batch of the seeded epoch order; crosses epochs as needed."""
         epoch = self.cursor.epoch
@@ -397,13 +418,8 @@ class Trainer:
         if self.cursor.epoch != epoch:
             self._epochs_ended += 1
         self.state.epoch, self.state.cursor = self.cursor.epoch, self.cursor.cursor
-        blocks = self.train_data.blocks
-        if blocks is not None and self.cfg.task == "causal_lm":
-            # Packed blocks: no padding, so no attention mask (which would cost a check per step).
-            ids = blocks[idx]
-            return {"input_ids": ids, "labels": ids}
-        examples = [self.train_data[i] for i in idx.tolist()]
-        return collate(examples, pad_id=self.pad_id, task=self.cfg.task)
+        # Packed blocks: one gather, no attention mask; position ids restart per document.
+        return self.batcher(self.train_data, idx)
 
     def _train_step(self) -> None:
         cfg, state = self.cfg, self.state
@@ -484,6 +500,7 @@ class Trainer:
             batch_size=self.cfg.eval.batch_size or self.cfg.train.batch_size,
             pad_id=self.pad_id,
             precision=self.precision,
+            batcher=self.batcher,
             max_batches=self.cfg.eval.max_batches,
             should_stop=lambda: self._interrupted,
         )
