@@ -70,7 +70,7 @@ def tiny_config(
             "max_position_embeddings": 64,
         },
         "tokenizer": {"vocab_size": 300},
-        "data": {"train": str(train_file), "max_length": 32},
+        "data": {"train": str(train_file), "max_length": 32, "cache_dir": str(tmp_path / "cache")},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "train": {"max_steps": 20, "batch_size": 4},
         "log": {"every_steps": 5, "progress": "none"},

@@ -16,10 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kiln.data.cache import cached_dataset
 from kiln.data.dataset import TokenDataset
 from kiln.data.sources import BadRows, ReadOptions, Row, _Problems, json_type, read_rows, where
 from kiln.data.tasks import TaskFormat, make_format, render_rows
-from kiln.data.tokenize import tokenize_causal, tokenize_instruction, tokenize_seq2seq
+from kiln.data.tokenize import (
+    encode_workers,
+    tokenize_causal,
+    tokenize_instruction,
+    tokenize_seq2seq,
+)
 from kiln.errors import DataError
 
 if TYPE_CHECKING:
@@ -317,9 +323,10 @@ def _tokenize(
     tokenizer: PreTrainedTokenizerBase,
     rows: Sequence[Mapping[str, Any]],
     what: str,
+    rendered: Sequence[tuple[str, ...]] | None = None,
 ) -> TokenDataset:
     data = cfg.data
-    rendered = render_rows(fmt, rows)
+    rendered = render_rows(fmt, rows) if rendered is None else rendered
     if cfg.task == "seq2seq":
         sources = [r[0] for r in rendered]
         targets = [r[1] for r in rendered]
@@ -327,7 +334,14 @@ def _tokenize(
             sources, targets, tokenizer, data.max_length, data.max_target_length
         )
     texts = [r[0] for r in rendered]
-    return tokenize_causal(texts, tokenizer, data.max_length, data.packing, what=what)
+    return tokenize_causal(
+        texts,
+        tokenizer,
+        data.max_length,
+        data.packing,
+        what=what,
+        isolate_documents=data.isolate_documents,
+    )
 
 
 def _build_instruction(
@@ -336,9 +350,10 @@ def _build_instruction(
     tokenizer: PreTrainedTokenizerBase,
     rows: Sequence[Mapping[str, Any]],
     what: str,
+    rendered: Sequence[tuple[str, ...]] | None = None,
 ) -> TokenDataset:
     """Render rows to (prompt, response) and tokenize them, naming rows by `file:line`."""
-    rendered = render_rows(fmt, rows)
+    rendered = render_rows(fmt, rows) if rendered is None else rendered
     return tokenize_instruction(
         [r[0] for r in rendered],
         [r[1] for r in rendered],
@@ -348,6 +363,24 @@ def _build_instruction(
         locations=[where(row, i) for i, row in enumerate(rows)],
         what=what,
     )
+
+
+def _tokenize_cached(
+    cfg: RunConfig,
+    fmt: TaskFormat,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[Mapping[str, Any]],
+    what: str,
+) -> TokenDataset:
+    """Tokenize rows for the task through the cache (`data.cache_dir`), `data.num_workers`."""
+    rendered = render_rows(fmt, rows)
+    tokenize = _build_instruction if cfg.task == "instruction" else _tokenize
+
+    def build() -> TokenDataset:
+        with encode_workers(cfg.data.num_workers):
+            return tokenize(cfg, fmt, tokenizer, rows, what, rendered)
+
+    return cached_dataset(cfg, tokenizer, rendered, build, what=what)
 
 
 def build_datasets(
@@ -381,7 +414,7 @@ def build_datasets(
     stats = replace(stats, dropped=dict(stats.dropped)) if stats is not None else DataStats()
     stats.train_rows, stats.val_rows = len(train_rows), len(val_rows)
     fmt = make_format(cfg)
-    tokenize = _build_instruction if cfg.task == "instruction" else _tokenize
+    tokenize = _tokenize_cached
     train = tokenize(cfg, fmt, tokenizer, train_rows, f"training data ({cfg.data.train})")
     stats.train_examples, stats.train_tokens = len(train), train.num_tokens
     val = None
