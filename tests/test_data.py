@@ -397,3 +397,21 @@ def test_cursor_and_sequential_batches_edges() -> None:
         BatchCursor(3, 4, seed=0)
     assert [b.tolist() for b in sequential_batches(5, 2)] == [[0, 1], [2, 3], [4]]
     assert Row({"a": 1}, "f", 2).where == "f:2"
+
+
+def test_truncation_off_names_the_long_rows(tokenizer: PreTrainedTokenizerFast) -> None:
+    from kiln.data.tokenize import tokenize_causal, tokenize_seq2seq
+
+    tok = tokenizer
+    texts = ["short", "a much longer text " * 20]
+    with pytest.raises(DataError) as info:
+        tokenize_causal(
+            texts, tok, 16, packing=False, truncation=False, locations=["f.jsonl:1", "f.jsonl:2"]
+        )
+    lines = info.value.problems
+    assert lines[0].startswith("f.jsonl:2: ")
+    assert "exceed data.max_length=16" in lines[0]
+    assert lines[-1] == "raise data.max_length or set data.truncation: true"
+    assert len(tokenize_causal(texts, tok, 16, packing=False)) == 2  # truncation on: cut
+    with pytest.raises(DataError, match=r"f\.jsonl:1: .* exceed data\.max_target_length=8"):
+        tokenize_seq2seq(["x"], [texts[1]], tok, 16, 8, truncation=False, locations=["f.jsonl:1"])

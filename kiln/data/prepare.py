@@ -331,7 +331,13 @@ def _tokenize(
         sources = [r[0] for r in rendered]
         targets = [r[1] for r in rendered]
         return tokenize_seq2seq(
-            sources, targets, tokenizer, data.max_length, data.max_target_length
+            sources,
+            targets,
+            tokenizer,
+            data.max_length,
+            data.max_target_length,
+            truncation=data.truncation,
+            locations=[where(row, i) for i, row in enumerate(rows)],
         )
     texts = [r[0] for r in rendered]
     return tokenize_causal(
@@ -341,6 +347,8 @@ def _tokenize(
         data.packing,
         what=what,
         isolate_documents=data.isolate_documents,
+        truncation=data.truncation,
+        locations=[where(row, i) for i, row in enumerate(rows)],
     )
 
 

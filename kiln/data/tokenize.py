@@ -142,6 +142,8 @@ def tokenize_causal(
     *,
     what: str = "data",
     isolate_documents: bool = True,
+    truncation: bool = True,
+    locations: Sequence[str] | None = None,
 ) -> TokenDataset:
     """Tokenize causal_lm documents, each followed by EOS.
 
@@ -155,6 +157,9 @@ def tokenize_causal(
         what: names the data in error messages, e.g. "validation data".
         isolate_documents: packing: record where each document starts (`doc_starts`), so
             batches restart position ids per document and documents do not attend across.
+        truncation: no packing: False makes a document longer than `max_length` (with its
+            EOS) an error instead of cutting it.
+        locations: `file:line` of each text, for error messages.
 
     Returns:
         A blocks dataset (packing) or a ragged one.
@@ -185,22 +190,60 @@ def tokenize_causal(
         doc_starts = _as_tensor(starts)
         return TokenDataset(blocks, doc_starts=doc_starts[doc_starts < blocks.numel()])
     offsets = array("q", [0])
-    for ids in encode(texts, tokenizer):
+    too_long = _LongSequences("data.max_length", max_length, truncation, locations, what)
+    for i, ids in enumerate(encode(texts, tokenizer)):
+        too_long.check(i, len(ids) + 1)
         # Same as (ids + [eos])[:max_length]: a cut document gets no EOS, it did not end there.
         flat.extend(ids[:max_length])
         if len(ids) < max_length:
             flat.append(eos)
         offsets.append(len(flat))
+    too_long.raise_if_any()
     return TokenDataset.from_ragged((_as_tensor(flat), _as_tensor(offsets)))
 
 
+class _LongSequences:
+    """Collects sequences over a limit when truncation is off, to report them in one error."""
+
+    def __init__(
+        self,
+        key: str,
+        limit: int,
+        truncation: bool,
+        locations: Sequence[str] | None,
+        what: str,
+    ) -> None:
+        self.key, self.limit, self.truncation = key, limit, truncation
+        self.locations, self.what = locations, what
+        self.found: list[str] = []
+
+    def check(self, index: int, length: int) -> None:
+        if self.truncation or length <= self.limit:
+            return
+        where = self.locations[index] if self.locations is not None else f"{self.what} #{index}"
+        self.found.append(f"{where}: {length} tokens (EOS included) exceed {self.key}={self.limit}")
+
+    def raise_if_any(self) -> None:
+        if not self.found:
+            return
+        more = [f"... and {len(self.found) - 5} more"] if len(self.found) > 5 else []
+        hint = f"raise {self.key} or set data.truncation: true"
+        raise DataError([*self.found[:5], *more, hint])
+
+
 def _ragged_with_eos(
-    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int, eos: int
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    eos: int,
+    too_long: _LongSequences | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each text's ids truncated to `max_length - 1`, then EOS, as (flat, offsets)."""
     flat = array("q")
     offsets = array("q", [0])
-    for ids in encode(texts, tokenizer):
+    for i, ids in enumerate(encode(texts, tokenizer)):
+        if too_long is not None:
+            too_long.check(i, len(ids) + 1)
         flat.extend(ids[: max_length - 1])
         flat.append(eos)
         offsets.append(len(flat))
@@ -213,6 +256,9 @@ def tokenize_seq2seq(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     max_target_length: int,
+    *,
+    truncation: bool = True,
+    locations: Sequence[str] | None = None,
 ) -> TokenDataset:
     """Tokenize seq2seq pairs: input_ids and labels, each truncated and ended with EOS.
 
@@ -222,6 +268,8 @@ def tokenize_seq2seq(
         tokenizer: a transformers tokenizer with an eos token.
         max_length: input tokens at most (EOS included).
         max_target_length: label tokens at most (EOS included).
+        truncation: False makes a longer source or target an error instead of cutting it.
+        locations: `file:line` of each pair, for error messages.
 
     Returns:
         A ragged dataset with labels.
@@ -231,8 +279,15 @@ def tokenize_seq2seq(
     if min(max_length, max_target_length) < 1:
         raise ValueError("max_length and max_target_length must be >= 1")
     eos = _eos_id(tokenizer)
-    ids = _ragged_with_eos(sources, tokenizer, max_length, eos)
-    labels = _ragged_with_eos(targets, tokenizer, max_target_length, eos)
+    long_src = _LongSequences("data.max_length", max_length, truncation, locations, "source")
+    long_tgt = _LongSequences(
+        "data.max_target_length", max_target_length, truncation, locations, "target"
+    )
+    ids = _ragged_with_eos(sources, tokenizer, max_length, eos, long_src)
+    labels = _ragged_with_eos(targets, tokenizer, max_target_length, eos, long_tgt)
+    long_src.found += long_tgt.found
+    long_src.key = "data.max_length" if not long_tgt.found else "the limits"
+    long_src.raise_if_any()
     return TokenDataset.from_ragged(ids, labels)
 
 
