@@ -87,7 +87,7 @@ class _Fields:
 
 
 class _NullField(Exception):
-    pass
+    """A template field whose value is null (reported with the row's location)."""
 
 
 def _check_template(template: str, key: str) -> None:
