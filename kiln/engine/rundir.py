@@ -199,3 +199,39 @@ def model_card(trainer: Any) -> str:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def run_summary(
+    trainer: Any, final_dir: Path | None, sample: str | None, wall: float
+) -> dict[str, Any]:
+    """summary.json: what ran, how long, how fast, how well, and where the results are."""
+    from kiln.models import count_parameters
+
+    cfg, state = trainer.cfg, trainer.state
+    total, trainable = count_parameters(trainer.model)
+    return {
+        "name": cfg.name,
+        "task": cfg.task,
+        "steps": state.step,
+        "epochs": state.epoch + state.cursor / max(1, len(trainer.train_data)),
+        "tokens": state.tokens_seen,
+        "samples": state.samples_seen,
+        "wall_time_s": wall,
+        "tokens_per_s": state.tokens_seen / max(wall, 1e-9),
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "device": str(trainer.device),
+        "precision": cfg.train.precision,
+        "final_train_loss": state.last_train_loss,
+        "best_metric": {
+            "name": cfg.checkpoint.metric,
+            "value": state.best_metric,
+            "step": state.best_step,
+        },
+        "final_val": state.last_val,
+        "stop_reason": state.stop_reason,
+        "final_dir": None if final_dir is None else str(final_dir),
+        "resumed_from": None if trainer.resumed_from is None else str(trainer.resumed_from),
+        "checkpoints": [str(p) for p in trainer.checkpoint_paths],
+        "sample": sample,
+    }

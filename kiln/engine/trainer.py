@@ -31,7 +31,7 @@ from kiln.engine.events import Event
 from kiln.engine.loss import count_targets, forward_loss_sum
 from kiln.engine.precision import Precision, resolve_device
 from kiln.engine.resume import check_compatible, checkpoint_writers, restore_checkpoint
-from kiln.engine.rundir import RunDir, model_card
+from kiln.engine.rundir import RunDir, model_card, run_summary
 from kiln.engine.sample import generate_sample
 from kiln.engine.signals import StopSignals
 from kiln.engine.state import TrainState
@@ -543,47 +543,13 @@ class Trainer:
         )
 
     def _summary(self, final_dir: Path | None, sample: str | None) -> dict[str, Any]:
-        wall = time.perf_counter() - self._start_time
-        total, trainable = _count_params(self.model)
-        return {
-            "name": self.cfg.name,
-            "task": self.cfg.task,
-            "steps": self.state.step,
-            "epochs": self.state.epoch + self.state.cursor / max(1, len(self.train_data)),
-            "tokens": self.state.tokens_seen,
-            "samples": self.state.samples_seen,
-            "wall_time_s": wall,
-            "tokens_per_s": self.state.tokens_seen / max(wall, 1e-9),
-            "parameters": total,
-            "trainable_parameters": trainable,
-            "device": str(self.device),
-            "precision": self.cfg.train.precision,
-            "final_train_loss": self.state.last_train_loss,
-            "best_metric": {
-                "name": self.cfg.checkpoint.metric,
-                "value": self.state.best_metric,
-                "step": self.state.best_step,
-            },
-            "final_val": self.state.last_val,
-            "stop_reason": self.state.stop_reason,
-            "final_dir": None if final_dir is None else str(final_dir),
-            "resumed_from": None if self.resumed_from is None else str(self.resumed_from),
-            "checkpoints": [str(p) for p in self.checkpoint_paths],
-            "sample": sample,
-        }
+        return run_summary(self, final_dir, sample, time.perf_counter() - self._start_time)
 
 
 def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
     mask = batch.get("attention_mask")
     n = batch["input_ids"].numel() if mask is None else int(mask.sum())
     return n
-
-
-def _count_params(model: Any) -> tuple[int, int]:
-    seen: dict[int, torch.nn.Parameter] = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in seen.values())
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return total, trainable
 
 
 def _tokenizer_corpus(cfg: RunConfig, rows: list[Any]) -> list[str]:
