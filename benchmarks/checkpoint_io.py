@@ -48,12 +48,12 @@ from typing import Any
 import safetensors
 import torch
 import transformers
+from _common import gpt2, kiln_config
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import kiln
 import kiln.checkpoint
-from kiln import Trainer, load_config
+from kiln import Trainer
 from kiln.checkpoint import CheckpointManager
 from kiln.config import config_hash
 from kiln.engine.resume import checkpoint_writers, restore_checkpoint
@@ -73,41 +73,14 @@ CHECKSUM_FN = "_crc_range" if hasattr(kiln.checkpoint, "_crc_range") else "file_
 
 def make_trainer(args: argparse.Namespace, out: Path) -> Trainer:
     """A set-up kiln Trainer on a seeded GPT-2 whose AdamW has taken one step."""
-    config = GPT2Config(
-        vocab_size=args.vocab,
-        n_positions=args.seq_len,
-        n_embd=args.width,
-        n_layer=args.layers,
-        n_head=args.heads,
-        use_cache=False,
-        bos_token_id=args.vocab - 1,  # GPT-2's 50256 lies outside the small vocabulary
-        eos_token_id=args.vocab - 1,
-    )
-    torch.manual_seed(args.seed)
-    model = GPT2LMHeadModel(config)
-    cfg = load_config(
-        data={
-            "name": "checkpoint-io",
-            "output_dir": str(out),
-            "seed": args.seed,
-            # Documentation only: the model object is passed in, so these build nothing.
-            "model": {
-                "arch": "gpt2",
-                "hidden_size": args.width,
-                "num_layers": args.layers,
-                "num_heads": args.heads,
-                "max_position_embeddings": args.seq_len,
-            },
-            "data": {"train": "(passed in memory)", "max_length": args.seq_len},
-            "optim": {"warmup_steps": 0},
-            "train": {
-                "max_steps": 1,
-                "batch_size": 2,
-                "device": "cpu",
-                "num_threads": args.threads,
-            },
-            "log": {"progress": "none"},
-        }
+    model = gpt2(args)
+    cfg = kiln_config(
+        "checkpoint-io",
+        args,
+        out,
+        optim={"warmup_steps": 0},
+        train={"max_steps": 1, "batch_size": 2},
+        log={},
     )
     gen = torch.Generator().manual_seed(args.seed + 1)
     data = torch.randint(0, args.vocab, (4, args.seq_len), generator=gen)  # (N, T)

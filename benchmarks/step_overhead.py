@@ -53,8 +53,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
+from _common import gpt2, kiln_config
 from transformers import (
-    GPT2Config,
     GPT2LMHeadModel,
     PrinterCallback,
     TrainerCallback,
@@ -63,7 +63,7 @@ from transformers import (
 from transformers import Trainer as HFTrainer
 
 import kiln
-from kiln import Callback, Trainer, load_config
+from kiln import Callback, Trainer
 from kiln.data import BatchCursor, epoch_permutation
 from kiln.models import train_bpe_tokenizer
 
@@ -104,25 +104,9 @@ def pin_malloc() -> bool:
 
 
 def make_model(args: argparse.Namespace) -> GPT2LMHeadModel:
-    """The reference GPT-2, sized by the flags: no dropout, seeded init."""
-    config = GPT2Config(
-        vocab_size=args.vocab,
-        n_positions=args.seq_len,
-        n_embd=args.width,
-        n_layer=args.layers,
-        n_head=args.heads,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        # kiln passes use_cache=False itself; off in the config, the raw loop and hf also skip
-        # building a DynamicCache during training, so the comparison is about the loop only.
-        use_cache=False,
-        attn_implementation="sdpa",
-        bos_token_id=args.vocab - 1,  # GPT-2's 50256 lies outside the small vocabulary
-        eos_token_id=args.vocab - 1,
-    )
-    torch.manual_seed(args.seed)
-    return GPT2LMHeadModel(config)
+    """The reference GPT-2, sized by the flags. kiln passes use_cache=False itself; with the
+    cache off in the config, raw and hf also skip building one, so only the loops differ."""
+    return gpt2(args)
 
 
 def copy_of(ref: GPT2LMHeadModel) -> GPT2LMHeadModel:
@@ -285,43 +269,27 @@ class KilnHost(Callback):
                 self.blocks.append([])
 
 
-def kiln_config(args: argparse.Namespace, out: Path, total_steps: int) -> kiln.RunConfig:
-    return load_config(
-        data={
-            "name": "step-overhead",
-            "output_dir": str(out),
-            "seed": args.seed,
-            # Documentation only: the model object is passed in, so these build nothing.
-            "model": {
-                "arch": "gpt2",
-                "hidden_size": args.width,
-                "num_layers": args.layers,
-                "num_heads": args.heads,
-                "max_position_embeddings": args.seq_len,
-            },
-            "data": {"train": "(passed in memory)", "max_length": args.seq_len},
-            "optim": {
-                "lr": LR,
-                "weight_decay": WEIGHT_DECAY,
-                "betas": list(BETAS),
-                "eps": EPS,
-                "scheduler": "constant",
-                "warmup_steps": 0,
-            },
-            "train": {
-                "max_steps": total_steps,
-                "batch_size": args.batch_size,
-                "precision": "fp32",
-                "grad_clip": CLIP,
-                "device": "cpu",
-                "num_threads": args.threads,
-            },
-            "log": {"every_steps": 50, "progress": "none"},
-        }
+def make_kiln_config(args: argparse.Namespace, out: Path, total_steps: int) -> kiln.RunConfig:
+    return kiln_config(
+        "step-overhead",
+        args,
+        out,
+        optim={
+            "lr": LR,
+            "weight_decay": WEIGHT_DECAY,
+            "betas": list(BETAS),
+            "eps": EPS,
+            "scheduler": "constant",
+            "warmup_steps": 0,
+        },
+        train={
+            "max_steps": total_steps,
+            "batch_size": args.batch_size,
+            "precision": "fp32",
+            "grad_clip": CLIP,
+        },
+        log={"every_steps": 50},
     )
-
-
-# ---- the run ---------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -349,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         host = KilnHost([s + n for s, n in zip(starts, steps_per_block, strict=True)], between)
         trainer = Trainer(
-            kiln_config(args, Path(tmp) / "kiln", total),
+            make_kiln_config(args, Path(tmp) / "kiln", total),
             model=copy_of(ref),
             tokenizer=train_bpe_tokenizer(["benchmark"], vocab_size=260),
             train_data=kiln_blocks(batches, args.seed),

@@ -21,6 +21,7 @@ whole file. The manifest still goes last, after every fsync and checksum has fin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,9 +53,8 @@ def fsync_dir(path: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+            os.fsync(fd)
     finally:
         os.close(fd)
 

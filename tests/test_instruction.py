@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_rows, tiny_config
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from conftest import bpe_tokenizer, make_rows, tiny_config
 from transformers import PreTrainedTokenizerFast
 
 from kiln import Trainer
@@ -53,19 +52,7 @@ RESPONSES = [" Rinse the rice, then simmer it with lemon.", "Basil", "on rice", 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     """A tiny byte-level BPE trained in-process (no network)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>"
-    )
+    return bpe_tokenizer(CORPUS * 5)
 
 
 def ids_of(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
