@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from kiln.callbacks.base import Callback
-from kiln.callbacks.progress import ProgressCallback
+from kiln.callbacks.defaults import default_callbacks
 from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_hash
 from kiln.data import (
@@ -125,8 +125,8 @@ class Trainer:
         self.checkpoint_paths: list[Path] = []
         self.resumed_from: Path | None = None
         self.callbacks: list[Callback] = list(callbacks)
-        if not any(isinstance(cb, ProgressCallback) for cb in self.callbacks):
-            self.callbacks.append(ProgressCallback(cfg.log.progress))
+        given = {type(cb) for cb in self.callbacks}
+        self.callbacks += [cb for cb in default_callbacks(cfg) if type(cb) not in given]
         self.history: list[dict[str, float]] = []
         self.loss_history: list[float] = []
         self._pending_losses: list[torch.Tensor] = []

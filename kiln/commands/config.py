@@ -1,0 +1,29 @@
+"""`kiln config validate|explain CONFIG`."""
+
+from __future__ import annotations
+
+import argparse
+
+from kiln.commands import add_config_args
+from kiln.config import load_config
+
+HELP = "check or explain a config"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="config_command", required=True, parser_class=type(p))
+    add_config_args(sub.add_parser("validate", help="validate a config (exit 2 if bad)"))
+    add_config_args(
+        sub.add_parser("explain", help="resolved config, batch and token counts, LR schedule")
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.config_command == "validate":
+        print(f"{args.config}: ok")
+        return 0
+    from kiln.explain import explain
+
+    print(explain(cfg))
+    return 0

@@ -1,0 +1,52 @@
+"""Typed run configuration: pydantic models per section, YAML I/O, dotted overrides, presets.
+
+A run is described by one YAML file. `load_config` reads it, lays it over a preset (when the file
+names one), applies `key=value` overrides, validates everything at once and returns a frozen
+`RunConfig`. Every problem is reported as one line naming its key path (`ConfigError.problems`).
+
+One module per group of sections (`model`, `data`, `train`, `eval`, `tracking`); `run` holds
+`RunConfig`, the cross-section checks, presets and the YAML loading.
+"""
+
+from kiln.config.base import ConfigError, Section
+from kiln.config.data import DataConfig, InstructionTemplate
+from kiln.config.eval import CheckpointConfig, EvalConfig
+from kiln.config.model import LoraConfig, ModelConfig, TokenizerConfig
+from kiln.config.run import (
+    PRESETS,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_hash,
+    dump_yaml,
+    load_config,
+    parse_override_value,
+    save_config,
+)
+from kiln.config.tracking import LogConfig, NotifyConfig
+from kiln.config.train import OptimConfig, TrainConfig
+
+__all__ = [
+    "PRESETS",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "InstructionTemplate",
+    "LogConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "NotifyConfig",
+    "OptimConfig",
+    "RunConfig",
+    "Section",
+    "TokenizerConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_hash",
+    "dump_yaml",
+    "load_config",
+    "parse_override_value",
+    "save_config",
+]

@@ -1,0 +1,88 @@
+"""The data section: sources, task fields and templates, filters, tokenization, batching."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kiln.config.base import Section
+
+__all__ = ["DataConfig", "InstructionTemplate"]
+
+
+class InstructionTemplate(Section):
+    prompt: str
+    """Prompt format string over the row's fields (list fields joined by newlines)."""
+    response: str
+    """Response format string; only its tokens carry loss."""
+
+
+class DataConfig(Section):
+    train: str | list[str]
+    """Training data: a file (JSONL, JSON, CSV, Parquet, text), a glob, a list of them, a
+    `datasets` dataset saved to disk, or `hf:<hub name>`."""
+    val: str | list[str] | None = None
+    """Validation data (same forms as `train`); when unset, `val_split` of the training rows."""
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "text", "hf"] = "auto"
+    """File format; auto picks it from each file's extension (.jsonl .json .csv .parquet .txt)."""
+    hf_split: str = "train"
+    """Split to read from a `datasets` dataset (hub name or saved DatasetDict)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A malformed row stops with file:line (error), or is skipped and counted (skip)."""
+    val_split: float = Field(0.05, ge=0.0, lt=1.0)
+    """Fraction of training rows held out for validation when `data.val` is unset."""
+    text_field: str = "text"
+    """Row field holding the text (causal_lm)."""
+    source_template: str = "{source}"
+    """seq2seq input, a format string over the row's fields (list fields joined by newlines)."""
+    target_template: str = "{target}"
+    """seq2seq target, a format string over the row's fields (list fields joined by newlines)."""
+    prompt_template: str = "{prompt}"
+    """instruction: the prompt, a format string over the row's fields (no loss on its tokens)."""
+    response_template: str = "{response}"
+    """instruction: the response, a format string over the row's fields (the loss is on it)."""
+    templates: list[InstructionTemplate] = Field(default_factory=list)
+    """instruction: several prompt/response templates, one picked per sample (seeded): mixed
+    sample formats. Overrides prompt_template/response_template when set."""
+    max_length: int = Field(256, gt=1)
+    """causal_lm: tokens per packed block (sequence length); seq2seq/instruction: max input
+    tokens (instruction: prompt + response)."""
+    max_target_length: int = Field(256, gt=1)
+    """seq2seq: max target tokens."""
+    truncation: bool = True
+    """Cut sequences longer than the limits; false makes such a sequence an error."""
+    packing: bool = True
+    """causal_lm: concatenate documents (EOS-separated) into blocks of max_length tokens."""
+    isolate_documents: bool = True
+    """With packing: documents in a block do not attend to each other (position ids restart
+    per document), where the model supports it."""
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+    """Pad each batch's length up to a multiple of this (tensor-core and compile friendly)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding); the order stays seeded."""
+    collator: str = "auto"
+    """Collator by registry name; auto picks the task's default."""
+    cache_dir: str | None = ".kiln_cache"
+    """Cache tokenized datasets here, keyed by data, tokenizer and settings; null disables."""
+    num_workers: int = Field(0, ge=0)
+    """Worker processes for tokenization (0: in the main process)."""
+    min_quality_score: float | None = Field(None, ge=0.0, le=1.0)
+    """Drop rows whose `quality_field` is below this score."""
+    quality_field: str = "quality_score"
+    """Row field holding the quality score used by `min_quality_score`."""
+    dedup: bool = True
+    """Drop exact duplicates (by rendered text), keeping the first."""
+    min_chars: int | None = Field(None, ge=0)
+    """Drop rows whose rendered text is shorter than this many characters."""
+    max_chars: int | None = Field(None, gt=0)
+    """Drop rows whose rendered text is longer than this many characters."""
+    max_samples: int | None = Field(None, gt=0)
+    """Use at most this many training rows (after filtering), for quick experiments."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        lo, hi = self.min_chars, self.max_chars
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"data.min_chars: must be <= data.max_chars ({hi}), got {lo}")
+        return self

@@ -1,0 +1,71 @@
+"""Model, tokenizer and LoRA sections: what is trained."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kiln.config.base import Section
+
+__all__ = ["LoraConfig", "ModelConfig", "TokenizerConfig"]
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = None
+    """Pretrained model: a local directory or a hub id. Mutually exclusive with `arch`."""
+    arch: Literal["gpt2", "llama", "t5"] | None = None
+    """Build a fresh model of this architecture from the size fields below (from scratch)."""
+    hidden_size: int = Field(256, gt=0)
+    """Width of the residual stream (from scratch)."""
+    num_layers: int = Field(4, gt=0)
+    """Number of transformer blocks (from scratch; for t5, encoder and decoder each)."""
+    num_heads: int = Field(4, gt=0)
+    """Attention heads per layer (from scratch); must divide hidden_size."""
+    intermediate_size: int | None = Field(None, gt=0)
+    """MLP width (from scratch); default 4 x hidden_size (8/3 x for llama)."""
+    max_position_embeddings: int = Field(1024, gt=0)
+    """Longest sequence the model can see (from scratch; gpt2/llama)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout probability inside the model (from scratch)."""
+    tie_word_embeddings: bool = True
+    """Share input embedding and output projection weights (from scratch)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the stored weights; mixed precision is `train.precision`."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.arch is None):
+            raise ValueError("set exactly one of model.name_or_path or model.arch")
+        if self.arch is not None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.num_heads: must divide model.hidden_size ({self.hidden_size}), "
+                f"got {self.num_heads}"
+            )
+        return self
+
+
+class TokenizerConfig(Section):
+    name_or_path: str | None = None
+    """Tokenizer path or hub id; default: model.name_or_path, or train one when from scratch."""
+    vocab_size: int = Field(4096, ge=260)
+    """Vocabulary size of a tokenizer trained on the training text (byte-level BPE)."""
+    min_frequency: int = Field(2, ge=1)
+    """Minimum pair frequency for a BPE merge when training a tokenizer."""
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    """Train low-rank adapters instead of all weights."""
+    r: int = Field(8, gt=0)
+    """Adapter rank."""
+    alpha: float = Field(16.0, gt=0.0)
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or all-linear."""

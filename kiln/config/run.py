@@ -1,0 +1,284 @@
+"""RunConfig (every section, cross-section checks), presets, YAML I/O and dotted overrides.
+
+A run is described by one YAML file. `load_config` reads it, lays it over a preset (when the file
+names one), applies `key=value` overrides, validates everything at once and returns a frozen
+`RunConfig`. Every problem is reported as one line naming its key path (`ConfigError.problems`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ValidationError, model_validator
+
+from kiln.config.base import ConfigError, Section
+from kiln.config.data import DataConfig
+from kiln.config.eval import CheckpointConfig, EvalConfig
+from kiln.config.model import LoraConfig, ModelConfig, TokenizerConfig
+from kiln.config.tracking import LogConfig, NotifyConfig
+from kiln.config.train import OptimConfig, TrainConfig
+
+__all__ = [
+    "PRESETS",
+    "RunConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_hash",
+    "dump_yaml",
+    "load_config",
+    "parse_override_value",
+    "save_config",
+]
+
+
+class RunConfig(Section):
+    name: str = "run"
+    """Run name; the default output_dir is runs/<name>."""
+    output_dir: str | None = None
+    """Run directory (config.yaml, metrics.jsonl, final/, summary.json)."""
+    preset: Literal["fast", "baseline", "quality"] | None = None
+    """Preset the file starts from; the file's own values win."""
+    seed: int = 42
+    """Seed for data order, initialization and dropout."""
+    task: Literal["causal_lm", "seq2seq", "instruction"] = "causal_lm"
+    """causal_lm: next-token prediction on text; instruction: prompt -> response with a causal
+    LM, loss on the response only; seq2seq: source -> target (encoder-decoder)."""
+    model: ModelConfig
+    """The model: pretrained by path, or an architecture built from scratch."""
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    """The tokenizer: loaded by path, or trained on the training text."""
+    data: DataConfig
+    """Training and validation data."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig
+    """Length, batching, precision and device of training."""
+    eval: EvalConfig = EvalConfig()
+    """Validation cadence and the end-of-run sample."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoint cadence, rotation and the metric that ranks them."""
+    lora: LoraConfig = LoraConfig()
+    """Low-rank adapters (PEFT)."""
+    log: LogConfig = LogConfig()
+    """Logging cadence and progress display."""
+    notify: NotifyConfig = NotifyConfig()
+    """Notifications about the run."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        problems = []
+        arch_task = {"gpt2": "causal_lm", "llama": "causal_lm", "t5": "seq2seq"}
+        model_task = "causal_lm" if self.task == "instruction" else self.task
+        if self.model.arch and arch_task[self.model.arch] != model_task:
+            problems.append(
+                f"model.arch: {self.model.arch} is a {arch_task[self.model.arch]} model, "
+                f"but task is {self.task}"
+            )
+        steps = self.train.max_steps
+        if steps is not None and self.optim.warmup_steps >= steps:
+            problems.append(
+                f"optim.warmup_steps: must be < train.max_steps ({steps}), "
+                f"got {self.optim.warmup_steps}"
+            )
+        if (
+            self.model.arch in ("gpt2", "llama")
+            and self.data.max_length > self.model.max_position_embeddings
+        ):
+            problems.append(
+                f"data.max_length: {self.data.max_length} exceeds "
+                f"model.max_position_embeddings ({self.model.max_position_embeddings})"
+            )
+        if self.train.precision == "fp16" and not self.train.device.startswith(("cuda", "auto")):
+            problems.append(f"train.precision: fp16 needs a CUDA device, got {self.train.device}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory: `output_dir`, or runs/<name>."""
+        return Path(self.output_dir or f"runs/{self.name}")
+
+
+# Presets hold only training-behaviour knobs; the file's model and data always win.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {
+        "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_steps": 0},
+        "train": {"max_steps": 100, "grad_accum_steps": 1},
+        "eval": {"every_steps": 50, "max_batches": 10},
+        "log": {"every_steps": 10},
+    },
+    "baseline": {
+        "optim": {"lr": 5e-4, "scheduler": "cosine", "warmup_steps": 50, "min_lr_ratio": 0.1},
+        "train": {"max_steps": 1000, "grad_clip": 1.0},
+        "eval": {"every_steps": 200, "max_batches": 50},
+        "log": {"every_steps": 20},
+    },
+    "quality": {
+        "optim": {
+            "lr": 3e-4,
+            "scheduler": "cosine",
+            "warmup_steps": 200,
+            "min_lr_ratio": 0.05,
+            "weight_decay": 0.1,
+        },
+        "train": {"max_steps": 5000, "grad_clip": 1.0},
+        "eval": {"every_steps": 250},
+        "log": {"every_steps": 50},
+    },
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+
+
+_FLOAT_RE = r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"""
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(_FLOAT_RE, re.X), list("-+0123456789.")
+)
+
+
+def parse_override_value(text: str) -> Any:
+    """Parse the value of a `key=value` override: numbers, bools, null, [lists], or a string."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted `a.b.c=value` overrides to a raw config dict (returns a new dict)."""
+    out = copy.deepcopy(raw)
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"{item}: an override must look like section.key=value")
+            continue
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = parse_override_value(text)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required key is missing")
+        elif e["type"] == "value_error" and not loc:
+            lines.extend(msg.splitlines())
+        elif e["type"] == "value_error":
+            lines.extend(m if m.startswith(loc) else f"{loc}: {m}" for m in msg.splitlines())
+        else:
+            lines.append(f"{loc}: {msg[0].lower() + msg[1:]} (got {e['input']!r})")
+    return lines
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"cannot read config: {exc.strerror}"], str(path)) from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"invalid YAML: {problem}"], where) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["the top level must be a mapping of sections"], str(path))
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str | None = None) -> RunConfig:
+    """Validate a raw dict (preset applied first) into a RunConfig, or raise ConfigError."""
+    preset = raw.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            names = ", ".join(PRESETS)
+            raise ConfigError(
+                [f"preset: unknown preset {preset!r} (expected one of {names})"], source
+            )
+        raw = _deep_merge(PRESETS[preset], raw)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err), source) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    data: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Load a run config from a YAML file (or a dict), apply overrides, and validate it.
+
+    Args:
+        path: YAML file. Relative data paths in it are kept as written (relative to the cwd).
+        overrides: dotted `section.key=value` strings, applied after the file.
+        data: a raw config dict, instead of a file.
+
+    Raises:
+        ConfigError: with one line per problem, each naming the key path.
+    """
+    if (path is None) == (data is None):
+        raise TypeError("pass exactly one of path or data")
+    raw = _read_yaml(Path(path)) if path is not None else copy.deepcopy(data)
+    source = str(path) if path is not None else None
+    return config_from_dict(apply_overrides(raw, overrides or []), source)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """The config as YAML text, every field explicit (what ran)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config to `path` as YAML."""
+    Path(path).write_text(dump_yaml(cfg))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """A stable sha256 of the resolved config (canonical JSON)."""
+    canon = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()

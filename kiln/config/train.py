@@ -1,0 +1,64 @@
+"""Optimizer and training-loop sections."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kiln.config.base import Section
+
+__all__ = ["OptimConfig", "TrainConfig"]
+
+
+class OptimConfig(Section):
+    name: Literal["adamw"] = "adamw"
+    """Optimizer (AdamW; fused when the device supports it)."""
+    lr: float = Field(3e-4, gt=0.0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.01, ge=0.0)
+    """Decoupled weight decay, applied to matrices only (not biases or norms)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = Field(1e-8, gt=0.0)
+    """Adam epsilon."""
+    fused: bool | None = None
+    """Fused AdamW kernel: null picks the fastest supported one for the device."""
+    scheduler: Literal["constant", "linear", "cosine", "cosine_restarts"] = "cosine"
+    """LR schedule after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Floor of the decaying schedules, as a fraction of `lr`."""
+    num_cycles: int = Field(1, ge=1)
+    """cosine_restarts: number of cosine cycles over the run."""
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to train; with num_epochs too, whichever ends first."""
+    num_epochs: float | None = Field(None, gt=0)
+    """Passes over the training data (may be fractional)."""
+    batch_size: int = Field(8, gt=0)
+    """Sequences per micro-batch."""
+    grad_accum_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step; the loss is token-weighted over the whole window."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision: fp32, bf16 (CUDA with bf16 support, or CPU), fp16 (CUDA only)."""
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    """Clip the global gradient norm to this value; null disables clipping."""
+    device: str = "auto"
+    """auto (CUDA, then MPS, then CPU), or cpu, cuda, cuda:N, mps."""
+    num_threads: int | None = Field(None, gt=0)
+    """CPU threads for torch; null keeps torch's default."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.max_steps is None and self.num_epochs is None:
+            raise ValueError("set train.max_steps or train.num_epochs")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(
+                f"train.device: expected auto, cpu, mps, cuda or cuda:N, got {self.device!r}"
+            )
+        return self
