@@ -241,9 +241,12 @@ class Trainer:
 
         cfg = self.cfg
         rows = None
+        self.train_rows: list[Any] | None = None  # the source rows, when built from the config
+        self.val_rows: list[Any] | None = None
         if self._train_data is None:
             train_rows, val_rows, stats = load_splits(cfg)
             rows = (train_rows, val_rows, stats)
+            self.train_rows, self.val_rows = train_rows, val_rows
         if self.tokenizer is None:
             texts = None
             if rows is not None:
