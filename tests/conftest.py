@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from kiln import Callback, Trainer
 from kiln.config import RunConfig, load_config
 
 _DISHES = ["Rice", "Soup", "Stew", "Salad", "Curry", "Pasta", "Omelette", "Tacos"]
@@ -37,6 +40,7 @@ def make_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
                 "steps": steps,
                 "text": text,
                 "quality_score": round(rng.random(), 3),
+                "difficulty": 1 + (i * 7) % 5,  # no RNG draw: the other fields stay as they were
             }
         )
     return rows
@@ -112,3 +116,49 @@ def bpe_tokenizer(corpus: list[str], vocab_size: int = 320) -> Any:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>"
     )
+
+
+class StopAt(Callback):
+    """Checkpoint and stop at a given step, as a preempted job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.state.step == self.step:
+            trainer.request_stop("test", resumable=True)
+
+
+def logged_metrics(run: Path) -> list[tuple]:
+    """(step, split, loss) of every metrics.jsonl record."""
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["split"], r["loss"]) for r in records]
+
+
+def assert_resume_is_exact(
+    make_cfg: Callable[[Path], RunConfig],
+    tmp_path: Path,
+    stop_at: int,
+    **trainer_kwargs: Any,
+) -> tuple[Trainer, Trainer]:
+    """Train once straight through and once stopped at `stop_at` and resumed: same everything.
+
+    `make_cfg(root)` builds the run config writing under `root`. Compares the loss history,
+    the validation metrics, metrics.jsonl and every weight. Returns (reference, resumed).
+    """
+
+    def run(root: Path, **kwargs: Any) -> tuple[Trainer, Any]:
+        trainer = Trainer(make_cfg(root), **trainer_kwargs, **kwargs)
+        return trainer, trainer.fit()
+
+    ref_trainer, ref = run(tmp_path / "ref")
+    first, _ = run(tmp_path / "cut", callbacks=[StopAt(stop_at)])
+    assert first.state.step == stop_at
+    resumed_trainer, resumed = run(tmp_path / "cut", resume=True)
+    assert resumed_trainer.resumed_from is not None
+    assert resumed.loss_history == ref.loss_history
+    assert resumed.metrics == ref.metrics
+    for name, tensor in ref_trainer.model.state_dict().items():
+        assert torch.equal(tensor, resumed_trainer.model.state_dict()[name]), name
+    assert logged_metrics(resumed.run_dir) == logged_metrics(ref.run_dir)
+    return ref_trainer, resumed_trainer

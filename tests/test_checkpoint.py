@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import StopAt, logged_metrics, tiny_config
 from safetensors.torch import load_file
 
 from kiln import Callback, Trainer
@@ -29,17 +29,6 @@ def _data(n: int, seed: int) -> list[list[int]]:
         torch.randint(0, 250, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g).tolist()
         for _ in range(n)
     ]
-
-
-class StopAt(Callback):
-    """Checkpoint and stop at a given step, as a preempted job would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.state.step == self.step:
-            trainer.request_stop("test", resumable=True)
 
 
 def _cfg(tmp_path: Path, recipe_files, **sections: Any):
@@ -66,11 +55,6 @@ def _run(cfg, tokenizer, **kwargs: Any):
     return trainer, trainer.fit()
 
 
-def _metrics(run: Path) -> list[tuple]:
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["split"], r["loss"]) for r in records]
-
-
 @pytest.mark.parametrize("stop_at", [1, 2, 3, 5, 7])
 def test_resume_is_bit_exact(tmp_path: Path, recipe_files, tokenizer, stop_at: int) -> None:
     ref_trainer, ref = _run(_cfg(tmp_path / "ref", recipe_files), tokenizer)
@@ -88,7 +72,7 @@ def test_resume_is_bit_exact(tmp_path: Path, recipe_files, tokenizer, stop_at: i
     assert resumed.metrics == ref.metrics
     for name, tensor in ref_trainer.model.state_dict().items():
         assert torch.equal(tensor, resumed_trainer.model.state_dict()[name]), name
-    assert _metrics(tmp_path / "cut" / "run") == _metrics(tmp_path / "ref" / "run")
+    assert logged_metrics(tmp_path / "cut" / "run") == logged_metrics(tmp_path / "ref" / "run")
 
 
 def test_checkpoint_files_and_manifest(tmp_path: Path, recipe_files, tokenizer) -> None:
@@ -237,7 +221,7 @@ def test_stop_inside_validation_checkpoints_and_redoes_it(
     assert state["validation_pending"] is True
     _, resumed = _run(cfg, tokenizer, resume=True)
     assert resumed.metrics == ref.metrics
-    assert _metrics(tmp_path / "cut" / "run") == _metrics(tmp_path / "ref" / "run")
+    assert logged_metrics(tmp_path / "cut" / "run") == logged_metrics(tmp_path / "ref" / "run")
 
 
 @pytest.mark.parametrize("size", [0, 1, 1000, (32 << 20) - 1, (32 << 20) + 7, (70 << 20) + 3])

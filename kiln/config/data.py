@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from itertools import pairwise
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from kiln.config.base import Section
 
-__all__ = ["DataConfig", "InstructionTemplate"]
+__all__ = [
+    "AugmentConfig",
+    "CurriculumConfig",
+    "CurriculumStage",
+    "DataConfig",
+    "InstructionTemplate",
+    "QualityRamp",
+]
 
 
 class InstructionTemplate(Section):
@@ -16,6 +24,59 @@ class InstructionTemplate(Section):
     """Prompt format string over the row's fields (list fields joined by newlines)."""
     response: str
     """Response format string; only its tokens carry loss."""
+
+
+class CurriculumStage(Section):
+    until: int | None = Field(None, gt=0)
+    """The stage lasts until this epoch or step (exclusive; `curriculum.by`); null: to the end."""
+    max_difficulty: float | None = None
+    """Train only on samples whose difficulty is <= this; null: every difficulty."""
+
+
+class QualityRamp(Section):
+    start: float = Field(ge=0.0, le=1.0)
+    """Quality threshold at epoch/step 0: samples scoring below it are not drawn."""
+    end: float = Field(ge=0.0, le=1.0)
+    """Quality threshold reached after `over` epochs/steps, and kept after."""
+    over: int = Field(gt=0)
+    """Epochs or steps (`curriculum.by`) over which the threshold moves linearly to `end`."""
+
+
+class CurriculumConfig(Section):
+    difficulty: str = "difficulty"
+    """Difficulty of a sample: a numeric row field, or `length` (its tokens) or `num_steps`
+    (lines of its text that start with a step number, e.g. `3.`)."""
+    by: Literal["epoch", "step"] = "epoch"
+    """Stages and the quality ramp advance per epoch, or per optimizer step (needs
+    train.max_steps)."""
+    stages: list[CurriculumStage] = Field(default_factory=list)
+    """Staged schedule, easiest first; the last stage must have `until: null`."""
+    quality: QualityRamp | None = None
+    """Progressive quality threshold on `data.quality_field` (e.g. 0.5 -> 0.75)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CurriculumConfig:
+        if not self.stages and self.quality is None:
+            raise ValueError("data.curriculum: set stages, quality, or both")
+        ends = [st.until for st in self.stages]
+        if ends and ends[-1] is not None:
+            raise ValueError("data.curriculum.stages: the last stage must have until: null")
+        if None in ends[:-1]:
+            raise ValueError("data.curriculum.stages: only the last stage may have until: null")
+        bounded = [e for e in ends if e is not None]
+        if any(b <= a for a, b in pairwise(bounded)):
+            raise ValueError("data.curriculum.stages: `until` must increase from stage to stage")
+        return self
+
+
+class AugmentConfig(Section):
+    name: str
+    """Augmenter by registry name: template_variation, verb_paraphrase, recipe_tip, or one you
+    registered with `kiln.data.augment.register_augmenter`."""
+    p: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability that a sample is augmented by it (drawn per seed, epoch and sample)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Options of the augmenter (e.g. `words` for verb_paraphrase, `tips` for recipe_tip)."""
 
 
 class DataConfig(Section):
@@ -79,6 +140,10 @@ class DataConfig(Section):
     """Drop rows whose rendered text is longer than this many characters."""
     max_samples: int | None = Field(None, gt=0)
     """Use at most this many training rows (after filtering), for quick experiments."""
+    curriculum: CurriculumConfig | None = None
+    """Curriculum learning: which training samples may be drawn as training goes on."""
+    augment: list[AugmentConfig] = Field(default_factory=list)
+    """Augmenters applied in order to each training sample as it is drawn (not to val)."""
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -94,6 +94,7 @@ class RunConfig(Section):
                 f"data.max_length: {self.data.max_length} exceeds "
                 f"model.max_position_embeddings ({self.model.max_position_embeddings})"
             )
+        problems += _data_schedule_problems(self)
         if self.train.precision == "fp16" and not self.train.device.startswith(("cuda", "auto")):
             problems.append(f"train.precision: fp16 needs a CUDA device, got {self.train.device}")
         if problems:
@@ -106,6 +107,32 @@ class RunConfig(Section):
         return Path(self.output_dir or f"runs/{self.name}")
 
 
+def _data_schedule_problems(cfg: RunConfig) -> list[str]:
+    """Curriculum and augmentation settings that do not fit the task or the run length."""
+    data, problems = cfg.data, []
+    packed = cfg.task == "causal_lm" and data.packing
+    if data.augment and packed:
+        problems.append(
+            "data.augment: augmented samples are re-tokenized as they are drawn, which packed "
+            "blocks cannot be; set data.packing: false"
+        )
+    cur = data.curriculum
+    if cur is None:
+        return problems
+    if packed and not data.isolate_documents:
+        problems.append(
+            "data.curriculum: with data.packing it needs data.isolate_documents: true "
+            "(to know which documents each block holds)"
+        )
+    if cur.by == "step" and (cfg.train.max_steps is None or cfg.train.num_epochs is not None):
+        problems.append(
+            "data.curriculum.by: step needs train.max_steps, without train.num_epochs (the "
+            "length of an epoch then changes with the step)"
+        )
+    return problems
+
+
+# Presets hold only training-behaviour knobs; the file's model and data always win.
 # Presets hold only training-behaviour knobs; the file's model and data always win.
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {

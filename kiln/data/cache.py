@@ -46,7 +46,7 @@ __all__ = [
 
 log = logging.getLogger("kiln")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Layout of a cache entry; bump it when that changes."""
 
 # data settings that cannot change the tokens of given rendered texts: which rows there are
@@ -70,6 +70,8 @@ _NOT_IN_KEY = frozenset(
         "collator",
         "cache_dir",
         "num_workers",
+        "curriculum",
+        "augment",
     }
 )
 

@@ -259,7 +259,8 @@ class Batcher:
         """The batch of `dataset[indices]` (indices: a 1-D int64 tensor)."""
         if self._packed and getattr(dataset, "blocks", None) is not None:
             return packed_batch(dataset, indices)
-        examples = [dataset[i] for i in indices.tolist()]
+        gather = getattr(dataset, "gather", None)  # one call for the batch (augmentation)
+        examples = gather(indices) if gather else [dataset[i] for i in indices.tolist()]
         return self.collate_fn(
             examples, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of
         )

@@ -81,6 +81,7 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
         self._ids: tuple[Tensor, Tensor] | None = None
         self._labels: tuple[Tensor, Tensor] | None = None
         self._aligned = aligned and labels is not None
+        self._source_rows: Tensor | None = None
         if isinstance(input_ids, Tensor):
             if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
                 raise ValueError(
@@ -112,11 +113,14 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
         labels: tuple[Tensor, Tensor] | None = None,
         *,
         aligned: bool = False,
+        source_rows: Tensor | None = None,
     ) -> TokenDataset:
         """Wrap (flat (T,), offsets (N + 1,)) int64 tensors without copying.
 
         Example i is `flat[offsets[i] : offsets[i + 1]]`; `offsets` starts at 0 and ends at T.
         `aligned` labels may share the offsets tensor of `ids` (see the class docstring).
+        `source_rows`: (N,) index of the input row each example came from, when the tokenizer
+        dropped some rows (default: example i is row i).
         """
         for name, pair in (("input_ids", ids), ("labels", labels)):
             if pair is None:
@@ -132,6 +136,11 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
         ds._blocks = None
         ds._doc_starts = None
         ds._aligned = aligned and labels is not None
+        ds._source_rows = None
+        if source_rows is not None:
+            ds._source_rows = torch.as_tensor(source_rows, dtype=torch.int64)
+            if ds._source_rows.shape != (len(ids[1]) - 1,):
+                raise ValueError("source_rows must hold one row index per example")
         ds._ids = (ids[0].to(torch.int64), ids[1].to(torch.int64))
         ds._labels = (
             None if labels is None else (labels[0].to(torch.int64), labels[1].to(torch.int64))
@@ -157,6 +166,19 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
     def blocks(self) -> Tensor | None:
         """The (N, L) int64 tensor when every example has the same length, else None."""
         return self._blocks
+
+    @property
+    def source_rows(self) -> Tensor | None:
+        """(N,) index of the input row of each example (ragged), None for packed blocks.
+
+        Example i comes from row i unless tokenization dropped rows (instruction samples
+        without room for a response), which this maps around.
+        """
+        if self._blocks is not None:
+            return None
+        if self._source_rows is None:
+            return torch.arange(len(self), dtype=torch.int64)
+        return self._source_rows
 
     @property
     def doc_starts(self) -> Tensor | None:

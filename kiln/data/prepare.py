@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kiln.data.cache import cached_dataset
+from kiln.data.curriculum import order_rows
 from kiln.data.dataset import TokenDataset
 from kiln.data.sources import BadRows, ReadOptions, Row, _Problems, json_type, read_rows, where
 from kiln.data.tasks import TaskFormat, make_format, render_rows
@@ -271,7 +272,8 @@ def load_splits(cfg: RunConfig) -> tuple[list[Row], list[Row], DataStats]:
     order. Validation rows come from `data.val` (checked and filtered the same way;
     duplicates are found within each side) or, when unset, from a split of the training rows
     (`split_indices`, seeded by `cfg.seed`). Finally `data.max_samples` caps the training
-    rows. Rows keep their source order.
+    rows. Rows keep their source order, except that a curriculum over packed data sorts the
+    training rows by difficulty (`kiln.data.curriculum.order_rows`).
 
     Returns:
         (train rows, val rows, stats); val rows may be empty (val_split=0, no data.val).
@@ -306,6 +308,7 @@ def load_splits(cfg: RunConfig) -> tuple[list[Row], list[Row], DataStats]:
     if data.max_samples is not None and len(train) > data.max_samples:
         stats.dropped["max_samples"] = len(train) - data.max_samples
         train = train[: data.max_samples]
+    train = order_rows(cfg, train)
     stats.train_rows, stats.val_rows = len(train), len(val)
     stats.bad_rows, stats.bad_row_examples = options.bad.count, list(options.bad.examples)
     if options.bad.count:

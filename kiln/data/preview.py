@@ -85,10 +85,46 @@ def preview(cfg: RunConfig, *, samples: int = 3) -> str:
     lines.append(f"train target tokens {train.num_tokens:,} (the loss denominator over one epoch)")
     if cfg.task == "causal_lm" and cfg.data.packing:
         lines.append(f"packed into {len(train):,} blocks of {cfg.data.max_length} tokens")
+    if cfg.data.curriculum is not None:
+        lines += ["", "## curriculum", *_curriculum_lines(cfg, train, train_rows)]
     lines += [
         "",
         f"## samples (text in {MASK_OPEN} {MASK_CLOSE} carries no loss)",
     ]
     for i in range(min(samples, len(train))):
         lines += ["", f"--- train example {i} ---", render_example(train[i], tokenizer, cfg.task)]
+    if cfg.data.augment:
+        lines += ["", "## augmented (epoch 0)", *_augment_lines(cfg, train, train_rows, samples)]
     return "\n".join(lines)
+
+
+def _curriculum_lines(cfg: RunConfig, train: Any, rows: list[Any]) -> list[str]:
+    """Eligible examples at each point where the curriculum changes."""
+    from kiln.data.curriculum import Curriculum
+
+    cur = Curriculum.for_dataset(cfg, train, rows)
+    times = {0} | {st.until for st in cur.cfg.stages if st.until is not None}
+    if cur.cfg.quality is not None:
+        times.add(cur.cfg.quality.over)
+    lines = []
+    for t in sorted(times):
+        epoch, step = (t, 0) if cur.cfg.by == "epoch" else (0, t)
+        cur.mask(epoch, step)
+        lines.append(cur.describe(epoch, step))
+    return lines
+
+
+def _augment_lines(cfg: RunConfig, train: Any, rows: list[Any], samples: int) -> list[str]:
+    """The first few training samples as the augmenters render them in epoch 0."""
+    from kiln.data.augment import AugmentedDataset, build_augmenters
+    from kiln.data.tasks import make_format
+
+    fmt = make_format(cfg)
+    augmenters = build_augmenters(cfg.data.augment, fmt)
+    # Only the rendering is shown, so the tokenize callback is never called.
+    aug = AugmentedDataset(train, rows, fmt, augmenters, lambda parts: train, cfg.seed)
+    lines = []
+    for i in range(min(samples, len(train))):
+        parts = aug.sample(i, 0).parts
+        lines += ["", f"--- train example {i}, augmented ---", "\n".join(parts)]
+    return lines

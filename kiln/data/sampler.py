@@ -19,7 +19,7 @@ ranks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -150,6 +150,8 @@ class BatchCursor:
             raise ValueError(f"lengths has {len(lengths)} entries for {n} samples")
         self.lengths = lengths
         self.epoch, self.cursor = 0, 0
+        self.last_epoch = epoch
+        """The epoch the last batch was drawn from (`epoch` may have moved on since)."""
         self._perm: Tensor | None = None
         self._perm_epoch = -1
         self.load_state_dict({"epoch": epoch, "cursor": cursor})
@@ -171,16 +173,52 @@ class BatchCursor:
         assert self._perm is not None
         return self._perm
 
-    def next_indices(self) -> Tensor:
+    def next_indices(self, eligible: Callable[[int], Tensor] | None = None) -> Tensor:
         """This rank's (batch_size,) sample indices for the next batch; advances the position.
 
         After the last full batch of an epoch the position moves to (epoch + 1, 0).
+
+        `eligible(epoch)` (curriculum learning) gives an (n,) bool mask of the samples that may
+        be drawn now: the batch is then the next `global batch` eligible samples of the epoch's
+        order, the cursor moves past the last one taken, and the epoch ends when fewer than a
+        global batch of eligible samples remain.
+
+        Raises:
+            DataError: fewer eligible samples in a whole epoch than one global batch.
         """
+        if eligible is not None:
+            return self._next_eligible(eligible)
+        self.last_epoch = self.epoch
         start = self.cursor + self.rank * self.batch_size
         indices = self._permutation()[start : start + self.batch_size]
         self.cursor += self.global_batch
         if self.cursor + self.global_batch > self.n:
             self.epoch, self.cursor = self.epoch + 1, 0
+        return indices
+
+    def _next_eligible(self, eligible: Callable[[int], Tensor]) -> Tensor:
+        while True:
+            rest = self._permutation()[self.cursor :]
+            mask = eligible(self.epoch)
+            if mask.shape != (self.n,):
+                raise ValueError(f"eligible mask has shape {tuple(mask.shape)}, not ({self.n},)")
+            positions = mask[rest].nonzero().squeeze(1)  # offsets into rest of eligible ones
+            if len(positions) >= self.global_batch:
+                break
+            if self.cursor == 0:
+                raise DataError(
+                    f"only {len(positions)} of {self.n} training examples are eligible in "
+                    f"epoch {self.epoch} (data.curriculum), fewer than one batch of "
+                    f"{self.global_batch}; loosen the curriculum or lower train.batch_size"
+                )
+            self.epoch, self.cursor = self.epoch + 1, 0  # the rest cannot fill a batch
+        self.last_epoch = self.epoch
+        taken = positions[: self.global_batch]
+        mine = taken[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        indices = rest[mine]
+        self.cursor += int(taken[-1]) + 1
+        if len(positions) - self.global_batch < self.global_batch:
+            self.epoch, self.cursor = self.epoch + 1, 0  # no full batch left in this epoch
         return indices
 
     def __iter__(self) -> Iterator[Tensor]:

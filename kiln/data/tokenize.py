@@ -300,6 +300,7 @@ def tokenize_instruction(
     *,
     locations: Sequence[str] | None = None,
     what: str = "data",
+    quiet: bool = False,
 ) -> TokenDataset:
     """Tokenize instruction samples: the loss is on the response and its EOS only.
 
@@ -334,10 +335,11 @@ def tokenize_instruction(
         truncation: cut too-long samples (see above), or refuse them.
         locations: each sample's `file:line` for messages; default `sample <i>`.
         what: names the data in messages, e.g. "training data (train.jsonl)".
+        quiet: do not warn about dropped samples (the caller handles them).
 
     Returns:
         A ragged dataset with aligned labels (`TokenDataset.aligned`), in input order, without
-        the dropped samples.
+        the dropped samples (`source_rows` maps examples to their prompts).
 
     Raises:
         DataError: too-long samples with `truncation=False`, or every sample dropped.
@@ -392,7 +394,7 @@ def tokenize_instruction(
                 f"within data.max_length={max_length}; raise data.max_length or shorten the "
                 f"prompts (first: {name(dropped[0])})"
             )
-        log.warning(
+        (log.debug if quiet else log.warning)(
             "%s: dropped %d of %d samples whose prompt leaves no room for a response token "
             "within data.max_length=%d (first: %s)",
             what,
@@ -402,6 +404,14 @@ def tokenize_instruction(
             name(dropped[0]),
         )
     flat_offsets = _as_tensor(offsets)
+    source_rows = None
+    if dropped:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[dropped] = False
+        source_rows = keep.nonzero().squeeze(1)
     return TokenDataset.from_ragged(
-        (_as_tensor(ids), flat_offsets), (_as_tensor(labels), flat_offsets), aligned=True
+        (_as_tensor(ids), flat_offsets),
+        (_as_tensor(labels), flat_offsets),
+        aligned=True,
+        source_rows=source_rows,
     )

@@ -25,7 +25,9 @@ from kiln.data import (
     make_format,
     render_rows,
 )
+from kiln.data.augment import AugmentedDataset, build_augmenters, tokenizer_for
 from kiln.data.collate import Batcher, get_collator
+from kiln.data.curriculum import Curriculum
 from kiln.engine.evaluate import evaluate
 from kiln.engine.events import Event
 from kiln.engine.loss import count_targets, forward_loss_sum
@@ -261,6 +263,7 @@ class Trainer:
             self.val_data = (
                 None if self._val_data is None else _as_dataset(self._val_data, cfg.task)
             )
+        self._build_schedule()
         if not cfg.data.isolate_documents:  # packed documents then attend across each other
             self.train_data = self.train_data.without_documents()
             if self.val_data is not None:
@@ -275,14 +278,39 @@ class Trainer:
             self.model = build_model(cfg, self.tokenizer)
         seed_everything(cfg.seed)
 
+    def _build_schedule(self) -> None:
+        """Curriculum (which examples may be drawn) and augmentation, from `data`."""
+        cfg = self.cfg
+        self.curriculum: Curriculum | None = None
+        self.augmented: AugmentedDataset | None = None
+        if cfg.data.curriculum is not None:
+            self.curriculum = Curriculum.for_dataset(cfg, self.train_data, self.train_rows)
+        if cfg.data.augment:
+            if self.train_rows is None:
+                raise KilnError(
+                    "data.augment: needs the training rows; training data was given as tokens"
+                )
+            fmt = make_format(cfg)
+            self.augmented = AugmentedDataset(
+                self.train_data,
+                self.train_rows,
+                fmt,
+                build_augmenters(cfg.data.augment, fmt),
+                tokenizer_for(cfg, self.tokenizer),
+                cfg.seed,
+            )
+
     def _total_steps(self) -> int:
         train = self.cfg.train
         steps = []
         if train.max_steps is not None:
             steps.append(train.max_steps)
         if train.num_epochs is not None:
-            per_epoch = len(self.train_data) // train.batch_size
-            steps.append(int(train.num_epochs * per_epoch) // train.grad_accum_steps)
+            if self.curriculum is not None:  # by epoch (config check): epochs differ in length
+                micro = self.curriculum.total_micro_batches(train.num_epochs, train.batch_size)
+            else:
+                micro = int(train.num_epochs * (len(self.train_data) // train.batch_size))
+            steps.append(micro // train.grad_accum_steps)
         total = min(steps)
         if total < 1:
             raise KilnError(
@@ -417,12 +445,18 @@ class Trainer:
     def _next_batch(self) -> dict[str, torch.Tensor]:
         """The next micro-batch of the seeded epoch order; crosses epochs as needed."""
         epoch = self.cursor.epoch
-        idx = self.cursor.next_indices()
-        if self.cursor.epoch != epoch:
-            self._epochs_ended += 1
+        eligible = None
+        if self.curriculum is not None:
+            curriculum, step = self.curriculum, self.state.step
+            eligible = lambda e: curriculum.mask(e, step)  # noqa: E731
+        idx = self.cursor.next_indices(eligible)
+        self._epochs_ended += self.cursor.epoch - epoch
         self.state.epoch, self.state.cursor = self.cursor.epoch, self.cursor.cursor
+        data: Any = self.train_data
+        if self.augmented is not None:  # re-rendered and re-tokenized per (seed, epoch, sample)
+            data = self.augmented.for_epoch(self.cursor.last_epoch)
         # Packed blocks: one gather, no attention mask; position ids restart per document.
-        return self.batcher(self.train_data, idx)
+        return self.batcher(data, idx)
 
     def _train_step(self) -> None:
         cfg, state = self.cfg, self.state
