@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"kiln: error: {message}\n")
 
 
-COMMANDS = ("train", "data", "config")
+COMMANDS = ("train", "eval", "generate", "merge", "report", "plot", "data", "config")
 """Subcommand modules under `kiln.commands`, in help order (see that package's docstring)."""
 
 

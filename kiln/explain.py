@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import yaml
@@ -13,6 +14,8 @@ __all__ = ["annotated_yaml", "explain"]
 
 
 def _scalar(value: Any) -> str:
+    if isinstance(value, str) and "\n" in value:
+        return json.dumps(value)  # a double-quoted YAML scalar on one line
     return (
         yaml.safe_dump(value, default_flow_style=True, width=10_000)
         .strip()
@@ -31,10 +34,9 @@ def annotated_yaml(model: BaseModel, indent: int = 0) -> list[str]:
             lines.append(f"{pad}{name}:")
             lines.extend(annotated_yaml(value, indent + 2))
             continue
-        dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-        if isinstance(dumped, tuple):
-            dumped = list(dumped)
-        doc = f"  # {info.description}" if info.description else ""
+        # JSON mode turns nested sections in lists (data.templates, data.augment) into dicts.
+        dumped = model.model_dump(mode="json", include={name})[name]
+        doc = f"  # {' '.join(info.description.split())}" if info.description else ""
         lines.append(f"{pad}{name}: {_scalar(dumped)}{doc}")
     return lines
 
@@ -51,9 +53,17 @@ def _total_steps(cfg: RunConfig) -> tuple[int, str]:
     texts = ["\n".join(parts) for parts in render_rows(make_format(cfg), train_rows)]
     tokenizer = build_tokenizer(cfg, texts)
     train_ds, _, _ = build_datasets(cfg, tokenizer, train_rows, val_rows, stats=stats)
-    per_epoch = len(train_ds) // train.batch_size
-    steps = int(train.num_epochs * per_epoch) // train.grad_accum_steps
-    how = f"{train.num_epochs} epochs x {per_epoch} batches / {train.grad_accum_steps}"
+    if cfg.data.curriculum is not None:  # epochs differ in length: the eligible examples
+        from kiln.data.curriculum import Curriculum
+
+        cur = Curriculum.for_dataset(cfg, train_ds, train_rows)
+        micro = cur.total_micro_batches(train.num_epochs, train.batch_size)
+        steps = micro // train.grad_accum_steps
+        how = f"{train.num_epochs} curriculum epochs, {micro} batches / {train.grad_accum_steps}"
+    else:
+        per_epoch = len(train_ds) // train.batch_size
+        steps = int(train.num_epochs * per_epoch) // train.grad_accum_steps
+        how = f"{train.num_epochs} epochs x {per_epoch} batches / {train.grad_accum_steps}"
     if train.max_steps is not None and train.max_steps < steps:
         return train.max_steps, f"train.max_steps (epochs would give {steps})"
     return steps, how

@@ -77,7 +77,7 @@ def tiny_config(
         "data": {"train": str(train_file), "max_length": 32, "cache_dir": str(tmp_path / "cache")},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "train": {"max_steps": 20, "batch_size": 4},
-        "log": {"every_steps": 5, "progress": "none"},
+        "log": {"every_steps": 5, "progress": "none", "plots": False},  # plots: test_plots
     }
     if val_file is not None:
         raw["data"]["val"] = str(val_file)

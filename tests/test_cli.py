@@ -109,6 +109,23 @@ def test_explain_shows_derived_numbers(capsys: pytest.CaptureFixture[str]) -> No
     assert "# learning rate (cosine)" in out
 
 
+def test_explain_prints_lists_of_sections(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "config",
+        "explain",
+        "configs/quickstart.yaml",
+        "data.packing=false",
+        "data.augment=[{name: recipe_tip, p: 0.2}]",
+        "data.curriculum={stages: [{until: 1, max_difficulty: 2}, {}]}",
+        "notify.senders=[{kind: webhook, url_env: KILN_HOOK}]",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "augment: [{name: recipe_tip, options: {}, p: 0.2}]" in out
+    assert "senders: [{kind: webhook" in out
+    assert "max_difficulty: 2.0" in out or "{max_difficulty: 2.0, until: 1}" in out
+
+
 def test_explain_counts_steps_from_epochs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

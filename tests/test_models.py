@@ -328,3 +328,65 @@ def test_missing_weights_is_one_line(tok: PreTrainedTokenizerBase, tmp_path: Pat
         build_model(_cfg(name_or_path=str(tmp_path)), tok)
     assert str(err.value).startswith(f"model.name_or_path: cannot load '{tmp_path}': ")
     assert "\n" not in str(err.value)
+
+
+def _trainable_grads(model: torch.nn.Module, task: str, ids: torch.Tensor) -> dict[str, Any]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    kwargs = {"decoder_input_ids": ids} if task == "seq2seq" else {}
+    logits = model(input_ids=ids, **kwargs).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize(
+    ("arch", "task"), [("gpt2", "causal_lm"), ("llama", "causal_lm"), ("t5", "seq2seq")]
+)
+def test_gradient_checkpointing_gives_the_same_gradients(
+    tok: PreTrainedTokenizerBase, arch: str, task: str, lora: bool
+) -> None:
+    lora_cfg = {"enabled": lora, "r": 4, "dropout": 0.0}
+
+    def build(checkpointing: bool) -> torch.nn.Module:
+        cfg = _cfg(task, arch=arch, gradient_checkpointing=checkpointing)
+        cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update=lora_cfg)})
+        return build_model(cfg, tok)
+
+    plain, ckpt = build(False), build(True)
+    assert ckpt.is_activation_checkpointing
+    assert not plain.is_activation_checkpointing
+    if lora:  # B starts at zero, which would make every A gradient zero: perturb it
+        with torch.no_grad():
+            for name, p in plain.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    ckpt.load_state_dict(plain.state_dict())
+    ids = _ids(tok)
+    want, got = _trainable_grads(plain, task, ids), _trainable_grads(ckpt, task, ids)
+    assert want.keys() == got.keys()
+    assert all("lora_" in n for n in want) == lora
+    for name, grad in want.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_compile_in_place_keeps_names_and_buckets_shapes(tok: PreTrainedTokenizerBase) -> None:
+    from kiln.data.collate import Batcher
+    from kiln.models.wrap import prepare_for_training
+
+    cfg = _cfg(arch="gpt2")
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"compile": True, "compile_pad_multiple": 16})}
+    )
+    model = build_model(cfg, tok)
+    names = [n for n, _ in model.named_parameters()]
+    batcher = Batcher("causal_lm", tok.pad_token_id)
+    same = prepare_for_training(model, cfg, torch.device("cpu"), batcher)
+    assert same is model  # compiled in place: same class, same parameter names
+    assert [n for n, _ in model.named_parameters()] == names
+    assert model._compiled_call_impl is not None
+    assert batcher.pad_to_multiple_of == 16
+    kept = Batcher("causal_lm", tok.pad_token_id, pad_to_multiple_of=8)
+    prepare_for_training(build_model(cfg, tok), cfg, torch.device("cpu"), kept)
+    assert kept.pad_to_multiple_of == 8  # data.pad_to_multiple_of wins

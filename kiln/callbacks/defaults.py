@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kiln.callbacks.base import Callback
+from kiln.callbacks.early_stop import early_stopping_from_config
+from kiln.callbacks.loggers import tracking_callbacks
 from kiln.callbacks.progress import ProgressCallback
 
 if TYPE_CHECKING:
@@ -22,4 +24,6 @@ def default_callbacks(cfg: RunConfig) -> list[Callback]:
     """
     callbacks: list[Callback] = []
     callbacks.append(ProgressCallback(cfg.log.progress))
+    callbacks += early_stopping_from_config(cfg)
+    callbacks += tracking_callbacks(cfg)
     return callbacks

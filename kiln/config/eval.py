@@ -1,14 +1,56 @@
-"""Validation and checkpoint sections."""
+"""Validation, generation eval, early stopping and checkpoint sections."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kiln.config.base import Section
 
-__all__ = ["CheckpointConfig", "EvalConfig"]
+__all__ = ["CheckpointConfig", "EarlyStoppingConfig", "EvalConfig", "GenerateEvalConfig"]
+
+
+class GenerateEvalConfig(Section):
+    num_samples: int = Field(0, ge=0)
+    """Validation rows to generate from at each validation; 0 turns generation eval off."""
+    metrics: list[str] = Field(default_factory=lambda: ["bleu", "rouge"])
+    """Metrics by registry name (bleu, rouge, recipe, or "module:function"); logged as val_*."""
+    every_steps: int | None = Field(None, gt=0)
+    """Generate only at validations on multiples of this step (and the last); null: at every
+    validation."""
+    max_new_tokens: int = Field(128, gt=0)
+    """Tokens to generate per sample at most."""
+    do_sample: bool = False
+    """Sample (temperature, top_p) instead of greedy decoding."""
+    temperature: float = Field(0.7, gt=0.0)
+    """Sampling temperature (with do_sample)."""
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    """Nucleus sampling mass (with do_sample)."""
+    batch_size: int = Field(8, gt=0)
+    """Samples generated together (left-padded for causal models)."""
+    max_time_s: float | None = Field(None, gt=0.0)
+    """Time budget of one generation eval: generation stops when it runs out (the batch in
+    progress keeps what it generated; later batches are skipped, see val_gen_samples)."""
+    prompt_split: str = "\n"
+    """causal_lm: a row's text is split after the first occurrence of this marker into the
+    prompt (up to and including it) and the reference (the rest); rows without it are skipped.
+    instruction and seq2seq use the rendered prompt/source and response/target."""
+    write_samples: bool = True
+    """Write prompt, reference and generation of each sample to samples/step-<N>.jsonl."""
+
+
+class EarlyStoppingConfig(Section):
+    enabled: bool = False
+    """Stop when `metric` has not improved for `patience` validations."""
+    metric: str = "val_loss"
+    """Validation metric to watch (val_loss, val_ppl, val_accuracy, val_bleu, ...)."""
+    mode: Literal["min", "max"] = "min"
+    """Whether a smaller or larger `metric` is better."""
+    patience: int = Field(3, ge=1)
+    """Validations without improvement after which training stops."""
+    min_delta: float = Field(0.0, ge=0.0)
+    """An improvement must beat the best value by more than this."""
 
 
 class EvalConfig(Section):
@@ -22,6 +64,10 @@ class EvalConfig(Section):
     """Prompt to generate a sample from at the end of training (printed, and in summary.json)."""
     sample_max_new_tokens: int = Field(200, gt=0)
     """Tokens to generate for the end-of-training sample."""
+    generate: GenerateEvalConfig = GenerateEvalConfig()
+    """Generation-based evaluation (BLEU, ROUGE, recipe scores) on validation rows."""
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    """Stop training when a validation metric stops improving."""
 
 
 class CheckpointConfig(Section):
@@ -30,10 +76,22 @@ class CheckpointConfig(Section):
     keep_last: int = Field(3, ge=1)
     """Keep this many most recent checkpoints."""
     keep_best: int = Field(0, ge=0)
-    """Also keep this many best checkpoints by `metric`."""
+    """Also keep this many best checkpoints by `metric` (a checkpoint is written whenever a
+    validation sets a new best)."""
     metric: str = "val_loss"
-    """Metric that ranks checkpoints for keep_best."""
+    """Metric that ranks checkpoints for keep_best (and picks final: best)."""
     mode: Literal["min", "max"] = "min"
     """Whether a smaller or larger `metric` is better."""
     resume: Literal["never", "auto"] = "never"
     """auto: continue from the newest complete checkpoint in the run directory, if any."""
+    final: Literal["last", "best"] = "last"
+    """What final/ holds: the weights of the last step, or of the best checkpoint by
+    `metric` (needs validation and keep_best >= 1)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CheckpointConfig:
+        if self.final == "best" and self.keep_best < 1:
+            raise ValueError(
+                f"checkpoint.final: best needs checkpoint.keep_best >= 1, got {self.keep_best}"
+            )
+        return self

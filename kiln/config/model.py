@@ -33,9 +33,11 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the stored weights; mixed precision is `train.precision`."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers."""
+    """Attention kernel passed to transformers; flash_attention_2 needs CUDA and the flash-attn
+    package, and falls back to sdpa (with a warning) without them."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Recompute activations in the backward pass to save memory (non-reentrant; works with
+    LoRA and frozen weights)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -68,4 +70,24 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """Dropout on the adapter input."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    """Module names to adapt, or all-linear."""
+    """Module names to adapt (suffixes such as q_proj, c_attn, q), or all-linear (every linear
+    layer but the output head)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full next to the adapters and saved with them (e.g. lm_head)."""
+    merge_on_finish: bool = False
+    """Also write final/merged/: the adapters merged into the base weights, loadable by
+    transformers alone (as `kiln merge RUN_DIR OUT` does later)."""
+    qlora: bool = False
+    """QLoRA: load the pretrained base in 4-bit NF4 with bitsandbytes (CUDA only; the `qlora`
+    extra). Adapters train in higher precision; compute runs in bfloat16 (float16 when
+    model.dtype is float16)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraConfig:
+        if self.qlora and not self.enabled:
+            raise ValueError("lora.qlora: needs lora.enabled: true")
+        if self.merge_on_finish and not self.enabled:
+            raise ValueError("lora.merge_on_finish: needs lora.enabled: true")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("lora.target_modules: name at least one module, or all-linear")
+        return self

@@ -95,8 +95,15 @@ class RunConfig(Section):
                 f"model.max_position_embeddings ({self.model.max_position_embeddings})"
             )
         problems += _data_schedule_problems(self)
+        problems += _eval_problems(self)
         if self.train.precision == "fp16" and not self.train.device.startswith(("cuda", "auto")):
             problems.append(f"train.precision: fp16 needs a CUDA device, got {self.train.device}")
+        if self.lora.qlora and self.model.name_or_path is None:
+            problems.append("lora.qlora: quantizes a pretrained base; set model.name_or_path")
+        if self.lora.qlora and not self.train.device.startswith(("cuda", "auto")):
+            problems.append(
+                f"lora.qlora: 4-bit QLoRA needs a CUDA device, got train.device {self.train.device}"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -133,7 +140,32 @@ def _data_schedule_problems(cfg: RunConfig) -> list[str]:
 
 
 # Presets hold only training-behaviour knobs; the file's model and data always win.
-# Presets hold only training-behaviour knobs; the file's model and data always win.
+# Metrics every validation has; anything else comes from generation eval (eval.generate).
+_VAL_METRICS = ("val_loss", "val_ppl", "val_accuracy", "val_tokens")
+
+
+def _eval_problems(cfg: RunConfig) -> list[str]:
+    """Early stopping, keep_best and final=best need validation, and generation metrics."""
+    problems = []
+    has_val = cfg.data.val is not None or cfg.data.val_split > 0
+    generates = cfg.eval.generate.num_samples > 0
+    wants = []
+    if cfg.eval.early_stopping.enabled:
+        wants.append(("eval.early_stopping", cfg.eval.early_stopping.metric))
+    if cfg.checkpoint.final == "best" or cfg.checkpoint.keep_best:
+        what = "checkpoint.final" if cfg.checkpoint.final == "best" else "checkpoint.keep_best"
+        wants.append((what, cfg.checkpoint.metric))
+    for key, metric in wants:
+        if not has_val:
+            problems.append(f"{key}: needs validation data (set data.val or data.val_split > 0)")
+        elif metric not in _VAL_METRICS and not generates:
+            problems.append(
+                f"{key}: metric {metric} comes from generation eval; set "
+                "eval.generate.num_samples > 0 (or use val_loss, val_ppl, val_accuracy)"
+            )
+    return problems
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {
         "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_steps": 0},

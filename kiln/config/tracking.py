@@ -1,14 +1,93 @@
-"""Logging, tracking and notification sections."""
+"""Logging, tracking and notification sections.
+
+Secrets never live in the config: a notification sender names the environment variables that
+hold its webhook URL or API credentials, so config.yaml (written into every run directory)
+stays free of them. A field that should name a variable but looks like anything else (a URL,
+a token) is rejected without echoing the value.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, field_validator
 
 from kiln.config.base import Section
 
-__all__ = ["LogConfig", "NotifyConfig"]
+__all__ = [
+    "DiscordSender",
+    "LogConfig",
+    "MlflowOptions",
+    "NotifyConfig",
+    "SlackSender",
+    "TensorBoardOptions",
+    "TwilioSender",
+    "WandbOptions",
+    "WebhookSender",
+]
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(value: str) -> str:
+    # The message must not include `value`: a user may have pasted the secret itself here.
+    if not _ENV_NAME.fullmatch(value):
+        raise ValueError(
+            "must be the name of an environment variable that holds the secret "
+            "(e.g. KILN_SLACK_WEBHOOK_URL), not the secret itself"
+        )
+    return value
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
+
+
+class TensorBoardOptions(Section):
+    log_dir: str | None = None
+    """Directory for TensorBoard event files; default <run_dir>/tensorboard."""
+
+
+class WandbOptions(Section):
+    project: str = "kiln"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (user or team); default the account's default entity."""
+    run_name: str | None = None
+    """Display name of the W&B run; default the run's `name`."""
+    group: str | None = None
+    """W&B group, to gather related runs (a sweep, a seed study)."""
+    tags: list[str] = Field(default_factory=list)
+    """W&B tags."""
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """auto: online when WANDB_API_KEY is set, else offline (files under <run_dir>/wandb, for
+    `wandb sync` later); offline never touches the network."""
+    log_model: bool = False
+    """Also upload final/ as a W&B model artifact (its path is always in the run summary)."""
+
+
+class MlflowOptions(Section):
+    tracking_uri: str | None = None
+    """MLflow tracking URI (sqlite:///..., file:..., http(s)://server); default
+    $MLFLOW_TRACKING_URI, else an SQLite store at <run_dir>/mlflow.db. Credentials go in
+    MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, never in the URI."""
+    experiment: str = "kiln"
+    """MLflow experiment name (created when missing)."""
+    run_name: str | None = None
+    """MLflow run name; default the run's `name`."""
+    log_model: bool = False
+    """Also copy final/ into the MLflow run's artifacts (its path is always a run tag)."""
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).password:
+            raise ValueError(
+                "holds a password; put credentials in MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+            )
+        return value
 
 
 class LogConfig(Section):
@@ -16,8 +95,87 @@ class LogConfig(Section):
     """Log train loss, LR and throughput every N optimizer steps (the only host syncs)."""
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
     """Progress display: a live bar on a TTY (auto), a plain line per log step, or nothing."""
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    """Experiment trackers that receive params, metrics and artifacts, besides metrics.jsonl
+    (always written). A tracker that fails is switched off with one warning."""
+    tensorboard: TensorBoardOptions = TensorBoardOptions()
+    """TensorBoard options (used when `loggers` lists tensorboard)."""
+    wandb: WandbOptions = WandbOptions()
+    """Weights & Biases options (used when `loggers` lists wandb)."""
+    mlflow: MlflowOptions = MlflowOptions()
+    """MLflow options (used when `loggers` lists mlflow)."""
+    plots: bool = True
+    """Draw PNG curves (loss, LR, each eval metric) into <run_dir>/plots at the end of a run;
+    needs matplotlib (`pip install 'kiln[plots]'`), skipped with a warning without it."""
+    close_timeout_s: float = Field(120.0, gt=0)
+    """At the end of a run, wait at most this long for trackers to finish writing/uploading."""
+
+    @field_validator("loggers")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a logger twice")
+        return value
+
+
+class DiscordSender(Section):
+    kind: Literal["discord"]
+    """A Discord channel webhook."""
+    url_env: EnvName = "KILN_DISCORD_WEBHOOK_URL"
+    """Environment variable that holds the webhook URL."""
+
+
+class SlackSender(Section):
+    kind: Literal["slack"]
+    """A Slack incoming webhook."""
+    url_env: EnvName = "KILN_SLACK_WEBHOOK_URL"
+    """Environment variable that holds the webhook URL."""
+
+
+class WebhookSender(Section):
+    kind: Literal["webhook"]
+    """Any HTTP endpoint: receives the notification as a JSON object (POST)."""
+    url_env: EnvName = "KILN_WEBHOOK_URL"
+    """Environment variable that holds the endpoint URL."""
+    token_env: EnvName | None = None
+    """Environment variable with a bearer token sent as `Authorization: Bearer ...` (optional)."""
+
+
+class TwilioSender(Section):
+    kind: Literal["twilio"]
+    """An SMS through Twilio's REST API."""
+    account_sid_env: EnvName = "TWILIO_ACCOUNT_SID"
+    """Environment variable that holds the Twilio account SID."""
+    auth_token_env: EnvName = "TWILIO_AUTH_TOKEN"
+    """Environment variable that holds the Twilio auth token."""
+    from_env: EnvName = "TWILIO_FROM_NUMBER"
+    """Environment variable with the sending phone number (E.164, e.g. +15550001111)."""
+    to_env: EnvName = "TWILIO_TO_NUMBER"
+    """Environment variable with the receiving phone number."""
+    api_url: str = "https://api.twilio.com"
+    """Base URL of the Twilio API (change only for a proxy or a test server)."""
+
+
+Sender = Annotated[
+    DiscordSender | SlackSender | WebhookSender | TwilioSender, Field(discriminator="kind")
+]
 
 
 class NotifyConfig(Section):
-    on: list[Literal["start", "end", "failure"]] = Field(default_factory=list)
-    """Events to notify about (senders land with the notifications issue)."""
+    senders: list[Sender] = Field(default_factory=list)
+    """Where notifications go: a list of {kind: discord|slack|webhook|twilio, ...}; each names
+    the environment variables that hold its secrets. Empty: no notifications."""
+    events: list[Literal["start", "end", "failure", "best", "early_stop"]] = Field(
+        default_factory=lambda: ["start", "end", "failure", "early_stop"]
+    )
+    """Events to notify about: start, end, failure (with the error line), best (the
+    checkpoint.metric improved), early_stop (sent instead of end when early stopping ended
+    the run)."""
+    every_steps: int | None = Field(None, gt=0)
+    """Also send a progress note (step, last train loss, tokens/s) every N optimizer steps."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Timeout of one HTTP request."""
+    retries: int = Field(2, ge=0)
+    """Retries of a failed request (backoff 0.5 s, 1 s, 2 s, ... up to 5 s)."""
+    flush_timeout_s: float = Field(15.0, ge=0)
+    """At the end of a run (or a failure), wait at most this long for queued notifications."""

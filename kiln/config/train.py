@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from kiln.config.base import Section
 
-__all__ = ["OptimConfig", "TrainConfig"]
+__all__ = ["GradNoiseConfig", "OptimConfig", "TrainConfig"]
 
 
 class OptimConfig(Section):
@@ -35,6 +35,14 @@ class OptimConfig(Section):
     """cosine_restarts: number of cosine cycles over the run."""
 
 
+class GradNoiseConfig(Section):
+    eta: float = Field(0.0, ge=0.0)
+    """Annealed Gaussian gradient noise (Neelakantan et al. 2015): variance eta / (1 + t)^gamma
+    at optimizer step t; 0 disables it. The paper uses 0.01, 0.3 or 1.0."""
+    gamma: float = Field(0.55, ge=0.0)
+    """Decay exponent of the noise variance."""
+
+
 class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to train; with num_epochs too, whichever ends first."""
@@ -52,6 +60,22 @@ class TrainConfig(Section):
     """auto (CUDA, then MPS, then CPU), or cpu, cuda, cuda:N, mps."""
     num_threads: int | None = Field(None, gt=0)
     """CPU threads for torch; null keeps torch's default."""
+    tf32: bool = True
+    """CUDA: let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and newer)."""
+    compile: bool = False
+    """torch.compile the model in place (the first steps are slow while it compiles)."""
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
+    """torch.compile mode: reduce-overhead uses CUDA graphs; max-autotune also tunes kernels."""
+    compile_pad_multiple: int = Field(64, gt=0)
+    """With compile and no data.pad_to_multiple_of: pad batch lengths up to a multiple of this,
+    so compile sees a few bucketed shapes, not one per batch (packed blocks have one already).
+    Set it to data.max_length for a single fixed shape."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Label smoothing of the training loss (target tokens only; validation loss is plain)."""
+    grad_noise: GradNoiseConfig = GradNoiseConfig()
+    """Annealed gradient noise, seeded by (seed, step): a resumed run draws the same noise."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -1,7 +1,9 @@
-"""Validation: streaming, token-weighted loss, perplexity and token accuracy."""
+"""Validation: streaming, token-weighted loss, perplexity and token accuracy; the best
+checkpoint's weights for `checkpoint.final: best`."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +14,9 @@ from kiln.data.collate import Batcher
 from kiln.engine.loss import IGNORE_INDEX, count_targets, forward_loss_sum
 from kiln.engine.precision import Precision
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "restore_best"]
+
+log = logging.getLogger("kiln")
 
 
 @torch.no_grad()
@@ -30,9 +34,14 @@ def evaluate(
 ) -> dict[str, float] | None:
     """Mean token loss, perplexity and next-token accuracy over `dataset`, in order.
 
-    Sums are accumulated on the device and read once at the end, so memory does not grow
-    with the validation set and there is a single host sync. Returns None when `should_stop`
-    turned true between batches (a stop request: the caller checkpoints instead).
+    val_loss = (sum of the token losses of every target token) / (number of target tokens),
+    over all batches: token-weighted, so a batch of short sequences counts as much as its
+    tokens, not as a batch. val_ppl = exp(val_loss) (capped at exp(50)); val_accuracy = the
+    fraction of target tokens whose argmax prediction is right; val_tokens = the count.
+    Sums are accumulated on the device and read once at the end; no logits are kept between
+    batches, so memory does not grow with the validation set and there is a single host sync.
+    Returns None when `should_stop` turned true between batches (a stop request: the caller
+    checkpoints instead).
     `batcher` builds the batches as training does (collator, pad_to_multiple_of, packed
     documents); by default, the task's collator with `pad_id`.
     """
@@ -58,6 +67,7 @@ def evaluate(
             mask = labels != IGNORE_INDEX
             loss_sum += batch_loss.double()
             correct += ((logits.argmax(-1) == labels) & mask).sum()
+            del logits, labels, mask, batch_loss  # free before the next forward: one batch live
     finally:
         model.train(was_training)
     if tokens == 0:
@@ -69,3 +79,32 @@ def evaluate(
         "val_accuracy": correct.item() / tokens,
         "val_tokens": float(tokens),
     }
+
+
+def restore_best(trainer: Any) -> dict[str, Any]:
+    """Load the weights of the best complete checkpoint (by `checkpoint.metric`) into the
+    trainer's model, for final/; returns what final/ then holds ({"weights", "step", metric}).
+
+    Falls back to the last weights (with a warning) when no checkpoint has the metric.
+    """
+    from safetensors.torch import load_file
+
+    cfg = trainer.cfg.checkpoint
+    best = trainer.checkpoints.best()
+    if best is None:
+        log.warning(
+            "checkpoint.final=best: no checkpoint has %s; final/ holds the last weights",
+            cfg.metric,
+        )
+        return {"weights": "last", "step": trainer.state.step}
+    weights = load_file(str(best.path / "model.safetensors"))
+    _, unexpected = trainer.model.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise RuntimeError(f"{best.path}: unexpected weights {unexpected[:3]}")
+    log.info(
+        "final/ holds the best checkpoint: step %d (%s %.6g)",
+        best.step,
+        cfg.metric,
+        best.metrics[cfg.metric],
+    )
+    return {"weights": "best", "step": best.step, cfg.metric: best.metrics[cfg.metric]}

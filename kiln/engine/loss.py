@@ -7,12 +7,13 @@ gives the same gradients as `1, k*b` even when micro-batches hold different numb
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IGNORE_INDEX", "count_targets", "forward_loss_sum"]
+__all__ = ["IGNORE_INDEX", "LossFn", "count_targets", "forward_loss_sum", "token_loss_sum"]
 
 IGNORE_INDEX = -100
 
@@ -38,22 +39,27 @@ def _model_inputs(model: Any, batch: dict[str, torch.Tensor], task: str) -> dict
     return inputs
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(logits (N, V), labels (N,)) -> fp32 sum of the token losses over labels != -100."""
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain cross-entropy summed over target tokens, in fp32 (the default `LossFn`)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def forward_loss_sum(
-    model: Any, batch: dict[str, torch.Tensor], task: str
+    model: Any, batch: dict[str, torch.Tensor], task: str, *, loss_fn: LossFn | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the model and return (sum of token losses, logits, aligned labels).
 
     The sum is in fp32 whatever the autocast dtype; `logits` is (B, T, V) and `labels` is
-    (B, T) aligned with it (shifted for causal LMs).
+    (B, T) aligned with it (shifted for causal LMs). `loss_fn` replaces the plain
+    cross-entropy (e.g. `kiln.engine.regularize.LabelSmoothing` in training).
     """
     logits = model(**_model_inputs(model, batch, task), use_cache=False).logits  # (B, T, V)
     labels = batch["labels"]
     if task != "seq2seq":  # causal_lm, instruction: predict the next token
         logits, labels = logits[:, :-1], labels[:, 1:]
-    loss_sum = F.cross_entropy(
-        logits.flatten(0, 1).float(),
-        labels.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    loss_sum = (loss_fn or token_loss_sum)(logits.flatten(0, 1), labels.flatten())
     return loss_sum, logits, labels

@@ -9,7 +9,7 @@ import torch
 
 from kiln.errors import KilnError
 
-__all__ = ["Precision", "resolve_device"]
+__all__ = ["Precision", "place_model", "resolve_device", "set_tf32"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,3 +86,28 @@ class Precision:
             self.scaler.update()
         else:
             optimizer.step()
+
+
+def set_tf32(enabled: bool, device: torch.device) -> None:
+    """`train.tf32`: let CUDA fp32 matmuls and convolutions use TF32 tensor cores (or forbid it).
+
+    A no-op off CUDA. TF32 keeps fp32's range with a 10-bit mantissa; autocast (bf16/fp16)
+    matmuls are unaffected.
+    """
+    if device.type != "cuda":
+        return
+    mode = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:  # pragma: no cover - older torch
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def place_model(model: torch.nn.Module, device: torch.device) -> None:
+    """Move the model to `device`; a quantized (QLoRA) model was loaded onto its GPU already and
+    cannot be moved."""
+    if getattr(model, "hf_quantizer", None) is not None:  # PEFT forwards the attribute
+        return
+    model.to(device)

@@ -36,7 +36,12 @@ __all__ = [
 # that decides which training examples exist and in what order (the cursor indexes into them).
 # Everything else may change on resume and is reported.
 UNSAFE_CHANGES = ("task", "seed", "model.", "tokenizer.", "lora.", "data.", "train.batch_size")
-SAFE_EXCEPTIONS = ("data.val",)  # validation data does not move the training cursor
+SAFE_EXCEPTIONS = (
+    "data.val",  # validation data does not move the training cursor
+    "data.cache_dir",  # where tokens are cached, not what they are
+    "data.num_workers",
+    "lora.merge_on_finish",  # what is written at the end, not how training goes
+)
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -29,6 +29,12 @@ RUN_ARTIFACTS = (
     "checkpoints",
     "plots",
     "samples",
+    "report.md",
+    "tracking.json",  # trackers' run ids, and their local stores:
+    "tensorboard",
+    "wandb",
+    "mlflow.db",
+    "mlflow-artifacts",
 )
 
 
@@ -122,6 +128,10 @@ class RunDir:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "kiln_config.yaml").write_text(dump_yaml(cfg))
+        if cfg.lora.enabled:  # the base's fingerprint; final/merged/ with lora.merge_on_finish
+            from kiln.models.merge import finish_adapter
+
+            finish_adapter(model, tmp, cfg)
         if card:
             (tmp / "README.md").write_text(card)
         for file in tmp.rglob("*"):
@@ -209,6 +219,7 @@ def run_summary(
 
     cfg, state = trainer.cfg, trainer.state
     total, trainable = count_parameters(trainer.model)
+    tracker = getattr(trainer, "tracker", None)
     return {
         "name": cfg.name,
         "task": cfg.task,
@@ -218,6 +229,8 @@ def run_summary(
         "samples": state.samples_seen,
         "wall_time_s": wall,
         "tokens_per_s": state.tokens_seen / max(wall, 1e-9),
+        # samples_per_s, peak_memory_mb, mfu (None where the device's peak FLOP/s is unknown)
+        **(trainer.tracker.summary(state.tokens_seen, state.samples_seen) if tracker else {}),
         "parameters": total,
         "trainable_parameters": trainable,
         "device": str(trainer.device),
@@ -231,6 +244,7 @@ def run_summary(
         "final_val": state.last_val,
         "stop_reason": state.stop_reason,
         "final_dir": None if final_dir is None else str(final_dir),
+        "final_weights": getattr(trainer, "final_from", None),  # {"weights": last|best, "step"}
         "resumed_from": None if trainer.resumed_from is None else str(trainer.resumed_from),
         "checkpoints": [str(p) for p in trainer.checkpoint_paths],
         "sample": sample,

@@ -28,16 +28,20 @@ from kiln.data import (
 from kiln.data.augment import AugmentedDataset, build_augmenters, tokenizer_for
 from kiln.data.collate import Batcher, get_collator
 from kiln.data.curriculum import Curriculum
-from kiln.engine.evaluate import evaluate
+from kiln.engine.evaluate import evaluate, restore_best
 from kiln.engine.events import Event
+from kiln.engine.generate_eval import GenerationEval
 from kiln.engine.loss import count_targets, forward_loss_sum
 from kiln.engine.precision import Precision, resolve_device
+from kiln.engine.regularize import build_regularizers
 from kiln.engine.resume import check_compatible, checkpoint_writers, restore_checkpoint
 from kiln.engine.rundir import RunDir, model_card, run_summary
 from kiln.engine.sample import generate_sample
 from kiln.engine.signals import StopSignals
 from kiln.engine.state import TrainState
 from kiln.errors import DataError, KilnError
+from kiln.metrics.tracker import tracker_for
+from kiln.models.wrap import prepare_for_training
 from kiln.optim import build_optimizer, make_schedule, set_lr
 
 __all__ = ["TrainResult", "Trainer", "seed_everything"]
@@ -138,6 +142,9 @@ class Trainer:
         self._interrupted = False
         self._validation_pending = False
         self._setup_done = False
+        # Generation eval (eval.generate): metric names are resolved here, before any work.
+        self.generation_eval = GenerationEval(cfg) if cfg.eval.generate.num_samples else None
+        self.final_from: dict[str, Any] | None = None  # which weights final/ holds
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **kwargs: Any) -> Trainer:
@@ -212,8 +219,8 @@ class Trainer:
             collator=cfg.data.collator,
             pad_to_multiple_of=cfg.data.pad_to_multiple_of,
         )
-        self.model.to(self.device)
-        self.model.train()
+        self.model = prepare_for_training(self.model, cfg, self.device, self.batcher)
+        self.regularizers = build_regularizers(cfg)  # label smoothing, gradient noise
         self.optimizer = build_optimizer(
             self.model,
             lr=cfg.optim.lr,
@@ -349,7 +356,8 @@ class Trainer:
         if self.data_stats:
             self.run_dir.write_json("data_stats.json", self.data_stats)
         self._start_time = time.perf_counter()
-        self._last_log = (self._start_time, self.state.tokens_seen)
+        self.tracker = tracker_for(self)
+        self.tracker.start(self.state.tokens_seen, self.state.samples_seen, self._start_time)
         self.cursor = BatchCursor(
             len(self.train_data),
             cfg.train.batch_size,
@@ -370,6 +378,9 @@ class Trainer:
                     self._train_step()
                     self._after_step()
                 if not self._interrupted:
+                    self.final_from = {"weights": "last", "step": self.state.step}
+                    if cfg.checkpoint.final == "best":
+                        self.final_from = restore_best(self)
                     card = model_card(self)
                     final_dir = self.run_dir.save_final(self.model, self.tokenizer, cfg, card)
                     self.fire(Event.CHECKPOINT, path=final_dir)
@@ -473,7 +484,9 @@ class Trainer:
             state.samples_seen += batch["input_ids"].shape[0]
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.precision.autocast():
-                loss_sum, _, _ = forward_loss_sum(self.model, batch, cfg.task)
+                loss_sum, _, _ = forward_loss_sum(
+                    self.model, batch, cfg.task, loss_fn=self.regularizers.loss_fn
+                )
             loss = loss_sum / window_targets
             self.fire(Event.BACKWARD_BEGIN)
             self.precision.backward(loss)
@@ -483,6 +496,8 @@ class Trainer:
         self._lr = cfg.optim.lr * self.schedule(state.step)
         set_lr(self.optimizer, self._lr)
         self.precision.unscale(self.optimizer)
+        if self.regularizers.grad_noise is not None:
+            self.regularizers.grad_noise(self.params, state.step)
         if cfg.train.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip)
             self._pending_norms.append(norm.detach())
@@ -508,8 +523,6 @@ class Trainer:
         self.loss_history.extend(losses)
         self._pending_losses.clear()
         now = time.perf_counter()
-        since, tokens_then = self._last_log
-        self._last_log = (now, self.state.tokens_seen)
         record: dict[str, Any] = {
             "step": self.state.step,
             "split": "train",
@@ -517,9 +530,12 @@ class Trainer:
             "lr": self._lr,
             "epoch": self.state.epoch,
             "tokens": self.state.tokens_seen,
-            "tokens_per_s": (self.state.tokens_seen - tokens_then) / max(now - since, 1e-9),
             "elapsed_s": now - self._start_time,
         }
+        # loss_avg (windowed), tokens_per_s, samples_per_s, peak_mem_mb, mfu (known devices)
+        record.update(
+            self.tracker.log(losses, self.state.tokens_seen, self.state.samples_seen, now)
+        )
         if self._pending_norms:
             record["grad_norm"] = torch.stack(self._pending_norms).mean().item()
             self._pending_norms.clear()
@@ -541,6 +557,17 @@ class Trainer:
             max_batches=self.cfg.eval.max_batches,
             should_stop=lambda: self._interrupted,
         )
+        if metrics and self._generation_due():
+            generated = self.generation_eval.run(  # type: ignore[union-attr]
+                self.model,
+                self.tokenizer,
+                self.val_rows,  # type: ignore[arg-type]
+                samples_file=self.run_dir.path / "samples" / f"step-{self.state.step}.jsonl"
+                if self.run_dir.enabled
+                else None,
+                should_stop=lambda: self._interrupted,
+            )
+            metrics = None if generated is None else {**metrics, **generated}
         if metrics is None:  # interrupted: the checkpoint records it as still to do
             return
         self._validation_pending = False
@@ -563,6 +590,20 @@ class Trainer:
         best = self.state.best_metric
         if best is None or (value < best if mode == "min" else value > best):
             self.state.best_metric, self.state.best_step = value, self.state.step
+            if self.cfg.checkpoint.keep_best:  # the best step always gets a checkpoint
+                self.request_save()
+
+    def _generation_due(self) -> bool:
+        """Whether this validation includes generation eval (`eval.generate`)."""
+        if self.generation_eval is None:
+            return False
+        if self.val_rows is None:
+            if not getattr(self, "_warned_no_rows", False):
+                log.warning("eval.generate: skipped, the validation data was given as tokens")
+                self._warned_no_rows = True
+            return False
+        last = self.state.step >= self.state.total_steps or self._stop_requested
+        return self.generation_eval.due(self.state.step, last=last)
 
     # ---- the end of a run ---------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -176,6 +177,38 @@ def _load_pretrained_config(cfg: RunConfig) -> tuple[str, PretrainedConfig]:
     return source, config
 
 
+def _qlora_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """from_pretrained arguments that load the base in 4-bit NF4 (QLoRA) on the run's GPU."""
+    from kiln.engine.precision import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    if device.type != "cuda":
+        raise ModelError(
+            f"lora.qlora: 4-bit QLoRA needs a CUDA GPU (bitsandbytes); this run trains on "
+            f"{device.type}: set lora.qlora: false"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            "lora.qlora: 4-bit QLoRA needs bitsandbytes; install the extra: "
+            "pip install 'kiln[qlora]'"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.float16 if cfg.model.dtype == "float16" else torch.bfloat16
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        ),
+        "device_map": {"": index},  # bitsandbytes quantizes while loading onto the GPU
+    }
+
+
 def _embedding_rows(model: PreTrainedModel) -> int:
     return model.get_input_embeddings().weight.shape[0]
 
@@ -206,9 +239,10 @@ def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTraine
     else:
         source, config = _load_pretrained_config(cfg)
         attn = _attn_implementation(cfg, auto_cls._model_mapping[type(config)])
+        quantize = _qlora_kwargs(cfg) if cfg.lora.enabled and cfg.lora.qlora else {}
         try:
             model = auto_cls.from_pretrained(
-                source, config=config, dtype=dtype, attn_implementation=attn
+                source, config=config, dtype=dtype, attn_implementation=attn, **quantize
             )
         except (OSError, ValueError) as exc:
             text = str(exc).strip()

@@ -1,0 +1,35 @@
+"""PlotsCallback: PNG curves in <run_dir>/plots at the end of a run (`log.plots`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import TYPE_CHECKING
+
+from kiln.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from kiln.engine.trainer import Trainer
+
+__all__ = ["PlotsCallback"]
+
+log = logging.getLogger("kiln")
+
+
+class PlotsCallback(Callback):
+    """Draws loss, LR and eval-metric curves from metrics.jsonl when training ends (also when
+    it pauses). Fires before the trackers' end of run, so they can attach the PNGs. A failure
+    to plot is a warning, never a failed run."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if not trainer.run_dir.enabled:
+            return
+        if importlib.util.find_spec("matplotlib") is None:
+            log.warning("log.plots: matplotlib is not installed (pip install 'kiln[plots]')")
+            return
+        from kiln.plots import plot_run
+
+        try:
+            plot_run(trainer.run_dir.path)
+        except Exception as exc:
+            log.warning("log.plots: could not draw the plots (%s: %s)", type(exc).__name__, exc)

@@ -1,0 +1,161 @@
+"""`kiln eval RUN_DIR|CKPT --data FILE [key=value ...]`: loss, perplexity, accuracy and the
+configured generation metrics of a trained model on any dataset.
+
+The data is read, checked and filtered as the run's validation data was (its `data` section:
+format, fields or templates, min_quality_score, dedup), tokenized the same way, and evaluated
+in full (or `--max-batches`). Generation metrics follow the run's `eval.generate` (overrides
+such as `eval.generate.num_samples=16` change them). The report goes to a JSON file (default
+<run>/eval/<data name>.json, with the generated samples beside it) and is printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HELP = "evaluate a run's model (loss, perplexity, generation metrics) on a dataset"
+QUIET_HF = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "path",
+        metavar="RUN_DIR|CKPT",
+        help="a run directory (its final/, else its newest checkpoint), final/ or a checkpoint",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="overrides of the run's config, e.g. eval.generate.num_samples=16",
+    )
+    p.add_argument("--data", required=True, metavar="FILE", help="the dataset to evaluate on")
+    p.add_argument("--out", metavar="FILE", help="report path (default <run>/eval/<data>.json)")
+    p.add_argument("--max-batches", type=int, metavar="N", help="evaluate N batches at most")
+    p.add_argument("--batch-size", type=int, metavar="N", help="batch size (the run's default)")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        metavar="N",
+        help="generation eval on N rows (default: the run's eval.generate.num_samples; 0: off)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto)")
+
+
+def _positive(value: int | None, flag: str) -> None:
+    from kiln.errors import KilnError
+
+    if value is not None and value < 1:
+        raise KilnError(f"{flag}: must be >= 1, got {value}")
+
+
+def _report_path(args: argparse.Namespace, model_dir: Path) -> Path:
+    if args.out:
+        return Path(args.out)
+    # final/ -> the run; checkpoints/step-N -> the run; a model directory -> itself.
+    run = model_dir.parent
+    if model_dir.parent.name == "checkpoints":
+        run = model_dir.parent.parent
+    elif model_dir.name != "final":
+        run = model_dir
+    return run / "eval" / f"{Path(args.data).stem}.json"
+
+
+def evaluate_on(
+    loaded: Any, data: str, *, overrides: list[str], max_batches: int | None, batch_size: int | None
+) -> tuple[dict[str, Any], Any, list[Any]]:
+    """(report, config, rows): loss metrics of `loaded` on `data` as the run validated."""
+    from kiln.config import apply_overrides, config_from_dict
+    from kiln.data.collate import Batcher
+    from kiln.data.prepare import DataStats, _load, _tokenize_cached
+    from kiln.data.sources import BadRows, ReadOptions
+    from kiln.data.tasks import make_format
+    from kiln.engine.evaluate import evaluate
+    from kiln.engine.precision import Precision
+    from kiln.errors import KilnError
+
+    if loaded.cfg is None:
+        raise KilnError(f"{loaded.path}: no kiln config (kiln_config.yaml); not a kiln run")
+    raw = apply_overrides(loaded.cfg.model_dump(mode="json"), [*overrides, f"data.val={data}"])
+    cfg = config_from_dict(raw, "overrides")
+    options = ReadOptions(
+        format=cfg.data.format,
+        hf_split=cfg.data.hf_split,
+        text_field=cfg.data.text_field,
+        bad=BadRows(skip=cfg.data.on_bad_row == "skip"),
+    )
+    fmt = make_format(cfg)
+    stats = DataStats()
+    rows = _load(data, fmt, cfg.data, options, stats)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    dataset = _tokenize_cached(cfg, fmt, tokenizer, rows, f"evaluation data ({data})")
+    if not cfg.data.isolate_documents:
+        dataset = dataset.without_documents()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    precision = Precision(cfg.train.precision if device.type == "cuda" else "fp32", device)
+    metrics = evaluate(
+        model,
+        dataset,
+        task=cfg.task,
+        batch_size=batch_size or cfg.eval.batch_size or cfg.train.batch_size,
+        pad_id=pad,
+        precision=precision,
+        max_batches=max_batches,
+        batcher=Batcher(
+            cfg.task,
+            pad,
+            collator=cfg.data.collator,
+            pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+        ),
+    )
+    report = {
+        "model": str(loaded.path),
+        "data": data,
+        "rows": len(rows),
+        "rows_dropped": dict(stats.dropped),
+        "examples": len(dataset),
+        "metrics": dict(metrics or {}),
+    }
+    return report, cfg, rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.engine.generate_eval import GenerationEval
+    from kiln.engine.precision import resolve_device
+    from kiln.models.load import load_trained
+
+    _positive(args.max_batches, "--max-batches")
+    _positive(args.batch_size, "--batch-size")
+    overrides = list(args.overrides)
+    if args.num_samples is not None:
+        overrides.append(f"eval.generate.num_samples={args.num_samples}")
+    loaded = load_trained(args.path, device=resolve_device(args.device))
+    report, cfg, rows = evaluate_on(
+        loaded,
+        args.data,
+        overrides=overrides,
+        max_batches=args.max_batches,
+        batch_size=args.batch_size,
+    )
+    out = _report_path(args, loaded.path)
+    if cfg.eval.generate.num_samples:
+        generated = GenerationEval(cfg).run(
+            loaded.model,
+            loaded.tokenizer,
+            rows,
+            samples_file=out.with_suffix(".samples.jsonl"),
+        )
+        report["metrics"].update(generated or {})
+        report["samples"] = str(out.with_suffix(".samples.jsonl"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{loaded.path} on {args.data}: {report['rows']} rows, {report['examples']} examples")
+    width = max((len(k) for k in report["metrics"]), default=6)
+    print(f"{'metric':<{width}}  value")
+    for key, value in report["metrics"].items():
+        print(f"{key:<{width}}  {value:.6g}")
+    print(f"report: {out}")
+    return 0

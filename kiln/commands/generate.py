@@ -1,0 +1,50 @@
+"""`kiln generate RUN_DIR|CKPT PROMPT`: decode from a trained model (greedy, sampling, beams)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "generate text from a run's final model or a checkpoint"
+QUIET_HF = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "path",
+        metavar="RUN_DIR|CKPT",
+        help="a run directory (its final/, else its newest checkpoint), final/, a checkpoint "
+        "directory, or a model directory",
+    )
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt (seq2seq: the source text)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (100)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling RNG (0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.engine.precision import resolve_device
+    from kiln.generate import GenerationOptions, generate_text
+    from kiln.models.load import load_trained
+
+    options = GenerationOptions(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        num_beams=args.num_beams,
+        seed=args.seed,
+    )
+    options.check()  # before loading a model for minutes
+    device = resolve_device(args.device)
+    loaded = load_trained(args.path, device=device)
+    text = generate_text(
+        loaded.model, loaded.tokenizer, args.prompt, task=loaded.task, options=options
+    )
+    print(text if loaded.task == "seq2seq" else args.prompt + text)
+    return 0

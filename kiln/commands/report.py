@@ -1,0 +1,36 @@
+"""`kiln report RUN_DIR`: summary table of a run, and report.md with the plots embedded."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+HELP = "summarize a run directory (table, report.md with plots)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<name>)")
+    p.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="do not draw plots/ when the run has none (they are drawn with matplotlib)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.report import load_report, render_markdown, render_table
+
+    run_dir = Path(args.run_dir)
+    report = load_report(run_dir)
+    drawable = report.records and importlib.util.find_spec("matplotlib") is not None
+    if not report.plots and drawable and not args.no_plots:
+        from kiln.plots import plot_run
+
+        plot_run(run_dir)
+        report = load_report(run_dir)
+    print(render_table(report))
+    out = run_dir / "report.md"
+    out.write_text(render_markdown(report))
+    print(f"\nreport: {out}")
+    return 0

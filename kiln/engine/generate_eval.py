@@ -1,0 +1,238 @@
+"""Generation-based evaluation: generate from validation prompts, score with named metrics.
+
+Which text is the prompt and which the reference, per task:
+
+- causal_lm: the row's text is split after the first occurrence of
+  `eval.generate.prompt_split` (default a newline, so "Title: Lemon Rice\\n" is the prompt of a
+  recipe and the rest of the recipe is the reference); rows without the marker are skipped.
+- instruction: the rendered prompt and response (`kiln.data.tasks.make_format`).
+- seq2seq: the rendered source and target.
+
+The same first `num_samples` usable validation rows are used at every evaluation, so the
+numbers are comparable across steps. Decoding is greedy unless `do_sample`; sampling draws
+from its own seeded RNG, so generation never changes the training RNG stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kiln.data.tasks import make_format
+from kiln.errors import KilnError
+from kiln.metrics.registry import GenSample, Metric, get_metric
+
+if TYPE_CHECKING:
+    from kiln.config import RunConfig
+
+__all__ = ["GenerationEval", "eval_pairs", "generate_texts"]
+
+log = logging.getLogger("kiln")
+
+
+def eval_pairs(cfg: RunConfig, rows: Sequence[Mapping[str, Any]], n: int) -> list[tuple[str, str]]:
+    """(prompt, reference) of the first `n` rows that have both (see the module docstring)."""
+    fmt = make_format(cfg)
+    marker = cfg.eval.generate.prompt_split
+    pairs: list[tuple[str, str]] = []
+    for i, row in enumerate(rows):
+        if len(pairs) >= n:
+            break
+        parts = fmt.render(row, i)
+        if cfg.task == "causal_lm":
+            text = parts[0]
+            cut = text.find(marker) if marker else -1
+            if cut < 0:
+                continue
+            prompt, reference = text[: cut + len(marker)], text[cut + len(marker) :]
+        else:
+            prompt, reference = parts[0], parts[1]
+        if prompt and reference.strip():
+            pairs.append((prompt, reference))
+    return pairs
+
+
+def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    # As training tokenizes: no special tokens (kiln adds EOS itself where it trains one).
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+@torch.no_grad()
+def generate_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    task: str,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+    max_time_s: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[str | None]:
+    """Generate a continuation (causal_lm, instruction) or target (seq2seq) per prompt.
+
+    Prompts are batched (`batch_size`), left-padded for decoder-only models. seq2seq sources
+    end with EOS, as kiln trains them. A causal prompt is cut from the left so that prompt plus
+    `max_new_tokens` fit the model's positions. Entries are None for prompts not reached
+    within `max_time_s` (a whole-call budget) or after `should_stop()` turned true.
+    """
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    limit = getattr(model.config, "max_position_embeddings", None) if task != "seq2seq" else None
+    encoded = _encode(tokenizer, prompts)
+    if task == "seq2seq" and eos is not None:
+        encoded = [[*ids, eos] for ids in encoded]
+    out: list[str | None] = [None] * len(prompts)
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for first in range(0, len(prompts), batch_size):
+                left = None if max_time_s is None else max_time_s - (time.perf_counter() - start)
+                if (left is not None and left <= 0) or (should_stop and should_stop()):
+                    break
+                chunk = encoded[first : first + batch_size]
+                new = max_new_tokens
+                if limit:
+                    new = max(1, min(new, limit - 1))
+                    chunk = [ids[-(limit - new) :] for ids in chunk]
+                width = max(len(ids) for ids in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, seq in enumerate(chunk):
+                    if task == "seq2seq":  # encoder input: right padding
+                        ids[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), 1
+                    else:  # decoder-only: left padding, so every row continues at the end
+                        ids[r, width - len(seq) :], mask[r, width - len(seq) :] = (
+                            torch.tensor(seq),
+                            1,
+                        )
+                kwargs: dict[str, Any] = {"do_sample": do_sample}
+                if do_sample:
+                    kwargs.update(temperature=temperature, top_p=top_p)
+                if left is not None:
+                    kwargs["max_time"] = left
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=new,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                    **kwargs,
+                )
+                gen = gen if task == "seq2seq" else gen[:, width:]
+                for r in range(len(chunk)):
+                    out[first + r] = tokenizer.decode(gen[r], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return out
+
+
+class GenerationEval:
+    """Generation eval as `eval.generate` configures it; the trainer and `kiln eval` run it.
+
+    Metric names are resolved when it is built, so an unknown name fails before training.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.gen = cfg.eval.generate
+        self.metrics: dict[str, Metric] = {}
+        for i, name in enumerate(self.gen.metrics):
+            try:
+                self.metrics[name] = get_metric(name)
+            except KeyError as exc:
+                raise KilnError(f"eval.generate.metrics[{i}]: {exc.args[0]}") from None
+        self._pairs: list[tuple[str, str]] | None = None
+        self._rows_id: int | None = None
+
+    def due(self, step: int, *, last: bool) -> bool:
+        """Whether a validation at `step` includes generation (`every_steps`, and the last)."""
+        every = self.gen.every_steps
+        return self.gen.num_samples > 0 and (every is None or step % every == 0 or last)
+
+    def pairs(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+        """The (prompt, reference) pairs of `rows` (computed once per row list)."""
+        if self._pairs is None or self._rows_id != id(rows):
+            self._pairs = eval_pairs(self.cfg, rows, self.gen.num_samples)
+            self._rows_id = id(rows)
+            if not self._pairs:
+                log.warning(
+                    "generation eval: no validation row has a prompt and a reference "
+                    "(eval.generate.prompt_split=%r); skipped",
+                    self.gen.prompt_split,
+                )
+        return self._pairs
+
+    def run(
+        self,
+        model: Any,
+        tokenizer: Any,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        samples_file: Path | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict[str, float] | None:
+        """Generate for the eval rows and score them; None when `should_stop` cut it short.
+
+        Returns `val_<score>` for every score of every metric, plus `val_gen_samples` (how many
+        were generated) and `val_gen_time_s`. Writes the samples to `samples_file` (JSONL:
+        prompt, reference, generation) when given.
+        """
+        pairs = self.pairs(rows)
+        if not pairs:
+            return {}
+        start = time.perf_counter()
+        texts = generate_texts(
+            model,
+            tokenizer,
+            [p for p, _ in pairs],
+            task=self.cfg.task,
+            max_new_tokens=self.gen.max_new_tokens,
+            batch_size=self.gen.batch_size,
+            do_sample=self.gen.do_sample,
+            temperature=self.gen.temperature,
+            top_p=self.gen.top_p,
+            seed=self.cfg.seed,
+            max_time_s=self.gen.max_time_s,
+            should_stop=should_stop,
+        )
+        if should_stop is not None and should_stop():
+            return None
+        samples = [
+            GenSample(prompt, reference, text, self.cfg.task)
+            for (prompt, reference), text in zip(pairs, texts, strict=True)
+            if text is not None
+        ]
+        if len(samples) < len(pairs):
+            log.warning(
+                "generation eval: %d of %d samples done within eval.generate.max_time_s=%s",
+                len(samples),
+                len(pairs),
+                self.gen.max_time_s,
+            )
+        metrics: dict[str, float] = {}
+        if samples:
+            for metric in self.metrics.values():
+                metrics.update({f"val_{k}": float(v) for k, v in metric(samples).items()})
+        metrics["val_gen_samples"] = float(len(samples))
+        metrics["val_gen_time_s"] = time.perf_counter() - start
+        if samples_file is not None and self.gen.write_samples:
+            samples_file.parent.mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps(s.to_dict(), ensure_ascii=False) + "\n" for s in samples]
+            samples_file.write_text("".join(lines))
+        return metrics

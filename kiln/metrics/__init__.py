@@ -1,0 +1,30 @@
+"""Evaluation metrics: BLEU and ROUGE (as sacrebleu and rouge-score compute them), recipe
+scores, the metric registry for generation eval, and the training-metrics tracker."""
+
+from kiln.metrics.recipe import recipe_metric, recipe_scores
+from kiln.metrics.registry import (
+    METRICS,
+    GenSample,
+    Metric,
+    available_metrics,
+    compute_metrics,
+    get_metric,
+    register_metric,
+)
+from kiln.metrics.text import bleu, rouge
+from kiln.metrics.tracker import MetricsTracker
+
+__all__ = [
+    "METRICS",
+    "GenSample",
+    "Metric",
+    "MetricsTracker",
+    "available_metrics",
+    "bleu",
+    "compute_metrics",
+    "get_metric",
+    "recipe_metric",
+    "recipe_scores",
+    "register_metric",
+    "rouge",
+]

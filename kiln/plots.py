@@ -1,0 +1,208 @@
+"""Curves from metrics.jsonl: per-run PNGs (plots/) and an overlay of several runs.
+
+Drawn with matplotlib's Agg backend on standalone `Figure`s (no pyplot global state, no
+display needed); matplotlib is the `plots` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import KilnError
+
+__all__ = ["eval_metrics", "plot_run", "plot_runs", "read_metrics", "run_name", "series"]
+
+# Fields of val records that are not eval metrics of their own (`loss` repeats val_loss), and
+# the suffixes of counts and timings (val_tokens, val_gen_samples, val_gen_time_s).
+_NOT_METRICS = {"step", "split", "loss", "val_loss"}
+_NOT_METRIC_SUFFIXES = ("_tokens", "_samples", "_s")
+_FIGSIZE = (6.4, 4.0)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of <run_dir>/metrics.jsonl (a line torn by a kill is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        raise KilnError(f"{run_dir}: not a kiln run directory (no metrics.jsonl)") from None
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` in the records of `split` that have a number there."""
+    steps, values = [], []
+    for r in records:
+        value = r.get(key)
+        if r.get("split") == split and _is_number(value) and math.isfinite(value):
+            steps.append(int(r["step"]))
+            values.append(float(value))
+    return steps, values
+
+
+def eval_metrics(records: list[dict[str, Any]]) -> list[str]:
+    """Names of the numeric val metrics besides the loss (val_ppl, val_accuracy, ...), in order
+    of first appearance; counts and timings are not metrics."""
+    names: dict[str, None] = {}
+    for r in records:
+        if r.get("split") != "val":
+            continue
+        for key, value in r.items():
+            if _is_number(value) and not (
+                key in _NOT_METRICS or key.endswith(_NOT_METRIC_SUFFIXES)
+            ):
+                names.setdefault(key)
+    return list(names)
+
+
+def _figure(nrows: int = 1, ncols: int = 1) -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise KilnError("plots need matplotlib: pip install 'kiln[plots]'") from None
+    single = nrows == ncols == 1
+    # Fixed margins for one panel: constrained layout costs ~30 ms more per PNG.
+    fig = Figure(
+        figsize=(_FIGSIZE[0] * ncols, _FIGSIZE[1] * nrows),
+        layout=None if single else "constrained",
+    )
+    if single:
+        fig.subplots_adjust(left=0.13, right=0.97, top=0.91, bottom=0.13)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+    return path
+
+
+def _decorate(ax: Any, title: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write loss.png (train and val), lr.png, grad_norm.png (when logged) and one PNG per eval
+    metric into `out_dir` (default <run_dir>/plots); returns the paths written."""
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    records = read_metrics(run_dir)
+    name = run_name(run_dir)
+    written = []
+
+    fig = _figure()
+    ax = fig.subplots()
+    for split, style in (("train", "-"), ("val", "o--")):
+        steps, values = series(records, split, "loss")
+        if steps:
+            ax.plot(steps, values, style, label=f"{split} loss", markersize=4)
+    _decorate(ax, f"{name}: loss", "loss")
+    if ax.has_data():
+        ax.legend()
+    written.append(_save(fig, out / "loss.png"))
+
+    for key, title in (("lr", "learning rate"), ("grad_norm", "gradient norm")):
+        steps, values = series(records, "train", key)
+        if not steps:
+            continue
+        fig = _figure()
+        ax = fig.subplots()
+        ax.plot(steps, values)
+        _decorate(ax, f"{name}: {title}", key)
+        written.append(_save(fig, out / f"{key}.png"))
+
+    for metric in eval_metrics(records):
+        steps, values = series(records, "val", metric)
+        if not steps:
+            continue
+        fig = _figure()
+        ax = fig.subplots()
+        ax.plot(steps, values, "o-", markersize=4)
+        _decorate(ax, f"{name}: {metric}", metric)
+        written.append(_save(fig, out / f"{metric}.png"))
+    return written
+
+
+def run_name(run_dir: Path) -> str:
+    """The run's `name` from its config.yaml, else the directory name."""
+    try:
+        import yaml
+
+        name = yaml.safe_load((run_dir / "config.yaml").read_text()).get("name")
+    except (OSError, ValueError, AttributeError, ImportError):
+        name = None
+    return str(name) if name else run_dir.resolve().name
+
+
+def _labels(run_dirs: Sequence[Path]) -> list[str]:
+    """Short distinct names: the run names, else the directory names, else the paths."""
+    for labels in ([run_name(p) for p in run_dirs], [p.resolve().name for p in run_dirs]):
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in run_dirs]
+
+
+def plot_runs(
+    run_dirs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    metrics: Sequence[str] | None = None,
+) -> Path:
+    """One figure overlaying several runs: loss (train solid, val dashed), LR and each eval
+    metric (or just `metrics`, e.g. ["loss", "val_accuracy"]), one colour per run."""
+    paths = [Path(p) for p in run_dirs]
+    runs = [read_metrics(p) for p in paths]
+    if metrics is None:
+        names: dict[str, None] = {"loss": None, "lr": None}
+        for records in runs:
+            names.update(dict.fromkeys(eval_metrics(records)))
+        panels = list(names)
+    else:
+        panels = list(metrics)
+    ncols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _figure(nrows, ncols)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels, strict=False):
+        for i, (label, records) in enumerate(zip(_labels(paths), runs, strict=True)):
+            color = f"C{i % 10}"
+            if panel == "loss":
+                ax.plot(*series(records, "train", "loss"), "-", color=color, label=label)
+                ax.plot(*series(records, "val", "loss"), "o--", color=color, markersize=3)
+            elif panel in ("lr", "grad_norm", "tokens_per_s"):
+                ax.plot(*series(records, "train", panel), "-", color=color, label=label)
+            else:
+                ax.plot(*series(records, "val", panel), "o-", color=color, label=label, ms=3)
+        title = "loss (train -, val --)" if panel == "loss" else panel
+        _decorate(ax, title, panel)
+        if not ax.has_data():
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        elif panel == panels[0]:
+            ax.legend(fontsize="small")
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    return _save(fig, Path(out))

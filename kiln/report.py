@@ -1,0 +1,207 @@
+"""Run report: a summary table of one run directory, printed and written as report.md.
+
+Reads only files of the run directory (config.yaml, summary.json, metrics.jsonl, plots/), so it
+works on a finished, failed, paused or still-running run; what a run has not written yet is
+reported as missing, not guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.errors import KilnError
+from kiln.plots import eval_metrics, read_metrics, series
+
+__all__ = ["RunReport", "best_metrics", "load_report", "render_markdown", "render_table"]
+
+# Metrics where smaller is better; every other eval metric counts larger as better.
+_LOWER_IS_BETTER = re.compile(r"loss|ppl|perplexity|error|wer|cer", re.IGNORECASE)
+
+
+@dataclass
+class RunReport:
+    """What `kiln report` shows about one run directory."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    summary: dict[str, Any] | None
+    """summary.json; None while the run has not finished (running, failed or killed)."""
+    records: list[dict[str, Any]]
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    """(label, value) lines of the summary table."""
+    best: dict[str, tuple[float, int]] = field(default_factory=dict)
+    """Each eval metric's best value and its step."""
+    plots: list[Path] = field(default_factory=list)
+
+
+def best_metrics(records: list[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+    """(best value, step) of val_loss and each eval metric; loss, perplexity and error rates
+    are better smaller, the others larger (accuracy, BLEU, ROUGE)."""
+    best: dict[str, tuple[float, int]] = {}
+    for name in ["val_loss", *eval_metrics(records)]:
+        steps, values = series(records, "val", name)
+        if not values:
+            continue
+        pick = min if _LOWER_IS_BETTER.search(name) else max
+        value = pick(values)
+        best[name] = (value, steps[values.index(value)])
+    return best
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}g}" if 0 < abs(value) < 1e-3 else f"{value:,.{digits}f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02.0f}s"
+    return f"{minutes}m {secs:04.1f}s" if minutes else f"{secs:.1f}s"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise KilnError(f"{path}: cannot read ({exc})") from None
+    return data if isinstance(data, dict) else None
+
+
+def _config_rows(cfg: dict[str, Any], summary: dict[str, Any] | None) -> list[tuple[str, str]]:
+    model, data = cfg.get("model", {}), cfg.get("data", {})
+    optim, train = cfg.get("optim", {}), cfg.get("train", {})
+    lora = cfg.get("lora", {})
+    if model.get("name_or_path"):
+        what = str(model["name_or_path"])
+    else:
+        what = (
+            f"{model.get('arch')} from scratch ({model.get('num_layers')} layers, "
+            f"hidden {model.get('hidden_size')})"
+        )
+    if lora.get("enabled"):
+        what += f" + LoRA (r={lora.get('r')}, alpha={lora.get('alpha')})"
+    if summary and summary.get("parameters") is not None:
+        what += (
+            f"; {_num(summary['parameters'])} parameters, "
+            f"{_num(summary.get('trainable_parameters'))} trainable"
+        )
+    batch = (
+        f"{train.get('batch_size')} x {train.get('grad_accum_steps', 1)} accumulation, "
+        f"max_length {data.get('max_length')}"
+    )
+    schedule = (
+        f"{optim.get('name', 'adamw')} lr {optim.get('lr')}, {optim.get('scheduler')} "
+        f"(warmup {optim.get('warmup_steps')}), weight decay {optim.get('weight_decay')}"
+    )
+    device = summary.get("device") if summary else train.get("device")
+    return [
+        ("run", f"{cfg.get('name')} ({cfg.get('task')})"),
+        ("model", what),
+        ("data", f"{data.get('train')}" + (f" (val: {data['val']})" if data.get("val") else "")),
+        ("optimizer", schedule),
+        ("batch", batch),
+        ("precision", f"{train.get('precision')} on {device}"),
+    ]
+
+
+def load_report(run_dir: str | Path) -> RunReport:
+    """Gather the report of `run_dir` (KilnError when it is not a kiln run directory)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise KilnError(f"{run_dir}: no such run directory")
+    config_path = run_dir / "config.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text()) or {}
+    except FileNotFoundError:
+        raise KilnError(f"{run_dir}: not a kiln run directory (no config.yaml)") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise KilnError(f"{config_path}: cannot read ({exc})") from None
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    summary = _read_json(run_dir / "summary.json")
+    report = RunReport(run_dir=run_dir, config=config, summary=summary, records=records)
+    report.best = best_metrics(records)
+    first = {"loss": 0, "lr": 1, "grad_norm": 2}
+    pngs = (run_dir / "plots").glob("*.png")
+    report.plots = sorted(pngs, key=lambda p: (first.get(p.stem, 3), p.stem))
+
+    rows = _config_rows(config, summary)
+    total = config.get("train", {}).get("max_steps")
+    if summary is not None:
+        steps = f"{_num(summary.get('steps'))}"
+        if summary.get("stop_reason"):
+            steps += f" (stopped: {summary['stop_reason']})"
+        rows += [
+            ("steps", steps),
+            ("tokens", _num(summary.get("tokens"))),
+            ("wall time", _duration(summary.get("wall_time_s"))),
+            ("tokens/s", _num(summary.get("tokens_per_s"), 1)),
+        ]
+    else:
+        train = [r for r in records if r.get("split") == "train"]
+        last = train[-1] if train else {}
+        rows += [
+            ("status", "no summary.json: still running, failed or killed"),
+            ("steps", f"{_num(last.get('step'))} logged" + (f" of {total}" if total else "")),
+            ("tokens", _num(last.get("tokens"))),
+            ("wall time", _duration(last.get("elapsed_s"))),
+            ("tokens/s", _num(last.get("tokens_per_s"), 1)),
+        ]
+    train_steps, train_loss = series(records, "train", "loss")
+    if train_loss:
+        rows.append(("final train loss", f"{_num(train_loss[-1])} (step {train_steps[-1]})"))
+    for name, (value, step) in report.best.items():
+        rows.append((f"best {name}", f"{_num(value)} (step {step})"))
+    final = summary.get("final_dir") if summary else None
+    if final is None and (run_dir / "final").is_dir():
+        final = str(run_dir / "final")
+    rows.append(("final model", final or "not written"))
+    if summary and summary.get("resumed_from"):
+        rows.append(("resumed from", str(summary["resumed_from"])))
+    report.rows = rows
+    return report
+
+
+def render_table(report: RunReport) -> str:
+    """The summary table as aligned plain text."""
+    width = max(len(label) for label, _ in report.rows)
+    lines = [f"{label:<{width}}  {value}" for label, value in report.rows]
+    return "\n".join([f"run directory: {report.run_dir}", *lines])
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: RunReport) -> str:
+    """report.md: the table, the plots (paths relative to the run directory) and the sample."""
+    name = report.config.get("name", report.run_dir.name)
+    lines = [f"# Run report: {name}", "", "| | |", "|---|---|"]
+    lines += [f"| {_cell(label)} | {_cell(value)} |" for label, value in report.rows]
+    if report.plots:
+        lines += ["", "## Curves", ""]
+        for png in report.plots:
+            rel = os.path.relpath(png, report.run_dir)
+            lines += [f"### {png.stem}", "", f"![{png.stem}]({rel})", ""]
+    sample = report.summary.get("sample") if report.summary else None
+    if sample:
+        lines += ["", "## Sample", "", "```text", sample.rstrip(), "```"]
+    return "\n".join(lines).rstrip() + "\n"
