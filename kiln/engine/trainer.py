@@ -19,15 +19,17 @@ from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_hash
 from kiln.data import (
     BatchCursor,
-    TokenDataset,
     build_datasets,
     load_splits,
-    make_format,
-    render_rows,
 )
-from kiln.data.augment import AugmentedDataset, build_augmenters, tokenizer_for
 from kiln.data.collate import Batcher, get_collator
-from kiln.data.curriculum import Curriculum
+from kiln.engine.datasetup import (
+    as_dataset,
+    build_schedule,
+    input_tokens,
+    tokenizer_corpus,
+    total_steps,
+)
 from kiln.engine.evaluate import evaluate, restore_best
 from kiln.engine.events import Event
 from kiln.engine.generate_eval import GenerationEval
@@ -71,21 +73,6 @@ class TrainResult:
     checkpoint_paths: list[Path] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     sample: str | None = None
-
-
-def _as_dataset(data: Any, task: str) -> TokenDataset:
-    if isinstance(data, TokenDataset):
-        return data
-    if isinstance(data, torch.Tensor):
-        return TokenDataset(data)
-    if isinstance(data, Sequence) and data and isinstance(data[0], dict):
-        ids = [list(map(int, ex["input_ids"])) for ex in data]
-        labels = [list(map(int, ex["labels"])) for ex in data] if "labels" in data[0] else None
-        # Causal labels line up with input_ids (the loss shifts them); seq2seq labels do not.
-        return TokenDataset(ids, labels, aligned=labels is not None and task != "seq2seq")
-    if isinstance(data, Sequence):
-        return TokenDataset([list(map(int, x)) for x in data])
-    raise TypeError(f"cannot use {type(data).__name__} as data for task {task}")
 
 
 class Trainer:
@@ -230,7 +217,7 @@ class Trainer:
             fused=cfg.optim.fused,
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.state.total_steps = self._total_steps()
+        self.state.total_steps = total_steps(self.cfg, len(self.train_data), self.curriculum)
         if cfg.optim.warmup_steps >= self.state.total_steps:
             raise KilnError(
                 f"optim.warmup_steps: must be < total steps ({self.state.total_steps}), "
@@ -259,18 +246,18 @@ class Trainer:
         if self.tokenizer is None:
             texts = None
             if rows is not None:
-                texts = _tokenizer_corpus(cfg, rows[0])
+                texts = tokenizer_corpus(cfg, rows[0])
             self.tokenizer = build_tokenizer(cfg, texts)
         if rows is not None:
             train, val, stats = build_datasets(cfg, self.tokenizer, rows[0], rows[1], stats=rows[2])
             self.train_data, self.val_data = train, val
             self.data_stats = stats.to_dict()
         else:
-            self.train_data = _as_dataset(self._train_data, cfg.task)
-            self.val_data = (
-                None if self._val_data is None else _as_dataset(self._val_data, cfg.task)
-            )
-        self._build_schedule()
+            self.train_data = as_dataset(self._train_data, cfg.task)
+            self.val_data = None if self._val_data is None else as_dataset(self._val_data, cfg.task)
+        self.curriculum, self.augmented = build_schedule(
+            cfg, self.train_data, self.train_rows, self.tokenizer
+        )
         if not cfg.data.isolate_documents:  # packed documents then attend across each other
             self.train_data = self.train_data.without_documents()
             if self.val_data is not None:
@@ -284,48 +271,6 @@ class Trainer:
             seed_everything(cfg.seed)  # weight init independent of what ran before
             self.model = build_model(cfg, self.tokenizer)
         seed_everything(cfg.seed)
-
-    def _build_schedule(self) -> None:
-        """Curriculum (which examples may be drawn) and augmentation, from `data`."""
-        cfg = self.cfg
-        self.curriculum: Curriculum | None = None
-        self.augmented: AugmentedDataset | None = None
-        if cfg.data.curriculum is not None:
-            self.curriculum = Curriculum.for_dataset(cfg, self.train_data, self.train_rows)
-        if cfg.data.augment:
-            if self.train_rows is None:
-                raise KilnError(
-                    "data.augment: needs the training rows; training data was given as tokens"
-                )
-            fmt = make_format(cfg)
-            self.augmented = AugmentedDataset(
-                self.train_data,
-                self.train_rows,
-                fmt,
-                build_augmenters(cfg.data.augment, fmt),
-                tokenizer_for(cfg, self.tokenizer),
-                cfg.seed,
-            )
-
-    def _total_steps(self) -> int:
-        train = self.cfg.train
-        steps = []
-        if train.max_steps is not None:
-            steps.append(train.max_steps)
-        if train.num_epochs is not None:
-            if self.curriculum is not None:  # by epoch (config check): epochs differ in length
-                micro = self.curriculum.total_micro_batches(train.num_epochs, train.batch_size)
-            else:
-                micro = int(train.num_epochs * (len(self.train_data) // train.batch_size))
-            steps.append(micro // train.grad_accum_steps)
-        total = min(steps)
-        if total < 1:
-            raise KilnError(
-                "train.num_epochs: the run would take 0 optimizer steps "
-                f"({len(self.train_data)} examples, batch {train.batch_size} x "
-                f"{train.grad_accum_steps} accumulation)"
-            )
-        return total
 
     @property
     def pad_id(self) -> int:
@@ -444,7 +389,7 @@ class Trainer:
         log.info("resumed from %s (step %d)", path, self.state.step)
         for line in changes:
             log.info("config changed since the checkpoint: %s", line)
-        self.state.total_steps = self._total_steps()
+        self.state.total_steps = total_steps(self.cfg, len(self.train_data), self.curriculum)
         self.checkpoint_paths = [c.path for c in self.checkpoints.list()]
 
     def _group_lengths(self) -> torch.Tensor | None:
@@ -480,7 +425,7 @@ class Trainer:
         window_targets = max(1, sum(count_targets(b, cfg.task) for b in batches))
         window_loss = torch.zeros((), device=self.device)
         for batch in batches:
-            state.tokens_seen += _input_tokens(batch)
+            state.tokens_seen += input_tokens(batch)
             state.samples_seen += batch["input_ids"].shape[0]
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.precision.autocast():
@@ -622,14 +567,3 @@ class Trainer:
 
     def _summary(self, final_dir: Path | None, sample: str | None) -> dict[str, Any]:
         return run_summary(self, final_dir, sample, time.perf_counter() - self._start_time)
-
-
-def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
-    mask = batch.get("attention_mask")
-    n = batch["input_ids"].numel() if mask is None else int(mask.sum())
-    return n
-
-
-def _tokenizer_corpus(cfg: RunConfig, rows: list[Any]) -> list[str]:
-    """Texts to train a tokenizer on: the training split only (never the val rows)."""
-    return ["\n".join(parts) for parts in render_rows(make_format(cfg), rows)]
