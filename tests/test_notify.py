@@ -21,6 +21,7 @@ from kiln import Callback, Trainer
 from kiln.callbacks.notify import Notification, NotifyCallback, build_senders
 from kiln.config import ConfigError, NotifyConfig
 from kiln.config.tracking import DiscordSender, SlackSender, TwilioSender, WebhookSender
+from kiln.errors import DataError
 
 SECRETS = {
     "T_DISCORD": "/discord/SECRET-discord-7f3a",
@@ -207,6 +208,21 @@ def test_failure_notification_carries_the_error_line(
     assert failure["message"] == (
         "kiln: run 'tiny' failed at step 3: RuntimeError: boom: the GPU caught fire"
     )
+
+
+def test_a_failure_during_setup_is_notified_too(
+    tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _env(monkeypatch, server.url)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "Title: Rice"}\n{"text": 5}\n')
+    cfg = tiny_config(tmp_path, bad, None, notify={"senders": [SENDERS[2]]})
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'text' must be a string"):
+        Trainer(cfg).fit()
+    events = _hook_events(server)
+    assert [e["event"] for e in events] == ["failure"]  # it never started
+    assert "bad.jsonl:2: field 'text' must be a string" in events[0]["error"]
+    assert events[0]["step"] == 0
 
 
 def test_early_stop_is_reported_instead_of_end(

@@ -22,7 +22,7 @@ Where each event fires in `Trainer.fit()`::
         VALIDATION_END                   # with val metrics; then LOG with them
         CHECKPOINT                       # after a checkpoint or the final model is written
     TRAIN_END                            # also after a stop request
-    EXCEPTION                            # instead of TRAIN_END when the loop raises
+    EXCEPTION                            # instead of TRAIN_END when fit() raises (setup too)
 
 Callbacks receive these as `Callback.on_<value>` calls (see `kiln.callbacks.Callback`).
 """

@@ -286,35 +286,15 @@ class Trainer:
             getattr(cb, event.method)(self, **payload)
 
     def fit(self) -> TrainResult:
-        """Train to the end (or a stop request), validate, write final/ and summary.json."""
-        resume_from = self._resume_path()
-        if resume_from is None:  # checked before minutes of setup, not after
-            self.run_dir.check_free(overwrite=self.overwrite)
-        self.setup()
-        cfg = self.cfg
-        if resume_from is not None:
-            self._restore(resume_from)
-        else:
-            self.run_dir.prepare(cfg, overwrite=self.overwrite)
-        self.checkpoints.clean_incomplete()
-        self.run_dir.clean_stale()
-        if self.data_stats:
-            self.run_dir.write_json("data_stats.json", self.data_stats)
-        self._start_time = time.perf_counter()
-        self.tracker = tracker_for(self)
-        self.tracker.start(self.state.tokens_seen, self.state.samples_seen, self._start_time)
-        self.cursor = BatchCursor(
-            len(self.train_data),
-            cfg.train.batch_size,
-            cfg.seed,
-            epoch=self.state.epoch,
-            cursor=self.state.cursor,
-            lengths=self._group_lengths(),
-        )
-        self._epoch_started = self.state.cursor > 0
-        self._epochs_ended = 0
+        """Train to the end (or a stop request), validate, write final/ and summary.json.
+
+        EXCEPTION fires for any error from here on, setup included (a failure notification
+        must not depend on how far the run got).
+        """
         final_dir, sample = None, None
         try:
+            self._begin()
+            cfg = self.cfg
             with StopSignals(self._on_signal):
                 self.fire(Event.TRAIN_BEGIN)
                 if self._validation_pending:  # a stop interrupted it before the checkpoint
@@ -349,6 +329,35 @@ class Trainer:
             summary=summary,
             sample=sample,
         )
+
+    def _begin(self) -> None:
+        """Everything before the first step: setup, the run directory or resume, the cursor."""
+        resume_from = self._resume_path()
+        if resume_from is None:  # checked before minutes of setup, not after
+            self.run_dir.check_free(overwrite=self.overwrite)
+        self.setup()
+        cfg = self.cfg
+        if resume_from is not None:
+            self._restore(resume_from)
+        else:
+            self.run_dir.prepare(cfg, overwrite=self.overwrite)
+        self.checkpoints.clean_incomplete()
+        self.run_dir.clean_stale()
+        if self.data_stats:
+            self.run_dir.write_json("data_stats.json", self.data_stats)
+        self._start_time = time.perf_counter()
+        self.tracker = tracker_for(self)
+        self.tracker.start(self.state.tokens_seen, self.state.samples_seen, self._start_time)
+        self.cursor = BatchCursor(
+            len(self.train_data),
+            cfg.train.batch_size,
+            cfg.seed,
+            epoch=self.state.epoch,
+            cursor=self.state.cursor,
+            lengths=self._group_lengths(),
+        )
+        self._epoch_started = self.state.cursor > 0
+        self._epochs_ended = 0
 
     def _after_step(self) -> None:
         """Validation and checkpoints that fall due after a step (or a stop request)."""
