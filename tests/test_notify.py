@@ -50,7 +50,7 @@ class _Server:
                 self.end_headers()
 
             def log_message(self, *args: Any) -> None:
-                pass
+                """Keep the server's per-request lines out of the test output."""
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
