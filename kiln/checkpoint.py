@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.files import writing
+
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointInfo", "CheckpointManager", "fsync_dir"]
 
 log = logging.getLogger("kiln")
@@ -345,38 +347,40 @@ class CheckpointManager:
         final = self.root / f"step-{step}"
         if not self.enabled:
             return final
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f".staging-step-{step}-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        try:
-            with _Sealer() as sealer:
-                for name, write in writers.items():
-                    target = staging / name
-                    write(target)
-                    sealer.add(name, target)  # fsync + crc32 in the background
-                files = sealer.results()
-            manifest = {
-                "format": CHECKPOINT_FORMAT,
-                "step": step,
-                "created": time.time(),
-                "config_hash": config_hash,
-                "metrics": metrics or {},
-                "files": files,
-            }
-            with open(staging / MANIFEST, "w") as f:
-                json.dump(manifest, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(staging)
-            if final.exists():  # an earlier write of the same step (e.g. before a crash)
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            fsync_dir(self.root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        # Disk full: one clear line (the staging directory is removed; older checkpoints stay).
+        with writing(f"checkpoint {final}"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = self.root / f".staging-step-{step}-{os.getpid()}"
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+            try:
+                with _Sealer() as sealer:
+                    for name, write in writers.items():
+                        target = staging / name
+                        write(target)
+                        sealer.add(name, target)  # fsync + crc32 in the background
+                    files = sealer.results()
+                manifest = {
+                    "format": CHECKPOINT_FORMAT,
+                    "step": step,
+                    "created": time.time(),
+                    "config_hash": config_hash,
+                    "metrics": metrics or {},
+                    "files": files,
+                }
+                with open(staging / MANIFEST, "w") as f:
+                    json.dump(manifest, f, indent=2)
+                    f.flush()
+                    os.fsync(f.fileno())
+                fsync_dir(staging)
+                if final.exists():  # an earlier write of the same step (e.g. before a crash)
+                    shutil.rmtree(final)
+                os.replace(staging, final)
+                fsync_dir(self.root)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
         self.rotate()
         return final
 

@@ -1,8 +1,12 @@
 """The `kiln` command line; each subcommand lives in `kiln.commands.<name>`.
 
-Exit codes: 0 done; 2 bad input (config, data, arguments, files: one line per problem on
-stderr, never a traceback); 3 stopped by SIGTERM/SIGINT after writing a checkpoint (continue
-with `--resume`); 130 aborted by a second Ctrl-C.
+Exit codes (the README's table): 0 done; 2 bad input (config, data, arguments, files: one line
+per problem on stderr, never a traceback), or refused (a run directory in use, an output that
+would replace what it reads); 3 stopped by SIGTERM/SIGINT after writing a checkpoint, or before
+training started when an earlier checkpoint exists (continue with `--resume RUN_DIR`); 5 the disk
+(or quota, or file-size limit) ran out while writing: what was written before stays intact;
+130 aborted by a second Ctrl-C, or Ctrl-C before training started with nothing to resume; 143
+SIGTERM before training started with nothing to resume.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from kiln.errors import KilnError
+from kiln.files import EXIT_STORAGE_FULL, StorageFull
 
 __all__ = ["main"]
 
@@ -80,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"kiln: error: {line}", file=sys.stderr)
         return EXIT_USAGE
+    except StorageFull as exc:
+        print(f"kiln: error: {exc.message()}", file=sys.stderr)
+        return EXIT_STORAGE_FULL
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -6,14 +6,15 @@ display needed); matplotlib is the `plots` extra.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.files import write_atomic
 
 __all__ = ["eval_metrics", "plot_run", "plot_runs", "read_metrics", "run_name", "series"]
 
@@ -92,9 +93,9 @@ def _figure(nrows: int = 1, ncols: int = 1) -> Any:
 
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    write_atomic(path, png.getvalue())
     return path
 
 

@@ -162,3 +162,23 @@ def assert_resume_is_exact(
         assert torch.equal(tensor, resumed_trainer.model.state_dict()[name]), name
     assert logged_metrics(resumed.run_dir) == logged_metrics(ref.run_dir)
     return ref_trainer, resumed_trainer
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (or of `root` itself), by relative path: a user's
+    files before and after a refused command must compare equal. The run lock file (whose
+    content is the pid of the last process that took the lock) is not the user's."""
+    import hashlib
+
+    root = Path(root)
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(p for p in root.rglob("*") if p.is_file() and p.name != ".kiln.lock")
+    )
+    return {
+        str(p.relative_to(root)) if p != root else p.name: hashlib.sha256(
+            p.read_bytes()
+        ).hexdigest()
+        for p in files
+    }

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from kiln import Callback, Trainer
 from kiln.checkpoint import CheckpointManager
 from kiln.errors import KilnError
+from kiln.files import StorageFull
 from kiln.models import train_bpe_tokenizer
 
 
@@ -165,7 +166,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(
                 monkeypatch.setattr("kiln.engine.resume.torch.save", no_space)
 
     trainer.callbacks.append(FullDisk())
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageFull, match="no space left on device while writing checkpoint"):
         trainer.fit()
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-2"]  # no staging left behind

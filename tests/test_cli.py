@@ -73,8 +73,10 @@ def test_missing_config_and_bad_arguments(
 ) -> None:
     assert main(["config", "validate", str(tmp_path / "nope.yaml")]) == 2
     assert "cannot read config" in capsys.readouterr().err
+    assert main(["train"]) == 2  # CONFIG may be left out only with --resume RUN_DIR
+    assert "give a CONFIG, or --resume RUN_DIR" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
-        main(["train"])
+        main(["train", "c.yaml", "--no-such-option"])
     assert info.value.code == 2
 
 

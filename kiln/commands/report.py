@@ -6,6 +6,8 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+from kiln.files import write_atomic
+
 HELP = "summarize a run directory (table, report.md with plots)"
 
 
@@ -31,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
         report = load_report(run_dir)
     print(render_table(report))
     out = run_dir / "report.md"
-    out.write_text(render_markdown(report))
+    write_atomic(out, render_markdown(report))
     print(f"\nreport: {out}")
     return 0

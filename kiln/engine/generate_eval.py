@@ -26,6 +26,7 @@ import torch
 
 from kiln.data.tasks import make_format
 from kiln.errors import KilnError
+from kiln.files import write_atomic
 from kiln.metrics.registry import GenSample, Metric, get_metric
 
 if TYPE_CHECKING:
@@ -234,5 +235,5 @@ class GenerationEval:
         if samples_file is not None and self.gen.write_samples:
             samples_file.parent.mkdir(parents=True, exist_ok=True)
             lines = [json.dumps(s.to_dict(), ensure_ascii=False) + "\n" for s in samples]
-            samples_file.write_text("".join(lines))
+            write_atomic(samples_file, "".join(lines))
         return metrics

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from kiln.config import RunConfig, config_from_dict, dump_yaml
 from kiln.errors import KilnError
+from kiln.files import torch_save, write_atomic
 
 if TYPE_CHECKING:
     from kiln.engine.trainer import Trainer
@@ -123,10 +124,10 @@ def checkpoint_writers(trainer: Trainer) -> dict[str, Any]:
     trainer_state = _trainer_state(trainer)  # read first: it syncs the pending losses once
     return {
         "model.safetensors": lambda p: save_file(trainable_state_dict(trainer.model), str(p)),
-        "optimizer.pt": lambda p: torch.save(trainer.optimizer.state_dict(), p),
-        "rng.pt": lambda p: torch.save(_rng_state(), p),
+        "optimizer.pt": lambda p: torch_save(trainer.optimizer.state_dict(), p),
+        "rng.pt": lambda p: torch_save(_rng_state(), p),
         "trainer_state.json": lambda p: p.write_text(json.dumps(trainer_state)),
-        "config.yaml": lambda p: p.write_text(dump_yaml(trainer.cfg)),
+        "config.yaml": lambda p: write_atomic(p, dump_yaml(trainer.cfg), private=True),
     }
 
 

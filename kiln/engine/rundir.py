@@ -1,12 +1,17 @@
 """The run directory contract: config.yaml, metrics.jsonl, final/, summary.json.
 
-Only the main process writes (rank 0 once training is distributed). Files that replace
-something the user has (final/, summary.json) are written to a temporary name first and
-renamed into place, so an interrupted run never leaves them half-written.
+Only the main process writes (rank 0 once training is distributed). The directory's path is
+resolved before any check (`kiln.files.resolve_path`), the directory is created and locked
+(`kiln.files.RunLock`) before any setup work, and every file that replaces something (final/,
+summary.json, config.yaml) is written to a temporary name and renamed into place
+(`kiln.files.write_atomic`), so an interrupted run never leaves one half-written. metrics.jsonl
+is the one file appended to: a line at a time, flushed, and cut back to the checkpoint's step on
+resume. config.yaml and final/kiln_config.yaml are written with mode 0600.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +21,7 @@ from typing import Any
 from kiln.checkpoint import fsync_dir
 from kiln.config import RunConfig, dump_yaml
 from kiln.errors import KilnError
+from kiln.files import LOCK_FILE, RunLock, resolve_path, write_atomic, writing
 
 __all__ = ["RUN_ARTIFACTS", "RunDir"]
 
@@ -38,29 +44,51 @@ RUN_ARTIFACTS = (
 )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class RunDir:
     """Writes one run's directory."""
 
     def __init__(self, path: Path, *, enabled: bool = True) -> None:
-        self.path = path
+        self.path = resolve_path(path, "output_dir")
         self.enabled = enabled
         self._metrics_file: Any = None
+        self._lock: RunLock | None = None
+        self._created = False
 
-    def check_free(self, *, overwrite: bool) -> list[str]:
+    def claim(self) -> None:
+        """Create the directory (checked first: not a file, creatable) and lock it.
+
+        Called before any setup work, so a bad output_dir fails at once and a second process
+        starting on the same run is refused before it touches anything.
+        """
+        if not self.enabled:
+            return
+        where = next((p for p in (self.path, *self.path.parents) if p.exists()), None)
+        if where is not None and not where.is_dir():
+            raise KilnError(f"output_dir: {where} is a file, not a directory")
+        self._created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = RunLock(self.path).acquire()
+        except OSError as exc:
+            raise KilnError(f"output_dir: cannot create {self.path}: {exc.strerror}") from None
+
+    def release(self) -> None:
+        """Unlock; a directory this run created and left empty (it failed early) is removed."""
+        if self._lock is None:
+            return
+        self._lock.release()
+        self._lock = None
+        if self._created and [p.name for p in self.path.iterdir()] == [LOCK_FILE]:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+
+    def check_free(self, *, overwrite: bool, why: str = "") -> list[str]:
         """The run artifacts already here; raises unless `overwrite` allows replacing them."""
         existing = [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
         if existing and not overwrite and self.enabled:
             raise KilnError(
-                f"output_dir: {self.path} already holds a run ({', '.join(existing)}); "
+                f"output_dir: {self.path} already holds a run ({', '.join(existing)}){why}; "
                 "pass --overwrite (overwrite=True) or choose another name/output_dir"
             )
         return existing
@@ -76,44 +104,51 @@ class RunDir:
             else:
                 target.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.path / "config.yaml", dump_yaml(cfg))
+        with writing(str(self.path / "config.yaml")):
+            write_atomic(self.path / "config.yaml", dump_yaml(cfg), private=True)
 
-    def resume(self, cfg: RunConfig, step: int) -> None:
+    def resume(self, cfg: RunConfig, step: int, *, metrics_from: Path | None = None) -> None:
         """Continue a run at `step`: metrics.jsonl keeps exactly the records up to `step`.
 
         A killed run may have logged past its last checkpoint; those lines are dropped so the
-        resumed run writes them again, with no duplicate or missing step.
+        resumed run writes them again, with no duplicate or missing step. `metrics_from`: the
+        metrics.jsonl of another run whose checkpoint this run starts from (its history up to
+        `step` is copied, so this run's curves are complete).
         """
         if not self.enabled:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         metrics = self.path / "metrics.jsonl"
+        source = metrics if metrics_from is None else metrics_from
         kept = []
-        if metrics.exists():
-            for line in metrics.read_text().splitlines():
+        if source.is_file():
+            for line in source.read_text(errors="replace").splitlines():
                 try:
                     record = json.loads(line)
                 except ValueError:  # a line torn by the kill
                     continue
                 if isinstance(record, dict) and record.get("step", 0) <= step:
                     kept.append(line + "\n")
-        _write_atomic(metrics, "".join(kept))
-        _write_atomic(self.path / "config.yaml", dump_yaml(cfg))
+        with writing(str(metrics)):
+            write_atomic(metrics, "".join(kept))
+            write_atomic(self.path / "config.yaml", dump_yaml(cfg), private=True)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON object to metrics.jsonl (flushed, so a crash keeps what was logged)."""
         if not self.enabled:
             return
-        if self._metrics_file is None:
-            self._metrics_file = open(self.path / "metrics.jsonl", "a")  # noqa: SIM115
-        self._metrics_file.write(json.dumps(record) + "\n")
-        self._metrics_file.flush()
+        with writing(str(self.path / "metrics.jsonl")):
+            if self._metrics_file is None:
+                self._metrics_file = open(self.path / "metrics.jsonl", "a")  # noqa: SIM115
+            self._metrics_file.write(json.dumps(record) + "\n")
+            self._metrics_file.flush()
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         """Write `name` (summary.json, data_stats.json) atomically."""
         path = self.path / name
         if self.enabled:
-            _write_atomic(path, json.dumps(data, indent=2) + "\n")
+            with writing(str(path)):
+                write_atomic(path, json.dumps(data, indent=2) + "\n")
         return path
 
     def save_final(self, model: Any, tokenizer: Any, cfg: RunConfig, card: str = "") -> Path:
@@ -125,9 +160,27 @@ class RunDir:
         tmp = self.path / f".final.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
+        try:
+            with writing(str(final)):
+                self._write_final(tmp, model, tokenizer, cfg, card)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # the old final/, if any, is untouched
+            raise
+        old = self.path / f".final.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(self.path)
+        if old.exists():
+            shutil.rmtree(old)
+        return final
+
+    def _write_final(
+        self, tmp: Path, model: Any, tokenizer: Any, cfg: RunConfig, card: str
+    ) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "kiln_config.yaml").write_text(dump_yaml(cfg))
+        write_atomic(tmp / "kiln_config.yaml", dump_yaml(cfg), private=True)
         if cfg.lora.enabled:  # the base's fingerprint; final/merged/ with lora.merge_on_finish
             from kiln.models.merge import finish_adapter
 
@@ -139,14 +192,6 @@ class RunDir:
                 with open(file, "rb+") as f:
                     os.fsync(f.fileno())
         fsync_dir(tmp)
-        old = self.path / f".final.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(self.path)
-        if old.exists():
-            shutil.rmtree(old)
-        return final
 
     def clean_stale(self) -> None:
         """Remove staging leftovers of a run that was killed while writing final/."""

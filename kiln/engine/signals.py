@@ -1,8 +1,12 @@
 """Stop requests from the outside: SIGTERM and SIGINT ask the loop to checkpoint and exit.
 
-The first signal only sets a flag; the loop saves a checkpoint at its next safe point (a step
-boundary, or between validation batches) and exits with `EXIT_STOPPED`. A second Ctrl-C
-aborts at once (KeyboardInterrupt); checkpoints are atomic, so that loses nothing saved.
+Before training starts (setup: data, tokenizer, model) there is nothing to save, so a signal
+stops at once with `StoppedBeforeStart`: the CLI says so in one line and exits with
+`EXIT_STOPPED` when the run can be resumed from an earlier checkpoint, else 128 + the signal
+number (143 for SIGTERM, 130 for SIGINT). Once the loop runs (`arm()`), the first signal only
+sets a flag; the loop saves a checkpoint at its next safe point (a step boundary, or between
+validation batches) and exits with `EXIT_STOPPED`. A second Ctrl-C aborts at once
+(KeyboardInterrupt); checkpoints are atomic, so that loses nothing saved.
 """
 
 from __future__ import annotations
@@ -13,24 +17,51 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
 
-__all__ = ["EXIT_STOPPED", "StopSignals"]
+__all__ = ["EXIT_STOPPED", "StopSignals", "StoppedBeforeStart"]
 
 EXIT_STOPPED = 3
 """Exit code of `kiln train` after a signal stopped it and a checkpoint was written."""
 
 
+class StoppedBeforeStart(BaseException):
+    """A signal arrived during setup, before the first step: nothing new was written.
+
+    A BaseException, like KeyboardInterrupt, so no `except Exception` in setup swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        self.resume_from: str | None = None
+        """The run directory to resume, when it already has a checkpoint (set by the trainer)."""
+        super().__init__(f"stopped by {self.name} before training started")
+
+    @property
+    def exit_code(self) -> int:
+        """EXIT_STOPPED when resumable, else the shell's code for death by this signal."""
+        return EXIT_STOPPED if self.resume_from is not None else 128 + self.signum
+
+
 class StopSignals:
     """Context manager that routes SIGTERM/SIGINT to `on_stop(reason)` while training.
 
-    Outside the main thread (where Python cannot install handlers) it does nothing.
+    Until `arm()` (during setup) a signal raises `StoppedBeforeStart` at once. Outside the main
+    thread (where Python cannot install handlers) it does nothing.
     """
 
     def __init__(self, on_stop: Callable[[str], None]) -> None:
         self.on_stop = on_stop
         self.received: str | None = None
+        self.armed = False
         self._previous: dict[int, Any] = {}
 
+    def arm(self) -> None:
+        """From now on a signal asks the loop to checkpoint and stop (setup is done)."""
+        self.armed = True
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.armed:
+            raise StoppedBeforeStart(signum)
         name = signal.Signals(signum).name
         if self.received is not None and signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)

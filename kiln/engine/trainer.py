@@ -39,9 +39,10 @@ from kiln.engine.regularize import build_regularizers
 from kiln.engine.resume import check_compatible, checkpoint_writers, restore_checkpoint
 from kiln.engine.rundir import RunDir, model_card, run_summary
 from kiln.engine.sample import generate_sample
-from kiln.engine.signals import StopSignals
+from kiln.engine.signals import StoppedBeforeStart, StopSignals
 from kiln.engine.state import TrainState
 from kiln.errors import DataError, KilnError
+from kiln.files import StorageFull, is_within, resolve_path, storage_full
 from kiln.metrics.tracker import tracker_for
 from kiln.models.wrap import prepare_for_training
 from kiln.optim import build_optimizer, make_schedule, set_lr
@@ -106,10 +107,10 @@ class Trainer:
         self.overwrite = overwrite
         self.resume = resume
         self.state = TrainState()
-        self.run_dir = RunDir(cfg.run_dir)
+        self.run_dir = RunDir(cfg.run_dir)  # resolved: `..` and symlinks before any check
         ck = cfg.checkpoint
         self.checkpoints = CheckpointManager(
-            cfg.run_dir / "checkpoints",
+            self.run_dir.path / "checkpoints",
             keep_last=ck.keep_last,
             keep_best=ck.keep_best,
             metric=ck.metric,
@@ -132,6 +133,7 @@ class Trainer:
         # Generation eval (eval.generate): metric names are resolved here, before any work.
         self.generation_eval = GenerationEval(cfg) if cfg.eval.generate.num_samples else None
         self.final_from: dict[str, Any] | None = None  # which weights final/ holds
+        self._resume_from: Path | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **kwargs: Any) -> Trainer:
@@ -167,20 +169,27 @@ class Trainer:
         if want is False:
             return None
         if want in (True, "latest", "auto"):
-            # Newest first; one that fails its checksums is skipped (and said so), not loaded.
-            for info in reversed(self.checkpoints.list()):
-                try:
-                    return self.checkpoints.verify(info.path).path
-                except ValueError as exc:
-                    log.warning("skipping checkpoint: %s", exc)
-            if want != "auto":
-                raise KilnError(f"--resume: no complete checkpoint in {self.checkpoints.root}")
-            return None
-        path = Path(want)
+            return self._newest_valid(self.checkpoints, required=want != "auto")
+        path = resolve_path(want, "--resume")
+        if not (path / "manifest.json").exists() and (path / "checkpoints").is_dir():
+            # A run directory: its newest complete checkpoint.
+            return self._newest_valid(CheckpointManager(path / "checkpoints"), required=True)
         try:
             return self.checkpoints.verify(path).path
         except ValueError as exc:
             raise KilnError(f"--resume: {exc}") from None
+
+    @staticmethod
+    def _newest_valid(manager: CheckpointManager, *, required: bool) -> Path | None:
+        """Newest checkpoint that passes its checksums; one that fails is skipped, and said so."""
+        for info in reversed(manager.list()):
+            try:
+                return manager.verify(info.path).path
+            except ValueError as exc:
+                log.warning("skipping checkpoint: %s", exc)
+        if required:
+            raise KilnError(f"--resume: no complete checkpoint in {manager.root}")
+        return None
 
     # ---- setup --------------------------------------------------------------------------------
 
@@ -293,9 +302,10 @@ class Trainer:
         """
         final_dir, sample = None, None
         try:
-            self._begin()
-            cfg = self.cfg
-            with StopSignals(self._on_signal):
+            with StopSignals(self._on_signal) as signals:
+                self._begin()
+                signals.arm()  # from here a signal pauses with a checkpoint
+                cfg = self.cfg
                 self.fire(Event.TRAIN_BEGIN)
                 if self._validation_pending:  # a stop interrupted it before the checkpoint
                     self._validate()
@@ -314,10 +324,14 @@ class Trainer:
             self.run_dir.write_json("summary.json", summary)
             self.fire(Event.TRAIN_END)
         except BaseException as exc:
-            self.fire(Event.EXCEPTION, exc=exc)
-            raise
+            explained = self._explain(exc)
+            self.fire(Event.EXCEPTION, exc=explained)
+            if explained is exc:
+                raise
+            raise explained from exc
         finally:
             self.run_dir.close()
+            self.run_dir.release()
         return TrainResult(
             run_dir=self.run_dir.path,
             loss_history=self.loss_history,
@@ -330,15 +344,48 @@ class Trainer:
             sample=sample,
         )
 
+    def _explain(self, exc: BaseException) -> BaseException:
+        """Add what a failure leaves behind: the checkpoint to continue from."""
+        if isinstance(exc, StoppedBeforeStart) and self._resume_from is not None:
+            exc.resume_from = str(self.run_dir.path)
+        if not isinstance(exc, StorageFull) and isinstance(exc, Exception):
+            full = storage_full(exc)
+            if full is None:
+                return exc
+            where = getattr(full, "filename", None) or getattr(exc, "filename", None)
+            exc = StorageFull(str(where or self.run_dir.path), full)
+        if isinstance(exc, StorageFull):
+            latest = self.checkpoints.latest()
+            exc.last_checkpoint = None if latest is None else latest.path
+            exc.args = (exc.message(),)
+        return exc
+
     def _begin(self) -> None:
-        """Everything before the first step: setup, the run directory or resume, the cursor."""
-        resume_from = self._resume_path()
-        if resume_from is None:  # checked before minutes of setup, not after
+        """Everything before the first step: the run directory, setup, resume, the cursor."""
+        self.run_dir.claim()  # checked, created and locked before minutes of setup
+        resume_from = self._resume_from = self._resume_path()
+        foreign = resume_from is not None and not is_within(
+            resume_from, self.checkpoints.root.resolve()
+        )
+        if foreign:  # a checkpoint of another run: this run directory starts from it
+            if is_within(resume_from, self.run_dir.path):  # type: ignore[arg-type]
+                raise KilnError(
+                    f"--resume: {resume_from} lies inside output_dir {self.run_dir.path} but "
+                    "is not one of its checkpoints; resume that run itself"
+                )
+            self.run_dir.check_free(
+                overwrite=self.overwrite,
+                why=f", and --resume {resume_from} is a checkpoint of another run "
+                f"(resume that run itself, or start this one afresh from it)",
+            )
+        elif resume_from is None:  # checked before minutes of setup, not after
             self.run_dir.check_free(overwrite=self.overwrite)
         self.setup()
         cfg = self.cfg
+        if foreign:
+            self.run_dir.prepare(cfg, overwrite=self.overwrite)
         if resume_from is not None:
-            self._restore(resume_from)
+            self._restore(resume_from, forked=foreign)
         else:
             self.run_dir.prepare(cfg, overwrite=self.overwrite)
         self.checkpoints.clean_incomplete()
@@ -390,11 +437,13 @@ class Trainer:
         self.fire(Event.CHECKPOINT, path=path)
         return path
 
-    def _restore(self, path: Path) -> None:
+    def _restore(self, path: Path, *, forked: bool = False) -> None:
         changes = check_compatible(self, path)
         restore_checkpoint(self, path)
         self.resumed_from = path
-        self.run_dir.resume(self.cfg, self.state.step)
+        # Forked from another run's checkpoint: its history up to that step comes along.
+        source = path.parent.parent / "metrics.jsonl" if forked else None
+        self.run_dir.resume(self.cfg, self.state.step, metrics_from=source)
         log.info("resumed from %s (step %d)", path, self.state.step)
         for line in changes:
             log.info("config changed since the checkpoint: %s", line)

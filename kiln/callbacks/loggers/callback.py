@@ -22,6 +22,7 @@ from kiln.callbacks.loggers.base import Logger, RunContext, Status, flatten, met
 from kiln.callbacks.loggers.worker import Worker
 from kiln.config.tracking import LogConfig
 from kiln.errors import KilnError
+from kiln.files import write_atomic
 
 if TYPE_CHECKING:
     from kiln.config import RunConfig
@@ -141,10 +142,7 @@ class TrackingCallback(Callback):
             return
         with self._lock:
             self._ids[name] = run_id
-            path = self._run_dir / TRACKING_FILE
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(self._ids, indent=2) + "\n")
-            os.replace(tmp, path)
+            write_atomic(self._run_dir / TRACKING_FILE, json.dumps(self._ids, indent=2) + "\n")
 
     def on_train_begin(self, trainer: Trainer) -> None:
         if not self.cfg.loggers or not trainer.run_dir.enabled:
