@@ -437,3 +437,37 @@ def test_files_that_hold_the_config_are_written_0600(tmp_path: Path) -> None:
     private += [c / "config.yaml" for c in (run / "checkpoints").iterdir()]
     for path in private:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_merge_is_refused_while_another_process_holds_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    raw = _raw(tmp_path, run)
+    raw["lora"] = {"enabled": True, "r": 2}
+    Trainer(load_config(data=raw)).fit()
+    before = tree_hashes(run)
+    holder = subprocess.Popen(  # another process holding the run's lock (as a training run does)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from kiln.files import RunLock;"
+            "RunLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)",
+            str(run),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["-q", "merge", str(run / "final"), str(tmp_path / "merged")]) == 2
+        (line,) = _errors(capsys.readouterr().err)
+        assert f"another kiln process (pid {holder.pid}) is using this run directory" in line
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert tree_hashes(run) == before
+    assert not (tmp_path / "merged").exists()
+    assert main(["-q", "merge", str(run / "final"), str(tmp_path / "merged")]) == 0

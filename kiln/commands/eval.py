@@ -63,6 +63,19 @@ def _report_path(args: argparse.Namespace, model_dir: Path) -> Path:
     return run / "eval" / f"{Path(args.data).stem}.json"
 
 
+def _check_report_path(out: Path, data: str) -> None:
+    """Refuse a report path that would overwrite the data being evaluated, or is a directory."""
+    from kiln.errors import KilnError
+    from kiln.files import resolve_path
+
+    data_file = resolve_path(data, "--data")
+    for path in (out, out.with_suffix(".samples.jsonl")):
+        if resolve_path(path, "--out") == data_file:
+            raise KilnError(f"--out: {path} is the --data file; the report would overwrite it")
+    if out.is_dir():
+        raise KilnError(f"--out: {out} is a directory; give a file name")
+
+
 def evaluate_on(
     loaded: Any, data: str, *, overrides: list[str], max_batches: int | None, batch_size: int | None
 ) -> tuple[dict[str, Any], Any, list[Any]]:
@@ -125,6 +138,7 @@ def evaluate_on(
 def run(args: argparse.Namespace) -> int:
     from kiln.engine.generate_eval import GenerationEval
     from kiln.engine.precision import resolve_device
+    from kiln.files import write_atomic
     from kiln.models.load import load_trained
 
     _positive(args.max_batches, "--max-batches")
@@ -132,7 +146,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.num_samples is not None:
         overrides.append(f"eval.generate.num_samples={args.num_samples}")
+    if args.out:  # before loading a model for minutes
+        _check_report_path(Path(args.out), args.data)
     loaded = load_trained(args.path, device=resolve_device(args.device))
+    out = _report_path(args, loaded.path)
+    if not args.out:  # the default, <run>/eval/<data name>.json
+        _check_report_path(out, args.data)
     report, cfg, rows = evaluate_on(
         loaded,
         args.data,
@@ -140,7 +159,6 @@ def run(args: argparse.Namespace) -> int:
         max_batches=args.max_batches,
         batch_size=args.batch_size,
     )
-    out = _report_path(args, loaded.path)
     if cfg.eval.generate.num_samples:
         generated = GenerationEval(cfg).run(
             loaded.model,
@@ -151,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         report["metrics"].update(generated or {})
         report["samples"] = str(out.with_suffix(".samples.jsonl"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out, json.dumps(report, indent=2) + "\n")  # an earlier report stays whole
     print(f"{loaded.path} on {args.data}: {report['rows']} rows, {report['examples']} examples")
     width = max((len(k) for k in report["metrics"]), default=6)
     print(f"{'metric':<{width}}  value")

@@ -10,8 +10,16 @@ QUIET_HF = True
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR", help="a LoRA run directory, or its final/")
-    p.add_argument("out", metavar="OUT", help="directory to write the merged model to")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "out",
+        metavar="OUT",
+        help="directory to write the merged model to (outside the run and the adapter)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it exists (only once the merged model is completely written)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -36,7 +38,14 @@ from kiln.config import RunConfig
 from kiln.errors import ModelError
 from kiln.models.tokenizer import looks_local
 
-__all__ = ["VOCAB_MULTIPLE", "build_model", "count_parameters", "model_flops_per_token"]
+__all__ = [
+    "LOAD_ERRORS",
+    "VOCAB_MULTIPLE",
+    "build_model",
+    "count_parameters",
+    "load_failure",
+    "model_flops_per_token",
+]
 
 logger = logging.getLogger("kiln")
 
@@ -44,6 +53,29 @@ VOCAB_MULTIPLE = 64
 """Fresh models get a vocabulary padded up to a multiple of this: matmuls with a vocab dimension
 that is a multiple of 64 hit faster GPU kernels (nanoGPT's 50257 -> 50304). The extra rows are
 never produced by the tokenizer; training pushes their logits down."""
+
+LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # missing or unreadable files; transformers' "not a valid JSON file"
+    ValueError,  # json.JSONDecodeError, unknown model_type, bad config values
+    KeyError,  # a JSON file without a key it must have (tokenizer.json's added_tokens)
+    RuntimeError,  # torch size mismatches ("You set ignore_mismatched_sizes to False")
+    SafetensorError,  # a truncated or overwritten .safetensors (not an OSError)
+    StrictDataclassError,  # a config.json field of the wrong type (huggingface_hub)
+)
+"""What loading a model, config, tokenizer or weights raises on a missing, truncated or corrupt
+file. Caught around the load calls themselves (never around kiln's own code) and turned into a
+one-line `ModelError`/`KilnError` with `load_failure`."""
+
+
+def load_failure(exc: BaseException) -> str:
+    """The first line of a loading error, for a one-line message (the rest is a report table)."""
+    if isinstance(exc, KeyError):  # str(KeyError("x")) is just "'x'"
+        return f"missing key {exc}"
+    text = str(exc).strip()
+    if isinstance(exc, StrictDataclassError):  # "Validation error for field 'x':\n  <why>"
+        return " ".join(line.strip() for line in text.splitlines())
+    return text.splitlines()[0] if text else type(exc).__name__
+
 
 _TASK_AUTO = {
     "causal_lm": AutoModelForCausalLM,
@@ -162,10 +194,9 @@ def _load_pretrained_config(cfg: RunConfig) -> tuple[str, PretrainedConfig]:
     source = str(local) if local.is_dir() else path
     try:
         config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except (*LOAD_ERRORS, ImportError) as exc:
         if local.is_dir():
-            text = str(exc).strip()
-            reason = text.splitlines()[0] if text else type(exc).__name__
+            reason = load_failure(exc)
         else:
             reason = "not a local directory and not reachable on the hub"
         raise ModelError(f"model.name_or_path: cannot load {path!r}: {reason}") from None
@@ -244,11 +275,9 @@ def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTraine
             model = auto_cls.from_pretrained(
                 source, config=config, dtype=dtype, attn_implementation=attn, **quantize
             )
-        except (OSError, ValueError) as exc:
-            text = str(exc).strip()
-            reason = text.splitlines()[0] if text else type(exc).__name__
+        except LOAD_ERRORS as exc:
             raise ModelError(
-                f"model.name_or_path: cannot load {cfg.model.name_or_path!r}: {reason}"
+                f"model.name_or_path: cannot load {cfg.model.name_or_path!r}: {load_failure(exc)}"
             ) from None
         rows = _embedding_rows(model)
         if len(tokenizer) > rows:

@@ -4,6 +4,12 @@ Accepted paths: a run directory (its final/, else its newest complete checkpoint
 directory (a full model, or a LoRA adapter: its base is loaded from `model.name_or_path`, or
 rebuilt from the seeded config when it was trained from scratch), a checkpoint directory
 (checkpoints/step-N), or any transformers model directory.
+
+Checkpoints are checked against their manifest's checksums before they are loaded, as resume
+does: a run's newest checkpoint that fails is skipped for the next older one (with a warning),
+one named explicitly is refused. Files that cannot be read (a truncated model.safetensors, a
+config.json or tokenizer.json that is not what it should be) give one line naming the
+directory and the first line of the cause, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,16 +22,29 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 
 from kiln.config import RunConfig, config_from_dict
 from kiln.errors import KilnError, ModelError
+from kiln.models.build import LOAD_ERRORS, load_failure
 
-__all__ = ["BASE_FILE", "TrainedModel", "build_base", "load_trained", "resolve_model_path"]
+__all__ = [
+    "BASE_FILE",
+    "TrainedModel",
+    "build_base",
+    "load_trained",
+    "read_run_config",
+    "resolve_model_path",
+]
 
 logger = logging.getLogger("kiln")
 
 BASE_FILE = "kiln_base.json"
 """Written next to a LoRA adapter: where its base comes from and the base's fingerprint."""
+
+# A JSON config that parses but is not an object (config.json holding a list) ends in a
+# TypeError ("argument after ** must be a mapping") inside transformers and peft.
+_CONFIG_ERRORS = (*LOAD_ERRORS, TypeError)
 
 
 @dataclass
@@ -49,35 +68,63 @@ def _is_checkpoint(path: Path) -> bool:
 def resolve_model_path(path: str | Path) -> Path:
     """The directory to load: final/ of a run directory, else its newest complete checkpoint.
 
+    A checkpoint is verified against its manifest first: a run's newest checkpoint that fails is
+    skipped (logged) for the next older one; a checkpoint directory given itself must pass.
+
     Raises:
-        KilnError: the path does not exist or holds nothing loadable.
+        KilnError: the path does not exist, holds nothing loadable, or is a corrupt checkpoint.
     """
+    from kiln.checkpoint import CheckpointManager
+
     path = Path(path).expanduser()
     if not path.is_dir():
         raise KilnError(f"{path}: no such directory")
     if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
         return path
     if _is_checkpoint(path):
-        return path
+        try:
+            return CheckpointManager(path.parent).verify(path).path
+        except ValueError as exc:
+            raise KilnError(str(exc)) from None
     if (path / "final").is_dir():
         return path / "final"
     if (path / "checkpoints").is_dir():
-        from kiln.checkpoint import CheckpointManager
-
-        infos = CheckpointManager(path / "checkpoints").list()
+        manager = CheckpointManager(path / "checkpoints")
+        infos = manager.list()
+        # Newest first; one whose files fail their checksums is never loaded (it would decode
+        # garbage without a word), the next older complete one is.
+        for info in reversed(infos):
+            try:
+                return manager.verify(info.path).path
+            except ValueError as exc:
+                logger.warning("skipping checkpoint: %s", exc)
         if infos:
-            return infos[-1].path
+            raise KilnError(
+                f"{path}: no final/ and no checkpoint that passes its checksums "
+                f"({len(infos)} corrupt)"
+            )
     raise KilnError(
         f"{path}: not a run directory, final/, checkpoint or model directory "
         "(no final/, checkpoints/, config.json or adapter_config.json)"
     )
 
 
-def _read_config(path: Path) -> RunConfig | None:
+def read_run_config(path: Path) -> RunConfig | None:
+    """The kiln config saved with a model (final/kiln_config.yaml) or checkpoint (config.yaml).
+
+    Raises:
+        KilnError: the file exists but is not a readable kiln config.
+    """
     for name in ("kiln_config.yaml", "config.yaml"):
         file = path / name
         if file.is_file():
-            return config_from_dict(yaml.safe_load(file.read_text()), str(file))
+            try:
+                raw = yaml.safe_load(file.read_text())
+            except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8
+                raise KilnError(f"{file}: unreadable: {load_failure(exc)}") from None
+            if not isinstance(raw, dict):
+                raise KilnError(f"{file}: not a kiln config (expected a mapping of sections)")
+            return config_from_dict(raw, str(file))
     return None
 
 
@@ -105,7 +152,10 @@ def build_base(cfg: RunConfig, tokenizer: Any, adapter_dir: Path | None = None) 
     base = build_model(_inference_config(cfg, lora=False), tokenizer)
     info_file = None if adapter_dir is None else adapter_dir / BASE_FILE
     if cfg.model.arch is not None and info_file is not None and info_file.is_file():
-        want = json.loads(info_file.read_text())["fingerprint"]
+        try:
+            want = float(json.loads(info_file.read_text())["fingerprint"])
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise KilnError(f"{info_file}: unreadable: {load_failure(exc)}") from None
         got = base_fingerprint(base)
         if abs(got - want) > 1e-6 * max(1.0, abs(want)):
             raise ModelError(
@@ -121,15 +171,22 @@ def _tokenizer_for_checkpoint(ckpt: Path, cfg: RunConfig) -> Any:
     from kiln.engine.resume import _tokenizer_fingerprint
     from kiln.models.tokenizer import build_tokenizer, ensure_pad_token
 
-    want = json.loads((ckpt / "trainer_state.json").read_text()).get("tokenizer")
+    state_file = ckpt / "trainer_state.json"
+    try:
+        want = json.loads(state_file.read_text()).get("tokenizer")
+    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: not a JSON object
+        raise KilnError(f"{state_file}: unreadable: {load_failure(exc)}") from None
     final = ckpt.parent.parent / "final"
     if final.is_dir() and (final / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(final))
-        ensure_pad_token(tok)
-        if want is None or _tokenizer_fingerprint(tok) == want:
-            return tok
+        try:
+            tok = _load_tokenizer(final)
+        except KilnError as exc:
+            # final/ is only a shortcut: the tokenizer can still be rebuilt and checked below.
+            logger.warning("%s; rebuilding the checkpoint's tokenizer instead", exc)
+        else:
+            ensure_pad_token(tok)
+            if want is None or _tokenizer_fingerprint(tok) == want:
+                return tok
     texts = None
     if cfg.tokenizer.name_or_path is None and cfg.model.name_or_path is None:
         # Trained on the data: train it again (deterministic) from the same rows.
@@ -145,43 +202,70 @@ def _tokenizer_for_checkpoint(ckpt: Path, cfg: RunConfig) -> Any:
 
 
 def _load_checkpoint(path: Path) -> TrainedModel:
+    """A checkpoint (already verified by `resolve_model_path`) on a model built from its config."""
     from safetensors.torch import load_file
 
     from kiln.models.build import build_model
 
-    cfg = _read_config(path)
+    cfg = read_run_config(path)
     if cfg is None:
         raise KilnError(f"{path}: checkpoint without config.yaml")
     tokenizer = _tokenizer_for_checkpoint(path, cfg)
     model = build_model(_inference_config(cfg, lora=True), tokenizer)
-    _, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    weights = path / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except (OSError, SafetensorError) as exc:
+        raise KilnError(f"{weights}: cannot load: {load_failure(exc)}") from None
+    try:
+        _, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches: the config was edited after the checkpoint
+        raise KilnError(f"{path}: weights that do not fit the model: {load_failure(exc)}") from None
     if unexpected:
         raise KilnError(f"{path}: weights that do not fit the model: {unexpected[:3]}")
     return TrainedModel(model, tokenizer, cfg.task, cfg, path, "checkpoint")
 
 
+def _load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in `path`, or a one-line KilnError naming it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except _CONFIG_ERRORS as exc:
+        raise KilnError(f"{path}: cannot load the tokenizer: {load_failure(exc)}") from None
+    except Exception as exc:
+        # The tokenizers library (Rust) reports a tokenizer.json that is JSON but not a
+        # tokenizer ("data did not match any variant of untagged enum ...") with a plain
+        # Exception, and with nothing more specific; a subclass is a bug, not a bad file.
+        if type(exc) is not Exception:
+            raise
+        file = path / "tokenizer.json"
+        raise KilnError(f"{file}: cannot load the tokenizer: {load_failure(exc)}") from None
+
+
 def _load_dir(path: Path) -> TrainedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from kiln.models.tokenizer import ensure_pad_token
 
-    cfg = _read_config(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise KilnError(f"{path}: cannot load the tokenizer: {_first_line(exc)}") from None
+    cfg = read_run_config(path)
+    tokenizer = _load_tokenizer(path)
     ensure_pad_token(tokenizer)
     if (path / "adapter_config.json").is_file():
         if cfg is None:
             raise KilnError(f"{path}: a LoRA adapter without kiln_config.yaml (not a kiln run)")
         peft = _peft()
         base = build_base(cfg, tokenizer, path)
-        model = peft.PeftModel.from_pretrained(base, str(path))
+        try:
+            model = peft.PeftModel.from_pretrained(base, str(path))
+        except _CONFIG_ERRORS as exc:
+            raise KilnError(f"{path}: cannot load the LoRA adapter: {load_failure(exc)}") from None
         return TrainedModel(model, tokenizer, cfg.task, cfg, path, "adapter")
     try:
         hf_config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise KilnError(f"{path}: cannot load the model config: {_first_line(exc)}") from None
+    except _CONFIG_ERRORS as exc:
+        raise KilnError(f"{path}: cannot load the model config: {load_failure(exc)}") from None
     task = cfg.task if cfg is not None else None
     if task is None:
         task = "seq2seq" if hf_config.is_encoder_decoder else "causal_lm"
@@ -189,8 +273,8 @@ def _load_dir(path: Path) -> TrainedModel:
     dtype = getattr(torch, cfg.model.dtype) if cfg is not None else "auto"
     try:
         model = auto.from_pretrained(str(path), config=hf_config, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise KilnError(f"{path}: cannot load the model: {_first_line(exc)}") from None
+    except LOAD_ERRORS as exc:
+        raise KilnError(f"{path}: cannot load the model: {load_failure(exc)}") from None
     return TrainedModel(model, tokenizer, task, cfg, path, "full")
 
 
@@ -198,11 +282,6 @@ def _peft() -> Any:
     from kiln.models.lora import import_peft
 
     return import_peft()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_trained(path: str | Path, *, device: str | torch.device = "cpu") -> TrainedModel:
@@ -213,7 +292,8 @@ def load_trained(path: str | Path, *, device: str | torch.device = "cpu") -> Tra
         device: where to put the model.
 
     Raises:
-        KilnError: nothing loadable at `path`, or a base that cannot be rebuilt.
+        KilnError: nothing loadable at `path`, a checkpoint that fails its checksums, a file
+            that cannot be read (one line naming it), or a base that cannot be rebuilt.
     """
     where = resolve_model_path(path)
     loaded = _load_checkpoint(where) if _is_checkpoint(where) else _load_dir(where)
