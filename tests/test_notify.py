@@ -1,5 +1,5 @@
 """Notifications: payloads received by a local HTTP server, a dead endpoint costs one warning,
-secrets stay out of the run directory and the log."""
+a hanging one delays no other sender, secrets stay out of the run directory and the log."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import json
 import logging
 import socket
 import threading
+import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,12 @@ from conftest import tiny_config
 
 from kiln import Callback, Trainer
 from kiln.callbacks.notify import Notification, NotifyCallback, build_senders
+from kiln.cli import main
 from kiln.config import ConfigError, NotifyConfig
 from kiln.config.tracking import DiscordSender, SlackSender, TwilioSender, WebhookSender
-from kiln.errors import DataError
+from kiln.errors import DataError, KilnError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SECRETS = {
     "T_DISCORD": "/discord/SECRET-discord-7f3a",
@@ -36,16 +41,24 @@ SECRETS = {
 
 
 class _Server:
-    """A local HTTP server that records every POST: (path, headers, body)."""
+    """A local HTTP server that records every POST: (path, headers, body, arrival time).
 
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, dict[str, str], bytes]] = []
-        received = self.requests
+    `hang=True`: it accepts the request and then sleeps until `close()` before answering,
+    like an endpoint that took the connection and went silent.
+    """
+
+    def __init__(self, hang: bool = False) -> None:
+        self.requests: list[tuple[str, dict[str, str], bytes, datetime]] = []
+        self.release = threading.Event()
+        received, release = self.requests, self.release
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append((self.path, dict(self.headers), body))
+                arrived = datetime.now(timezone.utc)
+                received.append((self.path, dict(self.headers), body, arrived))
+                if hang:
+                    release.wait(60)
                 self.send_response(204 if "discord" in self.path else 200)
                 self.end_headers()
 
@@ -58,15 +71,33 @@ class _Server:
         self.thread.start()
 
     def posts(self, prefix: str) -> list[tuple[dict[str, str], bytes]]:
-        return [(h, b) for p, h, b in self.requests if p.startswith(prefix)]
+        return [(h, b) for p, h, b, _ in self.requests if p.startswith(prefix)]
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 @pytest.fixture
 def server() -> Iterator[_Server]:
     srv = _Server()
     yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
+    srv.close()
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., _Server]]:
+    """More servers, healthy or hanging (`make_server(hang=True)`), closed after the test."""
+    made: list[_Server] = []
+
+    def make(hang: bool = False) -> _Server:
+        made.append(_Server(hang))
+        return made[-1]
+
+    yield make
+    for srv in made:
+        srv.close()
 
 
 def _free_port() -> int:
@@ -303,32 +334,202 @@ def test_a_hanging_endpoint_never_holds_up_training(
     assert stuck.threads
     assert threading.get_ident() not in stuck.threads
     assert [r.getMessage() for r in caplog.records] == [
-        "notify: notifications still unsent after 0.2 s (notify.flush_timeout_s); "
+        "notify: stuck: notifications still unsent after 0.2 s (notify.flush_timeout_s); "
         "not waiting for them"
     ]
 
 
-def test_missing_environment_variable_turns_the_sender_off(
+def _webhooks(monkeypatch: pytest.MonkeyPatch, **urls: str) -> list[dict[str, str]]:
+    """One webhook sender per keyword: variable name -> URL (set in the environment)."""
+    for name, url in urls.items():
+        monkeypatch.setenv(name, url)
+    return [{"kind": "webhook", "url_env": name} for name in urls]
+
+
+class _Clock(Callback):
+    """Records when on_train_end reaches it (placed before and after the callback timed)."""
+
+    at: float | None = None
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.at = time.monotonic()
+
+
+def test_a_hanging_sender_does_not_delay_a_healthy_one(
+    tmp_path: Path,
+    recipe_files,
+    make_server: Callable[..., _Server],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    healthy, stuck = make_server(), make_server(hang=True)
+    # The hanging sender first: with a shared queue it would hold every note behind it.
+    senders = _webhooks(monkeypatch, T_STUCK=f"{stuck.url}/hook/stuck", T_OK=f"{healthy.url}/ok")
+    cfg = tiny_config(
+        tmp_path,
+        *recipe_files,
+        train={"max_steps": 16},
+        notify={
+            "senders": senders,
+            "every_steps": 1,
+            "timeout_s": 60,  # the stuck request stays stuck for the whole run
+            "retries": 0,
+            "flush_timeout_s": 1,
+        },
+    )
+    trainer = Trainer(cfg)
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        trainer.fit()
+
+    expected = [("start", 0), *[("progress", s) for s in range(1, 17)], ("end", 16)]
+    received = [(json.loads(body), arrived) for _, _, body, arrived in healthy.requests]
+    assert [(n["event"], n["step"]) for n, _ in received] == expected
+    # Promptly: each note reached the healthy endpoint soon after it was emitted.
+    latency = [
+        (arrived - datetime.fromisoformat(n["time"])).total_seconds() for n, arrived in received
+    ]
+    assert max(latency) < 2.0, latency
+    assert len(stuck.requests) == 1  # the start note, still unanswered
+    notify = next(cb for cb in trainer.callbacks if isinstance(cb, NotifyCallback))
+    assert [(n.event, n.step) for n in notify.sent] == expected
+    assert [r.getMessage() for r in caplog.records] == [
+        "notify: webhook: notifications still unsent after 1 s (notify.flush_timeout_s); "
+        "not waiting for them"
+    ]
+
+
+def test_a_closed_port_sender_does_not_cost_a_healthy_one_its_end_note(
+    tmp_path: Path,
+    recipe_files,
+    server: _Server,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    closed = f"http://127.0.0.1:{_free_port()}/hook/SECRET-closed-3e9f"  # nothing listens
+    senders = _webhooks(monkeypatch, T_CLOSED=closed, T_OK=f"{server.url}/ok")
+    cfg = tiny_config(
+        tmp_path,
+        *recipe_files,
+        train={"max_steps": 10},
+        # Each note to the closed port costs 0.5 + 1 + 2 s of backoff: 14 s for the four.
+        notify={"senders": senders, "every_steps": 5, "retries": 3, "flush_timeout_s": 1},
+    )
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        Trainer(cfg).fit()
+    events = [json.loads(body) for _, body in server.posts("/ok")]
+    assert [(e["event"], e["step"]) for e in events] == [
+        ("start", 0),
+        ("progress", 5),
+        ("progress", 10),
+        ("end", 10),
+    ]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings[0].startswith("notify: webhook: could not send the start notification")
+    assert "SECRET-closed" not in caplog.text
+
+
+def test_the_flush_waits_flush_timeout_s_in_total_not_per_sender(
+    tmp_path: Path,
+    recipe_files,
+    make_server: Callable[..., _Server],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stuck = [make_server(hang=True) for _ in range(3)]
+    healthy = make_server()
+    urls = {f"T_STUCK{i}": f"{srv.url}/hook" for i, srv in enumerate(stuck)}
+    senders = _webhooks(monkeypatch, **urls, T_OK=f"{healthy.url}/ok")
+    cfg = tiny_config(
+        tmp_path,
+        *recipe_files,
+        train={"max_steps": 4},
+        notify={"senders": senders, "timeout_s": 60, "retries": 0, "flush_timeout_s": 1},
+    )
+    before, after = _Clock(), _Clock()
+    Trainer(cfg, callbacks=[before, NotifyCallback(cfg.notify), after]).fit()
+    assert before.at is not None
+    assert after.at is not None
+    took = after.at - before.at  # the end note and the flush
+    assert 0.9 < took < 2.0, f"flush took {took:.2f} s with flush_timeout_s=1"
+    assert [json.loads(b)["event"] for _, b in healthy.posts("/ok")] == ["start", "end"]
+    assert [len(srv.requests) for srv in stuck] == [1, 1, 1]
+
+
+def test_a_warning_never_quotes_part_of_a_secret_url(
+    tmp_path: Path,
+    recipe_files,
+    server: _Server,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # http.client rejects the space and its error quotes only the URL's path: the secret part.
+    senders = _webhooks(monkeypatch, T_BAD=f"{server.url}/hook/SECRET-path-61d0 x")
+    cfg = tiny_config(
+        tmp_path, *recipe_files, train={"max_steps": 4}, notify={"senders": senders, "retries": 0}
+    )
+    with caplog.at_level(logging.DEBUG, logger="kiln"):
+        Trainer(cfg).fit()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "URL can't contain control characters" in warnings[0]
+    assert "SECRET" not in caplog.text  # the warning and the debug line for the end note
+    assert server.requests == []
+
+
+def test_missing_environment_variable_is_an_error_naming_the_key_not_the_variable(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     cfg = NotifyConfig(
         senders=[
             SlackSender(kind="slack", url_env="T_SLACK"),
             TwilioSender(kind="twilio", auth_token_env="T_AUTH"),
-            DiscordSender(kind="discord", url_env="T_DISCORD"),
+            # A name that may be a pasted secret: it must not be echoed either.
+            WebhookSender(kind="webhook", url_env="F93062ABCDEF", token_env="T_TOKEN"),
         ]
     )
-    environ = {"T_SLACK": "http://x/slack", "TWILIO_ACCOUNT_SID": "AC1", "T_AUTH": "tok"}
-    with caplog.at_level(logging.WARNING, logger="kiln"):
-        senders = build_senders(cfg, environ)
-    assert [s.name for s in senders] == ["slack"]
-    assert [r.getMessage() for r in caplog.records] == [
-        "notify.senders.1 (twilio): environment variable TWILIO_FROM_NUMBER, TWILIO_TO_NUMBER "
-        "is not set; this sender is off",
-        "notify.senders.2 (discord): environment variable T_DISCORD is not set; this sender is off",
+    environ = {
+        "T_SLACK": "http://x/slack/SECRET-a1",
+        "TWILIO_ACCOUNT_SID": "ACSECRET-b2",
+        "T_AUTH": "SECRET-c3",
+        "TWILIO_TO_NUMBER": "  ",  # blank counts as unset
+        "T_TOKEN": "SECRET-d4",
+    }
+    with caplog.at_level(logging.DEBUG, logger="kiln"), pytest.raises(KilnError) as info:
+        build_senders(cfg, environ)
+    why = (
+        "the environment variable named here is not set (or is empty); set it, or remove this "
+        "sender"
+    )
+    assert info.value.problems == [
+        f"notify.senders.1.from_env: {why}",
+        f"notify.senders.1.to_env: {why}",
+        f"notify.senders.2.url_env: {why}",
     ]
-    assert "tok" not in caplog.text
-    assert "AC1" not in caplog.text
+    text = str(info.value) + caplog.text
+    for leaked in ["F93062ABCDEF", "T_SLACK", "TWILIO", "T_AUTH", "T_TOKEN", "SECRET", "x/slack"]:
+        assert leaked not in text
+
+
+def test_kiln_train_refuses_a_sender_whose_variable_is_unset_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("F93062ABCDEF", raising=False)
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            str(ROOT / "configs/quickstart.yaml"),
+            f"output_dir={out}",
+            "notify.senders=[{kind: webhook, url_env: F93062ABCDEF}]",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "kiln: error: notify.senders.0.url_env: the environment variable named here is not set "
+        "(or is empty); set it, or remove this sender"
+    ]
+    assert "F93062ABCDEF" not in err
+    assert not out.exists()  # refused before the run directory, data or model
 
 
 def test_config_names_variables_never_secrets(tmp_path: Path, recipe_files) -> None:

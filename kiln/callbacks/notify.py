@@ -1,22 +1,29 @@
 """Notifications about a run: Discord, Slack, any JSON webhook, SMS through Twilio.
 
 Secrets (webhook URLs, tokens, phone numbers) are read from the environment variables the
-config names, when the callback is built; they are never written to the run directory or the
-log (warnings redact them). Sending happens on a background thread with a timeout and retries,
-so a slow or dead endpoint never holds up training; at the end of the run the queue gets at
-most `notify.flush_timeout_s` to drain.
+config names, when the callback is built: a variable that is unset or empty is a `KilnError`
+then, before any training work, naming the config key (never the variable or a value). They
+are never written to the run directory or the log (warnings redact them).
+
+Each sender has its own queue and background thread, and spends its own time budget there (a
+timeout per request, retries with backoff): a slow, hanging or dead endpoint never holds up
+training, nor another sender's notes. At the end of the run (or on a failure) all senders drain
+in parallel for at most `notify.flush_timeout_s` in total; a sender still busy then is
+abandoned: its daemon thread drops what is still queued and never holds up the process's exit.
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import os
+import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +38,7 @@ from kiln.config.tracking import (
     TwilioSender,
     WebhookSender,
 )
+from kiln.errors import KilnError
 
 if TYPE_CHECKING:
     from kiln.engine.trainer import Trainer
@@ -173,45 +181,70 @@ class TwilioSMS:
         _post(url, urllib.parse.urlencode(form).encode(), headers, timeout)
 
 
+_SenderSpec = DiscordSender | SlackSender | WebhookSender | TwilioSender
+
+
+def _env_keys(spec: _SenderSpec) -> list[str]:
+    """The keys of `spec` that name an environment variable, in the sender's argument order."""
+    if isinstance(spec, TwilioSender):
+        return ["account_sid_env", "auth_token_env", "from_env", "to_env"]
+    if isinstance(spec, WebhookSender) and spec.token_env:
+        return ["url_env", "token_env"]
+    return ["url_env"]
+
+
+def _make_sender(spec: _SenderSpec, values: list[str]) -> Sender:
+    if isinstance(spec, DiscordSender):
+        return DiscordWebhook(values[0])
+    if isinstance(spec, SlackSender):
+        return SlackWebhook(values[0])
+    if isinstance(spec, WebhookSender):
+        return JsonWebhook(values[0], values[1] if spec.token_env else None)
+    return TwilioSMS(*values, api_url=spec.api_url)
+
+
 def build_senders(cfg: NotifyConfig, environ: Mapping[str, str] | None = None) -> list[Sender]:
-    """The senders of `notify.senders` whose environment variables are set; each one with a
-    missing variable is skipped with a warning naming the variable (never a value)."""
+    """The senders of `notify.senders`, with their secrets read from the environment.
+
+    Raises:
+        KilnError: a variable a sender names is unset or empty (one line per such key). A line
+            names the config key (`notify.senders.0.url_env`), never the variable or a value:
+            a user may have pasted a secret where the variable's name goes.
+    """
     env = os.environ if environ is None else environ
-    senders: list[Sender] = []
+    problems: list[str] = []
+    specs: list[tuple[_SenderSpec, list[str]]] = []
     for i, spec in enumerate(cfg.senders):
-        if isinstance(spec, TwilioSender):
-            names = [spec.account_sid_env, spec.auth_token_env, spec.from_env, spec.to_env]
-        elif isinstance(spec, WebhookSender) and spec.token_env:
-            names = [spec.url_env, spec.token_env]
-        else:
-            names = [spec.url_env]
-        missing = [n for n in names if not env.get(n)]
-        if missing:
-            log.warning(
-                "notify.senders.%d (%s): environment variable %s is not set; this sender is off",
-                i,
-                spec.kind,
-                ", ".join(missing),
-            )
-            continue
-        values = [env[n] for n in names]
-        sender: Sender
-        if isinstance(spec, DiscordSender):
-            sender = DiscordWebhook(values[0])
-        elif isinstance(spec, SlackSender):
-            sender = SlackWebhook(values[0])
-        elif isinstance(spec, WebhookSender):
-            sender = JsonWebhook(values[0], values[1] if spec.token_env else None)
-        else:
-            sender = TwilioSMS(*values, api_url=spec.api_url)
-        senders.append(sender)
-    return senders
+        keys = _env_keys(spec)
+        # Stray whitespace (a .env file with CRLF line ends) would only make every request
+        # fail later, with an error message that may quote the secret.
+        values = [env.get(getattr(spec, key), "").strip() for key in keys]
+        problems += [
+            f"notify.senders.{i}.{key}: the environment variable named here is not set (or is "
+            "empty); set it, or remove this sender"
+            for key, value in zip(keys, values, strict=True)
+            if not value
+        ]
+        specs.append((spec, values))
+    if problems:
+        raise KilnError(problems)
+    return [_make_sender(spec, values) for spec, values in specs]
 
 
 def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    """`text` with each secret, and each part of one that an error may quote, as ***."""
+    forms: set[str] = set()
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+        if not secret:
+            continue
+        forms |= {secret, urllib.parse.quote(secret, safe="")}
+        # http.client quotes only the request path when it rejects a URL ("URL can't contain
+        # control characters. '/services/T0/B0/XYZ ...'"): the secret part of a webhook URL.
+        url = urllib.parse.urlsplit(secret)
+        if url.scheme and url.netloc:
+            forms |= {url.path, url.query, url.password or ""}
+    for form in sorted((f for f in forms if len(f) > 1), key=len, reverse=True):
+        text = text.replace(form, "***")
     return text
 
 
@@ -226,9 +259,73 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+class _Channel:
+    """One sender's own queue, thread and time budget (timeout per request, retries with
+    backoff), so a sender that hangs or keeps failing delays only its own notes."""
+
+    def __init__(
+        self, sender: Sender, cfg: NotifyConfig, on_sent: Callable[[int, Notification], None]
+    ) -> None:
+        self.sender = sender
+        self.cfg = cfg
+        self._on_sent = on_sent
+        self.worker = Worker(f"kiln-notify-{sender.name}", on_error=self._on_bug)
+        self._warned = False  # touched only by this channel's thread
+        # Set when the flush stops waiting for this sender: its thread then drops what is
+        # still queued instead of sending stale notes (and warnings) long after the run.
+        self._abandoned = threading.Event()
+
+    def submit(self, seq: int, note: Notification) -> None:
+        self.worker.submit(self._deliver, seq, note)
+
+    def abandon(self) -> None:
+        self._abandoned.set()
+
+    def _deliver(self, seq: int, note: Notification) -> None:
+        if self._abandoned.is_set():
+            return
+        error: Exception | None = None
+        for attempt in range(self.cfg.retries + 1):
+            # Backoff 0.5 s, 1 s, 2 s, ... (at most 5 s); cut short when abandoned.
+            if attempt and self._abandoned.wait(min(0.5 * 2 ** (attempt - 1), 5.0)):
+                break
+            try:
+                self.sender.send(note, self.cfg.timeout_s)
+            except Exception as exc:
+                error = exc
+                continue
+            self._on_sent(seq, note)
+            return
+        text = _first_line(error) if error else "unknown error"
+        if self._warned or self._abandoned.is_set():
+            self._log(logging.DEBUG, f"{note.event} not sent ({text})")
+            return
+        self._warned = True
+        self._log(
+            logging.WARNING,
+            f"could not send the {note.event} notification after {self.cfg.retries + 1} "
+            f"attempts ({text}); training goes on (later failures of this sender are not "
+            "reported)",
+        )
+
+    def _on_bug(self, exc: BaseException) -> None:
+        # Not a failed request (those are handled above): the Worker's own report would
+        # print the exception unredacted.
+        self._log(logging.DEBUG, f"delivery failed: {_first_line(exc)}")
+
+    def _log(self, level: int, message: str) -> None:
+        # Redact the whole line: an error text can quote a URL, and a sender picks its own name.
+        log.log(level, "%s", _redact(f"notify: {self.sender.name}: {message}", self.secrets))
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(self.sender.secrets)
+
+
 class NotifyCallback(Callback):
     """Sends the events of `notify.events` (and progress every `notify.every_steps`) to every
-    sender. Delivery is off the training thread; a sender that keeps failing gets one warning.
+    sender. Delivery is off the training thread, one thread per sender; a sender that keeps
+    failing gets one warning.
     """
 
     def __init__(
@@ -239,41 +336,29 @@ class NotifyCallback(Callback):
     ) -> None:
         self.cfg = cfg
         self.senders = build_senders(cfg, environ) if senders is None else list(senders)
-        self.worker = Worker("kiln-notify")
-        self.sent: list[Notification] = []
-        """Notifications delivered to at least one sender (for tests and reports)."""
-        self._warned: set[str] = set()
+        self._channels = self._open_channels()
+        self._seq = itertools.count()
+        self._lock = threading.Lock()  # the channels' threads record deliveries concurrently
+        self._sent: dict[int, Notification] = {}
         self._best: float | None = None
         self._final: Path | None = None
         self._start = time.monotonic()
 
-    # ---- delivery (background thread) ---------------------------------------------------------
+    @property
+    def sent(self) -> list[Notification]:
+        """Notifications delivered to at least one sender, each once, in the order they were
+        emitted (a snapshot: the senders' threads may still be adding to it)."""
+        with self._lock:
+            return [self._sent[seq] for seq in sorted(self._sent)]
 
-    def _deliver(self, sender: Sender, note: Notification) -> None:
-        error: Exception | None = None
-        for attempt in range(self.cfg.retries + 1):
-            try:
-                sender.send(note, self.cfg.timeout_s)
-            except Exception as exc:
-                error = exc
-                if attempt < self.cfg.retries:
-                    time.sleep(min(0.5 * 2**attempt, 5.0))
-                continue
-            self.sent.append(note)
-            return
-        text = _redact(_first_line(error), sender.secrets) if error else "unknown error"
-        if sender.name in self._warned:
-            log.debug("notify: %s: %s not sent (%s)", sender.name, note.event, text)
-            return
-        self._warned.add(sender.name)
-        log.warning(
-            "notify: %s: could not send the %s notification after %d attempts (%s); "
-            "training goes on (later failures of this sender are not reported)",
-            sender.name,
-            note.event,
-            self.cfg.retries + 1,
-            text,
-        )
+    # ---- delivery (one background thread per sender) -----------------------------------------
+
+    def _open_channels(self) -> list[_Channel]:
+        return [_Channel(sender, self.cfg, self._record) for sender in self.senders]
+
+    def _record(self, seq: int, note: Notification) -> None:
+        with self._lock:
+            self._sent.setdefault(seq, note)
 
     def _emit(
         self,
@@ -296,16 +381,38 @@ class NotifyCallback(Callback):
             metrics={k: float(v) for k, v in (metrics or {}).items() if v is not None},
             error=error,
         )
-        for sender in self.senders:
-            self.worker.submit(self._deliver, sender, note)
+        seq = next(self._seq)
+        for channel in self._channels:
+            channel.submit(seq, note)
 
     def _flush(self) -> None:
-        if not self.worker.close(self.cfg.flush_timeout_s):
+        # Stop every channel first, then wait against one deadline: the senders drain in
+        # parallel, so the whole flush takes at most flush_timeout_s however many hang.
+        for channel in self._channels:
+            channel.worker.stop()
+        deadline = time.monotonic() + self.cfg.flush_timeout_s
+        busy = [
+            channel
+            for channel in self._channels
+            if not channel.worker.join(max(0.0, deadline - time.monotonic()))
+        ]
+        for channel in busy:
+            channel.abandon()
+        if busy:
+            names = ", ".join(channel.sender.name for channel in busy)
+            secrets = tuple(s for channel in busy for s in channel.secrets)
             log.warning(
-                "notify: notifications still unsent after %g s (notify.flush_timeout_s); "
-                "not waiting for them",
-                self.cfg.flush_timeout_s,
+                "%s",
+                _redact(
+                    f"notify: {names}: notifications still unsent after "
+                    f"{self.cfg.flush_timeout_s:g} s (notify.flush_timeout_s); not waiting "
+                    "for them",
+                    secrets,
+                ),
             )
+        # Fresh channels (threads start on the first note), so the callback can serve another
+        # fit(); the abandoned ones finish their request in progress and drop the rest.
+        self._channels = self._open_channels()
 
     # ---- events -------------------------------------------------------------------------------
 

@@ -57,11 +57,26 @@ class Worker:
         """Calls still queued (not counting one in progress)."""
         return self._queue.qsize()
 
-    def close(self, timeout: float) -> bool:
-        """Stop taking calls, wait up to `timeout` s for the queued ones; True if all ran."""
+    def stop(self) -> None:
+        """Stop taking calls; the queued ones still run. Does not wait (see `join`)."""
+        if self._closed:
+            return
         self._closed = True
+        if self._thread is not None:
+            self._queue.put(_STOP)
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a stopped worker to finish its queue; True if it did."""
         if self._thread is None:
             return True
-        self._queue.put(_STOP)
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def close(self, timeout: float) -> bool:
+        """Stop taking calls, wait up to `timeout` s for the queued ones; True if all ran.
+
+        To close several workers within one deadline, `stop` them all first and then `join`
+        each with what is left, so they drain in parallel.
+        """
+        self.stop()
+        return self.join(timeout)
