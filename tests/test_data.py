@@ -122,7 +122,7 @@ def test_quality_filter_and_dedup_counts(tmp_path: Path) -> None:
     assert [r["text"] for r in train] == ["keep one", "keep two"]
     assert val == []
     assert stats.rows_read == 5
-    assert stats.dropped == {"low_quality": 2, "duplicate": 1, "max_samples": 0}
+    assert stats.dropped == {"low_quality": 2, "too_long": 0, "duplicate": 1, "max_samples": 0}
     assert (stats.train_rows, stats.val_rows) == (2, 0)
 
 
@@ -163,7 +163,7 @@ def test_explicit_val_file_and_max_samples(tmp_path: Path) -> None:
     assert [r["text"] for r in train] == ["t0", "t1", "t2", "t3"]
     assert [r["text"] for r in val] == ["v0", "v1"]
     assert stats.rows_read == 9
-    assert stats.dropped == {"low_quality": 0, "duplicate": 1, "max_samples": 2}
+    assert stats.dropped == {"low_quality": 0, "too_long": 0, "duplicate": 1, "max_samples": 2}
 
 
 def test_val_file_rows_are_checked(tmp_path: Path) -> None:

@@ -262,8 +262,6 @@ def test_corrupt_model_files_are_one_line(
     command: str,
     corruption: str,
 ) -> None:
-    if command == "train" and corruption == "tokenizer-json-not-a-tokenizer":
-        pytest.skip("train loads the tokenizer in kiln/models/tokenizer.py (reported)")
     model = _corrupt_model(runs, tmp_path / "model", corruption)
     before = snapshot(model)
     args = {

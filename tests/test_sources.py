@@ -171,7 +171,7 @@ def test_parquet(tmp_path: Path) -> None:
     assert [r.where for r in rows] == [f"{path}#0", f"{path}#1", f"{path}#2"]
     train, _, stats = load_splits(make_cfg(path, min_quality_score=0.5))
     assert texts(train) == ["a"]
-    assert stats.dropped == {"low_quality": 1, "duplicate": 1, "max_samples": 0}
+    assert stats.dropped == {"low_quality": 1, "too_long": 0, "duplicate": 1, "max_samples": 0}
     bad = tmp_path / "bad.parquet"
     bad.write_text("not parquet")
     with pytest.raises(DataError, match=rf"^{bad}: cannot read Parquet \("):

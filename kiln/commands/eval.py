@@ -83,7 +83,7 @@ def evaluate_on(
     from kiln.config import apply_overrides, config_from_dict
     from kiln.data.collate import Batcher
     from kiln.data.prepare import DataStats, _load, _tokenize_cached
-    from kiln.data.sources import BadRows, ReadOptions
+    from kiln.data.sources import ReadOptions
     from kiln.data.tasks import make_format
     from kiln.engine.evaluate import evaluate
     from kiln.engine.precision import Precision
@@ -93,12 +93,7 @@ def evaluate_on(
         raise KilnError(f"{loaded.path}: no kiln config (kiln_config.yaml); not a kiln run")
     raw = apply_overrides(loaded.cfg.model_dump(mode="json"), [*overrides, f"data.val={data}"])
     cfg = config_from_dict(raw, "overrides")
-    options = ReadOptions(
-        format=cfg.data.format,
-        hf_split=cfg.data.hf_split,
-        text_field=cfg.data.text_field,
-        bad=BadRows(skip=cfg.data.on_bad_row == "skip"),
-    )
+    options = ReadOptions.from_config(cfg.data)  # bounded like training data (max_chars)
     fmt = make_format(cfg)
     stats = DataStats()
     rows = _load(data, fmt, cfg.data, options, stats)

@@ -136,8 +136,11 @@ class DataConfig(Section):
     """Drop exact duplicates (by rendered text), keeping the first."""
     min_chars: int | None = Field(None, ge=0)
     """Drop rows whose rendered text is shorter than this many characters."""
-    max_chars: int | None = Field(None, gt=0)
-    """Drop rows whose rendered text is longer than this many characters."""
+    max_chars: int | None = Field(100_000, gt=0)
+    """Drop rows whose rendered text is longer than this many characters; text-file lines are
+    cut into rows of this size instead. The default, far above a training document, bounds the
+    work per row (JSONL lines over 12 bytes a character + 1 MiB are dropped unparsed); null:
+    no limit."""
     max_samples: int | None = Field(None, gt=0)
     """Use at most this many training rows (after filtering), for quick experiments."""
     curriculum: CurriculumConfig | None = None

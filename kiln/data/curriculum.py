@@ -60,7 +60,10 @@ def _number(row: Mapping[str, Any], index: int, name: str, key: str) -> tuple[fl
         return 0.0, f"{where(row, index)}: missing field '{name}' (needed by {key})"
     value = row[name]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range (JSON allows any length)
+            number = float("inf")
     else:
         try:
             number = float(value) if isinstance(value, str) else float("nan")
@@ -70,7 +73,9 @@ def _number(row: Mapping[str, Any], index: int, name: str, key: str) -> tuple[fl
             got = f"string {value!r}" if isinstance(value, str) else json_type(value)
             return 0.0, f"{where(row, index)}: field '{name}' must be a number, got {got}"
     if not np.isfinite(number):
-        return 0.0, f"{where(row, index)}: field '{name}' must be finite, got {value}"
+        # Such an int may have thousands of digits (or too many for str()): not in a message.
+        got = "an integer beyond the float range" if isinstance(value, int) else value
+        return 0.0, f"{where(row, index)}: field '{name}' must be finite, got {got}"
     return number, None
 
 

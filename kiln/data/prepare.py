@@ -19,6 +19,7 @@ import torch
 from kiln.data.cache import cached_dataset
 from kiln.data.curriculum import order_rows
 from kiln.data.dataset import TokenDataset
+from kiln.data.progress import Progress
 from kiln.data.sources import BadRows, ReadOptions, Row, _Problems, json_type, read_rows, where
 from kiln.data.tasks import TaskFormat, make_format, render_rows
 from kiln.data.tokenize import (
@@ -61,7 +62,8 @@ class DataStats:
     validation data; `rows_read` counts every row read, bad ones included, so it equals
     `bad_rows` + the drops of `load_splits` + `train_rows` + `val_rows`. `dropped` maps a
     reason to the rows it removed: low_quality (below data.min_quality_score), too_short /
-    too_long (rendered text outside data.min_chars / data.max_chars; present when set),
+    too_long (rendered text outside data.min_chars / data.max_chars, present when set; too_long
+    also counts JSONL lines too big to parse, see `kiln.data.sources.max_line_bytes`),
     duplicate (same rendered text as an earlier row), max_samples (training rows past the
     cap); `build_datasets` may add its own (no_target). `bad_rows` counts malformed rows
     skipped under data.on_bad_row=skip, `bad_row_examples` holds the first 5 found (per side:
@@ -91,7 +93,10 @@ def _score(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range (JSON allows any length)
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         try:
             return float(value)
@@ -113,7 +118,9 @@ def _quality_problem(row: Mapping[str, Any], index: int, quality_field: str) -> 
         got = f"string {value!r}" if isinstance(value, str) else json_type(value)
         return f"{where(row, index)}: field '{quality_field}' must be a number, got {got}"
     if not math.isfinite(score):
-        return f"{where(row, index)}: field '{quality_field}' must be finite, got {value}"
+        # Such an int may have thousands of digits (or too many for str()): not in a message.
+        got = "an integer beyond the float range" if isinstance(value, int) else value
+        return f"{where(row, index)}: field '{quality_field}' must be finite, got {got}"
     return None
 
 
@@ -243,13 +250,18 @@ def _load(
 ) -> list[Row]:
     """Read one side's sources (data.train or data.val) and clean them, counting in `stats`."""
     name, bad = _spec_name(spec), options.bad
-    bad_before = bad.count
+    bad_before, unparsed_before = bad.count, options.too_long
     rows = read_rows(spec, options)
-    n_read = len(rows) + bad.count - bad_before
+    unparsed = options.too_long - unparsed_before  # lines too big to parse: too_long already
+    n_read = len(rows) + bad.count - bad_before + unparsed
     stats.rows_read += n_read
     if n_read == 0:
         raise DataError(f"{name}: no rows (the data is empty)")
+    progress = Progress(f"checking {name}")
     rows, drops = _clean(rows, fmt, data, bad)
+    progress.done(f"checked and filtered {n_read:,} rows of {name}")
+    if unparsed:
+        drops["too_long"] = drops.get("too_long", 0) + unparsed
     for reason, n in drops.items():
         stats.dropped[reason] = stats.dropped.get(reason, 0) + n
     if not rows:
@@ -267,13 +279,15 @@ def load_splits(cfg: RunConfig) -> tuple[list[Row], list[Row], DataStats]:
     the fields the task needs; a malformed row stops the run with its `file:line`
     (`data.on_bad_row=error`), or is skipped and counted (`skip`; a warning on the "kiln"
     logger names the first 5). Then rows below `data.min_quality_score`, rows whose rendered
-    text is shorter than `data.min_chars` or longer than `data.max_chars`, and (with
-    `data.dedup`) exact duplicates by rendered text (first one kept) are dropped, in that
-    order. Validation rows come from `data.val` (checked and filtered the same way;
-    duplicates are found within each side) or, when unset, from a split of the training rows
-    (`split_indices`, seeded by `cfg.seed`). Finally `data.max_samples` caps the training
-    rows. Rows keep their source order, except that a curriculum over packed data sorts the
-    training rows by difficulty (`kiln.data.curriculum.order_rows`).
+    text is shorter than `data.min_chars` or longer than `data.max_chars` (100,000 by default,
+    which bounds the work per row: JSONL lines far bigger are dropped before parsing, text-file
+    lines are cut into rows of that size instead), and (with `data.dedup`) exact duplicates by
+    rendered text (first one kept) are dropped, in that order. Validation rows come from
+    `data.val` (checked and filtered the same way; duplicates are found within each side) or,
+    when unset, from a split of the training rows (`split_indices`, seeded by `cfg.seed`).
+    Finally `data.max_samples` caps the training rows. Rows keep their source order, except
+    that a curriculum over packed data sorts the training rows by difficulty
+    (`kiln.data.curriculum.order_rows`).
 
     Returns:
         (train rows, val rows, stats); val rows may be empty (val_split=0, no data.val).
@@ -288,12 +302,7 @@ def load_splits(cfg: RunConfig) -> tuple[list[Row], list[Row], DataStats]:
     for reason, limit in (("too_short", data.min_chars), ("too_long", data.max_chars)):
         if limit is not None:
             stats.dropped[reason] = 0
-    options = ReadOptions(
-        format=data.format,
-        hf_split=data.hf_split,
-        text_field=data.text_field,
-        bad=BadRows(skip=data.on_bad_row == "skip"),
-    )
+    options = ReadOptions.from_config(data)
     train = _load(data.train, fmt, data, options, stats)
     if data.val is not None:
         val = _load(data.val, fmt, data, options, stats)

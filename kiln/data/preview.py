@@ -55,6 +55,7 @@ def render_example(example: dict[str, Any], tokenizer: Any, task: str) -> str:
 def preview(cfg: RunConfig, *, samples: int = 3) -> str:
     """The preview report for a config, as text."""
     from kiln.data import build_datasets, load_splits, make_format, render_rows
+    from kiln.data.tokenize import encode
     from kiln.models import build_tokenizer
 
     train_rows, val_rows, stats = load_splits(cfg)
@@ -77,8 +78,9 @@ def preview(cfg: RunConfig, *, samples: int = 3) -> str:
     lines.append(f"val rows           {counts.get('val_rows', len(val_rows)):,}")
     lines += ["", "## tokens"]
     for i, part in enumerate(fmt.parts):
-        docs = tokenizer([r[i] for r in rendered], add_special_tokens=False)["input_ids"]
-        lines.append(_lengths_table(f"{part} (per row)", [len(d) for d in docs]))
+        texts = [r[i] for r in rendered]
+        lengths = [len(ids) for ids in encode(texts, tokenizer, what=f"counting {part} tokens")]
+        lines.append(_lengths_table(f"{part} (per row)", lengths))
     lines.append(_lengths_table("train examples", [int(n) for n in train.lengths.tolist()]))
     if val is not None:
         lines.append(_lengths_table("val examples", [int(n) for n in val.lengths.tolist()]))

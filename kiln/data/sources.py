@@ -18,10 +18,17 @@ Formats: JSONL (one object per non-blank line); JSON (a list of objects, or an o
 records are skipped); text (each line with non-blank content is a row `{text_field: line}`,
 the line without its newline); Parquet (pyarrow). New formats plug in through `READERS`.
 
-Malformed rows (bad JSON, not an object, a wrong field count) go to a `BadRows` collector:
+Malformed rows (bad JSON, not an object, a wrong field count, arrays/objects nested more than
+100 levels, an integer too long for Python to convert) go to a `BadRows` collector:
 raised together as one `DataError` (`data.on_bad_row=error`) or counted and skipped (`skip`).
 Problems with a whole file (missing, not UTF-8 where the format cannot resynchronize, not
 valid JSON) are always errors.
+
+The work per row is bounded (`kiln.data.limits`) by `ReadOptions.max_chars` (`data.max_chars`):
+a JSONL line of more than `max_line_bytes(max_chars)` bytes is dropped without being parsed
+(counted in `ReadOptions.too_long`), and a text-file line longer than `max_chars` characters is
+cut into rows of at most that many (`split_text`), so one huge line neither stalls the run nor
+is lost.
 """
 
 from __future__ import annotations
@@ -30,14 +37,31 @@ import csv
 import glob
 import io
 import json
+import logging
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from kiln.data.limits import (
+    MAX_DEPTH,
+    TOO_DEEP,
+    json_hazard,
+    json_problem,
+    max_line_bytes,
+    openers,
+    parse_json_line,
+    split_text,
+    too_deep,
+)
+from kiln.data.lines import decoded_lines, whole_text
+from kiln.data.progress import Progress
 from kiln.errors import DataError
+
+if TYPE_CHECKING:
+    from kiln.config import DataConfig
 
 __all__ = [
     "READERS",
@@ -57,6 +81,8 @@ __all__ = [
     "rows_from_python",
     "where",
 ]
+
+log = logging.getLogger("kiln")
 
 # Stop collecting problems after this many: a broken file should not print a million lines.
 _MAX_PROBLEMS = 10
@@ -171,87 +197,80 @@ class ReadOptions:
     """Field that holds each line of a text file."""
     bad: BadRows = field(default_factory=BadRows)
     """Collector of malformed rows (raises by default)."""
+    max_chars: int | None = None
+    """`data.max_chars`: JSONL lines over `max_line_bytes(max_chars)` bytes are dropped
+    unparsed; text-file lines are cut into rows of at most this many characters. None: no
+    limit."""
+    too_long: int = 0
+    """Lines the readers dropped unparsed for their size so far (`load_splits` counts them in
+    `DataStats.dropped["too_long"]`)."""
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> ReadOptions:
+        """The options of a data config: its format, split, text field, size limit, and a
+        fresh bad-row collector for `data.on_bad_row`."""
+        return cls(
+            format=data.format,
+            hf_split=data.hf_split,
+            text_field=data.text_field,
+            bad=BadRows(skip=data.on_bad_row == "skip"),
+            max_chars=data.max_chars,
+        )
 
 
 # --- files ----------------------------------------------------------------------------------
 
 
-def _file_error(path: Path, exc: OSError) -> DataError:
-    if isinstance(exc, FileNotFoundError):
-        return DataError(f"{path}: no such file")
-    if isinstance(exc, IsADirectoryError):
-        return DataError(f"{path}: is a directory, expected a file")
-    return DataError(f"{path}: cannot read ({exc.strerror})")
-
-
-def _open_lines(path: Path) -> list[bytes]:
-    try:
-        with path.open("rb") as f:
-            return f.readlines()
-    except OSError as exc:
-        raise _file_error(path, exc) from None
-
-
-def _read_text(path: Path) -> str:
-    """The whole file as text (UTF-8, an optional BOM dropped); bad bytes name their line."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _file_error(path, exc) from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {column})") from None
-
-
-def _decoded_lines(path: Path, bad: BadRows) -> Iterable[tuple[int, str]]:
-    """(line number, text without its line break) of each non-blank line; lines that are not
-    UTF-8 are bad rows."""
-    for lineno, raw in enumerate(_open_lines(path), 1):
-        if lineno == 1:
-            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as some editors write
-        if not raw.strip():
-            continue
-        try:
-            yield lineno, raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as exc:
-            bad.add(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start + 1})")
-
-
-def _json_problem(exc: json.JSONDecodeError) -> str:
-    # json's messages may end in " at" ("Unterminated string starting at"): no "at at".
-    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+def _drop_oversized(path: Path, lines: list[int], options: ReadOptions, limit: int | None) -> None:
+    """Count lines dropped unparsed for their size, and say so once per file."""
+    if not lines:
+        return
+    options.too_long += len(lines)
+    log.info(
+        "%s: dropped %d line(s) over %s bytes without parsing them (data.max_chars=%s); "
+        "first: line %d",
+        path,
+        len(lines),
+        f"{limit:,}",
+        options.max_chars,
+        lines[0],
+    )
 
 
 def read_jsonl(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
     """Read a JSONL file: each non-blank line one JSON object.
 
+    Lines over `max_line_bytes(options.max_chars)` bytes are dropped without being parsed and
+    counted in `options.too_long`.
+
     Args:
         path: the file.
-        options: where bad lines go (default: raise them).
+        options: where bad lines go, and the size limit (default: raise them, no limit).
 
     Returns:
         The rows in file order, each a `Row` (a dict) carrying its file and line number.
 
     Raises:
-        DataError: a missing file, or (unless skipped) lines that are not JSON objects, each
-            named `path:LINE`.
+        DataError: a missing file, or (unless skipped) lines that are not JSON objects (or nest
+            deeper than `MAX_DEPTH`, or hold an integer Python cannot convert), each named
+            `path:LINE`.
     """
     path = Path(path)
-    bad = (options or ReadOptions()).bad
+    options = options or ReadOptions()
+    bad = options.bad
+    limit = max_line_bytes(options.max_chars)
+    oversized: list[int] = []
     rows: list[Row] = []
-    for lineno, text in _decoded_lines(path, bad):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            bad.add(f"{path}:{lineno}: invalid JSON ({_json_problem(exc)})")
+    for lineno, text in decoded_lines(path, bad.add, limit, oversized):
+        value, problem = parse_json_line(text)
+        if problem is not None:
+            bad.add(f"{path}:{lineno}: {problem}")
             continue
         if not isinstance(value, dict):
             bad.add(f"{path}:{lineno}: expected a JSON object, got {json_type(value)}")
             continue
         rows.append(Row(value, str(path), lineno))
+    _drop_oversized(path, oversized, options, limit)
     bad.check()
     return rows
 
@@ -300,19 +319,30 @@ def _data_array_start(text: str, pos: int) -> int:
 def read_json(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
     """Read a JSON file: a list of objects, or an object whose "data" key holds that list.
 
-    Each row is named by the line its object starts on.
+    Each row is named by the line its object starts on. The file is parsed whole (it is one
+    JSON value), so rows longer than `data.max_chars` are dropped after parsing, by
+    `load_splits`.
 
     Raises:
-        DataError: a missing or invalid file, another top-level shape, or (unless skipped)
-            list items that are not objects, each named `path:LINE`.
+        DataError: a missing or invalid file (nesting deeper than `MAX_DEPTH` around the list,
+            an integer Python cannot convert), another top-level shape, or (unless skipped)
+            list items that are not objects or nest deeper than `MAX_DEPTH`, each named
+            `path:LINE`.
     """
     path = Path(path)
     bad = (options or ReadOptions()).bad
-    text = _read_text(path)
+    text = whole_text(path)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({_json_problem(exc)})") from None
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({json_problem(exc)})") from None
+    except (RecursionError, ValueError) as exc:  # too deep, or an integer too long
+        found = json_hazard(text)
+        if found is None:  # not expected: json.loads fails on nothing else
+            raise DataError(f"{path}: invalid JSON ({type(exc).__name__}: {exc})") from None
+        offset, problem = found
+        line = text.count("\n", 0, offset) + 1
+        raise DataError(f"{path}:{line}: {problem}") from None
     start = _skip_ws(text, 0)
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         items, start = value["data"], _data_array_start(text, start)
@@ -325,13 +355,17 @@ def read_json(path: str | Path, options: ReadOptions | None = None) -> list[Row]
         )
     rows: list[Row] = []
     lineno, last = 1, 0
-    for item, offset in zip(items, _array_starts(text, start), strict=True):
+    starts = _array_starts(text, start)
+    for i, (item, offset) in enumerate(zip(items, starts, strict=True)):
         lineno += text.count("\n", last, offset)
         last = offset
-        if isinstance(item, dict):
-            rows.append(Row(item, str(path), lineno))
-        else:
+        end = starts[i + 1] if i + 1 < len(starts) else len(text)
+        if not isinstance(item, dict):
             bad.add(f"{path}:{lineno}: expected a JSON object, got {json_type(item)}")
+        elif openers(text, offset, end) > MAX_DEPTH and too_deep(item):
+            bad.add(f"{path}:{lineno}: {TOO_DEEP}")
+        else:
+            rows.append(Row(item, str(path), lineno))
     bad.check()
     return rows
 
@@ -348,7 +382,7 @@ def read_csv(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
     """
     path = Path(path)
     bad = (options or ReadOptions()).bad
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.reader(io.StringIO(whole_text(path), newline=""))
     header: list[str] | None = None
     rows: list[Row] = []
     line = 0  # the line the last record ended on
@@ -386,17 +420,24 @@ def read_csv(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
 def read_text(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
     """Read a plain text file: each line with non-blank content is a row `{text_field: line}`.
 
-    The line is kept as written, without its line break.
+    The line is kept as written, without its line break. A line longer than
+    `options.max_chars` characters (`data.max_chars`) is cut into pieces of at most that many
+    (`split_text`), each a row named by the line: a corpus written as one huge line still
+    trains, as documents of a bounded size.
 
     Raises:
         DataError: a missing file, or (unless skipped) lines that are not UTF-8.
     """
     path = Path(path)
     options = options or ReadOptions()
-    rows = [
-        Row({options.text_field: text}, str(path), lineno)
-        for lineno, text in _decoded_lines(path, options.bad)
-    ]
+    rows = []
+    for lineno, text in decoded_lines(path, options.bad.add):
+        pieces = [text] if options.max_chars is None else split_text(text, options.max_chars)
+        rows.extend(
+            Row({options.text_field: piece}, str(path), lineno)
+            for piece in pieces
+            if not piece.isspace()
+        )
     options.bad.check()
     return rows
 
@@ -473,12 +514,21 @@ def expand_source(spec: str | Path) -> list[str]:
 def read_source(source: str | Path, options: ReadOptions | None = None) -> list[Row]:
     """Read one source (not a glob): a file, a saved dataset directory, or `hf:<name>`.
 
+    A read that takes more than a few seconds is logged with its row count (`Progress`).
+
     Raises:
         DataError: a missing file, an unreadable source, a missing optional dependency, or
             (unless `options.bad` skips them) malformed rows.
     """
     options = options or ReadOptions()
     source = str(source)
+    progress = Progress(f"reading {source}")
+    rows = _read_one(source, options)
+    progress.done(f"read {len(rows):,} rows from {source}")
+    return rows
+
+
+def _read_one(source: str, options: ReadOptions) -> list[Row]:
     if source.startswith(_HF_PREFIX) or options.format == "hf":
         from kiln.data.arrow import read_dataset
 

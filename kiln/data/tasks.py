@@ -122,7 +122,8 @@ def render_template(template: str, row: Mapping[str, Any], key: str, index: int 
     except _NullField as exc:
         name = exc.args[0]
         raise _RowError(f"{key}: field '{name}' is null ({where(row, index)})") from None
-    except (AttributeError, IndexError, TypeError, ValueError) as exc:
+    # RecursionError: a Python row nested ~1000 levels (files are checked when read).
+    except (AttributeError, IndexError, TypeError, ValueError, RecursionError) as exc:
         raise _RowError(f"{key}: cannot render ({exc}) ({where(row, index)})", key) from None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ import torch
 
 from kiln.data.collate import IGNORE_INDEX
 from kiln.data.dataset import TokenDataset, _as_tensor
+from kiln.data.progress import Progress
 from kiln.data.sources import _Problems
 from kiln.errors import DataError, ModelError
 
@@ -36,11 +37,31 @@ __all__ = [
 log = logging.getLogger("kiln")
 
 # Texts per tokenizer call: large enough for the Rust tokenizer's thread pool, small enough that
-# the intermediate Python lists of one call stay a bounded share of memory.
+# the intermediate Python lists of one call stay a bounded share of memory. Long documents
+# (data.max_chars allows 100,000 characters) end a call sooner: 4096 of those would make ~100M
+# ids, gigabytes as Python lists.
 _CHUNK = 4096
+_CHUNK_CHARS = 4_000_000
 
 
-def encode(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> Iterator[list[int]]:
+def _batches(texts: Sequence[str]) -> Iterator[list[str]]:
+    """Consecutive slices of `texts` of at most `_CHUNK` texts and, unless one text is longer
+    by itself, `_CHUNK_CHARS` characters."""
+    start = 0
+    while start < len(texts):
+        end, chars = start, 0
+        while end < len(texts) and end - start < _CHUNK:
+            chars += len(texts[end])
+            if chars > _CHUNK_CHARS and end > start:
+                break
+            end += 1
+        yield list(texts[start:end])
+        start = end
+
+
+def encode(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, *, what: str | None = None
+) -> Iterator[list[int]]:
     """Token ids of each text, without special tokens, from batched tokenizer calls.
 
     A fast tokenizer is called through its Rust backend (`encode_batch_fast`, which skips the
@@ -48,20 +69,43 @@ def encode(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> Iterator
     transformers building a `BatchEncoding` of per-text dicts: ~1.2x the throughput of the
     backend's `encode_batch` here, whose offsets `tokenizer(...)` also computes
     (benchmarks/data_throughput.py).
+
+    Args:
+        texts: the texts.
+        tokenizer: a transformers tokenizer.
+        what: names the texts in progress lines, e.g. "tokenizing training data"; a slow
+            tokenization logs how far it got every few seconds (`kiln.data.progress`).
     """
+    progress = Progress(what, len(texts), "texts") if what is not None else None
+    done = 0
+    for n, ids in _encode_batches(texts, tokenizer):
+        yield from ids
+        done += n
+        if progress is not None:
+            progress.update(done)
+    if progress is not None:
+        progress.done(f"{what}: {len(texts):,} texts")
+
+
+def _encode_batches(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase
+) -> Iterator[tuple[int, Iterable[list[int]]]]:
+    """(number of texts, their ids) per tokenizer call, in order."""
     backend = _plain_backend(tokenizer)
     workers = _WORKERS.get()
     if backend is None and workers > 0 and len(texts) > _CHUNK:
-        yield from _encode_in_processes(texts, tokenizer, workers)
+        for ids in _encode_in_processes(texts, tokenizer, workers):
+            yield len(ids), ids
         return
-    for start in range(0, len(texts), _CHUNK):
-        batch = list(texts[start : start + _CHUNK])
+    for batch in _batches(texts):
         if backend is not None:
-            yield from (e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False))
+            # Lazily: one text's Python list of ids at a time, as the caller takes them.
+            encodings = backend.encode_batch_fast(batch, add_special_tokens=False)
+            yield len(batch), (e.ids for e in encodings)
             continue
         # verbose=False: no "sequence longer than model_max_length" warning; we truncate later.
         out = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)
-        yield from out["input_ids"]
+        yield len(batch), out["input_ids"]
 
 
 _WORKERS: ContextVar[int] = ContextVar("kiln_encode_workers", default=0)
@@ -91,15 +135,16 @@ def _encode_chunk(args: tuple[PreTrainedTokenizerBase, list[str]]) -> list[list[
 
 def _encode_in_processes(
     texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, workers: int
-) -> Iterator[list[int]]:
-    """`encode` over `workers` processes, each given one contiguous share of the texts."""
+) -> Iterator[list[list[int]]]:
+    """`encode` over `workers` processes, each given one contiguous share of the texts; the
+    ids of each share, in order."""
     import multiprocessing
 
     size = -(-len(texts) // workers)
     chunks = [(tokenizer, list(texts[i : i + size])) for i in range(0, len(texts), size)]
     with multiprocessing.get_context("spawn").Pool(len(chunks)) as pool:
-        for ids in pool.imap(_encode_chunk, chunks):  # in order: the results match workers=0
-            yield from ids
+        # imap keeps the order: the results match workers=0.
+        yield from pool.imap(_encode_chunk, chunks)
 
 
 def _plain_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
@@ -173,7 +218,7 @@ def tokenize_causal(
     flat = array("q")
     if packing:
         starts = array("q")
-        for ids in encode(texts, tokenizer):
+        for ids in encode(texts, tokenizer, what=f"tokenizing {what}"):
             starts.append(len(flat))
             flat.extend(ids)
             flat.append(eos)
@@ -191,7 +236,7 @@ def tokenize_causal(
         return TokenDataset(blocks, doc_starts=doc_starts[doc_starts < blocks.numel()])
     offsets = array("q", [0])
     too_long = _LongSequences("data.max_length", max_length, truncation, locations, what)
-    for i, ids in enumerate(encode(texts, tokenizer)):
+    for i, ids in enumerate(encode(texts, tokenizer, what=f"tokenizing {what}")):
         too_long.check(i, len(ids) + 1)
         # Same as (ids + [eos])[:max_length]: a cut document gets no EOS, it did not end there.
         flat.extend(ids[:max_length])
@@ -237,11 +282,12 @@ def _ragged_with_eos(
     max_length: int,
     eos: int,
     too_long: _LongSequences | None = None,
+    what: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each text's ids truncated to `max_length - 1`, then EOS, as (flat, offsets)."""
     flat = array("q")
     offsets = array("q", [0])
-    for i, ids in enumerate(encode(texts, tokenizer)):
+    for i, ids in enumerate(encode(texts, tokenizer, what=what)):
         if too_long is not None:
             too_long.check(i, len(ids) + 1)
         flat.extend(ids[: max_length - 1])
@@ -283,8 +329,10 @@ def tokenize_seq2seq(
     long_tgt = _LongSequences(
         "data.max_target_length", max_target_length, truncation, locations, "target"
     )
-    ids = _ragged_with_eos(sources, tokenizer, max_length, eos, long_src)
-    labels = _ragged_with_eos(targets, tokenizer, max_target_length, eos, long_tgt)
+    ids = _ragged_with_eos(sources, tokenizer, max_length, eos, long_src, "tokenizing sources")
+    labels = _ragged_with_eos(
+        targets, tokenizer, max_target_length, eos, long_tgt, "tokenizing targets"
+    )
     long_src.found += long_tgt.found
     long_src.key = "data.max_length" if not long_tgt.found else "the limits"
     long_src.raise_if_any()
@@ -361,7 +409,9 @@ def tokenize_instruction(
     def name(i: int) -> str:
         return locations[i] if locations is not None else f"sample {i}"
 
-    pairs = zip(encode(prompts, tokenizer), encode(responses, tokenizer), strict=True)
+    # Progress follows the prompts: the responses are tokenized in step with them.
+    prompt_ids = encode(prompts, tokenizer, what=f"tokenizing {what}")
+    pairs = zip(prompt_ids, encode(responses, tokenizer), strict=True)
     for i, (prompt, response) in enumerate(pairs):
         length = len(prompt) + len(response) + 1
         end = [eos]

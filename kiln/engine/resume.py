@@ -41,6 +41,10 @@ SAFE_EXCEPTIONS = (
     "data.val",  # validation data does not move the training cursor
     "data.cache_dir",  # where tokens are cached, not what they are
     "data.num_workers",
+    # Checked by what it does, not by its value: restore_checkpoint refuses any change in the
+    # training examples or tokens. (Its default went from null to 100000 in issue 11; a run
+    # started before that must still resume.)
+    "data.max_chars",
     "lora.merge_on_finish",  # what is written at the end, not how training goes
 )
 

@@ -8,13 +8,15 @@ texts. Whatever it returns has a pad token.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from kiln.config import RunConfig
+from kiln.data.limits import split_text
 from kiln.errors import ModelError
 
 __all__ = [
@@ -34,6 +36,22 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 """Pad token of trained tokenizers; also added to tokenizers with neither pad nor eos."""
 
+# Longest string the BPE trainer is given: it pre-tokenizes a string whole, at ~90 bytes per
+# character (a 50 MB single-line file took 4.7 GB). Longer texts are cut where the byte-level
+# pre-tokenizer ends a word anyway (`split_text`), so the word counts, and the tokenizer, are
+# the same.
+_TRAIN_PIECE_CHARS = 10_000
+# A corpus this large takes seconds to train on: say so before starting.
+_ANNOUNCE_CHARS = 2_000_000
+
+
+def _pieces(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        if len(text) <= _TRAIN_PIECE_CHARS:
+            yield text
+        else:
+            yield from split_text(text, _TRAIN_PIECE_CHARS)
+
 
 def train_bpe_tokenizer(
     texts: Iterable[str],
@@ -45,7 +63,9 @@ def train_bpe_tokenizer(
     """Train a byte-level BPE tokenizer (GPT-2 style) on `texts`.
 
     Every string encodes (the 256 byte symbols are always in the vocabulary) and decodes back to
-    itself exactly. Training is deterministic: the same texts give the same vocabulary.
+    itself exactly. Training is deterministic: the same texts give the same vocabulary. Texts
+    longer than 10,000 characters are given to the trainer in pieces cut between words, which
+    bounds its memory and gives the same vocabulary.
 
     Args:
         texts: training strings; iterated once.
@@ -69,7 +89,7 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(_pieces(texts), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=EOS_TOKEN,
@@ -110,7 +130,13 @@ def load_tokenizer(
         raise ModelError(f"{key}: cannot load tokenizer {name_or_path!r}: no such directory")
     try:
         return AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser()))
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except Exception as exc:
+        # Bad files raise OSError/ValueError/KeyError/TypeError (a JSON list where an object
+        # belongs); the Rust tokenizers library reports a tokenizer.json that is JSON but not a
+        # tokenizer with a plain Exception. Anything more specific is a bug, not a bad file.
+        bad_file = (OSError, ValueError, KeyError, TypeError, ImportError)
+        if not isinstance(exc, bad_file) and type(exc) is not Exception:
+            raise
         if Path(name_or_path).expanduser().is_dir():
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         else:
@@ -155,13 +181,28 @@ def build_tokenizer(cfg: RunConfig, texts: Iterable[str] | None) -> PreTrainedTo
     else:
         if texts is None:
             raise ValueError("training a tokenizer (no tokenizer.name_or_path) needs texts")
+        texts = texts if isinstance(texts, Sequence) else list(texts)
+        chars = sum(len(text) for text in texts)
+        if chars >= _ANNOUNCE_CHARS:
+            logger.info(
+                "training a byte-level BPE tokenizer on %s texts (%s characters)...",
+                f"{len(texts):,}",
+                f"{chars:,}",
+            )
+        start = time.monotonic()
         tokenizer = train_bpe_tokenizer(
             texts,
             cfg.tokenizer.vocab_size,
             cfg.tokenizer.min_frequency,
             model_max_length=cfg.model.max_position_embeddings,
         )
-        logger.info("trained a byte-level BPE tokenizer: %d tokens", len(tokenizer))
+        logger.info(
+            "trained a byte-level BPE tokenizer: %d tokens (%s texts, %s characters, %.1fs)",
+            len(tokenizer),
+            f"{len(texts):,}",
+            f"{chars:,}",
+            time.monotonic() - start,
+        )
     message = ensure_pad_token(tokenizer)
     if message:
         logger.info(message)
