@@ -200,9 +200,13 @@ class TrackingCallback(Callback):
     def _close(self, status: Status) -> None:
         for backend in self._backends:
             backend.call("close", status)
+        # Stop all first, then wait against one deadline: the trackers drain in parallel, so
+        # one slow upload does not eat the time of the ones after it.
+        for backend in self._backends:
+            backend.worker.stop()
         deadline = time.monotonic() + self.cfg.close_timeout_s
         for backend in self._backends:
-            if not backend.worker.close(max(0.0, deadline - time.monotonic())):
+            if not backend.worker.join(max(0.0, deadline - time.monotonic())):
                 log.warning(
                     "log.loggers: %s still busy after %g s (log.close_timeout_s); "
                     "not waiting for it",
