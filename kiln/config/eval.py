@@ -6,20 +6,20 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kiln.config.base import Section
+from kiln.config.base import MAX_BATCH, MAX_COUNT, MAX_SECONDS, MAX_TOKENS, Section
 
 __all__ = ["CheckpointConfig", "EarlyStoppingConfig", "EvalConfig", "GenerateEvalConfig"]
 
 
 class GenerateEvalConfig(Section):
-    num_samples: int = Field(0, ge=0)
+    num_samples: int = Field(0, ge=0, le=MAX_COUNT)
     """Validation rows to generate from at each validation; 0 turns generation eval off."""
     metrics: list[str] = Field(default_factory=lambda: ["bleu", "rouge"])
     """Metrics by registry name (bleu, rouge, recipe, or "module:function"); logged as val_*."""
-    every_steps: int | None = Field(None, gt=0)
+    every_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Generate only at validations on multiples of this step (and the last); null: at every
     validation."""
-    max_new_tokens: int = Field(128, gt=0)
+    max_new_tokens: int = Field(128, gt=0, le=MAX_TOKENS)
     """Tokens to generate per sample at most."""
     do_sample: bool = False
     """Sample (temperature, top_p) instead of greedy decoding."""
@@ -27,9 +27,9 @@ class GenerateEvalConfig(Section):
     """Sampling temperature (with do_sample)."""
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     """Nucleus sampling mass (with do_sample)."""
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH)
     """Samples generated together (left-padded for causal models)."""
-    max_time_s: float | None = Field(None, gt=0.0)
+    max_time_s: float | None = Field(None, gt=0.0, le=MAX_SECONDS)
     """Time budget of one generation eval: generation stops when it runs out (the batch in
     progress keeps what it generated; later batches are skipped, see val_gen_samples)."""
     prompt_split: str = "\n"
@@ -47,22 +47,22 @@ class EarlyStoppingConfig(Section):
     """Validation metric to watch (val_loss, val_ppl, val_accuracy, val_bleu, ...)."""
     mode: Literal["min", "max"] = "min"
     """Whether a smaller or larger `metric` is better."""
-    patience: int = Field(3, ge=1)
+    patience: int = Field(3, ge=1, le=MAX_COUNT)
     """Validations without improvement after which training stops."""
     min_delta: float = Field(0.0, ge=0.0)
     """An improvement must beat the best value by more than this."""
 
 
 class EvalConfig(Section):
-    every_steps: int | None = Field(None, gt=0)
+    every_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Validate every N optimizer steps (and always at the end); null: only at the end."""
-    max_batches: int | None = Field(None, gt=0)
+    max_batches: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Bound each validation to this many batches."""
-    batch_size: int | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0, le=MAX_BATCH)
     """Validation batch size; default train.batch_size."""
     sample_prompt: str | None = None
     """Prompt to generate a sample from at the end of training (printed, and in summary.json)."""
-    sample_max_new_tokens: int = Field(200, gt=0)
+    sample_max_new_tokens: int = Field(200, gt=0, le=MAX_TOKENS)
     """Tokens to generate for the end-of-training sample."""
     generate: GenerateEvalConfig = GenerateEvalConfig()
     """Generation-based evaluation (BLEU, ROUGE, recipe scores) on validation rows."""
@@ -71,11 +71,11 @@ class EvalConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every_steps: int | None = Field(None, gt=0)
+    every_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Save a checkpoint every N optimizer steps; null: no periodic checkpoints."""
-    keep_last: int = Field(3, ge=1)
+    keep_last: int = Field(3, ge=1, le=MAX_COUNT)
     """Keep this many most recent checkpoints."""
-    keep_best: int = Field(0, ge=0)
+    keep_best: int = Field(0, ge=0, le=MAX_COUNT)
     """Also keep this many best checkpoints by `metric` (a checkpoint is written whenever a
     validation sets a new best)."""
     metric: str = "val_loss"

@@ -6,9 +6,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kiln.config.base import Section
+from kiln.config.base import MAX_COUNT, MAX_TOKENS, Section
 
 __all__ = ["LoraConfig", "ModelConfig", "TokenizerConfig"]
+
+_MAX_WIDTH = 65_536  # of the residual stream, and so of a LoRA rank
 
 
 class ModelConfig(Section):
@@ -16,15 +18,15 @@ class ModelConfig(Section):
     """Pretrained model: a local directory or a hub id. Mutually exclusive with `arch`."""
     arch: Literal["gpt2", "llama", "t5"] | None = None
     """Build a fresh model of this architecture from the size fields below (from scratch)."""
-    hidden_size: int = Field(256, gt=0)
+    hidden_size: int = Field(256, gt=0, le=_MAX_WIDTH)
     """Width of the residual stream (from scratch)."""
-    num_layers: int = Field(4, gt=0)
+    num_layers: int = Field(4, gt=0, le=1024)
     """Number of transformer blocks (from scratch; for t5, encoder and decoder each)."""
-    num_heads: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0, le=1024)
     """Attention heads per layer (from scratch); must divide hidden_size."""
-    intermediate_size: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0, le=MAX_TOKENS)
     """MLP width (from scratch); default 4 x hidden_size (8/3 x for llama)."""
-    max_position_embeddings: int = Field(1024, gt=0)
+    max_position_embeddings: int = Field(1024, gt=0, le=MAX_TOKENS)
     """Longest sequence the model can see (from scratch; gpt2/llama)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout probability inside the model (from scratch)."""
@@ -50,20 +52,30 @@ class ModelConfig(Section):
             )
         return self
 
+    def approx_parameters(self, vocab_size: int) -> int:
+        """Rough parameter count of a from-scratch model (embeddings + blocks), to refuse
+        absurd sizes before anything is allocated; not the exact count of any architecture."""
+        h = self.hidden_size
+        mlp = self.intermediate_size or 4 * h
+        per_block = 4 * h * h + 3 * h * mlp  # q, k, v, o + up to three MLP matrices
+        blocks = self.num_layers * (2 if self.arch == "t5" else 1)  # t5: encoder and decoder
+        embeddings = (vocab_size + self.max_position_embeddings) * h
+        return embeddings + blocks * per_block
+
 
 class TokenizerConfig(Section):
     name_or_path: str | None = None
     """Tokenizer path or hub id; default: model.name_or_path, or train one when from scratch."""
-    vocab_size: int = Field(4096, ge=260)
+    vocab_size: int = Field(4096, ge=260, le=MAX_TOKENS)
     """Vocabulary size of a tokenizer trained on the training text (byte-level BPE)."""
-    min_frequency: int = Field(2, ge=1)
+    min_frequency: int = Field(2, ge=1, le=MAX_COUNT)
     """Minimum pair frequency for a BPE merge when training a tokenizer."""
 
 
 class LoraConfig(Section):
     enabled: bool = False
     """Train low-rank adapters instead of all weights."""
-    r: int = Field(8, gt=0)
+    r: int = Field(8, gt=0, le=_MAX_WIDTH)
     """Adapter rank."""
     alpha: float = Field(16.0, gt=0.0)
     """Adapter scaling numerator (scale = alpha / r)."""

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
 
-from kiln.config.base import ConfigError, Section
+from kiln.config.base import ConfigError, Section, short_repr
 from kiln.config.data import DataConfig
 from kiln.config.eval import CheckpointConfig, EvalConfig
 from kiln.config.model import LoraConfig, ModelConfig, TokenizerConfig
@@ -37,14 +39,20 @@ __all__ = [
 ]
 
 
+# One path component: runs/<name> stays inside runs/ (no separator, no `..`, not hidden).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A from-scratch model beyond this is a typo in a size (4 TB of fp32 weights), not a plan.
+_MAX_PARAMETERS = 10**12
+
+
 class RunConfig(Section):
     name: str = "run"
-    """Run name; the default output_dir is runs/<name>."""
+    """Run name (letters, digits, '.', '_', '-'); the default output_dir is runs/<name>."""
     output_dir: str | None = None
     """Run directory (config.yaml, metrics.jsonl, final/, summary.json)."""
     preset: Literal["fast", "baseline", "quality"] | None = None
     """Preset the file starts from; the file's own values win."""
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**63 - 1)
     """Seed for data order, initialization and dropout."""
     task: Literal["causal_lm", "seq2seq", "instruction"] = "causal_lm"
     """causal_lm: next-token prediction on text; instruction: prompt -> response with a causal
@@ -70,9 +78,27 @@ class RunConfig(Section):
     notify: NotifyConfig = NotifyConfig()
     """Notifications about the run."""
 
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError(
+                "must be one path component of letters, digits, '.', '_' or '-' "
+                "(use output_dir to choose a place)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         problems = []
+        if self.model.arch is not None:
+            params = self.model.approx_parameters(self.tokenizer.vocab_size)
+            if params > _MAX_PARAMETERS:
+                problems.append(
+                    f"model: about {params:.1e} parameters from model.hidden_size, "
+                    "model.num_layers, model.intermediate_size, model.max_position_embeddings "
+                    f"and tokenizer.vocab_size; at most {_MAX_PARAMETERS:.0e}"
+                )
         arch_task = {"gpt2": "causal_lm", "llama": "causal_lm", "t5": "seq2seq"}
         model_task = "causal_lm" if self.task == "instruction" else self.task
         if self.model.arch and arch_task[self.model.arch] != model_task:
@@ -194,8 +220,89 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+_MAX_BYTES = 16 << 20  # of a config file; a real one is a few KiB
+_MAX_DEPTH = 64  # nesting of mappings and lists; a real config uses under 10
+_MAX_VALUES = 100_000  # values once aliases are expanded: stops "billion laughs" files
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`) and refuses documents
+    that are too deep, too large once aliases are expanded, or that hold non-scalar keys."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        # The composer recurses once per level: `[[[[...` would end in a RecursionError.
+        self._depth += 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ComposerError(None, None, f"nested deeper than {_MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _check_expanded(node)
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # int() refuses over 4300 digits and date() refuses 2024-02-30, with a bare ValueError.
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            kind = node.tag.rpartition(":")[2]
+            reason = str(exc).split(";")[0]
+            problem = f"cannot read {short_repr(node.value)} as {kind}: {reason}"
+            raise ConstructorError(None, None, problem, node.start_mark) from None
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                problem = "a key must be a string, not a list or a mapping"
+                raise ConstructorError(None, None, problem, key.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _check_expanded(root: yaml.Node) -> None:
+    """Refuse a document that aliases expand past _MAX_VALUES values or _MAX_DEPTH levels, or
+    into a cycle: loading shares an aliased value, but validation and dumps walk every copy."""
+    done: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels) once expanded
+    open_: set[int] = set()
+
+    def walk(node: yaml.Node, level: int) -> tuple[int, int]:
+        key = id(node)
+        if key in open_:
+            raise ComposerError(
+                None, None, "an alias refers to a value that holds it", node.start_mark
+            )
+        if key not in done:
+            # Anchors come before their aliases, so a first visit is at the literal position
+            # and this recursion is no deeper than the (already bounded) document.
+            open_.add(key)
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+            if isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+            values, levels = 1, 1
+            for child in children:
+                n, d = walk(child, level + 1)
+                values, levels = values + n, max(levels, d + 1)
+                if values > _MAX_VALUES:
+                    problem = f"aliases expand it to more than {_MAX_VALUES} values"
+                    raise ComposerError(None, None, problem, node.start_mark)
+            open_.discard(key)
+            done[key] = (values, levels)
+        values, levels = done[key]
+        if level + levels > _MAX_DEPTH + 1:
+            problem = f"aliases nest it deeper than {_MAX_DEPTH} levels"
+            raise ComposerError(None, None, problem, node.start_mark)
+        return values, levels
+
+    if root is not None:
+        walk(root, 1)
 
 
 _FLOAT_RE = r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+
@@ -234,7 +341,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            problems.append(f"{item}: an override must look like section.key=value")
+            problems.append(f"{_cut(item)}: an override must look like section.key=value")
             continue
         node = out
         parts = key.split(".")
@@ -251,29 +358,47 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+def _cut(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters: a key or override echoed back may be arbitrarily long."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_errors(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = ".".join(_cut(str(p)) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"{loc}: unknown key")
         elif e["type"] == "missing":
             lines.append(f"{loc}: required key is missing")
+        elif e["type"] == "bool_for_number":  # from Section: the message says it all
+            lines.append(f"{loc}: {msg}")
+        elif e["type"] == "invalid_key":  # YAML `1:`, `null:` or `true:` as a key
+            parent = ".".join(_cut(str(p)) for p in e["loc"][:-1]) or "top level"
+            lines.append(f"{parent}: key {_cut(str(e['loc'][-1]))} is not a string")
         elif e["type"] == "value_error" and not loc:
             lines.extend(msg.splitlines())
         elif e["type"] == "value_error":
             lines.extend(m if m.startswith(loc) else f"{loc}: {m}" for m in msg.splitlines())
         else:
-            lines.append(f"{loc}: {msg[0].lower() + msg[1:]} (got {e['input']!r})")
+            lines.append(f"{loc}: {msg[:1].lower() + msg[1:]} (got {short_repr(e['input'])})")
     return lines
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            data = f.read(_MAX_BYTES + 1)
     except OSError as exc:
-        raise ConfigError([f"cannot read config: {exc.strerror}"], str(path)) from None
+        raise ConfigError([f"cannot read config: {exc.strerror or exc}"], str(path)) from None
+    if len(data) > _MAX_BYTES:
+        raise ConfigError([f"larger than {_MAX_BYTES >> 20} MiB, not a config"], str(path))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bad = f"byte 0x{data[exc.start]:02x} at offset {exc.start}"
+        raise ConfigError([f"not UTF-8 text ({bad}); save it as UTF-8"], str(path)) from None
     try:
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
@@ -292,10 +417,10 @@ def config_from_dict(raw: dict[str, Any], source: str | None = None) -> RunConfi
     """Validate a raw dict (preset applied first) into a RunConfig, or raise ConfigError."""
     preset = raw.get("preset")
     if preset is not None:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             names = ", ".join(PRESETS)
             raise ConfigError(
-                [f"preset: unknown preset {preset!r} (expected one of {names})"], source
+                [f"preset: unknown preset {short_repr(preset)} (expected one of {names})"], source
             )
         raw = _deep_merge(PRESETS[preset], raw)
     try:

@@ -3,18 +3,18 @@
 Secrets never live in the config: a notification sender names the environment variables that
 hold its webhook URL or API credentials, so config.yaml (written into every run directory)
 stays free of them. A field that should name a variable but looks like anything else (a URL,
-a token) is rejected without echoing the value.
+a token) is rejected without echoing the value, and so is a URL with credentials in it.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
-from kiln.config.base import Section
+from kiln.config.base import MAX_COUNT, MAX_SECONDS, Section, short_repr
 
 __all__ = [
     "DiscordSender",
@@ -28,20 +28,62 @@ __all__ = [
     "WebhookSender",
 ]
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The conventional form only: a pasted secret (hex, base64, a URL) almost never fits it.
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 
 
-def _env_name(value: str) -> str:
-    # The message must not include `value`: a user may have pasted the secret itself here.
-    if not _ENV_NAME.fullmatch(value):
+def _env_name(value: Any) -> Any:
+    # Before pydantic's own check, whose message would echo a non-string value. The message
+    # must not include `value`: a user may have pasted the secret itself here.
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
         raise ValueError(
-            "must be the name of an environment variable that holds the secret "
-            "(e.g. KILN_SLACK_WEBHOOK_URL), not the secret itself"
+            "must be the name of an environment variable that holds the secret, in upper "
+            "case (e.g. KILN_SLACK_WEBHOOK_URL), not the secret itself"
         )
     return value
 
 
-EnvName = Annotated[str, AfterValidator(_env_name)]
+EnvName = Annotated[str, BeforeValidator(_env_name)]
+
+# Query parameter names that carry credentials: whole words, and parts of longer names.
+_SECRET_WORDS = frozenset({"auth", "jwt", "key", "pass", "pwd", "sas", "sig"})
+_SECRET_PARTS = (
+    "apikey",
+    "authoriz",
+    "credential",
+    "passw",
+    "secret",
+    "session",
+    "signature",
+    "token",
+)
+
+
+def _secret_param(name: str) -> bool:
+    """Whether a URL query parameter named `name` looks like it carries a secret."""
+    # Words of snake_case, kebab-case and camelCase names: X-Amz-Signature, AWSAccessKeyId.
+    words = [w.lower() for w in re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", name)]
+    joined = "".join(words)
+    return not _SECRET_WORDS.isdisjoint(words) or any(p in joined for p in _SECRET_PARTS)
+
+
+def _without_credentials(url: str, hint: str) -> str:
+    """`url`, or ValueError(what it holds; `hint`) if it holds credentials: user info or a
+    token-like query parameter. The message names the parameter, never a secret."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError("is not a valid URL") from None
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    params += parse_qsl(parts.fragment, keep_blank_values=True)  # OAuth's #access_token=
+    secret = [name for name, _ in params if _secret_param(name)]
+    if parts.password:
+        raise ValueError(f"holds a password; {hint}")
+    if "@" in parts.netloc:
+        raise ValueError(f"holds credentials (user info before '@'); {hint}")
+    if secret:
+        raise ValueError(f"holds credentials (query parameter {short_repr(secret[0])}); {hint}")
+    return url
 
 
 class TensorBoardOptions(Section):
@@ -81,17 +123,16 @@ class MlflowOptions(Section):
 
     @field_validator("tracking_uri")
     @classmethod
-    def _no_password(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).password:
-            raise ValueError(
-                "holds a password; put credentials in MLFLOW_TRACKING_USERNAME and "
-                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
-            )
-        return value
+    def _no_credentials(cls, value: str | None) -> str | None:
+        hint = (
+            "put credentials in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN) instead"
+        )
+        return value and _without_credentials(value, hint)
 
 
 class LogConfig(Section):
-    every_steps: int = Field(10, gt=0)
+    every_steps: int = Field(10, gt=0, le=MAX_COUNT)
     """Log train loss, LR and throughput every N optimizer steps (the only host syncs)."""
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
     """Progress display: a live bar on a TTY (auto), a plain line per log step, or nothing."""
@@ -107,7 +148,7 @@ class LogConfig(Section):
     plots: bool = True
     """Draw PNG curves (loss, LR, each eval metric) into <run_dir>/plots at the end of a run;
     needs matplotlib (`pip install 'kiln[plots]'`), skipped with a warning without it."""
-    close_timeout_s: float = Field(120.0, gt=0)
+    close_timeout_s: float = Field(120.0, gt=0, le=MAX_SECONDS)
     """At the end of a run, wait at most this long for trackers to finish writing/uploading."""
 
     @field_validator("loggers")
@@ -155,6 +196,14 @@ class TwilioSender(Section):
     api_url: str = "https://api.twilio.com"
     """Base URL of the Twilio API (change only for a proxy or a test server)."""
 
+    @field_validator("api_url")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        hint = "the credentials come from account_sid_env and auth_token_env"
+        if urlsplit(_without_credentials(value, hint)).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
 
 Sender = Annotated[
     DiscordSender | SlackSender | WebhookSender | TwilioSender, Field(discriminator="kind")
@@ -171,11 +220,11 @@ class NotifyConfig(Section):
     """Events to notify about: start, end, failure (with the error line), best (the
     checkpoint.metric improved), early_stop (sent instead of end when early stopping ended
     the run)."""
-    every_steps: int | None = Field(None, gt=0)
+    every_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Also send a progress note (step, last train loss, tokens/s) every N optimizer steps."""
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, le=MAX_SECONDS)
     """Timeout of one HTTP request."""
-    retries: int = Field(2, ge=0)
+    retries: int = Field(2, ge=0, le=100)
     """Retries of a failed request (backoff 0.5 s, 1 s, 2 s, ... up to 5 s)."""
-    flush_timeout_s: float = Field(15.0, ge=0)
+    flush_timeout_s: float = Field(15.0, ge=0, le=MAX_SECONDS)
     """At the end of a run (or a failure), wait at most this long for queued notifications."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from kiln.config.base import Section
+from kiln.config.base import MAX_BATCH, MAX_COUNT, MAX_TOKENS, Section, short_repr
 
 __all__ = ["GradNoiseConfig", "OptimConfig", "TrainConfig"]
+
+# torch refuses other betas too, but only once the model and data are loaded.
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class OptimConfig(Section):
@@ -19,7 +22,7 @@ class OptimConfig(Section):
     """Peak learning rate."""
     weight_decay: float = Field(0.01, ge=0.0)
     """Decoupled weight decay, applied to matrices only (not biases or norms)."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[_Beta, _Beta] = (0.9, 0.999)
     """Adam betas."""
     eps: float = Field(1e-8, gt=0.0)
     """Adam epsilon."""
@@ -27,11 +30,11 @@ class OptimConfig(Section):
     """Fused AdamW kernel: null picks the fastest supported one for the device."""
     scheduler: Literal["constant", "linear", "cosine", "cosine_restarts"] = "cosine"
     """LR schedule after warmup."""
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
     """Optimizer steps of linear warmup."""
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     """Floor of the decaying schedules, as a fraction of `lr`."""
-    num_cycles: int = Field(1, ge=1)
+    num_cycles: int = Field(1, ge=1, le=MAX_COUNT)
     """cosine_restarts: number of cosine cycles over the run."""
 
 
@@ -44,13 +47,13 @@ class GradNoiseConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Optimizer steps to train; with num_epochs too, whichever ends first."""
-    num_epochs: float | None = Field(None, gt=0)
+    num_epochs: float | None = Field(None, gt=0, le=1e6)
     """Passes over the training data (may be fractional)."""
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH)
     """Sequences per micro-batch."""
-    grad_accum_steps: int = Field(1, gt=0)
+    grad_accum_steps: int = Field(1, gt=0, le=MAX_BATCH)
     """Micro-batches per optimizer step; the loss is token-weighted over the whole window."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision: fp32, bf16 (CUDA with bf16 support, or CPU), fp16 (CUDA only)."""
@@ -58,7 +61,7 @@ class TrainConfig(Section):
     """Clip the global gradient norm to this value; null disables clipping."""
     device: str = "auto"
     """auto (CUDA, then MPS, then CPU), or cpu, cuda, cuda:N, mps."""
-    num_threads: int | None = Field(None, gt=0)
+    num_threads: int | None = Field(None, gt=0, le=4096)
     """CPU threads for torch; null keeps torch's default."""
     tf32: bool = True
     """CUDA: let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and newer)."""
@@ -68,7 +71,7 @@ class TrainConfig(Section):
         "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
     ] = "default"
     """torch.compile mode: reduce-overhead uses CUDA graphs; max-autotune also tunes kernels."""
-    compile_pad_multiple: int = Field(64, gt=0)
+    compile_pad_multiple: int = Field(64, gt=0, le=MAX_TOKENS)
     """With compile and no data.pad_to_multiple_of: pad batch lengths up to a multiple of this,
     so compile sees a few bucketed shapes, not one per batch (packed blocks have one already).
     Set it to data.max_length for a single fixed shape."""
@@ -82,7 +85,6 @@ class TrainConfig(Section):
         if self.max_steps is None and self.num_epochs is None:
             raise ValueError("set train.max_steps or train.num_epochs")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ValueError(
-                f"train.device: expected auto, cpu, mps, cuda or cuda:N, got {self.device!r}"
-            )
+            got = short_repr(self.device)
+            raise ValueError(f"train.device: expected auto, cpu, mps, cuda or cuda:N, got {got}")
         return self
