@@ -412,7 +412,9 @@ def test_a_closed_port_sender_does_not_cost_a_healthy_one_its_end_note(
         *recipe_files,
         train={"max_steps": 10},
         # Each note to the closed port costs 0.5 + 1 + 2 s of backoff: 14 s for the four.
-        notify={"senders": senders, "every_steps": 5, "retries": 3, "flush_timeout_s": 1},
+        # The flush gives the healthy sender time even on a loaded machine; the closed one
+        # still needs far longer than that and is abandoned.
+        notify={"senders": senders, "every_steps": 5, "retries": 3, "flush_timeout_s": 5},
     )
     with caplog.at_level(logging.WARNING, logger="kiln"):
         Trainer(cfg).fit()
@@ -424,7 +426,9 @@ def test_a_closed_port_sender_does_not_cost_a_healthy_one_its_end_note(
         ("end", 10),
     ]
     warnings = [r.getMessage() for r in caplog.records]
-    assert warnings[0].startswith("notify: webhook: could not send the start notification")
+    assert any(
+        w.startswith("notify: webhook: could not send the start notification") for w in warnings
+    ), warnings
     assert "SECRET-closed" not in caplog.text
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kiln.config.base import Section
+from kiln.config.base import MAX_COUNT, MAX_TOKENS, Section
 
 __all__ = [
     "AugmentConfig",
@@ -27,7 +27,7 @@ class InstructionTemplate(Section):
 
 
 class CurriculumStage(Section):
-    until: int | None = Field(None, gt=0)
+    until: int | None = Field(None, gt=0, le=MAX_COUNT)
     """The stage lasts until this epoch or step (exclusive; `curriculum.by`); null: to the end."""
     max_difficulty: float | None = None
     """Train only on samples whose difficulty is <= this; null: every difficulty."""
@@ -38,7 +38,7 @@ class QualityRamp(Section):
     """Quality threshold at epoch/step 0: samples scoring below it are not drawn."""
     end: float = Field(ge=0.0, le=1.0)
     """Quality threshold reached after `over` epochs/steps, and kept after."""
-    over: int = Field(gt=0)
+    over: int = Field(gt=0, le=MAX_COUNT)
     """Epochs or steps (`curriculum.by`) over which the threshold moves linearly to `end`."""
 
 
@@ -106,10 +106,10 @@ class DataConfig(Section):
     templates: list[InstructionTemplate] = Field(default_factory=list)
     """instruction: several prompt/response templates, one picked per sample (seeded): mixed
     sample formats. Overrides prompt_template/response_template when set."""
-    max_length: int = Field(256, gt=1)
+    max_length: int = Field(256, gt=1, le=MAX_TOKENS)
     """causal_lm: tokens per packed block (sequence length); seq2seq/instruction: max input
     tokens (instruction: prompt + response)."""
-    max_target_length: int = Field(256, gt=1)
+    max_target_length: int = Field(256, gt=1, le=MAX_TOKENS)
     """seq2seq: max target tokens."""
     truncation: bool = True
     """Cut sequences longer than the limits; false makes such a sequence an error."""
@@ -118,7 +118,7 @@ class DataConfig(Section):
     isolate_documents: bool = True
     """With packing: documents in a block do not attend to each other (position ids restart
     per document), where the model supports it."""
-    pad_to_multiple_of: int | None = Field(None, gt=0)
+    pad_to_multiple_of: int | None = Field(None, gt=0, le=MAX_TOKENS)
     """Pad each batch's length up to a multiple of this (tensor-core and compile friendly)."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding); the order stays seeded."""
@@ -126,7 +126,7 @@ class DataConfig(Section):
     """Collator by registry name; auto picks the task's default."""
     cache_dir: str | None = ".kiln_cache"
     """Cache tokenized datasets here, keyed by data, tokenizer and settings; null disables."""
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=1024)
     """Worker processes for tokenization (0: in the main process)."""
     min_quality_score: float | None = Field(None, ge=0.0, le=1.0)
     """Drop rows whose `quality_field` is below this score."""
@@ -134,14 +134,14 @@ class DataConfig(Section):
     """Row field holding the quality score used by `min_quality_score`."""
     dedup: bool = True
     """Drop exact duplicates (by rendered text), keeping the first."""
-    min_chars: int | None = Field(None, ge=0)
+    min_chars: int | None = Field(None, ge=0, le=MAX_COUNT)
     """Drop rows whose rendered text is shorter than this many characters."""
-    max_chars: int | None = Field(100_000, gt=0)
+    max_chars: int | None = Field(100_000, gt=0, le=MAX_COUNT)
     """Drop rows whose rendered text is longer than this many characters; text-file lines are
     cut into rows of this size instead. The default, far above a training document, bounds the
     work per row (JSONL lines over 12 bytes a character + 1 MiB are dropped unparsed); null:
     no limit."""
-    max_samples: int | None = Field(None, gt=0)
+    max_samples: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Use at most this many training rows (after filtering), for quick experiments."""
     curriculum: CurriculumConfig | None = None
     """Curriculum learning: which training samples may be drawn as training goes on."""
