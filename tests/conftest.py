@@ -58,10 +58,10 @@ def recipe_files(tmp_path: Path) -> tuple[Path, Path]:
     return train, val
 
 
-def tiny_config(
+def tiny_raw(
     tmp_path: Path, train_file: Path, val_file: Path | None, /, **sections: Any
-) -> RunConfig:
-    """A 2-layer GPT-2 config over the given files, writing into tmp_path/run."""
+) -> dict[str, Any]:
+    """The raw dict of `tiny_config` (to write as YAML for the CLI); `sections` merge in."""
     raw: dict[str, Any] = {
         "name": "tiny",
         "output_dir": str(tmp_path / "run"),
@@ -83,7 +83,14 @@ def tiny_config(
         raw["data"]["val"] = str(val_file)
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
-    return load_config(data=raw)
+    return raw
+
+
+def tiny_config(
+    tmp_path: Path, train_file: Path, val_file: Path | None, /, **sections: Any
+) -> RunConfig:
+    """A 2-layer GPT-2 config over the given files, writing into tmp_path/run."""
+    return load_config(data=tiny_raw(tmp_path, train_file, val_file, **sections))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -4,8 +4,6 @@ a hang or a huge allocation."""
 from __future__ import annotations
 
 import time
-import types
-import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import yaml
 
 from kiln.cli import main
 from kiln.config import ConfigError, RunConfig, Section, dump_yaml, load_config
-from kiln.config.base import short_repr
+from kiln.config.base import short_repr, union_members
 
 BASE = {
     "model": {"arch": "gpt2", "hidden_size": 32, "num_layers": 2, "num_heads": 2},
@@ -42,19 +40,10 @@ def file_problems(path: Path, text: str | bytes) -> list[str]:
     return lines
 
 
-def _leaves(annotation: Any) -> list[Any]:
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _leaves(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        return [leaf for arg in typing.get_args(annotation) for leaf in _leaves(arg)]
-    return [annotation]
-
-
 def fields(model: type[Section] = RunConfig, prefix: str = "") -> Iterator[tuple[str, list[Any]]]:
     """(dotted key, annotation alternatives) of every field a dotted override can reach."""
     for name, info in model.model_fields.items():
-        leaves = _leaves(info.annotation)
+        leaves = union_members(info.annotation)
         sections = [x for x in leaves if isinstance(x, type) and issubclass(x, Section)]
         if sections:
             yield from fields(sections[0], f"{prefix}{name}.")

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import make_rows, tree_hashes, write_jsonl
+from conftest import make_rows, tiny_raw, tree_hashes, write_jsonl
 
 from kiln import Trainer
 from kiln.checkpoint import CheckpointManager
@@ -36,24 +36,16 @@ def _raw(tmp: Path, out: Path, **train: Any) -> dict[str, Any]:
     data = tmp / "train.jsonl"
     if not data.exists():
         write_jsonl(data, make_rows(120, seed=1))
-    return {
-        "name": "safety",
-        "output_dir": str(out),
-        "seed": 0,
-        "model": {
-            "arch": "gpt2",
-            "hidden_size": 32,
-            "num_layers": 2,
-            "num_heads": 2,
-            "max_position_embeddings": 64,
-        },
-        "tokenizer": {"vocab_size": 300},
-        "data": {"train": str(data), "max_length": 32, "cache_dir": str(tmp / "cache")},
-        "optim": {"lr": 3e-3, "warmup_steps": 1},
-        "train": {"max_steps": 10, "batch_size": 4, **train},
-        "checkpoint": {"every_steps": 5},
-        "log": {"every_steps": 5, "progress": "none", "plots": False},
-    }
+    return tiny_raw(
+        tmp,
+        data,
+        None,
+        name="safety",
+        output_dir=str(out),
+        optim={"warmup_steps": 1},
+        train={"max_steps": 10, **train},
+        checkpoint={"every_steps": 5},
+    )
 
 
 def _config_file(tmp: Path, out: Path, name: str = "cfg.yaml", **train: Any) -> Path:

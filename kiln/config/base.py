@@ -33,6 +33,7 @@ __all__ = [
     "ConfigError",
     "Section",
     "short_repr",
+    "union_members",
 ]
 
 MAX_COUNT = 10**12
@@ -74,20 +75,20 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _leaves(annotation: Any) -> list[Any]:
+def union_members(annotation: Any) -> list[Any]:
     """The alternatives of a union annotation (`int | None` -> [int, NoneType])."""
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return _leaves(typing.get_args(annotation)[0])
+        return union_members(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
-        return [leaf for arg in typing.get_args(annotation) for leaf in _leaves(arg)]
+        return [leaf for arg in typing.get_args(annotation) for leaf in union_members(arg)]
     return [annotation]
 
 
 def _bools_for_numbers(annotation: Any, value: Any) -> list[tuple[tuple[int, ...], str]]:
     """(where, message) for each bool in `value` where `annotation` expects a number; `where`
     is the index path inside a list or tuple value, () for the value itself."""
-    leaves = _leaves(annotation)
+    leaves = union_members(annotation)
     if isinstance(value, bool):
         word = "true" if value else "false"
         if bool in leaves or Any in leaves:
