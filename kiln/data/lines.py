@@ -1,4 +1,5 @@
-"""Reading data files by line: line numbers for messages, bounded line sizes, progress.
+"""Reading data files by line: line numbers for messages, bounded line sizes, progress; and the
+offsets of a JSON file's items, so a bad item of a .json file is named by its line.
 
 A file is read one line at a time, so memory holds the rows made so far, not the file's lines
 too, and a line over a size limit is skipped in bounded blocks, never held whole.
@@ -6,13 +7,23 @@ too, and a line over a size limit is skipped in bounded blocks, never held whole
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kiln.data.progress import Progress
 from kiln.errors import DataError
 
-__all__ = ["decoded_lines", "file_error", "raw_lines", "whole_text"]
+__all__ = [
+    "array_starts",
+    "data_array_start",
+    "decoded_lines",
+    "file_error",
+    "raw_lines",
+    "skip_ws",
+    "whole_text",
+]
 
 # Lines between two progress checks (a clock read) while reading a file.
 _PROGRESS_LINES = 4096
@@ -97,3 +108,45 @@ def decoded_lines(
             yield lineno, raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
             bad(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start + 1})")
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def skip_ws(text: str, pos: int) -> int:
+    """Offset of the first non-whitespace character (JSON's whitespace) at or after `pos`."""
+    match = _WS.match(text, pos)
+    return match.end() if match else pos
+
+
+def array_starts(text: str, pos: int) -> list[int]:
+    """Offsets of the elements of the (valid) JSON array that starts at `pos`."""
+    decoder = json.JSONDecoder()
+    starts: list[int] = []
+    pos = skip_ws(text, pos + 1)
+    if text.startswith("]", pos):
+        return starts
+    while True:
+        starts.append(pos)
+        _, pos = decoder.raw_decode(text, pos)
+        pos = skip_ws(text, pos)
+        if not text.startswith(",", pos):
+            return starts
+        pos = skip_ws(text, pos + 1)
+
+
+def data_array_start(text: str, pos: int) -> int:
+    """Offset of the value of the last "data" key of the (valid) JSON object at `pos`."""
+    decoder = json.JSONDecoder()
+    found = -1
+    pos = skip_ws(text, pos + 1)
+    while not text.startswith("}", pos):
+        key, pos = decoder.raw_decode(text, pos)
+        pos = skip_ws(text, skip_ws(text, pos) + 1)  # past the colon
+        if key == "data":
+            found = pos  # json.loads keeps the last of repeated keys; so do we
+        _, pos = decoder.raw_decode(text, pos)
+        pos = skip_ws(text, pos)
+        if text.startswith(",", pos):
+            pos = skip_ws(text, pos + 1)
+    return found

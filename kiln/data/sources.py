@@ -56,7 +56,7 @@ from kiln.data.limits import (
     split_text,
     too_deep,
 )
-from kiln.data.lines import decoded_lines, whole_text
+from kiln.data.lines import array_starts, data_array_start, decoded_lines, skip_ws, whole_text
 from kiln.data.progress import Progress
 from kiln.errors import DataError
 
@@ -275,47 +275,6 @@ def read_jsonl(path: str | Path, options: ReadOptions | None = None) -> list[Row
     return rows
 
 
-_WS = re.compile(r"[ \t\n\r]*")
-
-
-def _skip_ws(text: str, pos: int) -> int:
-    match = _WS.match(text, pos)
-    return match.end() if match else pos
-
-
-def _array_starts(text: str, pos: int) -> list[int]:
-    """Offsets of the elements of the (valid) JSON array that starts at `pos`."""
-    decoder = json.JSONDecoder()
-    starts: list[int] = []
-    pos = _skip_ws(text, pos + 1)
-    if text.startswith("]", pos):
-        return starts
-    while True:
-        starts.append(pos)
-        _, pos = decoder.raw_decode(text, pos)
-        pos = _skip_ws(text, pos)
-        if not text.startswith(",", pos):
-            return starts
-        pos = _skip_ws(text, pos + 1)
-
-
-def _data_array_start(text: str, pos: int) -> int:
-    """Offset of the value of the last "data" key of the (valid) JSON object at `pos`."""
-    decoder = json.JSONDecoder()
-    found = -1
-    pos = _skip_ws(text, pos + 1)
-    while not text.startswith("}", pos):
-        key, pos = decoder.raw_decode(text, pos)
-        pos = _skip_ws(text, _skip_ws(text, pos) + 1)  # past the colon
-        if key == "data":
-            found = pos  # json.loads keeps the last of repeated keys; so do we
-        _, pos = decoder.raw_decode(text, pos)
-        pos = _skip_ws(text, pos)
-        if text.startswith(",", pos):
-            pos = _skip_ws(text, pos + 1)
-    return found
-
-
 def read_json(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
     """Read a JSON file: a list of objects, or an object whose "data" key holds that list.
 
@@ -343,9 +302,9 @@ def read_json(path: str | Path, options: ReadOptions | None = None) -> list[Row]
         offset, problem = found
         line = text.count("\n", 0, offset) + 1
         raise DataError(f"{path}:{line}: {problem}") from None
-    start = _skip_ws(text, 0)
+    start = skip_ws(text, 0)
     if isinstance(value, dict) and isinstance(value.get("data"), list):
-        items, start = value["data"], _data_array_start(text, start)
+        items, start = value["data"], data_array_start(text, start)
     elif isinstance(value, list):
         items = value
     else:
@@ -355,7 +314,7 @@ def read_json(path: str | Path, options: ReadOptions | None = None) -> list[Row]
         )
     rows: list[Row] = []
     lineno, last = 1, 0
-    starts = _array_starts(text, start)
+    starts = array_starts(text, start)
     for i, (item, offset) in enumerate(zip(items, starts, strict=True)):
         lineno += text.count("\n", last, offset)
         last = offset

@@ -8,6 +8,7 @@ scaler, and callback states. With those restored a CPU fp32 run continues bit-id
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,9 +18,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_from_dict, dump_yaml
+from kiln.engine.signals import StoppedBeforeStart
 from kiln.errors import KilnError
-from kiln.files import torch_save, write_atomic
+from kiln.files import StorageFull, resolve_path, storage_full, torch_save, write_atomic
 
 if TYPE_CHECKING:
     from kiln.engine.trainer import Trainer
@@ -28,10 +31,14 @@ __all__ = [
     "UNSAFE_CHANGES",
     "checkpoint_writers",
     "compare_configs",
+    "explain_failure",
+    "find_checkpoint",
     "load_checkpoint_config",
     "restore_checkpoint",
     "trainable_state_dict",
 ]
+
+log = logging.getLogger("kiln")
 
 # Config keys whose change makes a checkpoint meaningless: shapes, vocabulary, and everything
 # that decides which training examples exist and in what order (the cursor indexes into them).
@@ -133,6 +140,55 @@ def checkpoint_writers(trainer: Trainer) -> dict[str, Any]:
         "trainer_state.json": lambda p: p.write_text(json.dumps(trainer_state)),
         "config.yaml": lambda p: write_atomic(p, dump_yaml(trainer.cfg), private=True),
     }
+
+
+def find_checkpoint(want: str | Path | bool, checkpoints: CheckpointManager) -> Path | None:
+    """The verified checkpoint `want` names: False none; True/"latest" the newest complete one
+    of the run (an error if there is none); "auto" the same or None; a path: a checkpoint, or a
+    run directory (its newest complete one)."""
+    if want is False:
+        return None
+    if want in (True, "latest", "auto"):
+        return _newest_valid(checkpoints, required=want != "auto")
+    path = resolve_path(want, "--resume")  # type: ignore[arg-type]
+    if not (path / "manifest.json").exists() and (path / "checkpoints").is_dir():
+        return _newest_valid(CheckpointManager(path / "checkpoints"), required=True)
+    try:
+        return checkpoints.verify(path).path
+    except ValueError as exc:
+        raise KilnError(f"--resume: {exc}") from None
+
+
+def explain_failure(
+    exc: BaseException, run_dir: Path, checkpoints: CheckpointManager, *, resumable: bool
+) -> BaseException:
+    """`exc` with what a failure leaves behind: the run to resume (a signal during setup) or
+    the last complete checkpoint (a full disk, however the writing library reported it)."""
+    if isinstance(exc, StoppedBeforeStart) and resumable:
+        exc.resume_from = str(run_dir)
+    if not isinstance(exc, StorageFull) and isinstance(exc, Exception):
+        full = storage_full(exc)
+        if full is None:
+            return exc
+        where = getattr(full, "filename", None) or getattr(exc, "filename", None)
+        exc = StorageFull(str(where or run_dir), full)
+    if isinstance(exc, StorageFull):
+        latest = checkpoints.latest()
+        exc.last_checkpoint = None if latest is None else latest.path
+        exc.args = (exc.message(),)
+    return exc
+
+
+def _newest_valid(manager: CheckpointManager, *, required: bool) -> Path | None:
+    """Newest checkpoint that passes its checksums; one that fails is skipped, and said so."""
+    for info in reversed(manager.list()):
+        try:
+            return manager.verify(info.path).path
+        except ValueError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+    if required:
+        raise KilnError(f"--resume: no complete checkpoint in {manager.root}")
+    return None
 
 
 def load_checkpoint_config(path: Path) -> dict[str, Any]:

@@ -36,13 +36,19 @@ from kiln.engine.generate_eval import GenerationEval
 from kiln.engine.loss import count_targets, forward_loss_sum
 from kiln.engine.precision import Precision, resolve_device
 from kiln.engine.regularize import build_regularizers
-from kiln.engine.resume import check_compatible, checkpoint_writers, restore_checkpoint
+from kiln.engine.resume import (
+    check_compatible,
+    checkpoint_writers,
+    explain_failure,
+    find_checkpoint,
+    restore_checkpoint,
+)
 from kiln.engine.rundir import RunDir, model_card, run_summary
 from kiln.engine.sample import generate_sample
-from kiln.engine.signals import StoppedBeforeStart, StopSignals
+from kiln.engine.signals import StopSignals
 from kiln.engine.state import TrainState
 from kiln.errors import DataError, KilnError
-from kiln.files import StorageFull, is_within, resolve_path, storage_full
+from kiln.files import is_within
 from kiln.metrics.tracker import tracker_for
 from kiln.models.wrap import prepare_for_training
 from kiln.optim import build_optimizer, make_schedule, set_lr
@@ -166,30 +172,7 @@ class Trainer:
         want = self.resume
         if want is None:
             want = "auto" if self.cfg.checkpoint.resume == "auto" else False
-        if want is False:
-            return None
-        if want in (True, "latest", "auto"):
-            return self._newest_valid(self.checkpoints, required=want != "auto")
-        path = resolve_path(want, "--resume")
-        if not (path / "manifest.json").exists() and (path / "checkpoints").is_dir():
-            # A run directory: its newest complete checkpoint.
-            return self._newest_valid(CheckpointManager(path / "checkpoints"), required=True)
-        try:
-            return self.checkpoints.verify(path).path
-        except ValueError as exc:
-            raise KilnError(f"--resume: {exc}") from None
-
-    @staticmethod
-    def _newest_valid(manager: CheckpointManager, *, required: bool) -> Path | None:
-        """Newest checkpoint that passes its checksums; one that fails is skipped, and said so."""
-        for info in reversed(manager.list()):
-            try:
-                return manager.verify(info.path).path
-            except ValueError as exc:
-                log.warning("skipping checkpoint: %s", exc)
-        if required:
-            raise KilnError(f"--resume: no complete checkpoint in {manager.root}")
-        return None
+        return find_checkpoint(want, self.checkpoints)
 
     # ---- setup --------------------------------------------------------------------------------
 
@@ -324,7 +307,9 @@ class Trainer:
             self.run_dir.write_json("summary.json", summary)
             self.fire(Event.TRAIN_END)
         except BaseException as exc:
-            explained = self._explain(exc)
+            explained = explain_failure(
+                exc, self.run_dir.path, self.checkpoints, resumable=self._resume_from is not None
+            )
             self.fire(Event.EXCEPTION, exc=explained)
             if explained is exc:
                 raise
@@ -343,22 +328,6 @@ class Trainer:
             summary=summary,
             sample=sample,
         )
-
-    def _explain(self, exc: BaseException) -> BaseException:
-        """Add what a failure leaves behind: the checkpoint to continue from."""
-        if isinstance(exc, StoppedBeforeStart) and self._resume_from is not None:
-            exc.resume_from = str(self.run_dir.path)
-        if not isinstance(exc, StorageFull) and isinstance(exc, Exception):
-            full = storage_full(exc)
-            if full is None:
-                return exc
-            where = getattr(full, "filename", None) or getattr(exc, "filename", None)
-            exc = StorageFull(str(where or self.run_dir.path), full)
-        if isinstance(exc, StorageFull):
-            latest = self.checkpoints.latest()
-            exc.last_checkpoint = None if latest is None else latest.path
-            exc.args = (exc.message(),)
-        return exc
 
     def _begin(self) -> None:
         """Everything before the first step: the run directory, setup, resume, the cursor."""
