@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_resume_is_exact, make_rows, tiny_config, write_jsonl
+from helpers import assert_resume_is_exact, make_rows, tiny_config, write_jsonl
 
 from kiln import Trainer
 from kiln.config import ConfigError, load_config

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from kiln import Callback, Trainer
 from kiln.data import BatchCursor, TokenDataset, epoch_permutation, tokenize_causal

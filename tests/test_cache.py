@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import make_rows, tiny_config
 from transformers import PreTrainedTokenizerFast
 
 import kiln.data.tokenize as tokenize_module
@@ -16,7 +17,6 @@ from kiln.data import build_datasets
 from kiln.data.cache import tokenizer_fingerprint
 from kiln.data.dataset import TokenDataset
 from kiln.models.tokenizer import train_bpe_tokenizer
-from tests.conftest import make_rows, tiny_config
 
 ROWS = make_rows(60, seed=3)
 SEQ2SEQ = {

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import StopAt, logged_metrics, tiny_config
+from helpers import StopAt, logged_metrics, tiny_config
 from safetensors.torch import load_file
 
 from kiln import Callback, Trainer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_rows, write_jsonl
+from helpers import make_rows, write_jsonl
 
 from kiln.cli import main
 from kiln.config import load_config

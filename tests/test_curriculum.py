@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_resume_is_exact, make_rows, tiny_config, write_jsonl
+from helpers import assert_resume_is_exact, make_rows, tiny_config, write_jsonl
 
 from kiln import Callback, Trainer
 from kiln.config import ConfigError, load_config

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import bpe_tokenizer
+from helpers import bpe_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from kiln.config import RunConfig, load_config

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import make_rows, write_jsonl
+from helpers import make_rows, write_jsonl
 
 from kiln.cli import main
 from kiln.config import RunConfig, load_config

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_rows, tiny_config
+from helpers import make_rows, tiny_config
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutput
 

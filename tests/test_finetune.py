@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bpe_tokenizer, make_rows, tiny_config, write_jsonl
+from helpers import bpe_tokenizer, make_rows, tiny_config, write_jsonl
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,

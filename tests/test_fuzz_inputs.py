@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import make_rows
+from helpers import make_rows
 
 from kiln.cli import main
 

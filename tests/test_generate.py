@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_rows, tiny_config, write_jsonl
+from helpers import make_rows, tiny_config, write_jsonl
 
 from kiln import Trainer
 from kiln.cli import main

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import bpe_tokenizer, make_rows, tiny_config
+from helpers import bpe_tokenizer, make_rows, tiny_config
 from transformers import PreTrainedTokenizerFast
 
 from kiln import Trainer

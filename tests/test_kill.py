@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_rows, write_jsonl
+from helpers import make_rows, write_jsonl
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]

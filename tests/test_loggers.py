@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from kiln import Callback, Trainer
 from kiln.callbacks.loggers import TRACKING_FILE, flatten, metric_items, tracking_callbacks
@@ -138,7 +138,7 @@ _WANDB_SCRIPT = """
 import json, sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from conftest import tiny_config
+from helpers import tiny_config
 from kiln import Trainer
 
 tmp = Path({tmp!r})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_rows, tiny_config, write_jsonl
+from helpers import make_rows, tiny_config, write_jsonl
 from transformers import AutoModelForCausalLM
 
 import kiln.models.merge as merge

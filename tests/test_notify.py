@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from kiln import Callback, Trainer
 from kiln.callbacks.notify import Notification, NotifyCallback, build_senders

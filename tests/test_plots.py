@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import tiny_config
+from helpers import tiny_config
 
 from kiln import Trainer
 from kiln.callbacks.loggers import tracking_callbacks

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from helpers import tiny_config
 
 from kiln import Callback, Trainer
 from kiln.engine.loss import IGNORE_INDEX, forward_loss_sum

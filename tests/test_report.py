@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from kiln import Trainer
 from kiln.cli import main

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import make_rows, tiny_raw, tree_hashes, write_jsonl
+from helpers import make_rows, tiny_raw, tree_hashes, write_jsonl
 
 from kiln import Trainer
 from kiln.checkpoint import CheckpointManager
