@@ -5,7 +5,7 @@ The CLI prints each as one line per problem (no traceback) and exits with code 2
 
 from __future__ import annotations
 
-__all__ = ["DataError", "KilnError", "ModelError"]
+__all__ = ["DataError", "KilnError", "ModelError", "first_line"]
 
 
 class KilnError(Exception):
@@ -24,3 +24,9 @@ class DataError(KilnError):
 
 class ModelError(KilnError):
     """A model or tokenizer that cannot be loaded or does not fit the task."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an error's message, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

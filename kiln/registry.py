@@ -1,0 +1,105 @@
+"""Plug-ins by name: one small registry type for metrics, collators, augmenters, data readers,
+loggers and notifiers, and `require_extra` for optional dependencies.
+
+    METRICS: Registry[Metric] = Registry("metric")
+
+    @METRICS.register("length")
+    def length(samples): ...
+
+    METRICS.get("length")              # the registered object
+    METRICS.get("mypkg.metrics:score") # or one imported by "module:attribute"
+    METRICS.get("nope")                # KeyError: unknown metric 'nope' (known: bleu, length, ...)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Generic, TypeVar
+
+from kiln.errors import KilnError
+
+__all__ = ["MissingExtra", "Registry", "UnknownName", "require_extra"]
+
+T = TypeVar("T")
+
+
+class UnknownName(KeyError):
+    """A name no plug-in is registered under (str() is the message, without KeyError's quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class Registry(Generic[T]):
+    """Named plug-ins of one kind (`kind` names it in errors: "metric", "collator", ...)."""
+
+    def __init__(self, kind: str, *, reserved: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self.reserved = reserved
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, *, replace: bool = False) -> Callable[[T], T]:
+        """Decorator adding an object under `name` (a taken or reserved name is refused unless
+        `replace`)."""
+
+        def add(obj: T) -> T:
+            self.add(name, obj, replace=replace)
+            return obj
+
+        return add
+
+    def add(self, name: str, obj: T, *, replace: bool = False) -> None:
+        """Add `obj` under `name` (see `register`)."""
+        if name in self.reserved or (name in self._items and not replace):
+            raise ValueError(f"a {self.kind} named {name!r} is already registered or reserved")
+        self._items[name] = obj
+
+    def get(self, name: str) -> T:
+        """The object registered as `name`, or imported from "module:attribute".
+
+        Raises:
+            UnknownName (a KeyError): an unknown name (the message lists the known ones), or
+                an import path that does not resolve (the message says why).
+        """
+        if name in self._items:
+            return self._items[name]
+        if ":" in name:
+            module_name, _, attr = name.partition(":")
+            try:
+                return getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError) as exc:
+                raise UnknownName(f"cannot import {self.kind} {name!r}: {exc}") from None
+        known = ", ".join([*self.reserved, *self.names()])
+        raise UnknownName(f"unknown {self.kind} {name!r} (known: {known})")
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class MissingExtra(KilnError, ImportError):
+    """An optional dependency is not installed; the message (one line, exit 2) names the pip
+    extra."""
+
+
+def require_extra(module: str, extra: str, *, feature: str | None = None) -> ModuleType:
+    """Import `module`, or raise `MissingExtra` naming the extra that provides it:
+    `pip install 'kiln[<extra>]'`. `feature` says what needed it (a config key, a command)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        need = f"{feature} needs" if feature else "needs"
+        raise MissingExtra(
+            f"{need} {module.split('.')[0]} ({exc}); install it with: pip install 'kiln[{extra}]'"
+        ) from None
