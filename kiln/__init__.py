@@ -20,20 +20,26 @@ __all__ = [
     "KilnError",
     "ModelError",
     "RunConfig",
+    "StopRequest",
     "TrainResult",
     "TrainState",
     "Trainer",
+    "build_trainer",
     "load_config",
+    "train",
 ]
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Callback": "kiln.callbacks",
-    "Event": "kiln.engine",
-    "TrainResult": "kiln.engine",
-    "TrainState": "kiln.engine",
-    "Trainer": "kiln.engine",
+    "Callback": "kiln.callbacks.base",
+    "Event": "kiln.engine.events",
+    "StopRequest": "kiln.engine.control",
+    "TrainResult": "kiln.engine.trainer",
+    "TrainState": "kiln.engine.state",
+    "Trainer": "kiln.engine.trainer",
+    "build_trainer": "kiln.job",
+    "train": "kiln.job",
 }
 
 

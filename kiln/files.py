@@ -69,8 +69,14 @@ def is_within(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-def write_atomic(path: Path, data: str | bytes, *, private: bool = False) -> None:
-    """Write `data` to `path` atomically (temporary file, fsync, rename); 0600 if `private`."""
+def write_atomic(
+    path: Path, data: str | bytes, *, private: bool = False, durable: bool = True
+) -> None:
+    """Write `data` to `path` atomically (temporary file, fsync, rename); 0600 if `private`.
+
+    `durable=False` skips the fsync: readers still never see a torn file, but a power cut may
+    lose the latest version (for files rewritten every few seconds, like status.json).
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:
@@ -80,7 +86,8 @@ def write_atomic(path: Path, data: str | bytes, *, private: bool = False) -> Non
                 os.fchmod(f.fileno(), PRIVATE_MODE)
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -6,10 +6,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from kiln.callbacks.base import Callback
+from kiln.engine.control import StopRequest
 
 if TYPE_CHECKING:
     from kiln.config import RunConfig
-    from kiln.engine.trainer import Trainer
+    from kiln.engine.control import RunView
 
 __all__ = ["EarlyStopping", "early_stopping_from_config"]
 
@@ -28,6 +29,8 @@ class EarlyStopping(Callback):
     weights with `checkpoint.final: best`). Its state travels with checkpoints, so a resumed
     run stops where an uninterrupted one would.
     """
+
+    state_key = "early_stopping"
 
     def __init__(
         self, metric: str = "val_loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0
@@ -52,22 +55,22 @@ class EarlyStopping(Callback):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None:
         value = metrics.get(self.metric)
         if value is None:
             return
         if self.improved(value):
-            self.best, self.best_step, self.bad_evals = value, trainer.state.step, 0
+            self.best, self.best_step, self.bad_evals = value, run.state.step, 0
             return
         self.bad_evals += 1
         if self.bad_evals >= self.patience and self.stopped_step is None:
-            self.stopped_step = trainer.state.step
+            self.stopped_step = run.state.step
             reason = (
                 f"early stopping: {self.metric} did not improve by more than {self.min_delta} "
                 f"for {self.patience} validations (best {self.best:.6g} at step {self.best_step})"
             )
             log.info(reason)
-            trainer.request_stop(reason)
+            run.control.request_stop(StopRequest("early_stop", reason))
 
     def state_dict(self) -> dict[str, Any]:
         return {

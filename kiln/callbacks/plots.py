@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from kiln.callbacks.base import Callback
 
 if TYPE_CHECKING:
-    from kiln.engine.trainer import Trainer
+    from kiln.engine.control import RunView
 
 __all__ = ["PlotsCallback"]
 
@@ -21,15 +21,13 @@ class PlotsCallback(Callback):
     it pauses). Fires before the trackers' end of run, so they can attach the PNGs. A failure
     to plot is a warning, never a failed run."""
 
-    def on_train_end(self, trainer: Trainer) -> None:
-        if not trainer.run_dir.enabled:
-            return
+    def on_train_end(self, run: RunView) -> None:
         if importlib.util.find_spec("matplotlib") is None:
             log.warning("log.plots: matplotlib is not installed (pip install 'kiln[plots]')")
             return
         from kiln.plots import plot_run
 
         try:
-            plot_run(trainer.run_dir.path)
+            plot_run(run.run_dir)
         except Exception as exc:
             log.warning("log.plots: could not draw the plots (%s: %s)", type(exc).__name__, exc)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from kiln.callbacks.base import Callback
 
 if TYPE_CHECKING:
-    from kiln.engine.trainer import Trainer
+    from kiln.engine.control import RunView
 
 __all__ = ["ProgressCallback"]
 
@@ -35,7 +35,7 @@ class ProgressCallback(Callback):
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, run: RunView) -> None:
         if self.mode != "bar":
             return
         from rich.console import Console
@@ -60,14 +60,14 @@ class ProgressCallback(Callback):
         )
         self._progress.start()
         self._task = self._progress.add_task(
-            "train", total=trainer.state.total_steps, postfix="", completed=trainer.state.step
+            "train", total=run.state.total_steps, postfix="", completed=run.state.step
         )
 
-    def on_step_end(self, trainer: Trainer) -> None:
+    def on_step_end(self, run: RunView) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=trainer.state.step)
+            self._progress.update(self._task, completed=run.state.step)
 
-    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_log(self, run: RunView, metrics: dict[str, Any]) -> None:
         if metrics.get("split") != "train":
             return
         line = (
@@ -77,13 +77,13 @@ class ProgressCallback(Callback):
         if self._progress is not None:
             self._progress.update(self._task, postfix=line)
         elif self.mode == "plain":
-            self._print(f"step {metrics['step']}/{trainer.state.total_steps}  {line}")
+            self._print(f"step {metrics['step']}/{run.state.total_steps}  {line}")
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None:
         if self.mode == "none":
             return
         self._print(
-            f"step {trainer.state.step}/{trainer.state.total_steps}  val_loss "
+            f"step {run.state.step}/{run.state.total_steps}  val_loss "
             f"{metrics['val_loss']:.4f}  ppl {metrics['val_ppl']:.2f}  "
             f"acc {metrics['val_accuracy']:.3f}"
         )
@@ -93,8 +93,8 @@ class ProgressCallback(Callback):
             self._progress.stop()
             self._progress = None
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, run: RunView) -> None:
         self._stop()
 
-    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
+    def on_exception(self, run: RunView, exc: BaseException) -> None:
         self._stop()

@@ -80,8 +80,9 @@ def _shown(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kiln.engine import Trainer
-    from kiln.engine.signals import EXIT_STOPPED, StoppedBeforeStart
+    from kiln.engine.signals import StoppedBeforeStart
+    from kiln.engine.status import final_state
+    from kiln.job import build_trainer
 
     cfg, resume = _load(args)
     if args.config is not None and Path(args.config).is_file():
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 f"({args.config}), which the run's config.yaml would replace; choose another"
             )
     try:
-        result = Trainer.from_config(cfg, overwrite=args.overwrite, resume=resume).fit()
+        result = build_trainer(cfg, overwrite=args.overwrite, resume=resume).fit()
     except StoppedBeforeStart as stop:
         if stop.resume_from is None:
             after = "nothing to resume (start it again)"
@@ -101,11 +102,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"kiln: {stop}; {after}", file=sys.stderr)
         return stop.exit_code
     s = result.summary
-    if result.final_dir is None:  # paused by SIGTERM/SIGINT after writing a checkpoint
+    state, code = final_state(result.stop)
+    if state != "finished":  # paused (SIGTERM/SIGINT), stopped (pruned) or diverged
         where = result.checkpoint_paths[-1] if result.checkpoint_paths else result.run_dir
-        print(f"\nstopped at step {s['steps']} ({s['stop_reason']}); checkpoint: {where}")
+        print(f"\n{state} at step {s['steps']} ({s['stop_reason']}); checkpoint: {where}")
         print(f"continue with: kiln train --resume {_shown(result.run_dir)}")
-        return EXIT_STOPPED
+        return code
     val = s["final_val"]
     print(f"\nrun directory: {result.run_dir}")
     print(

@@ -41,6 +41,7 @@ __all__ = [
     "cached_dataset",
     "load_entry",
     "settings",
+    "fingerprint_matches",
     "tokenizer_fingerprint",
 ]
 
@@ -87,6 +88,17 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str | None:
     extra.append(getattr(tokenizer, "split_special_tokens", False))
     h.update(json.dumps(extra).encode())
     return h.hexdigest()
+
+
+def fingerprint_matches(tokenizer: PreTrainedTokenizerBase, fingerprint: str) -> bool:
+    """Whether `tokenizer` is the one `fingerprint` was taken of. Checkpoints store
+    `tokenizer_fingerprint` (32 hex digits); those written before kiln 0.2 stored 16 hex
+    digits of the sha256 of the backend's JSON, still recognised here."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if len(fingerprint) == 16 and backend is not None:
+        legacy = hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
+        return legacy == fingerprint
+    return tokenizer_fingerprint(tokenizer) == fingerprint
 
 
 def _code_hash() -> str:

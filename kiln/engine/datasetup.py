@@ -63,11 +63,14 @@ def build_schedule(
     return curriculum, augmented
 
 
-def total_steps(cfg: RunConfig, n_examples: int, curriculum: Curriculum | None) -> int:
+def total_steps(
+    cfg: RunConfig, n_examples: int, curriculum: Curriculum | None, *, world_size: int = 1
+) -> int:
     """Optimizer steps of the run: train.max_steps, or the epochs' batches, whichever is less.
 
-    With a curriculum (by epoch) an epoch holds only the eligible examples, so the epochs are
-    counted one by one.
+    An epoch holds `n_examples // (batch_size x world_size)` global micro-batches. With a
+    curriculum (by epoch) an epoch holds only the eligible examples, so the epochs are counted
+    one by one.
     """
     train = cfg.train
     steps = []
@@ -75,9 +78,9 @@ def total_steps(cfg: RunConfig, n_examples: int, curriculum: Curriculum | None) 
         steps.append(train.max_steps)
     if train.num_epochs is not None:
         if curriculum is not None:  # by epoch (config check): epochs differ in length
-            micro = curriculum.total_micro_batches(train.num_epochs, train.batch_size)
+            micro = curriculum.total_micro_batches(train.num_epochs, train.batch_size * world_size)
         else:
-            micro = int(train.num_epochs * (n_examples // train.batch_size))
+            micro = int(train.num_epochs * (n_examples // (train.batch_size * world_size)))
         steps.append(micro // train.grad_accum_steps)
     total = min(steps)
     if total < 1:

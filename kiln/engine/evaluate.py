@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from kiln.data.collate import Batcher
+from kiln.device import Precision
 from kiln.engine.loss import IGNORE_INDEX, count_targets, forward_loss_sum
-from kiln.engine.precision import Precision
 
 __all__ = ["evaluate", "restore_best"]
 
@@ -81,30 +81,28 @@ def evaluate(
     }
 
 
-def restore_best(trainer: Any) -> dict[str, Any]:
-    """Load the weights of the best complete checkpoint (by `checkpoint.metric`) into the
-    trainer's model, for final/; returns what final/ then holds ({"weights", "step", metric}).
+def restore_best(model: Any, checkpoints: Any, metric: str, step: int) -> dict[str, Any]:
+    """Load the weights of the best complete checkpoint (by `metric`) into `model`, for
+    final/; returns what final/ then holds ({"weights", "step", metric}).
 
     Falls back to the last weights (with a warning) when no checkpoint has the metric.
     """
     from safetensors.torch import load_file
 
-    cfg = trainer.cfg.checkpoint
-    best = trainer.checkpoints.best()
+    best = checkpoints.best()
     if best is None:
         log.warning(
-            "checkpoint.final=best: no checkpoint has %s; final/ holds the last weights",
-            cfg.metric,
+            "checkpoint.final=best: no checkpoint has %s; final/ holds the last weights", metric
         )
-        return {"weights": "last", "step": trainer.state.step}
+        return {"weights": "last", "step": step}
     weights = load_file(str(best.path / "model.safetensors"))
-    _, unexpected = trainer.model.load_state_dict(weights, strict=False)
+    _, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected:
         raise RuntimeError(f"{best.path}: unexpected weights {unexpected[:3]}")
     log.info(
         "final/ holds the best checkpoint: step %d (%s %.6g)",
         best.step,
-        cfg.metric,
-        best.metrics[cfg.metric],
+        metric,
+        best.metrics[metric],
     )
-    return {"weights": "best", "step": best.step, cfg.metric: best.metrics[cfg.metric]}
+    return {"weights": "best", "step": best.step, metric: best.metrics[metric]}

@@ -13,17 +13,30 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IGNORE_INDEX", "LossFn", "count_targets", "forward_loss_sum", "token_loss_sum"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LossFn",
+    "count_targets",
+    "forward_loss_sum",
+    "target_tokens",
+    "token_loss_sum",
+]
 
 IGNORE_INDEX = -100
 
 
-def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
-    """Target tokens a batch contributes to the loss (host-side: call on CPU tensors)."""
+def target_tokens(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """Target tokens a batch contributes to the loss, as a scalar tensor on the batch's device
+    (no host sync)."""
     labels = batch["labels"]
     if task != "seq2seq":
         labels = labels[:, 1:]  # the first token of a sequence is never predicted
-    return int((labels != IGNORE_INDEX).sum())
+    return (labels != IGNORE_INDEX).sum()
+
+
+def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
+    """`target_tokens` as an int (host-side: call on CPU tensors)."""
+    return int(target_tokens(batch, task))
 
 
 def _model_inputs(model: Any, batch: dict[str, torch.Tensor], task: str) -> dict[str, Any]:

@@ -9,26 +9,32 @@ from __future__ import annotations
 
 import json
 import logging
-import random
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
 from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_from_dict, dump_yaml
+from kiln.data.cache import fingerprint_matches, tokenizer_fingerprint
 from kiln.engine.signals import StoppedBeforeStart
 from kiln.errors import KilnError
 from kiln.files import StorageFull, resolve_path, storage_full, torch_save, write_atomic
+from kiln.process import rng_state, set_rng_state
 
 if TYPE_CHECKING:
-    from kiln.engine.trainer import Trainer
+    from kiln.engine.parts import Parts
+    from kiln.engine.state import LoopState
+    from kiln.rank import RankContext
 
 __all__ = [
     "UNSAFE_CHANGES",
+    "callback_keys",
+    "checkpoint_state",
     "checkpoint_writers",
     "compare_configs",
     "explain_failure",
@@ -75,70 +81,79 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+CHECKPOINT_STATE_FORMAT = 2
+"""trainer_state.json's format: 2 = a named map of stateful components (format 1, written
+before kiln 0.2, kept its parts at the top level and keyed callbacks by list position; it is
+read by `_upgrade`)."""
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def callback_keys(callbacks: Sequence[Any]) -> list[str]:
+    """The stable name each callback's state is saved under: `state_key` (default: the class
+    name); a repeated name gets `#2`, `#3`, ... in list order."""
+    keys, seen = [], Counter[str]()
+    for cb in callbacks:
+        key = getattr(cb, "state_key", None) or type(cb).__name__
+        seen[key] += 1
+        keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
+    return keys
 
 
-def _tokenizer_fingerprint(tokenizer: Any) -> str | None:
-    import hashlib
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    return hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
+def _components(parts: Parts) -> dict[str, Any]:
+    """The parts that change the math of training and carry a state_dict, by stable name."""
+    regs = parts.regularizers
+    named = {"label_smoothing": regs.loss_fn, "grad_noise": regs.grad_noise}
+    return {name: part for name, part in named.items() if part is not None}
 
 
-def _trainer_state(trainer: Trainer) -> dict[str, Any]:
-    scaler = trainer.precision.scaler
+def checkpoint_state(
+    parts: Parts, loop: LoopState, callbacks: Sequence[Any], rank: RankContext
+) -> dict[str, Any]:
+    """trainer_state.json: everything but weights, optimizer and RNG, as named components."""
+    scaler = parts.precision.scaler
     return {
-        "state": trainer.state.state_dict(),
-        "pending_losses": torch.stack(trainer._pending_losses).tolist()
-        if trainer._pending_losses
-        else [],
-        "pending_norms": torch.stack(trainer._pending_norms).tolist()
-        if trainer._pending_norms
-        else [],
-        "loss_history": trainer.loss_history,
-        "history": trainer.history,
-        "validation_pending": trainer._validation_pending,
+        "format": CHECKPOINT_STATE_FORMAT,
+        "loop": loop.state_dict(),  # reads the pending losses: one host sync
         "scaler": scaler.state_dict() if scaler is not None else None,
         "callbacks": {
-            f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(trainer.callbacks)
+            key: cb.state_dict()
+            for key, cb in zip(callback_keys(callbacks), callbacks, strict=True)
         },
+        "components": {name: part.state_dict() for name, part in _components(parts).items()},
+        "world_size": rank.world_size,
         "data": {
-            "train_examples": len(trainer.train_data),
-            "train_tokens": trainer.train_data.num_tokens,
+            "train_examples": len(parts.train_data),
+            "train_tokens": parts.train_data.num_tokens,
         },
-        "tokenizer": _tokenizer_fingerprint(trainer.tokenizer),
+        "tokenizer": tokenizer_fingerprint(parts.tokenizer),
     }
 
 
-def checkpoint_writers(trainer: Trainer) -> dict[str, Any]:
-    """File name -> writer for every file of a checkpoint of the trainer as it is now."""
-    trainer_state = _trainer_state(trainer)  # read first: it syncs the pending losses once
+def _rng_states(rank: RankContext) -> dict[str, Any]:
+    """Every rank's RNG states (gathered on the main rank), by rank."""
+    mine = rng_state()
+    if not rank.distributed:
+        return {"ranks": [mine]}
+    gathered: list[Any] = [None] * rank.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return {"ranks": gathered}
+
+
+def checkpoint_writers(
+    cfg: RunConfig,
+    parts: Parts,
+    loop: LoopState,
+    callbacks: Sequence[Any],
+    rank: RankContext,
+) -> dict[str, Any]:
+    """File name -> writer for every file of a checkpoint of the run as it is now."""
+    state = checkpoint_state(parts, loop, callbacks, rank)  # first: it syncs the losses once
+    rngs = _rng_states(rank)
     return {
-        "model.safetensors": lambda p: save_file(trainable_state_dict(trainer.model), str(p)),
-        "optimizer.pt": lambda p: torch_save(trainer.optimizer.state_dict(), p),
-        "rng.pt": lambda p: torch_save(_rng_state(), p),
-        "trainer_state.json": lambda p: p.write_text(json.dumps(trainer_state)),
-        "config.yaml": lambda p: write_atomic(p, dump_yaml(trainer.cfg), private=True),
+        "model.safetensors": lambda p: save_file(trainable_state_dict(parts.model), str(p)),
+        "optimizer.pt": lambda p: torch_save(parts.optimizer.state_dict(), p),
+        "rng.pt": lambda p: torch_save(rngs, p),
+        "trainer_state.json": lambda p: p.write_text(json.dumps(state)),
+        "config.yaml": lambda p: write_atomic(p, dump_yaml(cfg), private=True),
     }
 
 
@@ -222,10 +237,10 @@ def compare_configs(old: RunConfig, new: RunConfig) -> tuple[list[str], list[str
     return unsafe, safe
 
 
-def check_compatible(trainer: Trainer, path: Path) -> list[str]:
+def check_compatible(cfg: RunConfig, path: Path) -> list[str]:
     """Refuse a resume whose config change makes the checkpoint meaningless; return safe ones."""
     old = config_from_dict(load_checkpoint_config(path), str(path / "config.yaml"))
-    unsafe, safe = compare_configs(old, trainer.cfg)
+    unsafe, safe = compare_configs(old, cfg)
     if unsafe:
         raise KilnError(
             [
@@ -236,44 +251,75 @@ def check_compatible(trainer: Trainer, path: Path) -> list[str]:
     return safe
 
 
-def restore_checkpoint(trainer: Trainer, path: Path) -> None:
-    """Load a verified checkpoint into a set-up trainer (model, optimizer, RNG, state)."""
-    saved = json.loads((path / "trainer_state.json").read_text())
+def _upgrade(saved: dict[str, Any], path: Path) -> dict[str, Any]:
+    """trainer_state.json in the current format (format 1 is converted; a newer one refused)."""
+    fmt = saved.get("format", 1)
+    if fmt == CHECKPOINT_STATE_FORMAT:
+        return saved
+    if fmt != 1:
+        raise KilnError(
+            f"cannot resume from {path}: its trainer_state.json has format {fmt}, newer than "
+            f"this kiln reads ({CHECKPOINT_STATE_FORMAT}); upgrade kiln"
+        )
+    loop_keys = ("state", "pending_losses", "pending_norms", "loss_history", "history")
+    return {
+        "format": CHECKPOINT_STATE_FORMAT,
+        "loop": {
+            **{k: saved[k] for k in loop_keys},
+            "validation_pending": saved["validation_pending"],
+        },
+        "scaler": saved["scaler"],
+        # "<position>:<class>" -> "<class>", so the state finds its callback by name
+        "callbacks": {key.partition(":")[2]: v for key, v in saved["callbacks"].items()},
+        "components": {},
+        "world_size": 1,
+        "data": saved["data"],
+        "tokenizer": saved["tokenizer"],
+    }
+
+
+def restore_checkpoint(
+    path: Path,
+    parts: Parts,
+    loop: LoopState,
+    callbacks: Sequence[Any],
+    rank: RankContext,
+) -> None:
+    """Load a verified checkpoint into set-up parts (model, optimizer, RNG, loop, callbacks)."""
+    saved = _upgrade(json.loads((path / "trainer_state.json").read_text()), path)
     data = saved["data"]
-    if data != {
-        "train_examples": len(trainer.train_data),
-        "train_tokens": trainer.train_data.num_tokens,
-    }:
+    train = parts.train_data
+    if data != {"train_examples": len(train), "train_tokens": train.num_tokens}:
         raise KilnError(
             f"cannot resume from {path}: the training data changed "
             f"(checkpoint: {data['train_examples']} examples, {data['train_tokens']} tokens; now: "
-            f"{len(trainer.train_data)} examples, {trainer.train_data.num_tokens} tokens)"
+            f"{len(train)} examples, {train.num_tokens} tokens)"
         )
-    if saved["tokenizer"] != _tokenizer_fingerprint(trainer.tokenizer):
+    want = saved["tokenizer"]
+    if want is not None and not fingerprint_matches(parts.tokenizer, want):
         raise KilnError(f"cannot resume from {path}: the tokenizer differs from the checkpoint's")
     weights = load_file(str(path / "model.safetensors"))
-    missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
+    missing, unexpected = parts.model.load_state_dict(weights, strict=False)
     if unexpected:
         raise KilnError(f"cannot resume from {path}: unexpected weights {unexpected[:3]}")
-    expected = trainable_state_dict(trainer.model).keys()
+    expected = trainable_state_dict(parts.model).keys()
     if set(missing) & set(expected):
         raise KilnError(
             f"cannot resume from {path}: missing weights {sorted(set(missing) & set(expected))[:3]}"
         )
-    optim_state = torch.load(path / "optimizer.pt", map_location=trainer.device, weights_only=True)
-    trainer.optimizer.load_state_dict(optim_state)
-    trainer.state.load_state_dict(saved["state"])
-    device = trainer.device
-    trainer._pending_losses = [torch.tensor(x, device=device) for x in saved["pending_losses"]]
-    trainer._pending_norms = [torch.tensor(x, device=device) for x in saved["pending_norms"]]
-    trainer.loss_history = list(saved["loss_history"])
-    trainer.history = list(saved["history"])
-    trainer._validation_pending = bool(saved["validation_pending"])
-    if saved["scaler"] is not None and trainer.precision.scaler is not None:
-        trainer.precision.scaler.load_state_dict(saved["scaler"])
+    optim_state = torch.load(path / "optimizer.pt", map_location=parts.device, weights_only=True)
+    parts.optimizer.load_state_dict(optim_state)
+    loop.load_state_dict(saved["loop"], parts.device)
+    scaler = parts.precision.scaler
+    if saved["scaler"] is not None and scaler is not None:
+        scaler.load_state_dict(saved["scaler"])
     states = saved["callbacks"]
-    for i, cb in enumerate(trainer.callbacks):
-        key = f"{i}:{type(cb).__name__}"
+    for key, cb in zip(callback_keys(callbacks), callbacks, strict=True):
         if key in states:
             cb.load_state_dict(states[key])
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    for name, part in _components(parts).items():
+        if name in saved["components"]:
+            part.load_state_dict(saved["components"][name])
+    rngs = torch.load(path / "rng.pt", weights_only=False)
+    ranks = rngs.get("ranks", [rngs])  # format 1: one process's states
+    set_rng_state(ranks[rank.rank] if rank.rank < len(ranks) else ranks[0])

@@ -16,12 +16,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.checkpoint import fsync_dir
 from kiln.config import RunConfig, dump_yaml
 from kiln.errors import KilnError
 from kiln.files import LOCK_FILE, RunLock, resolve_path, write_atomic, writing
+
+if TYPE_CHECKING:
+    from kiln.engine.control import StopRequest
+    from kiln.engine.state import TrainState
+    from kiln.metrics.tracker import MetricsTracker
 
 __all__ = ["RUN_ARTIFACTS", "RunDir"]
 
@@ -29,6 +34,7 @@ __all__ = ["RUN_ARTIFACTS", "RunDir"]
 RUN_ARTIFACTS = (
     "config.yaml",
     "metrics.jsonl",
+    "status.json",
     "summary.json",
     "data_stats.json",
     "final",
@@ -86,9 +92,11 @@ class RunDir:
     def check_free(self, *, overwrite: bool, why: str = "") -> list[str]:
         """The run artifacts already here; raises unless `overwrite` allows replacing them."""
         existing = [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
-        if existing and not overwrite and self.enabled:
+        # A status.json alone is what a run that failed during setup leaves: not a run.
+        held = [name for name in existing if name != "status.json"]
+        if held and not overwrite and self.enabled:
             raise KilnError(
-                f"output_dir: {self.path} already holds a run ({', '.join(existing)}){why}; "
+                f"output_dir: {self.path} already holds a run ({', '.join(held)}){why}; "
                 "pass --overwrite (overwrite=True) or choose another name/output_dir"
             )
         return existing
@@ -208,9 +216,8 @@ class RunDir:
             self._metrics_file = None
 
 
-def model_card(trainer: Any) -> str:
+def model_card(cfg: RunConfig, state: TrainState) -> str:
     """A short README.md for final/: what was trained, on what, and how well."""
-    cfg, state = trainer.cfg, trainer.state
     model = cfg.model.name_or_path or f"{cfg.model.arch} from scratch"
     auto = "AutoModelForSeq2SeqLM" if cfg.task == "seq2seq" else "AutoModelForCausalLM"
     lines = [
@@ -257,28 +264,39 @@ def _fmt(value: float | None) -> str:
 
 
 def run_summary(
-    trainer: Any, final_dir: Path | None, sample: str | None, wall: float
+    cfg: RunConfig,
+    state: TrainState,
+    *,
+    model: Any,
+    device: Any,
+    train_examples: int,
+    tracker: MetricsTracker | None,
+    wall: float,
+    final_dir: Path | None,
+    sample: str | None,
+    stop: StopRequest | None,
+    final_from: dict[str, Any] | None,
+    resumed_from: Path | None,
+    checkpoints: list[Path],
 ) -> dict[str, Any]:
     """summary.json: what ran, how long, how fast, how well, and where the results are."""
     from kiln.models import count_parameters
 
-    cfg, state = trainer.cfg, trainer.state
-    total, trainable = count_parameters(trainer.model)
-    tracker = getattr(trainer, "tracker", None)
+    total, trainable = count_parameters(model)
     return {
         "name": cfg.name,
         "task": cfg.task,
         "steps": state.step,
-        "epochs": state.epoch + state.cursor / max(1, len(trainer.train_data)),
+        "epochs": state.epoch + state.cursor / max(1, train_examples),
         "tokens": state.tokens_seen,
         "samples": state.samples_seen,
         "wall_time_s": wall,
         "tokens_per_s": state.tokens_seen / max(wall, 1e-9),
         # samples_per_s, peak_memory_mb, mfu (None where the device's peak FLOP/s is unknown)
-        **(trainer.tracker.summary(state.tokens_seen, state.samples_seen) if tracker else {}),
+        **(tracker.summary(state.tokens_seen, state.samples_seen) if tracker else {}),
         "parameters": total,
         "trainable_parameters": trainable,
-        "device": str(trainer.device),
+        "device": str(device),
         "precision": cfg.train.precision,
         "final_train_loss": state.last_train_loss,
         "best_metric": {
@@ -287,10 +305,11 @@ def run_summary(
             "step": state.best_step,
         },
         "final_val": state.last_val,
-        "stop_reason": state.stop_reason,
+        "stop_reason": None if stop is None else stop.reason,
+        "stop": None if stop is None else stop.to_dict(),
         "final_dir": None if final_dir is None else str(final_dir),
-        "final_weights": getattr(trainer, "final_from", None),  # {"weights": last|best, "step"}
-        "resumed_from": None if trainer.resumed_from is None else str(trainer.resumed_from),
-        "checkpoints": [str(p) for p in trainer.checkpoint_paths],
+        "final_weights": final_from,  # {"weights": last|best, "step"}
+        "resumed_from": None if resumed_from is None else str(resumed_from),
+        "checkpoints": [str(p) for p in checkpoints],
         "sample": sample,
     }

@@ -155,15 +155,13 @@ class MetricsTracker:
         return out
 
 
-def tracker_for(trainer: Any) -> MetricsTracker:
-    """The tracker of a set-up trainer: MFU only where the device's peak FLOP/s is known."""
-    device = trainer.device
-    peak = peak_flops(device, trainer.cfg.train.precision)
+def tracker_for(cfg: Any, model: Any, device: torch.device) -> MetricsTracker:
+    """The tracker of a run: MFU only where the device's peak FLOP/s is known."""
+    peak = peak_flops(device, cfg.train.precision)
     flops = None
     if peak:
         from kiln.models import model_flops_per_token
 
-        model = trainer.model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        flops = model_flops_per_token(base, trainer.cfg.data.max_length)
+        flops = model_flops_per_token(base, cfg.data.max_length)
     return MetricsTracker(device, flops_per_token=flops, peak=peak)

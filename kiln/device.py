@@ -12,11 +12,12 @@ from kiln.errors import KilnError
 __all__ = ["Precision", "place_model", "resolve_device", "set_tf32"]
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
+    """`auto` picks CUDA (this node's GPU `local_rank`), then MPS, then CPU; an explicit device
+    must exist."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank) if local_rank else torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

@@ -1,0 +1,136 @@
+"""What callbacks see and how they steer: a read-only `RunView` and a `Control`.
+
+Callbacks never receive the Trainer. Every callback method gets the view (config, state, run
+directory, model, latest metrics, the stop requested so far); `run.control` takes requests:
+`request_stop(StopRequest(...))` and `request_save()`. The loop acts on them at the next step
+boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from kiln.config import RunConfig
+    from kiln.engine.state import TrainState
+    from kiln.rank import RankContext
+
+__all__ = ["CheckpointKind", "Control", "RunView", "StopKind", "StopRequest"]
+
+StopKind = Literal["requested", "early_stop", "signal", "pruned", "diverged"]
+CheckpointKind = Literal["periodic", "best", "pause", "final"]
+"""Why a checkpoint (or final/) was written: the CHECKPOINT event carries it."""
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """A typed request to end training early.
+
+    kind: requested (user code), early_stop (the metric stopped improving), signal (SIGTERM /
+    SIGINT), pruned (a sweep gave up on the run), diverged (non-finite or exploding loss).
+    resumable: write a checkpoint to continue from, and no final validation; the run exits as
+    paused. write_final: run the final validation and write final/ (ignored when resumable).
+    """
+
+    kind: StopKind
+    reason: str
+    resumable: bool = False
+    write_final: bool = True
+
+    @property
+    def ends_run(self) -> bool:
+        """The run is over (finished early) rather than paused or cut short without a model."""
+        return not self.resumable and self.write_final
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "reason": self.reason}
+
+
+class Control:
+    """Requests from callbacks (and signals) to the loop; the first stop request wins."""
+
+    def __init__(self) -> None:
+        self.stop: StopRequest | None = None
+        self.save_requested = False
+
+    def request_stop(self, request: StopRequest) -> None:
+        """Stop after the current step (a resumable request also turns an earlier one into a
+        pause: a checkpoint is always written when anyone asks to resume later)."""
+        if not isinstance(request, StopRequest):
+            raise TypeError(f"request_stop takes a StopRequest, got {type(request).__name__}")
+        if self.stop is None:
+            self.stop = request
+        elif request.resumable and not self.stop.resumable:
+            self.stop = StopRequest(self.stop.kind, self.stop.reason, resumable=True)
+
+    def request_save(self) -> None:
+        """Write a checkpoint at the next step boundary."""
+        self.save_requested = True
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop is not None
+
+    @property
+    def pausing(self) -> bool:
+        return self.stop is not None and self.stop.resumable
+
+
+class _ReadOnly:
+    """Attribute access to an object, without assignment."""
+
+    __slots__ = ("_target",)
+
+    def __init__(self, target: Any) -> None:
+        object.__setattr__(self, "_target", target)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"read-only: callbacks request changes through run.control ({name})")
+
+    def __repr__(self) -> str:
+        return f"ReadOnly({self._target!r})"
+
+
+class RunView:
+    """What a callback may read about the run (and `control`, where it may ask for things)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        state: TrainState,
+        run_dir: Path,
+        control: Control,
+        rank: RankContext,
+        parts: Any,
+    ) -> None:
+        self.cfg = cfg
+        self.state: TrainState = _ReadOnly(state)  # type: ignore[assignment]
+        self.run_dir = run_dir
+        self.control = control
+        self.rank = rank
+        self._parts = parts  # the trainer's built components (model, tokenizer, device, ...)
+        self.metrics: dict[str, Any] = {}
+        """The latest record written to metrics.jsonl (train or val)."""
+        self.resumed_from: Path | None = None
+
+    @property
+    def model(self) -> Any:
+        return self._parts.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._parts.tokenizer
+
+    @property
+    def device(self) -> Any:
+        return getattr(self._parts, "device", None)
+
+    @property
+    def stop(self) -> StopRequest | None:
+        """The stop requested so far, if any."""
+        return self.control.stop

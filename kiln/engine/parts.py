@@ -1,0 +1,172 @@
+"""What a run is built from, built at once: device, precision, data, tokenizer, model, batcher,
+regularizers, optimizer and schedule (`build_parts`), from the config and what the caller gave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kiln.data import build_datasets, load_splits
+from kiln.data.collate import Batcher, get_collator
+from kiln.device import Precision, resolve_device
+from kiln.engine.datasetup import as_dataset, build_schedule, tokenizer_corpus, total_steps
+from kiln.engine.regularize import Regularizers, build_regularizers
+from kiln.errors import DataError, KilnError
+from kiln.models.wrap import prepare_for_training
+from kiln.optim import build_optimizer, make_schedule
+from kiln.process import seed_everything
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from kiln.config import RunConfig
+    from kiln.data import TokenDataset
+    from kiln.data.augment import AugmentedDataset
+    from kiln.data.curriculum import Curriculum
+    from kiln.rank import RankContext
+
+__all__ = ["Given", "Parts", "build_parts"]
+
+
+@dataclass
+class Given:
+    """Objects the caller passed instead of building them from the config (None: build)."""
+
+    model: Any = None
+    tokenizer: Any = None
+    train_data: Any = None
+    val_data: Any = None
+
+
+@dataclass
+class Parts:
+    """Everything the loop runs on, as `build_parts` made it."""
+
+    device: torch.device
+    precision: Precision
+    tokenizer: Any
+    model: Any
+    train_data: TokenDataset
+    val_data: TokenDataset | None
+    batcher: Batcher
+    regularizers: Regularizers
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    schedule: Callable[[int], float]
+    total_steps: int
+    train_rows: list[Any] | None = None
+    """The source rows, when the data was built from the config (generation eval needs them)."""
+    val_rows: list[Any] | None = None
+    data_stats: dict[str, Any] = field(default_factory=dict)
+    curriculum: Curriculum | None = None
+    augmented: AugmentedDataset | None = None
+
+    @property
+    def pad_id(self) -> int:
+        """Padding token id (0 when the tokenizer has none)."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
+
+
+def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
+    """Build the run: device and precision, data and tokenizer, model (wrapped for training),
+    optimizer and LR schedule. Seeds the global RNGs from `cfg.seed` (the caller restores them
+    after the run)."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device, local_rank=rank.local_rank)
+    precision = Precision(cfg.train.precision, device)
+    seed_everything(cfg.seed)
+    try:  # a bad name fails here, before minutes of data preparation
+        get_collator(cfg.data.collator, cfg.task)
+    except (ValueError, KeyError) as exc:
+        raise KilnError(f"data.collator: {str(exc).strip(chr(34))}") from None
+    data = _build_data(cfg, given)
+    tokenizer, train_data, val_data, train_rows, val_rows, stats = data
+    curriculum, augmented = build_schedule(cfg, train_data, train_rows, tokenizer)
+    if not cfg.data.isolate_documents:  # packed documents then attend across each other
+        train_data = train_data.without_documents()
+        val_data = None if val_data is None else val_data.without_documents()
+    global_batch = cfg.train.batch_size * rank.world_size
+    if len(train_data) < global_batch:
+        raise DataError(
+            f"data.train: {len(train_data)} training examples, fewer than one global batch "
+            f"(train.batch_size {cfg.train.batch_size} x {rank.world_size} ranks)"
+        )
+    model = given.model
+    if model is None:
+        from kiln.models import build_model
+
+        seed_everything(cfg.seed)  # weight init independent of what ran before
+        model = build_model(cfg, tokenizer)
+    seed_everything(cfg.seed)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    batcher = Batcher(
+        cfg.task,
+        0 if pad is None else int(pad),
+        collator=cfg.data.collator,
+        pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+    )
+    model = prepare_for_training(model, cfg, device, batcher)
+    optim = cfg.optim
+    optimizer = build_optimizer(
+        model,
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        betas=optim.betas,
+        eps=optim.eps,
+        fused=optim.fused,
+    )
+    steps = total_steps(cfg, len(train_data), curriculum, world_size=rank.world_size)
+    if optim.warmup_steps >= steps:
+        raise KilnError(
+            f"optim.warmup_steps: must be < total steps ({steps}), got {optim.warmup_steps}"
+        )
+    schedule = make_schedule(
+        scheduler=optim.scheduler,
+        warmup_steps=optim.warmup_steps,
+        total_steps=steps,
+        min_lr_ratio=optim.min_lr_ratio,
+        num_cycles=optim.num_cycles,
+    )
+    return Parts(
+        device=device,
+        precision=precision,
+        tokenizer=tokenizer,
+        model=model,
+        train_data=train_data,
+        val_data=val_data,
+        batcher=batcher,
+        regularizers=build_regularizers(cfg),  # label smoothing, gradient noise
+        optimizer=optimizer,
+        params=[p for p in model.parameters() if p.requires_grad],
+        schedule=schedule,
+        total_steps=steps,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        data_stats=stats,
+        curriculum=curriculum,
+        augmented=augmented,
+    )
+
+
+def _build_data(cfg: RunConfig, given: Given) -> tuple[Any, ...]:
+    """(tokenizer, train, val, train_rows, val_rows, stats): from the config's files, or from
+    the data the caller gave."""
+    from kiln.models import build_tokenizer
+
+    tokenizer = given.tokenizer
+    if given.train_data is not None:
+        if tokenizer is None:
+            tokenizer = build_tokenizer(cfg, None)
+        train = as_dataset(given.train_data, cfg.task)
+        val = None if given.val_data is None else as_dataset(given.val_data, cfg.task)
+        return tokenizer, train, val, None, None, {}
+    train_rows, val_rows, stats = load_splits(cfg)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg, tokenizer_corpus(cfg, train_rows))
+    train, val, stats = build_datasets(cfg, tokenizer, train_rows, val_rows, stats=stats)
+    return tokenizer, train, val, train_rows, val_rows, stats.to_dict()

@@ -1,0 +1,143 @@
+"""status.json: what a run is doing, for readers outside the process (sweeps, the server, a
+dashboard, `kiln runs`). Written atomically (never torn) at the start, at every log step, after
+each validation and at the end; `kiln.runs.read_status` reads it.
+
+States: starting (setting up), running, paused (resumable stop: exit 3), stopped (ended
+without a final model, e.g. pruned: resumable, exit 3), finished (exit 0, early stopping
+included), failed (with the error line and exit code), diverged (exit 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.errors import KilnError, first_line
+from kiln.files import EXIT_STORAGE_FULL, StorageFull, write_atomic
+
+if TYPE_CHECKING:
+    from kiln.engine.control import StopRequest
+    from kiln.engine.state import TrainState
+
+__all__ = ["EXIT_DIVERGED", "STATUS_FILE", "StatusFile", "exit_code_for", "final_state"]
+
+STATUS_FILE = "status.json"
+FORMAT = 1
+EXIT_DIVERGED = 4
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The `kiln train` exit code a run that raised `exc` ends with."""
+    from kiln.engine.signals import StoppedBeforeStart
+
+    if isinstance(exc, StoppedBeforeStart):
+        return exc.exit_code
+    if isinstance(exc, KilnError):
+        return 2
+    if isinstance(exc, StorageFull):
+        return EXIT_STORAGE_FULL
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return 1
+
+
+def final_state(stop: StopRequest | None) -> tuple[str, int]:
+    """(state, exit code) of a run that returned from its loop after `stop` (None: ran out)."""
+    if stop is None:
+        return "finished", 0
+    if stop.kind == "diverged":
+        return "diverged", EXIT_DIVERGED
+    if stop.resumable:
+        return "paused", 3
+    if not stop.write_final:
+        return "stopped", 3
+    return "finished", 0
+
+
+class StatusFile:
+    """Writes `<run_dir>/status.json` (only on the main rank: `enabled`)."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True) -> None:
+        from kiln import __version__
+
+        self.path = run_dir / STATUS_FILE
+        self.enabled = enabled
+        self.data: dict[str, Any] = {
+            "format": FORMAT,
+            "state": "starting",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "kiln_version": __version__,
+            "run_dir": str(run_dir),
+            "started_at": time.time(),
+            "heartbeat": time.time(),
+            "step": 0,
+            "total_steps": None,
+            "epoch": 0,
+            "tokens": 0,
+            "train": {},
+            "val": {},
+            "eta_s": None,
+            "stop": None,
+            "exit_code": None,
+            "error": None,
+        }
+        self._rate_from: tuple[float, int] | None = None
+
+    def write(self, state: str | None = None, train_state: TrainState | None = None) -> None:
+        """Rewrite status.json with the current counters (and `state`, when it changes)."""
+        if not self.enabled:
+            return
+        now = time.time()
+        if state is not None:
+            self.data["state"] = state
+        if train_state is not None:
+            self._counters(train_state, now)
+        self.data["heartbeat"] = now
+        if self.path.parent.is_dir():
+            write_atomic(self.path, json.dumps(self.data, indent=1) + "\n", durable=False)
+
+    def _counters(self, s: TrainState, now: float) -> None:
+        self.data.update(
+            step=s.step, total_steps=s.total_steps, epoch=s.epoch, tokens=s.tokens_seen
+        )
+        if self._rate_from is None:
+            self._rate_from = (now, s.step)
+        since, step0 = self._rate_from
+        done = s.step - step0
+        if done > 0 and s.total_steps:
+            self.data["eta_s"] = (now - since) / done * max(0, s.total_steps - s.step)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        """Keep the latest train or val record (written with the next `write`)."""
+        split = "val" if record.get("split") == "val" else "train"
+        self.data[split] = {k: v for k, v in record.items() if k != "split"}
+
+    def end(
+        self,
+        train_state: TrainState,
+        stop: StopRequest | None,
+        exc: BaseException | None = None,
+    ) -> None:
+        """The final write: finished / paused / stopped / diverged, or failed with the error."""
+        if exc is not None:
+            from kiln.engine.signals import StoppedBeforeStart
+
+            code = exit_code_for(exc)
+            state = "paused" if isinstance(exc, StoppedBeforeStart) and code == 3 else "failed"
+            if isinstance(exc, (StoppedBeforeStart, KeyboardInterrupt)) and state != "paused":
+                state = "stopped"
+            self.data["error"] = first_line(exc) if state == "failed" else None
+        else:
+            state, code = final_state(stop)
+        if stop is not None:
+            self.data["stop"] = stop.to_dict()
+        self.data["exit_code"] = code
+        self.data["eta_s"] = 0.0 if state == "finished" else None
+        with contextlib.suppress(OSError):  # the run's own error matters more
+            self.write(state, train_state)

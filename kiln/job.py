@@ -1,0 +1,57 @@
+"""Job assembly: from a config to a trainer ready to run, the one way every entry point builds
+a run (`kiln train`, `Trainer.from_config`, and later sweeps and the server).
+
+It decides the rank context (a single process, or this rank of a torchrun job) and the
+callbacks: the ones the caller passes, plus those the config asks for (progress, early
+stopping, trackers, notifications, plots) on the main rank only, since only the main rank
+reports. A caller's callback replaces the default of the same class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from kiln.rank import RankContext
+
+if TYPE_CHECKING:
+    from kiln.callbacks.base import Callback
+    from kiln.config import RunConfig
+    from kiln.engine.trainer import Trainer, TrainResult
+
+__all__ = ["build_trainer", "job_callbacks", "train"]
+
+
+def job_callbacks(
+    cfg: RunConfig, given: Sequence[Callback], rank: RankContext
+) -> list[Callback]:
+    """The callbacks of a job: `given`, then the config's defaults not given by class (none on
+    ranks other than the main one)."""
+    from kiln.callbacks.defaults import default_callbacks
+
+    callbacks = list(given)
+    if rank.is_main:
+        classes = {type(cb) for cb in callbacks}
+        callbacks += [cb for cb in default_callbacks(cfg) if type(cb) not in classes]
+    return callbacks
+
+
+def build_trainer(
+    cfg: RunConfig,
+    *,
+    callbacks: Sequence[Callback] = (),
+    rank: RankContext | None = None,
+    trainer_cls: type[Trainer] | None = None,
+    **kwargs: Any,
+) -> Trainer:
+    """A trainer for `cfg` with the job's callbacks and rank context; `kwargs` go to the
+    Trainer (model, tokenizer, train_data, val_data, overwrite, resume)."""
+    if trainer_cls is None:
+        from kiln.engine.trainer import Trainer as trainer_cls
+    rank = rank or RankContext.current()
+    return trainer_cls(cfg, callbacks=job_callbacks(cfg, callbacks, rank), rank=rank, **kwargs)
+
+
+def train(cfg: RunConfig, **kwargs: Any) -> TrainResult:
+    """Build the job for `cfg` and run it to the end (see `build_trainer`)."""
+    return build_trainer(cfg, **kwargs).fit()
