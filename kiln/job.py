@@ -22,9 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["build_trainer", "job_callbacks", "train"]
 
 
-def job_callbacks(
-    cfg: RunConfig, given: Sequence[Callback], rank: RankContext
-) -> list[Callback]:
+def job_callbacks(cfg: RunConfig, given: Sequence[Callback], rank: RankContext) -> list[Callback]:
     """The callbacks of a job: `given`, then the config's defaults not given by class (none on
     ranks other than the main one)."""
     from kiln.callbacks.defaults import default_callbacks

@@ -1,20 +1,21 @@
 """Curves from metrics.jsonl: per-run PNGs (plots/) and an overlay of several runs.
 
 Drawn with matplotlib's Agg backend on standalone `Figure`s (no pyplot global state, no
-display needed); matplotlib is the `plots` extra.
+display needed); matplotlib is the `plots` extra. Run directories are read through `kiln.runs`.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kiln import runs
 from kiln.errors import KilnError
 from kiln.files import write_atomic
+from kiln.registry import require_extra
 
 __all__ = ["eval_metrics", "plot_run", "plot_runs", "read_metrics", "run_name", "series"]
 
@@ -26,20 +27,18 @@ _FIGSIZE = (6.4, 4.0)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of <run_dir>/metrics.jsonl (a line torn by a kill is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    """The records of <run_dir>/metrics.jsonl (a line torn by a kill is skipped).
+
+    Raises:
+        KilnError: there is no readable metrics.jsonl.
+    """
+    missing = KilnError(f"{run_dir}: not a kiln run directory (no metrics.jsonl)")
+    if not runs.RunPaths(run_dir).metrics.is_file():
+        raise missing
     try:
-        lines = path.read_text().splitlines()
+        records, _ = runs.read_metrics(run_dir, unterminated=True)
     except OSError:
-        raise KilnError(f"{run_dir}: not a kiln run directory (no metrics.jsonl)") from None
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
+        raise missing from None
     return records
 
 
@@ -74,20 +73,19 @@ def eval_metrics(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _figure(nrows: int = 1, ncols: int = 1) -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise KilnError("plots need matplotlib: pip install 'kiln[plots]'") from None
+    # Without matplotlib: MissingExtra, a KilnError naming the `plots` extra (one line, exit 2
+    # from `kiln plot`); PlotsCallback turns any failure to plot into a warning.
+    figure = require_extra("matplotlib.figure", "plots", feature="plots")
+    agg = require_extra("matplotlib.backends.backend_agg", "plots", feature="plots")
     single = nrows == ncols == 1
     # Fixed margins for one panel: constrained layout costs ~30 ms more per PNG.
-    fig = Figure(
+    fig = figure.Figure(
         figsize=(_FIGSIZE[0] * ncols, _FIGSIZE[1] * nrows),
         layout=None if single else "constrained",
     )
     if single:
         fig.subplots_adjust(left=0.13, right=0.97, top=0.91, bottom=0.13)
-    FigureCanvasAgg(fig)
+    agg.FigureCanvasAgg(fig)
     return fig
 
 
@@ -110,7 +108,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     """Write loss.png (train and val), lr.png, grad_norm.png (when logged) and one PNG per eval
     metric into `out_dir` (default <run_dir>/plots); returns the paths written."""
     run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out = Path(out_dir) if out_dir is not None else runs.RunPaths(run_dir).plots
     records = read_metrics(run_dir)
     name = run_name(run_dir)
     written = []
@@ -151,10 +149,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 def run_name(run_dir: Path) -> str:
     """The run's `name` from its config.yaml, else the directory name."""
     try:
-        import yaml
-
-        name = yaml.safe_load((run_dir / "config.yaml").read_text()).get("name")
-    except (OSError, ValueError, AttributeError, ImportError):
+        name = (runs.read_config_raw(run_dir) or {}).get("name")
+    except KilnError:
         name = None
     return str(name) if name else run_dir.resolve().name
 

@@ -69,10 +69,30 @@ class Registry(Generic[T]):
             module_name, _, attr = name.partition(":")
             try:
                 return getattr(importlib.import_module(module_name), attr)
-            except (ImportError, AttributeError) as exc:
+            # ValueError: an empty module name (":x"); TypeError: a relative one (".m:x").
+            except (ImportError, AttributeError, ValueError, TypeError) as exc:
                 raise UnknownName(f"cannot import {self.kind} {name!r}: {exc}") from None
+        raise self._unknown(name)
+
+    def __getitem__(self, name: str) -> T:
+        """The object registered as `name` (no import path; see `get`)."""
+        if name not in self._items:
+            raise self._unknown(name)
+        return self._items[name]
+
+    def pop(self, name: str) -> T:
+        """Remove the object registered as `name` and return it (e.g. a test's own plug-in).
+
+        Raises:
+            UnknownName (a KeyError): nothing is registered as `name`.
+        """
+        obj = self[name]
+        del self._items[name]
+        return obj
+
+    def _unknown(self, name: str) -> UnknownName:
         known = ", ".join([*self.reserved, *self.names()])
-        raise UnknownName(f"unknown {self.kind} {name!r} (known: {known})")
+        return UnknownName(f"unknown {self.kind} {name!r} (known: {known})")
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

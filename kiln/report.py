@@ -1,13 +1,12 @@
 """Run report: a summary table of one run directory, printed and written as report.md.
 
-Reads only files of the run directory (config.yaml, summary.json, metrics.jsonl, plots/), so it
-works on a finished, failed, paused or still-running run; what a run has not written yet is
-reported as missing, not guessed.
+Reads only files of the run directory (config.yaml, summary.json, metrics.jsonl, plots/, through
+`kiln.runs`), so it works on a finished, failed, paused or still-running run; what a run has not
+written yet is reported as missing, not guessed.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -15,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kiln.errors import KilnError
 from kiln.plots import eval_metrics, read_metrics, series
+from kiln.runs import RunPaths, read_config_raw, read_summary
 
 __all__ = ["RunReport", "best_metrics", "load_report", "render_markdown", "render_table"]
 
@@ -76,16 +74,6 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes}m {secs:04.1f}s" if minutes else f"{secs:.1f}s"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise KilnError(f"{path}: cannot read ({exc})") from None
-    return data if isinstance(data, dict) else None
-
-
 def _config_rows(cfg: dict[str, Any], summary: dict[str, Any] | None) -> list[tuple[str, str]]:
     model, data = cfg.get("model", {}), cfg.get("data", {})
     optim, train = cfg.get("optim", {}), cfg.get("train", {})
@@ -126,21 +114,18 @@ def _config_rows(cfg: dict[str, Any], summary: dict[str, Any] | None) -> list[tu
 def load_report(run_dir: str | Path) -> RunReport:
     """Gather the report of `run_dir` (KilnError when it is not a kiln run directory)."""
     run_dir = Path(run_dir)
+    paths = RunPaths(run_dir)
     if not run_dir.is_dir():
         raise KilnError(f"{run_dir}: no such run directory")
-    config_path = run_dir / "config.yaml"
-    try:
-        config = yaml.safe_load(config_path.read_text()) or {}
-    except FileNotFoundError:
-        raise KilnError(f"{run_dir}: not a kiln run directory (no config.yaml)") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise KilnError(f"{config_path}: cannot read ({exc})") from None
-    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-    summary = _read_json(run_dir / "summary.json")
+    config = read_config_raw(run_dir) if paths.config.is_file() else None
+    if config is None:
+        raise KilnError(f"{run_dir}: not a kiln run directory (no config.yaml)")
+    records = read_metrics(run_dir) if paths.metrics.exists() else []
+    summary = read_summary(run_dir)
     report = RunReport(run_dir=run_dir, config=config, summary=summary, records=records)
     report.best = best_metrics(records)
     first = {"loss": 0, "lr": 1, "grad_norm": 2}
-    pngs = (run_dir / "plots").glob("*.png")
+    pngs = paths.plots.glob("*.png")
     report.plots = sorted(pngs, key=lambda p: (first.get(p.stem, 3), p.stem))
 
     rows = _config_rows(config, summary)
@@ -171,8 +156,8 @@ def load_report(run_dir: str | Path) -> RunReport:
     for name, (value, step) in report.best.items():
         rows.append((f"best {name}", f"{_num(value)} (step {step})"))
     final = summary.get("final_dir") if summary else None
-    if final is None and (run_dir / "final").is_dir():
-        final = str(run_dir / "final")
+    if final is None and paths.final.is_dir():
+        final = str(paths.final)
     rows.append(("final model", final or "not written"))
     if summary and summary.get("resumed_from"):
         rows.append(("resumed from", str(summary["resumed_from"])))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kiln import Callback, Trainer
+from kiln import Callback, StopRequest, Trainer
 from kiln.config import RunConfig, load_config
 
 _DISHES = ["Rice", "Soup", "Stew", "Salad", "Curry", "Pasta", "Omelette", "Tacos"]
@@ -114,7 +114,7 @@ class StopAt(Callback):
 
     def on_step_end(self, trainer: Trainer) -> None:
         if trainer.state.step == self.step:
-            trainer.request_stop("test", resumable=True)
+            trainer.control.request_stop(StopRequest("requested", "test", resumable=True))
 
 
 def logged_metrics(run: Path) -> list[tuple]:

@@ -7,18 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import assert_resume_is_exact, make_rows, tiny_config, write_jsonl
+import torch
+from helpers import assert_resume_is_exact, bpe_tokenizer, make_rows, tiny_config, write_jsonl
 
 from kiln import Trainer
 from kiln.config import ConfigError, load_config
+from kiln.data import build_datasets
 from kiln.data.augment import (
     AUGMENTERS,
     AugmentedDataset,
     Sample,
     build_augmenters,
     register_augmenter,
+    tokenizer_for,
 )
-from kiln.data.tasks import CausalFormat, InstructionFormat
+from kiln.data.tasks import CausalFormat, InstructionFormat, make_format, render_rows
 from kiln.errors import KilnError
 
 RECIPE = (
@@ -179,3 +182,45 @@ def test_augmented_run_resumes_bit_exactly(tmp_path: Path, stop_at: int) -> None
         )
 
     assert_resume_is_exact(make, tmp_path, stop_at)
+
+
+_TASK_DATA: dict[str, dict[str, Any]] = {
+    "causal_lm": {},
+    "instruction": {"prompt_template": "Recipe: {title}\n", "response_template": "{text}"},
+    "seq2seq": {"source_template": "{title}", "target_template": "{text}", "max_target_length": 24},
+}
+
+
+@pytest.mark.parametrize("task", sorted(_TASK_DATA))
+def test_augmentation_tokenizes_a_row_as_data_preparation_does(tmp_path: Path, task: str) -> None:
+    rows = make_rows(12, seed=3)
+    rows[1]["text"] *= 4  # longer than max_length: cut the same way on both paths
+    rows[2]["title"] = "very long title " * 20  # instruction: no room for a response, dropped
+    data = {"packing": False, "max_length": 32, **_TASK_DATA[task]}
+    model = {"arch": "t5"} if task == "seq2seq" else {}
+    cfg = tiny_config(tmp_path, tmp_path / "unused.jsonl", None, task=task, data=data, model=model)
+    tok = bpe_tokenizer([r["text"] for r in rows])
+    prepared, _, _ = build_datasets(cfg, tok, rows, [])
+    fmt = make_format(cfg)
+    # The function augmentation tokenizes its variants with, given the unchanged renderings.
+    retokenized = tokenizer_for(cfg, tok)(render_rows(fmt, rows))
+    assert len(retokenized) == len(prepared) == (11 if task == "instruction" else 12)
+    for i in range(len(prepared)):
+        want, got = prepared[i], retokenized[i]
+        assert want.keys() == got.keys()
+        for key in want:
+            assert got[key].tolist() == want[key].tolist(), (i, key)
+    # And through AugmentedDataset, with an augmenter that changes nothing.
+    calls: list[int] = []
+
+    def tokenize(parts: list[tuple[str, ...]]) -> Any:
+        calls.append(len(parts))
+        return tokenizer_for(cfg, tok)(parts)
+
+    same = AugmentedDataset(prepared, rows, fmt, [(1.0, lambda s, rng: s)], tokenize, cfg.seed)
+    batch = same.for_epoch(0).gather(torch.arange(len(prepared)))
+    assert calls == [len(prepared)]
+    for i, example in enumerate(batch):
+        assert {k: v.tolist() for k, v in example.items()} == {
+            k: v.tolist() for k, v in prepared[i].items()
+        }

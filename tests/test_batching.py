@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from kiln import Callback, Trainer
+from kiln import Callback, StopRequest, Trainer
 from kiln.data import BatchCursor, TokenDataset, epoch_permutation, tokenize_causal
 from kiln.data.collate import (
     COLLATORS,
@@ -42,8 +42,9 @@ def test_registry_defaults_and_unknown_name() -> None:
     assert get_collator("auto", "instruction") is COLLATORS["instruction"]
     assert get_collator("auto", "seq2seq") is COLLATORS["seq2seq"]
     assert get_collator("causal", "instruction") is COLLATORS["causal"]
-    with pytest.raises(ValueError, match=r"unknown collator 'nope'; known: auto, causal, "):
+    with pytest.raises(KeyError, match=r"unknown collator 'nope' \(known: auto, causal, "):
         get_collator("nope", "causal_lm")
+    assert get_collator("kiln.data.collate:collate_seq2seq", "causal_lm") is COLLATORS["seq2seq"]
     with pytest.raises(ValueError, match="unknown task"):
         get_collator("auto", "mlm")
     with pytest.raises(ValueError, match="already registered"):
@@ -62,7 +63,7 @@ def test_register_custom_collator_is_used_by_the_batcher() -> None:
         # A named collator replaces the packed fast path.
         assert batch["input_ids"].tolist() == [[3, 2, 1, 0]]
     finally:
-        del COLLATORS["test_reversed"]
+        COLLATORS.pop("test_reversed")
 
 
 def test_unknown_collator_is_a_one_line_config_error(tmp_path: Path, recipe_files) -> None:
@@ -71,7 +72,7 @@ def test_unknown_collator_is_a_one_line_config_error(tmp_path: Path, recipe_file
         Trainer(cfg).setup()
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("data.collator: unknown collator 'fancy'; known: auto, causal")
+    assert message.startswith("data.collator: unknown collator 'fancy' (known: auto, causal")
 
 
 # --- pad_to_multiple_of --------------------------------------------------------------------
@@ -305,7 +306,7 @@ class _StopAt(Callback):
 
     def on_step_end(self, trainer: Trainer) -> None:
         if trainer.state.step == self.step:
-            trainer.request_stop("test", resumable=True)
+            trainer.control.request_stop(StopRequest("requested", "test", resumable=True))
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import torch
 from helpers import StopAt, logged_metrics, tiny_config
 from safetensors.torch import load_file
 
-from kiln import Callback, Trainer
+from kiln import Callback, StopRequest, Trainer
 from kiln.checkpoint import CheckpointManager
 from kiln.errors import KilnError
 from kiln.files import StorageFull
@@ -95,7 +95,10 @@ def test_checkpoint_files_and_manifest(tmp_path: Path, recipe_files, tokenizer) 
     for name, tensor in weights.items():
         assert torch.equal(tensor, trainer.model.state_dict()[name])
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["state"]["step"] == 8
+    # A named map of stateful components (format 2).
+    assert state["format"] == 2
+    assert set(state) >= {"loop", "scaler", "callbacks", "components", "data", "tokenizer"}
+    assert state["loop"]["state"]["step"] == 8
     assert CheckpointManager(root).verify(ckpt).step == 8
 
 
@@ -210,7 +213,9 @@ def test_stop_inside_validation_checkpoints_and_redoes_it(
     class StopInValidation(Callback):
         def on_validation_begin(self, trainer: Trainer) -> None:
             if trainer.state.step == 4:
-                trainer.request_stop("signal SIGTERM", resumable=True)
+                trainer.control.request_stop(
+                    StopRequest("signal", "signal SIGTERM", resumable=True)
+                )
 
     _, ref = _run(_cfg(tmp_path / "ref", recipe_files), tokenizer)
     cfg = _cfg(tmp_path / "cut", recipe_files)
@@ -219,7 +224,7 @@ def test_stop_inside_validation_checkpoints_and_redoes_it(
     assert [m["step"] for m in paused.metrics] == [2]  # step 4's validation was cut short
     assert paused.final_dir is None
     state = json.loads((first.checkpoint_paths[-1] / "trainer_state.json").read_text())
-    assert state["validation_pending"] is True
+    assert state["loop"]["validation_pending"] is True
     _, resumed = _run(cfg, tokenizer, resume=True)
     assert resumed.metrics == ref.metrics
     assert logged_metrics(tmp_path / "cut" / "run") == logged_metrics(tmp_path / "ref" / "run")

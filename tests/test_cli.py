@@ -98,7 +98,16 @@ def test_bad_data_row_names_file_and_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert f"{data}:32: invalid JSON" in err[0]
-    assert not (tmp_path / "run").exists()
+    # The run directory holds only status.json: failed, with the same line and exit code.
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir() if p.name != ".kiln.lock") == ["status.json"]
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["exit_code"]) == ("failed", 2)
+    assert status["error"] == err[0].removeprefix("kiln: error: ")
+    # ... and it does not stand in the way of the corrected run.
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(30)))
+    assert main(["-q", "train", str(path), "data.max_length=32"]) == 0
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
 
 def test_explain_shows_derived_numbers(capsys: pytest.CaptureFixture[str]) -> None:

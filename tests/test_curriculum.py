@@ -143,12 +143,17 @@ def test_config_checks() -> None:
 
 
 class Drawn(Callback):
-    """Records the difficulty of every example drawn, per epoch."""
+    """Records the difficulty of every example drawn, per epoch (it spies on the trainer's
+    batch cursor, so it holds the trainer itself: a test's privilege, not a callback's)."""
 
     def __init__(self) -> None:
         self.by_epoch: dict[int, set[float]] = {}
+        self.trainer: Trainer | None = None
 
-    def on_step_begin(self, trainer: Trainer) -> None:
+    def on_step_begin(self, run: object) -> None:
+        trainer = self.trainer
+        assert trainer is not None
+        assert trainer.cursor is not None
         real = trainer.cursor.next_indices
 
         def spy(eligible=None):
@@ -170,7 +175,7 @@ def test_staged_run_draws_easy_examples_first(tmp_path: Path, packing: bool) -> 
         train={"max_steps": None, "num_epochs": 3, "batch_size": 2},
     )
     drawn = Drawn()
-    trainer = Trainer(cfg, callbacks=[drawn])
+    trainer = drawn.trainer = Trainer(cfg, callbacks=[drawn])
     result = trainer.fit()
     assert max(drawn.by_epoch[0]) <= 2
     assert max(drawn.by_epoch[1]) <= 3

@@ -13,26 +13,21 @@ from safetensors.torch import load_file
 
 from kiln import Trainer
 from kiln.callbacks.early_stop import EarlyStopping
+from kiln.engine.control import Control
 from kiln.metrics import register_metric
 from kiln.metrics.registry import METRICS
 
 
-class _FakeTrainer:
-    def __init__(self) -> None:
-        self.state = SimpleNamespace(step=0)
-        self.stops: list[str] = []
-
-    def request_stop(self, reason: str) -> None:
-        self.stops.append(reason)
-
-
 def _run(cb: EarlyStopping, values: list[float | None]) -> int | None:
     """Feed one validation per value (steps 1, 2, ...); the step at which a stop was asked."""
-    trainer = _FakeTrainer()
+    run = SimpleNamespace(state=SimpleNamespace(step=0), control=Control())
     for step, value in enumerate(values, 1):
-        trainer.state.step = step
-        cb.on_validation_end(trainer, {} if value is None else {"val_loss": value})  # type: ignore[arg-type]
-        if trainer.stops:
+        run.state.step = step
+        cb.on_validation_end(run, {} if value is None else {"val_loss": value})  # type: ignore[arg-type]
+        if run.control.stop is not None:
+            assert run.control.stop.kind == "early_stop"  # recognised by kind, not by text
+            assert not run.control.stop.resumable
+            assert run.control.stop.write_final
             return step
     return None
 
@@ -105,7 +100,7 @@ def test_early_stop_in_a_run_and_final_is_the_best_checkpoint(
             "every_steps": 5,
         },
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer.from_config(cfg)
     result = trainer.fit()
     # Best at validation 2 (step 4); validations 3, 4, 5 do not beat it: stop at step 10.
     assert result.summary["steps"] == 10
@@ -135,7 +130,7 @@ def test_final_best_on_val_loss_without_early_stopping(tmp_path: Path, recipe_fi
         eval={"every_steps": 2, "max_batches": 2},
         checkpoint={"keep_best": 1, "final": "best"},
     )
-    result = Trainer(cfg).fit()
+    result = Trainer.from_config(cfg).fit()
     losses = [m["val_loss"] for m in result.metrics]
     best_step = result.metrics[losses.index(min(losses))]["step"]
     assert result.summary["final_weights"]["step"] == best_step == result.best_step

@@ -12,7 +12,7 @@ import torch
 from helpers import tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from kiln import Callback, Event, Trainer
+from kiln import Callback, Event, StopRequest, Trainer
 from kiln.engine.loss import count_targets, forward_loss_sum
 from kiln.models import train_bpe_tokenizer
 
@@ -191,7 +191,7 @@ def test_request_stop_ends_early_and_writes_final(tmp_path: Path, recipe_files) 
     class StopAt3(Callback):
         def on_step_end(self, trainer: Trainer) -> None:
             if trainer.state.step == 3:
-                trainer.request_stop("test")
+                trainer.control.request_stop(StopRequest("requested", "test"))
 
     cfg = tiny_config(tmp_path, *recipe_files)
     result = Trainer(cfg, callbacks=[StopAt3()]).fit()

@@ -11,16 +11,16 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_rows, tiny_config
+from helpers import make_rows, tiny_config, write_jsonl
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from kiln import Trainer
 from kiln.config import ConfigError
 from kiln.data import TokenDataset
+from kiln.device import Precision
 from kiln.engine.evaluate import evaluate
-from kiln.engine.generate_eval import GenerationEval, eval_pairs, generate_texts
-from kiln.engine.precision import Precision
+from kiln.engine.generate_eval import GenerationEval, eval_pairs
 from kiln.errors import KilnError
 from kiln.models import train_bpe_tokenizer
 
@@ -145,34 +145,6 @@ def test_eval_pairs_split_rows_per_task(tmp_path: Path, recipe_files) -> None:
     assert eval_pairs(inst, rows, 1) == [(f"Recipe for {rows[0]['title']}:\n", rows[0]["text"])]
 
 
-@pytest.fixture(scope="module")
-def tok() -> Any:
-    return train_bpe_tokenizer([r["text"] for r in make_rows(40)], vocab_size=300)
-
-
-@pytest.mark.slow
-def test_batched_generation_equals_one_at_a_time(tok: Any) -> None:
-    model = _tiny_gpt2(len(tok))
-    prompts = ["Title: Lemon Rice\n", "Title: A much longer title for a soup\n", "Ingredients"]
-    batched = generate_texts(model, tok, prompts, task="causal_lm", max_new_tokens=12)
-    alone = [
-        generate_texts(model, tok, [p], task="causal_lm", max_new_tokens=12)[0] for p in prompts
-    ]
-    assert batched == alone
-    assert all(isinstance(t, str) and t for t in batched)
-    # A time budget that is already spent generates nothing (those samples are skipped).
-    assert generate_texts(
-        model, tok, prompts, task="causal_lm", max_new_tokens=4, max_time_s=1e-9
-    ) == [None, None, None]
-    # Sampling is seeded and leaves the global RNG alone.
-    torch.manual_seed(5)
-    before = torch.get_rng_state()
-    a = generate_texts(model, tok, prompts, task="causal_lm", max_new_tokens=8, do_sample=True)
-    b = generate_texts(model, tok, prompts, task="causal_lm", max_new_tokens=8, do_sample=True)
-    assert a == b
-    assert torch.equal(torch.get_rng_state(), before)
-
-
 @pytest.mark.slow
 def test_trainer_logs_generation_metrics_and_writes_samples(tmp_path: Path, recipe_files) -> None:
     cfg = tiny_config(
@@ -228,6 +200,37 @@ def test_config_cross_checks(tmp_path: Path, recipe_files) -> None:
 
 
 # ---- kiln eval ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_load_eval_data_is_the_runs_validation_data(
+    tmp_path: Path, recipe_files, isolate: bool
+) -> None:
+    from kiln.data import load_eval_data, load_splits, prepare_data
+
+    train, val = recipe_files
+    rows = make_rows(20, seed=2)
+    write_jsonl(val, rows + rows[:3])  # repeats: dropped by data.dedup, as in training
+    data = {"min_quality_score": 0.2, "isolate_documents": isolate}
+    cfg = tiny_config(tmp_path, train, val, data=data)
+    tok = train_bpe_tokenizer([r["text"] for r in make_rows(60)], vocab_size=300)
+    _, val_rows, _ = load_splits(cfg)
+    _, val_ds, _ = prepare_data(cfg, tok)
+    assert val_ds is not None
+    want = val_ds if isolate else val_ds.without_documents()  # what the trainer evaluates
+
+    got_rows, got, stats = load_eval_data(cfg, tok, str(val))
+    assert got_rows == val_rows
+    assert (len(got), got.num_tokens) == (len(want), want.num_tokens)
+    assert all(torch.equal(got[i]["input_ids"], want[i]["input_ids"]) for i in range(len(got)))
+    assert (got.doc_starts is None) == (not isolate)
+    assert stats.rows_read == 23
+    low = [r["quality_score"] < 0.2 for r in rows + rows[:3]]  # filtered before dedup
+    assert stats.dropped["low_quality"] == sum(low)
+    assert stats.dropped["duplicate"] == 3 - sum(low[-3:])
+    assert len(got_rows) == 23 - stats.dropped["low_quality"] - stats.dropped["duplicate"]
+    assert (stats.val_rows, stats.val_examples) == (len(got_rows), len(got))
+    assert stats.val_tokens == got.num_tokens
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from helpers import make_rows, tiny_config, write_jsonl
 from kiln import Trainer
 from kiln.cli import main
 from kiln.errors import KilnError
-from kiln.generate import GenerationOptions, generate_text
+from kiln.models.generation import GenerationOptions, generate_texts
 from kiln.models.load import load_trained
 
 PROMPT = "Title: Lemon"
@@ -58,7 +58,7 @@ def test_greedy_is_the_argmax_path(runs: dict[str, Path], kind: str) -> None:
     loaded = load_trained(runs[kind])
     assert loaded.kind == ("adapter" if kind == "lora" else "full")
     options = GenerationOptions(max_new_tokens=12)
-    text = generate_text(loaded.model, loaded.tokenizer, PROMPT, task="causal_lm", options=options)
+    [text] = generate_texts(loaded.model, loaded.tokenizer, [PROMPT], options=options)
     assert text == _greedy_by_hand(loaded.model, loaded.tokenizer, PROMPT, 12)
 
 
@@ -67,9 +67,7 @@ def test_sampling_is_seeded_and_beams_are_deterministic(runs: dict[str, Path]) -
 
     def gen(**kw) -> str:
         options = GenerationOptions(max_new_tokens=16, **kw)
-        return generate_text(
-            loaded.model, loaded.tokenizer, PROMPT, task="causal_lm", options=options
-        )
+        return generate_texts(loaded.model, loaded.tokenizer, [PROMPT], options=options)[0]
 
     state = torch.get_rng_state()
     a = gen(do_sample=True, temperature=1.5, seed=1)
@@ -82,9 +80,9 @@ def test_sampling_is_seeded_and_beams_are_deterministic(runs: dict[str, Path]) -
     beams = gen(num_beams=3)
     assert beams == gen(num_beams=3)
     assert isinstance(beams, str)
-    with pytest.raises(KilnError, match="--num-beams"):
+    with pytest.raises(KilnError, match=r"^num_beams: beam search is deterministic"):
         gen(num_beams=2, do_sample=True)
-    with pytest.raises(KilnError, match="--top-p"):
+    with pytest.raises(KilnError, match=r"^top_p: must be in"):
         gen(do_sample=True, top_p=0.0)
 
 
@@ -127,3 +125,6 @@ def test_cli_generate_errors_are_one_line(
     assert main(["generate", str(runs["full"]), PROMPT, "--temperature", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kiln: error: --temperature: must be > 0, got 0.0"]
+    assert main(["generate", str(runs["full"]), PROMPT, "--num-beams", "2", "--sample"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kiln: error: --num-beams: beam search is deterministic; drop --sample"]

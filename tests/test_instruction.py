@@ -28,9 +28,9 @@ from kiln.data import (
     render_rows,
     tokenize_instruction,
 )
+from kiln.device import Precision
 from kiln.engine.evaluate import evaluate
 from kiln.engine.loss import count_targets
-from kiln.engine.precision import Precision
 from kiln.errors import DataError
 
 CORPUS = [

@@ -11,17 +11,35 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from helpers import tiny_config
 
-from kiln import Callback, Trainer
-from kiln.callbacks.loggers import TRACKING_FILE, flatten, metric_items, tracking_callbacks
+from kiln import Callback, StopRequest, Trainer
+from kiln.callbacks.background import Lane, drain
+from kiln.callbacks.loggers import (
+    LOGGERS,
+    TRACKING_FILE,
+    RunContext,
+    TrackingCallback,
+    flatten,
+    metric_items,
+    open_logger,
+    tracking_callbacks,
+)
+from kiln.callbacks.plots import PlotsCallback
 from kiln.config import ConfigError
+from kiln.config.tracking import LogConfig
+from kiln.engine.control import Control, RunView
+from kiln.engine.state import TrainState
 from kiln.errors import KilnError
+from kiln.rank import RankContext
+from kiln.registry import UnknownName
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,9 +75,9 @@ class _PauseAt(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.state.step == self.step:
-            trainer.request_stop("paused by test", resumable=True)
+    def on_step_end(self, run: RunView) -> None:
+        if run.state.step == self.step:
+            run.control.request_stop(StopRequest("requested", "paused by test", resumable=True))
 
 
 def _tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
@@ -93,10 +111,10 @@ def test_tensorboard_and_mlflow_hold_the_metrics_and_resume_continues_them(
     run = cfg.run_dir
     # Part one pauses at step 12 (checkpoint 12, metrics logged to 10); part two resumes from
     # the step-10 checkpoint, so steps 11-12 are logged again (and must not appear twice).
-    Trainer(cfg, callbacks=[_PauseAt(12)]).fit()
+    Trainer.from_config(cfg, callbacks=[_PauseAt(12)]).fit()
     ids = json.loads((run / TRACKING_FILE).read_text())
     assert (run / "checkpoints" / "step-10").is_dir()
-    result = Trainer(cfg, resume=run / "checkpoints" / "step-10").fit()
+    result = Trainer.from_config(cfg, resume=run / "checkpoints" / "step-10").fit()
     assert result.final_dir is not None
     assert json.loads((run / TRACKING_FILE).read_text()) == ids
 
@@ -146,10 +164,10 @@ cfg = tiny_config(tmp, Path({train!r}), Path({val!r}), train={{"max_steps": 10}}
                   eval={{"every_steps": 5}}, checkpoint={{"every_steps": 5}},
                   log={{"loggers": ["wandb"], "wandb": {{"project": "kiln-test"}},
                        "plots": False, "close_timeout_s": 60}})
-Trainer(cfg).fit()
+Trainer.from_config(cfg).fit()
 first = json.loads((cfg.run_dir / "tracking.json").read_text())
 time.sleep(1.1)  # W&B names offline run directories by the second they start
-Trainer(cfg, resume=cfg.run_dir / "checkpoints" / "step-5").fit()
+Trainer.from_config(cfg, resume=cfg.run_dir / "checkpoints" / "step-5").fit()
 second = json.loads((cfg.run_dir / "tracking.json").read_text())
 print(json.dumps({{"first": first, "second": second}}))
 """
@@ -270,22 +288,33 @@ class _Recorder:
         self._seen("close", status)
 
 
-def _fake_backend(monkeypatch: pytest.MonkeyPatch, logger: _Recorder) -> None:
-    import kiln.callbacks.loggers.callback as callback
+@pytest.fixture
+def register() -> Iterator[Callable[[str, Any], None]]:
+    """Register trackers by name, as a user would (removed after the test)."""
+    added: list[str] = []
 
-    monkeypatch.setattr(callback, "open_logger", lambda name, cfg, ctx: logger)
-    monkeypatch.setattr(callback, "check_installed", lambda names: None)
+    def add(name: str, factory: Any) -> None:
+        LOGGERS.add(name, factory)
+        added.append(name)
+
+    yield add
+    for name in added:
+        LOGGERS.pop(name)
+
+
+def _fake(register: Callable[[str, Any], None], logger: _Recorder) -> TrackingCallback:
+    """A TrackingCallback of one registered tracker, "fake", that is `logger`."""
+    register("fake", lambda cfg, ctx: logger)
+    return TrackingCallback(LogConfig(), loggers=["fake"])
 
 
 def test_calls_run_off_the_training_thread_and_artifacts_arrive(
-    tmp_path: Path, recipe_files, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, recipe_files, register: Callable[[str, Any], None]
 ) -> None:
     fake = _Recorder()
-    _fake_backend(monkeypatch, fake)
-    cfg = tiny_config(
-        tmp_path, *recipe_files, train={"max_steps": 10}, log={"loggers": ["wandb"], "plots": True}
-    )
-    Trainer(cfg).fit()
+    cfg = tiny_config(tmp_path, *recipe_files, train={"max_steps": 10}, log={"plots": True})
+    # The plots first, so the tracker can attach them.
+    Trainer(cfg, callbacks=[PlotsCallback(), _fake(register, fake)]).fit()
     assert threading.get_ident() not in fake.threads
     assert len(fake.threads) == 1  # one thread per backend: calls stay in order
     kinds = [c[0] for c in fake.calls]
@@ -298,31 +327,31 @@ def test_calls_run_off_the_training_thread_and_artifacts_arrive(
     assert ("final", "model") in artifacts
     assert ("loss.png", "plot") in artifacts
     assert ("summary.json", "file") in artifacts
+    assert json.loads((cfg.run_dir / TRACKING_FILE).read_text()) == {"fake": "fake-1"}
 
 
 def test_failing_backend_is_switched_off_with_one_warning(
-    tmp_path: Path, recipe_files, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    recipe_files,
+    register: Callable[[str, Any], None],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake = _Recorder(fail_on=2)  # params, metrics@5, metrics@10 raises
-    _fake_backend(monkeypatch, fake)
-    cfg = tiny_config(
-        tmp_path,
-        *recipe_files,
-        train={"max_steps": 10},
-        log={"loggers": ["mlflow"], "plots": False},
-    )
+    cfg = tiny_config(tmp_path, *recipe_files, train={"max_steps": 10}, log={"plots": False})
+    callback = _fake(register, fake)
     with caplog.at_level(logging.WARNING, logger="kiln"):
-        result = Trainer(cfg).fit()
+        result = Trainer(cfg, callbacks=[callback]).fit()
     assert result.final_dir is not None
     assert result.summary["steps"] == 10
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        "log.loggers: mlflow failed (ConnectionError: tracker went away); "
+        "log.loggers: fake failed (ConnectionError: tracker went away); "
         "it is off for the rest of the run"
     ]
     # Nothing after the failure but the best-effort close.
     assert fake.calls[-1] == ("close", "failed")
     assert [c[0] for c in fake.calls] == ["params", "metrics", "metrics", "close"]
+    assert callback.active == []
 
 
 def test_unreachable_backend_does_not_stop_training(
@@ -343,7 +372,7 @@ def test_unreachable_backend_does_not_stop_training(
         train={"max_steps": 5},
     )
     with caplog.at_level(logging.WARNING, logger="kiln"):
-        result = Trainer(cfg).fit()
+        result = Trainer.from_config(cfg).fit()
     assert result.final_dir is not None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -352,47 +381,155 @@ def test_unreachable_backend_does_not_stop_training(
 
 
 def test_stuck_backend_never_holds_up_the_run(
-    tmp_path: Path, recipe_files, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    recipe_files,
+    register: Callable[[str, Any], None],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     release = threading.Event()
     fake = _Recorder(block=release)
-    _fake_backend(monkeypatch, fake)
-    cfg = tiny_config(
-        tmp_path,
-        *recipe_files,
-        train={"max_steps": 5},
-        log={"loggers": ["mlflow"], "plots": False, "close_timeout_s": 0.5},
-    )
+    cfg = tiny_config(tmp_path, *recipe_files, train={"max_steps": 5}, log={"plots": False})
+    register("fake", lambda cfg, ctx: fake)
+    callback = TrackingCallback(LogConfig(close_timeout_s=0.5), loggers=["fake"])
     try:
         with caplog.at_level(logging.WARNING, logger="kiln"):
-            result = Trainer(cfg).fit()
+            result = Trainer(cfg, callbacks=[callback]).fit()
     finally:
         release.set()
     assert result.summary["steps"] == 5
     assert [c[0] for c in fake.calls] == ["params", "metrics"]  # stuck in the first metrics call
-    assert any("still busy" in r.getMessage() for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records] == [
+        "log.loggers: fake: still busy after 0.5 s (log.close_timeout_s); not waiting for it"
+    ]
+
+
+def _view(tmp_path: Path, stop: StopRequest | None = None) -> RunView:
+    """A run's view as the loop hands it to callbacks, after a stop request (or none)."""
+    control = Control()
+    if stop is not None:
+        control.request_stop(stop)
+    cfg: Any = SimpleNamespace(name="t", model_dump=lambda mode: {"optim": {"lr": 0.1}})
+    return RunView(cfg, TrainState(step=7, total_steps=20), tmp_path, control, RankContext(), None)
+
+
+@pytest.mark.parametrize(
+    ("stop", "final", "status"),
+    [
+        (None, True, "finished"),
+        (StopRequest("early_stop", "no better for 3 validations"), True, "finished"),
+        (StopRequest("signal", "SIGTERM", resumable=True), False, "paused"),
+        (StopRequest("pruned", "trial pruned", resumable=True, write_final=False), False, "paused"),
+        (StopRequest("pruned", "trial pruned", write_final=False), False, "stopped"),
+        (StopRequest("diverged", "loss is nan", write_final=False), False, "diverged"),
+    ],
+)
+def test_the_tracker_run_ends_with_the_status_of_the_stop(
+    tmp_path: Path,
+    register: Callable[[str, Any], None],
+    stop: StopRequest | None,
+    final: bool,
+    status: str,
+) -> None:
+    fake = _Recorder()
+    callback = _fake(register, fake)
+    run = _view(tmp_path, stop)
+    callback.on_train_begin(run)
+    callback.on_log(run, {"step": 7, "split": "train", "loss": 1.5})
+    if final:
+        callback.on_checkpoint(run, tmp_path / "final", "final")
+    callback.on_checkpoint(run, tmp_path / "checkpoints" / "step-7", "pause")  # not a model
+    callback.on_train_end(run)
+    assert fake.calls[0] == ("params", {"optim.lr": 0.1})
+    assert fake.calls[1] == ("metrics", 7)
+    models = [c for c in fake.calls if c[0] == "artifact" and c[1][1] == "model"]
+    assert models == ([("artifact", ("final", "model"))] if final else [])
+    assert fake.calls[-1] == ("close", status)
+    # The callback serves another fit(): nothing of the first one carries over.
+    again = _Recorder()
+    LOGGERS.add("fake", lambda cfg, ctx: again, replace=True)
+    callback.on_train_begin(_view(tmp_path))
+    callback.on_exception(_view(tmp_path), RuntimeError("x"))
+    assert [c[0] for c in again.calls] == ["params", "close"]
+    assert again.calls[-1] == ("close", "failed")
+
+
+def test_trackers_are_plug_ins_by_name(
+    tmp_path: Path, register: Callable[[str, Any], None]
+) -> None:
+    class MyLogger(_Recorder):
+        def __init__(self, cfg: Any, ctx: Any) -> None:
+            super().__init__()
+            self.ctx = ctx
+
+    register("mine", MyLogger)  # a Logger class is its own factory
+    logger = open_logger("mine", LogConfig(), _ctx(tmp_path))
+    assert isinstance(logger, MyLogger)
+    assert logger.ctx.run_dir == tmp_path
+    # By import path too, without registering.
+    assert isinstance(
+        open_logger(f"{__name__}:_Importable", LogConfig(), _ctx(tmp_path)), _Recorder
+    )
+    with pytest.raises(UnknownName, match=r"unknown logger 'neptune' \(known: .*mine.*wandb\)"):
+        open_logger("neptune", LogConfig(), _ctx(tmp_path))
+    with pytest.raises(KilnError) as info:
+        TrackingCallback(LogConfig(), loggers=["tensorboard", "neptune", "nowhere:X"])
+    assert [p.split(" (")[0] for p in info.value.problems] == [
+        "log.loggers: unknown logger 'neptune'",
+        "log.loggers: cannot import logger 'nowhere:X': No module named 'nowhere'",
+    ]
+
+
+class _Importable(_Recorder):
+    def __init__(self, cfg: Any, ctx: Any) -> None:
+        super().__init__()
+
+
+def _ctx(run_dir: Path) -> RunContext:
+    return RunContext(run_dir=run_dir, name="t", step=0, resumed=False)
+
+
+def test_lanes_drain_in_parallel_against_one_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    release = threading.Event()
+    stuck = [Lane("log.loggers", f"slow{i}") for i in range(3)]
+    done: list[str] = []
+    quick = Lane("log.loggers", "quick")
+    for lane in stuck:
+        lane.submit(release.wait, 30)
+        lane.submit(done.append, lane.name)  # queued behind the stuck call: dropped
+    quick.submit(done.append, "quick")
+    start = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger="kiln"):
+            busy = drain([*stuck, quick], 0.3, "log.close_timeout_s")
+        took = time.monotonic() - start
+    finally:
+        release.set()
+    assert busy == stuck
+    assert 0.25 < took < 1.0, took  # one deadline for all, not 0.3 s each
+    assert [r.getMessage() for r in caplog.records] == [
+        "log.loggers: slow0, slow1, slow2: still busy after 0.3 s (log.close_timeout_s); "
+        "not waiting for them"
+    ]
+    for lane in stuck:
+        lane.worker.join(5)
+    assert done == ["quick"]  # the abandoned lanes dropped what was still queued
+    quick.submit(done.append, "late")  # a drained lane takes no more calls
+    assert done == ["quick"]
 
 
 def test_missing_extra_is_an_error_naming_it(
     tmp_path: Path, recipe_files, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import importlib.util
-
-    import kiln.callbacks.loggers.callback as callback
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        callback.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "wandb" else real(name, *a),
-    )
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: it cannot be found
     cfg = tiny_config(tmp_path, *recipe_files, log={"loggers": ["tensorboard", "wandb"]})
-    with pytest.raises(
-        KilnError, match=r"log.loggers: wandb is not installed: pip install 'kiln\[wandb\]'"
-    ):
+    with pytest.raises(KilnError) as info:
         tracking_callbacks(cfg)
-    with pytest.raises(KilnError, match="kiln"):
-        Trainer(cfg)  # before any data is prepared
+    (problem,) = info.value.problems
+    assert problem.startswith("log.loggers: wandb needs wandb (")
+    assert problem.endswith("install it with: pip install 'kiln[wandb]'")
+    with pytest.raises(KilnError, match=r"pip install 'kiln\[wandb\]'"):
+        Trainer.from_config(cfg)  # before any data is prepared
+    assert not cfg.run_dir.exists()
 
 
 def test_logger_config_errors_name_their_key(tmp_path: Path, recipe_files) -> None:

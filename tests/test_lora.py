@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_config
 from transformers import AutoModelForCausalLM
 
-from kiln import Trainer
+from kiln import StopRequest, Trainer
 
 
 def test_lora_trains_adapters_only_and_saves_an_adapter(tmp_path: Path, recipe_files) -> None:
@@ -57,7 +57,7 @@ def test_lora_resume_is_exact_and_checkpoints_only_adapters(tmp_path: Path, reci
     class Pause(Callback):
         def on_step_end(self, trainer: Trainer) -> None:
             if trainer.state.step == 3:
-                trainer.request_stop("test", resumable=True)
+                trainer.control.request_stop(StopRequest("requested", "test", resumable=True))
 
     def cfg(name: str):
         return tiny_config(
@@ -189,12 +189,28 @@ def test_unknown_target_module_is_one_line(tmp_path: Path, recipe_files) -> None
     assert "\n" not in str(err.value)
 
 
+def test_missing_peft_names_the_extra(monkeypatch) -> None:
+    import sys
+
+    from kiln.models.lora import import_peft
+    from kiln.registry import MissingExtra
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(MissingExtra) as err:
+        import_peft()
+    message = str(err.value)
+    assert message.startswith("lora.enabled: LoRA needs peft (")
+    assert message.endswith("install it with: pip install 'kiln[lora]'")
+    assert "\n" not in message
+
+
 def test_qlora_errors(tmp_path: Path, recipe_files, monkeypatch) -> None:
     import sys
 
     from kiln.config import ConfigError
     from kiln.errors import ModelError
     from kiln.models import build_model, build_tokenizer
+    from kiln.registry import MissingExtra
 
     with pytest.raises(ConfigError, match=r"lora\.qlora: needs lora\.enabled"):
         tiny_config(tmp_path, *recipe_files, lora={"qlora": True})
@@ -218,14 +234,15 @@ def test_qlora_errors(tmp_path: Path, recipe_files, monkeypatch) -> None:
         assert str(err.value).startswith("lora.qlora: 4-bit QLoRA needs a CUDA GPU")
         assert "\n" not in str(err.value)
     # With a GPU but no bitsandbytes, the error names the extra to install.
-    import kiln.engine.precision as precision
+    import kiln.device as precision
 
     monkeypatch.setattr(precision, "resolve_device", lambda name: torch.device("cuda", 0))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(ModelError) as err:
+    with pytest.raises(MissingExtra) as err:
         build_model(cfg, tok)
     assert str(err.value) == (
-        "lora.qlora: 4-bit QLoRA needs bitsandbytes; install the extra: pip install 'kiln[qlora]'"
+        "lora.qlora: 4-bit QLoRA needs bitsandbytes (import of bitsandbytes halted; None in "
+        "sys.modules); install it with: pip install 'kiln[qlora]'"
     )
 
 

@@ -122,3 +122,22 @@ def test_bad_inputs() -> None:
         rouge(["a"], ["a"], types=["rougeX"])
     with pytest.raises(ValueError, match="unknown tokenize 'nope'"):
         bleu(["a"], ["a"], tokenize="nope")
+
+
+def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from kiln.metrics import text
+    from kiln.registry import MissingExtra
+
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)
+    monkeypatch.setitem(sys.modules, "rouge_score", None)
+    monkeypatch.setitem(sys.modules, "rouge_score.rouge_scorer", None)
+    text._scorer.cache_clear()
+    try:
+        with pytest.raises(MissingExtra, match=r"^bleu needs sacrebleu \(.*'kiln\[metrics\]'$"):
+            bleu(["a"], ["a"])
+        with pytest.raises(MissingExtra, match=r"^rouge needs rouge_score \(.*'kiln\[metrics\]'$"):
+            rouge(["a"], ["a"])
+    finally:
+        text._scorer.cache_clear()

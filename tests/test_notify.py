@@ -14,17 +14,21 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from helpers import tiny_config
 
-from kiln import Callback, Trainer
-from kiln.callbacks.notify import Notification, NotifyCallback, build_senders
+from kiln import Callback, StopRequest, Trainer
+from kiln.callbacks.notify import NOTIFIERS, Notification, NotifyCallback, build_senders
 from kiln.cli import main
 from kiln.config import ConfigError, NotifyConfig
 from kiln.config.tracking import DiscordSender, SlackSender, TwilioSender, WebhookSender
+from kiln.engine.control import Control, RunView
+from kiln.engine.state import TrainState
 from kiln.errors import DataError, KilnError
+from kiln.rank import RankContext
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,15 +131,16 @@ SENDERS = [
 
 
 class _Boom(Callback):
-    def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.state.step == 3:
+    def on_step_end(self, run: RunView) -> None:
+        if run.state.step == 3:
             raise RuntimeError("boom: the GPU caught fire\nsecond line")
 
 
 class _EarlyStop(Callback):
-    def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.state.step == 6:
-            trainer.request_stop("early_stop: val_loss did not improve for 2 validations")
+    def on_step_end(self, run: RunView) -> None:
+        if run.state.step == 6:
+            reason = "val_loss did not improve for 2 validations"
+            run.control.request_stop(StopRequest("early_stop", reason))
 
 
 def _hook_events(server: _Server) -> list[dict[str, Any]]:
@@ -173,7 +178,7 @@ def test_all_senders_deliver_the_right_events_and_no_secret_is_written(
         },
     )
     with caplog.at_level(logging.DEBUG, logger="kiln"):
-        result = Trainer(cfg).fit()
+        result = Trainer.from_config(cfg).fit()
 
     events = _hook_events(server)
     records = map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines())
@@ -230,7 +235,7 @@ def test_failure_notification_carries_the_error_line(
     _env(monkeypatch, server.url)
     cfg = tiny_config(tmp_path, *recipe_files, notify={"senders": [SENDERS[2]]})
     with pytest.raises(RuntimeError, match="boom"):
-        Trainer(cfg, callbacks=[_Boom()]).fit()
+        Trainer.from_config(cfg, callbacks=[_Boom()]).fit()
     events = _hook_events(server)
     assert [e["event"] for e in events] == ["start", "failure"]
     failure = events[1]
@@ -249,7 +254,7 @@ def test_a_failure_during_setup_is_notified_too(
     bad.write_text('{"text": "Title: Rice"}\n{"text": 5}\n')
     cfg = tiny_config(tmp_path, bad, None, notify={"senders": [SENDERS[2]]})
     with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'text' must be a string"):
-        Trainer(cfg).fit()
+        Trainer.from_config(cfg).fit()
     events = _hook_events(server)
     assert [e["event"] for e in events] == ["failure"]  # it never started
     assert "bad.jsonl:2: field 'text' must be a string" in events[0]["error"]
@@ -263,11 +268,13 @@ def test_early_stop_is_reported_instead_of_end(
     cfg = tiny_config(
         tmp_path, *recipe_files, log={"plots": False}, notify={"senders": [SENDERS[2]]}
     )
-    Trainer(cfg, callbacks=[_EarlyStop()]).fit()
+    Trainer.from_config(cfg, callbacks=[_EarlyStop()]).fit()
     events = _hook_events(server)
     assert [e["event"] for e in events] == ["start", "early_stop"]
     assert events[1]["step"] == 6
-    assert "early_stop: val_loss did not improve" in events[1]["message"]
+    assert events[1]["message"].startswith("kiln: run 'tiny' stopped early at step 6/20 after ")
+    assert ": val_loss did not improve for 2 validations" in events[1]["message"]
+    assert "final model" in events[1]["message"]  # an early stop still ends the run
     # Subscribed to end only: the early stop still ends the run with an end notification.
     server.requests.clear()
     cfg = tiny_config(
@@ -277,7 +284,7 @@ def test_early_stop_is_reported_instead_of_end(
         log={"plots": False},
         notify={"senders": [SENDERS[2]], "events": ["end"]},
     )
-    Trainer(cfg, callbacks=[_EarlyStop()]).fit()
+    Trainer.from_config(cfg, callbacks=[_EarlyStop()]).fit()
     assert [e["event"] for e in _hook_events(server)] == ["end"]
 
 
@@ -293,12 +300,12 @@ def test_down_endpoint_costs_one_warning_and_training_finishes(
         notify={"senders": [SENDERS[2]], "every_steps": 5, "retries": 1, "timeout_s": 2},
     )
     with caplog.at_level(logging.WARNING, logger="kiln"):
-        result = Trainer(cfg).fit()
+        result = Trainer.from_config(cfg).fit()
     assert result.final_dir is not None
     assert result.summary["steps"] == 10
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert warnings[0].startswith("notify: webhook: could not send the start notification")
+    assert warnings[0].startswith("notify: webhook failed to send the start notification")
     assert not any(v in caplog.text for v in SECRETS.values())
 
 
@@ -334,8 +341,7 @@ def test_a_hanging_endpoint_never_holds_up_training(
     assert stuck.threads
     assert threading.get_ident() not in stuck.threads
     assert [r.getMessage() for r in caplog.records] == [
-        "notify: stuck: notifications still unsent after 0.2 s (notify.flush_timeout_s); "
-        "not waiting for them"
+        "notify: stuck: still busy after 0.2 s (notify.flush_timeout_s); not waiting for it"
     ]
 
 
@@ -351,7 +357,7 @@ class _Clock(Callback):
 
     at: float | None = None
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, run: RunView) -> None:
         self.at = time.monotonic()
 
 
@@ -377,7 +383,7 @@ def test_a_hanging_sender_does_not_delay_a_healthy_one(
             "flush_timeout_s": 1,
         },
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer.from_config(cfg)
     with caplog.at_level(logging.WARNING, logger="kiln"):
         trainer.fit()
 
@@ -393,8 +399,7 @@ def test_a_hanging_sender_does_not_delay_a_healthy_one(
     notify = next(cb for cb in trainer.callbacks if isinstance(cb, NotifyCallback))
     assert [(n.event, n.step) for n in notify.sent] == expected
     assert [r.getMessage() for r in caplog.records] == [
-        "notify: webhook: notifications still unsent after 1 s (notify.flush_timeout_s); "
-        "not waiting for them"
+        "notify: webhook: still busy after 1 s (notify.flush_timeout_s); not waiting for it"
     ]
 
 
@@ -417,7 +422,7 @@ def test_a_closed_port_sender_does_not_cost_a_healthy_one_its_end_note(
         notify={"senders": senders, "every_steps": 5, "retries": 3, "flush_timeout_s": 5},
     )
     with caplog.at_level(logging.WARNING, logger="kiln"):
-        Trainer(cfg).fit()
+        Trainer.from_config(cfg).fit()
     events = [json.loads(body) for _, body in server.posts("/ok")]
     assert [(e["event"], e["step"]) for e in events] == [
         ("start", 0),
@@ -427,7 +432,7 @@ def test_a_closed_port_sender_does_not_cost_a_healthy_one_its_end_note(
     ]
     warnings = [r.getMessage() for r in caplog.records]
     assert any(
-        w.startswith("notify: webhook: could not send the start notification") for w in warnings
+        w.startswith("notify: webhook failed to send the start notification") for w in warnings
     ), warnings
     assert "SECRET-closed" not in caplog.text
 
@@ -471,12 +476,129 @@ def test_a_warning_never_quotes_part_of_a_secret_url(
         tmp_path, *recipe_files, train={"max_steps": 4}, notify={"senders": senders, "retries": 0}
     )
     with caplog.at_level(logging.DEBUG, logger="kiln"):
-        Trainer(cfg).fit()
+        Trainer.from_config(cfg).fit()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "URL can't contain control characters" in warnings[0]
     assert "SECRET" not in caplog.text  # the warning and the debug line for the end note
     assert server.requests == []
+
+
+class _Inbox:
+    """A sender that keeps what it is sent; fails its first `fail_first` sends."""
+
+    name = "inbox"
+    secrets: tuple[str, ...] = ("SECRET-inbox-0a1b",)
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.notes: list[Notification] = []
+        self.fail_first = fail_first
+        self.calls = 0
+
+    def send(self, note: Notification, timeout: float) -> None:
+        self.calls += 1
+        if self.calls <= self.fail_first:
+            raise ConnectionError(f"refused by https://x/SECRET-inbox-0a1b (call {self.calls})")
+        self.notes.append(note)
+
+
+def _view(tmp_path: Path, stop: StopRequest | None = None) -> RunView:
+    """A run's view at step 7 of 20 as the loop hands it to callbacks, after `stop`."""
+    control = Control()
+    if stop is not None:
+        control.request_stop(stop)
+    cfg: Any = SimpleNamespace(name="t", checkpoint=SimpleNamespace(metric="val_loss"))
+    state = TrainState(step=7, total_steps=20, last_train_loss=1.25)
+    return RunView(cfg, state, tmp_path, control, RankContext(), None)
+
+
+@pytest.mark.parametrize(
+    ("stop", "final", "event", "text"),
+    [
+        (None, True, "end", "kiln: run 't' finished 7 steps in "),
+        (StopRequest("early_stop", "no better"), True, "early_stop", "stopped early at step 7/20"),
+        (StopRequest("signal", "SIGTERM", resumable=True), False, "end", "paused at step 7/20"),
+        (StopRequest("pruned", "trial pruned", write_final=False), False, "end", "stopped at"),
+        (StopRequest("diverged", "loss is nan", write_final=False), False, "failure", "diverged"),
+    ],
+)
+def test_the_end_note_says_how_the_run_ended(
+    tmp_path: Path, stop: StopRequest | None, final: bool, event: str, text: str
+) -> None:
+    inbox = _Inbox()
+    events = ["start", "end", "failure", "early_stop"]
+    callback = NotifyCallback(NotifyConfig(events=events), senders=[inbox])
+    run = _view(tmp_path, stop)
+    callback.on_train_begin(run)
+    if final:
+        callback.on_checkpoint(run, tmp_path / "final", "final")
+    callback.on_checkpoint(run, tmp_path / "checkpoints" / "step-7", "pause")  # not a model
+    callback.on_train_end(run)
+    start, end = inbox.notes
+    assert start.event == "start"
+    assert end.event == event
+    assert text in end.message
+    assert end.metrics == {"train_loss": 1.25}
+    assert ("final model: " in end.message) == final
+    assert ("--resume" in end.message) == (stop is not None and stop.resumable)
+    if stop is not None:
+        assert stop.reason in end.message
+    assert end.error == ("loss is nan" if event == "failure" else None)
+    assert callback.sent == inbox.notes
+
+
+def test_a_sender_keeps_trying_after_its_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The notifier side of the shared failure policy: one warning, not switched off."""
+    inbox = _Inbox(fail_first=3)
+    cfg = NotifyConfig(events=["start", "end", "failure"], retries=1, every_steps=1)
+    callback = NotifyCallback(cfg, senders=[inbox])
+    run = _view(tmp_path)
+    with caplog.at_level(logging.DEBUG, logger="kiln"):
+        callback.on_train_begin(run)  # two attempts, both fail: the warning
+        callback.on_step_end(run)  # fails, then goes through on the retry
+        callback.on_exception(run, RuntimeError(""))
+    assert [n.event for n in inbox.notes] == ["progress", "failure"]
+    assert inbox.notes[1].error == "RuntimeError"  # no message: the type alone
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "notify: inbox failed to send the start notification after 2 attempts (ConnectionError: "
+        "refused by https://x/*** (call 2)); training goes on (later failures not reported)"
+    ]
+    assert "SECRET" not in caplog.text
+
+
+def test_senders_are_plug_ins_by_kind() -> None:
+    made: list[dict[str, str]] = []
+
+    def my_slack(spec: Any, secrets: Any) -> _Inbox:
+        made.append(dict(secrets))
+        return _Inbox()
+
+    cfg = NotifyConfig(
+        senders=[SlackSender(kind="slack", url_env="T_S"), TwilioSender(kind="twilio")]
+    )
+    environ = {
+        "T_S": "https://x/s",
+        **{f"TWILIO_{k}": f"v-{k}" for k in ("ACCOUNT_SID", "AUTH_TOKEN", "FROM_NUMBER")},
+        "TWILIO_TO_NUMBER": "v-TO",
+    }
+    builtin = NOTIFIERS.pop("slack")
+    try:
+        NOTIFIERS.add("slack", my_slack)
+        slack, twilio = build_senders(cfg, environ)
+        assert isinstance(slack, _Inbox)
+        assert made == [{"url": "https://x/s"}]  # secrets by field name, without _env
+        assert twilio.secrets == ("v-ACCOUNT_SID", "v-AUTH_TOKEN", "v-FROM_NUMBER", "v-TO")
+        NOTIFIERS.pop("slack")
+        with pytest.raises(KilnError) as info:
+            build_senders(cfg, environ)
+        assert info.value.problems == [
+            "notify.senders.0.kind: unknown notifier 'slack' (known: discord, twilio, webhook)"
+        ]
+    finally:
+        NOTIFIERS.add("slack", builtin, replace=True)
 
 
 def test_missing_environment_variable_is_an_error_naming_the_key_not_the_variable(

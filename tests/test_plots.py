@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +18,7 @@ from kiln.callbacks.loggers import tracking_callbacks
 from kiln.callbacks.plots import PlotsCallback
 from kiln.cli import main
 from kiln.plots import eval_metrics, plot_run, series
+from kiln.registry import MissingExtra
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -93,7 +95,7 @@ def test_kiln_plot_on_a_directory_without_metrics_is_one_line_exit_2(
 
 def test_training_writes_plots_unless_switched_off(tmp_path: Path, recipe_files) -> None:
     cfg = tiny_config(tmp_path / "on", *recipe_files, eval={"every_steps": 10}, log={"plots": True})
-    Trainer(cfg).fit()
+    Trainer.from_config(cfg).fit()
     plots = cfg.run_dir / "plots"
     names = sorted(p.name for p in plots.iterdir())
     assert names == ["grad_norm.png", "loss.png", "lr.png", "val_accuracy.png", "val_ppl.png"]
@@ -123,3 +125,27 @@ def test_missing_matplotlib_is_one_warning(
         "log.plots: matplotlib is not installed (pip install 'kiln[plots]')"
     ]
     assert not (run / "plots").exists()
+
+
+def test_kiln_plot_without_matplotlib_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import raises ImportError
+    a = fake_run(tmp_path, "a")
+    assert main(["plot", str(a), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("kiln: error: plots needs matplotlib (")
+    assert err[0].endswith("install it with: pip install 'kiln[plots]'")
+    with pytest.raises(MissingExtra):
+        plot_run(a)
+    assert not (a / "plots").exists()
+
+
+def test_read_metrics_takes_a_whole_last_line_without_newline(tmp_path: Path) -> None:
+    from kiln.plots import read_metrics
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}')
+    assert read_metrics(run) == [{"step": 1, "split": "train", "loss": 2.0}]

@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_config
 
 from kiln import Trainer
-from kiln.engine.precision import Precision, resolve_device
+from kiln.device import Precision, resolve_device
 from kiln.errors import KilnError
 
 
@@ -46,7 +46,7 @@ def test_cuda_precisions_train(tmp_path: Path, recipe_files, precision: str) -> 
 
 
 def test_tf32_switch_sets_the_cuda_backends_and_ignores_cpu() -> None:
-    from kiln.engine.precision import set_tf32
+    from kiln.device import set_tf32
 
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     before = (matmul.fp32_precision, conv.fp32_precision)

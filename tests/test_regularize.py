@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config
 
-from kiln import Callback, Trainer
+from kiln import Callback, StopRequest, Trainer
 from kiln.engine.loss import IGNORE_INDEX, forward_loss_sum
 from kiln.engine.regularize import GradientNoise, LabelSmoothing, build_regularizers
 
@@ -126,7 +126,7 @@ def test_build_regularizers_from_config(tmp_path: Path, recipe_files) -> None:
 class _Pause(Callback):
     def on_step_end(self, trainer: Trainer) -> None:
         if trainer.state.step == 3:
-            trainer.request_stop("test", resumable=True)
+            trainer.control.request_stop(StopRequest("requested", "test", resumable=True))
 
 
 def test_label_smoothing_and_noise_train_and_resume_exactly(tmp_path: Path, recipe_files) -> None:

@@ -89,6 +89,18 @@ def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert capsys.readouterr().err == (
         f"kiln: error: {tmp_path}: not a kiln run directory (no config.yaml)\n"
     )
+    (tmp_path / "config.yaml").write_text("- not\n- a mapping\n")
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"kiln: error: {tmp_path / 'config.yaml'}: not a kiln config "
+        "(expected a mapping of sections)\n"
+    )
+    (tmp_path / "config.yaml").write_text("name: r\n")
+    (tmp_path / "summary.json").write_text('{"steps": 3')  # not whole
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kiln: error: {tmp_path / 'summary.json'}: cannot read (Expecting")
+    assert err.count("\n") == 1
 
 
 def test_best_metrics_direction() -> None:

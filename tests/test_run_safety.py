@@ -290,15 +290,15 @@ def test_disk_full_while_checkpointing_names_the_last_complete_checkpoint(
 
 
 def _signal_during_setup(monkeypatch: pytest.MonkeyPatch, signum: int) -> None:
-    import kiln.engine.trainer as trainer_module
+    import kiln.engine.parts as parts_module
 
-    real = trainer_module.Trainer._build_data_and_model
+    real = parts_module._build_data
 
-    def build(self: Trainer) -> None:
+    def build(*args: Any) -> Any:
         os.kill(os.getpid(), signum)  # a real signal, delivered in the middle of setup
-        real(self)
+        return real(*args)
 
-    monkeypatch.setattr(trainer_module.Trainer, "_build_data_and_model", build)
+    monkeypatch.setattr(parts_module, "_build_data", build)
 
 
 def test_sigterm_during_setup_of_a_new_run_says_so_and_leaves_nothing(
@@ -315,7 +315,10 @@ def test_sigterm_during_setup_of_a_new_run_says_so_and_leaves_nothing(
     assert err.strip() == (
         "kiln: stopped by SIGTERM before training started; nothing to resume (start it again)"
     )
-    assert not run.exists()  # it created the directory, and took it back
+    # Nothing but status.json, which says what happened (the directory is the job's record).
+    assert sorted(p.name for p in run.iterdir() if p.name != ".kiln.lock") == ["status.json"]
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["exit_code"]) == ("stopped", 128 + signal.SIGTERM)
 
 
 def test_sigterm_during_setup_of_a_resume_keeps_the_pause_contract(
@@ -334,7 +337,12 @@ def test_sigterm_during_setup_of_a_resume_keeps_the_pause_contract(
     prefix = "kiln: stopped by SIGTERM before training started; continue with: kiln train --resume "
     assert err.strip().startswith(prefix)
     assert Path(err.strip().removeprefix(prefix)).resolve() == run.resolve()
-    assert tree_hashes(run) == before
+    # Everything the run had is as it was; status.json says it is paused (exit 3).
+    after = tree_hashes(run)
+    assert json.loads((run / "status.json").read_text())["state"] == "paused"
+    assert {k: v for k, v in after.items() if k != "status.json"} == {
+        k: v for k, v in before.items() if k != "status.json"
+    }
 
 
 # ---- 14. one process per run directory -----------------------------------------------------------

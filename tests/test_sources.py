@@ -18,6 +18,7 @@ from kiln.config import RunConfig, load_config
 from kiln.data import BadRows, IndexRow, ReadOptions, load_splits, read_rows, rows_from_python
 from kiln.data.sources import read_csv, read_json, read_text
 from kiln.errors import DataError
+from kiln.registry import MissingExtra
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
@@ -186,12 +187,12 @@ def test_missing_extra_is_one_line_naming_it(
     monkeypatch.setitem(sys.modules, "datasets", None)
     path = tmp_path / "d.parquet"
     path.write_bytes(b"")
-    for source in (path, "hf:someone/recipes"):
-        with pytest.raises(DataError) as exc:
+    for source, package in ((path, "pyarrow"), ("hf:someone/recipes", "datasets")):
+        with pytest.raises(MissingExtra) as exc:
             read_rows(source)
         (line,) = exc.value.problems
-        assert line.startswith(f"{source}: reading this needs the optional dependency")
-        assert line.endswith("pip install 'kiln[data]'")
+        assert line.startswith(f"reading {source} needs {package} (")
+        assert line.endswith("install it with: pip install 'kiln[data]'")
 
 
 # --- globs and lists ------------------------------------------------------------------------

@@ -1,15 +1,18 @@
-"""Notifications about a run: Discord, Slack, any JSON webhook, SMS through Twilio.
+"""Notifications about a run: Discord, Slack, any JSON webhook, SMS through Twilio, and any
+sender registered in `NOTIFIERS`.
 
 Secrets (webhook URLs, tokens, phone numbers) are read from the environment variables the
 config names, when the callback is built: a variable that is unset or empty is a `KilnError`
 then, before any training work, naming the config key (never the variable or a value). They
 are never written to the run directory or the log (warnings redact them).
 
-Each sender has its own queue and background thread, and spends its own time budget there (a
-timeout per request, retries with backoff): a slow, hanging or dead endpoint never holds up
-training, nor another sender's notes. At the end of the run (or on a failure) all senders drain
-in parallel for at most `notify.flush_timeout_s` in total; a sender still busy then is
-abandoned: its daemon thread drops what is still queued and never holds up the process's exit.
+Each sender runs on its own `kiln.callbacks.background.Lane` (the failure policy it shares
+with the trackers) and spends its own time budget there (a timeout per request, retries with
+backoff): a slow, hanging or dead endpoint never holds up training, nor another sender's
+notes. A sender that keeps failing gets one warning, and keeps trying the later notes. At the
+end of the run (or on a failure) all senders drain in parallel for at most
+`notify.flush_timeout_s` in total; a sender still busy then is abandoned: its daemon thread
+drops what is still queued and never holds up the process's exit.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import logging
 import os
 import threading
 import time
@@ -29,32 +31,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kiln.callbacks.background import Lane, describe, drain
 from kiln.callbacks.base import Callback
-from kiln.callbacks.loggers.worker import Worker
-from kiln.config.tracking import (
-    DiscordSender,
-    NotifyConfig,
-    SlackSender,
-    TwilioSender,
-    WebhookSender,
-)
+from kiln.config.tracking import NotifyConfig
+from kiln.engine.status import final_state
 from kiln.errors import KilnError
+from kiln.registry import Registry, UnknownName
 
 if TYPE_CHECKING:
-    from kiln.engine.trainer import Trainer
+    from kiln.engine.control import CheckpointKind, RunView
 
 __all__ = [
+    "NOTIFIERS",
     "DiscordWebhook",
     "JsonWebhook",
     "Notification",
     "NotifyCallback",
     "Sender",
+    "SenderFactory",
     "SlackWebhook",
     "TwilioSMS",
     "build_senders",
 ]
-
-log = logging.getLogger("kiln")
 
 _USER_AGENT = "kiln-notify/1"
 
@@ -181,26 +179,43 @@ class TwilioSMS:
         _post(url, urllib.parse.urlencode(form).encode(), headers, timeout)
 
 
-_SenderSpec = DiscordSender | SlackSender | WebhookSender | TwilioSender
+SenderFactory = Callable[[Any, Mapping[str, str]], Sender]
+"""Builds a sender from its `notify.senders` entry and the secrets read for it, by field name
+without `_env` (`url`, `token`, `account_sid`, `from`, ...)."""
+
+NOTIFIERS: Registry[SenderFactory] = Registry("notifier")
+"""Senders by `kind` (`kiln.registry.Registry`): discord, slack, webhook, twilio."""
 
 
-def _env_keys(spec: _SenderSpec) -> list[str]:
-    """The keys of `spec` that name an environment variable, in the sender's argument order."""
-    if isinstance(spec, TwilioSender):
-        return ["account_sid_env", "auth_token_env", "from_env", "to_env"]
-    if isinstance(spec, WebhookSender) and spec.token_env:
-        return ["url_env", "token_env"]
-    return ["url_env"]
+@NOTIFIERS.register("discord")
+def _discord(spec: Any, secrets: Mapping[str, str]) -> Sender:
+    return DiscordWebhook(secrets["url"])
 
 
-def _make_sender(spec: _SenderSpec, values: list[str]) -> Sender:
-    if isinstance(spec, DiscordSender):
-        return DiscordWebhook(values[0])
-    if isinstance(spec, SlackSender):
-        return SlackWebhook(values[0])
-    if isinstance(spec, WebhookSender):
-        return JsonWebhook(values[0], values[1] if spec.token_env else None)
-    return TwilioSMS(*values, api_url=spec.api_url)
+@NOTIFIERS.register("slack")
+def _slack(spec: Any, secrets: Mapping[str, str]) -> Sender:
+    return SlackWebhook(secrets["url"])
+
+
+@NOTIFIERS.register("webhook")
+def _webhook(spec: Any, secrets: Mapping[str, str]) -> Sender:
+    return JsonWebhook(secrets["url"], secrets.get("token"))
+
+
+@NOTIFIERS.register("twilio")
+def _twilio(spec: Any, secrets: Mapping[str, str]) -> Sender:
+    return TwilioSMS(
+        secrets["account_sid"],
+        secrets["auth_token"],
+        secrets["from"],
+        secrets["to"],
+        api_url=spec.api_url,
+    )
+
+
+def _env_keys(spec: Any) -> list[str]:
+    """The keys of `spec` that name an environment variable (`*_env`, when set), in order."""
+    return [k for k in type(spec).model_fields if k.endswith("_env") and getattr(spec, k)]
 
 
 def build_senders(cfg: NotifyConfig, environ: Mapping[str, str] | None = None) -> list[Sender]:
@@ -213,44 +228,26 @@ def build_senders(cfg: NotifyConfig, environ: Mapping[str, str] | None = None) -
     """
     env = os.environ if environ is None else environ
     problems: list[str] = []
-    specs: list[tuple[_SenderSpec, list[str]]] = []
+    specs: list[tuple[SenderFactory, Any, dict[str, str]]] = []
     for i, spec in enumerate(cfg.senders):
-        keys = _env_keys(spec)
+        try:
+            factory = NOTIFIERS.get(spec.kind)
+        except UnknownName as exc:
+            problems.append(f"notify.senders.{i}.kind: {exc}")
+            continue
         # Stray whitespace (a .env file with CRLF line ends) would only make every request
         # fail later, with an error message that may quote the secret.
-        values = [env.get(getattr(spec, key), "").strip() for key in keys]
+        secrets = {key: env.get(getattr(spec, key), "").strip() for key in _env_keys(spec)}
         problems += [
             f"notify.senders.{i}.{key}: the environment variable named here is not set (or is "
             "empty); set it, or remove this sender"
-            for key, value in zip(keys, values, strict=True)
+            for key, value in secrets.items()
             if not value
         ]
-        specs.append((spec, values))
+        specs.append((factory, spec, {k.removesuffix("_env"): v for k, v in secrets.items()}))
     if problems:
         raise KilnError(problems)
-    return [_make_sender(spec, values) for spec, values in specs]
-
-
-def _redact(text: str, secrets: tuple[str, ...]) -> str:
-    """`text` with each secret, and each part of one that an error may quote, as ***."""
-    forms: set[str] = set()
-    for secret in secrets:
-        if not secret:
-            continue
-        forms |= {secret, urllib.parse.quote(secret, safe="")}
-        # http.client quotes only the request path when it rejects a URL ("URL can't contain
-        # control characters. '/services/T0/B0/XYZ ...'"): the secret part of a webhook URL.
-        url = urllib.parse.urlsplit(secret)
-        if url.scheme and url.netloc:
-            forms |= {url.path, url.query, url.password or ""}
-    for form in sorted((f for f in forms if len(f) > 1), key=len, reverse=True):
-        text = text.replace(form, "***")
-    return text
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return [factory(spec, secrets) for factory, spec, secrets in specs]
 
 
 def _duration(seconds: float) -> str:
@@ -260,8 +257,8 @@ def _duration(seconds: float) -> str:
 
 
 class _Channel:
-    """One sender's own queue, thread and time budget (timeout per request, retries with
-    backoff), so a sender that hangs or keeps failing delays only its own notes."""
+    """One sender on its own lane, with its own time budget (a timeout per request, retries
+    with backoff), so a sender that hangs or keeps failing delays only its own notes."""
 
     def __init__(
         self, sender: Sender, cfg: NotifyConfig, on_sent: Callable[[int, Notification], None]
@@ -269,26 +266,21 @@ class _Channel:
         self.sender = sender
         self.cfg = cfg
         self._on_sent = on_sent
-        self.worker = Worker(f"kiln-notify-{sender.name}", on_error=self._on_bug)
-        self._warned = False  # touched only by this channel's thread
-        # Set when the flush stops waiting for this sender: its thread then drops what is
-        # still queued instead of sending stale notes (and warnings) long after the run.
-        self._abandoned = threading.Event()
+        # Not switched off by a failure: each note stands alone, and the end or failure note
+        # after a passing outage is the one that matters most.
+        self.lane = Lane("notify", sender.name, secrets=tuple(sender.secrets), switch_off=False)
 
     def submit(self, seq: int, note: Notification) -> None:
-        self.worker.submit(self._deliver, seq, note)
-
-    def abandon(self) -> None:
-        self._abandoned.set()
+        self.lane.submit(self._deliver, seq, note)
 
     def _deliver(self, seq: int, note: Notification) -> None:
-        if self._abandoned.is_set():
-            return
         error: Exception | None = None
+        attempts = 0
         for attempt in range(self.cfg.retries + 1):
             # Backoff 0.5 s, 1 s, 2 s, ... (at most 5 s); cut short when abandoned.
-            if attempt and self._abandoned.wait(min(0.5 * 2 ** (attempt - 1), 5.0)):
+            if attempt and self.lane.wait(min(0.5 * 2 ** (attempt - 1), 5.0)):
                 break
+            attempts += 1
             try:
                 self.sender.send(note, self.cfg.timeout_s)
             except Exception as exc:
@@ -296,37 +288,19 @@ class _Channel:
                 continue
             self._on_sent(seq, note)
             return
-        text = _first_line(error) if error else "unknown error"
-        if self._warned or self._abandoned.is_set():
-            self._log(logging.DEBUG, f"{note.event} not sent ({text})")
-            return
-        self._warned = True
-        self._log(
-            logging.WARNING,
-            f"could not send the {note.event} notification after {self.cfg.retries + 1} "
-            f"attempts ({text}); training goes on (later failures of this sender are not "
-            "reported)",
-        )
-
-    def _on_bug(self, exc: BaseException) -> None:
-        # Not a failed request (those are handled above): the Worker's own report would
-        # print the exception unredacted.
-        self._log(logging.DEBUG, f"delivery failed: {_first_line(exc)}")
-
-    def _log(self, level: int, message: str) -> None:
-        # Redact the whole line: an error text can quote a URL, and a sender picks its own name.
-        log.log(level, "%s", _redact(f"notify: {self.sender.name}: {message}", self.secrets))
-
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        return tuple(self.sender.secrets)
+        if error is not None:
+            self.lane.fail(
+                error, f" to send the {note.event} notification after {attempts} attempts"
+            )
 
 
 class NotifyCallback(Callback):
     """Sends the events of `notify.events` (and progress every `notify.every_steps`) to every
-    sender. Delivery is off the training thread, one thread per sender; a sender that keeps
+    sender. Delivery is off the training thread, one lane per sender; a sender that keeps
     failing gets one warning.
     """
+
+    state_key = "notify"
 
     def __init__(
         self,
@@ -351,7 +325,7 @@ class NotifyCallback(Callback):
         with self._lock:
             return [self._sent[seq] for seq in sorted(self._sent)]
 
-    # ---- delivery (one background thread per sender) -----------------------------------------
+    # ---- delivery (one lane per sender) -------------------------------------------------------
 
     def _open_channels(self) -> list[_Channel]:
         return [_Channel(sender, self.cfg, self._record) for sender in self.senders]
@@ -362,7 +336,7 @@ class NotifyCallback(Callback):
 
     def _emit(
         self,
-        trainer: Trainer,
+        run: RunView,
         event: str,
         message: str,
         metrics: Mapping[str, float | None] | None = None,
@@ -370,14 +344,14 @@ class NotifyCallback(Callback):
     ) -> None:
         if not self.senders:
             return
-        state = trainer.state
+        state = run.state
         note = Notification(
             event=event,
-            run=trainer.cfg.name,
+            run=run.cfg.name,
             message=message,
             step=state.step,
             total_steps=state.total_steps,
-            run_dir=str(trainer.run_dir.path),
+            run_dir=str(run.run_dir),
             metrics={k: float(v) for k, v in (metrics or {}).items() if v is not None},
             error=error,
         )
@@ -386,118 +360,106 @@ class NotifyCallback(Callback):
             channel.submit(seq, note)
 
     def _flush(self) -> None:
-        # Stop every channel first, then wait against one deadline: the senders drain in
-        # parallel, so the whole flush takes at most flush_timeout_s however many hang.
-        for channel in self._channels:
-            channel.worker.stop()
-        deadline = time.monotonic() + self.cfg.flush_timeout_s
-        busy = [
-            channel
-            for channel in self._channels
-            if not channel.worker.join(max(0.0, deadline - time.monotonic()))
-        ]
-        for channel in busy:
-            channel.abandon()
-        if busy:
-            names = ", ".join(channel.sender.name for channel in busy)
-            secrets = tuple(s for channel in busy for s in channel.secrets)
-            log.warning(
-                "%s",
-                _redact(
-                    f"notify: {names}: notifications still unsent after "
-                    f"{self.cfg.flush_timeout_s:g} s (notify.flush_timeout_s); not waiting "
-                    "for them",
-                    secrets,
-                ),
-            )
+        drain([c.lane for c in self._channels], self.cfg.flush_timeout_s, "notify.flush_timeout_s")
         # Fresh channels (threads start on the first note), so the callback can serve another
         # fit(); the abandoned ones finish their request in progress and drop the rest.
         self._channels = self._open_channels()
 
     # ---- events -------------------------------------------------------------------------------
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, run: RunView) -> None:
         self._start = time.monotonic()
-        state = trainer.state
+        self._final = None
+        state = run.state
         self._best = state.best_metric
         if "start" not in self.cfg.events:
             return
-        name = trainer.cfg.name
-        if trainer.resumed_from is not None:
+        name = run.cfg.name
+        if run.resumed_from is not None:
             msg = f"kiln: run '{name}' resumed at step {state.step}/{state.total_steps}"
         else:
             msg = f"kiln: run '{name}' started: {state.total_steps} steps"
-        self._emit(trainer, "start", f"{msg} ({trainer.run_dir.path})")
+        self._emit(run, "start", f"{msg} ({run.run_dir})")
 
-    def on_step_end(self, trainer: Trainer) -> None:
-        every, step = self.cfg.every_steps, trainer.state.step
+    def on_step_end(self, run: RunView) -> None:
+        every, step = self.cfg.every_steps, run.state.step
         if not every or step % every:
             return
-        loss = trainer.state.last_train_loss  # the last logged value: no extra host sync
+        loss = run.state.last_train_loss  # the last logged value: no extra host sync
         text = "n/a" if loss is None else f"{loss:.4f}"
         self._emit(
-            trainer,
+            run,
             "progress",
-            f"kiln: run '{trainer.cfg.name}' step {step}/{trainer.state.total_steps}, "
+            f"kiln: run '{run.cfg.name}' step {step}/{run.state.total_steps}, "
             f"train loss {text}, {_duration(time.monotonic() - self._start)} elapsed",
             {"train_loss": loss},
         )
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        state, previous = trainer.state, self._best
+    def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None:
+        state, previous = run.state, self._best
         self._best = state.best_metric
         improved = state.best_step == state.step and previous is not None
         if not improved or "best" not in self.cfg.events or state.best_metric == previous:
             return
-        metric = trainer.cfg.checkpoint.metric
+        metric = run.cfg.checkpoint.metric
         self._emit(
-            trainer,
+            run,
             "best",
-            f"kiln: run '{trainer.cfg.name}' new best {metric} {state.best_metric:.4f} at step "
+            f"kiln: run '{run.cfg.name}' new best {metric} {state.best_metric:.4f} at step "
             f"{state.step} (was {previous:.4f})",
             {**metrics, f"best_{metric}": state.best_metric},
         )
 
-    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
-        if path == trainer.run_dir.path / "final":
+    def on_checkpoint(self, run: RunView, path: Path, kind: CheckpointKind) -> None:
+        if kind == "final":
             self._final = path
 
-    def on_train_end(self, trainer: Trainer) -> None:
-        state, name = trainer.state, trainer.cfg.name
-        reason = state.stop_reason or ""
-        early = reason.lower().startswith(("early_stop", "early stop"))
-        event = "early_stop" if early and "early_stop" in self.cfg.events else "end"
+    def on_train_end(self, run: RunView) -> None:
+        event, msg = self._end_note(run)
         if event in self.cfg.events:
-            took = _duration(time.monotonic() - self._start)
-            where = f"{state.step}/{state.total_steps}"
-            if self._final is None:
-                msg = (
-                    f"kiln: run '{name}' paused at step {where} ({reason}); continue with --resume"
-                )
-            elif early:
-                msg = f"kiln: run '{name}' stopped early at step {where} after {took}: {reason}"
-            else:
-                msg = f"kiln: run '{name}' finished {state.step} steps in {took}"
+            state = run.state
             metrics: dict[str, float | None] = {"train_loss": state.last_train_loss}
             metrics.update(state.last_val)
             if state.last_val.get("val_loss") is not None:
                 msg += f"; val_loss {state.last_val['val_loss']:.4f}"
             if state.best_metric is not None:
-                metric = trainer.cfg.checkpoint.metric
+                metric = run.cfg.checkpoint.metric
                 metrics[f"best_{metric}"] = state.best_metric
                 msg += f" (best {metric} {state.best_metric:.4f} at step {state.best_step})"
             if self._final is not None:
                 msg += f"; final model: {self._final}"
-            self._emit(trainer, event, msg, metrics)
+            error = run.stop.reason if event == "failure" and run.stop is not None else None
+            self._emit(run, event, msg, metrics, error=error)
         self._flush()
 
-    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
+    def _end_note(self, run: RunView) -> tuple[str, str]:
+        """(event, message) for a run that returned from its loop, by how it ended."""
+        stop, name, state = run.stop, run.cfg.name, run.state
+        where = f"{state.step}/{state.total_steps}"
+        took = _duration(time.monotonic() - self._start)
+        if stop is None:
+            return "end", f"kiln: run '{name}' finished {state.step} steps in {took}"
+        ended = final_state(stop)[0]  # as status.json says
+        if ended == "diverged":  # a failure the loop caught: on_exception does not fire
+            return "failure", f"kiln: run '{name}' diverged at step {where}: {stop.reason}"
+        if ended == "paused":
+            why = f"({stop.reason}); continue with --resume"
+            return "end", f"kiln: run '{name}' paused at step {where} {why}"
+        if ended == "stopped":  # e.g. pruned by a sweep
+            return "end", f"kiln: run '{name}' stopped at step {where} ({stop.reason})"
+        if stop.kind == "early_stop":
+            event = "early_stop" if "early_stop" in self.cfg.events else "end"
+            msg = f"kiln: run '{name}' stopped early at step {where} after {took}"
+            return event, f"{msg}: {stop.reason}"
+        return "end", f"kiln: run '{name}' finished {state.step} steps in {took} ({stop.reason})"
+
+    def on_exception(self, run: RunView, exc: BaseException) -> None:
         if "failure" in self.cfg.events:
-            line = _first_line(exc)
+            line = describe(exc)
             self._emit(
-                trainer,
+                run,
                 "failure",
-                f"kiln: run '{trainer.cfg.name}' failed at step {trainer.state.step}: {line}",
+                f"kiln: run '{run.cfg.name}' failed at step {run.state.step}: {line}",
                 error=line,
             )
         self._flush()

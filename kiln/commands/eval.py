@@ -52,15 +52,13 @@ def _positive(value: int | None, flag: str) -> None:
 
 
 def _report_path(args: argparse.Namespace, model_dir: Path) -> Path:
+    from kiln.runs import RunPaths, run_dir_of
+
     if args.out:
         return Path(args.out)
     # final/ -> the run; checkpoints/step-N -> the run; a model directory -> itself.
-    run = model_dir.parent
-    if model_dir.parent.name == "checkpoints":
-        run = model_dir.parent.parent
-    elif model_dir.name != "final":
-        run = model_dir
-    return run / "eval" / f"{Path(args.data).stem}.json"
+    run = RunPaths(run_dir_of(model_dir) or model_dir)
+    return run.eval / f"{Path(args.data).stem}.json"
 
 
 def _check_report_path(out: Path, data: str) -> None:
@@ -81,26 +79,18 @@ def evaluate_on(
 ) -> tuple[dict[str, Any], Any, list[Any]]:
     """(report, config, rows): loss metrics of `loaded` on `data` as the run validated."""
     from kiln.config import apply_overrides, config_from_dict
+    from kiln.data import load_eval_data
     from kiln.data.collate import Batcher
-    from kiln.data.prepare import DataStats, _load, _tokenize_cached
-    from kiln.data.sources import ReadOptions
-    from kiln.data.tasks import make_format
+    from kiln.device import Precision
     from kiln.engine.evaluate import evaluate
-    from kiln.engine.precision import Precision
     from kiln.errors import KilnError
 
     if loaded.cfg is None:
         raise KilnError(f"{loaded.path}: no kiln config (kiln_config.yaml); not a kiln run")
     raw = apply_overrides(loaded.cfg.model_dump(mode="json"), [*overrides, f"data.val={data}"])
     cfg = config_from_dict(raw, "overrides")
-    options = ReadOptions.from_config(cfg.data)  # bounded like training data (max_chars)
-    fmt = make_format(cfg)
-    stats = DataStats()
-    rows = _load(data, fmt, cfg.data, options, stats)
     tokenizer, model = loaded.tokenizer, loaded.model
-    dataset = _tokenize_cached(cfg, fmt, tokenizer, rows, f"evaluation data ({data})")
-    if not cfg.data.isolate_documents:
-        dataset = dataset.without_documents()
+    rows, dataset, stats = load_eval_data(cfg, tokenizer, data)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     precision = Precision(cfg.train.precision if device.type == "cuda" else "fp32", device)
@@ -131,8 +121,8 @@ def evaluate_on(
 
 
 def run(args: argparse.Namespace) -> int:
+    from kiln.device import resolve_device
     from kiln.engine.generate_eval import GenerationEval
-    from kiln.engine.precision import resolve_device
     from kiln.files import write_atomic
     from kiln.models.load import load_trained
 

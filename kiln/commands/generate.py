@@ -1,4 +1,8 @@
-"""`kiln generate RUN_DIR|CKPT PROMPT`: decode from a trained model (greedy, sampling, beams)."""
+"""`kiln generate RUN_DIR|CKPT PROMPT`: decode from a trained model (greedy, sampling, beams).
+
+Generation is `kiln.models.generation.generate_texts` (its docstring has the rules: no special
+tokens added to the prompt, a decoder-only prompt cut from the left to fit the context).
+"""
 
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kiln.engine.precision import resolve_device
-    from kiln.generate import GenerationOptions, generate_text
+    from kiln.device import resolve_device
+    from kiln.models.generation import GenerationOptions, generate_texts
     from kiln.models.load import load_trained
 
     options = GenerationOptions(
@@ -40,11 +44,9 @@ def run(args: argparse.Namespace) -> int:
         num_beams=args.num_beams,
         seed=args.seed,
     )
-    options.check()  # before loading a model for minutes
+    options.check(flags=True)  # before loading a model for minutes
     device = resolve_device(args.device)
     loaded = load_trained(args.path, device=device)
-    text = generate_text(
-        loaded.model, loaded.tokenizer, args.prompt, task=loaded.task, options=options
-    )
+    [text] = generate_texts(loaded.model, loaded.tokenizer, [args.prompt], options=options)
     print(text if loaded.task == "seq2seq" else args.prompt + text)
     return 0

@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kiln.report import load_report, render_markdown, render_table
+    from kiln.runs import RunPaths
 
     run_dir = Path(args.run_dir)
     report = load_report(run_dir)
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         plot_run(run_dir)
         report = load_report(run_dir)
     print(render_table(report))
-    out = run_dir / "report.md"
+    out = RunPaths(run_dir).report
     write_atomic(out, render_markdown(report))
     print(f"\nreport: {out}")
     return 0

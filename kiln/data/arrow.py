@@ -1,45 +1,27 @@
 """Arrow-backed sources: Parquet files and Hugging Face `datasets` datasets.
 
 Both need the `data` extra (`pip install 'kiln[data]'`: pyarrow, datasets), imported only when
-such a source is read. Their rows are `IndexRow`s named `name#index` (0-based): `file.parquet#3`,
-`path/to/saved[train]#3`, `hf:user/recipes[train]#3`.
+such a source is read (without it, a one-line `MissingExtra` names the extra). Their rows are
+`IndexRow`s named `name#index` (0-based): `file.parquet#3`, `path/to/saved[train]#3`,
+`hf:user/recipes[train]#3`.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from kiln.data.sources import IndexRow, ReadOptions, Row
-from kiln.errors import DataError
+from kiln.errors import DataError, first_line
+from kiln.registry import require_extra
 
-__all__ = ["read_dataset", "read_parquet", "require"]
+__all__ = ["read_dataset", "read_parquet"]
 
 _HF_PREFIX = "hf:"
 
 
-def require(module: str, what: str) -> ModuleType:
-    """Import an optional dependency of the `data` extra, or fail with a one-line DataError.
-
-    Args:
-        module: e.g. "pyarrow.parquet".
-        what: the source that needs it, for the message (a path or `hf:<name>`).
-    """
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        package = module.split(".", 1)[0]
-        raise DataError(
-            f"{what}: reading this needs the optional dependency '{package}': "
-            "pip install 'kiln[data]'"
-        ) from None
-
-
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 def _rows(records: list[dict[str, Any]], name: str) -> list[Row]:
@@ -50,10 +32,11 @@ def read_parquet(path: str | Path, options: ReadOptions | None = None) -> list[R
     """Read a Parquet file (with pyarrow); rows are named `path#index`.
 
     Raises:
-        DataError: a missing or unreadable file, or pyarrow not installed.
+        DataError: a missing or unreadable file.
+        MissingExtra: pyarrow is not installed (the `data` extra).
     """
     path = Path(path)
-    pq = require("pyarrow.parquet", str(path))
+    pq = require_extra("pyarrow.parquet", "data", feature=f"reading {path}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -72,12 +55,13 @@ def read_dataset(source: str, options: ReadOptions | None = None) -> list[Row]:
     even without the `hf:` prefix.
 
     Raises:
-        DataError: `datasets` not installed, a dataset that cannot be loaded, or a missing
-            split (naming the ones there are).
+        DataError: a dataset that cannot be loaded, or a missing split (naming the ones there
+            are).
+        MissingExtra: `datasets` is not installed (the `data` extra).
     """
     options = options or ReadOptions()
     split = options.hf_split
-    datasets = require("datasets", source)
+    datasets = require_extra("datasets", "data", feature=f"reading {source}")
     path = Path(source)
     if not source.startswith(_HF_PREFIX) and path.is_dir():
         try:

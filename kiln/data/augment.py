@@ -42,6 +42,7 @@ from torch import Tensor
 
 from kiln.data.tasks import InstructionFormat, TaskFormat, render_template
 from kiln.errors import DataError, KilnError
+from kiln.registry import Registry, UnknownName
 
 if TYPE_CHECKING:
     from kiln.config import AugmentConfig, RunConfig
@@ -86,18 +87,17 @@ class Augmenter(Protocol):
 
 
 AugmenterFactory = Callable[[Mapping[str, Any], TaskFormat], Augmenter]
-AUGMENTERS: dict[str, AugmenterFactory] = {}
-"""Augmenter factories by name: `factory(options, task_format) -> Augmenter`."""
+AUGMENTERS: Registry[AugmenterFactory] = Registry("augmenter")
+"""Augmenter factories by name: `factory(options, task_format) -> Augmenter`; `data.augment`
+may also name one by import path, "package.module:factory"."""
 
 
-def register_augmenter(name: str) -> Callable[[AugmenterFactory], AugmenterFactory]:
-    """Register `factory(options, task_format) -> Augmenter` under `name` (for data.augment)."""
-
-    def add(factory: AugmenterFactory) -> AugmenterFactory:
-        AUGMENTERS[name] = factory
-        return factory
-
-    return add
+def register_augmenter(
+    name: str, *, replace: bool = False
+) -> Callable[[AugmenterFactory], AugmenterFactory]:
+    """Register `factory(options, task_format) -> Augmenter` under `name` (for data.augment);
+    a taken name is refused unless `replace`."""
+    return AUGMENTERS.register(name, replace=replace)
 
 
 DEFAULT_VERBS: dict[str, list[str]] = {
@@ -224,10 +224,10 @@ def build_augmenters(
     """
     out = []
     for i, spec in enumerate(specs):
-        factory = AUGMENTERS.get(spec.name)
-        if factory is None:
-            known = ", ".join(sorted(AUGMENTERS))
-            raise KilnError(f"data.augment[{i}].name: unknown augmenter {spec.name!r} ({known})")
+        try:
+            factory = AUGMENTERS.get(spec.name)
+        except UnknownName as exc:
+            raise KilnError(f"data.augment[{i}].name: {exc}") from None
         try:
             out.append((spec.p, factory(spec.options, fmt)))
         except ValueError as exc:
@@ -340,28 +340,14 @@ class _EpochView:
 def tokenizer_for(
     cfg: RunConfig, tokenizer: Any
 ) -> Callable[[list[tuple[str, ...]]], TokenDataset]:
-    """Tokenize rendered samples as the run's task does, cutting what is too long."""
-    from kiln.data.tokenize import tokenize_causal, tokenize_instruction, tokenize_seq2seq
+    """Tokenize rendered samples as data preparation does (`tokenize_task`), cutting what is
+    too long even under `data.truncation: false` (the original fitted; a longer variant must
+    not stop training)."""
+    from kiln.data.tokenize import tokenize_task
 
-    data = cfg.data
-    if cfg.task == "instruction":
-        return lambda parts: tokenize_instruction(
-            [p[0] for p in parts],
-            [p[1] for p in parts],
-            tokenizer,
-            data.max_length,
-            True,
-            quiet=True,
+    def tokenize(parts: list[tuple[str, ...]]) -> TokenDataset:
+        return tokenize_task(
+            cfg.task, parts, tokenizer, cfg.data, truncation=True, what="augmented data", quiet=True
         )
-    if cfg.task == "seq2seq":
-        return lambda parts: tokenize_seq2seq(
-            [p[0] for p in parts],
-            [p[1] for p in parts],
-            tokenizer,
-            data.max_length,
-            data.max_target_length,
-            truncation=True,
-        )
-    return lambda parts: tokenize_causal(
-        [p[0] for p in parts], tokenizer, data.max_length, False, truncation=True
-    )
+
+    return tokenize

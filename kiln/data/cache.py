@@ -39,9 +39,9 @@ __all__ = [
     "CACHE_VERSION",
     "cache_key",
     "cached_dataset",
+    "fingerprint_matches",
     "load_entry",
     "settings",
-    "fingerprint_matches",
     "tokenizer_fingerprint",
 ]
 

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from kiln.registry import Registry
+
 __all__ = [
     "COLLATORS",
     "DEFAULT_COLLATORS",
@@ -47,37 +49,30 @@ class Collator(Protocol):
     ) -> dict[str, Tensor]: ...
 
 
-COLLATORS: dict[str, Collator] = {}
-"""Collators by name; `data.collator` picks one ("auto": `DEFAULT_COLLATORS[task]`)."""
+COLLATORS: Registry[Collator] = Registry("collator", reserved=("auto",))
+"""Collators by name; `data.collator` picks one ("auto": `DEFAULT_COLLATORS[task]`), or names
+one by import path, "package.module:function"."""
 
 DEFAULT_COLLATORS = {"causal_lm": "causal", "instruction": "instruction", "seq2seq": "seq2seq"}
 
 
-def register_collator(name: str) -> Callable[[Collator], Collator]:
-    """Decorator adding a collator to `COLLATORS` under `name` (which must be new, not "auto")."""
-
-    def add(fn: Collator) -> Collator:
-        if name == "auto" or name in COLLATORS:
-            raise ValueError(f"collator name {name!r} is reserved or already registered")
-        COLLATORS[name] = fn
-        return fn
-
-    return add
+def register_collator(name: str, *, replace: bool = False) -> Callable[[Collator], Collator]:
+    """Decorator adding a collator to `COLLATORS` under `name` (which must be new, not "auto",
+    unless `replace`)."""
+    return COLLATORS.register(name, replace=replace)
 
 
 def get_collator(name: str, task: str) -> Collator:
-    """The collator registered as `name`, or the task's default for "auto".
+    """The collator registered as `name` (or imported from "module:attribute"), or the task's
+    default for "auto".
 
     Raises:
-        ValueError: an unknown task, or an unknown name (the message lists the known names).
+        ValueError: an unknown task.
+        UnknownName (a KeyError): an unknown name (the message lists the known names).
     """
     if task not in _TASKS:
         raise ValueError(f"unknown task {task!r}, expected one of {_TASKS}")
-    key = DEFAULT_COLLATORS[task] if name == "auto" else name
-    if key not in COLLATORS:
-        known = ", ".join(["auto", *sorted(COLLATORS)])
-        raise ValueError(f"unknown collator {name!r}; known: {known}")
-    return COLLATORS[key]
+    return COLLATORS.get(DEFAULT_COLLATORS[task] if name == "auto" else name)
 
 
 def _as_long(seq: Sequence[int] | Tensor) -> Tensor:
@@ -236,11 +231,12 @@ class Batcher:
     Args:
         task: "causal_lm", "instruction" or "seq2seq".
         pad_id: the tokenizer's pad token id.
-        collator: a `COLLATORS` name, or "auto" for the task's default.
+        collator: a `COLLATORS` name (or "module:attribute"), or "auto" for the task's default.
         pad_to_multiple_of: round padded lengths up to a multiple of this.
 
     Raises:
-        ValueError: an unknown task or collator name.
+        ValueError: an unknown task.
+        UnknownName (a KeyError): an unknown collator name.
     """
 
     def __init__(

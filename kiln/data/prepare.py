@@ -2,7 +2,8 @@
 
 `load_splits` turns the config's files into train/val rows (every row checked, every drop
 counted in `DataStats`); `build_datasets` renders and tokenizes them for the task;
-`prepare_data` does both. Each filter is a small function over rows, so later stages
+`prepare_data` does both; `load_eval_data` does the same for one more dataset, as validation
+data (for `kiln eval`). Each filter is a small function over rows, so later stages
 (curriculum, augmentation, more sources) slot in without touching the others.
 """
 
@@ -22,12 +23,7 @@ from kiln.data.dataset import TokenDataset
 from kiln.data.progress import Progress
 from kiln.data.sources import BadRows, ReadOptions, Row, _Problems, json_type, read_rows, where
 from kiln.data.tasks import TaskFormat, make_format, render_rows
-from kiln.data.tokenize import (
-    encode_workers,
-    tokenize_causal,
-    tokenize_instruction,
-    tokenize_seq2seq,
-)
+from kiln.data.tokenize import encode_workers, tokenize_task
 from kiln.errors import DataError
 
 if TYPE_CHECKING:
@@ -41,6 +37,7 @@ __all__ = [
     "DataStats",
     "build_datasets",
     "dedup_mask",
+    "load_eval_data",
     "load_splits",
     "prepare_data",
     "quality_mask",
@@ -337,52 +334,10 @@ def _tokenize(
     what: str,
     rendered: Sequence[tuple[str, ...]] | None = None,
 ) -> TokenDataset:
-    data = cfg.data
+    """Render rows and tokenize them for the task (`tokenize_task`), naming rows `file:line`."""
     rendered = render_rows(fmt, rows) if rendered is None else rendered
-    if cfg.task == "seq2seq":
-        sources = [r[0] for r in rendered]
-        targets = [r[1] for r in rendered]
-        return tokenize_seq2seq(
-            sources,
-            targets,
-            tokenizer,
-            data.max_length,
-            data.max_target_length,
-            truncation=data.truncation,
-            locations=[where(row, i) for i, row in enumerate(rows)],
-        )
-    texts = [r[0] for r in rendered]
-    return tokenize_causal(
-        texts,
-        tokenizer,
-        data.max_length,
-        data.packing,
-        what=what,
-        isolate_documents=data.isolate_documents,
-        truncation=data.truncation,
-        locations=[where(row, i) for i, row in enumerate(rows)],
-    )
-
-
-def _build_instruction(
-    cfg: RunConfig,
-    fmt: TaskFormat,
-    tokenizer: PreTrainedTokenizerBase,
-    rows: Sequence[Mapping[str, Any]],
-    what: str,
-    rendered: Sequence[tuple[str, ...]] | None = None,
-) -> TokenDataset:
-    """Render rows to (prompt, response) and tokenize them, naming rows by `file:line`."""
-    rendered = render_rows(fmt, rows) if rendered is None else rendered
-    return tokenize_instruction(
-        [r[0] for r in rendered],
-        [r[1] for r in rendered],
-        tokenizer,
-        cfg.data.max_length,
-        cfg.data.truncation,
-        locations=[where(row, i) for i, row in enumerate(rows)],
-        what=what,
-    )
+    locations = [where(row, i) for i, row in enumerate(rows)]
+    return tokenize_task(cfg.task, rendered, tokenizer, cfg.data, what=what, locations=locations)
 
 
 def _tokenize_cached(
@@ -394,11 +349,10 @@ def _tokenize_cached(
 ) -> TokenDataset:
     """Tokenize rows for the task through the cache (`data.cache_dir`), `data.num_workers`."""
     rendered = render_rows(fmt, rows)
-    tokenize = _build_instruction if cfg.task == "instruction" else _tokenize
 
     def build() -> TokenDataset:
         with encode_workers(cfg.data.num_workers):
-            return tokenize(cfg, fmt, tokenizer, rows, what, rendered)
+            return _tokenize(cfg, fmt, tokenizer, rows, what, rendered)
 
     return cached_dataset(cfg, tokenizer, rendered, build, what=what)
 
@@ -454,3 +408,35 @@ def prepare_data(
     """`load_splits` then `build_datasets`: the run's datasets from its config."""
     train_rows, val_rows, stats = load_splits(cfg)
     return build_datasets(cfg, tokenizer, train_rows, val_rows, stats=stats)
+
+
+def load_eval_data(
+    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, source: str | list[str]
+) -> tuple[list[Row], TokenDataset, DataStats]:
+    """Read, check, filter and tokenize `source` exactly as the run's validation data is.
+
+    The `data` section decides everything: format, fields or templates, read limits
+    (data.max_chars), data.on_bad_row, min_quality_score, min_chars / max_chars, dedup, and
+    tokenization (through the cache, `data.cache_dir`). Packed documents attend across each
+    other unless `data.isolate_documents`, as in training.
+
+    Returns:
+        (rows kept, in source order; the dataset; stats: rows_read, dropped, bad_rows, and
+        val_rows / val_examples / val_tokens for this data).
+
+    Raises:
+        DataError: unreadable source, bad rows (named `file:line`) unless skipped, or no rows
+            left after filtering.
+    """
+    fmt = make_format(cfg)
+    stats = DataStats()
+    options = ReadOptions.from_config(cfg.data)
+    rows = _load(source, fmt, cfg.data, options, stats)
+    what = f"evaluation data ({_spec_name(source)})"
+    dataset = _tokenize_cached(cfg, fmt, tokenizer, rows, what)
+    if not cfg.data.isolate_documents:
+        dataset = dataset.without_documents()
+    stats.val_rows = len(rows)
+    stats.val_examples, stats.val_tokens = len(dataset), dataset.num_tokens
+    stats.bad_rows, stats.bad_row_examples = options.bad.count, list(options.bad.examples)
+    return rows, dataset, stats

@@ -59,6 +59,7 @@ from kiln.data.limits import (
 from kiln.data.lines import array_starts, data_array_start, decoded_lines, skip_ws, whole_text
 from kiln.data.progress import Progress
 from kiln.errors import DataError
+from kiln.registry import Registry
 
 if TYPE_CHECKING:
     from kiln.config import DataConfig
@@ -426,14 +427,14 @@ def _read_parquet(path: str | Path, options: ReadOptions | None = None) -> list[
 
 Reader = Callable[[Path, ReadOptions | None], list[Row]]
 
-READERS: dict[str, Reader] = {
-    "jsonl": read_jsonl,
-    "json": read_json,
-    "csv": read_csv,
-    "text": read_text,
-    "parquet": _read_parquet,
-}
-"""Reader per `data.format` name; a reader takes (path, options) and returns rows."""
+READERS: Registry[Reader] = Registry("data format", reserved=("auto", "hf"))
+"""Reader per `data.format` name; a reader takes (path, options) and returns rows. ("auto"
+picks one by suffix; "hf" reads `datasets` datasets, which are not files.)"""
+READERS.add("jsonl", read_jsonl)
+READERS.add("json", read_json)
+READERS.add("csv", read_csv)
+READERS.add("text", read_text)
+READERS.add("parquet", _read_parquet)
 
 SUFFIX_FORMATS: dict[str, str] = {
     ".jsonl": "jsonl",
@@ -476,8 +477,10 @@ def read_source(source: str | Path, options: ReadOptions | None = None) -> list[
     A read that takes more than a few seconds is logged with its row count (`Progress`).
 
     Raises:
-        DataError: a missing file, an unreadable source, a missing optional dependency, or
-            (unless `options.bad` skips them) malformed rows.
+        DataError: a missing file, an unreadable source, or (unless `options.bad` skips
+            them) malformed rows.
+        MissingExtra: a format whose optional dependency is not installed (Parquet, datasets).
+        UnknownName: a `data.format` no reader is registered for.
     """
     options = options or ReadOptions()
     source = str(source)
@@ -504,7 +507,7 @@ def _read_one(source: str, options: ReadOptions) -> list[Row]:
     fmt = options.format
     if fmt == "auto":
         fmt = SUFFIX_FORMATS.get(path.suffix.lower(), "jsonl")
-    return READERS[fmt](path, options)
+    return READERS.get(fmt)(path, options)
 
 
 def read_rows(

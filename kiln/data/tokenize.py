@@ -26,12 +26,15 @@ from kiln.errors import DataError, ModelError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from kiln.config import DataConfig
+
 __all__ = [
     "encode",
     "encode_workers",
     "tokenize_causal",
     "tokenize_instruction",
     "tokenize_seq2seq",
+    "tokenize_task",
 ]
 
 log = logging.getLogger("kiln")
@@ -465,3 +468,73 @@ def tokenize_instruction(
         aligned=True,
         source_rows=source_rows,
     )
+
+
+def tokenize_task(
+    task: str,
+    rendered: Sequence[tuple[str, ...]],
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataConfig,
+    *,
+    truncation: bool | None = None,
+    what: str = "data",
+    locations: Sequence[str] | None = None,
+    quiet: bool = False,
+) -> TokenDataset:
+    """Tokenize rendered rows for `task` as `data` configures it: the one task dispatch that
+    data preparation and augmentation share, so a row gives the same tokens either way.
+
+    causal_lm: `tokenize_causal` of each `(text,)` (`data.packing`, `data.isolate_documents`);
+    seq2seq: `tokenize_seq2seq` of each `(source, target)` (`data.max_target_length`);
+    instruction: `tokenize_instruction` of each `(prompt, response)`; all within
+    `data.max_length`.
+
+    Args:
+        task: "causal_lm", "instruction" or "seq2seq".
+        rendered: one tuple per row, as `TaskFormat.render` gives it.
+        tokenizer: a transformers tokenizer with an eos token.
+        data: the run's data config.
+        truncation: cut or refuse what is too long; default `data.truncation`.
+        what: names the data in messages, e.g. "training data (train.jsonl)".
+        locations: each row's `file:line`, for messages.
+        quiet: instruction: log dropped samples at debug level, not as a warning.
+
+    Raises:
+        DataError: as the task's tokenize function raises it.
+    """
+    cut = data.truncation if truncation is None else truncation
+    first = [r[0] for r in rendered]
+    if task == "causal_lm":
+        return tokenize_causal(
+            first,
+            tokenizer,
+            data.max_length,
+            data.packing,
+            what=what,
+            isolate_documents=data.isolate_documents,
+            truncation=cut,
+            locations=locations,
+        )
+    second = [r[1] for r in rendered]
+    if task == "seq2seq":
+        return tokenize_seq2seq(
+            first,
+            second,
+            tokenizer,
+            data.max_length,
+            data.max_target_length,
+            truncation=cut,
+            locations=locations,
+        )
+    if task == "instruction":
+        return tokenize_instruction(
+            first,
+            second,
+            tokenizer,
+            data.max_length,
+            cut,
+            locations=locations,
+            what=what,
+            quiet=quiet,
+        )
+    raise ValueError(f"unknown task {task!r}")

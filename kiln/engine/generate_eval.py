@@ -9,8 +9,10 @@ Which text is the prompt and which the reference, per task:
 - seq2seq: the rendered source and target.
 
 The same first `num_samples` usable validation rows are used at every evaluation, so the
-numbers are comparable across steps. Decoding is greedy unless `do_sample`; sampling draws
-from its own seeded RNG, so generation never changes the training RNG stream.
+numbers are comparable across steps. Generation is `kiln.models.generation.generate_texts`,
+the function behind `kiln generate` and the end-of-run sample too (the same prompt encoding,
+padding, EOS and context rules): greedy unless `do_sample`, seeded with the run's seed, and
+never changing the training RNG stream.
 """
 
 from __future__ import annotations
@@ -22,17 +24,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from kiln.data.tasks import make_format
 from kiln.errors import KilnError
 from kiln.files import write_atomic
 from kiln.metrics.registry import GenSample, Metric, get_metric
+from kiln.models.generation import GenerationOptions, generate_texts
 
 if TYPE_CHECKING:
     from kiln.config import RunConfig
 
-__all__ = ["GenerationEval", "eval_pairs", "generate_texts"]
+__all__ = ["GenerationEval", "eval_pairs"]
 
 log = logging.getLogger("kiln")
 
@@ -57,90 +58,6 @@ def eval_pairs(cfg: RunConfig, rows: Sequence[Mapping[str, Any]], n: int) -> lis
         if prompt and reference.strip():
             pairs.append((prompt, reference))
     return pairs
-
-
-def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    # As training tokenizes: no special tokens (kiln adds EOS itself where it trains one).
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-
-@torch.no_grad()
-def generate_texts(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    task: str,
-    max_new_tokens: int,
-    batch_size: int = 8,
-    do_sample: bool = False,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    seed: int = 0,
-    max_time_s: float | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> list[str | None]:
-    """Generate a continuation (causal_lm, instruction) or target (seq2seq) per prompt.
-
-    Prompts are batched (`batch_size`), left-padded for decoder-only models. seq2seq sources
-    end with EOS, as kiln trains them. A causal prompt is cut from the left so that prompt plus
-    `max_new_tokens` fit the model's positions. Entries are None for prompts not reached
-    within `max_time_s` (a whole-call budget) or after `should_stop()` turned true.
-    """
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    limit = getattr(model.config, "max_position_embeddings", None) if task != "seq2seq" else None
-    encoded = _encode(tokenizer, prompts)
-    if task == "seq2seq" and eos is not None:
-        encoded = [[*ids, eos] for ids in encoded]
-    out: list[str | None] = [None] * len(prompts)
-    start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            for first in range(0, len(prompts), batch_size):
-                left = None if max_time_s is None else max_time_s - (time.perf_counter() - start)
-                if (left is not None and left <= 0) or (should_stop and should_stop()):
-                    break
-                chunk = encoded[first : first + batch_size]
-                new = max_new_tokens
-                if limit:
-                    new = max(1, min(new, limit - 1))
-                    chunk = [ids[-(limit - new) :] for ids in chunk]
-                width = max(len(ids) for ids in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, seq in enumerate(chunk):
-                    if task == "seq2seq":  # encoder input: right padding
-                        ids[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), 1
-                    else:  # decoder-only: left padding, so every row continues at the end
-                        ids[r, width - len(seq) :], mask[r, width - len(seq) :] = (
-                            torch.tensor(seq),
-                            1,
-                        )
-                kwargs: dict[str, Any] = {"do_sample": do_sample}
-                if do_sample:
-                    kwargs.update(temperature=temperature, top_p=top_p)
-                if left is not None:
-                    kwargs["max_time"] = left
-                gen = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=new,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                    **kwargs,
-                )
-                gen = gen if task == "seq2seq" else gen[:, width:]
-                for r in range(len(chunk)):
-                    out[first + r] = tokenizer.decode(gen[r], skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-    return out
 
 
 class GenerationEval:
@@ -198,26 +115,28 @@ class GenerationEval:
         if not pairs:
             return {}
         start = time.perf_counter()
-        texts = generate_texts(
-            model,
-            tokenizer,
-            [p for p, _ in pairs],
-            task=self.cfg.task,
+        options = GenerationOptions(
             max_new_tokens=self.gen.max_new_tokens,
-            batch_size=self.gen.batch_size,
             do_sample=self.gen.do_sample,
             temperature=self.gen.temperature,
             top_p=self.gen.top_p,
             seed=self.cfg.seed,
+        )
+        texts = generate_texts(
+            model,
+            tokenizer,
+            [p for p, _ in pairs],
+            options=options,
+            batch_size=self.gen.batch_size,
             max_time_s=self.gen.max_time_s,
             should_stop=should_stop,
         )
         if should_stop is not None and should_stop():
             return None
+        # texts is a prefix of pairs when the time budget ran out.
         samples = [
             GenSample(prompt, reference, text, self.cfg.task)
-            for (prompt, reference), text in zip(pairs, texts, strict=True)
-            if text is not None
+            for (prompt, reference), text in zip(pairs[: len(texts)], texts, strict=True)
         ]
         if len(samples) < len(pairs):
             log.warning(

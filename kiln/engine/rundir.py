@@ -79,7 +79,8 @@ class RunDir:
             raise KilnError(f"output_dir: cannot create {self.path}: {exc.strerror}") from None
 
     def release(self) -> None:
-        """Unlock; a directory this run created and left empty (it failed early) is removed."""
+        """Unlock; a directory this run created and left empty (refused before it began) is
+        removed. (One that failed or stopped during setup keeps its status.json.)"""
         if self._lock is None:
             return
         self._lock.release()

@@ -88,10 +88,18 @@ class StatusFile:
             "error": None,
         }
         self._rate_from: tuple[float, int] | None = None
+        self._begun = False
+
+    def begin(self) -> None:
+        """This process owns the run directory now (locked, checked): write `starting`. Until
+        then nothing is written, so a refused start never touches another run's status."""
+        self._begun = self.enabled
+        self.data["started_at"] = time.time()
+        self.write("starting")
 
     def write(self, state: str | None = None, train_state: TrainState | None = None) -> None:
         """Rewrite status.json with the current counters (and `state`, when it changes)."""
-        if not self.enabled:
+        if not self._begun:
             return
         now = time.time()
         if state is not None:

@@ -36,13 +36,13 @@ from kiln.engine.resume import (
     restore_checkpoint,
 )
 from kiln.engine.rundir import RunDir, model_card, run_summary
-from kiln.engine.sample import generate_sample  # TEMP until models.generation lands
 from kiln.engine.signals import StopSignals
 from kiln.engine.state import LoopState, TrainState
 from kiln.engine.status import StatusFile, final_state
 from kiln.errors import KilnError
 from kiln.files import is_within
 from kiln.metrics.tracker import MetricsTracker, tracker_for
+from kiln.models.generation import GenerationOptions, generate_texts
 from kiln.optim import set_lr
 from kiln.process import ProcessState
 from kiln.rank import RankContext
@@ -278,7 +278,7 @@ class Trainer:
             )
         elif resume_from is None:  # checked before minutes of setup, not after
             self.run_dir.check_free(overwrite=self.overwrite)
-        self.status.write("starting")
+        self.status.begin()
         parts = self.setup()
         cfg = self.cfg
         if foreign or resume_from is None:
@@ -336,7 +336,8 @@ class Trainer:
             self._validate()
         every = cfg.checkpoint.every_steps
         periodic = every is not None and (step % every == 0 or last)
-        held = stopping and not self._final_wanted()  # paused or pruned: resumable
+        # Paused or pruned (also by a request made during this validation): resumable.
+        held = self.control.stopping and not self._final_wanted()
         if held:
             self.save_checkpoint("pause")
         elif periodic or self.control.save_requested:
@@ -566,14 +567,15 @@ class Trainer:
         if prompt is None or not self.rank.is_main:
             return None
         parts = self.setup()
-        return generate_sample(
-            parts.model,
-            parts.tokenizer,
-            prompt,
-            task=self.cfg.task,
+        options = GenerationOptions(
             max_new_tokens=self.cfg.eval.sample_max_new_tokens,
+            do_sample=True,
+            temperature=0.7,
+            top_p=0.9,
             seed=self.cfg.seed,
         )
+        text = generate_texts(parts.model, parts.tokenizer, [prompt], options=options)[0]
+        return text if self.cfg.task == "seq2seq" else prompt + text
 
     def _summary(self, final_dir: Path | None, sample: str | None) -> dict[str, Any]:
         parts = self.setup()

@@ -16,13 +16,13 @@ stopping and keep_best can rank by them.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from kiln.metrics.recipe import recipe_metric
 from kiln.metrics.text import bleu, rouge
+from kiln.registry import Registry, UnknownName
 
 __all__ = [
     "METRICS",
@@ -76,8 +76,11 @@ def _rouge(samples: Sequence[GenSample]) -> dict[str, float]:
     return rouge([s.generation for s in samples], [s.reference for s in samples])
 
 
-METRICS: dict[str, Metric] = {"bleu": _bleu, "rouge": _rouge, "recipe": recipe_metric}
-"""Registered metrics by name."""
+METRICS: Registry[Metric] = Registry("metric")
+"""Registered metrics by name (`kiln.registry.Registry`)."""
+METRICS.add("bleu", _bleu)
+METRICS.add("rouge", _rouge)
+METRICS.add("recipe", recipe_metric)
 
 
 def register_metric(name: str, *, replace: bool = False) -> Callable[[Metric], Metric]:
@@ -86,9 +89,7 @@ def register_metric(name: str, *, replace: bool = False) -> Callable[[Metric], M
     def add(metric: Metric) -> Metric:
         if not callable(metric):
             raise TypeError(f"metric {name!r} must be callable(samples) -> dict of scores")
-        if name in METRICS and not replace:
-            raise ValueError(f"a metric named {name!r} is already registered")
-        METRICS[name] = metric
+        METRICS.add(name, metric, replace=replace)
         return metric
 
     return add
@@ -96,28 +97,20 @@ def register_metric(name: str, *, replace: bool = False) -> Callable[[Metric], M
 
 def available_metrics() -> list[str]:
     """Registered metric names, sorted."""
-    return sorted(METRICS)
+    return METRICS.names()
 
 
 def get_metric(name: str) -> Metric:
     """The metric registered as `name`, or imported from "module:attribute".
 
     Raises:
-        KeyError: an unknown name, or an import path that does not resolve (the message says
-            which).
+        UnknownName (a KeyError): an unknown name (the message lists the registered ones), an
+            import path that does not resolve, or an object that is not callable.
     """
-    if name in METRICS:
-        return METRICS[name]
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            metric = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise KeyError(f"cannot import metric {name!r}: {exc}") from None
-        if not callable(metric):
-            raise KeyError(f"{name!r} is not callable")
-        return metric
-    raise KeyError(f"unknown metric {name!r} (registered: {', '.join(available_metrics())})")
+    metric = METRICS.get(name)
+    if not callable(metric):
+        raise UnknownName(f"metric {name!r} is not callable")
+    return metric
 
 
 def compute_metrics(names: Sequence[str], samples: Sequence[GenSample]) -> dict[str, float]:

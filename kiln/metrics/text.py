@@ -4,7 +4,8 @@ kiln does not re-implement either: `bleu` is `sacrebleu.corpus_bleu` and `rouge`
 `rouge_score.rouge_scorer.RougeScorer` F1 over the samples. What these functions add is one
 calling convention for both (one entry per hypothesis), input checks with clear messages, and
 references whose number varies between hypotheses. Both need the `metrics` extra
-(`pip install 'kiln[metrics]'`); without it they raise a `KilnError` naming it.
+(`pip install 'kiln[metrics]'`), imported when first used; without it they raise a one-line
+`kiln.registry.MissingExtra` (a `KilnError`) naming it.
 
 References: each hypothesis has one reference (a string) or several (a list of strings; the
 number may vary between hypotheses).
@@ -12,27 +13,17 @@ number may vary between hypotheses).
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from kiln.errors import KilnError
+from kiln.registry import require_extra
 
 __all__ = ["ROUGE_TYPES", "bleu", "rouge"]
 
 References = Sequence[str | Sequence[str]]
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-
-
-def _require(module: str, package: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise KilnError(
-            f"this metric needs {package}, from the metrics extra: pip install 'kiln[metrics]'"
-        ) from None
 
 
 def _as_lists(hyps: Sequence[str], refs: References, what: str) -> list[list[str]]:
@@ -67,7 +58,7 @@ def bleu(
     groups = _as_lists(hyps, refs, "bleu")
     if not groups:
         return 0.0
-    sacrebleu = _require("sacrebleu", "sacrebleu")
+    sacrebleu = require_extra("sacrebleu", "metrics", feature="bleu")
     width = max(len(g) for g in groups)
     streams = [[g[k] if k < len(g) else None for g in groups] for k in range(width)]
     try:
@@ -79,7 +70,7 @@ def bleu(
 
 @lru_cache(maxsize=8)
 def _scorer(types: tuple[str, ...], use_stemmer: bool) -> Any:
-    rouge_scorer = _require("rouge_score.rouge_scorer", "rouge-score")
+    rouge_scorer = require_extra("rouge_score.rouge_scorer", "metrics", feature="rouge")
     return rouge_scorer.RougeScorer(list(types), use_stemmer=use_stemmer)
 
 

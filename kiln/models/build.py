@@ -35,8 +35,9 @@ from transformers.models.auto.modeling_auto import (
 from transformers.utils import is_flash_attn_2_available
 
 from kiln.config import RunConfig
-from kiln.errors import ModelError
+from kiln.errors import ModelError, first_line
 from kiln.models.tokenizer import looks_local
+from kiln.registry import require_extra
 
 __all__ = [
     "LOAD_ERRORS",
@@ -71,10 +72,9 @@ def load_failure(exc: BaseException) -> str:
     """The first line of a loading error, for a one-line message (the rest is a report table)."""
     if isinstance(exc, KeyError):  # str(KeyError("x")) is just "'x'"
         return f"missing key {exc}"
-    text = str(exc).strip()
     if isinstance(exc, StrictDataclassError):  # "Validation error for field 'x':\n  <why>"
-        return " ".join(line.strip() for line in text.splitlines())
-    return text.splitlines()[0] if text else type(exc).__name__
+        return " ".join(line.strip() for line in str(exc).strip().splitlines())
+    return first_line(exc)
 
 
 _TASK_AUTO = {
@@ -210,7 +210,7 @@ def _load_pretrained_config(cfg: RunConfig) -> tuple[str, PretrainedConfig]:
 
 def _qlora_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """from_pretrained arguments that load the base in 4-bit NF4 (QLoRA) on the run's GPU."""
-    from kiln.engine.precision import resolve_device
+    from kiln.device import resolve_device
 
     device = resolve_device(cfg.train.device)
     if device.type != "cuda":
@@ -218,13 +218,7 @@ def _qlora_kwargs(cfg: RunConfig) -> dict[str, Any]:
             f"lora.qlora: 4-bit QLoRA needs a CUDA GPU (bitsandbytes); this run trains on "
             f"{device.type}: set lora.qlora: false"
         )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ModelError(
-            "lora.qlora: 4-bit QLoRA needs bitsandbytes; install the extra: "
-            "pip install 'kiln[qlora]'"
-        ) from None
+    require_extra("bitsandbytes", "qlora", feature="lora.qlora: 4-bit QLoRA")
     from transformers import BitsAndBytesConfig
 
     compute = torch.float16 if cfg.model.dtype == "float16" else torch.bfloat16
@@ -258,6 +252,7 @@ def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTraine
     Raises:
         ModelError: a one-line message when the pretrained model cannot be loaded or does not
             fit the task.
+        MissingExtra: `lora.qlora` without bitsandbytes (the `qlora` extra).
     """
     auto_cls = _TASK_AUTO[cfg.task]
     dtype = getattr(torch, cfg.model.dtype)

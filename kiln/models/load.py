@@ -9,7 +9,8 @@ Checkpoints are checked against their manifest's checksums before they are loade
 does: a run's newest checkpoint that fails is skipped for the next older one (with a warning),
 one named explicitly is refused. Files that cannot be read (a truncated model.safetensors, a
 config.json or tokenizer.json that is not what it should be) give one line naming the
-directory and the first line of the cause, never a traceback.
+directory and the first line of the cause, never a traceback. Where things lie in a run
+directory is `kiln.runs`'s business.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import SafetensorError
 
 from kiln.config import RunConfig, config_from_dict
 from kiln.errors import KilnError, ModelError
 from kiln.models.build import LOAD_ERRORS, load_failure
+from kiln.runs import RunPaths, config_file, read_config_raw, run_dir_of
 
 __all__ = [
     "BASE_FILE",
@@ -86,10 +87,11 @@ def resolve_model_path(path: str | Path) -> Path:
             return CheckpointManager(path.parent).verify(path).path
         except ValueError as exc:
             raise KilnError(str(exc)) from None
-    if (path / "final").is_dir():
-        return path / "final"
-    if (path / "checkpoints").is_dir():
-        manager = CheckpointManager(path / "checkpoints")
+    run = RunPaths(path)
+    if run.final.is_dir():
+        return run.final
+    if run.checkpoints.is_dir():
+        manager = CheckpointManager(run.checkpoints)
         infos = manager.list()
         # Newest first; one whose files fail their checksums is never loaded (it would decode
         # garbage without a word), the next older complete one is.
@@ -115,17 +117,8 @@ def read_run_config(path: Path) -> RunConfig | None:
     Raises:
         KilnError: the file exists but is not a readable kiln config.
     """
-    for name in ("kiln_config.yaml", "config.yaml"):
-        file = path / name
-        if file.is_file():
-            try:
-                raw = yaml.safe_load(file.read_text())
-            except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8
-                raise KilnError(f"{file}: unreadable: {load_failure(exc)}") from None
-            if not isinstance(raw, dict):
-                raise KilnError(f"{file}: not a kiln config (expected a mapping of sections)")
-            return config_from_dict(raw, str(file))
-    return None
+    raw = read_config_raw(path)
+    return None if raw is None else config_from_dict(raw, str(config_file(path)))
 
 
 def _inference_config(cfg: RunConfig, *, lora: bool) -> RunConfig:
@@ -168,7 +161,7 @@ def build_base(cfg: RunConfig, tokenizer: Any, adapter_dir: Path | None = None) 
 
 def _tokenizer_for_checkpoint(ckpt: Path, cfg: RunConfig) -> Any:
     """The tokenizer a checkpoint was trained with (checkpoints hold only its fingerprint)."""
-    from kiln.engine.resume import _tokenizer_fingerprint
+    from kiln.data.cache import fingerprint_matches
     from kiln.models.tokenizer import build_tokenizer, ensure_pad_token
 
     state_file = ckpt / "trainer_state.json"
@@ -176,8 +169,9 @@ def _tokenizer_for_checkpoint(ckpt: Path, cfg: RunConfig) -> Any:
         want = json.loads(state_file.read_text()).get("tokenizer")
     except (OSError, ValueError, AttributeError) as exc:  # AttributeError: not a JSON object
         raise KilnError(f"{state_file}: unreadable: {load_failure(exc)}") from None
-    final = ckpt.parent.parent / "final"
-    if final.is_dir() and (final / "tokenizer_config.json").is_file():
+    run = run_dir_of(ckpt)
+    final = RunPaths(run).final if run is not None else None
+    if final is not None and final.is_dir() and (final / "tokenizer_config.json").is_file():
         try:
             tok = _load_tokenizer(final)
         except KilnError as exc:
@@ -185,7 +179,7 @@ def _tokenizer_for_checkpoint(ckpt: Path, cfg: RunConfig) -> Any:
             logger.warning("%s; rebuilding the checkpoint's tokenizer instead", exc)
         else:
             ensure_pad_token(tok)
-            if want is None or _tokenizer_fingerprint(tok) == want:
+            if want is None or fingerprint_matches(tok, want):
                 return tok
     texts = None
     if cfg.tokenizer.name_or_path is None and cfg.model.name_or_path is None:
@@ -196,7 +190,7 @@ def _tokenizer_for_checkpoint(ckpt: Path, cfg: RunConfig) -> Any:
         train_rows, _, _ = load_splits(cfg)
         texts = ["\n".join(parts) for parts in render_rows(make_format(cfg), train_rows)]
     tok = build_tokenizer(cfg, texts)
-    if want is not None and _tokenizer_fingerprint(tok) != want:
+    if want is not None and not fingerprint_matches(tok, want):
         raise KilnError(f"{ckpt}: cannot rebuild the tokenizer this checkpoint was trained with")
     return tok
 

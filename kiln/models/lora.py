@@ -12,20 +12,15 @@ from typing import Any
 import torch
 
 from kiln.config import RunConfig
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
+from kiln.registry import require_extra
 
 __all__ = ["apply_lora", "base_fingerprint", "import_peft", "is_peft_model"]
 
 
 def import_peft() -> Any:
-    """The `peft` module, or a one-line error naming the extra to install."""
-    try:
-        import peft
-    except ImportError:
-        raise KilnError(
-            "lora.enabled: LoRA needs peft; install the extra: pip install 'kiln[lora]'"
-        ) from None
-    return peft
+    """The `peft` module, or a one-line `MissingExtra` naming the extra to install."""
+    return require_extra("peft", "lora", feature="lora.enabled: LoRA")
 
 
 def is_peft_model(model: Any) -> bool:
@@ -44,7 +39,8 @@ def apply_lora(model: Any, cfg: RunConfig) -> Any:
     base is first prepared for training (norms in fp32, input grads for checkpointing).
 
     Raises:
-        KilnError: peft is not installed (the `lora` extra), or a module name is unknown.
+        MissingExtra: peft is not installed (the `lora` extra).
+        KilnError: a module name is unknown.
     """
     peft = import_peft()
     lora = cfg.lora
@@ -67,7 +63,7 @@ def apply_lora(model: Any, cfg: RunConfig) -> Any:
     try:
         return peft.get_peft_model(model, config)
     except ValueError as exc:
-        reason = str(exc).strip().splitlines()[0]
+        reason = first_line(exc)
         key = "lora.modules_to_save" if "modules_to_save" in reason else "lora.target_modules"
         raise KilnError(f"{key}: {reason}") from None
 

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from kiln.config import RunConfig
 from kiln.data.limits import split_text
-from kiln.errors import ModelError
+from kiln.errors import ModelError, first_line
 
 __all__ = [
     "EOS_TOKEN",
@@ -138,7 +138,7 @@ def load_tokenizer(
         if not isinstance(exc, bad_file) and type(exc) is not Exception:
             raise
         if Path(name_or_path).expanduser().is_dir():
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
         else:
             reason = "not a local directory and not reachable on the hub"
         raise ModelError(f"{key}: cannot load tokenizer {name_or_path!r}: {reason}") from None

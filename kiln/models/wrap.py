@@ -36,7 +36,7 @@ def prepare_for_training(model: Any, cfg: RunConfig, device: torch.device, batch
     length would make torch.compile trace again (and after a few, fall back to slower dynamic
     shapes). Packed causal blocks all have one length already.
     """
-    from kiln.engine.precision import place_model, set_tf32
+    from kiln.device import place_model, set_tf32
     from kiln.models.lora import apply_lora, is_peft_model
 
     if cfg.lora.enabled and not is_peft_model(model):

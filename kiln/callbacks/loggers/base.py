@@ -1,31 +1,52 @@
-"""The experiment-tracker plug-in point: the `Logger` protocol and what every backend shares.
+"""The experiment-tracker plug-in point: the `Logger` protocol, the `LOGGERS` registry and what
+every backend shares.
 
 metrics.jsonl is the always-on record (written by `kiln.engine.rundir.RunDir`); trackers
-receive the same records, named `<split>/<metric>` (see `metric_items`).
+receive the same records, named `<split>/<metric>` (see `metric_items`). A tracker of your own
+is a class registered by name (its constructor is the factory)::
+
+    @LOGGERS.register("mine")
+    class MyLogger:
+        name = "mine"
+        def __init__(self, cfg: LogConfig, ctx: RunContext) -> None: ...
+        # run_id, log_params, log_metrics, log_artifact, close: see `Logger`
+
+and named in `TrackingCallback(cfg.log, loggers=["tensorboard", "mine"])`.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from kiln.config.tracking import LogConfig
+from kiln.errors import KilnError
+from kiln.registry import MissingExtra, Registry, UnknownName, require_extra
+
 __all__ = [
+    "LOGGERS",
     "ArtifactKind",
     "Logger",
+    "LoggerFactory",
     "RunContext",
     "Status",
+    "check_installed",
     "flatten",
     "metric_items",
+    "open_logger",
 ]
 
 ArtifactKind = Literal["plot", "model", "file"]
 """plot: a PNG; model: the final/ directory; file: another file of the run (summary.json)."""
 
-Status = Literal["finished", "failed", "paused"]
-"""How a run ended: finished (incl. early stop), failed (raised), paused (resumable stop)."""
+Status = Literal["finished", "failed", "paused", "stopped", "diverged"]
+"""How a run ended (as in status.json): finished (incl. early stop), failed (raised), paused
+(resumable stop), stopped (ended without a final model, e.g. pruned), diverged."""
 
 
 @dataclass(frozen=True)
@@ -98,3 +119,77 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+LoggerFactory = Callable[[LogConfig, RunContext], Logger]
+"""Opens a tracker's run (on the tracker's own thread): a `Logger` class whose constructor
+takes (the `log` config, the run context) is one."""
+
+LOGGERS: Registry[LoggerFactory] = Registry("logger")
+"""Trackers by name (`kiln.registry.Registry`): tensorboard, wandb, mlflow and yours."""
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    """A tracker shipped with kiln, imported only when opened. `name` is also its options
+    section of `LogConfig`, its pip extra and the package it needs."""
+
+    name: str
+    target: str
+    """"module:Class" of the `Logger`, constructed with (options, run context)."""
+
+    def __call__(self, cfg: LogConfig, ctx: RunContext) -> Logger:
+        require_extra(self.name, self.name, feature=f"log.loggers: {self.name}")
+        module, _, attr = self.target.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        return cls(getattr(cfg, self.name), ctx)
+
+    def missing(self) -> str | None:
+        """The one-line error for a missing extra (`require_extra`'s), found without importing
+        the package (mlflow and wandb take seconds to import); None when it is installed."""
+        if importlib.util.find_spec(self.name) is not None:
+            return None
+        try:
+            require_extra(self.name, self.name, feature=f"log.loggers: {self.name}")
+        except MissingExtra as exc:
+            return str(exc)
+        return None
+
+
+LOGGERS.add(
+    "tensorboard", _Builtin("tensorboard", "kiln.callbacks.loggers.tensorboard:TensorBoardLogger")
+)
+LOGGERS.add("wandb", _Builtin("wandb", "kiln.callbacks.loggers.wandb:WandbLogger"))
+LOGGERS.add("mlflow", _Builtin("mlflow", "kiln.callbacks.loggers.mlflow:MlflowLogger"))
+
+
+def check_installed(names: Sequence[str]) -> None:
+    """Check, before any work, that each tracker in `names` can be opened.
+
+    Raises:
+        KilnError: one line per name that no tracker is registered under (the registry's
+            message, with the known names) and per built-in whose extra is not installed
+            (naming `pip install 'kiln[<extra>]'`).
+    """
+    problems: list[str] = []
+    for name in names:
+        try:
+            factory = LOGGERS.get(name)
+        except UnknownName as exc:
+            problems.append(f"log.loggers: {exc}")
+            continue
+        missing = factory.missing() if isinstance(factory, _Builtin) else None
+        if missing is not None:
+            problems.append(missing)
+    if problems:
+        raise KilnError(problems)
+
+
+def open_logger(name: str, cfg: LogConfig, ctx: RunContext) -> Logger:
+    """Open tracker `name` (a registered name or "module:attribute") for the run in `ctx`.
+
+    Raises:
+        UnknownName (a KeyError): no tracker is registered as `name`.
+        MissingExtra: a built-in tracker's extra is not installed.
+    """
+    return LOGGERS.get(name)(cfg, ctx)

@@ -17,7 +17,14 @@ __all__ = ["MlflowLogger", "default_tracking_uri"]
 
 _MAX_PARAMS = 100  # per log_batch call (MLflow's limit)
 _MAX_PARAM_LEN = 6000
-_STATUS = {"finished": "FINISHED", "failed": "FAILED", "paused": "KILLED"}
+# MLflow has no "paused": KILLED is its state of a run ended before its end.
+_STATUS = {
+    "finished": "FINISHED",
+    "failed": "FAILED",
+    "diverged": "FAILED",
+    "paused": "KILLED",
+    "stopped": "KILLED",
+}
 
 
 def default_tracking_uri(opts: MlflowOptions, run_dir: Path) -> str:

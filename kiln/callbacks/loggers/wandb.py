@@ -70,4 +70,4 @@ class WandbLogger:
                 self._run.log_artifact(artifact)
 
     def close(self, status: Status) -> None:
-        self._run.finish(exit_code=1 if status == "failed" else 0)
+        self._run.finish(exit_code=1 if status in ("failed", "diverged") else 0)

@@ -1,0 +1,440 @@
+"""The run directory from the outside: its layout (the one place that knows it) and readers for
+everything that drives runs without a live Trainer (sweeps, the REST server, a dashboard,
+`kiln report`, `kiln eval`). The engine writes the directory; these functions only read it.
+
+    runs/<name>/
+      config.yaml              the resolved config, exactly what ran
+      metrics.jsonl            one JSON record per line ({"step", "split", "loss", ...}),
+                               appended and flushed a line at a time
+      status.json              what the run is doing now (rewritten atomically; `read_status`)
+      summary.json             steps, tokens, timings, best and final metrics (at the end)
+      data_stats.json          row, example and token counts of the data
+      anomalies.jsonl          one JSON record per detected anomaly
+      checkpoints/step-<N>/    manifest.json written last: complete only with a valid manifest
+      final/                   the model and tokenizer, with kiln_config.yaml
+      plots/ samples/ eval/    PNG curves, generated samples per step, `kiln eval` reports
+      report.md                `kiln report`
+
+Light to import (no torch, no transformers, no kiln.engine): a server can poll many runs from
+a small process. Typical use, tailing a live run:
+
+    offset = 0
+    while run_state(read_status(run_dir)) in ACTIVE_STATES:
+        records, offset = read_metrics(run_dir, offset)
+        ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from kiln.errors import KilnError, first_line
+
+__all__ = [
+    "ACTIVE_STATES",
+    "ANOMALIES",
+    "CHECKPOINTS",
+    "CONFIG",
+    "DATA_STATS",
+    "EVAL",
+    "FINAL",
+    "FINAL_CONFIG",
+    "MANIFEST",
+    "METRICS",
+    "PLOTS",
+    "REPORT",
+    "SAMPLES",
+    "STALE_AFTER_S",
+    "STATES",
+    "STATUS",
+    "SUMMARY",
+    "CheckpointEntry",
+    "RunInfo",
+    "RunPaths",
+    "config_file",
+    "is_alive",
+    "list_checkpoints",
+    "list_runs",
+    "read_config_raw",
+    "read_metrics",
+    "read_status",
+    "read_summary",
+    "run_dir_of",
+    "run_state",
+    "step_of",
+]
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+STATUS = "status.json"
+SUMMARY = "summary.json"
+DATA_STATS = "data_stats.json"
+ANOMALIES = "anomalies.jsonl"
+REPORT = "report.md"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+PLOTS = "plots"
+SAMPLES = "samples"
+EVAL = "eval"
+FINAL_CONFIG = "kiln_config.yaml"
+"""The config inside final/ (a model directory carries its run's config under this name)."""
+MANIFEST = "manifest.json"
+"""Inside a checkpoint directory, written last (see `kiln.checkpoint`)."""
+
+STATES = ("starting", "running", "paused", "finished", "failed", "diverged", "stopped")
+"""The `state` values of status.json (format 1); `run_state` adds "lost"."""
+ACTIVE_STATES = ("starting", "running")
+"""States of a run whose process is still expected to be alive."""
+STALE_AFTER_S = 1800.0
+"""Default heartbeat age after which a run on another host counts as lost. The engine rewrites
+status.json at the start, at every log step and after each validation, so the gap can be long
+(data preparation, a slow validation): pick a value above the longest one."""
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+_STATUS_KEYS = (
+    "format", "state", "pid", "host", "kiln_version", "started_at", "heartbeat", "step",
+    "total_steps", "epoch", "tokens", "train", "val", "eta_s", "stop", "exit_code", "error",
+    "run_dir",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each file of the run directory `root` lives: `RunPaths(run_dir).metrics`, ..."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def status(self) -> Path:
+        return self.root / STATUS
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY
+
+    @property
+    def data_stats(self) -> Path:
+        return self.root / DATA_STATS
+
+    @property
+    def anomalies(self) -> Path:
+        return self.root / ANOMALIES
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def final(self) -> Path:
+        return self.root / FINAL
+
+    @property
+    def plots(self) -> Path:
+        return self.root / PLOTS
+
+    @property
+    def samples(self) -> Path:
+        return self.root / SAMPLES
+
+    @property
+    def eval(self) -> Path:
+        return self.root / EVAL
+
+    def checkpoint(self, step: int) -> Path:
+        """checkpoints/step-<step> (complete or not, existing or not)."""
+        return self.checkpoints / f"step-{step}"
+
+    def samples_at(self, step: int) -> Path:
+        """samples/step-<step>.jsonl: the generation-eval samples of one validation."""
+        return self.samples / f"step-{step}.jsonl"
+
+    def is_run(self) -> bool:
+        """Whether `root` holds a run: config.yaml or status.json, and it is not a checkpoint
+        (which holds a config.yaml too, and a manifest.json)."""
+        has_run_file = self.config.is_file() or self.status.is_file()
+        return has_run_file and not (self.root / MANIFEST).exists()
+
+
+def step_of(path: str | os.PathLike[str]) -> int | None:
+    """N of a checkpoint directory named step-<N>, else None."""
+    m = _STEP_DIR.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def run_dir_of(path: str | os.PathLike[str]) -> Path | None:
+    """The run directory `path` belongs to: itself (a run), its parent (final/) or its
+    grandparent (checkpoints/step-N); None for anything else (a plain model directory)."""
+    path = Path(path)
+    if path.name == FINAL:
+        return path.parent
+    if path.parent.name == CHECKPOINTS:
+        return path.parent.parent
+    return path if RunPaths(path).is_run() else None
+
+
+# ---- status ----------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, *, strict: bool) -> dict[str, Any] | None:
+    """The JSON object in `path`; None when absent or not an object. Unreadable or invalid
+    JSON: KilnError naming the file when `strict`, else None."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        if strict:
+            raise KilnError(f"{path}: cannot read ({first_line(exc)})") from None
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """status.json of a run, or None when there is none (not started, or a run from before
+    status.json) or it is not a JSON object (the engine writes it atomically: never torn).
+
+    Every key of format 1 is present (None where the file lacks it): format, state (one of
+    `STATES`), pid, host, kiln_version, started_at and heartbeat (unix seconds), step,
+    total_steps, epoch, tokens, train and val (the latest records), eta_s, stop ({kind,
+    reason} or None), exit_code, error (the error's first line when failed), run_dir. A newer
+    format's extra keys are kept. The state may be out of date: see `run_state`.
+    """
+    data = _read_json(RunPaths(run_dir).status, strict=False)
+    if data is None:
+        return None
+    for key in _STATUS_KEYS:
+        data.setdefault(key, None)
+    return data
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a zombie, exited but not reaped, does not)."""
+    if os.name == "nt":  # os.kill would terminate it; assume alive (the heartbeat decides)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by another user
+        return True
+    try:  # Linux: a zombie still answers kill(0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def run_state(
+    status: dict[str, Any] | None,
+    *,
+    now: float | None = None,
+    stale_after_s: float | None = STALE_AFTER_S,
+) -> str:
+    """The state of a run from its status: status["state"], or "lost" when that says the run
+    is active (starting or running) but its process is gone; "unknown" without a status.
+
+    Lost means, on the host that wrote the status (status["host"] is this machine's name): its
+    pid is no longer running, or is a zombie (the heartbeat is not consulted: a live process
+    may go long without one). On another host, or without a pid: its heartbeat is older than
+    `stale_after_s` seconds (None: never lost). A run killed with SIGKILL, or whose machine
+    died, ends up lost; one that ended in any other way wrote its final state itself.
+    """
+    if status is None:
+        return "unknown"
+    state = str(status.get("state") or "unknown")
+    if state not in ACTIVE_STATES:
+        return state
+    pid, host = status.get("pid"), status.get("host")
+    if isinstance(pid, int) and pid > 0 and host == socket.gethostname():
+        return state if _pid_running(pid) else "lost"
+    beat = status.get("heartbeat")
+    if stale_after_s is not None and isinstance(beat, int | float):
+        now = time.time() if now is None else now
+        if now - beat > stale_after_s:
+            return "lost"
+    return state
+
+
+def is_alive(
+    status: dict[str, Any] | None,
+    *,
+    now: float | None = None,
+    stale_after_s: float | None = STALE_AFTER_S,
+) -> bool:
+    """Whether the run is active and its process is not lost (`run_state`'s rule)."""
+    return run_state(status, now=now, stale_after_s=stale_after_s) in ACTIVE_STATES
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+
+def read_metrics(
+    run_dir: str | os.PathLike[str], offset: int = 0, *, unterminated: bool = False
+) -> tuple[list[dict[str, Any]], int]:
+    """Records of metrics.jsonl from byte `offset`: (records, offset to read from next time).
+
+    Only lines ending in a newline are read, so a line the run is still writing (or one torn by
+    a kill) is left for the next call; `unterminated=True` also returns a last line without a
+    newline when it is a whole record (a file written by hand; the next offset stays before
+    it). Lines that are not JSON objects with a "step" are skipped. No file yet: ([], offset).
+
+    A resumed run rewrites metrics.jsonl up to its checkpoint's step and logs the later steps
+    again. When `offset` no longer falls at a line start of the file (it is past the end, or
+    mid-line), the file was rewritten and it is read again from the start: a reader then sees
+    steps it already has, and should replace its records from the first repeated step on.
+    """
+    path = RunPaths(run_dir).metrics
+    try:
+        with open(path, "rb") as f:
+            if offset > 0:
+                f.seek(offset - 1)
+                if f.read(1) != b"\n":  # past the end, or mid-line: rewritten
+                    offset = 0
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    lines = data[:end].splitlines()
+    if unterminated and end < len(data):
+        lines.append(data[end:])
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records, offset + end
+
+
+# ---- other files -----------------------------------------------------------------------------
+
+
+def read_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """summary.json, or None while the run has not written it (running, failed or killed).
+
+    Raises:
+        KilnError: the file exists but cannot be read or is not JSON.
+    """
+    return _read_json(RunPaths(run_dir).summary, strict=True)
+
+
+def config_file(path: str | os.PathLike[str]) -> Path | None:
+    """The kiln config saved at `path`: kiln_config.yaml of final/ (or of a model directory
+    kiln wrote), else config.yaml of a run directory or a checkpoint; None when neither."""
+    for name in (FINAL_CONFIG, CONFIG):
+        file = Path(path) / name
+        if file.is_file():
+            return file
+    return None
+
+
+def read_config_raw(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The kiln config saved at `path` (`config_file`) as a plain mapping, not validated
+    (yaml.safe_load); None when there is none.
+
+    Raises:
+        KilnError: the file cannot be read, is not YAML, or is not a mapping of sections.
+    """
+    import yaml  # light, but only readers of configs pay for it
+
+    file = config_file(path)
+    if file is None:
+        return None
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8
+        raise KilnError(f"{file}: unreadable: {first_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise KilnError(f"{file}: not a kiln config (expected a mapping of sections)")
+    return raw
+
+
+# ---- listings --------------------------------------------------------------------------------
+
+
+class CheckpointEntry(NamedTuple):
+    """One checkpoints/step-<N> directory."""
+
+    step: int
+    path: Path
+    manifest: dict[str, Any] | None
+    """manifest.json (files, sizes, checksums, step, metrics, config_hash), when readable."""
+    complete: bool
+    """Its manifest is valid and every file has the recorded size (`CheckpointManager.list`);
+    checksums are not read here (`CheckpointManager.verify` does, before loading)."""
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[CheckpointEntry]:
+    """Every checkpoints/step-<N> directory of a run, complete or not, by step (staging
+    directories of a checkpoint being written are not listed)."""
+    # Imported here: kiln.checkpoint may come to take its layout from this module.
+    from kiln.checkpoint import CheckpointManager
+
+    root = RunPaths(run_dir).checkpoints
+    if not root.is_dir():
+        return []
+    complete = {info.path for info in CheckpointManager(root).list()}
+    found = []
+    for path in root.iterdir():
+        step = step_of(path)
+        if step is None or not path.is_dir():
+            continue
+        manifest = _read_json(path / MANIFEST, strict=False)
+        ok = manifest is not None and path in complete
+        found.append(CheckpointEntry(step, path, manifest, ok))
+    return sorted(found, key=lambda c: (c.step, c.path))
+
+
+class RunInfo(NamedTuple):
+    """A run directory found by `list_runs`."""
+
+    path: Path
+    status: dict[str, Any] | None
+    state: str
+    """`run_state(status)`: "unknown" without status.json."""
+
+
+def list_runs(root: str | os.PathLike[str], *, recursive: bool = False) -> list[RunInfo]:
+    """The run directories (holding config.yaml or status.json) directly under `root`, or at
+    any depth with `recursive` (never inside a run, nor in hidden directories), by path."""
+    found = []
+    pending = [Path(root)]
+    while pending:
+        try:
+            children = [p for p in pending.pop().iterdir() if not p.name.startswith(".")]
+        except OSError:  # removed meanwhile, or not readable
+            continue
+        for path in children:
+            if not path.is_dir():
+                continue
+            if RunPaths(path).is_run():
+                status = read_status(path)
+                found.append(RunInfo(path, status, run_state(status)))
+            elif recursive:
+                pending.append(path)
+    return sorted(found, key=lambda run: run.path)
