@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kiln import Callback, Trainer, load_config  # noqa: E402
+from kiln.engine.control import RunView  # noqa: E402
 from kiln.models import model_flops_per_token, train_bpe_tokenizer  # noqa: E402
 
 H100_PEAK_TFLOPS = 989.0  # dense bf16, H100/H200 SXM
@@ -58,9 +59,9 @@ class _Window(Callback):
         self.start: float | None = None
         self.end: float | None = None
 
-    def on_step_end(self, trainer: Trainer) -> None:
-        step = trainer.state.step
-        if step == self.warmup or step == trainer.state.total_steps:
+    def on_step_end(self, run: RunView) -> None:
+        step = run.state.step
+        if step == self.warmup or step == run.state.total_steps:
             _sync(self.device)
             now = time.perf_counter()
             if step == self.warmup:

@@ -65,6 +65,7 @@ from transformers import Trainer as HFTrainer
 import kiln
 from kiln import Callback, Trainer
 from kiln.data import BatchCursor, epoch_permutation
+from kiln.engine.control import RunView
 from kiln.models import train_bpe_tokenizer
 
 CONTENDERS = ("raw", "kiln", "hf")
@@ -260,10 +261,10 @@ class KilnHost(Callback):
         self.between = between
         self.blocks: list[list[Stamp]] = [[]]
 
-    def on_step_end(self, trainer: Trainer) -> None:
+    def on_step_end(self, run: RunView) -> None:
         self.blocks[-1].append(stamp())
         block = len(self.blocks) - 1
-        if trainer.state.step == self.boundaries[block]:
+        if run.state.step == self.boundaries[block]:
             self.between(block)
             if block + 1 < len(self.boundaries):
                 self.blocks.append([])

@@ -32,9 +32,12 @@ __all__ = [
     "PRIVATE_MODE",
     "RunLock",
     "StorageFull",
+    "fsync_dir",
+    "fsync_tree",
     "is_within",
     "resolve_path",
     "storage_full",
+    "swap_dir",
     "torch_save",
     "write_atomic",
     "writing",
@@ -93,6 +96,45 @@ def write_atomic(
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (no-op where directories can't be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Make every file and directory under `root` durable (before it is renamed into place)."""
+    for path in sorted(root.rglob("*"), reverse=True):  # files before their directories
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            fsync_dir(path)
+    fsync_dir(root)
+
+
+def swap_dir(staged: Path, target: Path, parked: Path) -> None:
+    """Rename the directory `staged` to `target` (same filesystem). An existing `target` is
+    moved to `parked` first and put back if the rename fails; the caller removes `parked`."""
+    had_old = os.path.lexists(target)
+    if had_old:
+        os.replace(target, parked)
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        if had_old:
+            os.replace(parked, target)  # put the user's directory back as it was
+        raise
+    fsync_dir(target.parent)
 
 
 class _RecordingFile:

@@ -70,7 +70,7 @@ def _save_pretrained(arch: str, path: Path, corpus: list[str]) -> None:
 def test_finetune_from_a_local_directory(
     tmp_path: Path, arch: str, lora: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import peft
+    peft = pytest.importorskip("peft")
 
     rows = make_rows(120, seed=1)
     train = write_jsonl(tmp_path / "train.jsonl", rows)

@@ -81,7 +81,8 @@ class _PauseAt(Callback):
 
 
 def _tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    EventAccumulator = accumulator.EventAccumulator
 
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
@@ -98,7 +99,7 @@ def _tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
 def test_tensorboard_and_mlflow_hold_the_metrics_and_resume_continues_them(
     tmp_path: Path, recipe_files, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mlflow import MlflowClient
+    MlflowClient = pytest.importorskip("mlflow").MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = tiny_config(
@@ -175,7 +176,7 @@ print(json.dumps({{"first": first, "second": second}}))
 
 def _wandb_records(path: Path) -> list[Any]:
     """Records of a .wandb file (LevelDB-log framing of W&B's protobuf `Record`s)."""
-    from wandb.proto import wandb_internal_pb2
+    wandb_internal_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
     data = path.read_bytes()
     pos, block, buf, records = 7, 32768, b"", []  # 7: the W&B file header

@@ -13,7 +13,7 @@ from kiln import StopRequest, Trainer
 
 
 def test_lora_trains_adapters_only_and_saves_an_adapter(tmp_path: Path, recipe_files) -> None:
-    import peft
+    peft = pytest.importorskip("peft")
 
     cfg = tiny_config(
         tmp_path, *recipe_files, lora={"enabled": True, "r": 4}, train={"max_steps": 5}
@@ -249,7 +249,7 @@ def test_qlora_errors(tmp_path: Path, recipe_files, monkeypatch) -> None:
 @pytest.mark.gpu
 def test_qlora_trains_on_cuda(tmp_path: Path, recipe_files) -> None:
     pytest.importorskip("bitsandbytes")
-    import peft
+    peft = pytest.importorskip("peft")
 
     from kiln.models import build_model, build_tokenizer
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import TYPE_CHECKING
 
 from kiln.callbacks.base import Callback
+from kiln.registry import MissingExtra, require_extra
 
 if TYPE_CHECKING:
     from kiln.engine.control import RunView
@@ -22,8 +22,10 @@ class PlotsCallback(Callback):
     to plot is a warning, never a failed run."""
 
     def on_train_end(self, run: RunView) -> None:
-        if importlib.util.find_spec("matplotlib") is None:
-            log.warning("log.plots: matplotlib is not installed (pip install 'kiln[plots]')")
+        try:
+            require_extra("matplotlib", "plots", feature="log.plots")
+        except MissingExtra as exc:
+            log.warning("%s; no plots drawn", exc)
             return
         from kiln.plots import plot_run
 

@@ -18,10 +18,17 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.checkpoint import fsync_dir
 from kiln.config import RunConfig, dump_yaml
 from kiln.errors import KilnError
-from kiln.files import LOCK_FILE, RunLock, resolve_path, write_atomic, writing
+from kiln.files import (
+    LOCK_FILE,
+    RunLock,
+    fsync_tree,
+    resolve_path,
+    swap_dir,
+    write_atomic,
+    writing,
+)
 
 if TYPE_CHECKING:
     from kiln.engine.control import StopRequest
@@ -176,10 +183,7 @@ class RunDir:
             shutil.rmtree(tmp, ignore_errors=True)  # the old final/, if any, is untouched
             raise
         old = self.path / f".final.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(self.path)
+        swap_dir(tmp, final, old)
         if old.exists():
             shutil.rmtree(old)
         return final
@@ -196,11 +200,7 @@ class RunDir:
             finish_adapter(model, tmp, cfg)
         if card:
             (tmp / "README.md").write_text(card)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb+") as f:
-                    os.fsync(f.fileno())
-        fsync_dir(tmp)
+        fsync_tree(tmp)
 
     def clean_stale(self) -> None:
         """Remove staging leftovers of a run that was killed while writing final/."""

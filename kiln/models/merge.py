@@ -27,15 +27,16 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from kiln.checkpoint import fsync_dir
 from kiln.config import RunConfig, dump_yaml
 from kiln.errors import KilnError
 from kiln.files import (
     RunLock,
     StorageFull,
+    fsync_tree,
     is_within,
     resolve_path,
     storage_full,
+    swap_dir,
     write_atomic,
 )
 
@@ -73,7 +74,7 @@ def merge_adapter(src: str | Path, out: str | Path, *, overwrite: bool = False) 
             loaded = load_trained(where)
             try:
                 _write_merged(loaded.model, loaded.tokenizer, loaded.cfg, new)
-                _fsync_tree(new)
+                fsync_tree(new)
             except (OSError, SafetensorError) as exc:  # disk full, no permission
                 full = storage_full(exc)
                 if full is not None:  # exit code 5, like a full disk during training
@@ -81,7 +82,7 @@ def merge_adapter(src: str | Path, out: str | Path, *, overwrite: bool = False) 
                 raise KilnError(
                     f"{out}: cannot write the merged model ({load_failure(exc)}); OUT is unchanged"
                 ) from None
-            _swap_in(new, target, work)
+            swap_dir(new, target, work / "old")
     finally:
         shutil.rmtree(new, ignore_errors=True)  # a merge that did not make it into place
         if os.path.lexists(target):
@@ -155,32 +156,6 @@ def _work_dir(out: str | Path, target: Path) -> Path:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise KilnError(f"{out}: cannot write into {target.parent}: {reason}") from None
-
-
-def _fsync_tree(root: Path) -> None:
-    """Make every file and directory under `root` durable before it is renamed into place."""
-    for path in sorted(root.rglob("*"), reverse=True):  # files before their directories
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        else:
-            fsync_dir(path)
-    fsync_dir(root)
-
-
-def _swap_in(new: Path, target: Path, work: Path) -> None:
-    """Rename `new` to `target`; an existing `target` is parked in `work/old` meanwhile."""
-    old = work / "old"
-    had_old = os.path.lexists(target)
-    if had_old:
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if had_old:
-            os.replace(old, target)  # put the user's OUT back as it was
-        raise
-    fsync_dir(target.parent)
 
 
 def _write_merged(peft_model: Any, tokenizer: Any, cfg: RunConfig | None, out: Path) -> None:
