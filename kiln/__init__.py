@@ -6,11 +6,9 @@ commands start fast.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from kiln.config import ConfigError, RunConfig, load_config
 from kiln.errors import DataError, KilnError, ModelError
+from kiln.registry import lazy_exports
 
 __all__ = [
     "Callback",
@@ -29,7 +27,7 @@ __all__ = [
     "train",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "Callback": "kiln.callbacks.base",
@@ -43,7 +41,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kiln' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

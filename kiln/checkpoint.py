@@ -15,13 +15,20 @@ Files of one checkpoint:
     manifest.json         written last; its presence and checksums make the checkpoint valid
 
 Saving overlaps the work: while the next file is written, background threads fsync the files
-already written and crc32 them, in pieces hashed in parallel and combined into the crc32 of the
-whole file. The manifest still goes last, after every fsync and checksum has finished.
+already written and crc32 them in pieces (`_PIECE` bytes each, hashed in parallel). The
+manifest goes last, after every fsync and checksum has finished, and records each piece's crc32
+(format 2), so verifying hashes the pieces in parallel too and names the piece that differs:
+
+    "files": {"model.safetensors": {"size": 70000000, "piece": 33554432,
+                                    "crc32": ["0a1b2c3d", "4e5f6a7b", "8c9d0e1f"]}, ...}
+
+`crc32[i]` covers bytes `[i * piece, min((i + 1) * piece, size))`; an empty file has none.
+Format 1 manifests (before per-piece crc32s) hold one crc32 of the whole file per file,
+`{"size": N, "checksum": "d49a2e3f"}`; they still verify, each file in one sequential pass.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -32,67 +39,20 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from kiln.files import writing
+from kiln.files import fsync_dir, writing
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointInfo", "CheckpointManager", "fsync_dir"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointInfo", "CheckpointManager"]
 
 log = logging.getLogger("kiln")
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # the manifest format written; 1 (whole-file crc32s) is still read
+_READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
-_PIECE = 32 << 20  # bytes of a file one thread hashes; pieces combine into the file's crc32
+_PIECE = 32 << 20  # bytes of a file one thread hashes; the manifest records each piece's crc32
 _BUFFER = 1 << 22  # read buffer per piece: small enough to stay in cache while crc32 reads it
-_CRC_POLY = 0xEDB88320  # crc32's polynomial, bit-reversed
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (no-op where directories can't be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _crc_multmodp(a: int, b: int) -> int:
-    """a * b modulo crc32's polynomial, over GF(2) (zlib's multmodp; a != 0)."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if not a & (m - 1):
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
-
-
-def _crc_x2n_table() -> list[int]:
-    table, p = [], 1 << 30  # x^1
-    for _ in range(32):
-        table.append(p)
-        p = _crc_multmodp(p, p)
-    return table  # table[k] = x^(2^k)
-
-
-_CRC_X2N = _crc_x2n_table()
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """crc32 of A + B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine)."""
-    p, k = 1 << 31, 3  # p = x^0; shift crc1 by x^(8 * len2)
-    while len2:
-        if len2 & 1:
-            p = _crc_multmodp(_CRC_X2N[k & 31], p)
-        len2 >>= 1
-        k += 1
-    return _crc_multmodp(p, crc1) ^ crc2
 
 
 def _crc_range(path: Path, start: int, length: int) -> int:
@@ -105,7 +65,7 @@ def _crc_range(path: Path, start: int, length: int) -> int:
             n = f.readinto(buf[: min(len(buf), length)])
             if not n:
                 raise OSError(f"{path}: shorter than expected while checksumming")
-            crc = zlib.crc32(buf[:n], crc)
+            crc = zlib.crc32(buf[:n], crc)  # continues the running crc: no combine needed
             length -= n
     return crc
 
@@ -114,33 +74,66 @@ def _hash_threads() -> int:
     return max(2, min(8, os.cpu_count() or 1))
 
 
-class _Checksum:
-    """A file's crc32 being computed in a thread pool, piece by piece."""
+class _Piece(NamedTuple):
+    """A byte range of a file and its crc32 (hex) as the manifest records it."""
 
-    def __init__(self, pool: ThreadPoolExecutor, path: Path, size: int) -> None:
-        self.pieces: list[tuple[int, Future[int]]] = [
-            (n, pool.submit(_crc_range, path, start, n))
-            for start in range(0, size, _PIECE)
-            for n in (min(_PIECE, size - start),)
-        ]
-
-    def result(self) -> str:
-        crc = 0
-        for n, piece in self.pieces:
-            crc = crc32_combine(crc, piece.result(), n)
-        return f"{crc:08x}"
+    start: int
+    length: int
+    crc32: str = ""
 
 
-def file_checksum(path: Path) -> str:
-    """crc32 of a file, hex: catches truncation and corruption at disk speed.
+def _split(size: int, piece: int) -> list[_Piece]:
+    """The pieces of a `size`-byte file, `piece` bytes each (the last one shorter)."""
+    return [_Piece(start, min(piece, size - start)) for start in range(0, size, piece)]
 
-    Pieces of a large file are hashed in parallel threads (zlib releases the GIL).
+
+def _hash(pool: ThreadPoolExecutor, path: Path, pieces: list[_Piece]) -> list[Future[int]]:
+    return [pool.submit(_crc_range, path, p.start, p.length) for p in pieces]
+
+
+def _recorded(manifest: dict[str, Any], where: Path, name: str) -> tuple[int, list[_Piece]]:
+    """A file's size and pieces as its manifest entry records them.
+
+    A format 1 entry holds one crc32 of the whole file: one piece, hashed in one pass.
+
+    Raises:
+        ValueError: the entry is malformed.
     """
-    size = Path(path).stat().st_size
-    if size <= _PIECE:
-        return f"{_crc_range(path, 0, size):08x}"
-    with ThreadPoolExecutor(_hash_threads(), thread_name_prefix="kiln-crc") as pool:
-        return _Checksum(pool, path, size).result()
+    meta = manifest["files"][name]
+    if isinstance(meta, dict) and type(meta.get("size")) is int and meta["size"] >= 0:
+        size, piece = meta["size"], meta.get("piece")
+        if manifest["format"] == 1:
+            crcs, pieces = [meta.get("checksum")], [_Piece(0, size)]
+        else:
+            crcs = meta.get("crc32")
+            ok = type(piece) is int and piece > 0 and isinstance(crcs, list)
+            # The count first: a hostile tiny piece must not split a large file into millions.
+            pieces = _split(size, piece) if ok and len(crcs) == -(-size // piece) else None
+        if pieces is not None and all(isinstance(c, str) for c in crcs):
+            return size, [p._replace(crc32=c) for p, c in zip(pieces, crcs, strict=True)]
+    raise ValueError(f"{where}: malformed entry for {name} (size and checksums)")
+
+
+def _mismatch(pieces: list[_Piece], hashing: list[Future[int]]) -> str | None:
+    """What differs between a file's recorded piece crc32s and the computed ones, or None."""
+    bad = []
+    for i, (piece, future) in enumerate(zip(pieces, hashing, strict=True)):
+        try:
+            crc = future.result()
+        except OSError:
+            return "changed or unreadable while checksumming"
+        if f"{crc:08x}" != piece.crc32.lower():
+            bad.append(i)
+    if not bad:
+        return None
+    if len(pieces) == 1:
+        return "crc32 of the whole file differs from the manifest"
+    first = pieces[bad[0]]
+    more = f"; {len(bad) - 1} more piece(s) differ" if len(bad) > 1 else ""
+    return (
+        f"crc32 of piece {bad[0] + 1} of {len(pieces)}, bytes {first.start}-"
+        f"{first.start + first.length - 1}, differs from the manifest{more}"
+    )
 
 
 def _fsync_file(path: Path) -> None:
@@ -162,7 +155,7 @@ class _Sealer:
     def __init__(self) -> None:
         self._sync = ThreadPoolExecutor(1, thread_name_prefix="kiln-fsync")
         self._hash = ThreadPoolExecutor(_hash_threads(), thread_name_prefix="kiln-crc")
-        self._files: dict[str, tuple[int, Future[None], _Checksum]] = {}
+        self._files: dict[str, tuple[int, int, Future[None], list[Future[int]]]] = {}
 
     def __enter__(self) -> _Sealer:
         return self
@@ -173,16 +166,18 @@ class _Sealer:
 
     def add(self, name: str, path: Path) -> None:
         """Start sealing a file whose writer has returned (it must not change any more)."""
-        size = path.stat().st_size
+        size, piece = path.stat().st_size, _PIECE
         synced = self._sync.submit(_fsync_file, path)
-        self._files[name] = (size, synced, _Checksum(self._hash, path, size))
+        self._files[name] = (size, piece, synced, _hash(self._hash, path, _split(size, piece)))
 
     def results(self) -> dict[str, dict[str, Any]]:
-        """name -> {size, checksum} once every file is fsynced and hashed; re-raises errors."""
+        """name -> manifest entry (size, piece, crc32s) once every file is fsynced and hashed;
+        re-raises errors."""
         files = {}
-        for name, (size, synced, checksum) in self._files.items():
+        for name, (size, piece, synced, hashing) in self._files.items():
             synced.result()
-            files[name] = {"size": size, "checksum": checksum.result()}
+            crcs = [f"{crc.result():08x}" for crc in hashing]
+            files[name] = {"size": size, "piece": piece, "crc32": crcs}
         return files
 
 
@@ -227,7 +222,11 @@ class CheckpointManager:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("format") not in _READABLE_FORMATS
+            or not isinstance(manifest.get("files"), dict)
+        ):
             return None
         return manifest
 
@@ -254,11 +253,11 @@ class CheckpointManager:
         return sorted(found, key=lambda c: c.step)
 
     def _sizes_match(self, path: Path, manifest: dict[str, Any]) -> bool:
-        for name, meta in manifest.get("files", {}).items():
+        for name, meta in manifest["files"].items():
             try:
                 if (path / name).stat().st_size != meta["size"]:
                     return False
-            except OSError:
+            except (OSError, KeyError, TypeError):  # TypeError: a malformed entry
                 return False
         return True
 
@@ -268,38 +267,36 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def verify(self, path: Path) -> CheckpointInfo:
-        """Check every file of the checkpoint at `path` against its manifest.
+        """Check every file of the checkpoint at `path` against its manifest: its size, then
+        the crc32 of each piece (of the whole file, for a format 1 manifest).
 
         Raises:
-            ValueError: naming what is missing or corrupt.
+            ValueError: naming what is missing or corrupt (for a piece, its byte range).
         """
         path = Path(path)
         manifest = self._read_manifest(path)
         if manifest is None:
             raise ValueError(f"{path}: not a complete kiln checkpoint (no valid {MANIFEST})")
-        files = manifest["files"]
-        for name, meta in files.items():
+        files = {name: _recorded(manifest, path / MANIFEST, name) for name in manifest["files"]}
+        for name, (size, _) in files.items():
             file = path / name
             if not file.is_file():
                 raise ValueError(f"{file}: missing from the checkpoint")
-            if file.stat().st_size != meta["size"]:
-                raise ValueError(f"{file}: corrupt (size or checksum differs from the manifest)")
-        found: dict[str, str | None] = {}
-        with ThreadPoolExecutor(_hash_threads(), thread_name_prefix="kiln-crc") as pool:
+            found = file.stat().st_size
+            if found != size:
+                raise ValueError(f"{file}: corrupt ({found} bytes, the manifest records {size})")
+        pool = ThreadPoolExecutor(_hash_threads(), thread_name_prefix="kiln-crc")
+        try:
             # Every piece of every file is queued at once, so all threads stay busy.
-            pending = {
-                name: _Checksum(pool, path / name, meta["size"]) for name, meta in files.items()
+            hashing = {
+                name: _hash(pool, path / name, pieces) for name, (_, pieces) in files.items()
             }
-            for name, checksum in pending.items():
-                try:
-                    found[name] = checksum.result()
-                except OSError:  # shrank since the size check
-                    found[name] = None
-        for name, meta in files.items():
-            if found[name] != meta["checksum"]:
-                raise ValueError(
-                    f"{path / name}: corrupt (size or checksum differs from the manifest)"
-                )
+            for name, (_, pieces) in files.items():
+                problem = _mismatch(pieces, hashing[name])
+                if problem:
+                    raise ValueError(f"{path / name}: corrupt ({problem})")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on an error, skip what is queued
         return self._info(path, manifest)
 
     def incomplete(self) -> list[Path]:

@@ -1,18 +1,17 @@
 """Process-wide state a run touches: the global RNGs (python, numpy, torch, CUDA), torch's
-thread count, the TF32 switches, signal handlers and logging handlers.
+thread count, the TF32 switches and logging handlers.
 
 `seed_everything` seeds the RNGs; `rng_state`/`set_rng_state` capture and restore them for
 checkpoints; `ProcessState` snapshots all of it before a run and puts it back after, so runs in
-one process are independent (a sweep, a notebook, a test suite).
+one process are independent (a sweep, a notebook, a test suite). Signal handlers are put back
+by `kiln.engine.signals.StopSignals`, which installs them.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import signal
 import threading
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -70,33 +69,21 @@ class ProcessState:
     """Context manager: what a run changes in the process is as it was when the block exits
     (returns or raises). Threads the run started and left running are reported as `stray`."""
 
-    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __enter__(self) -> ProcessState:
         self._rng = rng_state()
         self._threads = torch.get_num_threads()
         self._tf32 = _tf32()
-        main = threading.current_thread() is threading.main_thread()
-        self._signals = {s: signal.getsignal(s) for s in self._SIGNALS} if main else {}
         self._handlers = {name: list(logging.getLogger(name).handlers) for name in ("", "kiln")}
         self._alive = set(threading.enumerate())
         self.stray: list[threading.Thread] = []
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         set_rng_state(self._rng)
         if torch.get_num_threads() != self._threads:
             torch.set_num_threads(self._threads)
         if _tf32() != self._tf32:
             _set_tf32(self._tf32)
-        for sig, handler in self._signals.items():
-            if signal.getsignal(sig) is not handler and handler is not None:
-                signal.signal(sig, handler)
         for name, handlers in self._handlers.items():
             logger = logging.getLogger(name)
             for handler in [h for h in logger.handlers if h not in handlers]:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from kiln.errors import KilnError
 
-__all__ = ["MissingExtra", "Registry", "UnknownName", "require_extra"]
+__all__ = ["MissingExtra", "Registry", "UnknownName", "lazy_exports", "require_extra"]
 
 T = TypeVar("T")
 
@@ -123,3 +123,15 @@ def require_extra(module: str, extra: str, *, feature: str | None = None) -> Mod
         raise MissingExtra(
             f"{need} {module.split('.')[0]} ({exc}); install it with: pip install 'kiln[{extra}]'"
         ) from None
+
+
+def lazy_exports(package: str, where: dict[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` that imports each name from its module on first use
+    (`where`: name -> module), so importing a package loads none of them."""
+
+    def __getattr__(name: str) -> Any:
+        if name in where:
+            return getattr(importlib.import_module(where[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

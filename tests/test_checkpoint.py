@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import random
+import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +15,14 @@ import torch
 from helpers import StopAt, logged_metrics, tiny_config
 from safetensors.torch import load_file
 
+import kiln.checkpoint
 from kiln import Callback, StopRequest, Trainer
 from kiln.checkpoint import CheckpointManager
 from kiln.errors import KilnError
 from kiln.files import StorageFull
 from kiln.models import train_bpe_tokenizer
+
+GOLDEN_CKPT = Path(__file__).parent / "golden" / "ckpt_v1" / "checkpoints" / "step-10"
 
 
 @pytest.fixture(scope="module")
@@ -230,25 +236,74 @@ def test_stop_inside_validation_checkpoints_and_redoes_it(
     assert logged_metrics(tmp_path / "cut" / "run") == logged_metrics(tmp_path / "ref" / "run")
 
 
-@pytest.mark.parametrize("size", [0, 1, 1000, (32 << 20) - 1, (32 << 20) + 7, (70 << 20) + 3])
-def test_file_checksum_matches_zlib(tmp_path: Path, size: int) -> None:
-    import zlib
+def _bytes(size: int) -> bytes:
+    return random.Random(size).randbytes(size)
 
-    from kiln.checkpoint import crc32_combine, file_checksum
 
-    data = (
-        torch.randint(
-            0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size)
-        )
-        .numpy()
-        .tobytes()
+def _flip(file: Path, at: int) -> None:
+    """Bit rot: one byte changed, the size kept."""
+    raw = bytearray(file.read_bytes())
+    raw[at] ^= 0xFF
+    file.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 2503])
+def test_manifest_records_each_piece_crc32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    monkeypatch.setattr(kiln.checkpoint, "_PIECE", 1000)
+    monkeypatch.setattr(kiln.checkpoint, "_BUFFER", 300)  # several reads chained per piece
+    data = _bytes(size)
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, _writers(data))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == 2
+    crcs = [f"{zlib.crc32(data[i : i + 1000]):08x}" for i in range(0, size, 1000)]
+    assert manifest["files"]["a.bin"] == {"size": size, "piece": 1000, "crc32": crcs}
+    assert manager.verify(path).step == 1
+
+
+def test_corrupt_piece_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kiln.checkpoint, "_PIECE", 1000)
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, _writers(_bytes(2503)))
+    monkeypatch.setattr(kiln.checkpoint, "_PIECE", 7)  # verify reads the manifest's piece size
+    _flip(path / "a.bin", 1500)
+    with pytest.raises(ValueError, match="piece 2 of 3") as err:
+        manager.verify(path)
+    assert str(err.value) == (
+        f"{path / 'a.bin'}: corrupt (crc32 of piece 2 of 3, bytes 1000-1999, differs from the "
+        "manifest)"
     )
-    path = tmp_path / "f.bin"
-    path.write_bytes(data)
-    assert file_checksum(path) == f"{zlib.crc32(data):08x}"
-    cut = size // 3
-    a, b = data[:cut], data[cut:]
-    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
+    _flip(path / "a.bin", 2502)
+    with pytest.raises(ValueError, match=r"piece 2 of 3, bytes 1000-1999, .*; 1 more piece"):
+        manager.verify(path)
+
+
+def test_malformed_manifest_entry_is_refused(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, _writers(b"abcd"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["a.bin"]["crc32"] = []  # 4 bytes need one piece
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest\.json: malformed entry for a\.bin"):
+        manager.verify(path)
+
+
+def test_format_1_checkpoint_still_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint of the first manifest format (one whole-file crc32 per file)."""
+    monkeypatch.setattr(kiln.checkpoint, "_BUFFER", 4096)  # the crc32 chained over many reads
+    root = tmp_path / "checkpoints"
+    shutil.copytree(GOLDEN_CKPT, root / "step-10")
+    manager = CheckpointManager(root)
+    assert json.loads((root / "step-10" / "manifest.json").read_text())["format"] == 1
+    assert [c.step for c in manager.list()] == [10]
+    assert manager.verify(root / "step-10").step == 10
+    _flip(root / "step-10" / "model.safetensors", 100_000)
+    with pytest.raises(ValueError, match=r"model\.safetensors: corrupt \(crc32 of the whole file"):
+        manager.verify(root / "step-10")
 
 
 def test_resume_skips_a_corrupt_latest_checkpoint(

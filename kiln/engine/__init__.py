@@ -6,8 +6,7 @@ the data pipeline or the callbacks.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kiln.registry import lazy_exports
 
 __all__ = ["Event", "StopRequest", "TrainResult", "TrainState", "Trainer"]
 
@@ -20,7 +19,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kiln.engine' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

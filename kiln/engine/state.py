@@ -18,30 +18,27 @@ __all__ = ["LoopState", "TrainState"]
 @dataclass
 class TrainState:
     """Where training is. The data cursor is (epoch, cursor): a global sample index into the
-    epoch's permutation, which is a pure function of (seed, epoch), so a resume skips in O(1)."""
+    epoch's permutation, which is a pure function of (seed, epoch), so a resume skips in O(1).
+
+    step / total_steps: optimizer steps done / this run will take. epoch: the current pass
+    over the training data (0-based); cursor: samples of its permutation consumed (all ranks).
+    micro_step: forward/backward passes done. tokens_seen / samples_seen: input tokens and
+    sequences trained on (this rank's). best_metric / best_step: the best value of the tracked
+    validation metric and where it was reached. last_train_loss: the train loss of the last
+    logging step; last_val: the metrics of the last validation.
+    """
 
     step: int = 0
-    """Optimizer steps done."""
     total_steps: int = 0
-    """Optimizer steps this run will take."""
-    epoch: int = 0
-    """Current pass over the training data (0-based)."""
-    cursor: int = 0
-    """Samples of the current epoch's permutation already consumed (over all ranks)."""
-    micro_step: int = 0
-    """Micro-batches done (forward/backward passes)."""
-    tokens_seen: int = 0
-    """Input tokens trained on (this rank's)."""
-    samples_seen: int = 0
-    """Sequences trained on (this rank's)."""
     best_metric: float | None = None
-    """Best value of the tracked validation metric so far."""
     best_step: int | None = None
-    """Step at which `best_metric` was reached."""
+    epoch: int = 0
+    cursor: int = 0
     last_train_loss: float | None = None
-    """Train loss at the last logging step."""
+    micro_step: int = 0
+    tokens_seen: int = 0
+    samples_seen: int = 0
     last_val: dict[str, float] = field(default_factory=dict)
-    """Metrics of the last validation."""
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-friendly copy of the state."""
