@@ -3,7 +3,8 @@
 Exit codes (the README's table): 0 done; 2 bad input (config, data, arguments, files: one line
 per problem on stderr, never a traceback), or refused (a run directory in use, an output that
 would replace what it reads); 3 stopped by SIGTERM/SIGINT after writing a checkpoint, or before
-training started when an earlier checkpoint exists (continue with `--resume RUN_DIR`); 5 the disk
+training started when an earlier checkpoint exists, or stopped without a final model (pruned):
+continue with `--resume RUN_DIR`; 4 diverged (status.json says where); 5 the disk
 (or quota, or file-size limit) ran out while writing: what was written before stays intact;
 130 aborted by a second Ctrl-C, or Ctrl-C before training started with nothing to resume; 143
 SIGTERM before training started with nothing to resume.

@@ -182,7 +182,10 @@ def test_early_stopping_is_told_by_its_kind_not_its_text(tmp_path: Path, recipe_
     assert result.status == "finished"
     assert result.final_dir is not None  # early stopping ends the run with a model
     assert kinds[-1] == "final"
-    assert read_status(cfg.run_dir)["stop"]["kind"] == "early_stop"  # type: ignore[index]
+    status = read_status(cfg.run_dir)
+    assert status is not None
+    assert status["stop"]["kind"] == "early_stop"
+    assert (status["state"], status["eta_s"]) == ("finished", 0.0)
 
 
 def test_callback_state_follows_its_name_not_its_position(tmp_path: Path, recipe_files) -> None:

@@ -41,8 +41,9 @@ class StopRequest:
 
     @property
     def ends_run(self) -> bool:
-        """The run is over (finished early) rather than paused or cut short without a model."""
-        return not self.resumable and self.write_final
+        """The run is over (finished early) rather than paused or cut short without a model.
+        A diverged run never ends with a final model (its weights may be non-finite)."""
+        return not self.resumable and self.write_final and self.kind != "diverged"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "reason": self.reason}

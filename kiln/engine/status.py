@@ -146,6 +146,7 @@ class StatusFile:
         if stop is not None:
             self.data["stop"] = stop.to_dict()
         self.data["exit_code"] = code
+        self._counters(train_state, time.time())
         self.data["eta_s"] = 0.0 if state == "finished" else None
         with contextlib.suppress(OSError):  # the run's own error matters more
-            self.write(state, train_state)
+            self.write(state)
