@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import zlib
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kiln.files import fsync_dir, writing
+from kiln.runs import MANIFEST, step_of
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointInfo", "CheckpointManager"]
 
@@ -49,8 +49,6 @@ log = logging.getLogger("kiln")
 
 CHECKPOINT_FORMAT = 2  # the manifest format written; 1 (whole-file crc32s) is still read
 _READABLE_FORMATS = (1, 2)
-MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"step-(\d+)")
 _PIECE = 32 << 20  # bytes of a file one thread hashes; the manifest records each piece's crc32
 _BUFFER = 1 << 22  # read buffer per piece: small enough to stay in cache while crc32 reads it
 
@@ -244,7 +242,7 @@ class CheckpointManager:
             return []
         found = []
         for path in self.root.iterdir():
-            if not path.is_dir() or not _STEP_DIR.fullmatch(path.name):
+            if not path.is_dir() or step_of(path) is None:
                 continue
             manifest = self._read_manifest(path)
             if manifest is None or not self._sizes_match(path, manifest):
@@ -309,7 +307,7 @@ class CheckpointManager:
             for p in self.root.iterdir()
             if p.is_dir()
             and p not in complete
-            and (p.name.startswith(".") or _STEP_DIR.fullmatch(p.name))
+            and (p.name.startswith(".") or step_of(p) is not None)
         )
 
     def clean_incomplete(self) -> list[Path]:
