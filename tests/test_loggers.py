@@ -32,7 +32,7 @@ from kiln.callbacks.loggers import (
     open_logger,
     tracking_callbacks,
 )
-from kiln.callbacks.plots import PlotsCallback
+from kiln.callbacks.plotting import PlotsCallback
 from kiln.config import ConfigError
 from kiln.config.tracking import LogConfig
 from kiln.engine.control import Control, RunView

@@ -14,7 +14,7 @@ from helpers import tiny_config
 
 from kiln import Trainer
 from kiln.callbacks.loggers import tracking_callbacks
-from kiln.callbacks.plots import PlotsCallback
+from kiln.callbacks.plotting import PlotsCallback
 from kiln.cli import main
 from kiln.plots import eval_metrics, plot_run, series
 from kiln.registry import MissingExtra

@@ -33,7 +33,7 @@ from kiln.files import (
 if TYPE_CHECKING:
     from kiln.engine.control import StopRequest
     from kiln.engine.state import TrainState
-    from kiln.metrics.tracker import MetricsTracker
+    from kiln.metrics.throughput import MetricsTracker
 
 __all__ = ["RUN_ARTIFACTS", "RunDir"]
 

@@ -41,7 +41,7 @@ from kiln.engine.state import LoopState, TrainState
 from kiln.engine.status import StatusFile, final_state
 from kiln.errors import KilnError
 from kiln.files import is_within
-from kiln.metrics.tracker import MetricsTracker, tracker_for
+from kiln.metrics.throughput import MetricsTracker, tracker_for
 from kiln.models.generation import GenerationOptions, generate_texts
 from kiln.optim import set_lr
 from kiln.process import ProcessState

@@ -12,7 +12,7 @@ from kiln.metrics.registry import (
     register_metric,
 )
 from kiln.metrics.text import bleu, rouge
-from kiln.metrics.tracker import MetricsTracker
+from kiln.metrics.throughput import MetricsTracker
 
 __all__ = [
     "METRICS",

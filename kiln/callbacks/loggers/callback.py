@@ -166,7 +166,7 @@ def tracking_callbacks(cfg: RunConfig) -> list[Callback]:
     is an error here, before any data is prepared. (Built on the main rank only: the job's
     assembly, `kiln.job`, asks for them there.)"""
     from kiln.callbacks.notify import NotifyCallback
-    from kiln.callbacks.plots import PlotsCallback
+    from kiln.callbacks.plotting import PlotsCallback
 
     callbacks: list[Callback] = []
     if cfg.log.plots:

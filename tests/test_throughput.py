@@ -11,7 +11,7 @@ from helpers import tiny_config
 
 from kiln import Trainer
 from kiln.metrics import MetricsTracker
-from kiln.metrics.tracker import peak_flops, peak_memory_mb
+from kiln.metrics.throughput import peak_flops, peak_memory_mb
 
 CPU = torch.device("cpu")
 
