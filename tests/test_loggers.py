@@ -410,7 +410,7 @@ def _view(tmp_path: Path, stop: StopRequest | None = None) -> RunView:
     if stop is not None:
         control.request_stop(stop)
     cfg: Any = SimpleNamespace(name="t", model_dump=lambda mode: {"optim": {"lr": 0.1}})
-    return RunView(cfg, TrainState(step=7, total_steps=20), tmp_path, control, RankContext(), None)
+    return RunView(cfg, TrainState(step=7, total_steps=20), tmp_path, control, RankContext())
 
 
 @pytest.mark.parametrize(

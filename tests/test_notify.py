@@ -509,7 +509,7 @@ def _view(tmp_path: Path, stop: StopRequest | None = None) -> RunView:
         control.request_stop(stop)
     cfg: Any = SimpleNamespace(name="t", checkpoint=SimpleNamespace(metric="val_loss"))
     state = TrainState(step=7, total_steps=20, last_train_loss=1.25)
-    return RunView(cfg, state, tmp_path, control, RankContext(), None)
+    return RunView(cfg, state, tmp_path, control, RankContext())
 
 
 @pytest.mark.parametrize(

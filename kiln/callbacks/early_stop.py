@@ -42,10 +42,11 @@ class EarlyStopping(Callback):
         if min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {min_delta}")
         self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
-        self.best: float | None = None
-        self.best_step: int | None = None
-        self.bad_evals = 0
-        self.stopped_step: int | None = None
+        self.load_state_dict({})
+
+    def on_train_begin(self, run: RunView) -> None:
+        if run.resumed_from is None:  # a new run (a resumed one has its state from the checkpoint)
+            self.load_state_dict({})
 
     def improved(self, value: float) -> bool:
         """Whether `value` beats the best so far by more than `min_delta`."""

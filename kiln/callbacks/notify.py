@@ -106,33 +106,40 @@ def _post_json(
 
 
 @dataclass
-class DiscordWebhook:
-    """A Discord channel webhook (the message as `content`, at most 2000 characters)."""
+class _ChatWebhook:
+    """A chat service's incoming webhook: the message as one JSON field (`payload`)."""
 
     url: str
-    name: str = "discord"
 
     @property
     def secrets(self) -> tuple[str, ...]:
         return (self.url,)
 
     def send(self, note: Notification, timeout: float) -> None:
-        _post_json(self.url, {"content": note.message[:2000], "username": "kiln"}, timeout)
+        _post_json(self.url, self.payload(note.message), timeout)
+
+    def payload(self, message: str) -> dict[str, str]:
+        raise NotImplementedError
 
 
 @dataclass
-class SlackWebhook:
+class DiscordWebhook(_ChatWebhook):
+    """A Discord channel webhook (the message as `content`, at most 2000 characters)."""
+
+    name: str = "discord"
+
+    def payload(self, message: str) -> dict[str, str]:
+        return {"content": message[:2000], "username": "kiln"}
+
+
+@dataclass
+class SlackWebhook(_ChatWebhook):
     """A Slack incoming webhook (the message as `text`)."""
 
-    url: str
     name: str = "slack"
 
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        return (self.url,)
-
-    def send(self, note: Notification, timeout: float) -> None:
-        _post_json(self.url, {"text": note.message}, timeout)
+    def payload(self, message: str) -> dict[str, str]:
+        return {"text": message}
 
 
 @dataclass

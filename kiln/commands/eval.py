@@ -15,22 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kiln.commands import MODEL_PATH, add_overrides, add_path
+
 HELP = "evaluate a run's model (loss, perplexity, generation metrics) on a dataset"
 QUIET_HF = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "path",
-        metavar="RUN_DIR|CKPT",
-        help="a run directory (its final/, else its newest checkpoint), final/ or a checkpoint",
-    )
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="overrides of the run's config, e.g. eval.generate.num_samples=16",
-    )
+    add_path(p, "path", "RUN_DIR|CKPT", MODEL_PATH)
+    add_overrides(p, "overrides of the run's config")
     p.add_argument("--data", required=True, metavar="FILE", help="the dataset to evaluate on")
     p.add_argument("--out", metavar="FILE", help="report path (default <run>/eval/<data>.json)")
     p.add_argument("--max-batches", type=int, metavar="N", help="evaluate N batches at most")

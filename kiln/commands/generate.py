@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import argparse
 
+from kiln.commands import MODEL_PATH, add_flag, add_path
+
 HELP = "generate text from a run's final model or a checkpoint"
 QUIET_HF = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "path",
-        metavar="RUN_DIR|CKPT",
-        help="a run directory (its final/, else its newest checkpoint), final/, a checkpoint "
-        "directory, or a model directory",
-    )
+    add_path(p, "path", "RUN_DIR|CKPT", f"{MODEL_PATH}, or a model directory")
     p.add_argument("prompt", metavar="PROMPT", help="the prompt (seq2seq: the source text)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (100)")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    add_flag(p, "--sample", "sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")

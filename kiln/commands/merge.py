@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from kiln.commands import add_flag, add_path
+
 HELP = "merge a LoRA run's adapters into the base model (loadable without PEFT)"
 QUIET_HF = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", metavar="RUN_DIR", help="a LoRA run directory, or its final/")
-    p.add_argument(
-        "out",
-        metavar="OUT",
-        help="directory to write the merged model to (outside the run and the adapter)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace OUT if it exists (only once the merged model is completely written)",
-    )
+    add_path(p, "path", "RUN_DIR", "a LoRA run directory, or its final/")
+    add_path(p, "out", "OUT", "directory for the merged model (outside the run and the adapter)")
+    add_flag(p, "--overwrite", "replace OUT if it exists (once the merged model is fully written)")
 
 
 def run(args: argparse.Namespace) -> int:

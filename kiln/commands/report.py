@@ -6,18 +6,15 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+from kiln.commands import add_flag, add_path
 from kiln.files import write_atomic
 
 HELP = "summarize a run directory (table, report.md with plots)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<name>)")
-    p.add_argument(
-        "--no-plots",
-        action="store_true",
-        help="do not draw plots/ when the run has none (they are drawn with matplotlib)",
-    )
+    add_path(p, "run_dir", "RUN_DIR", "a run directory (runs/<name>)")
+    add_flag(p, "--no-plots", "do not draw plots/ when the run has none (drawn with matplotlib)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from kiln.commands import add_config_args, add_flag
 from kiln.config import RunConfig, load_config
 from kiln.errors import KilnError
 
@@ -19,17 +20,12 @@ QUIET_HF = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "config",
-        nargs="?",
-        help="YAML run config (may be left out with --resume RUN_DIR: the run's own config)",
+    add_config_args(
+        p,
+        "YAML run config (may be left out with --resume RUN_DIR: the run's own config)",
+        optional=True,
     )
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3"
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier run in the same output_dir"
-    )
+    add_flag(p, "--overwrite", "replace an earlier run in the same output_dir")
     p.add_argument(
         "--resume",
         nargs="?",

@@ -8,26 +8,16 @@ One module per group of sections (`model`, `data`, `train`, `eval`, `tracking`);
 `RunConfig`, the cross-section checks, presets and the YAML loading.
 """
 
+from kiln.config import run as _run
 from kiln.config.base import ConfigError, Section
 from kiln.config.data import DataConfig, InstructionTemplate
 from kiln.config.eval import CheckpointConfig, EvalConfig
 from kiln.config.model import LoraConfig, ModelConfig, TokenizerConfig
-from kiln.config.run import (
-    PRESETS,
-    RunConfig,
-    apply_overrides,
-    config_from_dict,
-    config_hash,
-    dump_yaml,
-    load_config,
-    parse_override_value,
-    save_config,
-)
+from kiln.config.run import *  # noqa: F403  (exactly kiln.config.run.__all__)
 from kiln.config.tracking import LogConfig, NotifyConfig
 from kiln.config.train import OptimConfig, TrainConfig
 
 __all__ = [
-    "PRESETS",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
@@ -38,15 +28,8 @@ __all__ = [
     "ModelConfig",
     "NotifyConfig",
     "OptimConfig",
-    "RunConfig",
     "Section",
     "TokenizerConfig",
     "TrainConfig",
-    "apply_overrides",
-    "config_from_dict",
-    "config_hash",
-    "dump_yaml",
-    "load_config",
-    "parse_override_value",
-    "save_config",
+    *_run.__all__,
 ]

@@ -98,38 +98,30 @@ class _ReadOnly:
 
 
 class RunView:
-    """What a callback may read about the run (and `control`, where it may ask for things)."""
+    """What a callback may read about the run (and `control`, where it may ask for things).
+
+    cfg, state (read-only), run_dir, rank, metrics (the latest record written to
+    metrics.jsonl), resumed_from, stop (the stop requested so far); model, tokenizer and device
+    once the run is built (None before: an EXCEPTION during setup).
+    """
 
     def __init__(
-        self,
-        cfg: RunConfig,
-        state: TrainState,
-        run_dir: Path,
-        control: Control,
-        rank: RankContext,
-        parts: Any,
+        self, cfg: RunConfig, state: TrainState, run_dir: Path, control: Control, rank: RankContext
     ) -> None:
         self.cfg = cfg
         self.state: TrainState = _ReadOnly(state)  # type: ignore[assignment]
         self.run_dir = run_dir
         self.control = control
         self.rank = rank
-        self._parts = parts  # the trainer's built components (model, tokenizer, device, ...)
         self.metrics: dict[str, Any] = {}
-        """The latest record written to metrics.jsonl (train or val)."""
         self.resumed_from: Path | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device: Any = None
 
-    @property
-    def model(self) -> Any:
-        return self._parts.model
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._parts.tokenizer
-
-    @property
-    def device(self) -> Any:
-        return getattr(self._parts, "device", None)
+    def bind(self, parts: Any) -> None:
+        """The run is built: its model, tokenizer and device."""
+        self.model, self.tokenizer, self.device = parts.model, parts.tokenizer, parts.device
 
     @property
     def stop(self) -> StopRequest | None:

@@ -132,25 +132,16 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
         min_lr_ratio=optim.min_lr_ratio,
         num_cycles=optim.num_cycles,
     )
+    # fmt: off
     return Parts(
-        device=device,
-        precision=precision,
-        tokenizer=tokenizer,
-        model=model,
-        train_data=train_data,
-        val_data=val_data,
-        batcher=batcher,
+        device=device, precision=precision, tokenizer=tokenizer, model=model,
+        train_data=train_data, val_data=val_data, batcher=batcher,
         regularizers=build_regularizers(cfg),  # label smoothing, gradient noise
-        optimizer=optimizer,
-        params=[p for p in model.parameters() if p.requires_grad],
-        schedule=schedule,
-        total_steps=steps,
-        train_rows=train_rows,
-        val_rows=val_rows,
-        data_stats=stats,
-        curriculum=curriculum,
-        augmented=augmented,
+        optimizer=optimizer, params=[p for p in model.parameters() if p.requires_grad],
+        schedule=schedule, total_steps=steps, train_rows=train_rows, val_rows=val_rows,
+        data_stats=stats, curriculum=curriculum, augmented=augmented,
     )
+    # fmt: on
 
 
 def _build_data(cfg: RunConfig, given: Given) -> tuple[Any, ...]:

@@ -117,7 +117,7 @@ class Trainer:
             mode=ck.mode,
         )
         self.status = StatusFile(self.run_dir.path, enabled=self.rank.is_main)
-        self.view = RunView(cfg, self.loop.state, self.run_dir.path, self.control, self.rank, self)
+        self.view = RunView(cfg, self.loop.state, self.run_dir.path, self.control, self.rank)
         # Generation eval (eval.generate): metric names are resolved here, before any work.
         self.generation_eval = GenerationEval(cfg) if cfg.eval.generate.num_samples else None
         self.parts: Parts | None = None
@@ -174,6 +174,7 @@ class Trainer:
         if self.parts is None:
             self.parts = build_parts(self.cfg, self.given, self.rank)
             self.state.total_steps = self.parts.total_steps
+            self.view.bind(self.parts)
         return self.parts
 
     # ---- requests ------------------------------------------------------------------------------

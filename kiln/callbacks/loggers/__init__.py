@@ -6,30 +6,8 @@ metrics.jsonl (always on) is written by the run directory itself; the trackers n
 its library lazily, so a missing extra matters only when that backend is selected.
 """
 
-from kiln.callbacks.loggers.base import (
-    LOGGERS,
-    Logger,
-    LoggerFactory,
-    RunContext,
-    Status,
-    check_installed,
-    flatten,
-    metric_items,
-    open_logger,
-)
+from kiln.callbacks.loggers import base as _base
+from kiln.callbacks.loggers.base import *  # noqa: F403  (exactly kiln.callbacks.loggers.base.__all__)
 from kiln.callbacks.loggers.callback import TRACKING_FILE, TrackingCallback, tracking_callbacks
 
-__all__ = [
-    "LOGGERS",
-    "TRACKING_FILE",
-    "Logger",
-    "LoggerFactory",
-    "RunContext",
-    "Status",
-    "TrackingCallback",
-    "check_installed",
-    "flatten",
-    "metric_items",
-    "open_logger",
-    "tracking_callbacks",
-]
+__all__ = [*_base.__all__, "TRACKING_FILE", "TrackingCallback", "tracking_callbacks"]
