@@ -128,6 +128,7 @@ class Trainer:
         self.cursor: BatchCursor | None = None
         self._resume_from: Path | None = None
         self._start_time = time.perf_counter()
+        self._warned_no_rows = False
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **kwargs: Any) -> Trainer:
@@ -539,7 +540,7 @@ class Trainer:
         if self.generation_eval is None:
             return False
         if self.setup().val_rows is None:
-            if not getattr(self, "_warned_no_rows", False):
+            if not self._warned_no_rows:
                 log.warning("eval.generate: skipped, the validation data was given as tokens")
                 self._warned_no_rows = True
             return False
