@@ -69,13 +69,14 @@ def _total_steps(cfg: RunConfig) -> tuple[int, str]:
     return steps, how
 
 
-def explain(cfg: RunConfig) -> str:
-    """A human-readable account of the resolved config."""
+def explain(cfg: RunConfig, world_size: int = 1) -> str:
+    """A human-readable account of the resolved config (for a run on `world_size` ranks)."""
     from kiln.optim import make_schedule, render_schedule, schedule_table
 
     train, data = cfg.train, cfg.data
     out = ["# resolved config (every key, with its meaning)", *annotated_yaml(cfg), ""]
-    eff_batch = train.batch_size * train.grad_accum_steps
+    eff_batch = train.batch_size * train.grad_accum_steps * world_size
+    ranks = f" x {world_size} ranks" if world_size > 1 else ""
     total, how = _total_steps(cfg)
     if cfg.task == "causal_lm" and data.packing:
         per_step = f"{eff_batch * data.max_length:,} (packed blocks of {data.max_length})"
@@ -87,7 +88,7 @@ def explain(cfg: RunConfig) -> str:
         f"config hash:               {config_hash(cfg)[:16]}",
         f"run directory:             {cfg.run_dir}",
         f"effective batch size:      {eff_batch} sequences "
-        f"({train.batch_size} x {train.grad_accum_steps} accumulation)",
+        f"({train.batch_size} x {train.grad_accum_steps} accumulation{ranks})",
         f"tokens per optimizer step: {per_step}",
         f"total optimizer steps:     {total:,} ({how})",
         f"warmup steps:              {cfg.optim.warmup_steps}",

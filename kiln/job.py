@@ -46,7 +46,8 @@ def build_trainer(
     Trainer (model, tokenizer, train_data, val_data, overwrite, resume)."""
     if trainer_cls is None:
         from kiln.engine.trainer import Trainer as trainer_cls
-    rank = rank or RankContext.current()
+    dist = cfg.train.distributed
+    rank = rank or RankContext.setup(dist.backend, dist.timeout_s)  # under torchrun: N ranks
     return trainer_cls(cfg, callbacks=job_callbacks(cfg, callbacks, rank), rank=rank, **kwargs)
 
 

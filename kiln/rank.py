@@ -8,12 +8,15 @@ trackers and notifications; every rank saves its own RNG state.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from kiln.errors import KilnError
 
 __all__ = ["RankContext"]
 
@@ -39,6 +42,28 @@ class RankContext:
             int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
         )
 
+    @classmethod
+    def setup(cls, backend: str = "auto", timeout_s: float = 1800.0) -> RankContext:
+        """The context of this process; under torchrun (WORLD_SIZE > 1 in the environment) the
+        process group is initialized first (backend auto: nccl with CUDA, else gloo)."""
+        dist = torch.distributed
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world > 1 and not dist.is_initialized():
+            if backend == "auto":
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                if not torch.cuda.is_available():
+                    raise KilnError("train.distributed.backend: nccl needs CUDA; use gloo")
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        return cls.current()
+
+    @staticmethod
+    def teardown() -> None:
+        """Destroy the process group, if one was initialized."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     @property
     def is_main(self) -> bool:
         """Rank 0: the one process that writes the run directory."""
@@ -53,6 +78,22 @@ class RankContext:
         if self.distributed:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
         return tensor
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order; [obj] at world size 1."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main rank's `obj` (picklable) on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         """Wait for every rank."""

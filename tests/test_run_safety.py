@@ -395,10 +395,10 @@ def test_pause_hint_resumes_the_run_with_its_overrides(
     run = tmp_path / "elsewhere"
     real = trainer_module.Trainer._after_step
 
-    def after_step(self: Trainer) -> None:
+    def after_step(self: Trainer, counts: tuple[int, int]) -> None:
         if self.state.step == 8:
             os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler's preemption sends
-        real(self)
+        real(self, counts)
 
     monkeypatch.setattr(trainer_module.Trainer, "_after_step", after_step)
     code = main(["-q", "train", str(cfg), f"output_dir={run}", "train.max_steps=20"])

@@ -1,4 +1,8 @@
-"""`kiln train CONFIG [key=value ...] [--overwrite] [--resume [RUN_DIR|CHECKPOINT]]`.
+"""`kiln train CONFIG [key=value ...] [--overwrite] [--resume [RUN_DIR|CHECKPOINT]] [--nproc N]`.
+
+`--nproc N` re-executes the command under `torch.distributed.run` (torchrun) with N ranks on
+this machine; `--nnodes`, `--node-rank` and `--rdzv-endpoint` make it one node of several.
+`torchrun --nproc-per-node N -m kiln train CONFIG` is the same.
 
 `kiln train --resume RUN_DIR [key=value ...]` continues a run from its own config.yaml (what
 ran, overrides included), so the command printed when a run pauses needs nothing else.
@@ -7,6 +11,7 @@ ran, overrides included), so the command printed when a run pauses needs nothing
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -35,6 +40,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="continue from the newest complete checkpoint of the run, of RUN_DIR, or from "
         "CHECKPOINT; without CONFIG the run's own config.yaml is used",
     )
+    launch = p.add_argument_group("several processes (torchrun)")
+    launch.add_argument("--nproc", type=int, metavar="N", help="ranks on this machine")
+    launch.add_argument("--nnodes", type=int, default=1, metavar="N", help="machines (1)")
+    launch.add_argument("--node-rank", type=int, default=0, metavar="K", help="this machine (0)")
+    launch.add_argument(
+        "--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of the nodes (c10d)"
+    )
+
+
+def _launch(args: argparse.Namespace) -> list[str]:
+    """The torchrun command that runs this `kiln train` on `--nproc` ranks."""
+    if args.nproc < 1 or args.nnodes < 1:
+        raise KilnError(f"--nproc/--nnodes: must be >= 1, got {args.nproc}/{args.nnodes}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
+    if args.nnodes == 1 and args.rdzv_endpoint is None:
+        cmd.append("--standalone")  # a local rendezvous on a free port
+    else:
+        if args.rdzv_endpoint is None:
+            raise KilnError("--nnodes: several machines need --rdzv-endpoint HOST:PORT")
+        cmd += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank)]
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint]
+    cmd += ["-m", "kiln", *(["-q"] if args.quiet else []), "train"]
+    cmd += [args.config] if args.config is not None else []
+    cmd += list(args.overrides) + (["--overwrite"] if args.overwrite else [])
+    if args.resume is True:
+        cmd.append("--resume")
+    elif args.resume is not None:
+        cmd += ["--resume", str(args.resume)]
+    return cmd
+
+
+def _run_launcher(cmd: list[str], run_dir: Path) -> int:
+    """Run torchrun, passing SIGTERM/SIGINT on (it passes them to every rank). torchrun exits 1
+    for any failed rank, so the main rank's own exit code (paused 3, bad input 2, ...) is read
+    back from status.json when the run wrote one."""
+    import signal
+    import subprocess
+
+    from kiln.runs import read_status
+
+    before = read_status(run_dir)
+    proc = subprocess.Popen(cmd)
+    signals = (signal.SIGTERM, signal.SIGINT)
+    forward = {s: signal.signal(s, lambda n, _: proc.send_signal(n)) for s in signals}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
+    status = read_status(run_dir) if code != 0 else None
+    if status is not None and status != before and status.get("exit_code"):
+        return int(status["exit_code"])
+    return code
 
 
 def _run_dir_of(path: Path) -> Path | None:
@@ -80,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
     from kiln.engine.status import final_state
     from kiln.job import build_trainer
 
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        cmd = _launch(args)
+        cfg, _ = _load(args)  # a bad config fails here, once, not on every rank
+        return _run_launcher(cmd, cfg.run_dir)
+    if int(os.environ.get("RANK", 0)) != 0:  # the main rank tells the story; others warn
+        logging.getLogger("kiln").setLevel(logging.WARNING)
     cfg, resume = _load(args)
     if args.config is not None and Path(args.config).is_file():
         source = Path(args.config).resolve()
@@ -89,7 +153,11 @@ def run(args: argparse.Namespace) -> int:
                 f"({args.config}), which the run's config.yaml would replace; choose another"
             )
     try:
-        result = build_trainer(cfg, overwrite=args.overwrite, resume=resume).fit()
+        trainer = build_trainer(cfg, overwrite=args.overwrite, resume=resume)
+        try:
+            result = trainer.fit()
+        finally:
+            trainer.rank.teardown()
     except StoppedBeforeStart as stop:
         if stop.resume_from is None:
             after = "nothing to resume (start it again)"
@@ -99,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         return stop.exit_code
     s = result.summary
     state, code = final_state(result.stop)
+    if not trainer.rank.is_main:  # the main rank reports
+        return code
     if state != "finished":  # paused (SIGTERM/SIGINT), stopped (pruned) or diverged
         where = result.checkpoint_paths[-1] if result.checkpoint_paths else result.run_dir
         print(f"\n{state} at step {s['steps']} ({s['stop_reason']}); checkpoint: {where}")

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from kiln.config.base import MAX_BATCH, MAX_COUNT, MAX_TOKENS, Section, short_repr
 
-__all__ = ["GradNoiseConfig", "OptimConfig", "TrainConfig"]
+__all__ = ["DistributedConfig", "GradNoiseConfig", "OptimConfig", "TrainConfig"]
 
 # torch refuses other betas too, but only once the model and data are loaded.
 _Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -46,13 +46,25 @@ class GradNoiseConfig(Section):
     """Decay exponent of the noise variance."""
 
 
+class DistributedConfig(Section):
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How N ranks (torchrun, or `kiln train --nproc N`) share the work: auto is a single
+    process at world size 1 and DDP above; ddp replicates the model and all-reduces gradients;
+    fsdp (FSDP2 sharding) is not available yet."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective backend: auto is nccl with CUDA, else gloo."""
+    timeout_s: float = Field(1800.0, gt=0.0, le=7 * 24 * 3600)
+    """A collective waiting longer than this fails the run (a hung or dead rank)."""
+
+
 class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Optimizer steps to train; with num_epochs too, whichever ends first."""
     num_epochs: float | None = Field(None, gt=0, le=1e6)
     """Passes over the training data (may be fractional)."""
     batch_size: int = Field(8, gt=0, le=MAX_BATCH)
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch, per rank: the global batch is batch_size x grad_accum_steps x
+    the number of ranks."""
     grad_accum_steps: int = Field(1, gt=0, le=MAX_BATCH)
     """Micro-batches per optimizer step; the loss is token-weighted over the whole window."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -79,6 +91,8 @@ class TrainConfig(Section):
     """Label smoothing of the training loss (target tokens only; validation loss is plain)."""
     grad_noise: GradNoiseConfig = GradNoiseConfig()
     """Annealed gradient noise, seeded by (seed, step): a resumed run draws the same noise."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Multi-process training under torchrun (see docs/distributed.md)."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

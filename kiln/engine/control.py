@@ -55,6 +55,8 @@ class Control:
     def __init__(self) -> None:
         self.stop: StopRequest | None = None
         self.save_requested = False
+        self._agreed: StopRequest | None = None
+        self._synced = False
 
     def request_stop(self, request: StopRequest) -> None:
         """Stop after the current step (a resumable request also turns an earlier one into a
@@ -70,13 +72,30 @@ class Control:
         """Write a checkpoint at the next step boundary."""
         self.save_requested = True
 
-    @property
-    def stopping(self) -> bool:
-        return self.stop is not None
+    def sync(self, rank: RankContext, counts: tuple[int, ...] = ()) -> tuple[int, ...]:
+        """Agree with every rank (a collective; nothing at world size 1): the first stop
+        request by rank order (made resumable if any rank asked to resume), a save if any rank
+        asked for one. Returns `counts` summed over the ranks."""
+        if not rank.distributed:
+            return counts
+        gathered = rank.all_gather((self.stop, self.save_requested, counts))
+        self.stop = None
+        for stop, _, _ in gathered:
+            if stop is not None:
+                self.request_stop(stop)
+        self.save_requested = any(save for _, save, _ in gathered)
+        self._agreed, self._synced = self.stop, True
+        return tuple(sum(c) for c in zip(*(c for _, _, c in gathered), strict=True))
 
     @property
-    def pausing(self) -> bool:
-        return self.stop is not None and self.stop.resumable
+    def decided(self) -> StopRequest | None:
+        """The stop every rank acts on: the request itself in one process; on N ranks the one
+        agreed at the last `sync` (a request made since waits for the next)."""
+        return self._agreed if self._synced else self.stop
+
+    @property
+    def stopping(self) -> bool:
+        return self.decided is not None
 
 
 class _ReadOnly:

@@ -13,6 +13,7 @@ import torch
 from kiln.data.collate import Batcher
 from kiln.device import Precision
 from kiln.engine.loss import IGNORE_INDEX, count_targets, forward_loss_sum
+from kiln.rank import RankContext
 
 __all__ = ["evaluate", "restore_best"]
 
@@ -31,6 +32,7 @@ def evaluate(
     max_batches: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     batcher: Batcher | None = None,
+    rank: RankContext | None = None,
 ) -> dict[str, float] | None:
     """Mean token loss, perplexity and next-token accuracy over `dataset`, in order.
 
@@ -43,7 +45,8 @@ def evaluate(
     Returns None when `should_stop` turned true between batches (a stop request: the caller
     checkpoints instead).
     `batcher` builds the batches as training does (collator, pad_to_multiple_of, packed
-    documents); by default, the task's collator with `pad_id`.
+    documents); by default, the task's collator with `pad_id`. On N ranks (`rank`) each rank
+    evaluates every N-th batch and the sums are all-reduced: every rank returns the same.
     """
     if batcher is None:
         batcher = Batcher(task, pad_id)
@@ -57,6 +60,8 @@ def evaluate(
         for i, start in enumerate(range(0, len(dataset), batch_size)):
             if max_batches is not None and i >= max_batches:
                 break
+            if rank is not None and i % rank.world_size != rank.rank:
+                continue  # another rank's batch
             if should_stop is not None and should_stop():
                 return None
             batch = batcher(dataset, torch.arange(start, min(start + batch_size, len(dataset))))
@@ -70,6 +75,10 @@ def evaluate(
             del logits, labels, mask, batch_loss  # free before the next forward: one batch live
     finally:
         model.train(was_training)
+    if rank is not None and rank.distributed:
+        sums = torch.stack([loss_sum, correct.double(), torch.tensor(float(tokens), device=device)])
+        loss_sum, correct, total = rank.all_reduce_sum(sums)
+        tokens = int(total.item())
     if tokens == 0:
         return {}
     loss = loss_sum.item() / tokens

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "IGNORE_INDEX",
@@ -46,7 +47,8 @@ def _model_inputs(model: Any, batch: dict[str, torch.Tensor], task: str) -> dict
             inputs[key] = batch[key]
     if task == "seq2seq":
         # Teacher forcing from the labels; the loss is computed here, not by the model.
-        inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(
+        base = model.module if isinstance(model, DistributedDataParallel) else model
+        inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(
             labels=batch["labels"]
         )
     return inputs

@@ -49,6 +49,9 @@ class Parts:
     precision: Precision
     tokenizer: Any
     model: Any
+    """The model (what is saved, evaluated and generated from)."""
+    train_model: Any
+    """What the training step runs: `model`, or its DDP wrapper on N ranks."""
     train_data: TokenDataset
     val_data: TokenDataset | None
     batcher: Batcher
@@ -111,6 +114,7 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
         pad_to_multiple_of=cfg.data.pad_to_multiple_of,
     )
     model = prepare_for_training(model, cfg, device, batcher)
+    train_model = _distribute(model, cfg, device, rank)
     optim = cfg.optim
     optimizer = build_optimizer(
         model,
@@ -135,6 +139,7 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
     # fmt: off
     return Parts(
         device=device, precision=precision, tokenizer=tokenizer, model=model,
+        train_model=train_model,
         train_data=train_data, val_data=val_data, batcher=batcher,
         regularizers=build_regularizers(cfg),  # label smoothing, gradient noise
         optimizer=optimizer, params=[p for p in model.parameters() if p.requires_grad],
@@ -142,6 +147,19 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
         data_stats=stats, curriculum=curriculum, augmented=augmented,
     )
     # fmt: on
+
+
+def _distribute(model: Any, cfg: RunConfig, device: torch.device, rank: RankContext) -> Any:
+    """The model the training step runs on N ranks (`train.distributed.strategy`): DDP keeps a
+    full replica per rank and all-reduces the gradients in backward."""
+    if not rank.distributed:
+        return model
+    if cfg.train.distributed.strategy == "fsdp":
+        raise KilnError("train.distributed.strategy: fsdp is not available yet; use ddp or auto")
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index or 0] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def _build_data(cfg: RunConfig, given: Given) -> tuple[Any, ...]:

@@ -23,11 +23,19 @@ from kiln.config import RunConfig, config_from_dict, dump_yaml
 from kiln.data.cache import fingerprint_matches, tokenizer_fingerprint
 from kiln.engine.signals import StoppedBeforeStart
 from kiln.errors import KilnError
-from kiln.files import StorageFull, resolve_path, storage_full, torch_save, write_atomic
+from kiln.files import (
+    StorageFull,
+    is_within,
+    resolve_path,
+    storage_full,
+    torch_save,
+    write_atomic,
+)
 from kiln.process import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from kiln.engine.parts import Parts
+    from kiln.engine.rundir import RunDir
     from kiln.engine.state import LoopState
     from kiln.rank import RankContext
 
@@ -41,6 +49,7 @@ __all__ = [
     "find_checkpoint",
     "load_checkpoint_config",
     "restore_checkpoint",
+    "resume_target",
     "trainable_state_dict",
 ]
 
@@ -49,7 +58,9 @@ log = logging.getLogger("kiln")
 # Config keys whose change makes a checkpoint meaningless: shapes, vocabulary, and everything
 # that decides which training examples exist and in what order (the cursor indexes into them).
 # Everything else may change on resume and is reported.
-UNSAFE_CHANGES = ("task", "seed", "model.", "tokenizer.", "lora.", "data.", "train.batch_size")
+# train.batch_size is per rank: what must not change is the global batch (batch_size x ranks),
+# checked by `check_compatible`, so a run can resume at another world size.
+UNSAFE_CHANGES = ("task", "seed", "model.", "tokenizer.", "lora.", "data.")
 SAFE_EXCEPTIONS = (
     "data.val",  # validation data does not move the training cursor
     "data.cache_dir",  # where tokens are cached, not what they are
@@ -174,6 +185,30 @@ def find_checkpoint(want: str | Path | bool, checkpoints: CheckpointManager) -> 
         raise KilnError(f"--resume: {exc}") from None
 
 
+def resume_target(
+    want: str | Path | bool, checkpoints: CheckpointManager, run_dir: RunDir, *, overwrite: bool
+) -> tuple[Path | None, bool]:
+    """(the checkpoint to resume from, whether it belongs to another run), checked before
+    minutes of setup: a run directory that already holds a run is refused unless resumed or
+    `overwrite`; another run's checkpoint starts this run directory afresh from it."""
+    resume_from = find_checkpoint(want, checkpoints)
+    foreign = resume_from is not None and not is_within(resume_from, checkpoints.root.resolve())
+    if foreign:
+        if is_within(resume_from, run_dir.path):  # type: ignore[arg-type]
+            raise KilnError(
+                f"--resume: {resume_from} lies inside output_dir {run_dir.path} but "
+                "is not one of its checkpoints; resume that run itself"
+            )
+        run_dir.check_free(
+            overwrite=overwrite,
+            why=f", and --resume {resume_from} is a checkpoint of another run "
+            f"(resume that run itself, or start this one afresh from it)",
+        )
+    elif resume_from is None:
+        run_dir.check_free(overwrite=overwrite)
+    return resume_from, foreign
+
+
 def explain_failure(
     exc: BaseException, run_dir: Path, checkpoints: CheckpointManager, *, resumable: bool
 ) -> BaseException:
@@ -237,10 +272,19 @@ def compare_configs(old: RunConfig, new: RunConfig) -> tuple[list[str], list[str
     return unsafe, safe
 
 
-def check_compatible(cfg: RunConfig, path: Path) -> list[str]:
-    """Refuse a resume whose config change makes the checkpoint meaningless; return safe ones."""
+def check_compatible(cfg: RunConfig, path: Path, world_size: int = 1) -> list[str]:
+    """Refuse a resume whose config change makes the checkpoint meaningless; return safe ones.
+    The global batch (train.batch_size x world size) must be the checkpoint's: the data order
+    and the cursor are defined over it."""
     old = config_from_dict(load_checkpoint_config(path), str(path / "config.yaml"))
     unsafe, safe = compare_configs(old, cfg)
+    saved = json.loads((path / "trainer_state.json").read_text()).get("world_size", 1)
+    before, now = old.train.batch_size * saved, cfg.train.batch_size * world_size
+    if before != now:
+        unsafe.append(
+            f"global batch (train.batch_size x ranks): {old.train.batch_size} x {saved} = "
+            f"{before} -> {cfg.train.batch_size} x {world_size} = {now}"
+        )
     if unsafe:
         raise KilnError(
             [

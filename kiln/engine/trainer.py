@@ -32,17 +32,15 @@ from kiln.engine.resume import (
     check_compatible,
     checkpoint_writers,
     explain_failure,
-    find_checkpoint,
     restore_checkpoint,
+    resume_target,
 )
 from kiln.engine.rundir import RunDir, model_card, run_summary
 from kiln.engine.signals import StopSignals
 from kiln.engine.state import LoopState, TrainState
 from kiln.engine.status import StatusFile, final_state
-from kiln.errors import KilnError
-from kiln.files import is_within
 from kiln.metrics.throughput import MetricsTracker, tracker_for
-from kiln.models.generation import GenerationOptions, generate_texts
+from kiln.models.generation import run_sample
 from kiln.optim import set_lr
 from kiln.process import ProcessState
 from kiln.rank import RankContext
@@ -102,7 +100,8 @@ class Trainer:
         self.given = Given(model, tokenizer, train_data, val_data)
         self.overwrite = overwrite
         self.resume = resume
-        self.rank = rank or RankContext.current()
+        dist = cfg.train.distributed
+        self.rank = rank or RankContext.setup(dist.backend, dist.timeout_s)
         self.loop = LoopState()
         self.control = Control()
         self.callbacks: list[Callback] = list(callbacks)
@@ -185,15 +184,8 @@ class Trainer:
 
     def _final_wanted(self) -> bool:
         """Whether the run ends with a final validation and final/ (not a pause or a prune)."""
-        stop = self.control.stop
+        stop = self.control.decided
         return stop is None or stop.ends_run
-
-    def _resume_path(self) -> Path | None:
-        """The checkpoint to resume from, per `resume` and `checkpoint.resume`."""
-        want = self.resume
-        if want is None:
-            want = "auto" if self.cfg.checkpoint.resume == "auto" else False
-        return find_checkpoint(want, self.checkpoints)
 
     # ---- the run ------------------------------------------------------------------------------
 
@@ -226,19 +218,18 @@ class Trainer:
                 if self.loop.validation_pending:  # a stop interrupted it before the checkpoint
                     self._validate()
                 while self.state.step < self.state.total_steps and not self.control.stopping:
-                    self._train_step()
-                    self._after_step()
+                    self._after_step(self._train_step())
                 if self._final_wanted():
                     final_dir, sample = self._finish()
             summary = self._summary(final_dir, sample)
             self.run_dir.write_json("summary.json", summary)
             self.fire(Event.TRAIN_END)
-            self.status.end(self.state, self.control.stop)
+            self.status.end(self.state, self.control.decided)
         except BaseException as exc:
             explained = explain_failure(
                 exc, self.run_dir.path, self.checkpoints, resumable=self._resume_from is not None
             )
-            self.status.end(self.state, self.control.stop, explained)
+            self.status.end(self.state, self.control.decided, explained)
             self.fire(Event.EXCEPTION, exc=explained)
             if explained is exc:
                 raise
@@ -256,36 +247,27 @@ class Trainer:
             checkpoint_paths=self.checkpoint_paths,
             summary=summary,
             sample=sample,
-            status=final_state(self.control.stop)[0],
-            stop=self.control.stop,
+            status=final_state(self.control.decided)[0],
+            stop=self.control.decided,
         )
 
     def _begin(self) -> None:
         """Everything before the first step: the run directory, setup, resume, the cursor."""
         self.run_dir.claim()  # checked, created and locked before minutes of setup
-        resume_from = self._resume_from = self._resume_path()
-        foreign = resume_from is not None and not is_within(
-            resume_from, self.checkpoints.root.resolve()
+        want = self.resume
+        if want is None:
+            want = "auto" if self.cfg.checkpoint.resume == "auto" else False
+        resume_from, foreign = resume_target(
+            want, self.checkpoints, self.run_dir, overwrite=self.overwrite
         )
-        if foreign:  # a checkpoint of another run: this run directory starts from it
-            if is_within(resume_from, self.run_dir.path):  # type: ignore[arg-type]
-                raise KilnError(
-                    f"--resume: {resume_from} lies inside output_dir {self.run_dir.path} but "
-                    "is not one of its checkpoints; resume that run itself"
-                )
-            self.run_dir.check_free(
-                overwrite=self.overwrite,
-                why=f", and --resume {resume_from} is a checkpoint of another run "
-                f"(resume that run itself, or start this one afresh from it)",
-            )
-        elif resume_from is None:  # checked before minutes of setup, not after
-            self.run_dir.check_free(overwrite=self.overwrite)
+        self._resume_from = resume_from
         self.status.begin()
         parts = self.setup()
         cfg = self.cfg
         if foreign or resume_from is None:
             self.run_dir.prepare(cfg, overwrite=self.overwrite)
             self.status.write()  # prepare() cleared the directory
+        self.rank.barrier()  # the main rank has prepared the directory
         if resume_from is not None:
             self._restore(resume_from, forked=foreign)
         self.checkpoints.clean_incomplete()
@@ -312,7 +294,7 @@ class Trainer:
         self.loop.epochs_ended = 0
 
     def _restore(self, path: Path, *, forked: bool = False) -> None:
-        changes = check_compatible(self.cfg, path)
+        changes = check_compatible(self.cfg, path, self.rank.world_size)
         parts = self.setup()
         restore_checkpoint(path, parts, self.loop, self.callbacks, self.rank)
         self.resumed_from = self.view.resumed_from = path
@@ -327,15 +309,29 @@ class Trainer:
         )
         self.checkpoint_paths = [c.path for c in self.checkpoints.list()]
 
-    def _after_step(self) -> None:
-        """Validation and checkpoints that fall due after a step (or a stop request)."""
-        cfg, step = self.cfg, self.state.step
+    def _after_step(self, counts: tuple[int, int]) -> None:
+        """What falls due after a step: on N ranks agreeing on requests and counts (one
+        collective), the log, epoch ends, validation and checkpoints."""
+        cfg, state, loop, step = self.cfg, self.state, self.loop, self.state.step
+        if self.rank.distributed:  # every rank decides the same from here on
+            counts = self.control.sync(self.rank, counts)  # type: ignore[assignment]
+            state.tokens_seen += counts[0]
+            state.samples_seen += counts[1]
+        # A pause (resumable stop) keeps the log cadence, so a resumed run logs identically.
+        last_step = step == state.total_steps or (self.control.stopping and self._final_wanted())
+        if step % cfg.log.every_steps == 0 or last_step:
+            self._log_train()
+        for _ in range(loop.epochs_ended):
+            self.fire(Event.EPOCH_END)
+            loop.epoch_started = False
+        loop.epochs_ended = 0
         stopping = self.control.stopping
         last = step == self.state.total_steps or stopping
         every = cfg.eval.every_steps
         due = (every and step % every == 0) or (last and self._final_wanted())
         if self.val_data is not None and due:
             self._validate()
+            self.control.sync(self.rank)  # requests made during validation (early stopping)
         every = cfg.checkpoint.every_steps
         periodic = every is not None and (step % every == 0 or last)
         # Paused or pruned (also by a request made during this validation): resumable.
@@ -388,19 +384,23 @@ class Trainer:
         # Packed blocks: one gather, no attention mask; position ids restart per document.
         return parts.batcher(data, idx)
 
-    def _train_step(self) -> None:
+    def _train_step(self) -> tuple[int, int]:
+        """One optimizer step; returns this rank's (input tokens, samples) of the window."""
         cfg, state, loop, parts = self.cfg, self.state, self.loop, self.setup()
         device, task = parts.device, cfg.task
         if not loop.epoch_started:
             loop.epoch_started = True
             self.fire(Event.EPOCH_BEGIN)
         self.fire(Event.STEP_BEGIN)
-        batches = []
+        batches, tokens, samples = [], 0, 0
         for _ in range(cfg.train.grad_accum_steps):
             batch = self._next_batch()
-            state.tokens_seen += input_tokens(batch)  # host-side, on the CPU copy
-            state.samples_seen += batch["input_ids"].shape[0]
+            tokens += input_tokens(batch)  # host-side, on the CPU copy
+            samples += batch["input_ids"].shape[0]
             batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        if not self.rank.distributed:  # on N ranks: summed at the step's sync
+            state.tokens_seen += tokens
+            state.samples_seen += samples
         # Token weighting over the whole window (all ranks): every micro-loss shares one
         # denominator, summed on the device.
         counts = torch.stack([target_tokens(b, task) for b in batches]).sum()
@@ -408,19 +408,20 @@ class Trainer:
         window_loss = torch.zeros((), device=device)
         last = len(batches) - 1
         for i, batch in enumerate(batches):
-            with self.rank.no_sync(parts.model, enabled=i < last):
+            with self.rank.no_sync(parts.train_model, enabled=i < last):
                 with parts.precision.autocast():
                     loss_sum, _, _ = forward_loss_sum(
-                        parts.model, batch, task, loss_fn=parts.regularizers.loss_fn
+                        parts.train_model, batch, task, loss_fn=parts.regularizers.loss_fn
                     )
-                loss = loss_sum / window_targets
+                loss = share = loss_sum / window_targets
                 if self.rank.distributed:  # cancels DDP's mean over ranks
-                    loss = loss * self.rank.world_size
+                    loss = share * self.rank.world_size
                 self.fire(Event.BACKWARD_BEGIN)
                 parts.precision.backward(loss)
             self.fire(Event.BACKWARD_END)
-            window_loss += loss.detach()
+            window_loss += share.detach()
             state.micro_step += 1
+        self.rank.all_reduce_sum(window_loss)  # every rank's share: the window's loss
         loop.lr = cfg.optim.lr * parts.schedule(state.step)
         set_lr(parts.optimizer, loop.lr)
         parts.precision.unscale(parts.optimizer)
@@ -436,16 +437,7 @@ class Trainer:
         state.step += 1
         loop.pending_losses.append(window_loss)
         self.fire(Event.STEP_END)
-        # A pause (resumable stop) keeps the log cadence, so a resumed run logs identically.
-        last_step = state.step == state.total_steps or (
-            self.control.stopping and self._final_wanted()
-        )
-        if state.step % cfg.log.every_steps == 0 or last_step:
-            self._log_train()
-        for _ in range(loop.epochs_ended):
-            self.fire(Event.EPOCH_END)
-            loop.epoch_started = False
-        loop.epochs_ended = 0
+        return tokens, samples
 
     def _log_train(self) -> None:
         """Materialize the losses since the last log: the loop's only per-interval host sync."""
@@ -495,16 +487,20 @@ class Trainer:
             batcher=parts.batcher,
             max_batches=cfg.eval.max_batches,
             should_stop=should_stop,
+            rank=self.rank,
         )
         if metrics and self._generation_due():
             samples_file = self.run_dir.path / "samples" / f"step-{self.state.step}.jsonl"
-            generated = self.generation_eval.run(  # type: ignore[union-attr]
-                parts.model,
-                parts.tokenizer,
-                parts.val_rows,  # type: ignore[arg-type]
-                samples_file=samples_file if self.rank.is_main else None,
-                should_stop=should_stop,
-            )
+            generated = None
+            if self.rank.is_main:  # the other ranks wait for its metrics
+                generated = self.generation_eval.run(  # type: ignore[union-attr]
+                    parts.model,
+                    parts.tokenizer,
+                    parts.val_rows,  # type: ignore[arg-type]
+                    samples_file=samples_file,
+                    should_stop=should_stop,
+                )
+            generated = self.rank.broadcast(generated)
             metrics = None if generated is None else {**metrics, **generated}
         if metrics is None:  # interrupted: the checkpoint records it as still to do
             return
@@ -520,7 +516,10 @@ class Trainer:
         self._record(record)
 
     def _validation_cut(self) -> bool:
-        """Whether a stop asks to cut a validation short (a pause or a prune, not an end)."""
+        """Whether a stop asks to cut a validation short (a pause or a prune, not an end). On
+        N ranks a validation always completes: the ranks could not agree where to cut it."""
+        if self.rank.distributed:
+            return False
         return self.control.stopping and not self._final_wanted()
 
     def _track_best(self, metrics: dict[str, float]) -> None:
@@ -568,16 +567,10 @@ class Trainer:
         prompt = self.cfg.eval.sample_prompt
         if prompt is None or not self.rank.is_main:
             return None
-        parts = self.setup()
-        options = GenerationOptions(
-            max_new_tokens=self.cfg.eval.sample_max_new_tokens,
-            do_sample=True,
-            temperature=0.7,
-            top_p=0.9,
-            seed=self.cfg.seed,
+        parts, cfg = self.setup(), self.cfg
+        return run_sample(
+            parts.model, parts.tokenizer, prompt, cfg.eval.sample_max_new_tokens, cfg.seed
         )
-        text = generate_texts(parts.model, parts.tokenizer, [prompt], options=options)[0]
-        return text if self.cfg.task == "seq2seq" else prompt + text
 
     def _summary(self, final_dir: Path | None, sample: str | None) -> dict[str, Any]:
         parts = self.setup()
@@ -591,7 +584,7 @@ class Trainer:
             wall=time.perf_counter() - self._start_time,
             final_dir=final_dir,
             sample=sample,
-            stop=self.control.stop,
+            stop=self.control.decided,
             final_from=self.final_from,
             resumed_from=self.resumed_from,
             checkpoints=self.checkpoint_paths,

@@ -40,7 +40,7 @@ import torch
 
 from kiln.errors import KilnError
 
-__all__ = ["GenerationOptions", "generate_texts", "max_positions"]
+__all__ = ["GenerationOptions", "generate_texts", "max_positions", "run_sample"]
 
 logger = logging.getLogger("kiln")
 
@@ -261,3 +261,14 @@ def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         elif accelerator:
             torch.get_device_module(device.type).manual_seed(seed)
         yield
+
+
+def run_sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, seed: int) -> str:
+    """The end-of-run sample (summary.json): sampled at temperature 0.7, top-p 0.9, seeded;
+    a decoder-only model's text includes the prompt."""
+    options = GenerationOptions(
+        max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.9, seed=seed
+    )
+    [text] = generate_texts(model, tokenizer, [prompt], options=options)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    return text if seq2seq else prompt + text

@@ -1,0 +1,176 @@
+"""DDP on CPU with gloo under torchrun: the same training as one process with the same global
+batch, one run directory written by the main rank, and resume at another world size."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from helpers import make_rows, tiny_raw, write_jsonl
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+def _config(tmp: Path, name: str, batch: int, **train: Any) -> Path:
+    data = tmp / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, make_rows(160, seed=7))
+        write_jsonl(tmp / "val.jsonl", make_rows(24, seed=8))
+    raw = tiny_raw(tmp, data, tmp / "val.jsonl")
+    raw["output_dir"] = str(tmp / name)
+    raw["data"]["cache_dir"] = str(tmp / f"cache-{name}")
+    raw["optim"] = {"lr": 3e-3, "warmup_steps": 0, "scheduler": "constant"}
+    raw["train"] = {"max_steps": 10, "batch_size": batch, "num_threads": 1, **train}
+    raw["eval"] = {"every_steps": 5}
+    raw["checkpoint"] = {"every_steps": 5, "keep_last": 3}
+    raw["log"] = {"every_steps": 1, "progress": "plain", "plots": False}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    cmd += ["-m", "kiln", "train", *args]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _records(run: Path, split: str = "train") -> list[dict[str, Any]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def _close(a: list[float], b: list[float], rel: float) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert abs(x - y) <= rel * abs(y), (a, b)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The reference: one process, batch 8."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    done = _torchrun(1, str(_config(tmp, "one", 8)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp, tmp / "one"
+
+
+def test_ddp_two_ranks_equal_one_process_with_the_same_global_batch(single) -> None:
+    tmp, one = single
+    done = _torchrun(2, str(_config(tmp, "two", 4)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp / "two"
+    # One run directory, written once: one train row per step, one val row per validation.
+    assert [r["step"] for r in _records(two)] == list(range(1, 11))
+    assert [r["step"] for r in _records(two, "val")] == [5, 10]
+    _close([r["loss"] for r in _records(two)], [r["loss"] for r in _records(one)], 1e-5)
+    _close(
+        [r["val_loss"] for r in _records(two, "val")],
+        [r["val_loss"] for r in _records(one, "val")],
+        1e-5,
+    )
+    assert _records(two)[-1]["tokens"] == _records(one)[-1]["tokens"]  # counted over all ranks
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["steps"] == 10
+    assert json.loads((two / "status.json").read_text())["state"] == "finished"
+    a = load_file(two / "final" / "model.safetensors")
+    b = load_file(one / "final" / "model.safetensors")
+    for name in b:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-10", "step-5"]
+    # Progress and the story of the run came from the main rank only.
+    out = done.stdout + done.stderr
+    assert out.count("step 10/10  loss") == 1
+    assert out.count("trained a byte-level BPE tokenizer") == 1
+
+
+def test_pause_at_two_ranks_and_resume_at_one_continues_the_run(single) -> None:
+    tmp, one = single
+    first = _torchrun(2, str(_config(tmp, "cut", 4, max_steps=5)))
+    assert first.returncode == 0, first.stderr[-3000:]
+    cut = tmp / "cut"
+    # The same global batch on one rank: 8 x 1 (the checkpoint recorded 4 x 2).
+    done = _torchrun(
+        1, "--resume", str(cut), "train.batch_size=8", "train.max_steps=10", timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in _records(cut)] == list(range(1, 11))
+    _close([r["loss"] for r in _records(cut)], [r["loss"] for r in _records(one)], 1e-4)
+    # Another global batch is refused: the data order is defined over it.
+    bad = _torchrun(1, "--resume", str(cut), "train.batch_size=4", "train.max_steps=12")
+    assert bad.returncode != 0  # torchrun says 1 for any failed rank
+    assert "global batch (train.batch_size x ranks): 8 x 1 = 8 -> 4 x 1 = 4" in bad.stderr
+
+
+def test_kiln_train_nproc_launches_torchrun_and_keeps_the_exit_code(single) -> None:
+    from kiln.cli import main
+
+    tmp, _ = single
+    config = _config(tmp, "launched", 4, max_steps=3)
+    assert main(["-q", "train", str(config), "--nproc", "2"]) == 0
+    assert [r["step"] for r in _records(tmp / "launched")] == [1, 2, 3]
+    # A refused resume (another global batch) is exit 2 through the launcher, as without it.
+    resume = ["--resume", str(tmp / "launched"), "--nproc", "1", "train.batch_size=2"]
+    assert main(["-q", "train", *resume, "train.max_steps=5"]) == 2
+
+
+def test_sigterm_pauses_every_rank_with_one_checkpoint_and_exit_3(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from kiln.runs import read_status
+
+    config = _config(tmp_path, "paused", 4, max_steps=100_000)
+    run = tmp_path / "paused"
+    cmd = [sys.executable, "-m", "kiln", "-q", "train", str(config), "--nproc", "2"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run never got going"
+            status = read_status(run)
+            if status is not None and status["state"] == "running" and status["step"] >= 3:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err[-3000:]
+    status = read_status(run)
+    assert status is not None
+    assert (status["state"], status["stop"]["kind"]) == ("paused", "signal")
+    step = status["step"]
+    assert (run / "checkpoints" / f"step-{step}").is_dir()
+    assert [r["step"] for r in _records(run)] == list(range(1, step + 1))  # written once
+    # Both ranks agree again on resume, and the run finishes.
+    done = _torchrun(2, "--resume", str(run), f"train.max_steps={step + 2}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in _records(run)] == list(range(1, step + 3))
