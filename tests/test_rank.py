@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -86,3 +87,27 @@ def test_two_gloo_ranks_sum_and_split_the_global_batch(tmp_path: Path) -> None:
         assert ranks[0]["batches"][step] + ranks[1]["batches"][step] == (
             single.next_indices().tolist()
         )
+
+
+def test_a_stop_requested_while_the_ranks_sync_is_agreed_at_the_next_sync() -> None:
+    from kiln.engine.control import Control, StopRequest
+
+    control = Control()
+    late = StopRequest("signal", "signal SIGTERM", resumable=True)
+
+    class TwoRanks:
+        distributed = True
+
+        def __init__(self, during: StopRequest | None) -> None:
+            self.during = during
+
+        def all_gather(self, mine: Any) -> list[Any]:
+            if self.during is not None:  # a signal handler runs in the middle of the gather
+                control.request_stop(self.during)
+            return [mine, (None, False, mine[2])]  # the other rank: no request, same counts
+
+    assert control.sync(TwoRanks(late), (3, 1)) == (6, 2)  # type: ignore[arg-type]
+    assert control.decided is None  # not agreed yet: no rank acts on it alone
+    assert control.stop is late  # ... and it is not lost
+    control.sync(TwoRanks(None), (0, 0))  # type: ignore[arg-type]
+    assert control.decided is late

@@ -11,6 +11,7 @@ ran, overrides included), so the command printed when a run pauses needs nothing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -82,8 +83,16 @@ def _run_launcher(cmd: list[str], run_dir: Path) -> int:
 
     before = read_status(run_dir)
     proc = subprocess.Popen(cmd)
+
+    def forward_to_ranks(signum: int, _: object) -> None:
+        # To the ranks themselves: torchrun would give them 30 s to checkpoint, then SIGKILL.
+        ranks = _children(proc.pid)
+        for pid in ranks or [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
     signals = (signal.SIGTERM, signal.SIGINT)
-    forward = {s: signal.signal(s, lambda n, _: proc.send_signal(n)) for s in signals}
+    forward = {s: signal.signal(s, forward_to_ranks) for s in signals}
     try:
         code = proc.wait()
     finally:
@@ -93,6 +102,16 @@ def _run_launcher(cmd: list[str], run_dir: Path) -> int:
     if status is not None and status != before and status.get("exit_code"):
         return int(status["exit_code"])
     return code
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc; [] elsewhere)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def _run_dir_of(path: Path) -> Path | None:

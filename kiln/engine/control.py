@@ -63,10 +63,7 @@ class Control:
         pause: a checkpoint is always written when anyone asks to resume later)."""
         if not isinstance(request, StopRequest):
             raise TypeError(f"request_stop takes a StopRequest, got {type(request).__name__}")
-        if self.stop is None:
-            self.stop = request
-        elif request.resumable and not self.stop.resumable:
-            self.stop = StopRequest(self.stop.kind, self.stop.reason, resumable=True)
+        self.stop = _merge(self.stop, request)
 
     def request_save(self) -> None:
         """Write a checkpoint at the next step boundary."""
@@ -78,13 +75,16 @@ class Control:
         asked for one. Returns `counts` summed over the ranks."""
         if not rank.distributed:
             return counts
-        gathered = rank.all_gather((self.stop, self.save_requested, counts))
-        self.stop = None
+        sent = self.stop
+        gathered = rank.all_gather((sent, self.save_requested, counts))
+        # A request made while gathering (a signal) is not in `gathered`: it goes to the next.
+        late = self.stop if self.stop is not sent else None
+        agreed = None
         for stop, _, _ in gathered:
-            if stop is not None:
-                self.request_stop(stop)
+            agreed = _merge(agreed, stop)
         self.save_requested = any(save for _, save, _ in gathered)
-        self._agreed, self._synced = self.stop, True
+        self._agreed, self._synced = agreed, True
+        self.stop = _merge(agreed, late)
         return tuple(sum(c) for c in zip(*(c for _, _, c in gathered), strict=True))
 
     @property
@@ -96,6 +96,15 @@ class Control:
     @property
     def stopping(self) -> bool:
         return self.decided is not None
+
+
+def _merge(first: StopRequest | None, then: StopRequest | None) -> StopRequest | None:
+    """The first request wins; a later resumable one makes it a pause."""
+    if first is None or then is None:
+        return first or then
+    if then.resumable and not first.resumable:
+        return StopRequest(first.kind, first.reason, resumable=True)
+    return first
 
 
 class _ReadOnly:
