@@ -174,3 +174,56 @@ def test_sigterm_pauses_every_rank_with_one_checkpoint_and_exit_3(tmp_path: Path
     done = _torchrun(2, "--resume", str(run), f"train.max_steps={step + 2}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in _records(run)] == list(range(1, step + 3))
+
+
+def _instruction_config(tmp: Path, name: str, batch: int, accum: int) -> Path:
+    """Instruction data padded per batch: each rank's micro-batches hold other target counts."""
+    path = _config(tmp, name, batch, max_steps=3, grad_accum_steps=accum)
+    raw = yaml.safe_load(path.read_text())
+    raw["task"] = "instruction"
+    raw["data"].update(
+        {
+            "prompt_template": "Recipe for {title}:\n",
+            "response_template": "{text}",
+            "max_length": 64,
+        }
+    )
+    raw["model"]["max_position_embeddings"] = 64
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_uneven_target_tokens_per_rank_give_the_single_process_gradients(tmp_path: Path) -> None:
+    one = _torchrun(1, str(_instruction_config(tmp_path, "one", batch=8, accum=1)))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(2, str(_instruction_config(tmp_path, "two", batch=2, accum=2)))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _records(tmp_path / "two"), _records(tmp_path / "one")
+    # grad_norm is the norm of the full gradient before clipping: equal gradients, every step.
+    _close([r["grad_norm"] for r in a], [r["grad_norm"] for r in b], 1e-5)
+    _close([r["loss"] for r in a], [r["loss"] for r in b], 1e-5)
+
+
+def test_two_nodes_on_loopback_equal_one_node(single) -> None:
+    tmp, one = single
+    config = _config(tmp, "nodes", 4)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "kiln", "-q", "train", str(config), "--nproc", "1"]
+    cmd += ["--nnodes", "2", "--rdzv-endpoint", endpoint]
+    nodes = [
+        subprocess.Popen(
+            [*cmd, "--node-rank", str(k)],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    nodes_run = tmp / "nodes"
+    assert [r["step"] for r in _records(nodes_run)] == list(range(1, 11))
+    _close([r["loss"] for r in _records(nodes_run)], [r["loss"] for r in _records(one)], 1e-5)
