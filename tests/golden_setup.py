@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from helpers import make_rows, write_jsonl
+from helpers import make_rows, tiny_raw, write_jsonl
 
 # The committed checkpoint records these absolute paths in its config; data paths may not
 # change on resume, so the data is written to the same place on every machine.
@@ -20,30 +20,18 @@ def write_golden_data() -> tuple[Path, Path]:
 
 
 def golden_raw(output_dir: Path) -> dict[str, Any]:
-    return {
-        "name": "golden",
-        "output_dir": str(output_dir),
-        "seed": 0,
-        "model": {
-            "arch": "gpt2",
-            "hidden_size": 32,
-            "num_layers": 2,
-            "num_heads": 2,
-            "max_position_embeddings": 64,
-        },
-        "tokenizer": {"vocab_size": 300},
-        "data": {
-            "train": str(DATA_DIR / "train.jsonl"),
-            "val": str(DATA_DIR / "val.jsonl"),
-            "max_length": 32,
-            "cache_dir": str(output_dir.parent / "cache"),
-        },
-        "optim": {"lr": 3e-3, "warmup_steps": 3, "scheduler": "cosine"},
-        "train": {"max_steps": 30, "batch_size": 4, "grad_accum_steps": 2, "grad_clip": 1.0},
-        "eval": {"every_steps": 10},
-        "checkpoint": {"every_steps": 10, "keep_last": 2},
-        "log": {"every_steps": 5, "progress": "none", "plots": False},
-    }
+    raw = tiny_raw(
+        output_dir.parent,
+        DATA_DIR / "train.jsonl",
+        DATA_DIR / "val.jsonl",
+        name="golden",
+        optim={"warmup_steps": 3, "scheduler": "cosine"},
+        train={"max_steps": 30, "grad_accum_steps": 2, "grad_clip": 1.0},
+        eval={"every_steps": 10},
+        checkpoint={"every_steps": 10, "keep_last": 2},
+    )
+    raw["output_dir"] = str(output_dir)
+    return raw
 
 
 def golden_config(output_dir: Path) -> Any:

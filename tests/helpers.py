@@ -170,3 +170,20 @@ def tree_hashes(root: Path) -> dict[str, str]:
         ).hexdigest()
         for p in files
     }
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_train(config: Path, *extra: str) -> Any:
+    """`kiln -q train CONFIG ...` in a subprocess (a `subprocess.Popen` with text pipes)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "kiln.cli", "-q", "train", str(config), *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

@@ -7,8 +7,6 @@ import itertools
 import json
 import logging
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import make_rows, tiny_config, tiny_raw, write_jsonl
+from helpers import make_rows, start_train, tiny_config, tiny_raw, write_jsonl
 
 from kiln import Callback, StopRequest, Trainer
 from kiln.callbacks.early_stop import EarlyStopping
@@ -26,9 +24,6 @@ from kiln.config import load_config
 from kiln.job import job_callbacks
 from kiln.rank import RankContext
 from kiln.runs import read_status
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ---- status.json -------------------------------------------------------------------------------
 
@@ -48,16 +43,6 @@ def test_status_of_a_finished_run(tmp_path: Path, recipe_files) -> None:
     assert result.status == "finished"
 
 
-def _start(config: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kiln.cli", "-q", "train", str(config), *extra],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 def test_status_while_running_then_paused_by_sigterm(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", make_rows(200, seed=4))
@@ -66,7 +51,7 @@ def test_status_while_running_then_paused_by_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(raw))
     run = Path(raw["output_dir"])
-    proc = _start(config)
+    proc = start_train(config)
     try:
         deadline = time.monotonic() + 240
         seen: list[dict[str, Any]] = []

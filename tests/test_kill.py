@@ -5,17 +5,15 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import make_rows, write_jsonl
+from helpers import make_rows, start_train, write_jsonl
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -45,21 +43,11 @@ def _config(tmp: Path, data: Path, name: str) -> Path:
     return path
 
 
-def _start(config: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kiln.cli", "-q", "train", str(config), *extra],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("kill")
     data = write_jsonl(tmp / "train.jsonl", make_rows(400, seed=5))
-    proc = _start(_config(tmp, data, "ref"))
+    proc = start_train(_config(tmp, data, "ref"))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     return tmp, data
@@ -94,7 +82,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(reference: tuple[Path, Path]) -
     tmp, data = reference
     config = _config(tmp, data, "term")
     run = tmp / "term"
-    proc = _start(config)
+    proc = start_train(config)
     _wait_for_checkpoint(run, proc)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
@@ -106,7 +94,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(reference: tuple[Path, Path]) -
     assert 0 < steps[-1] < 60
     assert not (run / "final").exists()
 
-    proc = _start(config, "--resume")
+    proc = start_train(config, "--resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     _same_weights(run, tmp / "ref")
@@ -120,7 +108,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(reference: tuple[Path, P
     rng = random.Random(1234)
     kills = 0
     for _ in range(6):
-        proc = _start(config)
+        proc = start_train(config)
         if kills == 0:
             _wait_for_checkpoint(run, proc)
         # Checkpoints are written every step, so many kills land inside a checkpoint write.
@@ -131,7 +119,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(reference: tuple[Path, P
         proc.wait()
         kills += 1
     assert kills >= 3
-    proc = _start(config)
+    proc = start_train(config)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     _same_weights(run, tmp / "ref")
