@@ -175,8 +175,10 @@ def tree_hashes(root: Path) -> dict[str, str]:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_train(config: Path, *extra: str) -> Any:
-    """`kiln -q train CONFIG ...` in a subprocess (a `subprocess.Popen` with text pipes)."""
+def start_train(config: Path, *extra: str, **popen: Any) -> Any:
+    """`kiln -q train CONFIG ...` in a subprocess (a `subprocess.Popen` with text pipes, one
+    torch thread); `popen` goes to Popen."""
+    import os
     import subprocess
     import sys
 
@@ -186,4 +188,6 @@ def start_train(config: Path, *extra: str) -> Any:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        **popen,
     )

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import make_rows, tiny_raw, tree_hashes, write_jsonl
+from helpers import make_rows, start_train, tiny_raw, tree_hashes, write_jsonl
 
 from kiln import Trainer
 from kiln.checkpoint import CheckpointManager
@@ -202,19 +202,6 @@ def test_output_dir_that_is_a_file_fails_first(
 # ---- 11. a full disk: one line, a documented exit code, nothing written before is lost ----------
 
 
-def _train_proc(cfg: Path, *extra: str, **popen: Any) -> subprocess.Popen[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "kiln.cli", "-q", "train", str(cfg), *extra],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        **popen,
-    )
-
-
 def _file_size_limit(limit: int) -> Any:
     def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -229,7 +216,7 @@ def test_file_size_limit_while_checkpointing_exits_5_with_one_line(tmp_path: Pat
     # The tokenization cache is written during setup; fill it first, with no limit.
     assert main(["-q", "train", str(cfg), f"output_dir={tmp_path / 'warm'}"]) == 0
 
-    proc = _train_proc(cfg, preexec_fn=_file_size_limit(20_000))
+    proc = start_train(cfg, preexec_fn=_file_size_limit(20_000))
     _, err = proc.communicate(timeout=300)
 
     assert proc.returncode == 5, err
@@ -266,7 +253,7 @@ def test_disk_full_while_checkpointing_names_the_last_complete_checkpoint(
     raw["log"]["every_steps"] = 100
     cfg.write_text(yaml.safe_dump(raw))
 
-    proc = _train_proc(cfg)
+    proc = start_train(cfg)
     _, err = proc.communicate(timeout=300)
 
     assert proc.returncode == 5, err
@@ -365,7 +352,7 @@ def test_second_start_on_a_running_run_is_refused_naming_the_pid(
     raw = yaml.safe_load(cfg.read_text())
     raw["checkpoint"] = {"every_steps": 2, "keep_last": 1}
     cfg.write_text(yaml.safe_dump(raw))
-    first = _train_proc(cfg)
+    first = start_train(cfg)
     try:
         _wait_for(lambda: CheckpointManager(run / "checkpoints").latest() is not None)
         for argv in (["train", str(cfg), "--resume"], ["train", "--resume", str(run)]):

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from kiln.callbacks.background import Lane, describe, drain
 from kiln.callbacks.base import Callback
@@ -107,19 +107,21 @@ def _post_json(
 
 @dataclass
 class _ChatWebhook:
-    """A chat service's incoming webhook: the message as one JSON field (`payload`)."""
+    """A chat service's incoming webhook: the message as one JSON field, cut to the service's
+    limit, plus fixed fields."""
 
     url: str
+    field: ClassVar[str]
+    limit: ClassVar[int | None] = None
+    fixed: ClassVar[dict[str, str]] = {}
 
     @property
     def secrets(self) -> tuple[str, ...]:
         return (self.url,)
 
     def send(self, note: Notification, timeout: float) -> None:
-        _post_json(self.url, self.payload(note.message), timeout)
-
-    def payload(self, message: str) -> dict[str, str]:
-        raise NotImplementedError
+        payload = {self.field: note.message[: self.limit], **self.fixed}
+        _post_json(self.url, payload, timeout)
 
 
 @dataclass
@@ -127,9 +129,9 @@ class DiscordWebhook(_ChatWebhook):
     """A Discord channel webhook (the message as `content`, at most 2000 characters)."""
 
     name: str = "discord"
-
-    def payload(self, message: str) -> dict[str, str]:
-        return {"content": message[:2000], "username": "kiln"}
+    field: ClassVar[str] = "content"
+    limit: ClassVar[int | None] = 2000
+    fixed: ClassVar[dict[str, str]] = {"username": "kiln"}
 
 
 @dataclass
@@ -137,9 +139,7 @@ class SlackWebhook(_ChatWebhook):
     """A Slack incoming webhook (the message as `text`)."""
 
     name: str = "slack"
-
-    def payload(self, message: str) -> dict[str, str]:
-        return {"text": message}
+    field: ClassVar[str] = "text"
 
 
 @dataclass
