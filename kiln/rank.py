@@ -102,9 +102,21 @@ class RankContext:
 
     @contextlib.contextmanager
     def no_sync(self, model: Any, enabled: bool = True) -> Iterator[None]:
-        """Skip the gradient all-reduce inside (DDP's `no_sync`) when `enabled`; the last
-        micro-batch of a window runs outside it."""
-        sync_off = getattr(model, "no_sync", None) if enabled and self.distributed else None
+        """Skip the gradient reduction inside when `enabled` (DDP's `no_sync`; FSDP2's
+        `set_requires_gradient_sync(False)`, gradients then stay unsharded until the last
+        micro-batch); the last micro-batch of a window runs outside it."""
+        if not (enabled and self.distributed):
+            yield
+            return
+        set_sync = getattr(model, "set_requires_gradient_sync", None)
+        if set_sync is not None:  # FSDP2
+            set_sync(False)
+            try:
+                yield
+            finally:
+                set_sync(True)
+            return
+        sync_off = getattr(model, "no_sync", None)
         if sync_off is None:
             yield
             return
