@@ -8,6 +8,9 @@ leaves either the old set of checkpoints or the old set plus one complete new on
 Files of one checkpoint:
     model.safetensors     trainable weights (all of them; only the adapters under LoRA)
     optimizer.pt          optimizer state_dict
+    dcp/                  instead of the two above under FSDP: every rank's shard of both
+                          (torch.distributed.checkpoint), written into the staging directory
+                          by all ranks before the main rank completes it
     rng.pt                python, numpy, torch CPU and CUDA RNG states
     trainer_state.json    TrainState, pending losses, loss history, eval history, grad scaler,
                           callback and component states
@@ -327,6 +330,7 @@ class CheckpointManager:
         *,
         metrics: dict[str, float] | None = None,
         config_hash: str = "",
+        staging: Path | None = None,
     ) -> Path:
         """Write a checkpoint for `step` atomically, then rotate.
 
@@ -335,6 +339,9 @@ class CheckpointManager:
             writers: file name -> callable(path) that writes that file.
             metrics: metrics at this step (ranks the checkpoint for keep_best).
             config_hash: hash of the config that wrote it.
+            staging: a directory from `stage(step)` that already holds files written by
+                others (every rank's DCP shards under FSDP); they are sealed and listed in the
+                manifest with the rest. None: a new one.
 
         Returns:
             The final directory `step-<step>`.
@@ -344,13 +351,12 @@ class CheckpointManager:
             return final
         # Disk full: one clear line (the staging directory is removed; older checkpoints stay).
         with writing(f"checkpoint {final}"):
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging = self.root / f".staging-step-{step}-{os.getpid()}"
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir()
+            if staging is None:
+                staging = self.stage(step)
             try:
                 with _Sealer() as sealer:
+                    for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+                        sealer.add(file.relative_to(staging).as_posix(), file)  # shards
                     for name, write in writers.items():
                         target = staging / name
                         write(target)
@@ -368,7 +374,8 @@ class CheckpointManager:
                     json.dump(manifest, f, indent=2)
                     f.flush()
                     os.fsync(f.fileno())
-                fsync_dir(staging)
+                for sub in [*(p for p in staging.rglob("*") if p.is_dir()), staging]:
+                    fsync_dir(sub)
                 if final.exists():  # an earlier write of the same step (e.g. before a crash)
                     shutil.rmtree(final)
                 os.replace(staging, final)
@@ -378,6 +385,17 @@ class CheckpointManager:
                 raise
         self.rotate()
         return final
+
+    def stage(self, step: int) -> Path:
+        """A new, empty staging directory for the checkpoint of `step` (hidden: a crash leaves
+        it to `clean_incomplete`); `save(..., staging=...)` completes it."""
+        with writing(f"checkpoint {self.root / f'step-{step}'}"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = self.root / f".staging-step-{step}-{os.getpid()}"
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+        return staging
 
     def rotate(self) -> list[Path]:
         """Delete checkpoints beyond keep_last newest + keep_best best; returns what went."""

@@ -227,3 +227,112 @@ def test_two_nodes_on_loopback_equal_one_node(single) -> None:
     nodes_run = tmp / "nodes"
     assert [r["step"] for r in _records(nodes_run)] == list(range(1, 11))
     _close([r["loss"] for r in _records(nodes_run)], [r["loss"] for r in _records(one)], 1e-5)
+
+
+# ---- FSDP2 ---------------------------------------------------------------------------------------
+
+FSDP = "train.distributed.strategy=fsdp"
+
+
+@pytest.fixture(scope="module")
+def sharded(single) -> Path:
+    """World 2 x batch 4 under FSDP2: the reference's global batch. Validation in 5 batches
+    (the ranks run 3 forwards each, one spare), generation eval and the end sample (every
+    rank runs each forward of the sharded model)."""
+    tmp, _ = single
+    config = _config(tmp, "fsdp", 4, distributed={"strategy": "fsdp"})
+    raw = yaml.safe_load(config.read_text())
+    generate = {"num_samples": 3, "batch_size": 2, "max_new_tokens": 8, "metrics": ["bleu"]}
+    raw["eval"].update(batch_size=5, generate=generate, sample_prompt="Recipe")
+    raw["eval"]["sample_max_new_tokens"] = 8
+    config.write_text(yaml.safe_dump(raw))
+    done = _torchrun(2, str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / "fsdp"
+
+
+def test_fsdp_two_ranks_equal_one_process_and_checkpoint_dcp_shards(single, sharded) -> None:
+    from kiln.checkpoint import CheckpointManager
+
+    _, one = single
+    assert [r["step"] for r in _records(sharded)] == list(range(1, 11))
+    _close([r["loss"] for r in _records(sharded)], [r["loss"] for r in _records(one)], 1e-5)
+    _close(
+        [r["val_loss"] for r in _records(sharded, "val")],
+        [r["val_loss"] for r in _records(one, "val")],
+        1e-5,
+    )
+    summary = json.loads((sharded / "summary.json").read_text())
+    assert summary["steps"] == 10
+    assert summary["sample"].startswith("Recipe")
+    assert len(summary["sample"]) > len("Recipe")
+    assert [r["val_gen_samples"] for r in _records(sharded, "val")] == [3, 3]
+    assert len((sharded / "samples" / "step-10.jsonl").read_text().splitlines()) == 3
+    # final/ is a plain save_pretrained directory with the full weights (tied ones once).
+    a = load_file(sharded / "final" / "model.safetensors")
+    b = load_file(one / "final" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in b:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
+    # Checkpoints hold every rank's shard, listed and checksummed by the manifest.
+    step = CheckpointManager(sharded / "checkpoints").verify(sharded / "checkpoints" / "step-10")
+    files = json.loads((step.path / "manifest.json").read_text())["files"]
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(files)
+    assert "model.safetensors" not in files
+    # `kiln eval` / `kiln generate` load such a checkpoint in one process: the shards, whole.
+    from kiln.models.load import load_trained
+
+    loaded = dict(load_trained(step.path).model.state_dict())
+    assert all(torch.equal(loaded[name], a[name]) for name in a)
+
+
+def _resume(tmp: Path, source: Path, name: str, nproc: int, *overrides: str) -> Path:
+    """A new run directory started from `source`'s step-5 checkpoint, continued to step 10."""
+    config = _config(tmp, name, 4)
+    args = ["--resume", str(source / "checkpoints" / "step-5"), *overrides]
+    done = _torchrun(nproc, str(config), *args, "train.max_steps=10")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / name
+
+
+def test_fsdp_shards_resume_bit_exactly_at_two_ranks_and_reshard_to_one(single, sharded) -> None:
+    tmp, one = single
+    again = _resume(tmp, sharded, "fsdp-again", 2, FSDP)
+    # The same world size: bit-exact, losses and weights.
+    assert [r["loss"] for r in _records(again)] == [r["loss"] for r in _records(sharded)]
+    a = load_file(again / "final" / "model.safetensors")
+    b = load_file(sharded / "final" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in b)
+    # World 1 x batch 8 reads the shards whole: the run continues as the single process does.
+    whole = _resume(tmp, sharded, "fsdp-to-one", 1, "train.batch_size=8")
+    assert [r["step"] for r in _records(whole)] == list(range(1, 11))
+    _close([r["loss"] for r in _records(whole)], [r["loss"] for r in _records(one)], 1e-4)
+
+
+def test_a_single_process_checkpoint_resumes_sharded_at_two_ranks(single) -> None:
+    tmp, one = single
+    split = _resume(tmp, one, "one-to-fsdp", 2, FSDP, "train.batch_size=4")
+    assert [r["step"] for r in _records(split)] == list(range(1, 11))
+    _close([r["loss"] for r in _records(split)], [r["loss"] for r in _records(one)], 1e-4)
+
+
+def test_lora_under_fsdp_saves_every_ranks_adapter_shard(tmp_path: Path) -> None:
+    lora = {"enabled": True, "r": 4, "target_modules": ["c_attn", "c_fc"]}
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        config = _config(tmp_path, strategy, 4, max_steps=4, distributed={"strategy": strategy})
+        raw = yaml.safe_load(config.read_text())
+        raw["lora"], raw["eval"], raw["checkpoint"] = lora, {"every_steps": 4}, {"every_steps": 2}
+        config.write_text(yaml.safe_dump(raw))
+        done = _torchrun(2, str(config))
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[strategy] = tmp_path / strategy
+    a = load_file(runs["fsdp"] / "final" / "adapter_model.safetensors")
+    b = load_file(runs["ddp"] / "final" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert len(b) == 8  # lora_A and lora_B of 2 modules x 2 layers
+    for name in b:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+        assert not torch.equal(b[name], torch.zeros_like(b[name]))  # trained, not the init
+    base = [json.loads((runs[s] / "final" / "kiln_base.json").read_text()) for s in runs]
+    assert base[0]["fingerprint"] == pytest.approx(base[1]["fingerprint"], rel=1e-12)

@@ -50,7 +50,8 @@ class DistributedConfig(Section):
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """How N ranks (torchrun, or `kiln train --nproc N`) share the work: auto is a single
     process at world size 1 and DDP above; ddp replicates the model and all-reduces gradients;
-    fsdp (FSDP2 sharding) is not available yet."""
+    fsdp shards every weight, gradient and optimizer state over the ranks (FSDP2,
+    `fully_shard` per transformer block); its checkpoints are DCP shards."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Collective backend: auto is nccl with CUDA, else gloo."""
     timeout_s: float = Field(1800.0, gt=0.0, le=7 * 24 * 3600)

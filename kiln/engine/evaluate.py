@@ -13,6 +13,7 @@ import torch
 from kiln.data.collate import Batcher
 from kiln.device import Precision
 from kiln.engine.loss import IGNORE_INDEX, count_targets, forward_loss_sum
+from kiln.models.sharding import is_sharded
 from kiln.rank import RankContext
 
 __all__ = ["evaluate", "restore_best"]
@@ -46,7 +47,8 @@ def evaluate(
     checkpoints instead).
     `batcher` builds the batches as training does (collator, pad_to_multiple_of, packed
     documents); by default, the task's collator with `pad_id`. On N ranks (`rank`) each rank
-    evaluates every N-th batch and the sums are all-reduced: every rank returns the same.
+    evaluates every N-th batch and the sums are all-reduced: every rank returns the same (a
+    sharded model's ranks run the same number of forwards, the spare ones discarded).
     """
     if batcher is None:
         batcher = Batcher(task, pad_id)
@@ -56,19 +58,25 @@ def evaluate(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     tokens = 0
+    starts = list(range(0, len(dataset), batch_size))[:max_batches]
+    mine: list[int | None] = list(starts)
+    if rank is not None and rank.distributed:
+        mine = starts[rank.rank :: rank.world_size]  # every N-th batch
+        if is_sharded(model):  # each forward is a collective: every rank runs as many
+            mine += [None] * (-(-len(starts) // rank.world_size) - len(mine))
     try:
-        for i, start in enumerate(range(0, len(dataset), batch_size)):
-            if max_batches is not None and i >= max_batches:
-                break
-            if rank is not None and i % rank.world_size != rank.rank:
-                continue  # another rank's batch
+        for start in mine:
             if should_stop is not None and should_stop():
                 return None
-            batch = batcher(dataset, torch.arange(start, min(start + batch_size, len(dataset))))
-            tokens += count_targets(batch, task)  # on the CPU copy: no device sync
+            first = starts[0] if start is None else start  # None: a forward to keep in step
+            batch = batcher(dataset, torch.arange(first, min(first + batch_size, len(dataset))))
+            targets = count_targets(batch, task)  # on the CPU copy: no device sync
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with precision.autocast():
                 batch_loss, logits, labels = forward_loss_sum(model, batch, task)
+            if start is None:
+                continue
+            tokens += targets
             mask = labels != IGNORE_INDEX
             loss_sum += batch_loss.double()
             correct += ((logits.argmax(-1) == labels) & mask).sum()
@@ -96,7 +104,7 @@ def restore_best(model: Any, checkpoints: Any, metric: str, step: int) -> dict[s
 
     Falls back to the last weights (with a warning) when no checkpoint has the metric.
     """
-    from safetensors.torch import load_file
+    from kiln.engine.resume import load_weights
 
     best = checkpoints.best()
     if best is None:
@@ -104,10 +112,7 @@ def restore_best(model: Any, checkpoints: Any, metric: str, step: int) -> dict[s
             "checkpoint.final=best: no checkpoint has %s; final/ holds the last weights", metric
         )
         return {"weights": "last", "step": step}
-    weights = load_file(str(best.path / "model.safetensors"))
-    _, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected:
-        raise RuntimeError(f"{best.path}: unexpected weights {unexpected[:3]}")
+    load_weights(best.path, model, None, device=torch.device("cpu"))  # collective if sharded
     log.info(
         "final/ holds the best checkpoint: step %d (%s %.6g)",
         best.step,

@@ -104,12 +104,14 @@ class GenerationEval:
         *,
         samples_file: Path | None = None,
         should_stop: Callable[[], bool] | None = None,
+        synced: Any = None,
     ) -> dict[str, float] | None:
         """Generate for the eval rows and score them; None when `should_stop` cut it short.
 
         Returns `val_<score>` for every score of every metric, plus `val_gen_samples` (how many
         were generated) and `val_gen_time_s`. Writes the samples to `samples_file` (JSONL:
-        prompt, reference, generation) when given.
+        prompt, reference, generation) when given. `synced`: the ranks of a sharded model,
+        which all run this call (see `generate_texts`).
         """
         pairs = self.pairs(rows)
         if not pairs:
@@ -130,6 +132,7 @@ class GenerationEval:
             batch_size=self.gen.batch_size,
             max_time_s=self.gen.max_time_s,
             should_stop=should_stop,
+            synced=synced,
         )
         if should_stop is not None and should_stop():
             return None

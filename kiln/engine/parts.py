@@ -51,7 +51,8 @@ class Parts:
     model: Any
     """The model (what is saved, evaluated and generated from)."""
     train_model: Any
-    """What the training step runs: `model`, or its DDP wrapper on N ranks."""
+    """What the training step runs: `model`, or its DDP wrapper on N ranks (under FSDP2 the
+    model itself, sharded in place)."""
     train_data: TokenDataset
     val_data: TokenDataset | None
     batcher: Batcher
@@ -151,11 +152,14 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
 
 def _distribute(model: Any, cfg: RunConfig, device: torch.device, rank: RankContext) -> Any:
     """The model the training step runs on N ranks (`train.distributed.strategy`): DDP keeps a
-    full replica per rank and all-reduces the gradients in backward."""
+    full replica per rank and all-reduces the gradients in backward; FSDP2 shards the model in
+    place (each rank holds 1/N of every weight, gradient and optimizer state)."""
     if not rank.distributed:
         return model
     if cfg.train.distributed.strategy == "fsdp":
-        raise KilnError("train.distributed.strategy: fsdp is not available yet; use ddp or auto")
+        from kiln.models.sharding import shard_model
+
+        return shard_model(model)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index or 0] if device.type == "cuda" else None

@@ -22,7 +22,7 @@ from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_from_dict, dump_yaml
 from kiln.data.cache import fingerprint_matches, tokenizer_fingerprint
 from kiln.engine.signals import StoppedBeforeStart
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
 from kiln.files import (
     StorageFull,
     is_within,
@@ -31,6 +31,7 @@ from kiln.files import (
     torch_save,
     write_atomic,
 )
+from kiln.models.sharding import is_sharded
 from kiln.process import rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -48,9 +49,11 @@ __all__ = [
     "explain_failure",
     "find_checkpoint",
     "load_checkpoint_config",
+    "load_weights",
     "restore_checkpoint",
     "resume_target",
     "trainable_state_dict",
+    "write_shards",
 ]
 
 log = logging.getLogger("kiln")
@@ -156,16 +159,39 @@ def checkpoint_writers(
     callbacks: Sequence[Any],
     rank: RankContext,
 ) -> dict[str, Any]:
-    """File name -> writer for every file of a checkpoint of the run as it is now."""
+    """File name -> writer for every file of a checkpoint of the run as it is now. A sharded
+    model's weights and optimizer state are not among them: every rank writes its shard with
+    `kiln.models.sharding.save_shards`."""
     state = checkpoint_state(parts, loop, callbacks, rank)  # first: it syncs the losses once
     rngs = _rng_states(rank)
+    writers: dict[str, Any] = {}
+    if not is_sharded(parts.model):
+        writers["model.safetensors"] = lambda p: save_file(
+            trainable_state_dict(parts.model), str(p)
+        )
+        writers["optimizer.pt"] = lambda p: torch_save(parts.optimizer.state_dict(), p)
     return {
-        "model.safetensors": lambda p: save_file(trainable_state_dict(parts.model), str(p)),
-        "optimizer.pt": lambda p: torch_save(parts.optimizer.state_dict(), p),
+        **writers,
         "rng.pt": lambda p: torch_save(rngs, p),
         "trainer_state.json": lambda p: p.write_text(json.dumps(state)),
         "config.yaml": lambda p: write_atomic(p, dump_yaml(cfg), private=True),
     }
+
+
+def write_shards(
+    checkpoints: CheckpointManager, parts: Parts, rank: RankContext, step: int
+) -> Path | None:
+    """Under FSDP, every rank writes its shard of the weights and optimizer state into the
+    staging directory the main rank made for `step`'s checkpoint, and gets its path (the
+    main rank completes it with `CheckpointManager.save(..., staging=...)`). None when the
+    model is not sharded (or checkpoints are off): the main rank writes whole files."""
+    if not (is_sharded(parts.model) and checkpoints.enabled):
+        return None
+    from kiln.models.sharding import SHARDS_DIR, save_shards
+
+    staging = rank.broadcast(checkpoints.stage(step) if rank.is_main else None)
+    save_shards(parts.model, parts.optimizer, staging / SHARDS_DIR)
+    return staging
 
 
 def find_checkpoint(want: str | Path | bool, checkpoints: CheckpointManager) -> Path | None:
@@ -322,6 +348,41 @@ def _upgrade(saved: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
+def load_weights(
+    path: Path, model: Any, optimizer: torch.optim.Optimizer | None, *, device: torch.device
+) -> None:
+    """Load a checkpoint's weights (and optimizer state, when `optimizer` is given) into the
+    model, whichever way each was written and is held: DCP shards (reshared to this world
+    size, or read whole by one process), or full files (sliced for a sharded model).
+    Collective when the model is sharded or the checkpoint holds shards."""
+    from kiln.models.sharding import SHARDS_DIR, has_shards, load_full_state, load_shards
+
+    if has_shards(path):
+        try:
+            load_shards(path / SHARDS_DIR, model, optimizer)
+        except Exception as exc:  # DCP's planner: a key the model has and the shards lack
+            raise KilnError(f"cannot resume from {path}: {first_line(exc)}") from None
+        return
+    weights = load_file(str(path / "model.safetensors"))
+    optim_state = None
+    if optimizer is not None:
+        optim_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    if is_sharded(model):
+        missing, unexpected = load_full_state(model, optimizer, weights, optim_state)
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        expected = set(trainable_state_dict(model))
+        if optimizer is not None:
+            optimizer.load_state_dict(optim_state)
+    if unexpected:
+        raise KilnError(f"cannot resume from {path}: unexpected weights {unexpected[:3]}")
+    if set(missing) & expected:
+        raise KilnError(
+            f"cannot resume from {path}: missing weights {sorted(set(missing) & expected)[:3]}"
+        )
+
+
 def restore_checkpoint(
     path: Path,
     parts: Parts,
@@ -342,17 +403,7 @@ def restore_checkpoint(
     want = saved["tokenizer"]
     if want is not None and not fingerprint_matches(parts.tokenizer, want):
         raise KilnError(f"cannot resume from {path}: the tokenizer differs from the checkpoint's")
-    weights = load_file(str(path / "model.safetensors"))
-    missing, unexpected = parts.model.load_state_dict(weights, strict=False)
-    if unexpected:
-        raise KilnError(f"cannot resume from {path}: unexpected weights {unexpected[:3]}")
-    expected = trainable_state_dict(parts.model).keys()
-    if set(missing) & set(expected):
-        raise KilnError(
-            f"cannot resume from {path}: missing weights {sorted(set(missing) & set(expected))[:3]}"
-        )
-    optim_state = torch.load(path / "optimizer.pt", map_location=parts.device, weights_only=True)
-    parts.optimizer.load_state_dict(optim_state)
+    load_weights(path, parts.model, parts.optimizer, device=parts.device)
     loop.load_state_dict(saved["loop"], parts.device)
     scaler = parts.precision.scaler
     if saved["scaler"] is not None and scaler is not None:

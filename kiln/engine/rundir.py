@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from kiln.engine.control import StopRequest
     from kiln.engine.state import TrainState
     from kiln.metrics.throughput import MetricsTracker
+    from kiln.models.sharding import Gathered
 
 __all__ = ["RUN_ARTIFACTS", "RunDir"]
 
@@ -167,9 +168,18 @@ class RunDir:
                 write_atomic(path, json.dumps(data, indent=2) + "\n")
         return path
 
-    def save_final(self, model: Any, tokenizer: Any, cfg: RunConfig, card: str = "") -> Path:
+    def save_final(
+        self,
+        model: Any,
+        tokenizer: Any,
+        cfg: RunConfig,
+        card: str = "",
+        *,
+        gathered: Gathered | None = None,
+    ) -> Path:
         """Write final/ (save_pretrained model + tokenizer + kiln_config.yaml + README.md model
-        card) into a staging directory, fsync it, and swap it in."""
+        card) into a staging directory, fsync it, and swap it in. `gathered`: the full weights
+        of a sharded model (FSDP2), saved instead of the model's own shards."""
         final = self.path / "final"
         if not self.enabled:
             return final
@@ -178,7 +188,7 @@ class RunDir:
             shutil.rmtree(tmp)
         try:
             with writing(str(final)):
-                self._write_final(tmp, model, tokenizer, cfg, card)
+                self._write_final(tmp, model, tokenizer, cfg, card, gathered)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # the old final/, if any, is untouched
             raise
@@ -189,15 +199,25 @@ class RunDir:
         return final
 
     def _write_final(
-        self, tmp: Path, model: Any, tokenizer: Any, cfg: RunConfig, card: str
+        self,
+        tmp: Path,
+        model: Any,
+        tokenizer: Any,
+        cfg: RunConfig,
+        card: str,
+        gathered: Gathered | None,
     ) -> None:
-        model.save_pretrained(tmp)
+        if gathered is None:
+            model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=gathered.state_dict)
         tokenizer.save_pretrained(tmp)
         write_atomic(tmp / "kiln_config.yaml", dump_yaml(cfg), private=True)
         if cfg.lora.enabled:  # the base's fingerprint; final/merged/ with lora.merge_on_finish
             from kiln.models.merge import finish_adapter
 
-            finish_adapter(model, tmp, cfg)
+            fingerprint = None if gathered is None else gathered.fingerprint
+            finish_adapter(model, tmp, cfg, fingerprint=fingerprint)
         if card:
             (tmp / "README.md").write_text(card)
         fsync_tree(tmp)

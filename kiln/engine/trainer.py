@@ -34,6 +34,7 @@ from kiln.engine.resume import (
     explain_failure,
     restore_checkpoint,
     resume_target,
+    write_shards,
 )
 from kiln.engine.rundir import RunDir, model_card, run_summary
 from kiln.engine.signals import StopSignals
@@ -41,6 +42,7 @@ from kiln.engine.state import LoopState, TrainState
 from kiln.engine.status import StatusFile, final_state
 from kiln.metrics.throughput import MetricsTracker, tracker_for
 from kiln.models.generation import run_sample
+from kiln.models.sharding import full_tensor, gather_final, is_sharded
 from kiln.optim import set_lr
 from kiln.process import ProcessState
 from kiln.rank import RankContext
@@ -345,19 +347,22 @@ class Trainer:
         """Write a complete checkpoint of the current step (atomically) and rotate; None on
         ranks other than the main one (which writes it)."""
         self.control.save_requested = self.loop.best_due = False
+        parts, main, step = self.setup(), self.rank.is_main, self.state.step
+        staging = write_shards(self.checkpoints, parts, self.rank, step)  # FSDP: every rank
         writers = checkpoint_writers(
-            self.cfg, self.setup(), self.loop, self.callbacks, self.rank
+            self.cfg, parts, self.loop, self.callbacks, self.rank
         )  # on every rank: the RNG states are gathered
-        if not self.rank.is_main:
+        if not main:
             self.rank.barrier()
             return None
         history = self.history
-        metrics = history[-1] if history and history[-1]["step"] == self.state.step else {}
+        metrics = history[-1] if history and history[-1]["step"] == step else {}
         path = self.checkpoints.save(
-            self.state.step,
+            step,
             writers,
             metrics={k: v for k, v in metrics.items() if k != "step"},
             config_hash=config_hash(self.cfg),
+            staging=staging,
         )
         self.rank.barrier()
         if path not in self.checkpoint_paths:
@@ -429,7 +434,7 @@ class Trainer:
             parts.regularizers.grad_noise(parts.params, state.step)
         if cfg.train.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(parts.params, cfg.train.grad_clip)
-            loop.pending_norms.append(norm.detach())
+            loop.pending_norms.append(full_tensor(norm).detach())  # FSDP: a replicated DTensor
         self.fire(Event.OPTIMIZER_STEP_BEGIN)
         parts.precision.step(parts.optimizer)
         parts.optimizer.zero_grad(set_to_none=True)
@@ -492,13 +497,15 @@ class Trainer:
         if metrics and self._generation_due():
             samples_file = self.run_dir.path / "samples" / f"step-{self.state.step}.jsonl"
             generated = None
-            if self.rank.is_main:  # the other ranks wait for its metrics
+            synced = self.rank if is_sharded(parts.model) else None  # FSDP: all ranks run it
+            if self.rank.is_main or synced:  # (DDP: the other ranks wait for its metrics)
                 generated = self.generation_eval.run(  # type: ignore[union-attr]
                     parts.model,
                     parts.tokenizer,
                     parts.val_rows,  # type: ignore[arg-type]
-                    samples_file=samples_file,
+                    samples_file=samples_file if self.rank.is_main else None,
                     should_stop=should_stop,
+                    synced=synced,
                 )
             generated = self.rank.broadcast(generated)
             metrics = None if generated is None else {**metrics, **generated}
@@ -512,8 +519,7 @@ class Trainer:
         loop.history.append({"step": self.state.step, **metrics})
         self.fire(Event.VALIDATION_END, metrics=metrics)
         record = {"step": self.state.step, "split": "val", **metrics}
-        record["loss"] = metrics["val_loss"]
-        self._record(record)
+        self._record({**record, "loss": metrics["val_loss"]})
 
     def _validation_cut(self) -> bool:
         """Whether a stop asks to cut a validation short (a pause or a prune, not an end). On
@@ -556,21 +562,23 @@ class Trainer:
             self.final_from = restore_best(
                 parts.model, self.checkpoints, cfg.checkpoint.metric, self.state.step
             )
-        final_dir = None
+        final_dir, gathered = None, gather_final(parts.model, cfg, self.rank)  # FSDP: on main
         if self.rank.is_main:
             card = model_card(cfg, self.state)
-            final_dir = self.run_dir.save_final(parts.model, parts.tokenizer, cfg, card)
+            final_dir = self.run_dir.save_final(
+                parts.model, parts.tokenizer, cfg, card, gathered=gathered
+            )
             self.fire(Event.CHECKPOINT, path=final_dir, kind="final")
         return final_dir, self._sample()
 
     def _sample(self) -> str | None:
-        prompt = self.cfg.eval.sample_prompt
-        if prompt is None or not self.rank.is_main:
+        prompt, parts, cfg = self.cfg.eval.sample_prompt, self.setup(), self.cfg
+        synced = self.rank if is_sharded(parts.model) else None  # FSDP: all ranks run it
+        if prompt is None or not (self.rank.is_main or synced):
             return None
-        parts, cfg = self.setup(), self.cfg
-        return run_sample(
-            parts.model, parts.tokenizer, prompt, cfg.eval.sample_max_new_tokens, cfg.seed
-        )
+        max_new, model = cfg.eval.sample_max_new_tokens, parts.model
+        text = run_sample(model, parts.tokenizer, prompt, max_new, cfg.seed, synced=synced)
+        return text if self.rank.is_main else None
 
     def _summary(self, final_dir: Path | None, sample: str | None) -> dict[str, Any]:
         parts = self.setup()

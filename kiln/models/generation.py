@@ -119,6 +119,7 @@ def generate_texts(
     batch_size: int = 8,
     max_time_s: float | None = None,
     should_stop: Callable[[], bool] | None = None,
+    synced: Any = None,
 ) -> list[str]:
     """Generate from each prompt under the module's rules (special tokens, EOS, context).
 
@@ -132,6 +133,10 @@ def generate_texts(
         max_time_s: time budget of the whole call: the batch running when it ends stops
             decoding there (its texts are kept, shorter), later batches are skipped.
         should_stop: checked before each batch; True skips the remaining batches.
+        synced: a `kiln.rank.RankContext` whose ranks all run this call on the same prompts (a
+            model sharded over them: every forward is a collective). Each rank then runs as
+            many forwards as the longest (HF's `synced_gpus`), and the main rank decides when
+            the time budget or `should_stop` ends it.
 
     Returns:
         The generated text of each prompt in order (the continuation, or the seq2seq target):
@@ -156,6 +161,9 @@ def generate_texts(
     kwargs = {**options.generate_kwargs(), "max_new_tokens": new_tokens, "pad_token_id": pad}
     if eos is not None:  # else the model's generation config has the say
         kwargs["eos_token_id"] = eos
+    sync = synced is not None and synced.distributed
+    if sync:
+        kwargs["synced_gpus"] = True
     device = next(model.parameters()).device
     texts: list[str] = []
     start = time.perf_counter()
@@ -165,7 +173,11 @@ def generate_texts(
         with _seeded_rng(options.seed, device):
             for first in range(0, len(encoded), batch_size):
                 left = None if max_time_s is None else max_time_s - (time.perf_counter() - start)
-                if (left is not None and left <= 0) or (should_stop is not None and should_stop()):
+                end = left is not None and left <= 0
+                end = end or (should_stop is not None and should_stop())
+                if sync:
+                    end, left = synced.broadcast((end, left))
+                if end:
                     break
                 if left is not None:
                     kwargs["max_time"] = left
@@ -263,12 +275,14 @@ def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def run_sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, seed: int) -> str:
+def run_sample(
+    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, seed: int, synced: Any = None
+) -> str:
     """The end-of-run sample (summary.json): sampled at temperature 0.7, top-p 0.9, seeded;
-    a decoder-only model's text includes the prompt."""
+    a decoder-only model's text includes the prompt. `synced`: as for `generate_texts`."""
     options = GenerationOptions(
         max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.9, seed=seed
     )
-    [text] = generate_texts(model, tokenizer, [prompt], options=options)
+    [text] = generate_texts(model, tokenizer, [prompt], options=options, synced=synced)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     return text if seq2seq else prompt + text

@@ -63,7 +63,8 @@ class TrainedModel:
 
 
 def _is_checkpoint(path: Path) -> bool:
-    return (path / "model.safetensors").is_file() and (path / "trainer_state.json").is_file()
+    weights = (path / "model.safetensors").is_file() or (path / "dcp").is_dir()  # dcp: FSDP
+    return weights and (path / "trainer_state.json").is_file()
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -206,6 +207,14 @@ def _load_checkpoint(path: Path) -> TrainedModel:
         raise KilnError(f"{path}: checkpoint without config.yaml")
     tokenizer = _tokenizer_for_checkpoint(path, cfg)
     model = build_model(_inference_config(cfg, lora=True), tokenizer)
+    if (path / "dcp").is_dir():  # written under FSDP: the shards, read whole
+        from kiln.models.sharding import load_shards
+
+        try:
+            load_shards(path / "dcp", model)
+        except Exception as exc:  # DCP: unreadable shards, or weights the model lacks
+            raise KilnError(f"{path / 'dcp'}: cannot load: {load_failure(exc)}") from None
+        return TrainedModel(model, tokenizer, cfg.task, cfg, path, "checkpoint")
     weights = path / "model.safetensors"
     try:
         state = load_file(str(weights))

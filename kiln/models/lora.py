@@ -73,15 +73,22 @@ def _is_adapter_weight(name: str) -> bool:
 
 
 @torch.no_grad()
-def base_fingerprint(model: torch.nn.Module) -> float:
+def base_fingerprint(model: torch.nn.Module, *, ranks: Any = None) -> float:
     """Sum of squares (float64) of the base model's weights, each tensor once.
 
     For a PEFT model, the adapters and the trained copies of `modules_to_save` are left out,
     so the PEFT model and the plain base it was built on give the same number (up to the
-    order of the float64 additions).
+    order of the float64 additions). A model sharded over `ranks` (a `kiln.rank.RankContext`;
+    FSDP2): each rank sums its shards and the sums are all-reduced (collective).
     """
-    total = 0.0
-    for name, p in model.named_parameters():
-        if not _is_adapter_weight(name):
-            total += float(p.detach().double().square().sum())
-    return total
+    from torch.distributed.tensor import DTensor
+
+    parts = [
+        (p.to_local() if isinstance(p, DTensor) else p).detach().double().square().sum()
+        for name, p in model.named_parameters()
+        if not _is_adapter_weight(name)
+    ]
+    if ranks is None:
+        return sum(float(x) for x in parts)
+    total = torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
+    return float(ranks.all_reduce_sum(total))

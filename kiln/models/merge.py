@@ -171,16 +171,21 @@ def _write_merged(peft_model: Any, tokenizer: Any, cfg: RunConfig | None, out: P
         write_atomic(out / "kiln_config.yaml", dump_yaml(plain), private=True)
 
 
-def finish_adapter(model: Any, adapter_dir: Path, cfg: RunConfig) -> None:
+def finish_adapter(
+    model: Any, adapter_dir: Path, cfg: RunConfig, *, fingerprint: float | None = None
+) -> None:
     """Complete a LoRA final/ being written at `adapter_dir` (adapter, tokenizer and
     kiln_config.yaml already there): record the base (`kiln_base.json`) and, with
-    `lora.merge_on_finish`, write the merged model to `adapter_dir/merged`."""
+    `lora.merge_on_finish`, write the merged model to `adapter_dir/merged`. `fingerprint`:
+    the base's, already computed (a sharded model's, by all ranks); None: from `model`."""
     from kiln.models.load import BASE_FILE, load_trained
     from kiln.models.lora import base_fingerprint
 
+    if fingerprint is None and cfg.model.arch is not None:
+        fingerprint = base_fingerprint(model)
     info = {
         "base": cfg.model.name_or_path or f"{cfg.model.arch} from scratch (seed {cfg.seed})",
-        "fingerprint": base_fingerprint(model) if cfg.model.arch is not None else None,
+        "fingerprint": fingerprint,
     }
     (adapter_dir / BASE_FILE).write_text(json.dumps(info, indent=2) + "\n")
     if cfg.lora.merge_on_finish:
