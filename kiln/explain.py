@@ -69,6 +69,13 @@ def _total_steps(cfg: RunConfig) -> tuple[int, str]:
     return steps, how
 
 
+def _strategy(cfg: RunConfig, world_size: int) -> str:
+    """How `world_size` ranks share the model (`train.distributed.strategy`, auto resolved)."""
+    if cfg.train.distributed.strategy == "fsdp":
+        return f"fsdp on {world_size} ranks (each holds 1/{world_size} of the weights and state)"
+    return f"ddp on {world_size} ranks (each holds the whole model)"
+
+
 def explain(cfg: RunConfig, world_size: int = 1) -> str:
     """A human-readable account of the resolved config (for a run on `world_size` ranks)."""
     from kiln.optim import make_schedule, render_schedule, schedule_table
@@ -90,6 +97,7 @@ def explain(cfg: RunConfig, world_size: int = 1) -> str:
         f"effective batch size:      {eff_batch} sequences "
         f"({train.batch_size} x {train.grad_accum_steps} accumulation{ranks})",
         f"tokens per optimizer step: {per_step}",
+        *([f"distributed:               {_strategy(cfg, world_size)}"] if world_size > 1 else []),
         f"total optimizer steps:     {total:,} ({how})",
         f"warmup steps:              {cfg.optim.warmup_steps}",
     ]

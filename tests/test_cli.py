@@ -118,6 +118,12 @@ def test_explain_shows_derived_numbers(capsys: pytest.CaptureFixture[str]) -> No
     assert "total optimizer steps:     350 (train.max_steps)" in out
     assert "lr: 0.002  # Peak learning rate." in out
     assert "# learning rate (cosine)" in out
+    assert "distributed:               " not in out  # one process
+    args = ["config", "explain", "configs/quickstart.yaml", "--nproc", "4"]
+    assert main([*args, "train.distributed.strategy=fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "effective batch size:      64 sequences (16 x 1 accumulation x 4 ranks)" in out
+    assert "distributed:               fsdp on 4 ranks (each holds 1/4" in out
 
 
 def test_explain_prints_lists_of_sections(capsys: pytest.CaptureFixture[str]) -> None:

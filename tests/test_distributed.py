@@ -323,6 +323,7 @@ def test_lora_under_fsdp_saves_every_ranks_adapter_shard(tmp_path: Path) -> None
         config = _config(tmp_path, strategy, 4, max_steps=4, distributed={"strategy": strategy})
         raw = yaml.safe_load(config.read_text())
         raw["lora"], raw["eval"], raw["checkpoint"] = lora, {"every_steps": 4}, {"every_steps": 2}
+        raw["train"]["grad_noise"] = {"eta": 0.01}  # drawn whole, sliced per shard under FSDP
         config.write_text(yaml.safe_dump(raw))
         done = _torchrun(2, str(config))
         assert done.returncode == 0, done.stderr[-3000:]

@@ -92,11 +92,8 @@ class GradientNoise:
         noise = []
         for g in grads:
             gen = gens.get(g.device) or gens.setdefault(g.device, self.generator(step, g.device))
-            noise.append(
-                torch.randn(g.shape, generator=gen, device=g.device, dtype=torch.float32)
-                .mul_(std)
-                .to(g.dtype)
-            )
+            full = torch.randn(g.shape, generator=gen, device=g.device, dtype=torch.float32)
+            noise.append(_like(g, full.mul_(std).to(g.dtype)))
         torch._foreach_add_(grads, noise)
 
     def state_dict(self) -> dict[str, Any]:
@@ -105,6 +102,17 @@ class GradientNoise:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Nothing to restore: the step counter of the trainer state is all the noise needs."""
+
+
+def _like(grad: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """`noise` (the full tensor) laid out as `grad`: a sharded gradient (FSDP2, a DTensor) gets
+    this rank's slice, cut locally. Every rank draws the same full noise, so a sharded run
+    adds exactly the noise one process adds."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(grad, DTensor):
+        return noise
+    return distribute_tensor(noise, grad.device_mesh, grad.placements, src_data_rank=None)
 
 
 @dataclass
