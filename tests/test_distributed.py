@@ -71,18 +71,27 @@ def _close(a: list[float], b: list[float], rel: float) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The reference: one process, batch 8."""
+    """The reference: one process, batch 8 (in this process: torchrun at world size 1 runs
+    the same code)."""
+    from kiln.cli import main
+
     tmp = tmp_path_factory.mktemp("ddp")
-    done = _torchrun(1, str(_config(tmp, "one", 8)))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["-q", "train", str(_config(tmp, "one", 8))]) == 0
     return tmp, tmp / "one"
 
 
-def test_ddp_two_ranks_equal_one_process_with_the_same_global_batch(single) -> None:
-    tmp, one = single
+@pytest.fixture(scope="module")
+def replicated(single) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """World 2 x batch 4 under DDP: the reference's global batch."""
+    tmp, _ = single
     done = _torchrun(2, str(_config(tmp, "two", 4)))
     assert done.returncode == 0, done.stderr[-3000:]
-    two = tmp / "two"
+    return tmp / "two", done
+
+
+def test_ddp_two_ranks_equal_one_process_with_the_same_global_batch(single, replicated) -> None:
+    _, one = single
+    two, done = replicated
     # One run directory, written once: one train row per step, one val row per validation.
     assert [r["step"] for r in _records(two)] == list(range(1, 11))
     assert [r["step"] for r in _records(two, "val")] == [5, 10]
@@ -107,34 +116,28 @@ def test_ddp_two_ranks_equal_one_process_with_the_same_global_batch(single) -> N
     assert out.count("trained a byte-level BPE tokenizer") == 1
 
 
-def test_pause_at_two_ranks_and_resume_at_one_continues_the_run(single) -> None:
-    tmp, one = single
-    first = _torchrun(2, str(_config(tmp, "cut", 4, max_steps=5)))
-    assert first.returncode == 0, first.stderr[-3000:]
-    cut = tmp / "cut"
-    # The same global batch on one rank: 8 x 1 (the checkpoint recorded 4 x 2).
-    done = _torchrun(
-        1, "--resume", str(cut), "train.batch_size=8", "train.max_steps=10", timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [r["step"] for r in _records(cut)] == list(range(1, 11))
-    _close([r["loss"] for r in _records(cut)], [r["loss"] for r in _records(one)], 1e-4)
-    # Another global batch is refused: the data order is defined over it.
-    bad = _torchrun(1, "--resume", str(cut), "train.batch_size=4", "train.max_steps=12")
-    assert bad.returncode != 0  # torchrun says 1 for any failed rank
-    assert "global batch (train.batch_size x ranks): 8 x 1 = 8 -> 4 x 1 = 4" in bad.stderr
-
-
-def test_kiln_train_nproc_launches_torchrun_and_keeps_the_exit_code(single) -> None:
+def test_pause_at_two_ranks_and_resume_at_one_continues_the_run(
+    single, replicated, capsys: pytest.CaptureFixture[str]
+) -> None:
     from kiln.cli import main
 
-    tmp, _ = single
-    config = _config(tmp, "launched", 4, max_steps=3)
-    assert main(["-q", "train", str(config), "--nproc", "2"]) == 0
-    assert [r["step"] for r in _records(tmp / "launched")] == [1, 2, 3]
-    # A refused resume (another global batch) is exit 2 through the launcher, as without it.
-    resume = ["--resume", str(tmp / "launched"), "--nproc", "1", "train.batch_size=2"]
-    assert main(["-q", "train", *resume, "train.max_steps=5"]) == 2
+    tmp, one = single
+    two, _ = replicated
+    # The same global batch on one rank: 8 x 1 (the checkpoint recorded 4 x 2).
+    whole = _resume(tmp, two, "two-to-one", 1, "train.batch_size=8")
+    assert [r["step"] for r in _records(whole)] == list(range(1, 11))
+    _close([r["loss"] for r in _records(whole)], [r["loss"] for r in _records(one)], 1e-4)
+    # Another global batch is refused: the data order is defined over it. Exit 2, also
+    # through the launcher (torchrun itself says 1 for any failed rank).
+    config = _config(tmp, "refused", 4)
+    args = ["-q", "train", str(config), "--resume", str(two / "checkpoints" / "step-5")]
+    assert main([*args, "train.batch_size=4", "--nproc", "1"]) == 2
+    assert main([*args, "train.batch_size=4"]) == 2  # in this process: the line itself
+    line = "global batch (train.batch_size x ranks): 4 x 2 = 8 -> 4 x 1 = 4"
+    assert line in capsys.readouterr().err
+    # Refused before config.yaml: the corrected command is not blocked by the refused one.
+    left = sorted(p.name for p in (tmp / "refused").iterdir() if p.name != ".kiln.lock")
+    assert left == ["status.json"]
 
 
 def test_sigterm_pauses_every_rank_with_one_checkpoint_and_exit_3(tmp_path: Path) -> None:
@@ -170,9 +173,11 @@ def test_sigterm_pauses_every_rank_with_one_checkpoint_and_exit_3(tmp_path: Path
     step = status["step"]
     assert (run / "checkpoints" / f"step-{step}").is_dir()
     assert [r["step"] for r in _records(run)] == list(range(1, step + 1))  # written once
-    # Both ranks agree again on resume, and the run finishes.
-    done = _torchrun(2, "--resume", str(run), f"train.max_steps={step + 2}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Both ranks agree again on resume, and the run finishes: exit 0 through the launcher.
+    from kiln.cli import main
+
+    resume = ["--resume", str(run), "--nproc", "2", f"train.max_steps={step + 2}"]
+    assert main(["-q", "train", *resume]) == 0
     assert [r["step"] for r in _records(run)] == list(range(1, step + 3))
 
 

@@ -262,16 +262,17 @@ class Trainer:
         resume_from, foreign = resume_target(
             want, self.checkpoints, self.run_dir, overwrite=self.overwrite
         )
-        self._resume_from = resume_from
+        self._resume_from, world = resume_from, self.rank.world_size
         self.status.begin()
-        parts = self.setup()
-        cfg = self.cfg
+        # Before setup and config.yaml: a refused resume leaves only status.json (failed).
+        changes = [] if resume_from is None else check_compatible(self.cfg, resume_from, world)
+        parts, cfg = self.setup(), self.cfg
         if foreign or resume_from is None:
             self.run_dir.prepare(cfg, overwrite=self.overwrite)
             self.status.write()  # prepare() cleared the directory
         self.rank.barrier()  # the main rank has prepared the directory
         if resume_from is not None:
-            self._restore(resume_from, forked=foreign)
+            self._restore(resume_from, changes, forked=foreign)
         self.checkpoints.clean_incomplete()
         self.run_dir.clean_stale()
         if parts.data_stats:
@@ -295,8 +296,7 @@ class Trainer:
         self.loop.epoch_started = self.state.cursor > 0
         self.loop.epochs_ended = 0
 
-    def _restore(self, path: Path, *, forked: bool = False) -> None:
-        changes = check_compatible(self.cfg, path, self.rank.world_size)
+    def _restore(self, path: Path, changes: list[str], *, forked: bool = False) -> None:
         parts = self.setup()
         restore_checkpoint(path, parts, self.loop, self.callbacks, self.rank)
         self.resumed_from = self.view.resumed_from = path
