@@ -80,12 +80,24 @@ class Precision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Optimizer step (skipped by the scaler when gradients overflowed)."""
+    def step(self, optimizer: torch.optim.Optimizer, skip: torch.Tensor | None = None) -> None:
+        """Optimizer step, skipped when the device flag `skip` (a float scalar) is 1: the fused
+        kernel reads it on the device (`found_inf`: weights, moments and step counts stay);
+        another optimizer reads it on the host, as the fp16 grad scaler does anyway (it also
+        skips, and lowers its scale for, every step whose gradients are not finite)."""
         if self.scaler is not None:
-            self.scaler.step(optimizer)
+            if skip is None or not skip.item():
+                self.scaler.step(optimizer)
             self.scaler.update()
-        else:
+        elif skip is None:
+            optimizer.step()
+        elif all(group.get("fused") for group in optimizer.param_groups):
+            optimizer.found_inf = skip  # type: ignore[attr-defined]
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf  # type: ignore[attr-defined]
+        elif not skip.item():  # one host sync per step without a fused optimizer
             optimizer.step()
 
 

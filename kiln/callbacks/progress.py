@@ -70,10 +70,13 @@ class ProgressCallback(Callback):
     def on_log(self, run: RunView, metrics: dict[str, Any]) -> None:
         if metrics.get("split") != "train":
             return
+        loss = metrics["loss"]  # None when every step since the last log was skipped
         line = (
-            f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+            f"loss {'n/a' if loss is None else f'{loss:.4f}'}  lr {metrics['lr']:.2e}  "
             f"{metrics['tokens_per_s']:,.0f} tok/s"
         )
+        if metrics.get("skipped"):
+            line += f"  skipped {metrics['skipped']}"
         if self._progress is not None:
             self._progress.update(self._task, postfix=line)
         elif self.mode == "plain":

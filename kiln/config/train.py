@@ -9,7 +9,14 @@ from pydantic import Field, model_validator
 
 from kiln.config.base import MAX_BATCH, MAX_COUNT, MAX_TOKENS, Section, short_repr
 
-__all__ = ["DistributedConfig", "GradNoiseConfig", "OptimConfig", "TrainConfig"]
+__all__ = [
+    "AnomalyConfig",
+    "DistributedConfig",
+    "GradNoiseConfig",
+    "OptimConfig",
+    "SpikeConfig",
+    "TrainConfig",
+]
 
 # torch refuses other betas too, but only once the model and data are loaded.
 _Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -58,6 +65,34 @@ class DistributedConfig(Section):
     """A collective waiting longer than this fails the run (a hung or dead rank)."""
 
 
+class SpikeConfig(Section):
+    window: int = Field(100, ge=2, le=MAX_COUNT)
+    """Recent step losses the spike statistics (mean, standard deviation) are taken over;
+    non-finite losses and spikes themselves are left out of them."""
+    sigma: float = Field(6.0, gt=0.0)
+    """A step loss more than `sigma` standard deviations above the window's mean is a spike
+    (the deviation is at least 0.1% of the mean, so a flat loss does not make every rise one)."""
+    warmup_steps: int = Field(20, ge=2, le=MAX_COUNT)
+    """Losses in the window before spikes are judged (early losses fall fast)."""
+    action: Literal["warn", "skip", "rollback"] = "warn"
+    """warn: record it (anomalies.jsonl) and log a warning; skip: also skip the step's update;
+    rollback: as for a non-finite step under `policy: rollback`."""
+
+
+class AnomalyConfig(Section):
+    policy: Literal["skip", "stop", "rollback"] = "skip"
+    """A step whose loss or gradient norm is not finite never updates the weights (it is
+    skipped on the device, with no host sync), and then: skip goes on; stop ends the run
+    (exit 4, status diverged); rollback reloads the last complete checkpoint before it and
+    leaves that step's samples out of the rest of the epoch."""
+    max_consecutive: int = Field(5, ge=1, le=MAX_COUNT)
+    """Non-finite steps in a row after which the run stops as diverged, whatever the policy."""
+    max_rollbacks: int = Field(3, ge=0, le=MAX_COUNT)
+    """rollback: rollbacks after which the next anomaly stops the run as diverged."""
+    spike: SpikeConfig = SpikeConfig()
+    """Loss spikes: finite, but far above the recent losses."""
+
+
 class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Optimizer steps to train; with num_epochs too, whichever ends first."""
@@ -94,6 +129,8 @@ class TrainConfig(Section):
     """Annealed gradient noise, seeded by (seed, step): a resumed run draws the same noise."""
     distributed: DistributedConfig = DistributedConfig()
     """Multi-process training under torchrun (see docs/distributed.md)."""
+    anomaly: AnomalyConfig = AnomalyConfig()
+    """Non-finite losses and gradients, and loss spikes (see docs/anomalies.md)."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

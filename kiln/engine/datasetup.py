@@ -14,9 +14,23 @@ from kiln.data.curriculum import Curriculum
 from kiln.errors import KilnError
 
 if TYPE_CHECKING:
-    from kiln.config import RunConfig
+    from collections.abc import Callable
 
-__all__ = ["as_dataset", "build_schedule", "input_tokens", "tokenizer_corpus", "total_steps"]
+    from kiln.config import RunConfig
+    from kiln.data import BatchCursor
+    from kiln.engine.parts import Parts
+    from kiln.engine.state import TrainState
+    from kiln.rank import RankContext
+
+__all__ = [
+    "as_dataset",
+    "build_schedule",
+    "eligible_samples",
+    "input_tokens",
+    "make_cursor",
+    "tokenizer_corpus",
+    "total_steps",
+]
 
 
 def as_dataset(data: Any, task: str) -> TokenDataset:
@@ -102,3 +116,39 @@ def input_tokens(batch: dict[str, torch.Tensor]) -> int:
 def tokenizer_corpus(cfg: RunConfig, rows: list[Any]) -> list[str]:
     """Texts to train a tokenizer on: the training split only (never the val rows)."""
     return ["\n".join(parts) for parts in render_rows(make_format(cfg), rows)]
+
+
+def make_cursor(cfg: RunConfig, parts: Parts, state: TrainState, rank: RankContext) -> BatchCursor:
+    """The data cursor at the position `state` records (epoch, global sample index)."""
+    from kiln.data import BatchCursor
+
+    lengths = None  # data.group_by_length: batches of similar lengths
+    if cfg.data.group_by_length and parts.train_data.blocks is None:
+        lengths = parts.train_data.lengths
+    return BatchCursor(
+        len(parts.train_data),
+        cfg.train.batch_size,
+        cfg.seed,
+        epoch=state.epoch,
+        cursor=state.cursor,
+        rank=rank.rank,
+        world_size=rank.world_size,
+        lengths=lengths,
+    )
+
+
+def eligible_samples(parts: Parts, step: int) -> Callable[[int], torch.Tensor] | None:
+    """epoch -> the (n,) mask of samples that may be drawn at `step`: the curriculum's, less
+    the samples a rollback left out of that epoch; None when every sample may be."""
+    curriculum, guard, n = parts.curriculum, parts.guard, len(parts.train_data)
+    if curriculum is None and not guard.excluded:
+        return None
+
+    def eligible(epoch: int) -> torch.Tensor:
+        mask = (
+            torch.ones(n, dtype=torch.bool) if curriculum is None else curriculum.mask(epoch, step)
+        )
+        left_out = guard.mask(epoch, n)
+        return mask if left_out is None else mask & left_out
+
+    return eligible

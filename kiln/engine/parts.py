@@ -12,6 +12,7 @@ import torch
 from kiln.data import build_datasets, load_splits
 from kiln.data.collate import Batcher, get_collator
 from kiln.device import Precision, resolve_device
+from kiln.engine.anomaly import AnomalyGuard
 from kiln.engine.datasetup import as_dataset, build_schedule, tokenizer_corpus, total_steps
 from kiln.engine.regularize import Regularizers, build_regularizers
 from kiln.errors import DataError, KilnError
@@ -61,12 +62,24 @@ class Parts:
     params: list[torch.nn.Parameter]
     schedule: Callable[[int], float]
     total_steps: int
+    guard: AnomalyGuard
+    """Non-finite steps and loss spikes (`train.anomaly`)."""
     train_rows: list[Any] | None = None
     """The source rows, when the data was built from the config (generation eval needs them)."""
     val_rows: list[Any] | None = None
     data_stats: dict[str, Any] = field(default_factory=dict)
     curriculum: Curriculum | None = None
     augmented: AugmentedDataset | None = None
+
+    def sources(self, samples: list[int]) -> list[str] | None:
+        """The source rows (file:line) of training samples, when each sample is one row
+        (unpacked data built from the config); else None."""
+        rows, data = self.train_rows, self.train_data
+        if rows is None or data.blocks is not None or len(rows) != len(data):
+            return None
+        from kiln.data.sources import where
+
+        return [where(rows[i], i) for i in samples]
 
     @property
     def pad_id(self) -> int:
@@ -144,7 +157,8 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
         train_data=train_data, val_data=val_data, batcher=batcher,
         regularizers=build_regularizers(cfg),  # label smoothing, gradient noise
         optimizer=optimizer, params=[p for p in model.parameters() if p.requires_grad],
-        schedule=schedule, total_steps=steps, train_rows=train_rows, val_rows=val_rows,
+        schedule=schedule, total_steps=steps, guard=AnomalyGuard(cfg.train.anomaly, device),
+        train_rows=train_rows, val_rows=val_rows,
         data_stats=stats, curriculum=curriculum, augmented=augmented,
     )
     # fmt: on

@@ -115,7 +115,7 @@ def callback_keys(callbacks: Sequence[Any]) -> list[str]:
 def _components(parts: Parts) -> dict[str, Any]:
     """The parts that change the math of training and carry a state_dict, by stable name."""
     regs = parts.regularizers
-    named = {"label_smoothing": regs.loss_fn, "grad_noise": regs.grad_noise}
+    named = {"label_smoothing": regs.loss_fn, "grad_noise": regs.grad_noise, "anomaly": parts.guard}
     return {name: part for name, part in named.items() if part is not None}
 
 

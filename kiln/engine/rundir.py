@@ -36,12 +36,15 @@ if TYPE_CHECKING:
     from kiln.metrics.throughput import MetricsTracker
     from kiln.models.sharding import Gathered
 
-__all__ = ["RUN_ARTIFACTS", "RunDir"]
+__all__ = ["ANOMALIES", "RUN_ARTIFACTS", "RunDir"]
+
+ANOMALIES = "anomalies.jsonl"
 
 # What a run writes; `--overwrite` removes exactly these and nothing else of the user's.
 RUN_ARTIFACTS = (
     "config.yaml",
     "metrics.jsonl",
+    "anomalies.jsonl",
     "status.json",
     "summary.json",
     "data_stats.json",
@@ -124,30 +127,44 @@ class RunDir:
         with writing(str(self.path / "config.yaml")):
             write_atomic(self.path / "config.yaml", dump_yaml(cfg), private=True)
 
-    def resume(self, cfg: RunConfig, step: int, *, metrics_from: Path | None = None) -> None:
+    def resume(
+        self,
+        cfg: RunConfig,
+        step: int,
+        *,
+        metrics_from: Path | None = None,
+        anomalies: bool = True,
+    ) -> None:
         """Continue a run at `step`: metrics.jsonl keeps exactly the records up to `step`.
 
         A killed run may have logged past its last checkpoint; those lines are dropped so the
         resumed run writes them again, with no duplicate or missing step. `metrics_from`: the
         metrics.jsonl of another run whose checkpoint this run starts from (its history up to
-        `step` is copied, so this run's curves are complete).
+        `step` is copied, so this run's curves are complete). anomalies.jsonl is cut back the
+        same way, unless `anomalies` is False (a rollback keeps the record of why it went back).
         """
         if not self.enabled:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         metrics = self.path / "metrics.jsonl"
-        source = metrics if metrics_from is None else metrics_from
-        kept = []
-        if source.is_file():
-            for line in source.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:  # a line torn by the kill
-                    continue
-                if isinstance(record, dict) and record.get("step", 0) <= step:
-                    kept.append(line + "\n")
+        self.close()  # a rollback cuts the file this run is appending to
+        cuts = {metrics: metrics if metrics_from is None else metrics_from}
+        if anomalies:
+            cuts[self.path / ANOMALIES] = self.path / ANOMALIES
+        for target, source in cuts.items():
+            kept = []
+            if source.is_file():
+                for line in source.read_text(errors="replace").splitlines():
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # a line torn by the kill
+                        continue
+                    if isinstance(record, dict) and record.get("step", 0) <= step:
+                        kept.append(line + "\n")
+            if kept or target == metrics:
+                with writing(str(target)):
+                    write_atomic(target, "".join(kept))
         with writing(str(metrics)):
-            write_atomic(metrics, "".join(kept))
             write_atomic(self.path / "config.yaml", dump_yaml(cfg), private=True)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
@@ -159,6 +176,13 @@ class RunDir:
                 self._metrics_file = open(self.path / "metrics.jsonl", "a")  # noqa: SIM115
             self._metrics_file.write(json.dumps(record) + "\n")
             self._metrics_file.flush()
+
+    def log_anomaly(self, record: dict[str, Any]) -> None:
+        """Append one record to anomalies.jsonl (flushed; see `kiln.engine.anomaly`)."""
+        if not self.enabled:
+            return
+        with writing(str(self.path / ANOMALIES)), open(self.path / ANOMALIES, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         """Write `name` (summary.json, data_stats.json) atomically."""

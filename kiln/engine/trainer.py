@@ -8,6 +8,7 @@ one `LoopState`; a checkpoint is a named map of stateful components (`engine/res
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from kiln.callbacks.base import Callback
 from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_hash
 from kiln.data import BatchCursor
+from kiln.engine.anomaly import Verdict, finite_state, grad_norm
 from kiln.engine.control import CheckpointKind, Control, RunView, StopRequest
-from kiln.engine.datasetup import input_tokens, total_steps
+from kiln.engine.datasetup import eligible_samples, input_tokens, make_cursor, total_steps
 from kiln.engine.evaluate import evaluate, restore_best
 from kiln.engine.events import Event
 from kiln.engine.generate_eval import GenerationEval
@@ -42,7 +44,7 @@ from kiln.engine.state import LoopState, TrainState
 from kiln.engine.status import StatusFile, final_state
 from kiln.metrics.throughput import MetricsTracker, tracker_for
 from kiln.models.generation import run_sample
-from kiln.models.sharding import full_tensor, gather_final, is_sharded
+from kiln.models.sharding import gather_final, is_sharded
 from kiln.optim import set_lr
 from kiln.process import ProcessState
 from kiln.rank import RankContext
@@ -280,19 +282,7 @@ class Trainer:
         self._start_time = time.perf_counter()
         self.tracker = tracker_for(cfg, parts.model, parts.device)
         self.tracker.start(self.state.tokens_seen, self.state.samples_seen, self._start_time)
-        lengths = None  # data.group_by_length: batches of similar lengths
-        if cfg.data.group_by_length and parts.train_data.blocks is None:
-            lengths = parts.train_data.lengths
-        self.cursor = BatchCursor(
-            len(parts.train_data),
-            cfg.train.batch_size,
-            cfg.seed,
-            epoch=self.state.epoch,
-            cursor=self.state.cursor,
-            rank=self.rank.rank,
-            world_size=self.rank.world_size,
-            lengths=lengths,
-        )
+        self.cursor = make_cursor(cfg, parts, self.state, self.rank)
         self.loop.epoch_started = self.state.cursor > 0
         self.loop.epochs_ended = 0
 
@@ -322,7 +312,11 @@ class Trainer:
         # A pause (resumable stop) keeps the log cadence, so a resumed run logs identically.
         last_step = step == state.total_steps or (self.control.stopping and self._final_wanted())
         if step % cfg.log.every_steps == 0 or last_step:
+            if self._review():  # rolled back: the steps since that checkpoint run again
+                return
             self._log_train()
+        if self._diverged():
+            return  # no validation, no checkpoint: the last complete one is the good one
         for _ in range(loop.epochs_ended):
             self.fire(Event.EPOCH_END)
             loop.epoch_started = False
@@ -348,6 +342,9 @@ class Trainer:
         ranks other than the main one (which writes it)."""
         self.control.save_requested = self.loop.best_due = False
         parts, main, step = self.setup(), self.rank.is_main, self.state.step
+        # A checkpoint never holds a step not yet judged, nor non-finite values.
+        if self._review() or self._diverged() or not finite_state(parts, self.rank, self._diverge):
+            return None
         staging = write_shards(self.checkpoints, parts, self.rank, step)  # FSDP: every rank
         writers = checkpoint_writers(
             self.cfg, parts, self.loop, self.callbacks, self.rank
@@ -376,11 +373,8 @@ class Trainer:
         parts, cursor, loop = self.setup(), self.cursor, self.loop
         assert cursor is not None
         epoch = cursor.epoch
-        eligible = None
-        if parts.curriculum is not None:
-            curriculum, step = parts.curriculum, self.state.step
-            eligible = lambda e: curriculum.mask(e, step)  # noqa: E731
-        idx = cursor.next_indices(eligible)
+        idx = cursor.next_indices(eligible_samples(parts, self.state.step))
+        parts.guard.drew(idx)
         loop.epochs_ended += cursor.epoch - epoch
         self.state.epoch, self.state.cursor = cursor.epoch, cursor.cursor
         data: Any = parts.train_data
@@ -410,8 +404,8 @@ class Trainer:
         # denominator, summed on the device.
         counts = torch.stack([target_tokens(b, task) for b in batches]).sum()
         window_targets = self.rank.all_reduce_sum(counts).clamp_min(1)
-        window_loss = torch.zeros((), device=device)
-        last = len(batches) - 1
+        window_loss, micro_losses = torch.zeros((), device=device), []
+        first_micro, last = state.micro_step, len(batches) - 1
         for i, batch in enumerate(batches):
             with self.rank.no_sync(parts.train_model, enabled=i < last):
                 with parts.precision.autocast():
@@ -425,6 +419,7 @@ class Trainer:
                 parts.precision.backward(loss)
             self.fire(Event.BACKWARD_END)
             window_loss += share.detach()
+            micro_losses.append(share)
             state.micro_step += 1
         self.rank.all_reduce_sum(window_loss)  # every rank's share: the window's loss
         loop.lr = cfg.optim.lr * parts.schedule(state.step)
@@ -432,11 +427,12 @@ class Trainer:
         parts.precision.unscale(parts.optimizer)
         if parts.regularizers.grad_noise is not None:
             parts.regularizers.grad_noise(parts.params, state.step)
-        if cfg.train.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(parts.params, cfg.train.grad_clip)
-            loop.pending_norms.append(full_tensor(norm).detach())  # FSDP: a replicated DTensor
+        norm = grad_norm(parts.params, cfg.train.grad_clip)  # clipped when grad_clip is set
+        loop.pending_norms.append(norm)
+        at = {"step": state.step + 1, "epoch": self.cursor.last_epoch, "micro_step": first_micro}
+        skip = parts.guard.check(window_loss, norm, micro_losses, **at)  # no host sync
         self.fire(Event.OPTIMIZER_STEP_BEGIN)
-        parts.precision.step(parts.optimizer)
+        parts.precision.step(parts.optimizer, skip)
         parts.optimizer.zero_grad(set_to_none=True)
         self.fire(Event.OPTIMIZER_STEP_END)
         state.step += 1
@@ -444,17 +440,62 @@ class Trainer:
         self.fire(Event.STEP_END)
         return tokens, samples
 
+    def _review(self) -> bool:
+        """Judge the steps flagged since the last review (`train.anomaly`): record them in
+        anomalies.jsonl, then go on, roll back, or stop as diverged (every rank alike).
+        Returns whether it rolled back."""
+        parts = self.setup()
+        records, verdict = parts.guard.review(self.rank, parts.sources)
+        rollback = verdict is not None and verdict.action == "rollback"
+        if rollback:
+            verdict = self._rollback(verdict, records)  # type: ignore[arg-type]
+        for record in records:
+            self.run_dir.log_anomaly(record)
+            log.warning("anomaly at step %(step)d: %(kind)s %(value)s (%(action)s)", record)
+        if verdict is not None:
+            self._diverge(verdict.reason)
+        return rollback and verdict is None
+
+    def _rollback(self, verdict: Verdict, records: list[dict[str, Any]]) -> Verdict | None:
+        """Back to the last complete checkpoint before the anomaly, with the anomalous steps'
+        samples left out of the rest of their epochs; a Verdict to stop when there is none."""
+        before = [c.path for c in self.checkpoints.list() if c.step < verdict.step]
+        if not before:
+            why = f"diverged at {verdict.reason}, and no checkpoint before it to roll back to"
+            return Verdict("stop", verdict.step, why)
+        parts = self.setup()
+        parts.guard.exclude(records)
+        kept = parts.guard.state_dict()  # what the guard learned survives the restore
+        restore_checkpoint(before[-1], parts, self.loop, self.callbacks, self.rank)
+        parts.guard.load_state_dict(kept)
+        self.run_dir.resume(self.cfg, self.state.step, anomalies=False)
+        self.cursor = make_cursor(self.cfg, parts, self.state, self.rank)
+        for record in records:
+            record["to_step"] = self.state.step
+        log.warning("%s: rolled back to step %d", verdict.reason, self.state.step)
+        return None
+
+    def _diverge(self, reason: str) -> None:
+        """Stop as diverged (exit 4): every rank has decided it alike, so they agree now."""
+        self.control.request_stop(StopRequest("diverged", reason, resumable=False))
+        self.control.sync(self.rank)
+
+    def _diverged(self) -> bool:
+        decided = self.control.decided
+        return decided is not None and decided.kind == "diverged"
+
     def _log_train(self) -> None:
         """Materialize the losses since the last log: the loop's only per-interval host sync."""
         loop, state = self.loop, self.state
         losses = torch.stack(loop.pending_losses).tolist()
         loop.loss_history.extend(losses)
         loop.pending_losses.clear()
+        losses = [x for x in losses if math.isfinite(x)]  # skipped steps are counted apart
         now = time.perf_counter()
         record: dict[str, Any] = {
             "step": state.step,
             "split": "train",
-            "loss": sum(losses) / len(losses),
+            "loss": sum(losses) / len(losses) if losses else None,
             "lr": loop.lr,
             "epoch": state.epoch,
             "tokens": state.tokens_seen,
@@ -463,9 +504,10 @@ class Trainer:
         # loss_avg (windowed), tokens_per_s, samples_per_s, peak_mem_mb, mfu (known devices)
         assert self.tracker is not None
         record.update(self.tracker.log(losses, state.tokens_seen, state.samples_seen, now))
-        if loop.pending_norms:
-            record["grad_norm"] = torch.stack(loop.pending_norms).mean().item()
-            loop.pending_norms.clear()
+        norms = [x for x in torch.stack(loop.pending_norms).tolist() if math.isfinite(x)]
+        loop.pending_norms.clear()
+        record["grad_norm"] = sum(norms) / len(norms) if norms else None
+        record.update(self.setup().guard.log_fields(record["grad_norm"]))  # skipped, z-score
         state.last_train_loss = record["loss"]
         self._record(record)
 
@@ -531,7 +573,7 @@ class Trainer:
     def _track_best(self, metrics: dict[str, float]) -> None:
         name, mode = self.cfg.checkpoint.metric, self.cfg.checkpoint.mode
         value = metrics.get(name)
-        if value is None:
+        if value is None or not math.isfinite(value):  # a NaN is never the best
             return
         best = self.state.best_metric
         if best is None or (value < best if mode == "min" else value > best):
@@ -563,6 +605,9 @@ class Trainer:
                 parts.model, self.checkpoints, cfg.checkpoint.metric, self.state.step
             )
         final_dir, gathered = None, gather_final(parts.model, cfg, self.rank)  # FSDP: on main
+        self._review()
+        if self._diverged() or not finite_state(parts, self.rank, self._diverge):
+            return None, None
         if self.rank.is_main:
             card = model_card(cfg, self.state)
             final_dir = self.run_dir.save_final(

@@ -1,0 +1,193 @@
+"""Divergence (train.anomaly): non-finite steps are skipped on the device, stop the run as
+diverged, or roll it back; spikes are flagged; nothing non-finite is ever kept.
+
+NaNs and spikes are injected by wrapping the trainer's `forward_loss_sum` (the test-only hook:
+`poison`), which multiplies the loss of chosen training micro-batches (0-based, in the order
+they run) by NaN or by a factor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import make_rows, tiny_config, write_jsonl
+from safetensors.torch import load_file
+
+import kiln.engine.trainer as trainer_module
+from kiln import Trainer
+from kiln.checkpoint import CheckpointManager
+
+NAN = float("nan")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("anomaly-data")
+    return (
+        write_jsonl(tmp / "train.jsonl", make_rows(96, seed=3)),
+        write_jsonl(tmp / "val.jsonl", make_rows(16, seed=4)),
+    )
+
+
+def poison(monkeypatch: pytest.MonkeyPatch, plan: dict[int, float]) -> list[int]:
+    """Multiply the loss of training micro-batch i by plan[i]; returns the call counter."""
+    calls = [0]
+    original = trainer_module.forward_loss_sum
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        loss_sum, logits, labels = original(*args, **kwargs)
+        factor = plan.get(calls[0])
+        calls[0] += 1
+        return (loss_sum if factor is None else loss_sum * factor), logits, labels
+
+    monkeypatch.setattr(trainer_module, "forward_loss_sum", wrapped)
+    return calls
+
+
+def _cfg(tmp: Path, files: tuple[Path, Path], name: str, **sections: Any) -> Any:
+    train = {"max_steps": 12, "batch_size": 4, "grad_accum_steps": 2, **sections.pop("train", {})}
+    return tiny_config(
+        tmp / name,
+        *files,
+        train=train,
+        eval={"every_steps": 4, "max_batches": 2},
+        checkpoint={"every_steps": 4, "keep_last": 5, **sections.pop("checkpoint", {})},
+        log={"every_steps": 1, "progress": "none", "plots": False},
+        **sections,
+    )
+
+
+def _anomalies(run: Path) -> list[dict[str, Any]]:
+    path = run / "anomalies.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _finite_checkpoints(run: Path) -> list[int]:
+    steps = []
+    for info in CheckpointManager(run / "checkpoints").list():
+        weights = load_file(info.path / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values()), info.path
+        optim = torch.load(info.path / "optimizer.pt", weights_only=True)
+        for state in optim["state"].values():
+            assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
+        steps.append(info.step)
+    return steps
+
+
+def test_skip_equals_a_run_resumed_past_the_bad_batch(tmp_path, data, monkeypatch) -> None:
+    poison(monkeypatch, {9: NAN})  # step 5's second micro-batch
+    cfg = _cfg(tmp_path, data, "skip")
+    result = Trainer.from_config(cfg).fit()
+    assert result.status == "finished"
+    [record] = _anomalies(cfg.run_dir)
+    assert (record["step"], record["micro_step"], record["kind"]) == (5, 10, "nan_loss")
+    assert (record["action"], record["value"]) == ("skip", "nan")
+    assert len(record["samples"]) == 8  # the window: 2 micro-batches of 4
+    assert record["sources"] is None  # packed blocks are not rows
+    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in rows if r["split"] == "train"}
+    assert train[5]["loss"] is None  # not NaN: metrics.jsonl stays valid JSON
+    assert train[5]["skipped"] == 1
+    assert all(math.isfinite(train[s]["loss"]) for s in train if s != 5)
+    monkeypatch.undo()
+    # The reference: step 4's checkpoint with the counters and the cursor moved past step 5's
+    # window (8 samples, 2 micro-batches), as if step 5 had trained on nothing.
+    source = cfg.run_dir / "checkpoints" / "step-4"
+    state = json.loads((source / "trainer_state.json").read_text())
+    counters = state["loop"]["state"]
+    counters["step"], counters["cursor"] = 5, counters["cursor"] + 8
+    counters["micro_step"] += 2
+    moved = tmp_path / "moved" / "checkpoints"
+
+    def copy(name: str) -> Any:
+        if name == "trainer_state.json":
+            return lambda p: p.write_text(json.dumps(state))
+        return lambda p: shutil.copyfile(source / name, p)
+
+    files = ["model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json", "config.yaml"]
+    point = CheckpointManager(moved).save(5, {name: copy(name) for name in files})
+    ref_cfg = _cfg(tmp_path, data, "ref")
+    Trainer(ref_cfg, resume=str(point)).fit()
+    a = load_file(cfg.run_dir / "final" / "model.safetensors")
+    b = load_file(ref_cfg.run_dir / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_stop_ends_the_run_diverged_with_nothing_poisoned(tmp_path, data, monkeypatch) -> None:
+    poison(monkeypatch, {10: NAN})  # step 6
+    cfg = _cfg(tmp_path, data, "stop", train={"anomaly": {"policy": "stop"}})
+    result = Trainer.from_config(cfg).fit()
+    assert result.status == "diverged"
+    assert result.stop.reason.startswith("diverged at step 6: nan loss nan")
+    assert not (cfg.run_dir / "final").exists()
+    status = json.loads((cfg.run_dir / "status.json").read_text())
+    assert (status["state"], status["exit_code"]) == ("diverged", 4)
+    assert _finite_checkpoints(cfg.run_dir) == [4]  # none at or after the anomaly
+    assert math.isfinite(result.best_metric)
+
+
+def test_consecutive_non_finite_steps_stop_even_when_skipping(tmp_path, data, monkeypatch) -> None:
+    poison(monkeypatch, dict.fromkeys(range(6, 24), NAN))  # from step 4 on
+    cfg = _cfg(tmp_path, data, "many", train={"anomaly": {"max_consecutive": 3}})
+    result = Trainer.from_config(cfg).fit()
+    assert result.status == "diverged"
+    assert "3 non-finite steps in a row" in result.stop.reason
+    assert [r["step"] for r in _anomalies(cfg.run_dir)] == [4, 5, 6]
+    assert _finite_checkpoints(cfg.run_dir) == [4]  # step 4 was skipped: finite, kept
+    assert not (cfg.run_dir / "final").exists()
+
+
+def _rollback_run(tmp: Path, data: tuple[Path, Path], name: str, monkeypatch) -> Any:
+    """12 steps of 2 micro-batches of 4 (96 samples: one epoch); checkpoints at 3, 6, 9, 12;
+    a NaN at step 7. Returns the config, the result and every micro-batch's sample indices."""
+    from kiln.engine.anomaly import AnomalyGuard
+
+    drawn: list[list[int]] = []
+    original = AnomalyGuard.drew
+
+    def drew(self: Any, indices: torch.Tensor) -> None:
+        drawn.append(indices.tolist())
+        original(self, indices)
+
+    monkeypatch.setattr(AnomalyGuard, "drew", drew)
+    poison(monkeypatch, {12: NAN})  # step 7's first micro-batch
+    rollback = {"anomaly": {"policy": "rollback"}}
+    unpacked = {"packing": False}
+    cfg = _cfg(tmp, data, name, train=rollback, checkpoint={"every_steps": 3}, data=unpacked)
+    trainer = Trainer.from_config(cfg)
+    result = trainer.fit()
+    monkeypatch.undo()
+    return cfg, result, drawn, len(trainer.setup().train_data)
+
+
+def test_rollback_is_deterministic_and_leaves_the_samples_out(tmp_path, data, monkeypatch) -> None:
+    cfg, result, drawn, n = _rollback_run(tmp_path, data, "a", monkeypatch)
+    assert result.status == "finished"
+    [record] = _anomalies(cfg.run_dir)
+    assert (record["step"], record["action"], record["to_step"]) == (7, "rollback", 6)
+    assert record["samples"] == drawn[12] + drawn[13]
+    # One row per sample here (unpacked), so each sample's source row is known.
+    assert record["sources"] == [f"{data[0]}:{s + 1}" for s in record["samples"]]
+    # Steps 1-7 drew 14 micro-batches; back at step 6 (48 samples into the epoch), steps
+    # 7-12 drew 12 more. The rest of epoch 0 less the 8 left out fills `steps` of them.
+    assert len(drawn) == 26
+    steps = (n - 48 - 8) // 8
+    assert steps >= 3
+    again = {s for batch in drawn[14 : 14 + 2 * steps] for s in batch}
+    assert len(again) == 8 * steps
+    assert not again & set(record["samples"])
+    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 13))
+    assert _finite_checkpoints(cfg.run_dir) == [3, 6, 9, 12]
+    # Deterministic: a second run gives the same weights.
+    cfg2, _, drawn2, _ = _rollback_run(tmp_path, data, "b", monkeypatch)
+    assert drawn2 == drawn
+    a = load_file(cfg.run_dir / "final" / "model.safetensors")
+    b = load_file(cfg2.run_dir / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
