@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import make_rows, tiny_config, write_jsonl
+from helpers import StopAt, make_rows, tiny_config, write_jsonl
 from safetensors.torch import load_file
 
 import kiln.engine.trainer as trainer_module
 from kiln import Trainer
+from kiln.callbacks import Callback
 from kiln.checkpoint import CheckpointManager
 
 NAN = float("nan")
@@ -35,19 +36,30 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     )
 
 
-def poison(monkeypatch: pytest.MonkeyPatch, plan: dict[int, float]) -> list[int]:
-    """Multiply the loss of training micro-batch i by plan[i]; returns the call counter."""
+class Tap(Callback):
+    """Holds the run, so `poison` can key its plan on the global micro-step."""
+
+    run: Any = None
+
+    def on_train_begin(self, run: Any) -> None:
+        self.run = run
+
+
+def poison(monkeypatch: pytest.MonkeyPatch, plan: dict[int, float], tap: Tap | None = None) -> None:
+    """Multiply the loss of training micro-batch i by plan[i]: i counts the micro-batches as
+    they run in this process, or, with `tap`, is the run's micro-step (the same after a
+    resume; and after a rollback, when the same step runs again)."""
     calls = [0]
     original = trainer_module.forward_loss_sum
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         loss_sum, logits, labels = original(*args, **kwargs)
-        factor = plan.get(calls[0])
+        key = calls[0] if tap is None else tap.run.state.micro_step
         calls[0] += 1
+        factor = plan.get(key)
         return (loss_sum if factor is None else loss_sum * factor), logits, labels
 
     monkeypatch.setattr(trainer_module, "forward_loss_sum", wrapped)
-    return calls
 
 
 def _cfg(tmp: Path, files: tuple[Path, Path], name: str, **sections: Any) -> Any:
@@ -191,3 +203,35 @@ def test_rollback_is_deterministic_and_leaves_the_samples_out(tmp_path, data, mo
     a = load_file(cfg.run_dir / "final" / "model.safetensors")
     b = load_file(cfg2.run_dir / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_resumed_run_with_anomalies_is_bit_exact(tmp_path, data, monkeypatch) -> None:
+    spike = {"window": 4, "warmup_steps": 2, "sigma": 3.0}
+    anomaly = {"anomaly": {"spike": spike}}
+    runs = {}
+    for name, stop in (("straight", None), ("cut", 7)):
+        tap = Tap()
+        poison(monkeypatch, {5: NAN, 11: 30.0}, tap)  # steps 3 (nan) and 6 (a spike)
+        cfg = _cfg(tmp_path, data, name, train=anomaly)
+        callbacks = [tap] if stop is None else [tap, StopAt(stop)]
+        Trainer(cfg, callbacks=callbacks).fit()
+        if stop is not None:
+            tap = Tap()
+            poison(monkeypatch, {5: NAN, 11: 30.0}, tap)
+            Trainer(cfg, callbacks=[tap], resume=True).fit()
+        runs[name] = cfg.run_dir
+        monkeypatch.undo()
+    a, b = (load_file(runs[n] / "final" / "model.safetensors") for n in ("straight", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert _anomalies(runs["cut"]) == _anomalies(runs["straight"])
+    assert [(r["step"], r["kind"]) for r in _anomalies(runs["cut"])] == [
+        (3, "nan_loss"),
+        (6, "spike"),
+    ]
+    keys = ("step", "split", "loss", "grad_norm", "grad_norm_z", "skipped", "val_loss")
+    logged = [
+        [tuple(json.loads(x).get(k) for k in keys) for x in (runs[n] / "metrics.jsonl").open()]
+        for n in runs
+    ]
+    assert logged[0] == logged[1]
+    assert any(row[4] is not None for row in logged[0])  # grad_norm_z, once there are norms

@@ -21,12 +21,13 @@ from kiln.callbacks.base import Callback
 from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_hash
 from kiln.data import BatchCursor
-from kiln.engine.anomaly import Verdict, finite_state, grad_norm
+from kiln.engine.anomaly import grad_norm
 from kiln.engine.control import CheckpointKind, Control, RunView, StopRequest
 from kiln.engine.datasetup import eligible_samples, input_tokens, make_cursor, total_steps
 from kiln.engine.evaluate import evaluate, restore_best
 from kiln.engine.events import Event
 from kiln.engine.generate_eval import GenerationEval
+from kiln.engine.judge import Judge
 from kiln.engine.loss import forward_loss_sum, target_tokens
 from kiln.engine.parts import Given, Parts, build_parts
 from kiln.engine.resume import (
@@ -111,16 +112,14 @@ class Trainer:
         self.callbacks: list[Callback] = list(callbacks)
         callback_keys(self.callbacks)
         self.run_dir = RunDir(cfg.run_dir, enabled=self.rank.is_main)  # resolved before checks
-        ck = cfg.checkpoint
-        self.checkpoints = CheckpointManager(
-            self.run_dir.path / "checkpoints",
-            keep_last=ck.keep_last,
-            keep_best=ck.keep_best,
-            metric=ck.metric,
-            mode=ck.mode,
-        )
+        rotation = cfg.checkpoint.model_dump(include={"keep_last", "keep_best", "metric", "mode"})
+        self.checkpoints = CheckpointManager(self.run_dir.path / "checkpoints", **rotation)
         self.status = StatusFile(self.run_dir.path, enabled=self.rank.is_main)
         self.view = RunView(cfg, self.loop.state, self.run_dir.path, self.control, self.rank)
+        self.judge = Judge(  # train.anomaly: records, rolls back, stops as diverged
+            cfg, rank=self.rank, run_dir=self.run_dir, checkpoints=self.checkpoints,
+            control=self.control, loop=self.loop, callbacks=self.callbacks, rewound=self._rewind,
+        )  # fmt: skip
         # Generation eval (eval.generate): metric names are resolved here, before any work.
         self.generation_eval = GenerationEval(cfg) if cfg.eval.generate.num_samples else None
         self.parts: Parts | None = None
@@ -301,6 +300,10 @@ class Trainer:
         )
         self.checkpoint_paths = [c.path for c in self.checkpoints.list()]
 
+    def _rewind(self) -> None:
+        """The data cursor at the restored position (after a rollback)."""
+        self.cursor = make_cursor(self.cfg, self.setup(), self.state, self.rank)
+
     def _after_step(self, counts: tuple[int, int]) -> None:
         """What falls due after a step: on N ranks agreeing on requests and counts (one
         collective), the log, epoch ends, validation and checkpoints."""
@@ -312,10 +315,10 @@ class Trainer:
         # A pause (resumable stop) keeps the log cadence, so a resumed run logs identically.
         last_step = step == state.total_steps or (self.control.stopping and self._final_wanted())
         if step % cfg.log.every_steps == 0 or last_step:
-            if self._review():  # rolled back: the steps since that checkpoint run again
+            if self.judge.review(self.setup()):  # rolled back: those steps run again
                 return
             self._log_train()
-        if self._diverged():
+        if self.judge.diverged:
             return  # no validation, no checkpoint: the last complete one is the good one
         for _ in range(loop.epochs_ended):
             self.fire(Event.EPOCH_END)
@@ -342,8 +345,7 @@ class Trainer:
         ranks other than the main one (which writes it)."""
         self.control.save_requested = self.loop.best_due = False
         parts, main, step = self.setup(), self.rank.is_main, self.state.step
-        # A checkpoint never holds a step not yet judged, nor non-finite values.
-        if self._review() or self._diverged() or not finite_state(parts, self.rank, self._diverge):
+        if not self.judge.may_write(parts):  # judged first; nothing non-finite is kept
             return None
         staging = write_shards(self.checkpoints, parts, self.rank, step)  # FSDP: every rank
         writers = checkpoint_writers(
@@ -439,50 +441,6 @@ class Trainer:
         loop.pending_losses.append(window_loss)
         self.fire(Event.STEP_END)
         return tokens, samples
-
-    def _review(self) -> bool:
-        """Judge the steps flagged since the last review (`train.anomaly`): record them in
-        anomalies.jsonl, then go on, roll back, or stop as diverged (every rank alike).
-        Returns whether it rolled back."""
-        parts = self.setup()
-        records, verdict = parts.guard.review(self.rank, parts.sources)
-        rollback = verdict is not None and verdict.action == "rollback"
-        if rollback:
-            verdict = self._rollback(verdict, records)  # type: ignore[arg-type]
-        for record in records:
-            self.run_dir.log_anomaly(record)
-            log.warning("anomaly at step %(step)d: %(kind)s %(value)s (%(action)s)", record)
-        if verdict is not None:
-            self._diverge(verdict.reason)
-        return rollback and verdict is None
-
-    def _rollback(self, verdict: Verdict, records: list[dict[str, Any]]) -> Verdict | None:
-        """Back to the last complete checkpoint before the anomaly, with the anomalous steps'
-        samples left out of the rest of their epochs; a Verdict to stop when there is none."""
-        before = [c.path for c in self.checkpoints.list() if c.step < verdict.step]
-        if not before:
-            why = f"diverged at {verdict.reason}, and no checkpoint before it to roll back to"
-            return Verdict("stop", verdict.step, why)
-        parts = self.setup()
-        parts.guard.exclude(records)
-        kept = parts.guard.state_dict()  # what the guard learned survives the restore
-        restore_checkpoint(before[-1], parts, self.loop, self.callbacks, self.rank)
-        parts.guard.load_state_dict(kept)
-        self.run_dir.resume(self.cfg, self.state.step, anomalies=False)
-        self.cursor = make_cursor(self.cfg, parts, self.state, self.rank)
-        for record in records:
-            record["to_step"] = self.state.step
-        log.warning("%s: rolled back to step %d", verdict.reason, self.state.step)
-        return None
-
-    def _diverge(self, reason: str) -> None:
-        """Stop as diverged (exit 4): every rank has decided it alike, so they agree now."""
-        self.control.request_stop(StopRequest("diverged", reason, resumable=False))
-        self.control.sync(self.rank)
-
-    def _diverged(self) -> bool:
-        decided = self.control.decided
-        return decided is not None and decided.kind == "diverged"
 
     def _log_train(self) -> None:
         """Materialize the losses since the last log: the loop's only per-interval host sync."""
@@ -605,8 +563,7 @@ class Trainer:
                 parts.model, self.checkpoints, cfg.checkpoint.metric, self.state.step
             )
         final_dir, gathered = None, gather_final(parts.model, cfg, self.rank)  # FSDP: on main
-        self._review()
-        if self._diverged() or not finite_state(parts, self.rank, self._diverge):
+        if not self.judge.may_write(parts):
             return None, None
         if self.rank.is_main:
             card = model_card(cfg, self.state)
@@ -628,12 +585,8 @@ class Trainer:
     def _summary(self, final_dir: Path | None, sample: str | None) -> dict[str, Any]:
         parts = self.setup()
         return run_summary(
-            self.cfg,
-            self.state,
-            model=parts.model,
-            device=parts.device,
-            train_examples=len(parts.train_data),
-            tracker=self.tracker,
+            self.cfg, self.state, model=parts.model, device=parts.device,
+            train_examples=len(parts.train_data), tracker=self.tracker,
             wall=time.perf_counter() - self._start_time,
             final_dir=final_dir,
             sample=sample,
@@ -641,4 +594,4 @@ class Trainer:
             final_from=self.final_from,
             resumed_from=self.resumed_from,
             checkpoints=self.checkpoint_paths,
-        )
+        )  # fmt: skip
