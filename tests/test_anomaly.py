@@ -235,3 +235,70 @@ def test_a_resumed_run_with_anomalies_is_bit_exact(tmp_path, data, monkeypatch) 
     ]
     assert logged[0] == logged[1]
     assert any(row[4] is not None for row in logged[0])  # grad_norm_z, once there are norms
+
+
+def test_a_spike_is_flagged_and_a_nan_in_its_window_is_ignored(tmp_path, data, monkeypatch) -> None:
+    poison(monkeypatch, {9: NAN, 19: 20.0})  # steps 10 and 20 (one micro-batch a step)
+    spike = {"window": 8, "warmup_steps": 4, "sigma": 6.0, "action": "skip"}
+    train = {"max_steps": 24, "grad_accum_steps": 1, "anomaly": {"spike": spike}}
+    cfg = _cfg(tmp_path, data, "spike", train=train)
+    result = Trainer.from_config(cfg).fit()
+    assert result.status == "finished"
+    found = [(r["step"], r["kind"], r["action"]) for r in _anomalies(cfg.run_dir)]
+    assert found == [(10, "nan_loss", "skip"), (20, "spike", "skip")]
+    [spiked] = [r for r in _anomalies(cfg.run_dir) if r["kind"] == "spike"]
+    assert spiked["z"] > 6.0
+    assert spiked["value"] == pytest.approx(20 * result.loss_history[18], rel=0.2)
+    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped")] == [10, 20]
+
+
+def test_no_host_sync_between_logging_steps(tmp_path, data, monkeypatch) -> None:
+    """Reading a tensor's value (item, bool, int, float, tolist) is a host sync on an
+    accelerator: kiln's loop does it on logging steps only (every 4th here). Reads of the
+    batch's host copy (input_tokens) and of the data order (the cursor) are not device reads.
+    (transformers' own model code is not counted: with packed documents its masking checks
+    the position ids on the host, once per forward.)"""
+    import sys
+
+    import kiln
+
+    reads: list[str] = []
+    package = str(Path(kiln.__file__).parent)
+    host = {"input_tokens", "next_indices", "_next_eligible"}
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *a: Any, _orig: Any = original, **k: Any) -> Any:
+            code = sys._getframe(1).f_code
+            if code.co_filename.startswith(package) and code.co_name not in host:
+                reads.append(f"{Path(code.co_filename).name}:{code.co_name}")
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    class PerStep(Callback):
+        def __init__(self) -> None:
+            self.by_step: dict[int, list[str]] = {}
+
+        def on_step_begin(self, run: Any) -> None:  # the reads of the step before, and after it
+            if run.state.step:
+                self.by_step[run.state.step] = list(reads)
+            reads.clear()
+
+        def on_train_end(self, run: Any) -> None:
+            self.by_step[run.state.step] = list(reads)
+
+    spy = PerStep()
+    train = {"max_steps": 8, "grad_accum_steps": 2}
+    cfg = tiny_config(
+        tmp_path,
+        *data,
+        train=train,
+        log={"every_steps": 4, "progress": "none", "plots": False},
+    )
+    Trainer(cfg, callbacks=[spy]).fit()
+    monkeypatch.undo()
+    assert sorted(spy.by_step) == list(range(1, 9))
+    assert sorted(s for s, r in spy.by_step.items() if r) == [4, 8], spy.by_step
+    assert "trainer.py:_log_train" in spy.by_step[4]  # the counter sees the loop's own reads
