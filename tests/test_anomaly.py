@@ -136,7 +136,7 @@ def test_stop_ends_the_run_diverged_with_nothing_poisoned(tmp_path, data, monkey
     cfg = _cfg(tmp_path, data, "stop", train={"anomaly": {"policy": "stop"}})
     result = Trainer.from_config(cfg).fit()
     assert result.status == "diverged"
-    assert result.stop.reason.startswith("diverged at step 6: nan loss nan")
+    assert result.stop.reason == "diverged at step 6: a nan loss (train.anomaly.policy stop)"
     assert not (cfg.run_dir / "final").exists()
     status = json.loads((cfg.run_dir / "status.json").read_text())
     assert (status["state"], status["exit_code"]) == ("diverged", 4)
@@ -149,7 +149,10 @@ def test_consecutive_non_finite_steps_stop_even_when_skipping(tmp_path, data, mo
     cfg = _cfg(tmp_path, data, "many", train={"anomaly": {"max_consecutive": 3}})
     result = Trainer.from_config(cfg).fit()
     assert result.status == "diverged"
-    assert "3 non-finite steps in a row" in result.stop.reason
+    assert result.stop.reason == (
+        "diverged at step 6: 3 non-finite steps in a row (steps 4-6), the last with a nan "
+        "loss (train.anomaly.max_consecutive 3)"
+    )
     assert [r["step"] for r in _anomalies(cfg.run_dir)] == [4, 5, 6]
     assert _finite_checkpoints(cfg.run_dir) == [4]  # step 4 was skipped: finite, kept
     assert not (cfg.run_dir / "final").exists()
@@ -302,3 +305,26 @@ def test_no_host_sync_between_logging_steps(tmp_path, data, monkeypatch) -> None
     assert sorted(spy.by_step) == list(range(1, 9))
     assert sorted(s for s, r in spy.by_step.items() if r) == [4, 8], spy.by_step
     assert "trainer.py:_log_train" in spy.by_step[4]  # the counter sees the loop's own reads
+
+
+@pytest.mark.slow
+def test_quickstart_at_lr_1e6_exits_4_diverged(tmp_path: Path) -> None:
+    from helpers import start_train
+
+    from kiln.runs import read_status
+
+    run = tmp_path / "run"
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    extra = ["optim.lr=1e6", "train.max_steps=50", f"output_dir={run}"]
+    proc = start_train(config, *extra)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4, err[-3000:]
+    verdict = [x for x in err.splitlines() if x.startswith("kiln: diverged at step ")]
+    assert len(verdict) == 1
+    assert "non-finite steps in a row" in verdict[0]
+    status = read_status(run)
+    assert (status["state"], status["exit_code"]) == ("diverged", 4)
+    assert status["step"] <= 5 + 10  # max_consecutive 5, judged at the next logging step (10)
+    assert not (run / "final").exists()
+    _finite_checkpoints(run)
+    assert _anomalies(run)

@@ -188,7 +188,13 @@ def run(args: argparse.Namespace) -> int:
     state, code = final_state(result.stop)
     if not trainer.rank.is_main:  # the main rank reports
         return code
-    if state != "finished":  # paused (SIGTERM/SIGINT), stopped (pruned) or diverged
+    if state == "diverged":  # the verdict, and the last checkpoint (written before it)
+        good = result.checkpoint_paths[-1] if result.checkpoint_paths else None
+        print(f"kiln: {s['stop_reason']}", file=sys.stderr)
+        print(f"kiln: last complete checkpoint: {good or 'none'}; anomalies: "
+              f"{_shown(result.run_dir / 'anomalies.jsonl')}", file=sys.stderr)  # fmt: skip
+        return code
+    if state != "finished":  # paused (SIGTERM/SIGINT) or stopped (pruned)
         where = result.checkpoint_paths[-1] if result.checkpoint_paths else result.run_dir
         print(f"\n{state} at step {s['steps']} ({s['stop_reason']}); checkpoint: {where}")
         print(f"continue with: kiln train --resume {_shown(result.run_dir)}")

@@ -38,6 +38,12 @@ log = logging.getLogger("kiln")
 
 _ROW = ("loss", "norm", "z", "spike", "skip")  # what `check` keeps per step, on the device
 _NORM_WINDOW = 100  # logged gradient norms the grad_norm_z statistics are taken over
+_WHAT = {
+    "nan_loss": "a nan loss",
+    "inf_loss": "an inf loss",
+    "nan_grad": "a nan gradient norm",
+    "inf_grad": "an inf gradient norm",
+}
 
 
 def grad_norm(params: Sequence[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
@@ -223,23 +229,19 @@ class AnomalyGuard:
         }
 
     def _verdict(self, record: dict[str, Any], row: dict[str, float]) -> Verdict | None:
-        step, kind = record["step"], record["kind"]
-        what = (
-            f"{kind.replace('_', ' ')} {record['value']}"
-            if kind != "spike"
-            else (f"loss spike {row['loss']:.4g} (z {row['z']:.1f})")
-        )
-        if kind != "spike" and self.consecutive >= self.cfg.max_consecutive:
+        step, kind, n = record["step"], record["kind"], self.consecutive
+        what = _WHAT.get(kind) or f"a loss spike to {row['loss']:.4g} (z {row['z']:.1f})"
+        if kind != "spike" and n >= self.cfg.max_consecutive:
             return Verdict(
                 "stop",
                 step,
-                f"diverged at step {step}: {self.consecutive} non-finite steps in a row, the "
-                f"last a {what} (train.anomaly.max_consecutive {self.cfg.max_consecutive})",
+                f"diverged at step {step}: {n} non-finite steps in a row (steps "
+                f"{step - n + 1}-{step}), the last with {what} "
+                f"(train.anomaly.max_consecutive {self.cfg.max_consecutive})",
             )
         if record["action"] == "stop":
-            return Verdict(
-                "stop", step, f"diverged at step {step}: {what} (train.anomaly.policy stop)"
-            )
+            reason = f"diverged at step {step}: {what} (train.anomaly.policy stop)"
+            return Verdict("stop", step, reason)
         if record["action"] != "rollback":
             return None
         if self.rollbacks >= self.cfg.max_rollbacks:

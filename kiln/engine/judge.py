@@ -77,7 +77,7 @@ class Judge:
         samples left out of the rest of their epochs; a Verdict to stop when there is none."""
         before = [c.path for c in self.checkpoints.list() if c.step < verdict.step]
         if not before:
-            why = f"diverged at {verdict.reason}, and no checkpoint before it to roll back to"
+            why = f"diverged at {verdict.reason}, with no checkpoint before it to roll back to"
             return Verdict("stop", verdict.step, why)
         parts.guard.exclude(records)
         kept = parts.guard.state_dict()  # what the guard learned survives the restore
