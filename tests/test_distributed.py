@@ -342,3 +342,51 @@ def test_lora_under_fsdp_saves_every_ranks_adapter_shard(tmp_path: Path) -> None
         assert not torch.equal(b[name], torch.zeros_like(b[name]))  # trained, not the init
     base = [json.loads((runs[s] / "final" / "kiln_base.json").read_text()) for s in runs]
     assert base[0]["fingerprint"] == pytest.approx(base[1]["fingerprint"], rel=1e-12)
+
+
+# ---- divergence under DDP ------------------------------------------------------------------------
+
+NAN_ON_RANK_1 = """
+import os, sys
+import torch
+import kiln.engine.trainer as trainer
+from kiln.callbacks import Callback
+from kiln.config import load_config
+from kiln.job import train
+
+rank, out, at = int(os.environ["RANK"]), sys.argv[2], int(sys.argv[3])
+forward, calls = trainer.forward_loss_sum, [0]
+
+def poisoned(*args, **kwargs):  # rank 1's micro-batch `at` gives a NaN loss
+    loss, logits, labels = forward(*args, **kwargs)
+    calls[0] += 1
+    return (loss * float("nan") if rank == 1 and calls[0] == at + 1 else loss), logits, labels
+
+trainer.forward_loss_sum = poisoned
+
+class Keep(Callback):
+    def on_train_end(self, run):
+        state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        torch.save(state, f"{out}/rank{rank}.pt")
+
+train(load_config(sys.argv[1]), callbacks=[Keep()]).run_dir
+"""
+
+
+def test_a_nan_on_one_rank_makes_every_rank_skip_the_step(tmp_path: Path) -> None:
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    config = _config(tmp_path, "nan", 4, max_steps=6)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    cmd += [str(script), str(config), str(tmp_path), "3"]  # step 4 (one micro-batch a step)
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "nan"
+    anomalies = [json.loads(x) for x in (run / "anomalies.jsonl").read_text().splitlines()]
+    assert [(a["step"], a["kind"], a["action"]) for a in anomalies] == [(4, "nan_loss", "skip")]
+    assert len(anomalies[0]["samples"]) == 8  # both ranks' samples
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the ranks stayed in step
+    assert all(torch.isfinite(v).all() for v in a.values())
+    assert [r["skipped"] for r in _records(run) if r.get("skipped")] == [1]
