@@ -1,4 +1,5 @@
-"""Curves from metrics.jsonl: per-run PNGs (plots/) and an overlay of several runs.
+"""Curves from metrics.jsonl: per-run PNGs (plots/) and an overlay of several runs; the steps
+of anomalies.jsonl (`train.anomaly`) are marked on the loss and gradient-norm curves.
 
 Drawn with matplotlib's Agg backend on standalone `Figure`s (no pyplot global state, no
 display needed); matplotlib is the `plots` extra. Run directories are read through `kiln.runs`.
@@ -17,13 +18,25 @@ from kiln.errors import KilnError
 from kiln.files import write_atomic
 from kiln.registry import require_extra
 
-__all__ = ["eval_metrics", "plot_run", "plot_runs", "read_metrics", "run_name", "series"]
+__all__ = [
+    "ANOMALY_LABEL",
+    "anomaly_steps",
+    "eval_metrics",
+    "loss_figure",
+    "mark_anomalies",
+    "plot_run",
+    "plot_runs",
+    "read_metrics",
+    "run_name",
+    "series",
+]
 
 # Fields of val records that are not eval metrics of their own (`loss` repeats val_loss), and
 # the suffixes of counts and timings (val_tokens, val_gen_samples, val_gen_time_s).
 _NOT_METRICS = {"step", "split", "loss", "val_loss"}
 _NOT_METRIC_SUFFIXES = ("_tokens", "_samples", "_s")
 _FIGSIZE = (6.4, 4.0)
+ANOMALY_LABEL = "anomaly"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -72,6 +85,20 @@ def eval_metrics(records: list[dict[str, Any]]) -> list[str]:
     return list(names)
 
 
+def anomaly_steps(run_dir: str | Path) -> list[int]:
+    """The distinct steps of the run's anomalies.jsonl, in order ([] without one)."""
+    return sorted({int(r["step"]) for r in runs.read_anomalies(run_dir)})
+
+
+def mark_anomalies(ax: Any, steps: Sequence[int], **style: Any) -> Any:
+    """Vertical lines across `ax` at the anomaly `steps` (one artist, labelled "anomaly" for
+    the legend unless `style` gives another label); None when there are none."""
+    if not steps:
+        return None
+    style = {"colors": "red", "linewidth": 0.8, "alpha": 0.6, "label": ANOMALY_LABEL, **style}
+    return ax.vlines(list(steps), 0, 1, transform=ax.get_xaxis_transform(), **style)
+
+
 def _figure(nrows: int = 1, ncols: int = 1) -> Any:
     # Without matplotlib: MissingExtra, a KilnError naming the `plots` extra (one line, exit 2
     # from `kiln plot`); PlotsCallback turns any failure to plot into a warning.
@@ -113,16 +140,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     name = run_name(run_dir)
     written = []
 
-    fig = _figure()
-    ax = fig.subplots()
-    for split, style in (("train", "-"), ("val", "o--")):
-        steps, values = series(records, split, "loss")
-        if steps:
-            ax.plot(steps, values, style, label=f"{split} loss", markersize=4)
-    _decorate(ax, f"{name}: loss", "loss")
-    if ax.has_data():
-        ax.legend()
-    written.append(_save(fig, out / "loss.png"))
+    anomalies = anomaly_steps(run_dir)
+    written.append(_save(loss_figure(records, name, anomalies), out / "loss.png"))
 
     for key, title in (("lr", "learning rate"), ("grad_norm", "gradient norm")):
         steps, values = series(records, "train", key)
@@ -131,6 +150,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         fig = _figure()
         ax = fig.subplots()
         ax.plot(steps, values)
+        if key == "grad_norm" and mark_anomalies(ax, anomalies) is not None:
+            ax.legend()
         _decorate(ax, f"{name}: {title}", key)
         written.append(_save(fig, out / f"{key}.png"))
 
@@ -144,6 +165,22 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         _decorate(ax, f"{name}: {metric}", metric)
         written.append(_save(fig, out / f"{metric}.png"))
     return written
+
+
+def loss_figure(records: list[dict[str, Any]], name: str, anomalies: Sequence[int] = ()) -> Any:
+    """The loss figure of one run (train solid, val dashed) with its anomaly steps marked
+    (`mark_anomalies`); a matplotlib `Figure`, not saved."""
+    fig = _figure()
+    ax = fig.subplots()
+    for split, style in (("train", "-"), ("val", "o--")):
+        steps, values = series(records, split, "loss")
+        if steps:
+            ax.plot(steps, values, style, label=f"{split} loss", markersize=4)
+    marked = mark_anomalies(ax, anomalies)
+    _decorate(ax, f"{name}: loss", "loss")
+    if ax.has_data() or marked is not None:
+        ax.legend()
+    return fig
 
 
 def run_name(run_dir: Path) -> str:
@@ -169,10 +206,12 @@ def plot_runs(
     *,
     metrics: Sequence[str] | None = None,
 ) -> Path:
-    """One figure overlaying several runs: loss (train solid, val dashed), LR and each eval
-    metric (or just `metrics`, e.g. ["loss", "val_accuracy"]), one colour per run."""
+    """One figure overlaying several runs: loss (train solid, val dashed; anomaly steps dotted
+    vertical lines), LR and each eval metric (or just `metrics`, e.g. ["loss",
+    "val_accuracy"]), one colour per run."""
     paths = [Path(p) for p in run_dirs]
     runs = [read_metrics(p) for p in paths]
+    anomalies = [anomaly_steps(p) for p in paths]
     if metrics is None:
         names: dict[str, None] = {"loss": None, "lr": None}
         for records in runs:
@@ -190,11 +229,13 @@ def plot_runs(
             if panel == "loss":
                 ax.plot(*series(records, "train", "loss"), "-", color=color, label=label)
                 ax.plot(*series(records, "val", "loss"), "o--", color=color, markersize=3)
+                mark_anomalies(ax, anomalies[i], colors=color, linestyles=":", label="_nolegend_")
             elif panel in ("lr", "grad_norm", "tokens_per_s"):
                 ax.plot(*series(records, "train", panel), "-", color=color, label=label)
             else:
                 ax.plot(*series(records, "val", panel), "o-", color=color, label=label, ms=3)
-        title = "loss (train -, val --)" if panel == "loss" else panel
+        marks = ", anomalies :" if any(anomalies) else ""
+        title = f"loss (train -, val --{marks})" if panel == "loss" else panel
         _decorate(ax, title, panel)
         if not ax.has_data():
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)

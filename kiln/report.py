@@ -1,8 +1,8 @@
 """Run report: a summary table of one run directory, printed and written as report.md.
 
-Reads only files of the run directory (config.yaml, summary.json, metrics.jsonl, plots/, through
-`kiln.runs`), so it works on a finished, failed, paused or still-running run; what a run has not
-written yet is reported as missing, not guessed.
+Reads only files of the run directory (config.yaml, summary.json, metrics.jsonl, status.json,
+anomalies.jsonl, plots/, through `kiln.runs`), so it works on a finished, failed, diverged, paused
+or still-running run; what a run has not written yet is reported as missing, not guessed.
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.anomalies import action_text, summarize, value_text
 from kiln.errors import KilnError
 from kiln.plots import eval_metrics, read_metrics, series
-from kiln.runs import RunPaths, read_config_raw, read_summary
+from kiln.runs import RunPaths, read_anomalies, read_config_raw, read_status, read_summary
 
 __all__ = ["RunReport", "best_metrics", "load_report", "render_markdown", "render_table"]
 
 # Metrics where smaller is better; every other eval metric counts larger as better.
 _LOWER_IS_BETTER = re.compile(r"loss|ppl|perplexity|error|wer|cer", re.IGNORECASE)
+_MAX_ANOMALY_ROWS = 50  # rows of the anomalies table; the summary line counts them all
+_ANOMALY_COLUMNS = ("step", "kind", "value", "action", "samples")
 
 
 @dataclass
@@ -38,6 +41,21 @@ class RunReport:
     best: dict[str, tuple[float, int]] = field(default_factory=dict)
     """Each eval metric's best value and its step."""
     plots: list[Path] = field(default_factory=list)
+    anomalies: list[dict[str, Any]] = field(default_factory=list)
+    """anomalies.jsonl (`kiln.runs.read_anomalies`); empty when the run recorded none."""
+    anomaly_summary: str | None = None
+    """One line: counts by kind and action, and the verdict of a run that diverged."""
+
+    def anomaly_rows(self) -> list[tuple[str, ...]]:
+        """(step, kind, value, action, samples) of the first anomalies, as text."""
+        rows = []
+        for r in self.anomalies[:_MAX_ANOMALY_ROWS]:
+            samples = r.get("samples")
+            count = len(samples) if isinstance(samples, list) else 0
+            rows.append(
+                (str(r.get("step")), str(r.get("kind")), value_text(r), action_text(r), str(count))
+            )
+        return rows
 
 
 def best_metrics(records: list[dict[str, Any]]) -> dict[str, tuple[float, int]]:
@@ -124,6 +142,9 @@ def load_report(run_dir: str | Path) -> RunReport:
     summary = read_summary(run_dir)
     report = RunReport(run_dir=run_dir, config=config, summary=summary, records=records)
     report.best = best_metrics(records)
+    report.anomalies = read_anomalies(run_dir)
+    if report.anomalies:
+        report.anomaly_summary = summarize(report.anomalies, read_status(run_dir))
     first = {"loss": 0, "lr": 1, "grad_norm": 2}
     pngs = paths.plots.glob("*.png")
     report.plots = sorted(pngs, key=lambda p: (first.get(p.stem, 3), p.stem))
@@ -161,14 +182,28 @@ def load_report(run_dir: str | Path) -> RunReport:
     rows.append(("final model", final or "not written"))
     if summary and summary.get("resumed_from"):
         rows.append(("resumed from", str(summary["resumed_from"])))
+    if report.anomaly_summary:
+        rows.append(("anomalies", report.anomaly_summary))
     report.rows = rows
     return report
 
 
+def _more_anomalies(report: RunReport) -> list[str]:
+    more = len(report.anomalies) - _MAX_ANOMALY_ROWS
+    return [f"... and {more} more in {RunPaths(report.run_dir).anomalies}"] if more > 0 else []
+
+
 def render_table(report: RunReport) -> str:
-    """The summary table as aligned plain text."""
+    """The summary table as aligned plain text, then the anomalies (when the run had any)."""
     width = max(len(label) for label, _ in report.rows)
     lines = [f"{label:<{width}}  {value}" for label, value in report.rows]
+    if report.anomalies:
+        table = [_ANOMALY_COLUMNS, *report.anomaly_rows()]
+        widths = [max(len(row[i]) for row in table) for i in range(len(_ANOMALY_COLUMNS))]
+        lines += ["", "Anomalies"]
+        for row in table:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        lines += _more_anomalies(report)
     return "\n".join([f"run directory: {report.run_dir}", *lines])
 
 
@@ -186,6 +221,12 @@ def render_markdown(report: RunReport) -> str:
         for png in report.plots:
             rel = os.path.relpath(png, report.run_dir)
             lines += [f"### {png.stem}", "", f"![{png.stem}]({rel})", ""]
+    if report.anomalies:
+        lines += ["", "## Anomalies", "", str(report.anomaly_summary), ""]
+        lines += ["| " + " | ".join(_ANOMALY_COLUMNS) + " |", "|---" * len(_ANOMALY_COLUMNS) + "|"]
+        lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in report.anomaly_rows()]
+        lines += _more_anomalies(report)
+        lines += ["", "See a step's samples with `kiln data show RUN_DIR --step N`."]
     sample = report.summary.get("sample") if report.summary else None
     if sample:
         lines += ["", "## Sample", "", "```text", sample.rstrip(), "```"]

@@ -9,7 +9,8 @@ everything that drives runs without a live Trainer (sweeps, the REST server, a d
       status.json              what the run is doing now (rewritten atomically; `read_status`)
       summary.json             steps, tokens, timings, best and final metrics (at the end)
       data_stats.json          row, example and token counts of the data
-      anomalies.jsonl          one JSON record per detected anomaly
+      anomalies.jsonl          one JSON record per detected anomaly (`read_anomalies`),
+                               appended and flushed like metrics.jsonl
       checkpoints/step-<N>/    manifest.json written last: complete only with a valid manifest
       final/                   the model and tokenizer, with kiln_config.yaml
       plots/ samples/ eval/    PNG curves, generated samples per step, `kiln eval` reports
@@ -62,6 +63,7 @@ __all__ = [
     "is_alive",
     "list_checkpoints",
     "list_runs",
+    "read_anomalies",
     "read_config_raw",
     "read_metrics",
     "read_status",
@@ -329,6 +331,44 @@ def read_metrics(
         if isinstance(record, dict) and "step" in record:
             records.append(record)
     return records, offset + end
+
+
+# ---- anomalies -------------------------------------------------------------------------------
+
+
+def read_anomalies(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of anomalies.jsonl, in file order; [] when the run has none (no file).
+
+    One record per anomalous optimizer step the run judged (`train.anomaly`): step (1-based,
+    as metrics.jsonl's), micro_step (the global micro-batch count of the first bad micro-batch,
+    or None), epoch, kind (nan_loss, inf_loss, nan_grad, inf_grad, spike), value (the loss or
+    gradient norm; non-finite ones as the strings "nan", "inf", "-inf"), z (a spike's z-score,
+    else None), action (skip, stop, rollback, warn), to_step (a rollback's checkpoint step),
+    samples (the window's global sample indices into the training data, all ranks) and
+    sources (each sample's source row as file:line, or None: packed data). A step may appear
+    twice: a rollback keeps its record, and the steps after it are trained again.
+
+    Lines that are not JSON objects with a "step" (one torn by a kill) are skipped.
+
+    Raises:
+        KilnError: the file exists but cannot be read.
+    """
+    path = RunPaths(run_dir).anomalies
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise KilnError(f"{path}: cannot read ({first_line(exc)})") from None
+    records = []
+    for line in data.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
 # ---- other files -----------------------------------------------------------------------------

@@ -1,14 +1,25 @@
-"""`kiln data preview CONFIG`: counts kept/dropped, token lengths, rendered samples."""
+"""`kiln data preview CONFIG`: counts kept/dropped, token lengths, rendered samples.
+`kiln data show RUN_DIR --step N`: the training samples of a run's anomaly at step N."""
 
 from __future__ import annotations
 
 import argparse
 
-from kiln.commands import add_config_args
+from kiln.commands import add_config_args, add_flag, add_path
 from kiln.config import load_config
 
-HELP = "inspect the data a config trains on"
+HELP = "inspect the data a config trains on, or the samples of a run's anomalies"
 QUIET_HF = True
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,8 +30,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(prev)
     prev.add_argument("--samples", type=int, default=3, help="rendered samples to show")
 
+    show = sub.add_parser(
+        "show",
+        help="the samples of a run's anomaly (anomalies.jsonl): their source rows, or their "
+        "decoded tokens for packed data",
+    )
+    add_path(show, "run_dir", "RUN_DIR", "a run directory (runs/<name>)")
+    show.add_argument(
+        "--step",
+        type=_positive,
+        metavar="N",
+        help="the optimizer step of the anomaly (default: list the run's anomalies)",
+    )
+    show.add_argument(
+        "--samples",
+        type=_positive,
+        metavar="K",
+        help="show at most K samples per anomaly (default: all of the step's batch)",
+    )
+    show.add_argument(
+        "--max-chars",
+        type=_positive,
+        default=400,
+        metavar="C",
+        help="cut each sample's content to C characters (default: 400)",
+    )
+    add_flag(
+        show,
+        "--decode",
+        "also decode the samples' tokens from the rebuilt training data (what the model saw: "
+        "truncated, templated) where their source rows are known",
+    )
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.data_command == "show":
+        from kiln.anomalies import show_anomalies
+
+        shown = show_anomalies(
+            args.run_dir,
+            args.step,
+            max_chars=args.max_chars,
+            max_samples=args.samples,
+            decode=args.decode,
+        )
+        print(shown.text)
+        return 0
+
     from kiln.data.preview import preview
 
     cfg = load_config(args.config, args.overrides)
