@@ -519,14 +519,14 @@ def _view(tmp_path: Path, stop: StopRequest | None = None) -> RunView:
         (StopRequest("early_stop", "no better"), True, "early_stop", "stopped early at step 7/20"),
         (StopRequest("signal", "SIGTERM", resumable=True), False, "end", "paused at step 7/20"),
         (StopRequest("pruned", "trial pruned", write_final=False), False, "end", "stopped at"),
-        (StopRequest("diverged", "loss is nan", write_final=False), False, "failure", "diverged"),
+        (StopRequest("diverged", "diverged at step 6: a nan loss"), False, "diverged", "at step"),
     ],
 )
 def test_the_end_note_says_how_the_run_ended(
     tmp_path: Path, stop: StopRequest | None, final: bool, event: str, text: str
 ) -> None:
     inbox = _Inbox()
-    events = ["start", "end", "failure", "early_stop"]
+    events = ["start", "end", "failure", "early_stop", "diverged"]
     callback = NotifyCallback(NotifyConfig(events=events), senders=[inbox])
     run = _view(tmp_path, stop)
     callback.on_train_begin(run)
@@ -543,7 +543,7 @@ def test_the_end_note_says_how_the_run_ended(
     assert ("--resume" in end.message) == (stop is not None and stop.resumable)
     if stop is not None:
         assert stop.reason in end.message
-    assert end.error == ("loss is nan" if event == "failure" else None)
+    assert end.error == (stop.reason if event == "diverged" else None)  # type: ignore[union-attr]
     assert callback.sent == inbox.notes
 
 

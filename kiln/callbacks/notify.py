@@ -62,7 +62,7 @@ class Notification:
     """One event of a run, as sent (the generic webhook receives exactly `to_json()`)."""
 
     event: str
-    """start | end | failure | best | early_stop | progress."""
+    """start | end | failure | best | early_stop | diverged | progress."""
     run: str
     message: str
     step: int
@@ -435,7 +435,8 @@ class NotifyCallback(Callback):
                 msg += f" (best {metric} {state.best_metric:.4f} at step {state.best_step})"
             if self._final is not None:
                 msg += f"; final model: {self._final}"
-            error = run.stop.reason if event == "failure" and run.stop is not None else None
+            failed = event in ("failure", "diverged")
+            error = run.stop.reason if failed and run.stop is not None else None
             self._emit(run, event, msg, metrics, error=error)
         self._flush()
 
@@ -448,7 +449,8 @@ class NotifyCallback(Callback):
             return "end", f"kiln: run '{name}' finished {state.step} steps in {took}"
         ended = final_state(stop)[0]  # as status.json says
         if ended == "diverged":  # a failure the loop caught: on_exception does not fire
-            return "failure", f"kiln: run '{name}' diverged at step {where}: {stop.reason}"
+            event = "diverged" if "diverged" in self.cfg.events else "failure"
+            return event, f"kiln: run '{name}' stopped at step {where}: {stop.reason}"
         if ended == "paused":
             why = f"({stop.reason}); continue with --resume"
             return "end", f"kiln: run '{name}' paused at step {where} {why}"

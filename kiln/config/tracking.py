@@ -214,12 +214,13 @@ class NotifyConfig(Section):
     senders: list[Sender] = Field(default_factory=list)
     """Where notifications go: a list of {kind: discord|slack|webhook|twilio, ...}; each names
     the environment variables that hold its secrets. Empty: no notifications."""
-    events: list[Literal["start", "end", "failure", "best", "early_stop"]] = Field(
-        default_factory=lambda: ["start", "end", "failure", "early_stop"]
+    events: list[Literal["start", "end", "failure", "best", "early_stop", "diverged"]] = Field(
+        default_factory=lambda: ["start", "end", "failure", "early_stop", "diverged"]
     )
     """Events to notify about: start, end, failure (with the error line), best (the
     checkpoint.metric improved), early_stop (sent instead of end when early stopping ended
-    the run)."""
+    the run), diverged (sent instead of failure when the run stopped as diverged, with the
+    verdict: train.anomaly)."""
     every_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Also send a progress note (step, last train loss, tokens/s) every N optimizer steps."""
     timeout_s: float = Field(10.0, gt=0, le=MAX_SECONDS)
