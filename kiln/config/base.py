@@ -8,11 +8,13 @@ of a terabyte allocation, an int64 overflow or a timer that cannot be armed.
 
 from __future__ import annotations
 
+import copy
 import math
 import reprlib
 import types
 import typing
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Self
 
 from pydantic import (
     BaseModel,
@@ -30,9 +32,14 @@ __all__ = [
     "MAX_COUNT",
     "MAX_SECONDS",
     "MAX_TOKENS",
+    "SECTION_PATHS",
     "ConfigError",
+    "FrozenConfigError",
     "Section",
+    "format_errors",
+    "set_dotted",
     "short_repr",
+    "split_override",
     "union_members",
 ]
 
@@ -48,6 +55,16 @@ MAX_SECONDS = 1e6
 
 class ConfigError(KilnError):
     """A config that cannot be used; `problems` holds one line per problem, each naming a key."""
+
+
+class FrozenConfigError(AttributeError):
+    """An attribute of a config was assigned: configs are immutable; the message says how to
+    make an edited copy (`replace`)."""
+
+
+SECTION_PATHS: dict[type, str] = {}
+"""Where each section class sits in a RunConfig (`TrainConfig` -> `train`), for the classes
+that sit in exactly one place; filled by kiln.config.run. Messages use it to name full keys."""
 
 
 class _ShortRepr(reprlib.Repr):
@@ -110,6 +127,68 @@ def _bools_for_numbers(annotation: Any, value: Any) -> list[tuple[tuple[int, ...
     return found
 
 
+def _cut(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters: a key or override echoed back may be arbitrarily long."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def format_errors(err: ValidationError, prefix: str = "") -> list[str]:
+    """One line per problem of a pydantic error, each naming its key path (under `prefix`, the
+    path of the section validated, e.g. `train`)."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(_cut(str(p)) for p in ([prefix] if prefix else []) + list(e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required key is missing")
+        elif e["type"] == "bool_for_number":  # from Section: the message says it all
+            lines.append(f"{loc}: {msg}")
+        elif e["type"] == "invalid_key":  # YAML `1:`, `null:` or `true:` as a key
+            where = [prefix] if prefix else []
+            parent = ".".join(_cut(str(p)) for p in where + list(e["loc"][:-1])) or "top level"
+            lines.append(f"{parent}: key {_cut(str(e['loc'][-1]))} is not a string")
+        elif e["type"] == "value_error" and not e["loc"]:
+            # A section's own check: its message names the full keys already.
+            lines.extend(msg.splitlines())
+        elif e["type"] == "value_error":
+            lines.extend(m if m.startswith(loc) else f"{loc}: {m}" for m in msg.splitlines())
+        else:
+            lines.append(f"{loc}: {msg[:1].lower() + msg[1:]} (got {short_repr(e['input'])})")
+    return lines
+
+
+def split_override(item: str) -> tuple[str, str] | str:
+    """(key, value text) of a `a.b.c=value` override, or the problem with it."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        return f"{_cut(item)}: an override must look like section.key=value"
+    return key, text
+
+
+def set_dotted(node: dict[str, Any], key: str, value: Any, current: Any = None) -> str | None:
+    """Set dotted `key` in a raw config dict, in place; None, or the problem. `current`: the
+    config `node` was taken from, whose values fill the sections the key passes through. A
+    section met on the way as an object becomes a dict of the fields it was given (validated
+    again, its unset fields staying unset)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        current = getattr(current, part, None) if isinstance(current, Section) else None
+        if part not in node:
+            node[part] = {} if current is None else current
+        child = node[part]
+        if isinstance(child, Section):
+            child = {k: getattr(child, k) for k in child.model_fields_set}
+        if isinstance(child, dict):
+            child = node[part] = dict(child)  # never edit a dict the config holds
+        else:
+            return f"{'.'.join(parts[: i + 1])}: is a value, not a section"
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are frozen, docstrings document keys."""
 
@@ -146,3 +225,81 @@ class Section(BaseModel):
                 if e["loc"] and e["loc"][0] not in bad
             ]
         raise ValidationError.from_exception_data(cls.__name__, errors)
+
+    if not typing.TYPE_CHECKING:  # keep the field-typed __init__ type checkers synthesize
+
+        def __init__(self, /, **data: Any) -> None:
+            try:
+                super().__init__(**data)
+            except ValidationError as err:
+                prefix = SECTION_PATHS.get(type(self), "")
+                raise ConfigError(format_errors(err, prefix)) from None
+
+        # As for BaseModel.__init__: validating a nested value never calls it, so only a
+        # direct construction turns pydantic's error into kiln's one-line problems.
+        __init__.__pydantic_base_init__ = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenConfigError(self._frozen_message(name, value))
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenConfigError(self._frozen_message(name, None))
+
+    def _frozen_message(self, name: str, value: Any) -> str:
+        cls = type(self).__name__
+        path = SECTION_PATHS.get(type(self))
+        if path is None and cls == "RunConfig":
+            how = f"cfg.replace({name}={short_repr(value)})"
+        elif path is None:
+            how = f"section.replace({name}={short_repr(value)})"
+        else:
+            how = f"cfg.replace(**{{{path + '.' + name!r}: {short_repr(value)}}})"
+        return f"{cls} is frozen (immutable): make an edited, validated copy with {how}"
+
+    def replace(self, *overrides: str, **changes: Any) -> Self:
+        """An edited copy, validated as a whole (cross-section checks included).
+
+        Keys are dotted paths under this section; `overrides` are `key=value` strings, read as
+        on the command line (`kiln train ... train.batch_size=32`), applied after the keywords.
+        A section given whole (`train={...}`) replaces that section. The copy is new; `self`
+        is unchanged. Example: `cfg.replace("optim.lr=1e-3", **{"train.batch_size": 32})`.
+
+        Raises:
+            ConfigError: one line per problem, each naming the full key path, as the CLI does.
+        """
+        from kiln.config.yamlio import parse_override_value
+
+        raw: dict[str, Any] = {k: getattr(self, k) for k in self.model_fields_set}
+        problems = []
+        pairs = list(changes.items())
+        for item in overrides:
+            split = split_override(item)
+            if isinstance(split, str):
+                problems.append(split)
+            else:
+                pairs.append((split[0], parse_override_value(split[1])))
+        for key, value in pairs:
+            problem = set_dotted(raw, key, value, self)
+            if problem:
+                problems.append(problem)
+        prefix = SECTION_PATHS.get(type(self), "")
+        if problems:
+            raise ConfigError([f"{prefix}.{p}" if prefix else p for p in problems])
+        return self._edited(raw)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with the `update`d fields, validated like `replace` (ConfigError on a bad
+        value, instead of pydantic's unvalidated copy)."""
+        if not update:
+            new = super().model_copy()
+        else:
+            new = self._edited({**{k: getattr(self, k) for k in self.model_fields_set}, **update})
+        return copy.deepcopy(new) if deep else new
+
+    def _edited(self, raw: dict[str, Any]) -> Self:
+        """`raw` validated into this section's class, as an edit of an existing config (a
+        preset is not applied again: every value the config had stays)."""
+        try:
+            return type(self).model_validate(raw, context={"edit": True})
+        except ValidationError as err:
+            raise ConfigError(format_errors(err, SECTION_PATHS.get(type(self), ""))) from None

@@ -80,9 +80,9 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    train: str | list[str]
+    train: str | list[str] | None = None
     """Training data: a file (JSONL, JSON, CSV, Parquet, text), a glob, a list of them, a
-    `datasets` dataset saved to disk, or `hf:<hub name>`."""
+    `datasets` dataset saved to disk, or `hf:<hub name>`; null: the Trainer is given the data."""
     val: str | list[str] | None = None
     """Validation data (same forms as `train`); when unset, `val_split` of the training rows."""
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "text", "hf"] = "auto"

@@ -15,7 +15,8 @@ _MAX_WIDTH = 65_536  # of the residual stream, and so of a LoRA rank
 
 class ModelConfig(Section):
     name_or_path: str | None = None
-    """Pretrained model: a local directory or a hub id. Mutually exclusive with `arch`."""
+    """Pretrained model: a local directory or a hub id. Mutually exclusive with `arch`; with
+    neither, the Trainer is given the model."""
     arch: Literal["gpt2", "llama", "t5"] | None = None
     """Build a fresh model of this architecture from the size fields below (from scratch)."""
     hidden_size: int = Field(256, gt=0, le=_MAX_WIDTH)
@@ -43,8 +44,9 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if (self.name_or_path is None) == (self.arch is None):
-            raise ValueError("set exactly one of model.name_or_path or model.arch")
+        # Neither is a model given to the Trainer as an object (RunConfig.require_sources).
+        if self.name_or_path is not None and self.arch is not None:
+            raise ValueError("set exactly one of model.name_or_path or model.arch, not both")
         if self.arch is not None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.num_heads: must divide model.hidden_size ({self.hidden_size}), "

@@ -15,16 +15,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
-from yaml.composer import ComposerError
-from yaml.constructor import ConstructorError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from kiln.config.base import ConfigError, Section, short_repr
+from kiln.config.base import (
+    SECTION_PATHS,
+    ConfigError,
+    Section,
+    format_errors,
+    set_dotted,
+    short_repr,
+    split_override,
+)
 from kiln.config.data import DataConfig
 from kiln.config.eval import CheckpointConfig, EvalConfig
 from kiln.config.model import LoraConfig, ModelConfig, TokenizerConfig
 from kiln.config.tracking import LogConfig, NotifyConfig
 from kiln.config.train import OptimConfig, TrainConfig
+from kiln.config.yamlio import parse_override_value, read_yaml_file, read_yaml_text
 
 __all__ = [
     "PRESETS",
@@ -57,15 +64,16 @@ class RunConfig(Section):
     task: Literal["causal_lm", "seq2seq", "instruction"] = "causal_lm"
     """causal_lm: next-token prediction on text; instruction: prompt -> response with a causal
     LM, loss on the response only; seq2seq: source -> target (encoder-decoder)."""
-    model: ModelConfig
-    """The model: pretrained by path, or an architecture built from scratch."""
+    model: ModelConfig = ModelConfig()
+    """The model: pretrained by path, or an architecture built from scratch (neither: you pass
+    your own model to the Trainer)."""
     tokenizer: TokenizerConfig = TokenizerConfig()
     """The tokenizer: loaded by path, or trained on the training text."""
-    data: DataConfig
+    data: DataConfig = DataConfig()
     """Training and validation data."""
     optim: OptimConfig = OptimConfig()
     """Optimizer and learning-rate schedule."""
-    train: TrainConfig
+    train: TrainConfig = TrainConfig()
     """Length, batching, precision and device of training."""
     eval: EvalConfig = EvalConfig()
     """Validation cadence and the end-of-run sample."""
@@ -77,6 +85,23 @@ class RunConfig(Section):
     """Logging cadence and progress display."""
     notify: NotifyConfig = NotifyConfig()
     """Notifications about the run."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any, info: ValidationInfo) -> Any:
+        # Built from keys (constructor, YAML, CLI): the preset fills what they leave out. An
+        # edit (replace, model_copy) keeps every value the config has instead.
+        if not isinstance(data, dict) or (info.context or {}).get("edit"):
+            return data
+        preset = data.get("preset")
+        if preset is None:
+            return data
+        if not isinstance(preset, str) or preset not in PRESETS:
+            names = ", ".join(PRESETS)
+            raise ValueError(
+                f"preset: unknown preset {short_repr(preset)} (expected one of {names})"
+            )
+        return _deep_merge(PRESETS[preset], data)
 
     @field_validator("name")
     @classmethod
@@ -138,6 +163,84 @@ class RunConfig(Section):
     def run_dir(self) -> Path:
         """The run directory: `output_dir`, or runs/<name>."""
         return Path(self.output_dir or f"runs/{self.name}")
+
+    def _edited(self, raw: dict[str, Any]) -> RunConfig:
+        new = super()._edited(raw)
+        if new.preset is not None and new.preset != self.preset:
+            # Every value is already explicit, so the preset would change nothing but its name.
+            raise ConfigError(
+                f"preset: a preset applies when a config is built; use "
+                f"RunConfig(preset={new.preset!r}, ...) (an edit keeps every value)"
+            )
+        return new
+
+    def effective_batch_size(self, world_size: int = 1) -> int:
+        """Sequences per optimizer step: batch_size x grad_accum_steps x `world_size` ranks."""
+        return self.train.batch_size * self.train.grad_accum_steps * world_size
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        """Tokens per optimizer step on `world_size` ranks: exact for packed causal_lm blocks,
+        else an upper bound (batches are padded to their longest sequence)."""
+        longest = self.data.max_length
+        if self.task == "seq2seq":
+            longest += self.data.max_target_length
+        return self.effective_batch_size(world_size) * longest
+
+    def to_yaml(self) -> str:
+        """The config as YAML text, every key explicit (what `from_yaml` and `kiln train`
+        read back to an equal config)."""
+        return dump_yaml(self)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> RunConfig:
+        """A config from a YAML file (a Path, or a str naming a file) or from YAML text (a str
+        holding a newline, or starting with `key:` or `{`). The preset, if named, applies; the
+        model and training data may be left out (pass them to the Trainer).
+
+        Raises:
+            ConfigError: one line per problem, each naming the key path (and file:line).
+        """
+        if isinstance(source, str) and _YAML_TEXT.match(source):
+            return config_from_dict(read_yaml_text(source))
+        return config_from_dict(read_yaml_file(Path(source)), str(source))
+
+    def require_sources(self, *, model_given: bool = False, data_given: bool = False) -> None:
+        """Check that the run has a model and training data: in the config, or given as
+        objects (`model_given`, `data_given`).
+
+        Raises:
+            ConfigError: naming `model` and/or `data.train`.
+        """
+        problems = []
+        if not model_given and self.model.name_or_path is None and self.model.arch is None:
+            problems.append(
+                "model: set model.name_or_path or model.arch, or pass a model to the Trainer"
+            )
+        if not data_given and self.data.train is None:
+            problems.append("data.train: set the training data, or pass train_data to the Trainer")
+        if problems:
+            raise ConfigError(problems)
+
+
+# YAML text, not a file name: several lines, a flow mapping, or a first `key:`.
+_YAML_TEXT = re.compile(r"\s*$|.*\n|\s*\{|\s*[\w.-]+\s*:(\s|$)")
+
+
+def _section_paths(model: type[Section], prefix: str = "") -> dict[type, list[str]]:
+    """Where each section class sits under `model` (a class may sit in several places)."""
+    found: dict[type, list[str]] = {}
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            found.setdefault(ann, []).append(prefix + name)
+            for cls, paths in _section_paths(ann, f"{prefix}{name}.").items():
+                found.setdefault(cls, []).extend(paths)
+    return found
+
+
+SECTION_PATHS.update(
+    {cls: paths[0] for cls, paths in _section_paths(RunConfig).items() if len(paths) == 1}
+)
 
 
 def _data_schedule_problems(cfg: RunConfig) -> list[str]:
@@ -220,110 +323,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-_MAX_BYTES = 16 << 20  # of a config file; a real one is a few KiB
-_MAX_DEPTH = 64  # nesting of mappings and lists; a real config uses under 10
-_MAX_VALUES = 100_000  # values once aliases are expanded: stops "billion laughs" files
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`) and refuses documents
-    that are too deep, too large once aliases are expanded, or that hold non-scalar keys."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
-        # The composer recurses once per level: `[[[[...` would end in a RecursionError.
-        self._depth += 1
-        try:
-            if self._depth > _MAX_DEPTH:
-                mark = self.peek_event().start_mark
-                raise ComposerError(None, None, f"nested deeper than {_MAX_DEPTH} levels", mark)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def compose_document(self) -> yaml.Node:
-        node = super().compose_document()
-        _check_expanded(node)
-        return node
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        # int() refuses over 4300 digits and date() refuses 2024-02-30, with a bare ValueError.
-        try:
-            return super().construct_object(node, deep)
-        except (ValueError, OverflowError) as exc:
-            kind = node.tag.rpartition(":")[2]
-            reason = str(exc).split(";")[0]
-            problem = f"cannot read {short_repr(node.value)} as {kind}: {reason}"
-            raise ConstructorError(None, None, problem, node.start_mark) from None
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        for key, _ in node.value:
-            if not isinstance(key, yaml.ScalarNode):
-                problem = "a key must be a string, not a list or a mapping"
-                raise ConstructorError(None, None, problem, key.start_mark)
-        return super().construct_mapping(node, deep)
-
-
-def _check_expanded(root: yaml.Node) -> None:
-    """Refuse a document that aliases expand past _MAX_VALUES values or _MAX_DEPTH levels, or
-    into a cycle: loading shares an aliased value, but validation and dumps walk every copy."""
-    done: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels) once expanded
-    open_: set[int] = set()
-
-    def walk(node: yaml.Node, level: int) -> tuple[int, int]:
-        key = id(node)
-        if key in open_:
-            raise ComposerError(
-                None, None, "an alias refers to a value that holds it", node.start_mark
-            )
-        if key not in done:
-            # Anchors come before their aliases, so a first visit is at the literal position
-            # and this recursion is no deeper than the (already bounded) document.
-            open_.add(key)
-            children = node.value if isinstance(node, yaml.SequenceNode) else []
-            if isinstance(node, yaml.MappingNode):
-                children = [part for pair in node.value for part in pair]
-            values, levels = 1, 1
-            for child in children:
-                n, d = walk(child, level + 1)
-                values, levels = values + n, max(levels, d + 1)
-                if values > _MAX_VALUES:
-                    problem = f"aliases expand it to more than {_MAX_VALUES} values"
-                    raise ComposerError(None, None, problem, node.start_mark)
-            open_.discard(key)
-            done[key] = (values, levels)
-        values, levels = done[key]
-        if level + levels > _MAX_DEPTH + 1:
-            problem = f"aliases nest it deeper than {_MAX_DEPTH} levels"
-            raise ComposerError(None, None, problem, node.start_mark)
-        return values, levels
-
-    if root is not None:
-        walk(root, 1)
-
-
-_FLOAT_RE = r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+
-    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"""
-_Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(_FLOAT_RE, re.X), list("-+0123456789.")
-)
-
-
-def parse_override_value(text: str) -> Any:
-    """Parse the value of a `key=value` override: numbers, bools, null, [lists], or a string."""
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError:
-        return text
-
-
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in top.items():
@@ -339,94 +338,49 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     out = copy.deepcopy(raw)
     problems = []
     for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            problems.append(f"{_cut(item)}: an override must look like section.key=value")
-            continue
-        node = out
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                problems.append(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
-                break
-            node = child
-        else:
-            node[parts[-1]] = parse_override_value(text)
+        split = split_override(item)
+        problem = split if isinstance(split, str) else None
+        if problem is None:
+            problem = set_dotted(out, split[0], parse_override_value(split[1]))
+        if problem:
+            problems.append(problem)
     if problems:
         raise ConfigError(problems)
     return out
 
 
-def _cut(text: str, limit: int = 60) -> str:
-    """`text` cut to `limit` characters: a key or override echoed back may be arbitrarily long."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _format_errors(err: ValidationError) -> list[str]:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(_cut(str(p)) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key")
-        elif e["type"] == "missing":
-            lines.append(f"{loc}: required key is missing")
-        elif e["type"] == "bool_for_number":  # from Section: the message says it all
-            lines.append(f"{loc}: {msg}")
-        elif e["type"] == "invalid_key":  # YAML `1:`, `null:` or `true:` as a key
-            parent = ".".join(_cut(str(p)) for p in e["loc"][:-1]) or "top level"
-            lines.append(f"{parent}: key {_cut(str(e['loc'][-1]))} is not a string")
-        elif e["type"] == "value_error" and not loc:
-            lines.extend(msg.splitlines())
-        elif e["type"] == "value_error":
-            lines.extend(m if m.startswith(loc) else f"{loc}: {m}" for m in msg.splitlines())
-        else:
-            lines.append(f"{loc}: {msg[:1].lower() + msg[1:]} (got {short_repr(e['input'])})")
-    return lines
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError([f"cannot read config: {exc.strerror or exc}"], str(path)) from None
-    if len(data) > _MAX_BYTES:
-        raise ConfigError([f"larger than {_MAX_BYTES >> 20} MiB, not a config"], str(path))
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        bad = f"byte 0x{data[exc.start]:02x} at offset {exc.start}"
-        raise ConfigError([f"not UTF-8 text ({bad}); save it as UTF-8"], str(path)) from None
-    try:
-        raw = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"invalid YAML: {problem}"], where) from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(["the top level must be a mapping of sections"], str(path))
-    return raw
-
-
 def config_from_dict(raw: dict[str, Any], source: str | None = None) -> RunConfig:
-    """Validate a raw dict (preset applied first) into a RunConfig, or raise ConfigError."""
-    preset = raw.get("preset")
-    if preset is not None:
-        if not isinstance(preset, str) or preset not in PRESETS:
-            names = ", ".join(PRESETS)
-            raise ConfigError(
-                [f"preset: unknown preset {short_repr(preset)} (expected one of {names})"], source
-            )
-        raw = _deep_merge(PRESETS[preset], raw)
+    """Validate a raw dict (preset applied first) into a RunConfig, or raise ConfigError.
+
+    Missing sections take their defaults (no model, no training data); `load_config` is the
+    stricter reader of a file that must describe a whole run."""
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err), source) from None
+        raise ConfigError(format_errors(err), source) from None
+
+
+def _incomplete(raw: dict[str, Any]) -> list[str]:
+    """What a file run on its own lacks: a model, training data, a length (a preset's keys
+    count). The Python API leaves them out when the Trainer is given a model and data."""
+    preset = raw.get("preset")
+    if isinstance(preset, str) and preset in PRESETS:
+        raw = _deep_merge(PRESETS[preset], raw)
+    problems = [
+        f"{key}: required key is missing" for key in ("model", "data", "train") if key not in raw
+    ]
+    model, data, train = (raw.get(key) for key in ("model", "data", "train"))
+    if isinstance(model, dict) and model.get("name_or_path") is None and model.get("arch") is None:
+        problems.append("model: set exactly one of model.name_or_path or model.arch")
+    if isinstance(data, dict) and data.get("train") is None:
+        problems.append("data.train: required key is missing")
+    if (
+        isinstance(train, dict)
+        and train.get("max_steps") is None
+        and train.get("num_epochs") is None
+    ):
+        problems.append("train: set train.max_steps or train.num_epochs")
+    return problems
 
 
 def load_config(
@@ -434,6 +388,7 @@ def load_config(
     overrides: list[str] | None = None,
     *,
     data: dict[str, Any] | None = None,
+    complete: bool = True,
 ) -> RunConfig:
     """Load a run config from a YAML file (or a dict), apply overrides, and validate it.
 
@@ -441,15 +396,26 @@ def load_config(
         path: YAML file. Relative data paths in it are kept as written (relative to the cwd).
         overrides: dotted `section.key=value` strings, applied after the file.
         data: a raw config dict, instead of a file.
+        complete: require what a run from the file alone needs (the CLI's case): the model,
+            data.train and train.max_steps or train.num_epochs. False: defaults fill them, as
+            in `RunConfig(...)` and `RunConfig.from_yaml`.
 
     Raises:
         ConfigError: with one line per problem, each naming the key path.
     """
     if (path is None) == (data is None):
         raise TypeError("pass exactly one of path or data")
-    raw = _read_yaml(Path(path)) if path is not None else copy.deepcopy(data)
+    raw = read_yaml_file(Path(path)) if path is not None else copy.deepcopy(data)
     source = str(path) if path is not None else None
-    return config_from_dict(apply_overrides(raw, overrides or []), source)
+    raw = apply_overrides(raw, overrides or [])
+    problems = _incomplete(raw) if complete else []
+    try:
+        cfg = config_from_dict(raw, source)
+    except ConfigError as err:
+        raise ConfigError(problems + err.problems, source) from None
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
 
 
 def dump_yaml(cfg: RunConfig) -> str:

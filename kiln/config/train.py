@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -97,7 +97,8 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Optimizer steps to train; with num_epochs too, whichever ends first."""
     num_epochs: float | None = Field(None, gt=0, le=1e6)
-    """Passes over the training data (may be fractional)."""
+    """Passes over the training data (may be fractional). In Python, with neither this nor
+    max_steps set: 1 (a YAML file run by the CLI must set one)."""
     batch_size: int = Field(8, gt=0, le=MAX_BATCH)
     """Sequences per micro-batch, per rank: the global batch is batch_size x grad_accum_steps x
     the number of ranks."""
@@ -132,10 +133,18 @@ class TrainConfig(Section):
     anomaly: AnomalyConfig = AnomalyConfig()
     """Non-finite losses and gradients, and loss spikes (see docs/anomalies.md)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_epoch_by_default(cls, data: Any) -> Any:
+        # `RunConfig()` plus a model and data is a whole run; `load_config` (the CLI) still
+        # asks a file for its length.
+        unset = isinstance(data, dict) and data.get("max_steps") is None
+        if unset and data.get("num_epochs") is None:
+            return {**data, "num_epochs": 1.0}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.max_steps is None and self.num_epochs is None:
-            raise ValueError("set train.max_steps or train.num_epochs")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             got = short_repr(self.device)
             raise ValueError(f"train.device: expected auto, cpu, mps, cuda or cuda:N, got {got}")

@@ -19,6 +19,7 @@ from kiln.data.prepare import (
     quality_mask,
     split_indices,
 )
+from kiln.data.python import rows_from_python
 from kiln.data.sampler import BatchCursor, batches_per_epoch, epoch_permutation, sequential_batches
 from kiln.data.sources import (
     READERS,
@@ -28,7 +29,6 @@ from kiln.data.sources import (
     Row,
     read_jsonl,
     read_rows,
-    rows_from_python,
 )
 from kiln.data.tasks import (
     CausalFormat,

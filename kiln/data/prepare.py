@@ -21,6 +21,7 @@ from kiln.data.cache import cached_dataset
 from kiln.data.curriculum import order_rows
 from kiln.data.dataset import TokenDataset
 from kiln.data.progress import Progress
+from kiln.data.python import PythonRows
 from kiln.data.sources import BadRows, ReadOptions, Row, _Problems, json_type, read_rows, where
 from kiln.data.tasks import TaskFormat, make_format, render_rows
 from kiln.data.tokenize import encode_workers, tokenize_task
@@ -225,8 +226,8 @@ def _clean(
     return [row for row, _ in items], drops
 
 
-def _spec_name(spec: str | list[str]) -> str:
-    return spec if isinstance(spec, str) else ", ".join(spec)
+def _spec_name(spec: str | list[str] | PythonRows) -> str:
+    return ", ".join(spec) if isinstance(spec, list) else str(spec)
 
 
 def _why_empty(data: DataConfig, n_bad: int, drops: dict[str, int]) -> str:
@@ -243,12 +244,16 @@ def _why_empty(data: DataConfig, n_bad: int, drops: dict[str, int]) -> str:
 
 
 def _load(
-    spec: str | list[str], fmt: TaskFormat, data: DataConfig, options: ReadOptions, stats: DataStats
+    spec: str | list[str] | PythonRows,
+    fmt: TaskFormat,
+    data: DataConfig,
+    options: ReadOptions,
+    stats: DataStats,
 ) -> list[Row]:
     """Read one side's sources (data.train or data.val) and clean them, counting in `stats`."""
     name, bad = _spec_name(spec), options.bad
     bad_before, unparsed_before = bad.count, options.too_long
-    rows = read_rows(spec, options)
+    rows = spec.read(options) if isinstance(spec, PythonRows) else read_rows(spec, options)
     unparsed = options.too_long - unparsed_before  # lines too big to parse: too_long already
     n_read = len(rows) + bad.count - bad_before + unparsed
     stats.rows_read += n_read
@@ -269,7 +274,9 @@ def _load(
     return rows
 
 
-def load_splits(cfg: RunConfig) -> tuple[list[Row], list[Row], DataStats]:
+def load_splits(
+    cfg: RunConfig, *, train: PythonRows | None = None, val: PythonRows | None = None
+) -> tuple[list[Row], list[Row], DataStats]:
     """Read, check, filter and split the run's data into train and validation rows.
 
     Sources are read as `data.format` says (see `kiln.data.sources`). Every row is checked for
@@ -282,9 +289,11 @@ def load_splits(cfg: RunConfig) -> tuple[list[Row], list[Row], DataStats]:
     rendered text (first one kept) are dropped, in that order. Validation rows come from
     `data.val` (checked and filtered the same way; duplicates are found within each side) or,
     when unset, from a split of the training rows (`split_indices`, seeded by `cfg.seed`).
-    Finally `data.max_samples` caps the training rows. Rows keep their source order, except
-    that a curriculum over packed data sorts the training rows by difficulty
-    (`kiln.data.curriculum.order_rows`).
+    Rows given in Python (`train`, `val`: `Trainer(train_data=..., val_data=...)`) stand in for
+    the files: `train` replaces data.train and data.val (validation then comes from `val`, else
+    from the split), `val` replaces data.val. Finally `data.max_samples` caps the training rows.
+    Rows keep their source order, except that a curriculum over packed data sorts the training
+    rows by difficulty (`kiln.data.curriculum.order_rows`).
 
     Returns:
         (train rows, val rows, stats); val rows may be empty (val_split=0, no data.val).
@@ -300,9 +309,12 @@ def load_splits(cfg: RunConfig) -> tuple[list[Row], list[Row], DataStats]:
         if limit is not None:
             stats.dropped[reason] = 0
     options = ReadOptions.from_config(data)
-    train = _load(data.train, fmt, data, options, stats)
-    if data.val is not None:
-        val = _load(data.val, fmt, data, options, stats)
+    if train is None and data.train is None:
+        raise DataError("data.train: not set; set it, or pass train_data to the Trainer")
+    val_spec = val if val is not None else (data.val if train is None else None)
+    train = _load(data.train if train is None else train, fmt, data, options, stats)
+    if val_spec is not None:
+        val = _load(val_spec, fmt, data, options, stats)
     else:
         train_idx, val_idx = split_indices(len(train), data.val_split, cfg.seed)
         if not train_idx:
@@ -364,6 +376,7 @@ def build_datasets(
     val_rows: Sequence[Mapping[str, Any]],
     *,
     stats: DataStats | None = None,
+    names: tuple[Any, Any] | None = None,
 ) -> tuple[TokenDataset, TokenDataset | None, DataStats]:
     """Render and tokenize train and validation rows for the run's task.
 
@@ -379,6 +392,8 @@ def build_datasets(
         train_rows: rows, e.g. from `load_splits` (plain dicts work too).
         val_rows: validation rows; empty for no validation set.
         stats: counts from `load_splits`, copied and completed; default: fresh counts.
+        names: (training, validation) data as named in messages; default: data.train and
+            data.val (None: a split of the training data).
 
     Returns:
         (train dataset, val dataset or None when `val_rows` is empty, stats).
@@ -389,11 +404,12 @@ def build_datasets(
     stats.train_rows, stats.val_rows = len(train_rows), len(val_rows)
     fmt = make_format(cfg)
     tokenize = _tokenize_cached
-    train = tokenize(cfg, fmt, tokenizer, train_rows, f"training data ({cfg.data.train})")
+    train_name, val_name = names or (cfg.data.train, cfg.data.val)
+    train = tokenize(cfg, fmt, tokenizer, train_rows, f"training data ({train_name})")
     stats.train_examples, stats.train_tokens = len(train), train.num_tokens
     val = None
     if val_rows:
-        source = cfg.data.val or f"held-out data.val_split of {cfg.data.train}"
+        source = val_name or f"held-out data.val_split of {train_name}"
         val = tokenize(cfg, fmt, tokenizer, val_rows, f"validation data ({source})")
         stats.val_examples, stats.val_tokens = len(val), val.num_tokens
     if cfg.task == "instruction":  # one example per row, less the ones without a target

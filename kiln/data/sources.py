@@ -2,7 +2,8 @@
 
 Every later stage (field checks, filters, templates) names a row's location in its errors
 through `Row.where`: `file:line` for line-based files (JSONL, JSON, CSV, text), `name#index`
-(0-based) for columnar sources (Parquet, `datasets` datasets, Python objects).
+(0-based) for columnar sources (Parquet, `datasets` datasets, Python objects: see
+`kiln.data.python`).
 
 A source spec (`data.train`, `data.val`) is one string or a list of them, each:
 
@@ -39,8 +40,7 @@ import io
 import json
 import logging
 import re
-import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -79,7 +79,6 @@ __all__ = [
     "read_rows",
     "read_source",
     "read_text",
-    "rows_from_python",
     "where",
 ]
 
@@ -528,64 +527,4 @@ def read_rows(
     for one in specs:
         for source in expand_source(one):
             rows.extend(read_source(source, options))
-    return rows
-
-
-# --- Python objects -------------------------------------------------------------------------
-
-
-def _is_hf_dataset(obj: Any, kind: str) -> bool:
-    module = sys.modules.get("datasets")  # loaded whenever such an object exists
-    return module is not None and isinstance(obj, getattr(module, kind))
-
-
-def _python_items(obj: Any, name: str) -> Iterable[Any]:
-    if _is_hf_dataset(obj, "DatasetDict"):
-        splits = ", ".join(obj)
-        raise DataError(f"{name}: a DatasetDict; pass one split, e.g. data['train'] ({splits})")
-    if _is_hf_dataset(obj, "Dataset"):
-        return obj.to_list()
-    if isinstance(obj, (str, bytes, Mapping)) or not (
-        hasattr(obj, "__iter__") or hasattr(obj, "__getitem__")
-    ):
-        raise DataError(
-            f"{name}: expected a list of dicts, a torch Dataset or a datasets.Dataset, "
-            f"got {type(obj).__name__}"
-        )
-    from torch.utils.data import IterableDataset
-
-    if (
-        not isinstance(obj, IterableDataset)
-        and hasattr(obj, "__len__")
-        and hasattr(obj, "__getitem__")
-    ):
-        return (obj[i] for i in range(len(obj)))  # a list, or a map-style torch Dataset
-    return iter(obj)  # an IterableDataset, a generator
-
-
-def rows_from_python(
-    obj: Any, *, name: str = "<python>", bad: BadRows | None = None
-) -> list[IndexRow]:
-    """Rows from a Python object: a list of dicts, a torch Dataset yielding dicts, or a
-    `datasets.Dataset`.
-
-    Args:
-        obj: the data.
-        name: the source name in locations (`<python>#3`).
-        bad: where items that are not dicts go (default: raise them).
-
-    Returns:
-        One `IndexRow` per item (a shallow copy of its fields), located `name#index`.
-
-    Raises:
-        DataError: an unsupported object, or (unless skipped) items that are not dicts.
-    """
-    bad = bad or BadRows()
-    rows = []
-    for i, item in enumerate(_python_items(obj, name)):
-        if isinstance(item, Mapping):
-            rows.append(IndexRow(item, name, i))
-        else:
-            bad.add(f"{name}#{i}: expected a dict, got {type(item).__name__}")
-    bad.check()
     return rows

@@ -11,9 +11,18 @@ import torch
 
 from kiln.data import build_datasets, load_splits
 from kiln.data.collate import Batcher, get_collator
+from kiln.data.python import PythonRows
 from kiln.device import Precision, resolve_device
 from kiln.engine.anomaly import AnomalyGuard
-from kiln.engine.datasetup import as_dataset, build_schedule, tokenizer_corpus, total_steps
+from kiln.engine.datasetup import (
+    build_schedule,
+    check_token_range,
+    python_sources,
+    token_splits,
+    token_tokenizer,
+    tokenizer_corpus,
+    total_steps,
+)
 from kiln.engine.regularize import Regularizers, build_regularizers
 from kiln.errors import DataError, KilnError
 from kiln.models.wrap import prepare_for_training
@@ -92,6 +101,10 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
     """Build the run: device and precision, data and tokenizer, model (wrapped for training),
     optimizer and LR schedule. Seeds the global RNGs from `cfg.seed` (the caller restores them
     after the run)."""
+    # A model and training data, from the config or given: one line naming what is missing.
+    cfg.require_sources(
+        model_given=given.model is not None, data_given=given.train_data is not None
+    )
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device, local_rank=rank.local_rank)
@@ -182,18 +195,31 @@ def _distribute(model: Any, cfg: RunConfig, device: torch.device, rank: RankCont
 
 def _build_data(cfg: RunConfig, given: Given) -> tuple[Any, ...]:
     """(tokenizer, train, val, train_rows, val_rows, stats): from the config's files, or from
-    the data the caller gave."""
+    the data the caller gave. Text rows given in Python go through the files' pipeline (checks,
+    filters, templates, val split, tokenization and its cache); token ids are used as given
+    (split by data.val_split when no val_data is given)."""
     from kiln.models import build_tokenizer
 
     tokenizer = given.tokenizer
-    if given.train_data is not None:
+    train_src, val_src = python_sources(cfg, given.train_data, given.val_data)
+    if train_src is not None and not isinstance(train_src, PythonRows):
         if tokenizer is None:
-            tokenizer = build_tokenizer(cfg, None)
-        train = as_dataset(given.train_data, cfg.task)
-        val = None if given.val_data is None else as_dataset(given.val_data, cfg.task)
+            tokenizer = token_tokenizer(cfg, train_src, val_src)
+        elif given.model is None:  # the model's embeddings are sized by the tokenizer
+            check_token_range(tokenizer, train_src, val_src)
+        train, val = token_splits(cfg, train_src, val_src)  # type: ignore[arg-type]
         return tokenizer, train, val, None, None, {}
-    train_rows, val_rows, stats = load_splits(cfg)
+    train_rows, val_rows, stats = load_splits(cfg, train=train_src, val=val_src)  # type: ignore[arg-type]
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg, tokenizer_corpus(cfg, train_rows))
-    train, val, stats = build_datasets(cfg, tokenizer, train_rows, val_rows, stats=stats)
+    names = None
+    if train_src is not None or val_src is not None:
+        train_name = train_src if train_src is not None else cfg.data.train
+        val_name = (
+            val_src if val_src is not None else (None if train_src is not None else cfg.data.val)
+        )
+        names = (train_name, val_name)
+    train, val, stats = build_datasets(
+        cfg, tokenizer, train_rows, val_rows, stats=stats, names=names
+    )
     return tokenizer, train, val, train_rows, val_rows, stats.to_dict()

@@ -263,7 +263,9 @@ class RunDir:
 
 def model_card(cfg: RunConfig, state: TrainState) -> str:
     """A short README.md for final/: what was trained, on what, and how well."""
-    model = cfg.model.name_or_path or f"{cfg.model.arch} from scratch"
+    model = cfg.model.name_or_path or (
+        f"{cfg.model.arch} from scratch" if cfg.model.arch else "a model given in Python"
+    )
     auto = "AutoModelForSeq2SeqLM" if cfg.task == "seq2seq" else "AutoModelForCausalLM"
     lines = [
         f"# {cfg.name}",
@@ -275,7 +277,7 @@ def model_card(cfg: RunConfig, state: TrainState) -> str:
         "|---|---|",
         f"| steps | {state.step} |",
         f"| tokens | {state.tokens_seen:,} |",
-        f"| training data | `{cfg.data.train}` |",
+        f"| training data | {f'`{cfg.data.train}`' if cfg.data.train else 'given in Python'} |",
         f"| final train loss | {_fmt(state.last_train_loss)} |",
     ]
     for key, value in state.last_val.items():

@@ -82,10 +82,11 @@ class Trainer:
     Pass `model`, `tokenizer`, `train_data` or `val_data` to use your own objects instead of
     building them from the config. `resume`: True (or "latest") continues from the newest
     complete checkpoint of the run directory, a path from that checkpoint; None follows
-    `checkpoint.resume` (auto: resume when there is a checkpoint). Data may be a
-    `TokenDataset`, a list of token-id lists, a list of example dicts (`input_ids`, optional
-    `labels`) or an (N, L) tensor of token ids. `callbacks` are exactly the callbacks that
-    run; `Trainer.from_config` (and `kiln train`) add the ones the config asks for.
+    `checkpoint.resume` (auto: resume when there is a checkpoint). Data may be text rows
+    (lists of dicts or strings, torch or `datasets` datasets; they go through the same
+    pipeline as files) or token ids (see docs/python_data.md). `callbacks` are exactly the
+    callbacks that run; `Trainer.from_config` (and `kiln train`) add the ones the config asks
+    for.
     """
 
     def __init__(
