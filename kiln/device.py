@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from kiln.errors import KilnError
 
 __all__ = ["Precision", "place_model", "resolve_device", "set_tf32"]
+
+logger = logging.getLogger("kiln")
 
 
 def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
@@ -38,7 +41,8 @@ class Precision:
     """Autocast and loss scaling for `train.precision` on a device.
 
     fp32 runs plain; bf16 autocasts matmuls to bfloat16 (weights stay fp32); fp16 autocasts to
-    float16 and scales the loss (CUDA only) so small gradients do not underflow.
+    float16 and scales the loss (CUDA only) so small gradients do not underflow. bf16 on a CPU
+    logs a warning (one line): it is usually slower than fp32 there.
     """
 
     def __init__(self, precision: str, device: torch.device) -> None:
@@ -57,6 +61,13 @@ class Precision:
                 raise KilnError(
                     "train.precision: bf16 is not supported by this MPS device; use fp32"
                 ) from None
+        if precision == "bf16" and device.type == "cpu":
+            # Most CPUs have no bf16 matmul units: autocast converts and emulates, which
+            # measured 3.5x slower than fp32 on a tiny GPT-2.
+            logger.warning(
+                "train.precision: bf16 on a CPU is usually much slower than fp32 (emulated "
+                "without native bf16 units); set train.precision=fp32 unless you measured it"
+            )
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     @contextlib.contextmanager

@@ -125,10 +125,19 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _decorate(ax: Any, title: str, ylabel: str) -> None:
+    ticker = require_extra("matplotlib.ticker", "plots", feature="plots")
     ax.set_title(title)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))  # never 4.5
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
+
+
+def _plot(ax: Any, steps: list[int], values: list[float], fmt: str, **style: Any) -> None:
+    """`ax.plot`, with a marker when there is one point: a line of one point draws nothing."""
+    if len(steps) == 1 and "o" not in fmt:
+        style.setdefault("marker", "o")
+    ax.plot(steps, values, fmt, **style)
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -149,7 +158,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
             continue
         fig = _figure()
         ax = fig.subplots()
-        ax.plot(steps, values)
+        _plot(ax, steps, values, "-")
         if key == "grad_norm" and mark_anomalies(ax, anomalies) is not None:
             ax.legend()
         _decorate(ax, f"{name}: {title}", key)
@@ -175,7 +184,7 @@ def loss_figure(records: list[dict[str, Any]], name: str, anomalies: Sequence[in
     for split, style in (("train", "-"), ("val", "o--")):
         steps, values = series(records, split, "loss")
         if steps:
-            ax.plot(steps, values, style, label=f"{split} loss", markersize=4)
+            _plot(ax, steps, values, style, label=f"{split} loss", markersize=4)
     marked = mark_anomalies(ax, anomalies)
     _decorate(ax, f"{name}: loss", "loss")
     if ax.has_data() or marked is not None:
@@ -227,11 +236,11 @@ def plot_runs(
         for i, (label, records) in enumerate(zip(_labels(paths), runs, strict=True)):
             color = f"C{i % 10}"
             if panel == "loss":
-                ax.plot(*series(records, "train", "loss"), "-", color=color, label=label)
+                _plot(ax, *series(records, "train", "loss"), "-", color=color, label=label)
                 ax.plot(*series(records, "val", "loss"), "o--", color=color, markersize=3)
                 mark_anomalies(ax, anomalies[i], colors=color, linestyles=":", label="_nolegend_")
             elif panel in ("lr", "grad_norm", "tokens_per_s"):
-                ax.plot(*series(records, "train", panel), "-", color=color, label=label)
+                _plot(ax, *series(records, "train", panel), "-", color=color, label=label)
             else:
                 ax.plot(*series(records, "val", panel), "o-", color=color, label=label, ms=3)
         marks = ", anomalies :" if any(anomalies) else ""

@@ -79,6 +79,8 @@ def _num(value: Any, digits: int = 4) -> str:
         return f"{value:,}"
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if abs(value) >= 1e12:  # an untrained model's perplexity; throughput never gets here
+        return f"{value:.3e}"
     return f"{value:.{digits}g}" if 0 < abs(value) < 1e-3 else f"{value:,.{digits}f}"
 
 

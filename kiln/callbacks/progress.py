@@ -1,4 +1,4 @@
-"""Live progress: a rich bar with loss, LR and tokens/s on a TTY; plain lines or quiet else."""
+"""Live progress: a rich bar with loss, LR and tokens/s on a TTY; plain lines elsewhere."""
 
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ __all__ = ["ProgressCallback"]
 class ProgressCallback(Callback):
     """Shows training progress.
 
-    Modes: `bar` (rich live bar), `plain` (a line per log step), `none`, and `auto`: the bar on
-    a TTY, otherwise only validation results. Reads only what the loop already logged, so it
+    Modes (`log.progress`): `bar` (a rich live bar; validation results printed above it),
+    `plain` (a line per log step, `step 10/40  loss 2.1  lr 3.0e-04  1,234 tok/s`, and one per
+    validation), `none`, and `auto`: the bar when stderr is a TTY, else plain, so docker logs,
+    nohup and CI show a line at each log step. Reads only what the loop already logged, so it
     adds no host syncs.
     """
 
     def __init__(self, mode: str = "auto") -> None:
         if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "val"
+            mode = "bar" if sys.stderr.isatty() else "plain"
         self.mode = mode
         self._progress: Any = None
         self._task: Any = None
@@ -85,11 +87,15 @@ class ProgressCallback(Callback):
     def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None:
         if self.mode == "none":
             return
-        self._print(
+        from kiln.metrics.display import format_metric, generation_scores
+
+        line = (
             f"step {run.state.step}/{run.state.total_steps}  val_loss "
-            f"{metrics['val_loss']:.4f}  ppl {metrics['val_ppl']:.2f}  "
+            f"{metrics['val_loss']:.4f}  ppl {format_metric(metrics['val_ppl'], 2)}  "
             f"acc {metrics['val_accuracy']:.3f}"
         )
+        generated = generation_scores(metrics)  # BLEU, ROUGE, recipe, a user's metrics
+        self._print(f"{line}  {generated}" if generated else line)
 
     def _stop(self) -> None:
         if self._progress is not None:

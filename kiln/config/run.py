@@ -135,7 +135,7 @@ class RunConfig(Section):
         if steps is not None and self.optim.warmup_steps >= steps:
             problems.append(
                 f"optim.warmup_steps: must be < train.max_steps ({steps}), "
-                f"got {self.optim.warmup_steps}"
+                f"got {self.optim.warmup_steps}; lower optim.warmup_steps or raise train.max_steps"
             )
         if (
             self.model.arch in ("gpt2", "llama")

@@ -135,7 +135,8 @@ class LogConfig(Section):
     every_steps: int = Field(10, gt=0, le=MAX_COUNT)
     """Log train loss, LR and throughput every N optimizer steps (the only host syncs)."""
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
-    """Progress display: a live bar on a TTY (auto), a plain line per log step, or nothing."""
+    """Progress on stderr: bar (a live bar), plain (a line per log step and per validation),
+    none, or auto: the bar when stderr is a TTY, else plain (docker logs, nohup, CI)."""
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     """Experiment trackers that receive params, metrics and artifacts, besides metrics.jsonl
     (always written). A tracker that fails is switched off with one warning."""

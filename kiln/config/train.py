@@ -105,7 +105,8 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, gt=0, le=MAX_BATCH)
     """Micro-batches per optimizer step; the loss is token-weighted over the whole window."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision: fp32, bf16 (CUDA with bf16 support, or CPU), fp16 (CUDA only)."""
+    """Autocast precision: fp32, bf16 (CUDA with bf16 support; on CPU, slower than fp32), fp16
+    (CUDA only)."""
     grad_clip: float | None = Field(1.0, gt=0.0)
     """Clip the global gradient norm to this value; null disables clipping."""
     device: str = "auto"

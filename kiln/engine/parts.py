@@ -154,7 +154,9 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
     steps = total_steps(cfg, len(train_data), curriculum, world_size=rank.world_size)
     if optim.warmup_steps >= steps:
         raise KilnError(
-            f"optim.warmup_steps: must be < total steps ({steps}), got {optim.warmup_steps}"
+            f"optim.warmup_steps: must be < total steps ({steps}), got {optim.warmup_steps}; "
+            "lower optim.warmup_steps or train for more steps (train.max_steps, "
+            "train.num_epochs)"
         )
     schedule = make_schedule(
         scheduler=optim.scheduler,

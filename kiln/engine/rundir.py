@@ -210,8 +210,10 @@ class RunDir:
         tmp = self.path / f".final.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
+        from kiln.models.quiet import no_hf_progress
+
         try:
-            with writing(str(final)):
+            with writing(str(final)), no_hf_progress():
                 self._write_final(tmp, model, tokenizer, cfg, card, gathered)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # the old final/, if any, is untouched
@@ -261,8 +263,13 @@ class RunDir:
             self._metrics_file = None
 
 
-def model_card(cfg: RunConfig, state: TrainState) -> str:
-    """A short README.md for final/: what was trained, on what, and how well."""
+def model_card(cfg: RunConfig, state: TrainState, *, final: Path | None = None) -> str:
+    """A short README.md for final/: what was trained, on what, how well, and how to load it.
+
+    `final`: where final/ is written (default: the config's run directory, resolved, + final);
+    the loading snippet names it, so it runs as pasted.
+    """
+    where = json.dumps(str(final or resolve_path(cfg.run_dir, "output_dir") / "final"))
     model = cfg.model.name_or_path or (
         f"{cfg.model.arch} from scratch" if cfg.model.arch else "a model given in Python"
     )
@@ -296,8 +303,8 @@ def model_card(cfg: RunConfig, state: TrainState) -> str:
         "```python",
         loader,
         "from transformers import AutoTokenizer",
-        'model = M.from_pretrained("path/to/final")',
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/final")',
+        f"model = M.from_pretrained({where})",
+        f"tokenizer = AutoTokenizer.from_pretrained({where})",
         "```",
         "",
         "The resolved config that produced this model is in `kiln_config.yaml`.",
@@ -307,7 +314,9 @@ def model_card(cfg: RunConfig, state: TrainState) -> str:
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    from kiln.metrics.display import format_metric
+
+    return format_metric(value)
 
 
 def run_summary(

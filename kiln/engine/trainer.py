@@ -567,7 +567,7 @@ class Trainer:
         if not self.judge.may_write(parts):
             return None, None
         if self.rank.is_main:
-            card = model_card(cfg, self.state)
+            card = model_card(cfg, self.state, final=self.run_dir.path / "final")
             final_dir = self.run_dir.save_final(
                 parts.model, parts.tokenizer, cfg, card, gathered=gathered
             )

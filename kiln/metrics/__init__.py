@@ -1,6 +1,8 @@
 """Evaluation metrics: BLEU and ROUGE (as sacrebleu and rouge-score compute them), recipe
-scores, the metric registry for generation eval, and the training-metrics tracker."""
+scores, the metric registry for generation eval, the training-metrics tracker, and how
+values read on the console (`display`)."""
 
+from kiln.metrics.display import format_metric, generation_scores, metric_scale
 from kiln.metrics.recipe import recipe_metric, recipe_scores
 from kiln.metrics.registry import (
     METRICS,
@@ -22,7 +24,10 @@ __all__ = [
     "available_metrics",
     "bleu",
     "compute_metrics",
+    "format_metric",
+    "generation_scores",
     "get_metric",
+    "metric_scale",
     "recipe_metric",
     "recipe_scores",
     "register_metric",

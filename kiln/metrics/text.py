@@ -71,7 +71,11 @@ def bleu(
 @lru_cache(maxsize=8)
 def _scorer(types: tuple[str, ...], use_stemmer: bool) -> Any:
     rouge_scorer = require_extra("rouge_score.rouge_scorer", "metrics", feature="rouge")
-    return rouge_scorer.RougeScorer(list(types), use_stemmer=use_stemmer)
+    tokenizers = require_extra("rouge_score.tokenizers", "metrics", feature="rouge")
+    # The tokenizer RougeScorer would build itself, passed in: without one it logs "Using
+    # default tokenizer." through absl, which reaches the root logger under kiln's prefix.
+    tokenizer = tokenizers.DefaultTokenizer(use_stemmer)
+    return rouge_scorer.RougeScorer(list(types), use_stemmer=use_stemmer, tokenizer=tokenizer)
 
 
 def rouge(

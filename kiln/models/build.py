@@ -302,8 +302,10 @@ def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTraine
     _set_generation_ids(model, tokenizer)
     if cfg.lora.enabled:
         from kiln.models.lora import apply_lora
+        from kiln.models.quiet import peft_quietly
 
-        model = apply_lora(model, cfg)
+        with peft_quietly():
+            model = apply_lora(model, cfg)
     return model
 
 

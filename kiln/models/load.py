@@ -260,8 +260,11 @@ def _load_dir(path: Path) -> TrainedModel:
             raise KilnError(f"{path}: a LoRA adapter without kiln_config.yaml (not a kiln run)")
         peft = _peft()
         base = build_base(cfg, tokenizer, path)
+        from kiln.models.quiet import peft_quietly
+
         try:
-            model = peft.PeftModel.from_pretrained(base, str(path))
+            with peft_quietly():
+                model = peft.PeftModel.from_pretrained(base, str(path))
         except _CONFIG_ERRORS as exc:
             raise KilnError(f"{path}: cannot load the LoRA adapter: {load_failure(exc)}") from None
         return TrainedModel(model, tokenizer, cfg.task, cfg, path, "adapter")

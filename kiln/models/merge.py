@@ -159,9 +159,12 @@ def _work_dir(out: str | Path, target: Path) -> Path:
 
 
 def _write_merged(peft_model: Any, tokenizer: Any, cfg: RunConfig | None, out: Path) -> None:
+    from kiln.models.quiet import no_hf_progress
+
     merged = peft_model.merge_and_unload()  # (in place on the freshly loaded copy)
     out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
+    with no_hf_progress():
+        merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if cfg is not None:
         lora = cfg.lora.model_copy(

@@ -203,6 +203,14 @@ def build_tokenizer(cfg: RunConfig, texts: Iterable[str] | None) -> PreTrainedTo
             f"{chars:,}",
             time.monotonic() - start,
         )
+        if len(tokenizer) < cfg.tokenizer.vocab_size:
+            logger.warning(
+                "tokenizer.vocab_size: %d asked, %d trained: the text has no more pairs seen "
+                "tokenizer.min_frequency (%d) times (more text or a lower one gives more)",
+                cfg.tokenizer.vocab_size,
+                len(tokenizer),
+                cfg.tokenizer.min_frequency,
+            )
     message = ensure_pad_token(tokenizer)
     if message:
         logger.info(message)

@@ -38,9 +38,11 @@ def prepare_for_training(model: Any, cfg: RunConfig, device: torch.device, batch
     """
     from kiln.device import place_model, set_tf32
     from kiln.models.lora import apply_lora, is_peft_model
+    from kiln.models.quiet import peft_quietly
 
     if cfg.lora.enabled and not is_peft_model(model):
-        model = apply_lora(model, cfg)
+        with peft_quietly():
+            model = apply_lora(model, cfg)
     place_model(model, device)
     model.train()
     set_tf32(cfg.train.tf32, device)
