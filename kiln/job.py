@@ -4,7 +4,8 @@ a run (`kiln train`, `Trainer.from_config`, and later sweeps and the server).
 It decides the rank context (a single process, or this rank of a torchrun job) and the
 callbacks: the ones the caller passes, plus those the config asks for (progress, early
 stopping, trackers, notifications, plots) on the main rank only, since only the main rank
-reports. A caller's callback replaces the default of the same class.
+reports; on N ranks, every rank also keeps its whereabouts (`RankWhereabouts`). A caller's
+callback replaces the default of the same class.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ __all__ = ["build_trainer", "job_callbacks", "train"]
 
 def job_callbacks(cfg: RunConfig, given: Sequence[Callback], rank: RankContext) -> list[Callback]:
     """The callbacks of a job: `given`, then the config's defaults not given by class (none on
-    ranks other than the main one)."""
+    ranks other than the main one), then on N ranks `RankWhereabouts` on every rank (the loop's
+    position, for the report when a collective fails)."""
     from kiln.callbacks.defaults import default_callbacks
+    from kiln.callbacks.whereabouts import RankWhereabouts
 
     callbacks = list(given)
+    classes = {type(cb) for cb in callbacks}
     if rank.is_main:
-        classes = {type(cb) for cb in callbacks}
         callbacks += [cb for cb in default_callbacks(cfg) if type(cb) not in classes]
+    if rank.distributed and RankWhereabouts not in classes:
+        callbacks.append(RankWhereabouts())
     return callbacks
 
 

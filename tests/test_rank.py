@@ -103,7 +103,7 @@ def test_a_stop_requested_while_the_ranks_sync_is_agreed_at_the_next_sync() -> N
         def __init__(self, during: StopRequest | None) -> None:
             self.during = during
 
-        def all_gather(self, mine: Any) -> list[Any]:
+        def all_gather(self, mine: Any, what: str | None = None) -> list[Any]:
             if self.during is not None:  # a signal handler runs in the middle of the gather
                 control.request_stop(self.during)
             return [mine, (None, False, mine[2])]  # the other rank: no request, same counts

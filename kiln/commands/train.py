@@ -1,8 +1,11 @@
 """`kiln train CONFIG [key=value ...] [--overwrite] [--resume [RUN_DIR|CHECKPOINT]] [--nproc N]`.
 
 `--nproc N` re-executes the command under `torch.distributed.run` (torchrun) with N ranks on
-this machine; `--nnodes`, `--node-rank` and `--rdzv-endpoint` make it one node of several.
-`torchrun --nproc-per-node N -m kiln train CONFIG` is the same.
+this machine; `--nnodes`, `--node-rank` and `--rdzv-endpoint` make it one node of several;
+`--max-restarts K` lets torchrun restart the ranks when one fails (they resume with
+`checkpoint.resume: auto`). `torchrun --nproc-per-node N -m kiln train CONFIG` is the same.
+On N ranks, a collective that times out or a peer that dies makes every surviving rank print
+where it was (`kiln.rank.CollectiveFailed`) and exit 1.
 
 `kiln train --resume RUN_DIR [key=value ...]` continues a run from its own config.yaml (what
 ran, overrides included), so the command printed when a run pauses needs nothing else.
@@ -14,6 +17,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -48,13 +52,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     launch.add_argument(
         "--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of the nodes (c10d)"
     )
+    launch.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="restart the ranks up to K times when one fails (0); with checkpoint.resume: auto "
+        "they continue from the last complete checkpoint",
+    )
 
 
 def _launch(args: argparse.Namespace) -> list[str]:
     """The torchrun command that runs this `kiln train` on `--nproc` ranks."""
     if args.nproc < 1 or args.nnodes < 1:
         raise KilnError(f"--nproc/--nnodes: must be >= 1, got {args.nproc}/{args.nnodes}")
+    if args.max_restarts < 0:
+        raise KilnError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
+    if args.max_restarts:
+        cmd += ["--max-restarts", str(args.max_restarts)]
     if args.nnodes == 1 and args.rdzv_endpoint is None:
         cmd.append("--standalone")  # a local rendezvous on a free port
     else:
@@ -72,17 +88,29 @@ def _launch(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def _run_launcher(cmd: list[str], run_dir: Path) -> int:
+def _launch_env(args: argparse.Namespace) -> dict[str, str] | None:
+    """torchrun's environment (None: this one). Restarted ranks must not find the addresses
+    of the failed ones in torchrun's store, which outlives a restart: one machine's ranks
+    prefix their keys by restart (`RankContext.setup`), but machines count restarts apart (a
+    machine whose ranks did not fail restarts them without counting), so several machines
+    take a fresh store per rendezvous round instead (pytorch/pytorch#135712)."""
+    if args.nnodes > 1 and args.max_restarts > 0:
+        return {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return None
+
+
+def _run_launcher(cmd: list[str], run_dir: Path, env: dict[str, str] | None = None) -> int:
     """Run torchrun, passing SIGTERM/SIGINT on (it passes them to every rank). torchrun exits 1
-    for any failed rank, so the main rank's own exit code (paused 3, bad input 2, ...) is read
-    back from status.json when the run wrote one."""
+    for any failed rank, and 0 for a pause under --max-restarts (see `run`), so the main rank's
+    own exit code (paused 3, bad input 2, ...) is read back from status.json when the run
+    wrote one."""
     import signal
     import subprocess
 
     from kiln.runs import read_status
 
     before = read_status(run_dir)
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env)
 
     def forward_to_ranks(signum: int, _: object) -> None:
         # To the ranks themselves: torchrun would give them 30 s to checkpoint, then SIGKILL.
@@ -98,10 +126,9 @@ def _run_launcher(cmd: list[str], run_dir: Path) -> int:
     finally:
         for sig, handler in forward.items():
             signal.signal(sig, handler)
-    status = read_status(run_dir) if code != 0 else None
-    if status is not None and status != before and status.get("exit_code"):
-        return int(status["exit_code"])
-    return code
+    status = read_status(run_dir)
+    own = status.get("exit_code") if status is not None and status != before else None
+    return int(own) if own else code
 
 
 def _children(pid: int) -> list[int]:
@@ -153,14 +180,42 @@ def _shown(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        cmd = _launch(args)
+        cfg, _ = _load(args)  # a bad config fails here, once, not on every rank
+        return _run_launcher(cmd, cfg.run_dir, _launch_env(args))
+    code = _train(args)
+    # torchrun --max-restarts restarts the ranks on any other exit code than 0: a run that
+    # ended as it decided (paused, stopped, diverged) exits 0 there, or a restart would undo
+    # the pause or repeat the divergence. status.json keeps the code; --nproc reads it back.
+    if code not in (0, 1) and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        return 0
+    return code
+
+
+def _collective_failed(exc: Exception) -> int | None:
+    """On N ranks, when `exc` is the process group failing (a collective timed out, a peer
+    died): print where this rank was, and the backend's error, on stderr; exit code 1."""
+    from kiln.errors import first_line
+    from kiln.rank import RankContext
+
+    rank = RankContext.current()
+    failed = rank.failure(exc)
+    if failed is None:
+        return None
+    print(f"kiln: {failed}", file=sys.stderr)
+    if failed.__cause__ is not None:  # gloo's message starts with its source file: "[...] "
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line(failed.__cause__))
+        print(f"kiln: rank {rank.rank}: {cause}", file=sys.stderr)
+    return 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    """This process's part of the run (the whole run on one process); its exit code."""
     from kiln.engine.signals import StoppedBeforeStart
     from kiln.engine.status import final_state
     from kiln.job import build_trainer
 
-    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
-        cmd = _launch(args)
-        cfg, _ = _load(args)  # a bad config fails here, once, not on every rank
-        return _run_launcher(cmd, cfg.run_dir)
     if int(os.environ.get("RANK", 0)) != 0:  # the main rank tells the story; others warn
         logging.getLogger("kiln").setLevel(logging.WARNING)
     cfg, resume = _load(args)
@@ -184,6 +239,11 @@ def run(args: argparse.Namespace) -> int:
             after = f"continue with: kiln train --resume {_shown(Path(stop.resume_from))}"
         print(f"kiln: {stop}; {after}", file=sys.stderr)
         return stop.exit_code
+    except Exception as exc:
+        failed = _collective_failed(exc)
+        if failed is None:
+            raise
+        return failed
     s = result.summary
     state, code = final_state(result.stop)
     if not trainer.rank.is_main:  # the main rank reports

@@ -178,7 +178,7 @@ class AnomalyGuard:
             self.consecutive = 0
             return [], None
         mine = [(steps[i].samples, _first_bad(micro[i])) for i in flagged]
-        every = rank.all_gather(mine)  # a collective only when something was flagged
+        every = rank.all_gather(mine, "anomaly records")  # only when something was flagged
         records: list[dict[str, Any]] = []
         verdict = None
         for i, values in enumerate(rows):
@@ -334,7 +334,8 @@ def finite_state(parts: Any, rank: RankContext, diverge: Callable[[str], None]) 
     local = [t for t in local if t.is_floating_point() and t.numel()]
     if not local:
         return True
-    bad = rank.all_reduce_sum(torch.stack([(~torch.isfinite(t)).any() for t in local]).sum())
+    bad = torch.stack([(~torch.isfinite(t)).any() for t in local]).sum()
+    bad = rank.all_reduce_sum(bad, "non-finite weights check")
     if not int(bad):
         return True
     diverge(

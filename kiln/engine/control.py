@@ -76,7 +76,7 @@ class Control:
         if not rank.distributed:
             return counts
         sent = self.stop
-        gathered = rank.all_gather((sent, self.save_requested, counts))
+        gathered = rank.all_gather((sent, self.save_requested, counts), "step agreement")
         # A request made while gathering (a signal) is not in `gathered`: it goes to the next.
         late = self.stop if self.stop is not sent else None
         agreed = None

@@ -85,7 +85,7 @@ def evaluate(
         model.train(was_training)
     if rank is not None and rank.distributed:
         sums = torch.stack([loss_sum, correct.double(), torch.tensor(float(tokens), device=device)])
-        loss_sum, correct, total = rank.all_reduce_sum(sums)
+        loss_sum, correct, total = rank.all_reduce_sum(sums, "validation sums")
         tokens = int(total.item())
     if tokens == 0:
         return {}

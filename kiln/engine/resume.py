@@ -147,9 +147,7 @@ def _rng_states(rank: RankContext) -> dict[str, Any]:
     mine = rng_state()
     if not rank.distributed:
         return {"ranks": [mine]}
-    gathered: list[Any] = [None] * rank.world_size
-    torch.distributed.all_gather_object(gathered, mine)
-    return {"ranks": gathered}
+    return {"ranks": rank.all_gather(mine, "checkpoint RNG states")}
 
 
 def checkpoint_writers(
@@ -189,7 +187,7 @@ def write_shards(
         return None
     from kiln.models.sharding import SHARDS_DIR, save_shards
 
-    staging = rank.broadcast(checkpoints.stage(step) if rank.is_main else None)
+    staging = rank.broadcast(checkpoints.stage(step) if rank.is_main else None, "staging")
     save_shards(parts.model, parts.optimizer, staging / SHARDS_DIR)
     return staging
 

@@ -272,7 +272,7 @@ class Trainer:
         if foreign or resume_from is None:
             self.run_dir.prepare(cfg, overwrite=self.overwrite)
             self.status.write()  # prepare() cleared the directory
-        self.rank.barrier()  # the main rank has prepared the directory
+        self.rank.barrier("run directory prepared")  # the main rank has prepared it
         if resume_from is not None:
             self._restore(resume_from, changes, forked=foreign)
         self.checkpoints.clean_incomplete()
@@ -353,7 +353,7 @@ class Trainer:
             self.cfg, parts, self.loop, self.callbacks, self.rank
         )  # on every rank: the RNG states are gathered
         if not main:
-            self.rank.barrier()
+            self.rank.barrier("checkpoint written")
             return None
         history = self.history
         metrics = history[-1] if history and history[-1]["step"] == step else {}
@@ -364,7 +364,7 @@ class Trainer:
             config_hash=config_hash(self.cfg),
             staging=staging,
         )
-        self.rank.barrier()
+        self.rank.barrier("checkpoint written")
         if path not in self.checkpoint_paths:
             self.checkpoint_paths.append(path)
         self.checkpoint_paths = [p for p in self.checkpoint_paths if p.exists()]
@@ -406,7 +406,7 @@ class Trainer:
         # Token weighting over the whole window (all ranks): every micro-loss shares one
         # denominator, summed on the device.
         counts = torch.stack([target_tokens(b, task) for b in batches]).sum()
-        window_targets = self.rank.all_reduce_sum(counts).clamp_min(1)
+        window_targets = self.rank.all_reduce_sum(counts, "window targets").clamp_min(1)
         window_loss, micro_losses = torch.zeros((), device=device), []
         first_micro, last = state.micro_step, len(batches) - 1
         for i, batch in enumerate(batches):
@@ -424,7 +424,7 @@ class Trainer:
             window_loss += share.detach()
             micro_losses.append(share)
             state.micro_step += 1
-        self.rank.all_reduce_sum(window_loss)  # every rank's share: the window's loss
+        self.rank.all_reduce_sum(window_loss, "window loss")  # every rank's share
         loop.lr = cfg.optim.lr * parts.schedule(state.step)
         set_lr(parts.optimizer, loop.lr)
         parts.precision.unscale(parts.optimizer)
@@ -508,7 +508,7 @@ class Trainer:
                     should_stop=should_stop,
                     synced=synced,
                 )
-            generated = self.rank.broadcast(generated)
+            generated = self.rank.broadcast(generated, "generation eval scores")
             metrics = None if generated is None else {**metrics, **generated}
         if metrics is None:  # interrupted: the checkpoint records it as still to do
             return

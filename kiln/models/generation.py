@@ -176,7 +176,7 @@ def generate_texts(
                 end = left is not None and left <= 0
                 end = end or (should_stop is not None and should_stop())
                 if sync:
-                    end, left = synced.broadcast((end, left))
+                    end, left = synced.broadcast((end, left), "generation budget")
                 if end:
                     break
                 if left is not None:

@@ -91,4 +91,4 @@ def base_fingerprint(model: torch.nn.Module, *, ranks: Any = None) -> float:
     if ranks is None:
         return sum(float(x) for x in parts)
     total = torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
-    return float(ranks.all_reduce_sum(total))
+    return float(ranks.all_reduce_sum(total, "LoRA base fingerprint"))
