@@ -61,7 +61,8 @@ def kiln_config(
                 "num_heads": args.heads,
                 "max_position_embeddings": args.seq_len,
             },
-            "data": {"train": "(passed in memory)", "max_length": args.seq_len},
+            # Every block trains (the contenders draw the same batches): no validation split.
+            "data": {"train": "(passed in memory)", "max_length": args.seq_len, "val_split": 0.0},
             "optim": optim,
             "train": {"device": "cpu", "num_threads": args.threads, **train},
             "log": {"progress": "none", **log},

@@ -215,6 +215,7 @@ def _train(args: argparse.Namespace) -> int:
     from kiln.engine.signals import StoppedBeforeStart
     from kiln.engine.status import final_state
     from kiln.job import build_trainer
+    from kiln.metrics.display import format_metric
 
     if int(os.environ.get("RANK", 0)) != 0:  # the main rank tells the story; others warn
         logging.getLogger("kiln").setLevel(logging.WARNING)
@@ -269,7 +270,8 @@ def _train(args: argparse.Namespace) -> int:
         first = result.metrics[0]
         print(
             f"val_loss {first['val_loss']:.4f} (step {first['step']}) -> "
-            f"{val['val_loss']:.4f} (step {s['steps']}), perplexity {val['val_ppl']:.2f}"
+            f"{val['val_loss']:.4f} (step {s['steps']}), "
+            f"perplexity {format_metric(val['val_ppl'], 2)}"
         )
     print(f"final model: {result.final_dir}")
     if result.sample is not None:
