@@ -35,15 +35,21 @@ def test_lora_run_and_merge_give_no_future_warning_nor_progress_bar(
         lora={"enabled": True, "r": 2, "merge_on_finish": True},
         train={"max_steps": 3},
     )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        Trainer(cfg).fit()
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()  # the CLI tests turn the bars off for good
+    hf_logging.enable_progress_bar()  # a Python user's default
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(cfg).fit()
+        assert hf_logging.is_progress_bar_enabled()  # the user's setting is left as it was
+    finally:
+        if not before:
+            hf_logging.disable_progress_bar()
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
     assert (tmp_path / "run" / "final" / "merged" / "model.safetensors").is_file()
     assert "Writing model shards" not in capfd.readouterr().err
-    from transformers.utils import logging as hf_logging
-
-    assert hf_logging.is_progress_bar_enabled()  # the user's setting is left as it was
 
 
 def test_plain_run_final_has_no_progress_bar_and_a_card_with_the_real_path(
