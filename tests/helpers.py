@@ -175,6 +175,22 @@ def tree_hashes(root: Path) -> dict[str, str]:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo_env() -> dict[str, str]:
+    """The environment of a multi-process test: gloo on loopback, one thread per rank."""
+    import os
+
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
 def start_train(config: Path, *extra: str, **popen: Any) -> Any:
     """`kiln -q train CONFIG ...` in a subprocess (a `subprocess.Popen` with text pipes, one
     torch thread); `popen` goes to Popen."""

@@ -4,8 +4,6 @@ batch, one run directory written by the main rank, and resume at another world s
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,21 +12,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import make_rows, tiny_raw, write_jsonl
+from helpers import free_port, gloo_env, make_rows, tiny_raw, write_jsonl
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 
 
 def _config(tmp: Path, name: str, batch: int, **train: Any) -> Path:
@@ -51,10 +39,10 @@ def _config(tmp: Path, name: str, batch: int, **train: Any) -> Path:
 
 def _torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     cmd += ["-m", "kiln", "train", *args]
     return subprocess.run(
-        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+        cmd, cwd=ROOT, env=gloo_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -150,7 +138,7 @@ def test_sigterm_pauses_every_rank_with_one_checkpoint_and_exit_3(tmp_path: Path
     run = tmp_path / "paused"
     cmd = [sys.executable, "-m", "kiln", "-q", "train", str(config), "--nproc", "2"]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd, cwd=ROOT, env=gloo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 240
@@ -212,14 +200,14 @@ def test_uneven_target_tokens_per_rank_give_the_single_process_gradients(tmp_pat
 def test_two_nodes_on_loopback_equal_one_node(single) -> None:
     tmp, one = single
     config = _config(tmp, "nodes", 4)
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "kiln", "-q", "train", str(config), "--nproc", "1"]
     cmd += ["--nnodes", "2", "--rdzv-endpoint", endpoint]
     nodes = [
         subprocess.Popen(
             [*cmd, "--node-rank", str(k)],
             cwd=ROOT,
-            env=_env(),
+            env=gloo_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -378,9 +366,11 @@ def test_a_nan_on_one_rank_makes_every_rank_skip_the_step(tmp_path: Path) -> Non
     script.write_text(NAN_ON_RANK_1)
     config = _config(tmp_path, "nan", 4, max_steps=6)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     cmd += [str(script), str(config), str(tmp_path), "3"]  # step 4 (one micro-batch a step)
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=gloo_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "nan"
     anomalies = [json.loads(x) for x in (run / "anomalies.jsonl").read_text().splitlines()]

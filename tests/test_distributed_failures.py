@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import make_rows, tiny_raw, write_jsonl
+from helpers import free_port, gloo_env, make_rows, tiny_raw, write_jsonl
 from safetensors.torch import load_file
 
 from kiln.checkpoint import CheckpointManager
@@ -32,16 +31,6 @@ pytestmark = pytest.mark.slow
 
 STEPS = 24
 TIMEOUT_S = 20  # train.distributed.timeout_s of the killed runs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 
 
 def _config(tmp: Path, name: str) -> Path:
@@ -134,7 +123,7 @@ class Job:
         log = config.with_suffix(f".{len(list(config.parent.glob('*.log')))}.log")
         cmd = [sys.executable, "-m", "kiln", "-q", "train", str(config), "--nproc", "2", *extra]
         with log.open("w") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out,
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=gloo_env(), stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         return cls(config, proc, log)
 
@@ -327,9 +316,9 @@ def test_a_failed_collective_names_the_rank_position_and_collective(tmp_path: Pa
     procs = []
     try:
         for case in ("hang", "backward"):
-            port = str(_free_port())
+            port = str(free_port())
             for r in (0, 1):
-                env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+                env = {**gloo_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
                 env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2")
                 cmd = [sys.executable, str(script), str(tmp_path), case]
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE))
