@@ -55,12 +55,37 @@ def _command(name: str) -> ModuleType:
     return importlib.import_module(f"kiln.commands.{name}")
 
 
+def _flag_hint(extra: list[str]) -> str | None:
+    """For a dashed flag that names a config key (`--epochs 5`, `--train.max_steps=5`): the
+    message that says how to write it as a dotted override; None for other arguments."""
+    from kiln.config.suggest import all_keys, closest_key
+
+    for i, item in enumerate(extra):
+        if not item.startswith("--") or len(item) < 3:
+            continue
+        name, sep, value = item[2:].partition("=")
+        if not sep and i + 1 < len(extra) and not extra[i + 1].startswith("-"):
+            value = extra[i + 1]
+        name = name.replace("-", "_")
+        key = name if name in all_keys() else closest_key(name, leaves_only=True)
+        if key is not None:
+            flag = item.partition("=")[0]
+            return (
+                f"unknown option {flag}; config values are dotted overrides: {key}={value or '...'}"
+            )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kiln` console script; returns the exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may also follow options (`kiln train c.yaml --overwrite a.b=1`).
     stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray and hasattr(args, "overrides"):
+        hint = _flag_hint(extra)
+        if hint:
+            parser.error(hint)
     if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
@@ -73,14 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "huggingface_hub", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     module = _command(args.command)
-    if getattr(module, "QUIET_HF", False):
-        from transformers.utils import logging as hf_logging
-
-        # kiln draws its own progress and reports lengths itself (e.g. the warning that a
-        # document is longer than model_max_length is expected before packing).
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
     try:
+        # A command's cheap checks (its config) first: a bad config is answered before
+        # torch and transformers load (seconds).
+        getattr(module, "check", lambda _: None)(args)
+        if getattr(module, "QUIET_HF", False):
+            from transformers.utils import logging as hf_logging
+
+            # kiln draws its own progress and reports lengths itself (e.g. the warning that a
+            # document is longer than model_max_length is expected before packing).
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
         return int(module.run(args))
     except KilnError as exc:
         for line in str(exc).splitlines():

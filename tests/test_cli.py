@@ -64,7 +64,7 @@ def test_unknown_key_and_mistyped_value_each_name_their_path(
     assert err == [
         f"kiln: error: {path}: optim.lr: input should be a valid number, unable to parse "
         "string as a number (got 'fast')",
-        f"kiln: error: {path}: train.max_stepz: unknown key",
+        f"kiln: error: {path}: train.max_stepz: unknown key; did you mean train.max_steps?",
     ]
 
 

@@ -179,11 +179,18 @@ def _shown(path: Path) -> str:
     return path.as_posix() if rel.startswith("..") else rel
 
 
+def check(args: argparse.Namespace) -> None:
+    """Load and validate the config before anything heavy is imported (`kiln.cli` calls it
+    first): a bad config is answered in well under a second, and once, not on every rank."""
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        _launch(args)  # its arguments too
+    args.loaded = _load(args)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
-        cmd = _launch(args)
-        cfg, _ = _load(args)  # a bad config fails here, once, not on every rank
-        return _run_launcher(cmd, cfg.run_dir, _launch_env(args))
+        cfg, _ = args.loaded if hasattr(args, "loaded") else _load(args)
+        return _run_launcher(_launch(args), cfg.run_dir, _launch_env(args))
     code = _train(args)
     # torchrun --max-restarts restarts the ranks on any other exit code than 0: a run that
     # ended as it decided (paused, stopped, diverged) exits 0 there, or a restart would undo
@@ -219,7 +226,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("RANK", 0)) != 0:  # the main rank tells the story; others warn
         logging.getLogger("kiln").setLevel(logging.WARNING)
-    cfg, resume = _load(args)
+    cfg, resume = args.loaded if hasattr(args, "loaded") else _load(args)
     if args.config is not None and Path(args.config).is_file():
         source = Path(args.config).resolve()
         if source == (cfg.run_dir / "config.yaml").resolve():

@@ -140,7 +140,9 @@ def format_errors(err: ValidationError, prefix: str = "") -> list[str]:
         loc = ".".join(_cut(str(p)) for p in ([prefix] if prefix else []) + list(e["loc"]))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key")
+            from kiln.config.suggest import did_you_mean  # it reads RunConfig's key tree
+
+            lines.append(f"{loc}: unknown key{did_you_mean(loc)}")
         elif e["type"] == "missing":
             lines.append(f"{loc}: required key is missing")
         elif e["type"] == "bool_for_number":  # from Section: the message says it all
