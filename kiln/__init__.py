@@ -33,7 +33,7 @@ _LAZY = {
     "Callback": "kiln.callbacks.base",
     "Event": "kiln.engine.events",
     "StopRequest": "kiln.engine.control",
-    "TrainResult": "kiln.engine.trainer",
+    "TrainResult": "kiln.engine.result",
     "TrainState": "kiln.engine.state",
     "Trainer": "kiln.engine.trainer",
     "build_trainer": "kiln.job",

@@ -78,7 +78,7 @@ def _strategy(cfg: RunConfig, world_size: int) -> str:
 
 def explain(cfg: RunConfig, world_size: int = 1) -> str:
     """A human-readable account of the resolved config (for a run on `world_size` ranks)."""
-    from kiln.optim import make_schedule, render_schedule, schedule_table
+    from kiln.optim import render_schedule, schedule_for, schedule_table
 
     train, data = cfg.train, cfg.data
     out = ["# resolved config (every key, with its meaning)", *annotated_yaml(cfg), ""]
@@ -99,18 +99,18 @@ def explain(cfg: RunConfig, world_size: int = 1) -> str:
         f"tokens per optimizer step: {per_step}",
         *([f"distributed:               {_strategy(cfg, world_size)}"] if world_size > 1 else []),
         f"total optimizer steps:     {total:,} ({how})",
-        f"warmup steps:              {cfg.optim.warmup_steps}",
+        f"warmup steps:              {_warmup(cfg.optim, total)}",
     ]
-    if total > cfg.optim.warmup_steps:
-        fn = make_schedule(
-            scheduler=cfg.optim.scheduler,
-            warmup_steps=cfg.optim.warmup_steps,
-            total_steps=total,
-            min_lr_ratio=cfg.optim.min_lr_ratio,
-            num_cycles=cfg.optim.num_cycles,
-        )
+    if total > cfg.optim.warmup_for(total):
+        fn = schedule_for(cfg.optim, total)
         out += ["", f"# learning rate ({cfg.optim.scheduler})"]
         out += render_schedule(fn, total, base_lr=cfg.optim.lr).splitlines()
         out += ["", "step        lr"]
         out += [f"{step:<10d}  {lr:.3e}" for step, lr in schedule_table(fn, total, cfg.optim.lr)]
     return "\n".join(out)
+
+
+def _warmup(optim: Any, total: int) -> str:
+    """The warmup steps, and where they come from when it is a fraction."""
+    steps = optim.warmup_for(total)
+    return str(steps) if optim.warmup_ratio is None else f"{steps} ({optim.warmup_ratio} x {total})"

@@ -21,6 +21,7 @@ __all__ = [
     "param_group_names",
     "param_groups",
     "render_schedule",
+    "schedule_for",
     "schedule_table",
     "set_lr",
 ]
@@ -127,6 +128,18 @@ def make_schedule(
         total_steps=total_steps,
         min_lr_ratio=min_lr_ratio,
         num_cycles=num_cycles,
+    )
+
+
+def schedule_for(optim: Any, total_steps: int) -> Callable[[int], float]:
+    """The schedule an `OptimConfig` gives a run of `total_steps` optimizer steps (warmup
+    resolved from warmup_steps or warmup_ratio)."""
+    return make_schedule(
+        scheduler=optim.scheduler,
+        warmup_steps=optim.warmup_for(total_steps),
+        total_steps=total_steps,
+        min_lr_ratio=optim.min_lr_ratio,
+        num_cycles=optim.num_cycles,
     )
 
 

@@ -118,7 +118,7 @@ def _config_rows(cfg: dict[str, Any], summary: dict[str, Any] | None) -> list[tu
     )
     schedule = (
         f"{optim.get('name', 'adamw')} lr {optim.get('lr')}, {optim.get('scheduler')} "
-        f"(warmup {optim.get('warmup_steps')}), weight decay {optim.get('weight_decay')}"
+        f"(warmup {_warmup(optim)}), weight decay {optim.get('weight_decay')}"
     )
     device = summary.get("device") if summary else train.get("device")
     return [
@@ -233,3 +233,9 @@ def render_markdown(report: RunReport) -> str:
     if sample:
         lines += ["", "## Sample", "", "```text", sample.rstrip(), "```"]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _warmup(optim: dict[str, Any]) -> str:
+    """Warmup as configured: steps, or a fraction of the run."""
+    ratio = optim.get("warmup_ratio")
+    return f"{ratio:g} x steps" if ratio is not None else str(optim.get("warmup_steps"))

@@ -169,6 +169,8 @@ def _load(args: argparse.Namespace) -> tuple[RunConfig, str | bool | None]:
     if run_dir is None:
         raise KilnError(f"--resume: {resume} is not a run directory or one of its checkpoints")
     cfg = load_config(run_dir / "config.yaml", overrides)
+    if cfg.run_dir.resolve() == run_dir.resolve():
+        return cfg, resume
     # The run continues where it is, wherever it was first started from.
     return cfg.model_copy(update={"output_dir": str(run_dir)}), resume
 

@@ -28,6 +28,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from kiln.errors import KilnError
 
 __all__ = [
+    "ALTERNATIVES",
     "MAX_BATCH",
     "MAX_COUNT",
     "MAX_SECONDS",
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "FrozenConfigError",
     "Section",
+    "drop_alternative",
     "format_errors",
     "set_dotted",
     "short_repr",
@@ -65,6 +67,21 @@ class FrozenConfigError(AttributeError):
 SECTION_PATHS: dict[type, str] = {}
 """Where each section class sits in a RunConfig (`TrainConfig` -> `train`), for the classes
 that sit in exactly one place; filled by kiln.config.run. Messages use it to name full keys."""
+
+
+ALTERNATIVES = {
+    "optim.warmup_steps": "optim.warmup_ratio",
+    "optim.warmup_ratio": "optim.warmup_steps",
+}
+"""Keys that say the same thing two ways: setting one (not to null) in a later layer (an
+override, an edit, a file over its preset) drops the other from the earlier one."""
+
+
+def drop_alternative(node: dict[str, Any], path: str, value: Any) -> None:
+    """After `node[leaf of path] = value`: remove the key `path` is an alternative to."""
+    other = ALTERNATIVES.get(path)
+    if other is not None and value is not None:
+        node.pop(other.rpartition(".")[2], None)
 
 
 class _ShortRepr(reprlib.Repr):
@@ -175,6 +192,7 @@ def set_dotted(node: dict[str, Any], key: str, value: Any, current: Any = None) 
     section met on the way as an object becomes a dict of the fields it was given (validated
     again, its unset fields staying unset)."""
     parts = key.split(".")
+    root = SECTION_PATHS.get(type(current), "") if isinstance(current, Section) else ""
     for i, part in enumerate(parts[:-1]):
         current = getattr(current, part, None) if isinstance(current, Section) else None
         if part not in node:
@@ -188,6 +206,7 @@ def set_dotted(node: dict[str, Any], key: str, value: Any, current: Any = None) 
             return f"{'.'.join(parts[: i + 1])}: is a value, not a section"
         node = child
     node[parts[-1]] = value
+    drop_alternative(node, f"{root}.{key}" if root else key, value)
     return None
 
 

@@ -18,9 +18,11 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kiln.config.base import (
+    ALTERNATIVES,
     SECTION_PATHS,
     ConfigError,
     Section,
+    drop_alternative,
     format_errors,
     set_dotted,
     short_repr,
@@ -132,10 +134,15 @@ class RunConfig(Section):
                 f"but task is {self.task}"
             )
         steps = self.train.max_steps
-        if steps is not None and self.optim.warmup_steps >= steps:
+        if steps is not None and self.optim.warmup_for(steps) >= steps:
+            key = "warmup_steps" if self.optim.warmup_ratio is None else "warmup_ratio"
+            got = getattr(self.optim, key)
             problems.append(
-                f"optim.warmup_steps: must be < train.max_steps ({steps}), "
-                f"got {self.optim.warmup_steps}; lower optim.warmup_steps or raise train.max_steps"
+                f"optim.{key}: must give fewer warmup steps than train.max_steps ({steps}), "
+                f"got {got}; lower optim.{key} or raise train.max_steps"
+                if key == "warmup_ratio"
+                else f"optim.warmup_steps: must be < train.max_steps ({steps}), got {got}; "
+                "lower optim.warmup_steps or raise train.max_steps"
             )
         if (
             self.model.arch in ("gpt2", "llama")
@@ -323,13 +330,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def _deep_merge(base: dict[str, Any], top: dict[str, Any], path: str = "") -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in top.items():
+        where = f"{path}.{key}" if path else str(key)
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = _deep_merge(out[key], value, where)
         else:
             out[key] = copy.deepcopy(value)
+            other = ALTERNATIVES.get(where, ".").rpartition(".")[2]
+            if other not in top:  # both in one layer: validation reports it
+                drop_alternative(out, where, value)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -39,10 +40,30 @@ class OptimConfig(Section):
     """LR schedule after warmup."""
     warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
     """Optimizer steps of linear warmup."""
+    warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    """Warmup as a fraction of the run's optimizer steps (ceil(ratio x steps), as HF's
+    `warmup_ratio`), so a shorter run (`train.max_steps=20`) warms up in proportion; instead
+    of warmup_steps."""
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     """Floor of the decaying schedules, as a fraction of `lr`."""
     num_cycles: int = Field(1, ge=1, le=MAX_COUNT)
     """cosine_restarts: number of cosine cycles over the run."""
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> OptimConfig:
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError(
+                "optim.warmup_ratio: set optim.warmup_steps or optim.warmup_ratio, not both "
+                f"(got {self.warmup_steps} and {self.warmup_ratio})"
+            )
+        return self
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of `total_steps` optimizer steps."""
+        if self.warmup_ratio is None:
+            return self.warmup_steps
+        # The epsilon keeps 0.05 x 2000 at 100 (float products land a hair above).
+        return math.ceil(self.warmup_ratio * total_steps - 1e-9)
 
 
 class GradNoiseConfig(Section):

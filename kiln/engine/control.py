@@ -129,7 +129,8 @@ class RunView:
     """What a callback may read about the run (and `control`, where it may ask for things).
 
     cfg, state (read-only), run_dir, rank, metrics (the latest record written to
-    metrics.jsonl), resumed_from, stop (the stop requested so far); model, tokenizer and device
+    metrics.jsonl), throughput, resumed_from, stop (the stop requested so far); model,
+    tokenizer and device
     once the run is built (None before: an EXCEPTION during setup).
     """
 
@@ -142,6 +143,10 @@ class RunView:
         self.control = control
         self.rank = rank
         self.metrics: dict[str, Any] = {}
+        """The latest record written to metrics.jsonl."""
+        self.throughput: dict[str, float] = {}
+        """Speed at the latest logged train step (tokens_per_s, samples_per_s over the steps
+        since the previous log line, loss_avg, peak_mem_mb, mfu where known, elapsed_s)."""
         self.resumed_from: Path | None = None
         self.model: Any = None
         self.tokenizer: Any = None

@@ -26,7 +26,7 @@ from kiln.engine.datasetup import (
 from kiln.engine.regularize import Regularizers, build_regularizers
 from kiln.errors import DataError, KilnError
 from kiln.models.wrap import prepare_for_training
-from kiln.optim import build_optimizer, make_schedule
+from kiln.optim import build_optimizer, schedule_for
 from kiln.process import seed_everything
 
 if TYPE_CHECKING:
@@ -152,19 +152,15 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
         fused=optim.fused,
     )
     steps = total_steps(cfg, len(train_data), curriculum, world_size=rank.world_size)
-    if optim.warmup_steps >= steps:
+    if optim.warmup_for(steps) >= steps:
+        key, got = "warmup_steps", str(optim.warmup_steps)
+        if optim.warmup_ratio is not None:
+            key, got = "warmup_ratio", f"{optim.warmup_ratio} ({optim.warmup_for(steps)} steps)"
         raise KilnError(
-            f"optim.warmup_steps: must be < total steps ({steps}), got {optim.warmup_steps}; "
-            "lower optim.warmup_steps or train for more steps (train.max_steps, "
-            "train.num_epochs)"
+            f"optim.{key}: must be < total steps ({steps}), got {got}; lower optim.{key} or "
+            "train for more steps (train.max_steps, train.num_epochs)"
         )
-    schedule = make_schedule(
-        scheduler=optim.scheduler,
-        warmup_steps=optim.warmup_steps,
-        total_steps=steps,
-        min_lr_ratio=optim.min_lr_ratio,
-        num_cycles=optim.num_cycles,
-    )
+    schedule = schedule_for(optim, steps)
     # fmt: off
     return Parts(
         device=device, precision=precision, tokenizer=tokenizer, model=model,

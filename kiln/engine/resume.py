@@ -296,6 +296,26 @@ def compare_configs(old: RunConfig, new: RunConfig) -> tuple[list[str], list[str
     return unsafe, safe
 
 
+def schedule_change(cfg: RunConfig, path: Path, step: int, old_total: int, total: int) -> str:
+    """The line a resume logs when the LR schedule it continues is not the checkpoint's (the
+    run was extended or shortened, or optim was edited); "" when it is the same. The schedule
+    is always the current config's over the current length: an extended run's decay
+    re-stretches over the new total (as HF Trainer does when max_steps grows), so the LR of the
+    next step jumps; this line shows by how much."""
+    from kiln.optim import schedule_for
+
+    old = config_from_dict(load_checkpoint_config(path), str(path / "config.yaml"))
+    before = old.optim.lr * schedule_for(old.optim, old_total)(step)
+    after = cfg.optim.lr * schedule_for(cfg.optim, total)(step)
+    if old_total == total and before == after:
+        return ""
+    how = f"re-stretched over {total} steps (was {old_total})" if old_total != total else "changed"
+    return (
+        f"the {cfg.optim.scheduler} LR schedule {how}: step {step + 1} runs at LR {after:.3e} "
+        f"(the checkpoint's schedule: {before:.3e})"
+    )
+
+
 def check_compatible(cfg: RunConfig, path: Path, world_size: int = 1) -> list[str]:
     """Refuse a resume whose config change makes the checkpoint meaningless; return safe ones.
     The global batch (train.batch_size x world size) must be the checkpoint's: the data order

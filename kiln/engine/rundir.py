@@ -134,8 +134,12 @@ class RunDir:
         *,
         metrics_from: Path | None = None,
         anomalies: bool = True,
+        validation_pending: bool = False,
     ) -> None:
-        """Continue a run at `step`: metrics.jsonl keeps exactly the records up to `step`.
+        """Continue a run at `step`: metrics.jsonl keeps exactly the records up to `step`
+        (without the validation at `step` when the checkpoint has it still to do: the
+        resumed run validates there again, and a run that once resumed to its end and wrote
+        that row is then extended from the same checkpoint without a second one).
 
         A killed run may have logged past its last checkpoint; those lines are dropped so the
         resumed run writes them again, with no duplicate or missing step. `metrics_from`: the
@@ -159,7 +163,10 @@ class RunDir:
                         record = json.loads(line)
                     except ValueError:  # a line torn by the kill
                         continue
-                    if isinstance(record, dict) and record.get("step", 0) <= step:
+                    if not isinstance(record, dict) or record.get("step", 0) > step:
+                        continue
+                    redone = record.get("step") == step and record.get("split") == "val"
+                    if not (validation_pending and redone):
                         kept.append(line + "\n")
             if kept or target == metrics:
                 with writing(str(target)):

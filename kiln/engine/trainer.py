@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,14 @@ from kiln.config import RunConfig, config_hash
 from kiln.data import BatchCursor
 from kiln.engine.anomaly import grad_norm
 from kiln.engine.control import CheckpointKind, Control, RunView, StopRequest
-from kiln.engine.datasetup import eligible_samples, input_tokens, make_cursor, total_steps
+from kiln.engine.datasetup import eligible_samples, input_tokens, make_cursor
 from kiln.engine.evaluate import evaluate, restore_best
 from kiln.engine.events import Event
 from kiln.engine.generate_eval import GenerationEval
 from kiln.engine.judge import Judge
 from kiln.engine.loss import forward_loss_sum, target_tokens
 from kiln.engine.parts import Given, Parts, build_parts
+from kiln.engine.result import THROUGHPUT_KEYS, TrainResult
 from kiln.engine.resume import (
     callback_keys,
     check_compatible,
@@ -37,6 +37,7 @@ from kiln.engine.resume import (
     explain_failure,
     restore_checkpoint,
     resume_target,
+    schedule_change,
     write_shards,
 )
 from kiln.engine.rundir import RunDir, model_card, run_summary
@@ -53,27 +54,6 @@ from kiln.rank import RankContext
 __all__ = ["TrainResult", "Trainer"]
 
 log = logging.getLogger("kiln")
-
-
-@dataclass
-class TrainResult:
-    """What `Trainer.fit()` returns."""
-
-    run_dir: Path
-    loss_history: list[float]
-    """Train loss of every optimizer step (index i is step i + 1)."""
-    metrics: list[dict[str, float]]
-    """One row per validation: step plus val_loss, val_ppl, val_accuracy."""
-    best_step: int | None
-    best_metric: float | None
-    final_dir: Path | None
-    checkpoint_paths: list[Path] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-    sample: str | None = None
-    status: str = "finished"
-    """finished | paused | stopped | diverged (as in status.json)."""
-    stop: StopRequest | None = None
-    """Why training ended before its last step, if it did."""
 
 
 class Trainer:
@@ -186,6 +166,12 @@ class Trainer:
     def _on_signal(self, reason: str) -> None:
         self.control.request_stop(StopRequest("signal", reason, resumable=True))
 
+    @property
+    def throughput(self) -> dict[str, float]:
+        """Speed at the latest logged train step (`RunView.throughput`; callbacks read it
+        there); after fit(), `TrainResult.throughput` has the whole run's too."""
+        return self.view.throughput
+
     def _final_wanted(self) -> bool:
         """Whether the run ends with a final validation and final/ (not a pause or a prune)."""
         stop = self.control.decided
@@ -292,13 +278,17 @@ class Trainer:
         self.resumed_from = self.view.resumed_from = path
         # Forked from another run's checkpoint: its history up to that step comes along.
         source = path.parent.parent / "metrics.jsonl" if forked else None
-        self.run_dir.resume(self.cfg, self.state.step, metrics_from=source)
+        pending = self.loop.validation_pending  # its row, if written, is written again
+        self.run_dir.resume(
+            self.cfg, self.state.step, metrics_from=source, validation_pending=pending
+        )
         log.info("resumed from %s (step %d)", path, self.state.step)
         for line in changes:
             log.info("config changed since the checkpoint: %s", line)
-        self.state.total_steps = total_steps(
-            self.cfg, len(parts.train_data), parts.curriculum, world_size=self.rank.world_size
-        )
+        total, saved = parts.total_steps, self.state.total_steps
+        for line in filter(None, [schedule_change(self.cfg, path, self.state.step, saved, total)]):
+            log.info("%s", line)
+        self.state.total_steps = total
         self.checkpoint_paths = [c.path for c in self.checkpoints.list()]
 
     def _rewind(self) -> None:
@@ -474,6 +464,8 @@ class Trainer:
         """A metrics record: metrics.jsonl, status.json, then the LOG event."""
         self.run_dir.log_metrics(record)
         self.view.metrics = record
+        if record["split"] == "train":
+            self.view.throughput = {k: record[k] for k in THROUGHPUT_KEYS if k in record}
         self.status.metrics(record)
         self.status.write(train_state=self.state)
         self.fire(Event.LOG, metrics=record)
