@@ -56,6 +56,8 @@ class EarlyStoppingConfig(Section):
 class EvalConfig(Section):
     every_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Validate every N optimizer steps (and always at the end); null: only at the end."""
+    every_epochs: int | None = Field(None, gt=0, le=MAX_COUNT)
+    """Also validate at the end of every N-th epoch (pass over the training data)."""
     max_batches: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Bound each validation to this many batches."""
     batch_size: int | None = Field(None, gt=0, le=MAX_BATCH)
@@ -72,7 +74,13 @@ class EvalConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
-    """Save a checkpoint every N optimizer steps; null: no periodic checkpoints."""
+    """Save a checkpoint every N optimizer steps (and at the last step)."""
+    every_epochs: int | None = Field(None, gt=0, le=MAX_COUNT)
+    """Also save one at the end of every N-th epoch."""
+    every_minutes: float | None = Field(30.0, gt=0.0, le=MAX_SECONDS / 60)
+    """Also save one at the first step that ends this many minutes of training after the last
+    checkpoint, so a crash loses at most about this much work whatever the other settings;
+    null: no time-based checkpoints. On N ranks the main rank's clock decides."""
     keep_last: int = Field(3, ge=1, le=MAX_COUNT)
     """Keep this many most recent checkpoints."""
     keep_best: int = Field(0, ge=0, le=MAX_COUNT)

@@ -53,7 +53,8 @@ class TrainResult:
 
     def table(self, *, as_records: bool = False) -> Any:
         """The metrics as a table: one row per logged train step and per validation, columns
-        step, epoch (the pass over the training data, from 0), split ("train" or "val") and
+        step, epoch (the data cursor's pass after that step, from 0: the step that completes
+        the first pass shows 1, as in metrics.jsonl), split ("train" or "val") and
         every metric (a metric a row lacks is missing: NaN in pandas, absent in a record).
         A pandas DataFrame when pandas is installed (unless `as_records`), else `records()`."""
         rows = self.records()
@@ -67,7 +68,8 @@ class TrainResult:
 
     @property
     def best_epoch(self) -> int | None:
-        """The epoch (pass over the training data, from 0) of `best_step`."""
+        """The epoch of `best_step`, as `table()` counts it (1 when the best validation came
+        at the end of the first pass)."""
         if self.best_step is None:
             return None
         at = [r["epoch"] for r in self.records() if r["step"] <= self.best_step]

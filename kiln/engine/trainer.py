@@ -21,6 +21,7 @@ from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_hash
 from kiln.data import BatchCursor
 from kiln.engine.anomaly import grad_norm
+from kiln.engine.cadence import Cadence
 from kiln.engine.control import CheckpointKind, Control, RunView, StopRequest
 from kiln.engine.datasetup import eligible_samples, input_tokens, make_cursor
 from kiln.engine.evaluate import evaluate, restore_best
@@ -103,6 +104,7 @@ class Trainer:
         )  # fmt: skip
         # Generation eval (eval.generate): metric names are resolved here, before any work.
         self.generation_eval = GenerationEval(cfg) if cfg.eval.generate.num_samples else None
+        self.cadence = Cadence(cfg)  # when validation and checkpoints fall due
         self.parts: Parts | None = None
         self.checkpoint_paths: list[Path] = []
         self.resumed_from: Path | None = None
@@ -271,6 +273,7 @@ class Trainer:
         self.cursor = make_cursor(cfg, parts, self.state, self.rank)
         self.loop.epoch_started = self.state.cursor > 0
         self.loop.epochs_ended = 0
+        self.cadence.reset()
 
     def _restore(self, path: Path, changes: list[str], *, forked: bool = False) -> None:
         parts = self.setup()
@@ -299,6 +302,8 @@ class Trainer:
         """What falls due after a step: on N ranks agreeing on requests and counts (one
         collective), the log, epoch ends, validation and checkpoints."""
         cfg, state, loop, step = self.cfg, self.state, self.loop, self.state.step
+        if self.rank.is_main and self.cadence.minutes_due():  # agreed on below, on N ranks
+            self.control.request_save()
         if self.rank.distributed:  # every rank decides the same from here on
             counts = self.control.sync(self.rank, counts)  # type: ignore[assignment]
             state.tokens_seen += counts[0]
@@ -311,19 +316,16 @@ class Trainer:
             self._log_train()
         if self.judge.diverged:
             return  # no validation, no checkpoint: the last complete one is the good one
-        for _ in range(loop.epochs_ended):
+        ended, loop.epochs_ended = loop.epochs_ended, 0
+        for _ in range(ended):
             self.fire(Event.EPOCH_END)
             loop.epoch_started = False
-        loop.epochs_ended = 0
-        stopping = self.control.stopping
-        last = step == self.state.total_steps or stopping
-        every = cfg.eval.every_steps
-        due = (every and step % every == 0) or (last and self._final_wanted())
+        last = step == self.state.total_steps or self.control.stopping
+        due = self.cadence.eval_due(step, state.epoch, ended) or (last and self._final_wanted())
         if self.val_data is not None and due:
             self._validate()
             self.control.sync(self.rank)  # requests made during validation (early stopping)
-        every = cfg.checkpoint.every_steps
-        periodic = every is not None and (step % every == 0 or last)
+        periodic = self.cadence.checkpoint_due(step, state.epoch, ended, last)
         # Paused or pruned (also by a request made during this validation): resumable.
         held = self.control.stopping and not self._final_wanted()
         if held:
@@ -335,6 +337,7 @@ class Trainer:
         """Write a complete checkpoint of the current step (atomically) and rotate; None on
         ranks other than the main one (which writes it)."""
         self.control.save_requested = self.loop.best_due = False
+        self.cadence.reset()
         parts, main, step = self.setup(), self.rank.is_main, self.state.step
         if not self.judge.may_write(parts):  # judged first; nothing non-finite is kept
             return None
