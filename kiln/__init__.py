@@ -23,7 +23,12 @@ __all__ = [
     "TrainState",
     "Trainer",
     "build_trainer",
+    "grad_norm",
+    "load_checkpoint",
     "load_config",
+    "lr_scheduler",
+    "memory_stats",
+    "perplexity",
     "train",
 ]
 
@@ -37,6 +42,11 @@ _LAZY = {
     "TrainState": "kiln.engine.state",
     "Trainer": "kiln.engine.trainer",
     "build_trainer": "kiln.job",
+    "grad_norm": "kiln.helpers",
+    "load_checkpoint": "kiln.helpers",
+    "lr_scheduler": "kiln.helpers",
+    "memory_stats": "kiln.helpers",
+    "perplexity": "kiln.helpers",
     "train": "kiln.job",
 }
 

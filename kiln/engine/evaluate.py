@@ -4,7 +4,6 @@ checkpoint's weights for `checkpoint.final: best`."""
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from kiln.data.collate import Batcher
 from kiln.device import Precision
 from kiln.engine.loss import IGNORE_INDEX, count_targets, forward_loss_sum
+from kiln.metrics.display import perplexity
 from kiln.models.sharding import is_sharded
 from kiln.rank import RankContext
 
@@ -92,7 +92,7 @@ def evaluate(
     loss = loss_sum.item() / tokens
     return {
         "val_loss": loss,
-        "val_ppl": math.exp(min(loss, 50.0)),
+        "val_ppl": perplexity(loss),
         "val_accuracy": correct.item() / tokens,
         "val_tokens": float(tokens),
     }

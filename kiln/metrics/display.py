@@ -10,12 +10,20 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-__all__ = ["LOSS_METRICS", "format_metric", "generation_scores", "metric_scale"]
+__all__ = ["LOSS_METRICS", "format_metric", "generation_scores", "metric_scale", "perplexity"]
 
 LOSS_METRICS = ("val_loss", "val_ppl", "val_accuracy", "val_tokens")
 """What every validation computes; the other `val_*` keys come from generation eval."""
 _GEN_BOOKKEEPING = ("val_gen_samples", "val_gen_time_s")
+PPL_CAP_LOSS = 50.0
+"""val_ppl is exp(loss) up to this loss (exp(50) ~ 5e21): a diverged loss gives a large
+number, not an OverflowError."""
 _LARGE = 1e6
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(50): the val_ppl kiln logs (a NaN loss gives NaN)."""
+    return math.nan if math.isnan(loss) else math.exp(min(loss, PPL_CAP_LOSS))
 
 
 def format_metric(value: float | None, digits: int = 4) -> str:
