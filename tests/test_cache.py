@@ -218,3 +218,49 @@ def test_worker_processes_match_in_process_encoding(
     monkeypatch.setattr(tokenize_module, "_CHUNK", 8)
     with tokenize_module.encode_workers(2):
         assert list(tokenize_module.encode(texts, tokenizer)) == expected
+
+
+def test_a_run_from_the_cache_takes_its_tokenizer_from_there_too(
+    tmp_path: Path, recipe_files, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kiln import Trainer
+    from kiln.models import tokenizer as tokenizer_module
+
+    trained = []
+    real = tokenizer_module.train_bpe_tokenizer
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        trained.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_module, "train_bpe_tokenizer", counting)
+
+    def run(name: str, **tokenizer: Any) -> tuple[Any, Any]:
+        cfg = tiny_config(tmp_path, *recipe_files, train={"max_steps": 4})
+        cfg = cfg.replace(output_dir=str(tmp_path / name), **{
+            f"tokenizer.{k}": v for k, v in tokenizer.items()
+        })  # fmt: skip
+        trainer = Trainer(cfg)
+        return trainer, trainer.fit()
+
+    first, first_result = run("first")
+    assert len(trained) == 1
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        second, second_result = run("second")
+    assert len(trained) == 1  # not trained again
+    assert any(m.startswith("tokenizer from cache ") for m in caplog.messages)
+    tok_a, tok_b = first.parts.tokenizer, second.parts.tokenizer
+    assert tokenizer_fingerprint(tok_a) == tokenizer_fingerprint(tok_b)
+    assert tok_a.get_vocab() == tok_b.get_vocab()
+    assert second_result.loss_history == first_result.loss_history
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name
+    # A corrupt entry is trained again (and replaced); another vocab size is another entry.
+    (entry,) = (tmp_path / "cache").glob("tokenizer-*")
+    (entry / "tokenizer.json").write_text("{not json")
+    _, third_result = run("third")
+    assert len(trained) == 2
+    assert third_result.loss_history == first_result.loss_history
+    run("fourth", vocab_size=290)
+    assert len(trained) == 3
+    assert len(list((tmp_path / "cache").glob("tokenizer-*"))) == 2

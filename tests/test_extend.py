@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
-    ("ratio", "total", "steps"), [(0.05, 2000, 100), (0.085, 350, 30), (0.1, 25, 3), (0.0, 9, 0)]
+    ("ratio", "total", "steps"),
+    [(0.05, 2000, 100), (0.085, 350, 30), (0.1, 25, 3), (0.0, 9, 0), (0.085, 1, 0), (0.5, 2, 1)],
 )
 def test_warmup_ratio_is_ceil_of_the_fraction_as_in_hf(ratio: float, total: int, steps: int):
     assert RunConfig(optim={"warmup_ratio": ratio}).optim.warmup_for(total) == steps

@@ -134,15 +134,10 @@ class RunConfig(Section):
                 f"but task is {self.task}"
             )
         steps = self.train.max_steps
-        if steps is not None and self.optim.warmup_for(steps) >= steps:
-            key = "warmup_steps" if self.optim.warmup_ratio is None else "warmup_ratio"
-            got = getattr(self.optim, key)
+        if steps is not None and self.optim.warmup_for(steps) >= steps:  # (a ratio never)
             problems.append(
-                f"optim.{key}: must give fewer warmup steps than train.max_steps ({steps}), "
-                f"got {got}; lower optim.{key} or raise train.max_steps"
-                if key == "warmup_ratio"
-                else f"optim.warmup_steps: must be < train.max_steps ({steps}), got {got}; "
-                "lower optim.warmup_steps or raise train.max_steps"
+                f"optim.warmup_steps: must be < train.max_steps ({steps}), got "
+                f"{self.optim.warmup_steps}; lower optim.warmup_steps or raise train.max_steps"
             )
         if (
             self.model.arch in ("gpt2", "llama")

@@ -42,8 +42,8 @@ class OptimConfig(Section):
     """Optimizer steps of linear warmup."""
     warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0)
     """Warmup as a fraction of the run's optimizer steps (ceil(ratio x steps), as HF's
-    `warmup_ratio`), so a shorter run (`train.max_steps=20`) warms up in proportion; instead
-    of warmup_steps."""
+    `warmup_ratio`, and at most all steps but the last), so a shorter run
+    (`train.max_steps=20`) warms up in proportion; instead of warmup_steps."""
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     """Floor of the decaying schedules, as a fraction of `lr`."""
     num_cycles: int = Field(1, ge=1, le=MAX_COUNT)
@@ -62,8 +62,9 @@ class OptimConfig(Section):
         """Warmup steps of a run of `total_steps` optimizer steps."""
         if self.warmup_ratio is None:
             return self.warmup_steps
-        # The epsilon keeps 0.05 x 2000 at 100 (float products land a hair above).
-        return math.ceil(self.warmup_ratio * total_steps - 1e-9)
+        # The epsilon keeps 0.05 x 2000 at 100 (float products land a hair above). A fraction
+        # never takes the whole run: a 1-step try of a config with warmup_ratio just runs.
+        return min(math.ceil(self.warmup_ratio * total_steps - 1e-9), max(total_steps - 1, 0))
 
 
 class GradNoiseConfig(Section):

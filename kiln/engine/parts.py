@@ -12,6 +12,7 @@ import torch
 from kiln.data import build_datasets, load_splits
 from kiln.data.collate import Batcher, get_collator
 from kiln.data.python import PythonRows
+from kiln.data.tokenizer_cache import cached_tokenizer
 from kiln.device import Precision, resolve_device
 from kiln.engine.anomaly import AnomalyGuard
 from kiln.engine.datasetup import (
@@ -152,13 +153,11 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
         fused=optim.fused,
     )
     steps = total_steps(cfg, len(train_data), curriculum, world_size=rank.world_size)
-    if optim.warmup_for(steps) >= steps:
-        key, got = "warmup_steps", str(optim.warmup_steps)
-        if optim.warmup_ratio is not None:
-            key, got = "warmup_ratio", f"{optim.warmup_ratio} ({optim.warmup_for(steps)} steps)"
+    if optim.warmup_for(steps) >= steps:  # (a warmup_ratio never takes every step)
         raise KilnError(
-            f"optim.{key}: must be < total steps ({steps}), got {got}; lower optim.{key} or "
-            "train for more steps (train.max_steps, train.num_epochs)"
+            f"optim.warmup_steps: must be < total steps ({steps}), got {optim.warmup_steps}; "
+            "lower optim.warmup_steps or train for more steps (train.max_steps, "
+            "train.num_epochs)"
         )
     schedule = schedule_for(optim, steps)
     # fmt: off
@@ -208,8 +207,8 @@ def _build_data(cfg: RunConfig, given: Given) -> tuple[Any, ...]:
         train, val = token_splits(cfg, train_src, val_src)  # type: ignore[arg-type]
         return tokenizer, train, val, None, None, {}
     train_rows, val_rows, stats = load_splits(cfg, train=train_src, val=val_src)  # type: ignore[arg-type]
-    if tokenizer is None:
-        tokenizer = build_tokenizer(cfg, tokenizer_corpus(cfg, train_rows))
+    if tokenizer is None:  # trained on the training rows, or read back from the cache
+        tokenizer = cached_tokenizer(cfg, tokenizer_corpus(cfg, train_rows), build_tokenizer)
     names = None
     if train_src is not None or val_src is not None:
         train_name = train_src if train_src is not None else cfg.data.train
