@@ -7,6 +7,7 @@ or still-running run; what a run has not written yet is reported as missing, not
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -45,6 +46,25 @@ class RunReport:
     """anomalies.jsonl (`kiln.runs.read_anomalies`); empty when the run recorded none."""
     anomaly_summary: str | None = None
     """One line: counts by kind and action, and the verdict of a run that diverged."""
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """The reports `kiln eval` wrote into the run's eval/ directory, oldest first."""
+
+    def eval_table(self) -> list[tuple[str, ...]]:
+        """A header row, then one row per `kiln eval` report: weights, data, examples and
+        every metric (in the order `kiln eval` reports them: the loss metrics first)."""
+        names: list[str] = []
+        for report in self.evals:
+            names += [k for k in report["metrics"] if k not in names]
+        rows = [("weights", "data", "examples", *names)]
+        for report in self.evals:
+            model = Path(str(report.get("model", "?")))
+            where = os.path.relpath(model, self.run_dir) if model.is_absolute() else str(model)
+            metrics = report["metrics"]
+            values = [_num(metrics[k]) if k in metrics else "" for k in names]
+            rows.append(
+                (where, str(report.get("data", "?")), _num(report.get("examples")), *values)
+            )
+        return rows
 
     def anomaly_rows(self) -> list[tuple[str, ...]]:
         """(step, kind, value, action, samples) of the first anomalies, as text."""
@@ -147,6 +167,7 @@ def load_report(run_dir: str | Path) -> RunReport:
     report.anomalies = read_anomalies(run_dir)
     if report.anomalies:
         report.anomaly_summary = summarize(report.anomalies, read_status(run_dir))
+    report.evals = _read_evals(paths.eval)
     first = {"loss": 0, "lr": 1, "grad_norm": 2}
     pngs = paths.plots.glob("*.png")
     report.plots = sorted(pngs, key=lambda p: (first.get(p.stem, 3), p.stem))
@@ -190,6 +211,27 @@ def load_report(run_dir: str | Path) -> RunReport:
     return report
 
 
+def _read_evals(folder: Path) -> list[dict[str, Any]]:
+    """The `kiln eval` reports in `folder`, oldest first (files that are not one are skipped:
+    the folder is the user's too)."""
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and isinstance(report.get("metrics"), dict):
+            found.append((str(report.get("time", "")), path.stat().st_mtime_ns, report))
+    return [report for *_, report in sorted(found, key=lambda f: f[:2])]
+
+
+def _aligned(table: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+    ]
+
+
 def _more_anomalies(report: RunReport) -> list[str]:
     more = len(report.anomalies) - _MAX_ANOMALY_ROWS
     return [f"... and {more} more in {RunPaths(report.run_dir).anomalies}"] if more > 0 else []
@@ -200,12 +242,10 @@ def render_table(report: RunReport) -> str:
     width = max(len(label) for label, _ in report.rows)
     lines = [f"{label:<{width}}  {value}" for label, value in report.rows]
     if report.anomalies:
-        table = [_ANOMALY_COLUMNS, *report.anomaly_rows()]
-        widths = [max(len(row[i]) for row in table) for i in range(len(_ANOMALY_COLUMNS))]
-        lines += ["", "Anomalies"]
-        for row in table:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        lines += ["", "Anomalies", *_aligned([_ANOMALY_COLUMNS, *report.anomaly_rows()])]
         lines += _more_anomalies(report)
+    if report.evals:
+        lines += ["", "kiln eval results", *_aligned(report.eval_table())]
     return "\n".join([f"run directory: {report.run_dir}", *lines])
 
 
@@ -229,6 +269,13 @@ def render_markdown(report: RunReport) -> str:
         lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in report.anomaly_rows()]
         lines += _more_anomalies(report)
         lines += ["", "See a step's samples with `kiln data show RUN_DIR --step N`."]
+    if report.evals:
+        header, *rows = report.eval_table()
+        lines += ["", "## kiln eval results", "", "| " + " | ".join(header) + " |"]
+        lines += [
+            "|---" * len(header) + "|",
+            *("| " + " | ".join(map(_cell, r)) + " |" for r in rows),
+        ]
     sample = report.summary.get("sample") if report.summary else None
     if sample:
         lines += ["", "## Sample", "", "```text", sample.rstrip(), "```"]

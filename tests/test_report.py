@@ -120,3 +120,38 @@ def test_best_metrics_direction() -> None:
         "val_bleu": (12.0, 2),
         "val_wer": (0.4, 3),
     }
+
+
+def test_report_includes_kiln_eval_results(
+    tmp_path: Path, recipe_files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tiny_config(
+        tmp_path, *recipe_files, train={"max_steps": 4}, checkpoint={"every_steps": 4},
+        log={"plots": False},
+    )  # fmt: skip
+    Trainer(cfg).fit()
+    run, (_, val) = cfg.run_dir, recipe_files
+    assert main(["report", str(run)]) == 0
+    assert "kiln eval results" not in capsys.readouterr().out  # none yet
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "notes.json").write_text('["not a report"]')  # the user's own file
+    assert main(["eval", str(run), "--data", str(val)]) == 0
+    assert main(["eval", str(run / "checkpoints" / "step-4"), "--data", str(val),
+                 "--out", str(run / "eval" / "ckpt.json")]) == 0  # fmt: skip
+    capsys.readouterr()
+    final = json.loads((run / "eval" / "val.json").read_text())
+    ckpt = json.loads((run / "eval" / "ckpt.json").read_text())
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out.split("kiln eval results\n")[1].splitlines()
+    assert out[0].split() == ["weights", "data", "examples", *final["metrics"]]
+    assert out[1].split() == [
+        "final",
+        str(val),
+        str(final["examples"]),
+        *(f"{v:,.4f}" for v in final["metrics"].values()),
+    ]
+    assert out[2].split()[:2] == ["checkpoints/step-4", str(val)]
+    assert out[2].split()[3] == f"{ckpt['metrics']['val_loss']:.4f}"
+    md = (run / "report.md").read_text()
+    assert "## kiln eval results" in md
+    assert f"| final | {val} | {final['examples']} | {final['metrics']['val_loss']:.4f} |" in md

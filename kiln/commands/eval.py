@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ def evaluate_on(
     )
     report = {
         "model": str(loaded.path),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": data,
         "rows": len(rows),
         "rows_dropped": dict(stats.dropped),
