@@ -58,7 +58,8 @@ class RunReport:
         rows = [("weights", "data", "examples", *names)]
         for report in self.evals:
             model = Path(str(report.get("model", "?")))
-            where = os.path.relpath(model, self.run_dir) if model.is_absolute() else str(model)
+            run = self.run_dir.resolve()
+            where = os.path.relpath(model, run) if model.is_relative_to(run) else str(model)
             metrics = report["metrics"]
             values = [_num(metrics[k]) if k in metrics else "" for k in names]
             rows.append(

@@ -104,7 +104,7 @@ def evaluate_on(
         ),
     )
     report = {
-        "model": str(loaded.path),
+        "model": str(Path(loaded.path).resolve()),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": data,
         "rows": len(rows),
