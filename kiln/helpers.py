@@ -62,11 +62,17 @@ def memory_stats(device: torch.device | str | None = None) -> dict[str, float]:
 
 
 def lr_scheduler(
-    optimizer: torch.optim.Optimizer, optim: OptimConfig | RunConfig, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    optim: OptimConfig | RunConfig,
+    total_steps: int,
+    *,
+    start_step: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """kiln's LR schedule (`optim.scheduler`, warmup, min_lr_ratio, cycles) as a torch
-    `LambdaLR` over `total_steps` optimizer steps: call `scheduler.step()` after each
-    `optimizer.step()`, as with any torch scheduler. The optimizer's lr is the peak LR."""
+    `LambdaLR` over `total_steps` optimizer steps, peaking at the config's `optim.lr` (what
+    the optimizer's lr is does not matter: after loading a checkpoint it is the last LR used).
+    Call `scheduler.step()` after each `optimizer.step()`, as with any torch scheduler;
+    `start_step`: the optimizer steps already taken (a resumed loop starts there)."""
     import torch
 
     from kiln.optim import schedule_for
@@ -74,7 +80,14 @@ def lr_scheduler(
     section = getattr(optim, "optim", optim)  # a RunConfig, or its optim section
     if total_steps < 1:
         raise KilnError(f"total_steps: must be >= 1, got {total_steps}")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_for(section, total_steps))
+    if not 0 <= start_step <= total_steps:
+        raise KilnError(
+            f"start_step: must be in [0, total_steps ({total_steps})], got {start_step}"
+        )
+    for group in optimizer.param_groups:
+        group["initial_lr"] = section.lr
+    schedule = schedule_for(section, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_step - 1)
 
 
 def load_checkpoint(

@@ -55,6 +55,8 @@ def expected_scalars(records: list[dict[str, Any]]) -> dict[str, dict[int, float
         for key, value in r.items():
             if key in ("step", "split") or isinstance(value, bool | str):
                 continue
+            if key == "epoch" and r["split"] == "val":  # train/epoch has it
+                continue
             name = key[4:] if r["split"] == "val" and key.startswith("val_") else key
             out.setdefault(f"{r['split']}/{name}", {})[r["step"]] = float(value)
     return out
@@ -62,7 +64,7 @@ def expected_scalars(records: list[dict[str, Any]]) -> dict[str, dict[int, float
 
 def test_metric_items_names_and_flatten() -> None:
     train = {"step": 5, "split": "train", "loss": 2.5, "lr": 1e-3, "epoch": 0, "note": "x"}
-    val = {"step": 5, "split": "val", "val_loss": 2.0, "val_ppl": 7.39, "loss": 2.0}
+    val = {"step": 5, "split": "val", "epoch": 0, "val_loss": 2.0, "val_ppl": 7.39, "loss": 2.0}
     assert metric_items(train) == {"train/loss": 2.5, "train/lr": 1e-3, "train/epoch": 0.0}
     assert metric_items(val) == {"val/loss": 2.0, "val/ppl": 7.39}
     flat = flatten({"optim": {"lr": 0.1, "betas": [0.9, 0.99]}, "name": "r", "x": None})

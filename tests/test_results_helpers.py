@@ -184,3 +184,16 @@ def test_load_checkpoint_refuses_in_one_line(two_epochs, tmp_path: Path) -> None
     other = torch.nn.Linear(3, 3)
     with pytest.raises(KilnError, match="does not match the saved weights"):
         kiln.load_checkpoint(result.final_dir, other)
+
+
+def test_lr_scheduler_starts_at_a_resumed_step_from_the_configs_peak() -> None:
+    cfg = RunConfig(optim={"lr": 1e-3, "scheduler": "cosine", "warmup_steps": 2})
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.5)  # e.g. a loaded LR
+    sched = kiln.lr_scheduler(optimizer, cfg, total_steps=10, start_step=4)
+    kilns = schedule_for(cfg.optim, 10)
+    for step in range(4, 10):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * kilns(step), rel=1e-12)
+        optimizer.step()
+        sched.step()
+    with pytest.raises(KilnError, match=r"start_step: must be in \[0, total_steps \(10\)\]"):
+        kiln.lr_scheduler(optimizer, cfg, total_steps=10, start_step=11)

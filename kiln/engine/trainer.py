@@ -514,7 +514,7 @@ class Trainer:
         self._track_best(metrics)
         loop.history.append({"step": self.state.step, **metrics})
         self.fire(Event.VALIDATION_END, metrics=metrics)
-        record = {"step": self.state.step, "split": "val", **metrics}
+        record = {"step": self.state.step, "split": "val", "epoch": self.state.epoch, **metrics}
         self._record({**record, "loss": metrics["val_loss"]})
 
     def _validation_cut(self) -> bool:

@@ -99,6 +99,8 @@ def metric_items(record: Mapping[str, Any]) -> dict[str, float]:
         if not isinstance(value, int | float):
             continue
         if split == "val":
+            if key == "epoch":  # train/epoch has it already
+                continue
             key = key.removeprefix("val_")
         out[f"{split}/{key}"] = float(value)
     return out
