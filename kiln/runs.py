@@ -63,6 +63,7 @@ __all__ = [
     "is_alive",
     "list_checkpoints",
     "list_runs",
+    "pid_running",
     "read_anomalies",
     "read_config_raw",
     "read_metrics",
@@ -231,7 +232,7 @@ def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     return data
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
     """Whether process `pid` exists on this host (a zombie, exited but not reaped, does not)."""
     if os.name == "nt":  # os.kill would terminate it; assume alive (the heartbeat decides)
         return True
@@ -270,7 +271,7 @@ def run_state(
         return state
     pid, host = status.get("pid"), status.get("host")
     if isinstance(pid, int) and pid > 0 and host == socket.gethostname():
-        return state if _pid_running(pid) else "lost"
+        return state if pid_running(pid) else "lost"
     beat = status.get("heartbeat")
     if stale_after_s is not None and isinstance(beat, int | float):
         now = time.time() if now is None else now

@@ -413,6 +413,8 @@ def load_config(
         raise TypeError("pass exactly one of path or data")
     raw = read_yaml_file(Path(path)) if path is not None else copy.deepcopy(data)
     source = str(path) if path is not None else None
+    if "sweep" in raw:
+        raise ConfigError(["sweep: this is a sweep file: run it with kiln sweep FILE"], source)
     raw = apply_overrides(raw, overrides or [])
     problems = _incomplete(raw) if complete else []
     try:

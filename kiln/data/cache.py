@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CACHE_VERSION",
+    "WarningCapture",
     "cache_key",
     "cached_dataset",
     "fingerprint_matches",
@@ -154,8 +155,9 @@ def _state(ds: TokenDataset) -> dict[str, Any]:
     return {name: put(value) for name, value in vars(ds).items()}
 
 
-class _Capture(logging.Handler):
-    """Collects the warnings logged while a dataset is built, to repeat them on a cache hit."""
+class WarningCapture(logging.Handler):
+    """Collects the warnings logged while something cached is built (a dataset, a tokenizer),
+    to repeat them on a cache hit."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -249,7 +251,7 @@ def cached_dataset(
             time.perf_counter() - start,
         )
         return ds
-    capture = _Capture()
+    capture = WarningCapture()
     log.addHandler(capture)
     try:
         ds = build()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.data.cache import tokenizer_fingerprint
+from kiln.data.cache import WarningCapture, tokenizer_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -34,17 +34,6 @@ __all__ = ["cached_tokenizer", "tokenizer_key"]
 log = logging.getLogger("kiln")
 
 _VERSION = 1
-
-
-class _Warnings(logging.Handler):
-    """The warnings logged while the tokenizer is trained, to repeat them on a hit."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def tokenizer_key(cfg: RunConfig, texts: Sequence[str]) -> str:
@@ -131,7 +120,7 @@ def cached_tokenizer(
             f"{len(texts):,}",
         )
         return tokenizer
-    capture = _Warnings()
+    capture = WarningCapture()
     log.addHandler(capture)
     try:
         tokenizer = build(cfg, texts)

@@ -57,13 +57,20 @@ class Control:
         self.save_requested = False
         self._agreed: StopRequest | None = None
         self._synced = False
+        self._closed = False
+
+    def close(self) -> None:
+        """The loop is over: later stop requests (a signal while final/ is written) change
+        nothing, so a run that trained to its end is reported as finished."""
+        self._closed = True
 
     def request_stop(self, request: StopRequest) -> None:
         """Stop after the current step (a resumable request also turns an earlier one into a
         pause: a checkpoint is always written when anyone asks to resume later)."""
         if not isinstance(request, StopRequest):
             raise TypeError(f"request_stop takes a StopRequest, got {type(request).__name__}")
-        self.stop = _merge(self.stop, request)
+        if not self._closed:
+            self.stop = _merge(self.stop, request)
 
     def request_save(self) -> None:
         """Write a checkpoint at the next step boundary."""

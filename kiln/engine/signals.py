@@ -1,4 +1,5 @@
-"""Stop requests from the outside: SIGTERM and SIGINT ask the loop to checkpoint and exit.
+"""Stop requests from the outside: SIGTERM and SIGINT ask the loop to checkpoint and exit;
+SIGUSR1 (a sweep pruning the run) asks it to checkpoint and stop without a final model.
 
 Before training starts (setup: data, tokenizer, model) there is nothing to save, so a signal
 stops at once with `StoppedBeforeStart`: the CLI says so in one line and exits with
@@ -23,6 +24,10 @@ EXIT_STOPPED = 3
 """Exit code of `kiln train` after a signal stopped it and a checkpoint was written."""
 
 
+_PRUNE = getattr(signal, "SIGUSR1", None)
+"""A sweep prunes a trial with SIGUSR1: checkpoint, no final/, state stopped (exit 3)."""
+
+
 class StoppedBeforeStart(BaseException):
     """A signal arrived during setup, before the first step: nothing new was written.
 
@@ -43,14 +48,18 @@ class StoppedBeforeStart(BaseException):
 
 
 class StopSignals:
-    """Context manager that routes SIGTERM/SIGINT to `on_stop(reason)` while training.
+    """Context manager that routes SIGTERM/SIGINT to `on_stop(reason)` and SIGUSR1 to
+    `on_prune()` (when given) while training.
 
     Until `arm()` (during setup) a signal raises `StoppedBeforeStart` at once. Outside the main
     thread (where Python cannot install handlers) it does nothing.
     """
 
-    def __init__(self, on_stop: Callable[[str], None]) -> None:
+    def __init__(
+        self, on_stop: Callable[[str], None], on_prune: Callable[[], None] | None = None
+    ) -> None:
         self.on_stop = on_stop
+        self.on_prune = on_prune
         self.received: str | None = None
         self.armed = False
         self._previous: dict[int, Any] = {}
@@ -63,6 +72,10 @@ class StopSignals:
         if not self.armed:
             raise StoppedBeforeStart(signum)
         name = signal.Signals(signum).name
+        if signum == _PRUNE and self.on_prune is not None:
+            self.received = self.received or name
+            self.on_prune()
+            return
         if self.received is not None and signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt  # second Ctrl-C: abort now
@@ -71,7 +84,8 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            prune = [_PRUNE] if _PRUNE is not None and self.on_prune is not None else []
+            for sig in (signal.SIGTERM, signal.SIGINT, *prune):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -168,6 +168,9 @@ class Trainer:
     def _on_signal(self, reason: str) -> None:
         self.control.request_stop(StopRequest("signal", reason, resumable=True))
 
+    def _on_prune(self) -> None:  # SIGUSR1: a sweep gave up on this trial
+        self.control.request_stop(StopRequest("pruned", "pruned (SIGUSR1)", write_final=False))
+
     @property
     def throughput(self) -> dict[str, float]:
         """Speed at the latest logged train step (`RunView.throughput`; callbacks read it
@@ -202,7 +205,7 @@ class Trainer:
     def _fit(self) -> TrainResult:
         final_dir, sample = None, None
         try:
-            with StopSignals(self._on_signal) as signals:
+            with StopSignals(self._on_signal, self._on_prune) as signals:
                 self._begin()
                 signals.arm()  # from here a signal pauses with a checkpoint
                 self.fire(Event.TRAIN_BEGIN)
@@ -211,6 +214,7 @@ class Trainer:
                     self._validate()
                 while self.state.step < self.state.total_steps and not self.control.stopping:
                     self._after_step(self._train_step())
+                self.control.close()  # the outcome is decided
                 if self._final_wanted():
                     final_dir, sample = self._finish()
             summary = self._summary(final_dir, sample)

@@ -1,0 +1,618 @@
+"""`kiln sweep`: hyperparameter search on Optuna, where every trial is a normal kiln run.
+
+A sweep file is a run config plus a `sweep:` section (`kiln.config.sweep.SweepConfig`). The
+controller validates the base config and every candidate before it launches, then runs each
+trial as a `kiln train` subprocess in `<sweep dir>/trials/<NNNN>/` and follows it only through
+its run directory and exit code: each validation row of metrics.jsonl is reported to Optuna,
+and a trial Optuna prunes is sent SIGUSR1 (it checkpoints and stops as `stopped`, exit 3, no
+final/). Exit 0 completes a trial with its best metric; 2 (bad input) fails it, not retried; 4
+(diverged) prunes it and marks it infeasible, so the sampler learns to avoid the region; 3
+without a prune (the sweep was interrupted) leaves it running in the study, and the next
+`kiln sweep` on the same directory resumes it from its checkpoint with `kiln train --resume`.
+
+The sweep directory holds sweep.yaml (the file as resolved), base.yaml (the run config the
+trials start from), study.journal (the Optuna journal: the default storage, no server),
+trials.csv, best.yaml (a config `kiln train` runs as is: the best trial's, writing into
+`<sweep dir>/best`) and report.md. The controller never imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.config import ConfigError, RunConfig, load_config
+from kiln.config.base import SECTION_PATHS
+from kiln.config.sweep import PrunerConfig, SweepConfig
+from kiln.config.yamlio import read_yaml_file
+from kiln.errors import KilnError
+
+__all__ = ["Sweep", "load_sweep", "report", "run", "status"]
+
+log = logging.getLogger("kiln")
+
+SECTION_PATHS.update({SweepConfig: "sweep", PrunerConfig: "sweep.pruner"})
+JOURNAL = "study.journal"
+EXIT_BAD_INPUT, EXIT_PAUSED, EXIT_DIVERGED = 2, 3, 4
+_POLL_S = 0.25
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise KilnError("kiln sweep needs Optuna: pip install 'kiln[sweep]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+@dataclass
+class Sweep:
+    """A sweep file, resolved: where it runs, the base run config and what to search."""
+
+    dir: Path
+    base: dict[str, Any]
+    """The raw run config every trial starts from (overrides applied, no sweep section)."""
+    spec: SweepConfig
+    name: str
+    source: str
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.dir / "trials"
+
+    def trial_dir(self, number: int) -> Path:
+        return self.trials_dir / f"{number:04d}"
+
+    def overrides(self, params: dict[str, Any]) -> list[str]:
+        """`key=value` overrides of a trial (JSON values read back as YAML)."""
+        return [f"{key}={json.dumps(value)}" for key, value in params.items()]
+
+    def check(self, params: dict[str, Any]) -> RunConfig:
+        """The trial's config, validated as `kiln train` would (ConfigError otherwise)."""
+        return load_config(data=self.base, overrides=self.overrides(params))
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read and check a sweep file; `overrides` (`key=value`, `sweep.*` for the sweep section)
+    apply first. Every space key must be a config key and the base config must be valid.
+
+    Raises:
+        ConfigError: one line per problem, naming the key (before any trial runs).
+    """
+    from kiln.config.run import apply_overrides
+    from kiln.config.suggest import all_keys, closest_key
+
+    source = str(path)
+    raw = read_yaml_file(Path(path))
+    raw = apply_overrides(raw, list(overrides or []))
+    sweep_raw = raw.pop("sweep", None)
+    if not isinstance(sweep_raw, dict):
+        raise ConfigError(["sweep: required section is missing (a sweep file is a run config "
+                           "plus a sweep: section)"], source)  # fmt: skip
+    spec = SweepConfig(**sweep_raw)
+    problems = []
+    sections = {k.rpartition(".")[0] for k in all_keys()}
+    for key in spec.space:
+        if key not in all_keys() or key in sections:
+            near = closest_key(key, leaves_only=True)
+            hint = f"; did you mean {near}?" if near else ""
+            problems.append(f"sweep.space.{key}: not a config key{hint}")
+    if problems:
+        raise ConfigError(problems, source)
+    base = load_config(data=raw)  # the base alone must be a whole run
+    name = base.name
+    return Sweep(dir=base.run_dir, base=raw, spec=spec, name=name, source=source)
+
+
+# ---- the study -----------------------------------------------------------------------------
+
+
+def _distributions(spec: SweepConfig) -> dict[str, Any]:
+    optuna = _optuna()
+    dists = {}
+    for key in spec.space:
+        values = spec.values(key)
+        if isinstance(values, list):
+            dists[key] = optuna.distributions.CategoricalDistribution(values)
+            continue
+        low, high, log = values["low"], values["high"], bool(values.get("log", False))
+        step = values.get("step")
+        if isinstance(low, int) and isinstance(high, int):
+            dists[key] = optuna.distributions.IntDistribution(low, high, log=log, step=step or 1)
+        else:
+            dists[key] = optuna.distributions.FloatDistribution(low, high, log=log, step=step)
+    return dists
+
+
+def _sampler(spec: SweepConfig) -> Any:
+    optuna = _optuna()
+    seed = spec.seed
+    if spec.method == "grid":
+        return optuna.samplers.GridSampler({k: spec.values(k) for k in spec.space}, seed=seed)
+    if spec.method == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.method == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if spec.method == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.CmaEsSampler(seed=seed)
+
+
+def _pruner(p: PrunerConfig) -> Any:
+    optuna = _optuna()
+    if p.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials)
+    if p.type == "percentile":
+        return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.startup_trials)
+    if p.type == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def _storage(sweep: Sweep, url: str | None) -> Any:
+    optuna = _optuna()
+    if url is None:
+        from optuna.storages.journal import JournalFileBackend
+
+        sweep.dir.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(sweep.dir / JOURNAL)))
+    return url
+
+
+def open_study(sweep: Sweep, storage: str | None = None) -> Any:
+    """The sweep's Optuna study (created on first use; the controller creates it before any
+    worker starts, so workers on a fresh SQLite file never race to create it)."""
+    optuna = _optuna()
+    direction = "minimize" if sweep.spec.mode == "min" else "maximize"
+    with _creating(storage):
+        return optuna.create_study(
+            study_name=sweep.name,
+            storage=_storage(sweep, storage),
+            sampler=_sampler(sweep.spec),
+            pruner=_pruner(sweep.spec.pruner),
+            direction=direction,
+            load_if_exists=True,
+        )
+
+
+@contextlib.contextmanager
+def _creating(storage: str | None) -> Iterator[None]:
+    """Controllers that start together on a fresh SQLite file would each create its tables
+    (and one fail on the schema version row): they take turns, under a lock file beside it."""
+    path = (
+        storage.removeprefix("sqlite:///") if storage and storage.startswith("sqlite:///") else None
+    )
+    if path is None or os.name == "nt":
+        yield
+        return
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# ---- one trial -----------------------------------------------------------------------------
+
+
+def _val_rows(metrics: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Validation records appended to metrics.jsonl since byte `offset` (whole lines only)."""
+    if not metrics.is_file():
+        return [], offset
+    with metrics.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    rows = []
+    for line in data[:end].splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("split") == "val":
+                rows.append(record)
+    return rows, offset + end
+
+
+def _best(run_dir: Path, metric: str, mode: str) -> tuple[float | None, int | None]:
+    """The best value of `metric` over a run's validations, and its step."""
+    rows, _ = _val_rows(run_dir / "metrics.jsonl", 0)
+    scored = [(r[metric], r["step"]) for r in rows if _finite(r.get(metric))]
+    if not scored:
+        return None, None
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda vs: vs[0])
+
+
+_OWNER = {"host": socket.gethostname(), "pid": os.getpid()}
+"""The controller that runs a trial (a trial user attribute): another controller of the same
+study leaves its trials alone while it lives."""
+
+
+def _owned_elsewhere(trial: Any, run_dir: Path) -> bool:
+    """Whether a running trial belongs to a live controller (not this one): on this machine
+    its pid runs; on another, the trial's run is alive (status.json's heartbeat), or it was
+    asked for less than 10 minutes ago and has not started writing yet."""
+    from kiln.runs import is_alive, pid_running, read_status
+
+    owner = trial.user_attrs.get("controller") or {}
+    if owner == _OWNER:
+        return False
+    if owner.get("host") == socket.gethostname():
+        return isinstance(owner.get("pid"), int) and pid_running(owner["pid"])
+    status = read_status(run_dir)
+    if status is not None:
+        return is_alive(status)
+    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    return time.time() - started < 600
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+@dataclass
+class _Trial:
+    number: int
+    params: dict[str, Any]
+    resume: bool = False
+    proc: subprocess.Popen | None = None
+    pruned: bool = False
+    reported: set[int] = field(default_factory=set)
+
+
+class Controller:
+    """Runs a sweep's trials on this machine, `spec.workers` at a time."""
+
+    def __init__(self, sweep: Sweep, storage: str | None = None) -> None:
+        self.sweep = sweep
+        self.study = open_study(sweep, storage)
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.running: dict[int, _Trial] = {}
+        self.queue: list[_Trial] = []
+
+    def _total(self) -> int:
+        spec = self.sweep.spec
+        if spec.method == "grid":
+            points = 1
+            for key in spec.space:
+                points *= len(spec.values(key))  # type: ignore[arg-type]
+            return min(spec.trials, points)
+        return spec.trials
+
+    def _resumable(self) -> list[_Trial]:
+        """Trials the study holds as running that no process of this sweep runs: interrupted.
+        They continue from their checkpoint (or start again when they wrote none)."""
+        optuna = _optuna()
+        found = []
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.number in self.running or _owned_elsewhere(t, self.sweep.trial_dir(t.number)):
+                continue
+            resume = (self.sweep.trial_dir(t.number) / "checkpoints").is_dir()
+            found.append(_Trial(t.number, dict(t.params), resume=resume))
+            t_attr = optuna.trial.Trial(self.study, t._trial_id)
+            t_attr.set_user_attr("controller", _OWNER)
+        return found
+
+    def _next(self) -> _Trial | None:
+        """The next trial to run: an interrupted one, else a new candidate while the study has
+        fewer than `trials`."""
+        with self.lock:
+            if self.stopping:
+                return None
+            if self.queue:
+                return self.queue.pop(0)
+            if len(self.study.get_trials(deepcopy=False)) >= self._total():
+                return None
+            trial = self.study.ask(_distributions(self.sweep.spec))
+            trial.set_user_attr("controller", _OWNER)
+            return _Trial(trial.number, {k: trial.params[k] for k in self.sweep.spec.space})
+
+    def _tell(self, t: _Trial, state: str, value: float | None = None, **attrs: Any) -> None:
+        optuna = _optuna()
+        with self.lock:
+            trial = optuna.trial.Trial(self.study, self._trial_id(t.number))
+            for key, val in attrs.items():
+                trial.set_user_attr(key, val)
+            # Diverged is infeasible: the samplers (TPE, GP) learn to avoid the region.
+            trial.set_constraint("diverged", 1.0 if attrs.get("diverged") else 0.0)
+            states = optuna.trial.TrialState
+            if state == "complete":
+                self.study.tell(t.number, value)
+            else:
+                self.study.tell(t.number, state=states.PRUNED if state == "pruned" else states.FAIL)
+
+    def _trial_id(self, number: int) -> int:
+        return self.study._storage.get_trial_id_from_study_id_trial_number(
+            self.study._study_id, number
+        )
+
+    def _report(self, t: _Trial, rows: list[dict[str, Any]]) -> None:
+        """Report validations to the study; ask the trial to stop when the pruner says so."""
+        optuna = _optuna()
+        metric = self.sweep.spec.metric
+        trial = optuna.trial.Trial(self.study, self._trial_id(t.number))
+        for row in rows:
+            value = row.get(metric)
+            if not _finite(value) or row["step"] in t.reported:
+                continue
+            with self.lock:
+                trial.report(float(value), row["step"])
+                t.reported.add(row["step"])
+                prune = (
+                    len(t.reported) > self.sweep.spec.pruner.warmup_evals and trial.should_prune()
+                )
+            if prune and not t.pruned and t.proc is not None and t.proc.poll() is None:
+                t.pruned = True
+                log.info("sweep: trial %d pruned at step %d", t.number, row["step"])
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(t.proc.pid, signal.SIGUSR1)
+
+    def _command(self, t: _Trial) -> list[str]:
+        run_dir = self.sweep.trial_dir(t.number)
+        cmd = [sys.executable, "-m", "kiln.cli", "-q", "train"]
+        if t.resume:
+            cmd += ["--resume", str(run_dir)]
+        else:
+            cmd += [str(self.sweep.dir / "base.yaml"), *self.sweep.overrides(t.params)]
+            cmd += [f"output_dir={run_dir}", f"name={self.sweep.name}-{t.number:04d}"]
+            cmd.append("--overwrite")  # a trial started again (it had no checkpoint)
+        if self.sweep.spec.trial_nproc > 1:
+            cmd += ["--nproc", str(self.sweep.spec.trial_nproc)]
+        return cmd
+
+    def _run(self, t: _Trial) -> None:
+        run_dir = self.sweep.trial_dir(t.number)
+        if not t.resume:
+            try:
+                self.sweep.check(t.params)
+            except ConfigError as err:
+                self._tell(t, "fail", error=str(err).splitlines()[0])
+                log.warning("sweep: trial %d failed: %s", t.number, str(err).splitlines()[0])
+                return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        with (run_dir.parent / f"{run_dir.name}.log").open("a") as out:
+            t.proc = subprocess.Popen(self._command(t), stdout=out, stderr=subprocess.STDOUT)
+            self.running[t.number] = t
+            offset = 0
+            while t.proc.poll() is None:
+                rows, offset = _val_rows(run_dir / "metrics.jsonl", offset)
+                self._report(t, rows)
+                time.sleep(_POLL_S)
+            rows, offset = _val_rows(run_dir / "metrics.jsonl", offset)
+            self._report(t, rows)
+        code = t.proc.returncode
+        del self.running[t.number]
+        wall = time.monotonic() - start
+        value, step = _best(run_dir, self.sweep.spec.metric, self.sweep.spec.mode)
+        # Finished without one finite value of the metric (NaN validations): as diverged.
+        diverged = code == EXIT_DIVERGED or (code == 0 and value is None)
+        if code == 0 and value is not None:
+            self._tell(t, "complete", value, best_step=step, wall_s=wall)
+        elif diverged or (code == EXIT_PAUSED and t.pruned):
+            self._tell(t, "pruned", diverged=diverged, wall_s=wall)
+        elif code == EXIT_PAUSED or self.stopping:
+            log.info("sweep: trial %d paused; kiln sweep again resumes it", t.number)
+        else:
+            why = f"exit code {code}"
+            self._tell(t, "fail", error=_last_error(run_dir) or why, wall_s=wall)
+        write_outputs(self.sweep, self.study)
+
+    def _worker(self) -> None:
+        while (t := self._next()) is not None:
+            self._run(t)
+
+    def _on_signal(self, signum: int, _: Any) -> None:
+        self.stopping = True  # no new trials; the running ones pause with a checkpoint
+        for t in list(self.running.values()):
+            if t.proc is not None and t.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(t.proc.pid, signal.SIGTERM)
+
+    def run(self) -> dict[str, Any]:
+        self.queue = self._resumable()
+        if self.queue:
+            log.info("sweep: resuming trials %s", [t.number for t in self.queue])
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {
+                s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+            }
+        try:
+            workers = [
+                threading.Thread(target=self._worker, name=f"kiln-sweep-{i}", daemon=True)
+                for i in range(self.sweep.spec.workers)
+            ]
+            for w in workers:
+                w.start()
+            for w in workers:
+                while w.is_alive():
+                    w.join(0.5)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        write_outputs(self.sweep, self.study)
+        return summarize(self.sweep, self.study)
+
+
+def _last_error(run_dir: Path) -> str | None:
+    """The last `kiln: error:` line a trial printed."""
+    logfile = run_dir.parent / f"{run_dir.name}.log"
+    lines = logfile.read_text(errors="replace").splitlines() if logfile.is_file() else []
+    errors = [x for x in lines if x.startswith("kiln: error: ")]
+    return errors[-1].removeprefix("kiln: error: ") if errors else None
+
+
+# ---- outputs -------------------------------------------------------------------------------
+
+
+def _rows(sweep: Sweep, study: Any) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                "value": t.value,
+                "best_step": t.user_attrs.get("best_step"),
+                "wall_s": round(t.user_attrs["wall_s"], 2) if "wall_s" in t.user_attrs else None,
+                "run_dir": str(sweep.trial_dir(t.number)),
+                **{f"params.{k}": v for k, v in t.params.items()},
+                "error": t.user_attrs.get("error"),
+            }
+        )
+    return rows
+
+
+def _best_trial(study: Any) -> Any | None:
+    optuna = _optuna()
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not done:
+        return None
+    pick = min if study.direction.name == "MINIMIZE" else max
+    return pick(done, key=lambda t: t.value)
+
+
+def write_outputs(sweep: Sweep, study: Any) -> None:
+    """trials.csv, best.yaml and report.md from the study (rewritten after every trial)."""
+    from kiln.files import write_atomic
+
+    rows = _rows(sweep, study)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    tmp = sweep.dir / ".trials.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, sweep.dir / "trials.csv")
+    best = _best_trial(study)
+    if best is not None:
+        trial_cfg = read_yaml_file(sweep.trial_dir(best.number) / "config.yaml")
+        trial_cfg["output_dir"] = str(sweep.dir / "best")
+        header = f"# The best trial ({best.number}) of sweep {sweep.name}: kiln train best.yaml\n"
+        write_atomic(sweep.dir / "best.yaml", header + yaml.safe_dump(trial_cfg, sort_keys=False))
+    write_atomic(sweep.dir / "report.md", _markdown(sweep, rows, best))
+
+
+def _markdown(sweep: Sweep, rows: list[dict[str, Any]], best: Any | None) -> str:
+    spec = sweep.spec
+    lines = [f"# Sweep report: {sweep.name}", ""]
+    lines.append(f"{spec.method} search of {spec.metric} ({spec.mode}), {len(rows)} of "
+                 f"{spec.trials} trials.")  # fmt: skip
+    if best is not None:
+        params = ", ".join(f"{k}={v}" for k, v in best.params.items())
+        lines += ["", f"Best: trial {best.number}, {spec.metric} {best.value:.6g} ({params}); "
+                  "`kiln train best.yaml` runs it again."]  # fmt: skip
+    if rows:
+        keys = [k for k in rows[0] if k.startswith("params.")]
+        head = ["trial", "state", spec.metric, "best step", *(k[7:] for k in keys), "wall s"]
+        lines += ["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        order = sorted(rows, key=lambda r: (r["value"] is None, r["value"] or 0.0))
+        if spec.mode == "max":
+            order = sorted(rows, key=lambda r: (r["value"] is None, -(r["value"] or 0.0)))
+        for r in order:
+            value = "" if r["value"] is None else f"{r['value']:.6g}"
+            cells = [str(r["number"]), r["state"], value, str(r["best_step"] or "")]
+            cells += [str(r.get(k, "")) for k in keys] + [str(r["wall_s"] or "")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(sweep: Sweep, study: Any) -> dict[str, Any]:
+    """Counts by state and the best trial."""
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    best = _best_trial(study)
+    return {
+        "dir": str(sweep.dir),
+        "trials": counts,
+        "best": None if best is None else {
+            "number": best.number, "value": best.value, "params": dict(best.params),
+            "run_dir": str(sweep.trial_dir(best.number)),
+        },
+    }  # fmt: skip
+
+
+# ---- entry points --------------------------------------------------------------------------
+
+
+def run(
+    path: str | Path, overrides: list[str] | None = None, *, storage: str | None = None
+) -> dict[str, Any]:
+    """Run (or continue) the sweep of `path`; returns `summarize`'s dict."""
+    sweep = load_sweep(path, overrides)
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    resolved = {**sweep.base, "sweep": sweep.spec.model_dump(mode="json")}
+    previous = sweep.dir / "sweep.yaml"
+    if previous.is_file():
+        before = yaml.safe_load(previous.read_text()).get("sweep", {})
+        if before.get("space") != resolved["sweep"]["space"]:
+            raise KilnError(f"{sweep.dir}: a sweep of another space ran here; choose another "
+                            "output_dir or name")  # fmt: skip
+    (sweep.dir / "sweep.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (sweep.dir / "base.yaml").write_text(yaml.safe_dump(sweep.base, sort_keys=False))
+    return Controller(sweep, storage).run()
+
+
+def _open_dir(directory: str | Path, storage: str | None) -> tuple[Sweep, Any]:
+    directory = Path(directory)
+    if not (directory / "sweep.yaml").is_file():
+        raise KilnError(f"{directory}: not a sweep directory (no sweep.yaml)")
+    raw = read_yaml_file(directory / "sweep.yaml")
+    spec = SweepConfig(**raw.pop("sweep"))
+    cfg = load_config(data=raw)
+    sweep = Sweep(dir=directory, base=raw, spec=spec, name=cfg.name, source=str(directory))
+    return sweep, open_study(sweep, storage)
+
+
+def status(directory: str | Path, storage: str | None = None) -> str:
+    """What `kiln sweep status DIR` prints: counts by state, the best trial, running trials."""
+    from kiln.runs import read_status
+
+    sweep, study = _open_dir(directory, storage)
+    summary = summarize(sweep, study)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["trials"].items())) or "no trials"
+    lines = [f"sweep {sweep.name} ({sweep.dir}): {counts} of {sweep.spec.trials}"]
+    if summary["best"]:
+        b = summary["best"]
+        lines.append(
+            f"best: trial {b['number']}, {sweep.spec.metric} {b['value']:.6g}, {b['params']}"
+        )
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name == "RUNNING":
+            s = read_status(sweep.trial_dir(t.number)) or {}
+            lines.append(
+                f"trial {t.number}: {s.get('state', 'starting')} at step {s.get('step', 0)}"
+            )
+    return "\n".join(lines)
+
+
+def report(directory: str | Path, storage: str | None = None) -> Path:
+    """Rewrite trials.csv, best.yaml and report.md of a sweep directory; the report's path."""
+    sweep, study = _open_dir(directory, storage)
+    write_outputs(sweep, study)
+    return sweep.dir / "report.md"

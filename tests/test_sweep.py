@@ -1,0 +1,196 @@
+"""`kiln sweep`: trials are kiln runs; pruning, failures, grid, resume after a kill, storages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import make_rows, tiny_raw, write_jsonl
+
+from kiln.config import load_config
+
+pytest.importorskip("optuna")
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sweep_file(tmp: Path, name: str, sweep: dict[str, Any], **sections: Any) -> Path:
+    data = tmp / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, make_rows(80, seed=3))
+        write_jsonl(tmp / "val.jsonl", make_rows(12, seed=4))
+    defaults: dict[str, Any] = {
+        "train": {"max_steps": 6, "num_threads": 1},
+        "eval": {"every_steps": 2},
+        "checkpoint": {"every_steps": 2, "every_minutes": None},
+        "log": {"every_steps": 2, "plots": False},
+    }
+    raw = tiny_raw(tmp, data, tmp / "val.jsonl", **{**defaults, **sections})
+    raw["name"], raw["output_dir"] = name, str(tmp / name)
+    raw["data"]["cache_dir"] = str(tmp / "cache")
+    raw["sweep"] = sweep
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _kiln(*args: str, **popen: Any) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "kiln.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _trials(sweep_dir: Path) -> list[dict[str, str]]:
+    with (sweep_dir / "trials.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _final_val(run_dir: Path) -> float:
+    return json.loads((run_dir / "summary.json").read_text())["final_val"]["val_loss"]
+
+
+@pytest.fixture(scope="module")
+def tpe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("tpe")
+    space = {"optim.lr": {"low": 1e-3, "high": 1e-2, "log": True}, "train.batch_size": [2, 4]}
+    path = _sweep_file(tmp, "tpe", {"method": "tpe", "trials": 4, "workers": 2, "space": space,
+                                    "pruner": {"type": "none"}})  # fmt: skip
+    done = _kiln("sweep", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return path, tmp / "tpe"
+
+
+def test_trials_are_runs_of_the_base_config_plus_their_values(tpe) -> None:
+    _, sweep_dir = tpe
+    rows = _trials(sweep_dir)
+    assert sorted(int(r["number"]) for r in rows) == [0, 1, 2, 3]
+    assert {r["state"] for r in rows} == {"complete"}
+    base = yaml.safe_load((sweep_dir / "base.yaml").read_text())
+    for row in rows:
+        run = Path(row["run_dir"])
+        assert run == sweep_dir / "trials" / f"{int(row['number']):04d}"
+        lr, batch = float(row["params.optim.lr"]), int(row["params.train.batch_size"])
+        want = load_config(data=base, overrides=[
+            f"optim.lr={lr!r}", f"train.batch_size={batch}", f"output_dir={run}",
+            f"name=tpe-{int(row['number']):04d}",
+        ])  # fmt: skip
+        got = load_config(run / "config.yaml")
+        assert got == want
+        assert float(row["value"]) == min(
+            json.loads(x)["val_loss"]
+            for x in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["split"] == "val"
+        )
+    assert "| trial | state | val_loss |" in (sweep_dir / "report.md").read_text()
+
+
+def test_best_yaml_reproduces_the_best_trial_exactly(tpe) -> None:
+    _, sweep_dir = tpe
+    best = min(_trials(sweep_dir), key=lambda r: float(r["value"]))
+    done = _kiln("-q", "train", str(sweep_dir / "best.yaml"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _final_val(sweep_dir / "best") == _final_val(Path(best["run_dir"]))
+    status = _kiln("sweep", "status", str(sweep_dir))
+    assert status.stdout.startswith("sweep tpe (")
+    assert f"best: trial {best['number']}, val_loss" in status.stdout
+
+
+def test_grid_runs_each_point_once_and_fails_or_prunes_bad_ones(tmp_path: Path) -> None:
+    space = {"optim.lr": [1e6, 3e-3], "train.batch_size": [0, 4]}
+    path = _sweep_file(tmp_path, "grid", {"method": "grid", "trials": 10, "workers": 2,
+                                          "space": space})  # fmt: skip
+    done = _kiln("sweep", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(float(r["params.optim.lr"]), int(r["params.train.batch_size"])): r
+            for r in _trials(tmp_path / "grid")}  # fmt: skip
+    assert len(rows) == 4  # every point once, though 10 trials were allowed
+    for lr in (1e6, 3e-3):  # batch size 0: the one-line config error, not retried
+        assert rows[lr, 0]["state"] == "fail"
+        assert rows[lr, 0]["error"].startswith("train.batch_size: input should be greater than 0")
+        assert not Path(rows[lr, 0]["run_dir"]).exists()
+    # lr 1e6 diverges (exit 4, or NaN validations): pruned and marked infeasible.
+    diverged = Path(rows[1e6, 4]["run_dir"])
+    assert rows[1e6, 4]["state"] == "pruned"
+    metrics = [json.loads(x) for x in (diverged / "metrics.jsonl").read_text().splitlines()]
+    status = json.loads((diverged / "status.json").read_text())["state"]
+    assert status == "diverged" or all(
+        r["val_loss"] != r["val_loss"] for r in metrics if r["split"] == "val"
+    )
+    assert (diverged / "checkpoints").is_dir()
+    assert rows[3e-3, 4]["state"] == "complete"
+
+
+def test_a_space_key_that_is_not_a_config_key_fails_before_any_trial(tmp_path: Path) -> None:
+    path = _sweep_file(tmp_path, "bad", {"space": {"train.batchsize": [2, 4]}})
+    done = _kiln("sweep", str(path))
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith(
+        "sweep.space.train.batchsize: not a config key; did you mean train.batch_size?"
+    )
+    assert not (tmp_path / "bad" / "trials").exists()
+    done = _kiln("train", str(path))  # a sweep file is not a run config
+    assert done.returncode == 2
+    assert "run it with kiln sweep FILE" in done.stderr
+
+
+def test_killed_sweep_resumes_its_interrupted_trial(tmp_path: Path) -> None:
+    space = {"optim.lr": [2e-3, 4e-3]}
+    path = _sweep_file(tmp_path, "killed", {"method": "grid", "trials": 2, "workers": 1,
+                                            "space": space},
+                       train={"max_steps": 12, "num_threads": 1})  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "sweep", str(path)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    first = tmp_path / "killed" / "trials" / "0000" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (first / "step-4").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (first / "step-4").is_dir()
+    os.killpg(proc.pid, signal.SIGKILL)  # the controller and its trial, at once
+    proc.wait()
+    done = _kiln("sweep", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _trials(tmp_path / "killed")
+    assert sorted(r["number"] for r in rows) == ["0", "1"]
+    assert {r["state"] for r in rows} == {"complete"}
+    status = json.loads((tmp_path / "killed" / "trials" / "0000" / "summary.json").read_text())
+    assert status["resumed_from"] is not None  # continued from its checkpoint, not restarted
+    # Its result equals a clean run of the same parameters.
+    clean = yaml.safe_load((tmp_path / "killed" / "trials" / "0000" / "config.yaml").read_text())
+    clean["output_dir"] = str(tmp_path / "clean")
+    (tmp_path / "clean.yaml").write_text(yaml.safe_dump(clean))
+    assert _kiln("-q", "train", str(tmp_path / "clean.yaml")).returncode == 0
+    trial = tmp_path / "killed" / "trials" / "0000"
+    assert _final_val(trial) == _final_val(tmp_path / "clean")
+
+
+def test_two_controllers_on_a_fresh_sqlite_storage_share_the_trials(tmp_path: Path) -> None:
+    space = {"optim.lr": {"low": 1e-3, "high": 1e-2}}
+    sweep = {"method": "random", "trials": 3, "workers": 1, "space": space,
+             "pruner": {"type": "none"}}  # fmt: skip
+    path = _sweep_file(tmp_path, "shared", sweep)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "kiln.cli", "sweep", str(path), "--storage", storage]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    rows = _trials(tmp_path / "shared")
+    assert sorted(r["number"] for r in rows) == ["0", "1", "2"]
+    assert {r["state"] for r in rows} == {"complete"}
+    for row in rows:  # each ran once, by one controller, from the start
+        assert (
+            json.loads((Path(row["run_dir"]) / "summary.json").read_text())["resumed_from"] is None
+        )
