@@ -266,6 +266,13 @@ def _owned_elsewhere(trial: Any, run_dir: Path) -> bool:
     return time.time() - started < 600
 
 
+def _peak_rss_mb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
@@ -330,6 +337,7 @@ class Controller:
 
     def _tell(self, t: _Trial, state: str, value: float | None = None, **attrs: Any) -> None:
         optuna = _optuna()
+        attrs["controller_rss_mb"] = round(_peak_rss_mb(), 1)  # flat over trials: no torch here
         with self.lock:
             trial = optuna.trial.Trial(self.study, self._trial_id(t.number))
             for key, val in attrs.items():
@@ -478,6 +486,7 @@ def _rows(sweep: Sweep, study: Any) -> list[dict[str, Any]]:
                 "best_step": t.user_attrs.get("best_step"),
                 "wall_s": round(t.user_attrs["wall_s"], 2) if "wall_s" in t.user_attrs else None,
                 "run_dir": str(sweep.trial_dir(t.number)),
+                "controller_rss_mb": t.user_attrs.get("controller_rss_mb"),
                 **{f"params.{k}": v for k, v in t.params.items()},
                 "error": t.user_attrs.get("error"),
             }
