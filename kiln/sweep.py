@@ -181,15 +181,22 @@ def open_study(sweep: Sweep, storage: str | None = None) -> Any:
     worker starts, so workers on a fresh SQLite file never race to create it)."""
     optuna = _optuna()
     direction = "minimize" if sweep.spec.mode == "min" else "maximize"
-    with _creating(storage):
-        return optuna.create_study(
-            study_name=sweep.name,
-            storage=_storage(sweep, storage),
-            sampler=_sampler(sweep.spec),
-            pruner=_pruner(sweep.spec.pruner),
-            direction=direction,
-            load_if_exists=True,
-        )
+    for attempt in range(5):
+        try:
+            with _creating(storage):
+                return optuna.create_study(
+                    study_name=sweep.name,
+                    storage=_storage(sweep, storage),
+                    sampler=_sampler(sweep.spec),
+                    pruner=_pruner(sweep.spec.pruner),
+                    direction=direction,
+                    load_if_exists=True,
+                )
+        except Exception as exc:  # another controller created the tables or study meanwhile
+            if storage is None or attempt == 4 or isinstance(exc, ImportError):
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager

@@ -101,7 +101,9 @@ def test_ddp_two_ranks_equal_one_process_with_the_same_global_batch(single, repl
     # Progress and the story of the run came from the main rank only.
     out = done.stdout + done.stderr
     assert out.count("step 10/10  loss") == 1
-    assert out.count("trained a byte-level BPE tokenizer") == 1
+    # (Whichever rank gets there first trains the tokenizer; the other reads it from the cache.)
+    told = out.count("trained a byte-level BPE tokenizer") + out.count("tokenizer from cache")
+    assert told == 1
 
 
 def test_pause_at_two_ranks_and_resume_at_one_continues_the_run(

@@ -175,14 +175,54 @@ def test_killed_sweep_resumes_its_interrupted_trial(tmp_path: Path) -> None:
     assert _final_val(trial) == _final_val(tmp_path / "clean")
 
 
-def test_two_controllers_on_a_fresh_sqlite_storage_share_the_trials(tmp_path: Path) -> None:
-    space = {"optim.lr": {"low": 1e-3, "high": 1e-2}}
-    sweep = {"method": "random", "trials": 3, "workers": 1, "space": space,
-             "pruner": {"type": "none"}}  # fmt: skip
+@pytest.fixture(scope="module")
+def postgres() -> Any:
+    """A PostgreSQL server from this machine's binaries, on loopback, for the test's life."""
+    import shutil
+    import tempfile
+
+    from helpers import free_port
+
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL's initdb and pg_ctl are not on this machine")
+    pytest.importorskip("psycopg")
+    root = Path(tempfile.mkdtemp(prefix="kiln-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data = root / "data"
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "kiln", "--auth=trust"],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"),
+                    "-w", "start"], check=True, capture_output=True, timeout=120)  # fmt: skip
+    try:
+        yield f"postgresql+psycopg://kiln@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
+def test_two_controllers_on_a_fresh_database_run_every_trial_once(
+    tmp_path: Path, storage: str, request: pytest.FixtureRequest
+) -> None:
+    # Started at the same moment on a fresh database: both create the study, both finish.
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    if storage == "postgresql":
+        url = request.getfixturevalue("postgres")
+    sweep = {"method": "random", "trials": 3, "workers": 1, "pruner": {"type": "none"},
+             "space": {"optim.lr": {"low": 1e-3, "high": 1e-2}}}  # fmt: skip
     path = _sweep_file(tmp_path, "shared", sweep)
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "kiln.cli", "sweep", str(path), "--storage", storage]
+    cmd = [sys.executable, "-m", "kiln.cli", "sweep", str(path), "--storage", url]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
     outs = [p.communicate(timeout=600) for p in procs]
@@ -191,6 +231,5 @@ def test_two_controllers_on_a_fresh_sqlite_storage_share_the_trials(tmp_path: Pa
     assert sorted(r["number"] for r in rows) == ["0", "1", "2"]
     assert {r["state"] for r in rows} == {"complete"}
     for row in rows:  # each ran once, by one controller, from the start
-        assert (
-            json.loads((Path(row["run_dir"]) / "summary.json").read_text())["resumed_from"] is None
-        )
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert summary["resumed_from"] is None

@@ -17,8 +17,8 @@ HELP = "search hyperparameters (Optuna): each trial a kiln train run, resumable"
 
 
 STORAGE_HELP = (
-    "Optuna storage (sqlite:///sweep.db, postgresql://...); default: a journal file in the "
-    "sweep directory"
+    "Optuna storage (sqlite:///sweep.db, postgresql+psycopg://...); default: a journal file in "
+    "the sweep directory"
 )
 
 
