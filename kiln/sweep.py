@@ -86,7 +86,19 @@ class Sweep:
 
     def check(self, params: dict[str, Any]) -> RunConfig:
         """The trial's config, validated as `kiln train` would (ConfigError otherwise)."""
-        return load_config(data=self.base, overrides=self.overrides(params))
+        return load_config(data=self.base, overrides=[*self.overrides(params), *self.grouping()])
+
+    def grouping(self) -> list[str]:
+        """What makes trials parts of one sweep: no notifications of their own (the sweep
+        sends them), and a W&B group named after the sweep unless the config names one."""
+        out = []
+        if (self.base.get("notify") or {}).get("senders"):
+            out.append("notify.senders=[]")
+        log_section = self.base.get("log") or {}
+        grouped = (log_section.get("wandb") or {}).get("group")
+        if "wandb" in (log_section.get("loggers") or []) and not grouped:
+            out.append(f"log.wandb.group={json.dumps(self.name)}")
+        return out
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
@@ -273,7 +285,63 @@ def _owned_elsewhere(trial: Any, run_dir: Path) -> bool:
     return time.time() - started < 600
 
 
-def _peak_rss_mb() -> float:
+class _Voice:
+    """The sweep's notifications: once per sweep (start, each new best, end), through the
+    base config's `notify.senders` and `notify.events`; the trials themselves send none."""
+
+    def __init__(self, sweep: Sweep) -> None:
+        from kiln.callbacks.notify import build_senders
+
+        self.sweep = sweep
+        self.cfg = load_config(data=sweep.base).notify
+        self.senders = build_senders(self.cfg) if self.cfg.senders else []
+        self.best: float | None = None
+
+    def send(self, event: str, message: str, done: int, **metrics: float) -> None:
+        from kiln.callbacks.notify import Notification
+
+        if not self.senders or event not in self.cfg.events:
+            return
+        spec = self.sweep.spec
+        note = Notification(
+            event, self.sweep.name, message, done, spec.trials, str(self.sweep.dir), metrics
+        )
+        for sender in self.senders:
+            error = ""
+            for _ in range(self.cfg.retries + 1):
+                try:
+                    sender.send(note, self.cfg.timeout_s)
+                    break
+                except Exception as exc:
+                    error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    for secret in sender.secrets:
+                        error = error.replace(secret, "***")
+            else:
+                log.warning(
+                    "sweep: the %s notification by %s failed: %s", event, sender.name, error
+                )
+
+    def trial_done(self, number: int, value: float | None, done: int) -> None:
+        """A new best (in the sweep's direction) is news."""
+        better = value is not None and (
+            self.best is None
+            or (value < self.best if self.sweep.spec.mode == "min" else value > self.best)
+        )
+        if better:
+            self.best = value
+            metric = self.sweep.spec.metric
+            message = (
+                f"sweep {self.sweep.name}: trial {number} is the best so far, {metric} {value:.6g}"
+            )
+            self.send("best", message, done, **{metric: float(value)})
+
+
+def _rss_mb() -> float:
+    """The controller's resident memory now (Linux), else its peak (which, on Linux, a
+    process started by a bigger one inherits across exec, so it is not read there)."""
+    statm = Path("/proc/self/statm")
+    if statm.is_file():
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -291,6 +359,8 @@ class _Trial:
     resume: bool = False
     proc: subprocess.Popen | None = None
     pruned: bool = False
+    nonfinite: bool = False
+    """A validation of the metric was NaN or inf: pruned at once, as diverged."""
     reported: set[int] = field(default_factory=set)
 
 
@@ -304,6 +374,7 @@ class Controller:
         self.stopping = False
         self.running: dict[int, _Trial] = {}
         self.queue: list[_Trial] = []
+        self.voice = _Voice(sweep)
 
     def _total(self) -> int:
         spec = self.sweep.spec
@@ -344,7 +415,7 @@ class Controller:
 
     def _tell(self, t: _Trial, state: str, value: float | None = None, **attrs: Any) -> None:
         optuna = _optuna()
-        attrs["controller_rss_mb"] = round(_peak_rss_mb(), 1)  # flat over trials: no torch here
+        attrs["controller_rss_mb"] = round(_rss_mb(), 1)  # flat over trials: no torch here
         with self.lock:
             trial = optuna.trial.Trial(self.study, self._trial_id(t.number))
             for key, val in attrs.items():
@@ -369,14 +440,15 @@ class Controller:
         trial = optuna.trial.Trial(self.study, self._trial_id(t.number))
         for row in rows:
             value = row.get(metric)
-            if not _finite(value) or row["step"] in t.reported:
+            if row["step"] in t.reported or not isinstance(value, int | float):
                 continue
             with self.lock:
-                trial.report(float(value), row["step"])
                 t.reported.add(row["step"])
-                prune = (
-                    len(t.reported) > self.sweep.spec.pruner.warmup_evals and trial.should_prune()
-                )
+                t.nonfinite = t.nonfinite or not _finite(value)
+                if not t.nonfinite:
+                    trial.report(float(value), row["step"])
+                warm = len(t.reported) > self.sweep.spec.pruner.warmup_evals
+                prune = t.nonfinite or (warm and trial.should_prune())
             if prune and not t.pruned and t.proc is not None and t.proc.poll() is None:
                 t.pruned = True
                 log.info("sweep: trial %d pruned at step %d", t.number, row["step"])
@@ -391,6 +463,7 @@ class Controller:
         else:
             cmd += [str(self.sweep.dir / "base.yaml"), *self.sweep.overrides(t.params)]
             cmd += [f"output_dir={run_dir}", f"name={self.sweep.name}-{t.number:04d}"]
+            cmd += self.sweep.grouping()
             cmd.append("--overwrite")  # a trial started again (it had no checkpoint)
         if self.sweep.spec.trial_nproc > 1:
             cmd += ["--nproc", str(self.sweep.spec.trial_nproc)]
@@ -422,9 +495,10 @@ class Controller:
         wall = time.monotonic() - start
         value, step = _best(run_dir, self.sweep.spec.metric, self.sweep.spec.mode)
         # Finished without one finite value of the metric (NaN validations): as diverged.
-        diverged = code == EXIT_DIVERGED or (code == 0 and value is None)
-        if code == 0 and value is not None:
+        diverged = code == EXIT_DIVERGED or t.nonfinite or (code == 0 and value is None)
+        if code == 0 and value is not None and not t.nonfinite:
             self._tell(t, "complete", value, best_step=step, wall_s=wall)
+            self.voice.trial_done(t.number, value, len(self.study.get_trials(deepcopy=False)))
         elif diverged or (code == EXIT_PAUSED and t.pruned):
             self._tell(t, "pruned", diverged=diverged, wall_s=wall)
         elif code == EXIT_PAUSED or self.stopping:
@@ -446,6 +520,12 @@ class Controller:
                     os.kill(t.proc.pid, signal.SIGTERM)
 
     def run(self) -> dict[str, Any]:
+        best = _best_trial(self.study)
+        self.voice.best = None if best is None else best.value
+        spec = self.sweep.spec
+        self.voice.send("start", f"sweep {self.sweep.name} started: {spec.method} search of "
+                        f"{spec.metric} over {len(spec.space)} keys, {spec.trials} trials",
+                        len(self.study.get_trials(deepcopy=False)))  # fmt: skip
         self.queue = self._resumable()
         if self.queue:
             log.info("sweep: resuming trials %s", [t.number for t in self.queue])
@@ -468,7 +548,14 @@ class Controller:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         write_outputs(self.sweep, self.study)
-        return summarize(self.sweep, self.study)
+        summary = summarize(self.sweep, self.study)
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(summary["trials"].items()))
+        best = summary["best"]
+        found = f"; best trial {best['number']}, {spec.metric} {best['value']:.6g}" if best else ""
+        metrics = {spec.metric: float(best["value"])} if best else {}
+        self.voice.send("end", f"sweep {self.sweep.name} ended: {counts}{found}",
+                        sum(summary["trials"].values()), **metrics)  # fmt: skip
+        return summary
 
 
 def _last_error(run_dir: Path) -> str | None:

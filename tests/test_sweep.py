@@ -63,7 +63,7 @@ def _final_val(run_dir: Path) -> float:
 def tpe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("tpe")
     space = {"optim.lr": {"low": 1e-3, "high": 1e-2, "log": True}, "train.batch_size": [2, 4]}
-    path = _sweep_file(tmp, "tpe", {"method": "tpe", "trials": 4, "workers": 2, "space": space,
+    path = _sweep_file(tmp, "tpe", {"method": "tpe", "trials": 6, "workers": 2, "space": space,
                                     "pruner": {"type": "none"}})  # fmt: skip
     done = _kiln("sweep", str(path))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -73,7 +73,7 @@ def tpe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_trials_are_runs_of_the_base_config_plus_their_values(tpe) -> None:
     _, sweep_dir = tpe
     rows = _trials(sweep_dir)
-    assert sorted(int(r["number"]) for r in rows) == [0, 1, 2, 3]
+    assert sorted(int(r["number"]) for r in rows) == [0, 1, 2, 3, 4, 5]
     assert {r["state"] for r in rows} == {"complete"}
     base = yaml.safe_load((sweep_dir / "base.yaml").read_text())
     for row in rows:
@@ -233,3 +233,45 @@ def test_two_controllers_on_a_fresh_database_run_every_trial_once(
     for row in rows:  # each ran once, by one controller, from the start
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
         assert summary["resumed_from"] is None
+
+
+def test_one_voice_the_sweep_notifies_the_trials_do_not(tmp_path: Path) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    bodies: list[dict[str, Any]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        sweep = {"method": "grid", "trials": 2, "workers": 2, "space": {"optim.lr": [2e-3, 4e-3]}}
+        notify = {"senders": [{"kind": "webhook"}], "events": ["start", "best", "end"]}
+        path = _sweep_file(tmp_path, "voice", sweep, notify=notify)
+        os.environ["KILN_WEBHOOK_URL"] = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
+        try:
+            done = _kiln("sweep", str(path))
+        finally:
+            del os.environ["KILN_WEBHOOK_URL"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [b["event"] for b in bodies]
+    assert events[0] == "start"
+    assert events[-1] == "end"
+    assert set(events[1:-1]) == {"best"}
+    assert 1 <= len(events[1:-1]) <= 2
+    assert {b["run"] for b in bodies} == {"voice"}  # the sweep's voice, no trial's
+    best = min(_trials(tmp_path / "voice"), key=lambda r: float(r["value"]))
+    assert bodies[-1]["metrics"]["val_loss"] == float(best["value"])
+    trial = load_config(Path(best["run_dir"]) / "config.yaml")
+    assert trial.notify.senders == []
