@@ -49,6 +49,10 @@ log = logging.getLogger("kiln")
 
 SECTION_PATHS.update({SweepConfig: "sweep", PrunerConfig: "sweep.pruner"})
 JOURNAL = "study.journal"
+SURPLUS = "surplus"
+"""A trial asked for when another controller had just taken the last one: failed at once,
+left out of trials.csv and the counts (trial numbers are handed out in order, so these come
+after the sweep's own)."""
 EXIT_BAD_INPUT, EXIT_PAUSED, EXIT_DIVERGED = 2, 3, 4
 _POLL_S = 0.25
 
@@ -410,6 +414,10 @@ class Controller:
             if len(self.study.get_trials(deepcopy=False)) >= self._total():
                 return None
             trial = self.study.ask(_distributions(self.sweep.spec))
+            if trial.number >= self._total():  # another controller took the last one first
+                trial.set_user_attr(SURPLUS, True)
+                self.study.tell(trial, state=_optuna().trial.TrialState.FAIL)
+                return None
             trial.set_user_attr("controller", _OWNER)
             return _Trial(trial.number, {k: trial.params[k] for k in self.sweep.spec.space})
 
@@ -571,7 +579,7 @@ def _last_error(run_dir: Path) -> str | None:
 
 def _rows(sweep: Sweep, study: Any) -> list[dict[str, Any]]:
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in _trials_of(study):
         rows.append(
             {
                 "number": t.number,
@@ -586,6 +594,11 @@ def _rows(sweep: Sweep, study: Any) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _trials_of(study: Any) -> list[Any]:
+    """The sweep's trials (without surplus ones)."""
+    return [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS)]
 
 
 def _best_trial(study: Any) -> Any | None:
@@ -647,7 +660,7 @@ def _markdown(sweep: Sweep, rows: list[dict[str, Any]], best: Any | None) -> str
 def summarize(sweep: Sweep, study: Any) -> dict[str, Any]:
     """Counts by state and the best trial."""
     counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
+    for t in _trials_of(study):
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
     best = _best_trial(study)
     return {
