@@ -100,7 +100,7 @@ def _launch_env(args: argparse.Namespace) -> dict[str, str] | None:
 
 
 def _run_launcher(cmd: list[str], run_dir: Path, env: dict[str, str] | None = None) -> int:
-    """Run torchrun, passing SIGTERM/SIGINT on (it passes them to every rank). torchrun exits 1
+    """Run torchrun, passing SIGTERM/SIGINT/SIGUSR1 on to every rank. torchrun exits 1
     for any failed rank, and 0 for a pause under --max-restarts (see `run`), so the main rank's
     own exit code (paused 3, bad input 2, ...) is read back from status.json when the run
     wrote one."""
@@ -119,7 +119,9 @@ def _run_launcher(cmd: list[str], run_dir: Path, env: dict[str, str] | None = No
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    signals = (signal.SIGTERM, signal.SIGINT)
+    # SIGUSR1: a sweep pruning this trial (each rank then stops without a final model).
+    prune = [signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else []
+    signals = (signal.SIGTERM, signal.SIGINT, *prune)
     forward = {s: signal.signal(s, forward_to_ranks) for s in signals}
     try:
         code = proc.wait()
