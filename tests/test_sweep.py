@@ -248,7 +248,7 @@ def test_one_voice_the_sweep_notifies_the_trials_do_not(tmp_path: Path) -> None:
             self.end_headers()
 
         def log_message(self, *args: Any) -> None:
-            pass
+            """No per-request lines in the test output."""
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
     Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()

@@ -1,25 +1,9 @@
-"""`kiln sweep`: hyperparameter search on Optuna, where every trial is a normal kiln run.
-
-A sweep file is a run config plus a `sweep:` section (`kiln.config.sweep.SweepConfig`). The
-controller validates the base config and every candidate before it launches, then runs each
-trial as a `kiln train` subprocess in `<sweep dir>/trials/<NNNN>/` and follows it only through
-its run directory and exit code: each validation row of metrics.jsonl is reported to Optuna,
-and a trial Optuna prunes is sent SIGUSR1 (it checkpoints and stops as `stopped`, exit 3, no
-final/). Exit 0 completes a trial with its best metric; 2 (bad input) fails it, not retried; 4
-(diverged) prunes it and marks it infeasible, so the sampler learns to avoid the region; 3
-without a prune (the sweep was interrupted) leaves it running in the study, and the next
-`kiln sweep` on the same directory resumes it from its checkpoint with `kiln train --resume`.
-
-The sweep directory holds sweep.yaml (the file as resolved), base.yaml (the run config the
-trials start from), study.journal (the Optuna journal: the default storage, no server),
-trials.csv, best.yaml (a config `kiln train` runs as is: the best trial's, writing into
-`<sweep dir>/best`) and report.md. The controller never imports torch.
-"""
+"""The controller: trials as `kiln train` subprocesses, followed through their run
+directories, reported to the study, pruned by SIGUSR1, resumed after an interruption."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
@@ -30,210 +14,29 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kiln.config import ConfigError, RunConfig, load_config
-from kiln.config.base import SECTION_PATHS
-from kiln.config.sweep import PrunerConfig, SweepConfig
-from kiln.config.yamlio import read_yaml_file
+from kiln.config import ConfigError, load_config
 from kiln.errors import KilnError
+from kiln.sweep.outputs import _best_trial, summarize, write_outputs
+from kiln.sweep.study import (
+    SURPLUS,
+    Sweep,
+    _distributions,
+    _optuna,
+    load_sweep,
+    open_study,
+)
 
-__all__ = ["Sweep", "load_sweep", "report", "run", "status"]
+__all__ = ["Controller", "run"]
 
 log = logging.getLogger("kiln")
-
-SECTION_PATHS.update({SweepConfig: "sweep", PrunerConfig: "sweep.pruner"})
-JOURNAL = "study.journal"
-SURPLUS = "surplus"
-"""A trial asked for when another controller had just taken the last one: failed at once,
-left out of trials.csv and the counts (trial numbers are handed out in order, so these come
-after the sweep's own)."""
-EXIT_BAD_INPUT, EXIT_PAUSED, EXIT_DIVERGED = 2, 3, 4
 _POLL_S = 0.25
-
-
-def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError:
-        raise KilnError("kiln sweep needs Optuna: pip install 'kiln[sweep]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna
-
-
-@dataclass
-class Sweep:
-    """A sweep file, resolved: where it runs, the base run config and what to search."""
-
-    dir: Path
-    base: dict[str, Any]
-    """The raw run config every trial starts from (overrides applied, no sweep section)."""
-    spec: SweepConfig
-    name: str
-    source: str
-
-    @property
-    def trials_dir(self) -> Path:
-        return self.dir / "trials"
-
-    def trial_dir(self, number: int) -> Path:
-        return self.trials_dir / f"{number:04d}"
-
-    def overrides(self, params: dict[str, Any]) -> list[str]:
-        """`key=value` overrides of a trial (JSON values read back as YAML)."""
-        return [f"{key}={json.dumps(value)}" for key, value in params.items()]
-
-    def check(self, params: dict[str, Any]) -> RunConfig:
-        """The trial's config, validated as `kiln train` would (ConfigError otherwise)."""
-        return load_config(data=self.base, overrides=[*self.overrides(params), *self.grouping()])
-
-    def grouping(self) -> list[str]:
-        """What makes trials parts of one sweep: no notifications of their own (the sweep
-        sends them), and a W&B group named after the sweep unless the config names one."""
-        out = []
-        if (self.base.get("notify") or {}).get("senders"):
-            out.append("notify.senders=[]")
-        log_section = self.base.get("log") or {}
-        grouped = (log_section.get("wandb") or {}).get("group")
-        if "wandb" in (log_section.get("loggers") or []) and not grouped:
-            out.append(f"log.wandb.group={json.dumps(self.name)}")
-        return out
-
-
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
-    """Read and check a sweep file; `overrides` (`key=value`, `sweep.*` for the sweep section)
-    apply first. Every space key must be a config key and the base config must be valid.
-
-    Raises:
-        ConfigError: one line per problem, naming the key (before any trial runs).
-    """
-    from kiln.config.run import apply_overrides
-    from kiln.config.suggest import all_keys, closest_key
-
-    source = str(path)
-    raw = read_yaml_file(Path(path))
-    raw = apply_overrides(raw, list(overrides or []))
-    sweep_raw = raw.pop("sweep", None)
-    if not isinstance(sweep_raw, dict):
-        raise ConfigError(["sweep: required section is missing (a sweep file is a run config "
-                           "plus a sweep: section)"], source)  # fmt: skip
-    spec = SweepConfig(**sweep_raw)
-    problems = []
-    sections = {k.rpartition(".")[0] for k in all_keys()}
-    for key in spec.space:
-        if key not in all_keys() or key in sections:
-            near = closest_key(key, leaves_only=True)
-            hint = f"; did you mean {near}?" if near else ""
-            problems.append(f"sweep.space.{key}: not a config key{hint}")
-    if problems:
-        raise ConfigError(problems, source)
-    base = load_config(data=raw)  # the base alone must be a whole run
-    name = base.name
-    return Sweep(dir=base.run_dir, base=raw, spec=spec, name=name, source=source)
-
-
-# ---- the study -----------------------------------------------------------------------------
-
-
-def _distributions(spec: SweepConfig) -> dict[str, Any]:
-    optuna = _optuna()
-    dists = {}
-    for key in spec.space:
-        values = spec.values(key)
-        if isinstance(values, list):
-            dists[key] = optuna.distributions.CategoricalDistribution(values)
-            continue
-        low, high, log = values["low"], values["high"], bool(values.get("log", False))
-        step = values.get("step")
-        if isinstance(low, int) and isinstance(high, int):
-            dists[key] = optuna.distributions.IntDistribution(low, high, log=log, step=step or 1)
-        else:
-            dists[key] = optuna.distributions.FloatDistribution(low, high, log=log, step=step)
-    return dists
-
-
-def _sampler(spec: SweepConfig) -> Any:
-    optuna = _optuna()
-    seed = spec.seed
-    if spec.method == "grid":
-        return optuna.samplers.GridSampler({k: spec.values(k) for k in spec.space}, seed=seed)
-    if spec.method == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if spec.method == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    if spec.method == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    return optuna.samplers.CmaEsSampler(seed=seed)
-
-
-def _pruner(p: PrunerConfig) -> Any:
-    optuna = _optuna()
-    if p.type == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials)
-    if p.type == "percentile":
-        return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.startup_trials)
-    if p.type == "hyperband":
-        return optuna.pruners.HyperbandPruner()
-    return optuna.pruners.NopPruner()
-
-
-def _storage(sweep: Sweep, url: str | None) -> Any:
-    optuna = _optuna()
-    if url is None:
-        from optuna.storages.journal import JournalFileBackend
-
-        sweep.dir.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(sweep.dir / JOURNAL)))
-    return url
-
-
-def open_study(sweep: Sweep, storage: str | None = None) -> Any:
-    """The sweep's Optuna study (created on first use; the controller creates it before any
-    worker starts, so workers on a fresh SQLite file never race to create it)."""
-    optuna = _optuna()
-    direction = "minimize" if sweep.spec.mode == "min" else "maximize"
-    for attempt in range(5):
-        try:
-            with _creating(storage):
-                return optuna.create_study(
-                    study_name=sweep.name,
-                    storage=_storage(sweep, storage),
-                    sampler=_sampler(sweep.spec),
-                    pruner=_pruner(sweep.spec.pruner),
-                    direction=direction,
-                    load_if_exists=True,
-                )
-        except Exception as exc:  # another controller created the tables or study meanwhile
-            if storage is None or attempt == 4 or isinstance(exc, ImportError):
-                raise
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-@contextlib.contextmanager
-def _creating(storage: str | None) -> Iterator[None]:
-    """Controllers that start together on a fresh SQLite file would each create its tables
-    (and one fail on the schema version row): they take turns, under a lock file beside it."""
-    path = (
-        storage.removeprefix("sqlite:///") if storage and storage.startswith("sqlite:///") else None
-    )
-    if path is None or os.name == "nt":
-        yield
-        return
-    import fcntl
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+EXIT_BAD_INPUT, EXIT_PAUSED, EXIT_DIVERGED = 2, 3, 4
 
 
 # ---- one trial -----------------------------------------------------------------------------
@@ -574,108 +377,6 @@ def _last_error(run_dir: Path) -> str | None:
     return errors[-1].removeprefix("kiln: error: ") if errors else None
 
 
-# ---- outputs -------------------------------------------------------------------------------
-
-
-def _rows(sweep: Sweep, study: Any) -> list[dict[str, Any]]:
-    rows = []
-    for t in _trials_of(study):
-        rows.append(
-            {
-                "number": t.number,
-                "state": t.state.name.lower(),
-                "value": t.value,
-                "best_step": t.user_attrs.get("best_step"),
-                "wall_s": round(t.user_attrs["wall_s"], 2) if "wall_s" in t.user_attrs else None,
-                "run_dir": str(sweep.trial_dir(t.number)),
-                "controller_rss_mb": t.user_attrs.get("controller_rss_mb"),
-                **{f"params.{k}": v for k, v in t.params.items()},
-                "error": t.user_attrs.get("error"),
-            }
-        )
-    return rows
-
-
-def _trials_of(study: Any) -> list[Any]:
-    """The sweep's trials (without surplus ones)."""
-    return [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS)]
-
-
-def _best_trial(study: Any) -> Any | None:
-    optuna = _optuna()
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not done:
-        return None
-    pick = min if study.direction.name == "MINIMIZE" else max
-    return pick(done, key=lambda t: t.value)
-
-
-def write_outputs(sweep: Sweep, study: Any) -> None:
-    """trials.csv, best.yaml and report.md from the study (rewritten after every trial)."""
-    from kiln.files import write_atomic
-
-    rows = _rows(sweep, study)
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    tmp = sweep.dir / ".trials.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, sweep.dir / "trials.csv")
-    best = _best_trial(study)
-    if best is not None:
-        trial_cfg = read_yaml_file(sweep.trial_dir(best.number) / "config.yaml")
-        trial_cfg["output_dir"] = str(sweep.dir / "best")
-        header = f"# The best trial ({best.number}) of sweep {sweep.name}: kiln train best.yaml\n"
-        write_atomic(sweep.dir / "best.yaml", header + yaml.safe_dump(trial_cfg, sort_keys=False))
-    write_atomic(sweep.dir / "report.md", _markdown(sweep, rows, best))
-
-
-def _markdown(sweep: Sweep, rows: list[dict[str, Any]], best: Any | None) -> str:
-    spec = sweep.spec
-    lines = [f"# Sweep report: {sweep.name}", ""]
-    lines.append(f"{spec.method} search of {spec.metric} ({spec.mode}), {len(rows)} of "
-                 f"{spec.trials} trials.")  # fmt: skip
-    if best is not None:
-        params = ", ".join(f"{k}={v}" for k, v in best.params.items())
-        lines += ["", f"Best: trial {best.number}, {spec.metric} {best.value:.6g} ({params}); "
-                  "`kiln train best.yaml` runs it again."]  # fmt: skip
-    if rows:
-        keys = [k for k in rows[0] if k.startswith("params.")]
-        head = ["trial", "state", spec.metric, "best step", *(k[7:] for k in keys), "wall s"]
-        lines += ["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-        order = sorted(rows, key=lambda r: (r["value"] is None, r["value"] or 0.0))
-        if spec.mode == "max":
-            order = sorted(rows, key=lambda r: (r["value"] is None, -(r["value"] or 0.0)))
-        for r in order:
-            value = "" if r["value"] is None else f"{r['value']:.6g}"
-            cells = [str(r["number"]), r["state"], value, str(r["best_step"] or "")]
-            cells += [str(r.get(k, "")) for k in keys] + [str(r["wall_s"] or "")]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def summarize(sweep: Sweep, study: Any) -> dict[str, Any]:
-    """Counts by state and the best trial."""
-    counts: dict[str, int] = {}
-    for t in _trials_of(study):
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
-    best = _best_trial(study)
-    return {
-        "dir": str(sweep.dir),
-        "trials": counts,
-        "best": None if best is None else {
-            "number": best.number, "value": best.value, "params": dict(best.params),
-            "run_dir": str(sweep.trial_dir(best.number)),
-        },
-    }  # fmt: skip
-
-
-# ---- entry points --------------------------------------------------------------------------
-
-
 def run(
     path: str | Path, overrides: list[str] | None = None, *, storage: str | None = None
 ) -> dict[str, Any]:
@@ -692,43 +393,3 @@ def run(
     (sweep.dir / "sweep.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     (sweep.dir / "base.yaml").write_text(yaml.safe_dump(sweep.base, sort_keys=False))
     return Controller(sweep, storage).run()
-
-
-def _open_dir(directory: str | Path, storage: str | None) -> tuple[Sweep, Any]:
-    directory = Path(directory)
-    if not (directory / "sweep.yaml").is_file():
-        raise KilnError(f"{directory}: not a sweep directory (no sweep.yaml)")
-    raw = read_yaml_file(directory / "sweep.yaml")
-    spec = SweepConfig(**raw.pop("sweep"))
-    cfg = load_config(data=raw)
-    sweep = Sweep(dir=directory, base=raw, spec=spec, name=cfg.name, source=str(directory))
-    return sweep, open_study(sweep, storage)
-
-
-def status(directory: str | Path, storage: str | None = None) -> str:
-    """What `kiln sweep status DIR` prints: counts by state, the best trial, running trials."""
-    from kiln.runs import read_status
-
-    sweep, study = _open_dir(directory, storage)
-    summary = summarize(sweep, study)
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["trials"].items())) or "no trials"
-    lines = [f"sweep {sweep.name} ({sweep.dir}): {counts} of {sweep.spec.trials}"]
-    if summary["best"]:
-        b = summary["best"]
-        lines.append(
-            f"best: trial {b['number']}, {sweep.spec.metric} {b['value']:.6g}, {b['params']}"
-        )
-    for t in study.get_trials(deepcopy=False):
-        if t.state.name == "RUNNING":
-            s = read_status(sweep.trial_dir(t.number)) or {}
-            lines.append(
-                f"trial {t.number}: {s.get('state', 'starting')} at step {s.get('step', 0)}"
-            )
-    return "\n".join(lines)
-
-
-def report(directory: str | Path, storage: str | None = None) -> Path:
-    """Rewrite trials.csv, best.yaml and report.md of a sweep directory; the report's path."""
-    sweep, study = _open_dir(directory, storage)
-    write_outputs(sweep, study)
-    return sweep.dir / "report.md"
