@@ -14,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
 
 __all__ = ["CollectiveFailed", "RankContext", "Whereabouts", "is_comm_failure"]
 
@@ -28,6 +30,19 @@ __all__ = ["CollectiveFailed", "RankContext", "Whereabouts", "is_comm_failure"]
 class CollectiveFailed(RuntimeError):
     """A collective timed out or a peer died; the message is one line saying where this rank
     was (the backend's own error is the `__cause__`)."""
+
+    reported = False
+
+    def report(self, rank: int) -> None:
+        """Print the line, and the backend's error, on stderr; once. The trainer reports as
+        soon as it knows (torchrun may SIGTERM a surviving rank a moment after a peer died)."""
+        if self.reported:
+            return
+        self.reported = True
+        print(f"kiln: {self}", file=sys.stderr)
+        if self.__cause__ is not None:  # gloo's message starts with its source file: "[...] "
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line(self.__cause__))
+            print(f"kiln: rank {rank}: {cause}", file=sys.stderr, flush=True)
 
 
 def is_comm_failure(exc: BaseException) -> bool:

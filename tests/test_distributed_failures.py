@@ -186,12 +186,15 @@ def reference(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def one_rank_killed(tmp: Path) -> dict[str, Any]:
     """Rank 1 of a world-2 run SIGKILLed mid-run, as soon as its step-4 checkpoint is complete
-    (the pid found before, so rank 0 is still in step 5 then); no restarts."""
+    (the pid found before, so rank 0 is still in step 5 then); no restarts. Rank 0 gets a
+    SIGTERM at once, as from torchrun when its monitor notices the death before rank 0's
+    collective fails (seen on a loaded machine): rank 0 must still say where it was."""
     job = Job.launch(_config(tmp, "chain"))
-    victim = job.rank_pid(1)
+    victim, survivor = job.rank_pid(1), job.rank_pid(0)
     job.checkpoint_after(2)
     tree = _tree(job.proc.pid)  # the launcher, torchrun, the ranks
     os.kill(victim, signal.SIGKILL)
+    os.kill(survivor, signal.SIGTERM)
     killed = time.monotonic()
     try:
         code = job.proc.wait(timeout=TIMEOUT_S + 60)

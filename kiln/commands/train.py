@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -207,17 +206,13 @@ def run(args: argparse.Namespace) -> int:
 def _collective_failed(exc: Exception) -> int | None:
     """On N ranks, when `exc` is the process group failing (a collective timed out, a peer
     died): print where this rank was, and the backend's error, on stderr; exit code 1."""
-    from kiln.errors import first_line
     from kiln.rank import RankContext
 
     rank = RankContext.current()
     failed = rank.failure(exc)
     if failed is None:
         return None
-    print(f"kiln: {failed}", file=sys.stderr)
-    if failed.__cause__ is not None:  # gloo's message starts with its source file: "[...] "
-        cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line(failed.__cause__))
-        print(f"kiln: rank {rank.rank}: {cause}", file=sys.stderr)
+    failed.report(rank.rank)  # already done by the trainer, unless setup failed
     return 1
 
 

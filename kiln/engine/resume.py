@@ -234,10 +234,21 @@ def resume_target(
 
 
 def explain_failure(
-    exc: BaseException, run_dir: Path, checkpoints: CheckpointManager, *, resumable: bool
+    exc: BaseException,
+    run_dir: Path,
+    checkpoints: CheckpointManager,
+    *,
+    resumable: bool,
+    rank: RankContext | None = None,
 ) -> BaseException:
     """`exc` with what a failure leaves behind: the run to resume (a signal during setup) or
-    the last complete checkpoint (a full disk, however the writing library reported it)."""
+    the last complete checkpoint (a full disk, however the writing library reported it). On N
+    ranks a collective failing becomes where this rank was, printed at once: torchrun may
+    SIGTERM a surviving rank a moment after a peer died."""
+    failed = None if rank is None else rank.failure(exc)
+    if failed is not None:
+        failed.report(rank.rank)
+        return failed
     if isinstance(exc, StoppedBeforeStart) and resumable:
         exc.resume_from = str(run_dir)
     if not isinstance(exc, StorageFull) and isinstance(exc, Exception):

@@ -204,8 +204,8 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         final_dir, sample = None, None
-        try:
-            with StopSignals(self._on_signal, self._on_prune) as signals:
+        with StopSignals(self._on_signal, self._on_prune) as signals:
+            try:
                 self._begin()
                 signals.arm()  # from here a signal pauses with a checkpoint
                 self.fire(Event.TRAIN_BEGIN)
@@ -217,22 +217,25 @@ class Trainer:
                 self.control.close()  # the outcome is decided
                 if self._final_wanted():
                     final_dir, sample = self._finish()
-            summary = self._summary(final_dir, sample)
-            self.run_dir.write_json("summary.json", summary)
-            self.fire(Event.TRAIN_END)
-            self.status.end(self.state, self.control.decided)
-        except BaseException as exc:
-            explained = explain_failure(
-                exc, self.run_dir.path, self.checkpoints, resumable=self._resume_from is not None
-            )
-            self.status.end(self.state, self.control.decided, explained)
-            self.fire(Event.EXCEPTION, exc=explained)
-            if explained is exc:
-                raise
-            raise explained from exc
-        finally:
-            self.run_dir.close()
-            self.run_dir.release()
+                summary = self._summary(final_dir, sample)
+                self.run_dir.write_json("summary.json", summary)
+                self.fire(Event.TRAIN_END)
+                self.status.end(self.state, self.control.decided)
+            except BaseException as exc:
+                signals.arm()  # a SIGTERM now (torchrun ending a dead rank's peers) is moot
+                self.control.close()
+                resumable = self._resume_from is not None
+                explained = explain_failure(
+                    exc, self.run_dir.path, self.checkpoints, resumable=resumable, rank=self.rank
+                )
+                self.status.end(self.state, self.control.decided, explained)
+                self.fire(Event.EXCEPTION, exc=explained)
+                if explained is exc:
+                    raise
+                raise explained from exc
+            finally:
+                self.run_dir.close()
+                self.run_dir.release()
         return TrainResult(
             run_dir=self.run_dir.path,
             loss_history=self.loss_history,
@@ -588,10 +591,7 @@ class Trainer:
             self.cfg, self.state, model=parts.model, device=parts.device,
             train_examples=len(parts.train_data), tracker=self.tracker,
             wall=time.perf_counter() - self._start_time,
-            final_dir=final_dir,
-            sample=sample,
-            stop=self.control.decided,
-            final_from=self.final_from,
-            resumed_from=self.resumed_from,
+            final_dir=final_dir, sample=sample, stop=self.control.decided,
+            final_from=self.final_from, resumed_from=self.resumed_from,
             checkpoints=self.checkpoint_paths,
         )  # fmt: skip
