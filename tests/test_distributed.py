@@ -130,7 +130,12 @@ def test_pause_at_two_ranks_and_resume_at_one_continues_the_run(
     assert left == ["status.json"]
 
 
-def test_sigterm_pauses_every_rank_with_one_checkpoint_and_exit_3(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_stops_every_rank_with_one_checkpoint_and_exit_3(
+    tmp_path: Path, signame: str
+) -> None:
+    """SIGTERM pauses; SIGUSR1 (a sweep pruning the trial) stops without a final model. The
+    launcher passes either on to both ranks, which agree on the step to stop at."""
     import signal
     import time
 
@@ -151,7 +156,7 @@ def test_sigterm_pauses_every_rank_with_one_checkpoint_and_exit_3(tmp_path: Path
             if status is not None and status["state"] == "running" and status["step"] >= 3:
                 break
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, signame))
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -159,10 +164,14 @@ def test_sigterm_pauses_every_rank_with_one_checkpoint_and_exit_3(tmp_path: Path
     assert proc.returncode == 3, err[-3000:]
     status = read_status(run)
     assert status is not None
-    assert (status["state"], status["stop"]["kind"]) == ("paused", "signal")
+    want = ("paused", "signal") if signame == "SIGTERM" else ("stopped", "pruned")
+    assert (status["state"], status["stop"]["kind"]) == want
     step = status["step"]
     assert (run / "checkpoints" / f"step-{step}").is_dir()
+    assert not (run / "final").exists()
     assert [r["step"] for r in _records(run)] == list(range(1, step + 1))  # written once
+    if signame == "SIGUSR1":
+        return
     # Both ranks agree again on resume, and the run finishes: exit 0 through the launcher.
     from kiln.cli import main
 

@@ -91,7 +91,16 @@ def test_trials_are_runs_of_the_base_config_plus_their_values(tpe) -> None:
             for x in (run / "metrics.jsonl").read_text().splitlines()
             if json.loads(x)["split"] == "val"
         )
-    assert "| trial | state | val_loss |" in (sweep_dir / "report.md").read_text()
+    report = (sweep_dir / "report.md").read_text()
+    assert "| trial | state | val_loss |" in report
+    # The plots, drawn by Optuna when the sweep ended: each a real PNG, linked from report.md.
+    for name, title in [("history", "Optimization history"), ("parallel", "Parallel coordinates"),
+                        ("importance", "Parameter importance"),
+                        ("intermediate", "Validations per trial")]:  # fmt: skip
+        assert f"## {title}\n\n![{title}](plots/{name}.png)" in report
+        png = (sweep_dir / "plots" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG")
+        assert len(png) > 5000
 
 
 def test_best_yaml_reproduces_the_best_trial_exactly(tpe) -> None:
@@ -218,24 +227,32 @@ def test_two_controllers_on_a_fresh_database_run_every_trial_once(
     url = f"sqlite:///{tmp_path / 'study.db'}"
     if storage == "postgresql":
         url = request.getfixturevalue("postgres")
-    sweep = {"method": "random", "trials": 3, "workers": 1, "pruner": {"type": "none"},
+    trials = 3 if storage == "postgresql" else 2  # one per process
+    sweep = {"method": "random", "trials": trials, "workers": 1, "pruner": {"type": "none"},
              "space": {"optim.lr": {"low": 1e-3, "high": 1e-2}}}  # fmt: skip
     path = _sweep_file(tmp_path, "shared", sweep)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "kiln.cli", "sweep", str(path), "--storage", url]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    cmds = [cmd, cmd]
+    if storage == "postgresql":  # the sweep, and two agents that join it by its study's name
+        agent = [sys.executable, "-m", "kiln.cli", "sweep", "agent", "--storage", url,
+                 "--study", "shared"]  # fmt: skip
+        cmds = [agent, cmd, agent]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in cmds]  # fmt: skip
     outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert [p.returncode for p in procs] == [0] * len(cmds), [o[1][-2000:] for o in outs]
     rows = _trials(tmp_path / "shared")
-    assert sorted(r["number"] for r in rows) == ["0", "1", "2"]
+    assert sorted(int(r["number"]) for r in rows) == list(range(trials))
     assert {r["state"] for r in rows} == {"complete"}
     for row in rows:  # each ran once, by one controller, from the start
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
         assert summary["resumed_from"] is None
 
 
-def test_one_voice_the_sweep_notifies_the_trials_do_not(tmp_path: Path) -> None:
+def test_one_voice_and_one_mlflow_parent_run_for_the_sweep(tmp_path: Path) -> None:
+    """Notifications and the MLflow parent run belong to the sweep; the trials send none and
+    their MLflow runs nest under the parent, in the sweep's one store."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from threading import Thread
 
@@ -255,7 +272,8 @@ def test_one_voice_the_sweep_notifies_the_trials_do_not(tmp_path: Path) -> None:
     try:
         sweep = {"method": "grid", "trials": 2, "workers": 2, "space": {"optim.lr": [2e-3, 4e-3]}}
         notify = {"senders": [{"kind": "webhook"}], "events": ["start", "best", "end"]}
-        path = _sweep_file(tmp_path, "voice", sweep, notify=notify)
+        log = {"every_steps": 2, "plots": False, "loggers": ["mlflow"]}
+        path = _sweep_file(tmp_path, "voice", sweep, notify=notify, log=log)
         os.environ["KILN_WEBHOOK_URL"] = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
         try:
             done = _kiln("sweep", str(path))
@@ -275,3 +293,39 @@ def test_one_voice_the_sweep_notifies_the_trials_do_not(tmp_path: Path) -> None:
     assert bodies[-1]["metrics"]["val_loss"] == float(best["value"])
     trial = load_config(Path(best["run_dir"]) / "config.yaml")
     assert trial.notify.senders == []
+    _assert_nested_in_mlflow(tmp_path / "voice")
+
+
+def _assert_nested_in_mlflow(sweep_dir: Path) -> None:
+    MlflowClient = pytest.importorskip("mlflow").MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir.resolve()}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("kiln").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert (parent.info.run_name, parent.info.status) == (sweep_dir.name, "FINISHED")
+    assert parent.data.params["sweep.method"] == '"grid"'
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    names = [f"{sweep_dir.name}-0000", f"{sweep_dir.name}-0001"]
+    assert sorted(r.info.run_name for r in children) == names
+    assert {r.info.status for r in children} == {"FINISHED"}
+    best = min(float(r["value"]) for r in _trials(sweep_dir))
+    history = client.get_metric_history(parent.info.run_id, "best_val_loss")
+    assert history[-1].value == best
+    for child in children:  # the trial's own metrics, in the one store of the sweep
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/loss")]
+        assert steps == [2, 4, 6]
+    assert not list(sweep_dir.glob("trials/*/mlflow.db"))
+
+
+def test_an_agent_without_its_study_says_so_in_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    done = _kiln("sweep", "agent", "--storage", url, "--study", "nope", "--wait", "0")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"kiln: error: --study nope: no such sweep in {url} after 0s; start it with kiln sweep "
+        "FILE --storage ..."
+    ]
+    done = _kiln("sweep", "agent", "--study", "nope")
+    assert done.returncode == 2
+    assert "--storage URL --study NAME: both are needed" in done.stderr

@@ -42,6 +42,10 @@ class SweepConfig(Section):
     """Seed of the sampler (the trials use the config's own `seed`)."""
     pruner: PrunerConfig = PrunerConfig()
     """Early stopping of trials (see PrunerConfig)."""
+    plots: bool = True
+    """Draw report.md's plots (optimization history, parallel coordinates, parameter
+    importance, validations per trial) when the sweep ends and on `kiln sweep report`; needs
+    matplotlib (the `plots` extra)."""
     space: dict[str, Any]
     """Dotted config key -> what to try: a list of values (`[8, 16, 32]` or
     `{values: [...]}`), or a range `{low, high, log: false}` (integers when low and high

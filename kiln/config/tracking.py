@@ -120,6 +120,9 @@ class MlflowOptions(Section):
     """MLflow run name; default the run's `name`."""
     log_model: bool = False
     """Also copy final/ into the MLflow run's artifacts (its path is always a run tag)."""
+    parent_run_id: str | None = None
+    """Nest this run under that MLflow run (tag mlflow.parentRunId): `kiln sweep` sets it to
+    the sweep's parent run, so a sweep's trials show as one group."""
 
     @field_validator("tracking_uri")
     @classmethod

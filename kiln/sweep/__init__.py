@@ -18,13 +18,14 @@ trials.csv, best.yaml (a config `kiln train` runs as is: the best trial's, writi
 
 from __future__ import annotations
 
-from kiln.sweep.controller import Controller, run
+from kiln.sweep.controller import Controller, agent, run
 from kiln.sweep.outputs import report, status, summarize, write_outputs
 from kiln.sweep.study import Sweep, load_sweep, open_study
 
 __all__ = [
     "Controller",
     "Sweep",
+    "agent",
     "load_sweep",
     "open_study",
     "report",

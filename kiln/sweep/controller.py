@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from kiln.config import ConfigError, load_config
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
+from kiln.files import write_atomic
 from kiln.sweep.outputs import _best_trial, summarize, write_outputs
 from kiln.sweep.study import (
     SURPLUS,
@@ -31,8 +32,9 @@ from kiln.sweep.study import (
     load_sweep,
     open_study,
 )
+from kiln.sweep.tracking import MlflowParent, uses_mlflow
 
-__all__ = ["Controller", "run"]
+__all__ = ["SWEEP_ATTR", "Controller", "agent", "run"]
 
 log = logging.getLogger("kiln")
 _POLL_S = 0.25
@@ -128,8 +130,8 @@ class _Voice:
                     "sweep: the %s notification by %s failed: %s", event, sender.name, error
                 )
 
-    def trial_done(self, number: int, value: float | None, done: int) -> None:
-        """A new best (in the sweep's direction) is news."""
+    def trial_done(self, number: int, value: float | None, done: int) -> bool:
+        """A new best (in the sweep's direction) is news; whether it was one."""
         better = value is not None and (
             self.best is None
             or (value < self.best if self.sweep.spec.mode == "min" else value > self.best)
@@ -141,6 +143,7 @@ class _Voice:
                 f"sweep {self.sweep.name}: trial {number} is the best so far, {metric} {value:.6g}"
             )
             self.send("best", message, done, **{metric: float(value)})
+        return better
 
 
 def _rss_mb() -> float:
@@ -169,6 +172,8 @@ class _Trial:
     nonfinite: bool = False
     """A validation of the metric was NaN or inf: pruned at once, as diverged."""
     reported: set[int] = field(default_factory=set)
+    handle: Any = None
+    """The study's `optuna.trial.Trial`: what reports, asks about pruning and is told."""
 
 
 class Controller:
@@ -182,6 +187,9 @@ class Controller:
         self.running: dict[int, _Trial] = {}
         self.queue: list[_Trial] = []
         self.voice = _Voice(sweep)
+        self.mlflow = None
+        if uses_mlflow(sweep):  # the parent run every trial's MLflow run nests under
+            self.mlflow = MlflowParent(sweep, self.study)
 
     def _total(self) -> int:
         spec = self.sweep.spec
@@ -201,9 +209,10 @@ class Controller:
             if t.number in self.running or _owned_elsewhere(t, self.sweep.trial_dir(t.number)):
                 continue
             resume = (self.sweep.trial_dir(t.number) / "checkpoints").is_dir()
-            found.append(_Trial(t.number, dict(t.params), resume=resume))
-            t_attr = optuna.trial.Trial(self.study, t._trial_id)
-            t_attr.set_user_attr("controller", _OWNER)
+            # A running trial's handle (Optuna has no public lookup by number).
+            handle = optuna.trial.Trial(self.study, t._trial_id)
+            handle.set_user_attr("controller", _OWNER)
+            found.append(_Trial(t.number, dict(t.params), resume=resume, handle=handle))
         return found
 
     def _next(self) -> _Trial | None:
@@ -222,33 +231,27 @@ class Controller:
                 self.study.tell(trial, state=_optuna().trial.TrialState.FAIL)
                 return None
             trial.set_user_attr("controller", _OWNER)
-            return _Trial(trial.number, {k: trial.params[k] for k in self.sweep.spec.space})
+            params = {k: trial.params[k] for k in self.sweep.spec.space}
+            return _Trial(trial.number, params, handle=trial)
 
     def _tell(self, t: _Trial, state: str, value: float | None = None, **attrs: Any) -> None:
         optuna = _optuna()
         attrs["controller_rss_mb"] = round(_rss_mb(), 1)  # flat over trials: no torch here
         with self.lock:
-            trial = optuna.trial.Trial(self.study, self._trial_id(t.number))
+            trial = t.handle
             for key, val in attrs.items():
                 trial.set_user_attr(key, val)
             # Diverged is infeasible: the samplers (TPE, GP) learn to avoid the region.
             trial.set_constraint("diverged", 1.0 if attrs.get("diverged") else 0.0)
             states = optuna.trial.TrialState
             if state == "complete":
-                self.study.tell(t.number, value)
+                self.study.tell(trial, value)
             else:
-                self.study.tell(t.number, state=states.PRUNED if state == "pruned" else states.FAIL)
-
-    def _trial_id(self, number: int) -> int:
-        return self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, number
-        )
+                self.study.tell(trial, state=states.PRUNED if state == "pruned" else states.FAIL)
 
     def _report(self, t: _Trial, rows: list[dict[str, Any]]) -> None:
         """Report validations to the study; ask the trial to stop when the pruner says so."""
-        optuna = _optuna()
-        metric = self.sweep.spec.metric
-        trial = optuna.trial.Trial(self.study, self._trial_id(t.number))
+        metric, trial = self.sweep.spec.metric, t.handle
         for row in rows:
             value = row.get(metric)
             if row["step"] in t.reported or not isinstance(value, int | float):
@@ -309,7 +312,9 @@ class Controller:
         diverged = code == EXIT_DIVERGED or t.nonfinite or (code == 0 and value is None)
         if code == 0 and value is not None and not t.nonfinite:
             self._tell(t, "complete", value, best_step=step, wall_s=wall)
-            self.voice.trial_done(t.number, value, len(self.study.get_trials(deepcopy=False)))
+            done = len(self.study.get_trials(deepcopy=False))
+            if self.voice.trial_done(t.number, value, done) and self.mlflow is not None:
+                self.mlflow.best(value, done)
         elif diverged or (code == EXIT_PAUSED and t.pruned):
             self._tell(t, "pruned", diverged=diverged, wall_s=wall)
         elif code == EXIT_PAUSED or self.stopping:
@@ -358,12 +363,14 @@ class Controller:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        write_outputs(self.sweep, self.study)
+        write_outputs(self.sweep, self.study, plots=True)
         summary = summarize(self.sweep, self.study)
         counts = ", ".join(f"{n} {state}" for state, n in sorted(summary["trials"].items()))
         best = summary["best"]
         found = f"; best trial {best['number']}, {spec.metric} {best['value']:.6g}" if best else ""
         metrics = {spec.metric: float(best["value"])} if best else {}
+        if self.mlflow is not None:
+            self.mlflow.end(finished=not self.stopping)
         self.voice.send("end", f"sweep {self.sweep.name} ended: {counts}{found}",
                         sum(summary["trials"].values()), **metrics)  # fmt: skip
         return summary
@@ -382,14 +389,69 @@ def run(
 ) -> dict[str, Any]:
     """Run (or continue) the sweep of `path`; returns `summarize`'s dict."""
     sweep = load_sweep(path, overrides)
-    sweep.dir.mkdir(parents=True, exist_ok=True)
-    resolved = {**sweep.base, "sweep": sweep.spec.model_dump(mode="json")}
     previous = sweep.dir / "sweep.yaml"
     if previous.is_file():
         before = yaml.safe_load(previous.read_text()).get("sweep", {})
-        if before.get("space") != resolved["sweep"]["space"]:
+        if before.get("space") != sweep.resolved()["sweep"]["space"]:
             raise KilnError(f"{sweep.dir}: a sweep of another space ran here; choose another "
                             "output_dir or name")  # fmt: skip
-    (sweep.dir / "sweep.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    (sweep.dir / "base.yaml").write_text(yaml.safe_dump(sweep.base, sort_keys=False))
+    _write_definition(sweep)
+    controller = Controller(sweep, storage)
+    if SWEEP_ATTR not in controller.study.user_attrs:  # what `kiln sweep agent` joins
+        controller.study.set_user_attr(SWEEP_ATTR, sweep.resolved())
+    return controller.run()
+
+
+SWEEP_ATTR = "kiln.sweep"
+"""The study's user attribute holding the resolved sweep (base config plus `sweep:`)."""
+
+
+def _write_definition(sweep: Sweep) -> None:
+    """sweep.yaml (the sweep as resolved) and base.yaml (what the trials start from)."""
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(sweep.dir / "sweep.yaml", yaml.safe_dump(sweep.resolved(), sort_keys=False))
+    write_atomic(sweep.dir / "base.yaml", yaml.safe_dump(sweep.base, sort_keys=False))
+
+
+def agent(
+    storage: str,
+    study: str,
+    *,
+    workers: int | None = None,
+    directory: str | Path | None = None,
+    wait_s: float = 60.0,
+) -> dict[str, Any]:
+    """Join the sweep `study` in `storage` (started by `kiln sweep FILE --storage ...` on any
+    machine) and run its trials here, `workers` at a time, until it has all it asked for.
+
+    The trials go to `directory` (default: the sweep's own directory, as on a shared file
+    system). The study may not exist yet: the agent waits up to `wait_s` for it."""
+    optuna = _optuna()
+    from kiln.sweep.study import storage_of, sweep_from_dict
+
+    deadline, why = time.monotonic() + wait_s, "no such sweep"
+    while True:
+        raw = None
+        try:
+            found = optuna.load_study(study_name=study, storage=storage_of(storage))
+            raw = found.user_attrs.get(SWEEP_ATTR)
+        except KeyError:  # Optuna: no such study (yet)
+            pass
+        except ImportError:
+            raise
+        except Exception as exc:  # the database being created by the sweep's first controller
+            why = f"cannot read the study ({first_line(exc)})"
+        if raw is not None:
+            break
+        if time.monotonic() > deadline:
+            raise KilnError(f"--study {study}: {why} in {storage} after {wait_s:.0f}s; "
+                            "start it with kiln sweep FILE --storage ...")  # fmt: skip
+        time.sleep(0.5)
+    where = None if directory is None else Path(directory)
+    sweep = sweep_from_dict(raw, f"{storage} (study {study})", where)
+    if workers is not None:
+        sweep.spec = sweep.spec.model_copy(update={"workers": workers})
+    if not (sweep.dir / "base.yaml").is_file():
+        _write_definition(sweep)
+    log.info("sweep: agent %s joins %s, %d workers", _OWNER, study, sweep.spec.workers)
     return Controller(sweep, storage).run()

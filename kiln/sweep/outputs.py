@@ -10,8 +10,6 @@ from typing import Any
 
 import yaml
 
-from kiln.config import load_config
-from kiln.config.sweep import SweepConfig
 from kiln.config.yamlio import read_yaml_file
 from kiln.errors import KilnError
 from kiln.sweep.study import (
@@ -19,6 +17,7 @@ from kiln.sweep.study import (
     Sweep,
     _optuna,
     open_study,
+    sweep_from_dict,
 )
 
 __all__ = ["report", "status", "summarize", "write_outputs"]
@@ -60,8 +59,9 @@ def _best_trial(study: Any) -> Any | None:
     return pick(done, key=lambda t: t.value)
 
 
-def write_outputs(sweep: Sweep, study: Any) -> None:
-    """trials.csv, best.yaml and report.md from the study (rewritten after every trial)."""
+def write_outputs(sweep: Sweep, study: Any, *, plots: bool = False) -> None:
+    """trials.csv, best.yaml and report.md from the study (rewritten after every trial); with
+    `plots` (the sweep's end, `kiln sweep report`) report.md's plots are drawn again too."""
     from kiln.files import write_atomic
 
     rows = _rows(sweep, study)
@@ -76,14 +76,30 @@ def write_outputs(sweep: Sweep, study: Any) -> None:
     os.replace(tmp, sweep.dir / "trials.csv")
     best = _best_trial(study)
     if best is not None:
-        trial_cfg = read_yaml_file(sweep.trial_dir(best.number) / "config.yaml")
+        written = sweep.trial_dir(best.number) / "config.yaml"
+        if written.is_file():
+            trial_cfg = read_yaml_file(written)
+        else:  # run by an agent elsewhere (`--dir`): the base plus its values
+            from kiln.config.run import apply_overrides
+
+            trial_cfg = apply_overrides(dict(sweep.base), sweep.overrides(dict(best.params)))
         trial_cfg["output_dir"] = str(sweep.dir / "best")
         header = f"# The best trial ({best.number}) of sweep {sweep.name}: kiln train best.yaml\n"
         write_atomic(sweep.dir / "best.yaml", header + yaml.safe_dump(trial_cfg, sort_keys=False))
-    write_atomic(sweep.dir / "report.md", _markdown(sweep, rows, best))
+    drawn = None
+    if plots and sweep.spec.plots:
+        from kiln.sweep.plots import write_plots
+
+        drawn = write_plots(study, sweep.dir / "plots", sweep.spec.metric)
+    write_atomic(sweep.dir / "report.md", _markdown(sweep, rows, best, drawn))
 
 
-def _markdown(sweep: Sweep, rows: list[dict[str, Any]], best: Any | None) -> str:
+def _markdown(
+    sweep: Sweep,
+    rows: list[dict[str, Any]],
+    best: Any | None,
+    drawn: list[tuple[str, str]] | None,
+) -> str:
     spec = sweep.spec
     lines = [f"# Sweep report: {sweep.name}", ""]
     lines.append(f"{spec.method} search of {spec.metric} ({spec.mode}), {len(rows)} of "
@@ -104,6 +120,11 @@ def _markdown(sweep: Sweep, rows: list[dict[str, Any]], best: Any | None) -> str
             cells = [str(r["number"]), r["state"], value, str(r["best_step"] or "")]
             cells += [str(r.get(k, "")) for k in keys] + [str(r["wall_s"] or "")]
             lines.append("| " + " | ".join(cells) + " |")
+    if drawn is None and sweep.spec.plots:
+        lines += ["", "Plots are drawn when the sweep ends (or by `kiln sweep report DIR`)."]
+    for title, what in drawn or []:
+        shown = f"![{title}](plots/{what})" if what.endswith(".png") else what
+        lines += ["", f"## {title}", "", shown]
     return "\n".join(lines) + "\n"
 
 
@@ -128,9 +149,7 @@ def _open_dir(directory: str | Path, storage: str | None) -> tuple[Sweep, Any]:
     if not (directory / "sweep.yaml").is_file():
         raise KilnError(f"{directory}: not a sweep directory (no sweep.yaml)")
     raw = read_yaml_file(directory / "sweep.yaml")
-    spec = SweepConfig(**raw.pop("sweep"))
-    cfg = load_config(data=raw)
-    sweep = Sweep(dir=directory, base=raw, spec=spec, name=cfg.name, source=str(directory))
+    sweep = sweep_from_dict(raw, str(directory / "sweep.yaml"), directory)
     return sweep, open_study(sweep, storage)
 
 
@@ -159,5 +178,5 @@ def status(directory: str | Path, storage: str | None = None) -> str:
 def report(directory: str | Path, storage: str | None = None) -> Path:
     """Rewrite trials.csv, best.yaml and report.md of a sweep directory; the report's path."""
     sweep, study = _open_dir(directory, storage)
-    write_outputs(sweep, study)
+    write_outputs(sweep, study, plots=True)
     return sweep.dir / "report.md"

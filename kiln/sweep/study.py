@@ -18,7 +18,7 @@ from kiln.config.sweep import PrunerConfig, SweepConfig
 from kiln.config.yamlio import read_yaml_file
 from kiln.errors import KilnError
 
-__all__ = ["JOURNAL", "SURPLUS", "Sweep", "load_sweep", "open_study"]
+__all__ = ["JOURNAL", "SURPLUS", "Sweep", "load_sweep", "open_study", "sweep_from_dict"]
 
 SECTION_PATHS.update({SweepConfig: "sweep", PrunerConfig: "sweep.pruner"})
 JOURNAL = "study.journal"
@@ -47,6 +47,8 @@ class Sweep:
     spec: SweepConfig
     name: str
     source: str
+    mlflow_parent: str | None = None
+    """The sweep's MLflow parent run (`kiln.sweep.tracking`), once a controller made it."""
 
     @property
     def trials_dir(self) -> Path:
@@ -63,17 +65,36 @@ class Sweep:
         """The trial's config, validated as `kiln train` would (ConfigError otherwise)."""
         return load_config(data=self.base, overrides=[*self.overrides(params), *self.grouping()])
 
+    def resolved(self) -> dict[str, Any]:
+        """The sweep as one dict: the base run config plus its `sweep:` section."""
+        return {**self.base, "sweep": self.spec.model_dump(mode="json")}
+
     def grouping(self) -> list[str]:
         """What makes trials parts of one sweep: no notifications of their own (the sweep
-        sends them), and a W&B group named after the sweep unless the config names one."""
+        sends them), a W&B group named after the sweep unless the config names one, and in
+        MLflow one store (`mlflow_store`) and the sweep's parent run to nest under."""
         out = []
         if (self.base.get("notify") or {}).get("senders"):
             out.append("notify.senders=[]")
         log_section = self.base.get("log") or {}
+        loggers = log_section.get("loggers") or []
         grouped = (log_section.get("wandb") or {}).get("group")
-        if "wandb" in (log_section.get("loggers") or []) and not grouped:
+        if "wandb" in loggers and not grouped:
             out.append(f"log.wandb.group={json.dumps(self.name)}")
+        if "mlflow" in loggers and self.mlflow_store is not None:
+            out.append(f"log.mlflow.tracking_uri={json.dumps(self.mlflow_store)}")
+        if "mlflow" in loggers and self.mlflow_parent is not None:
+            out.append(f"log.mlflow.parent_run_id={json.dumps(self.mlflow_parent)}")
         return out
+
+    @property
+    def mlflow_store(self) -> str | None:
+        """One SQLite store in the sweep directory for the trials' MLflow runs, when neither
+        the config nor $MLFLOW_TRACKING_URI names one (each run would have its own)."""
+        opts = (self.base.get("log") or {}).get("mlflow") or {}
+        if opts.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"):
+            return None
+        return f"sqlite:///{self.dir.resolve()}/mlflow.db"
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
@@ -84,11 +105,17 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         ConfigError: one line per problem, naming the key (before any trial runs).
     """
     from kiln.config.run import apply_overrides
+
+    raw = read_yaml_file(Path(path))
+    return sweep_from_dict(apply_overrides(raw, list(overrides or [])), str(path))
+
+
+def sweep_from_dict(raw: dict[str, Any], source: str, directory: Path | None = None) -> Sweep:
+    """A sweep from its resolved dict (a run config plus `sweep:`), checked as `load_sweep`
+    says; `directory` replaces where it runs (the base config's run directory)."""
     from kiln.config.suggest import all_keys, closest_key
 
-    source = str(path)
-    raw = read_yaml_file(Path(path))
-    raw = apply_overrides(raw, list(overrides or []))
+    raw = dict(raw)
     sweep_raw = raw.pop("sweep", None)
     if not isinstance(sweep_raw, dict):
         raise ConfigError(["sweep: required section is missing (a sweep file is a run config "
@@ -104,8 +131,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     if problems:
         raise ConfigError(problems, source)
     base = load_config(data=raw)  # the base alone must be a whole run
-    name = base.name
-    return Sweep(dir=base.run_dir, base=raw, spec=spec, name=name, source=source)
+    where = base.run_dir if directory is None else Path(directory)
+    return Sweep(dir=where, base=raw, spec=spec, name=base.name, source=source)
 
 
 # ---- the study -----------------------------------------------------------------------------
@@ -153,14 +180,20 @@ def _pruner(p: PrunerConfig) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def _storage(sweep: Sweep, url: str | None) -> Any:
+def storage_of(url: str | None, sweep_dir: Path | None = None) -> Any:
+    """An Optuna storage: a database URL as is; a path (no `://`) is a journal file; None is
+    the sweep directory's journal."""
     optuna = _optuna()
-    if url is None:
-        from optuna.storages.journal import JournalFileBackend
+    if url is not None and "://" in url:
+        return url
+    from optuna.storages.journal import JournalFileBackend
 
-        sweep.dir.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(sweep.dir / JOURNAL)))
-    return url
+    if url is None:
+        if sweep_dir is None:
+            raise KilnError("--storage: name the study's storage (a URL or a journal file)")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        url = str(sweep_dir / JOURNAL)
+    return optuna.storages.JournalStorage(JournalFileBackend(url))
 
 
 def open_study(sweep: Sweep, storage: str | None = None) -> Any:
@@ -173,7 +206,7 @@ def open_study(sweep: Sweep, storage: str | None = None) -> Any:
             with _creating(storage):
                 return optuna.create_study(
                     study_name=sweep.name,
-                    storage=_storage(sweep, storage),
+                    storage=storage_of(storage, sweep.dir),
                     sampler=_sampler(sweep.spec),
                     pruner=_pruner(sweep.spec.pruner),
                     direction=direction,

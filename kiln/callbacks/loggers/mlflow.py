@@ -64,7 +64,10 @@ class MlflowLogger:
                 experiment_id = self._client.create_experiment(
                     opts.experiment, artifact_location=where
                 )
-            run = self._client.create_run(experiment_id, run_name=opts.run_name or ctx.name)
+            tags = {"mlflow.parentRunId": opts.parent_run_id} if opts.parent_run_id else None
+            run = self._client.create_run(
+                experiment_id, run_name=opts.run_name or ctx.name, tags=tags
+            )
             run_id = run.info.run_id
         self.run_id: str | None = run_id
 
