@@ -168,18 +168,22 @@ def test_killed_sweep_resumes_its_interrupted_trial(tmp_path: Path) -> None:
     assert (first / "step-4").is_dir()
     os.killpg(proc.pid, signal.SIGKILL)  # the controller and its trial, at once
     proc.wait()
-    done = _kiln("sweep", str(path))
+    # A clean run of trial 0's parameters, beside the sweep continued (two trials at once).
+    clean = yaml.safe_load((tmp_path / "killed" / "trials" / "0000" / "config.yaml").read_text())
+    clean["output_dir"] = str(tmp_path / "clean")
+    (tmp_path / "clean.yaml").write_text(yaml.safe_dump(clean))
+    clean_run = subprocess.Popen([sys.executable, "-m", "kiln.cli", "-q", "train",
+                                  str(tmp_path / "clean.yaml")], cwd=ROOT, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    done = _kiln("sweep", str(path), "sweep.workers=2")
+    assert clean_run.wait(timeout=300) == 0, clean_run.stderr.read()[-3000:]
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _trials(tmp_path / "killed")
     assert sorted(r["number"] for r in rows) == ["0", "1"]
     assert {r["state"] for r in rows} == {"complete"}
     status = json.loads((tmp_path / "killed" / "trials" / "0000" / "summary.json").read_text())
     assert status["resumed_from"] is not None  # continued from its checkpoint, not restarted
-    # Its result equals a clean run of the same parameters.
-    clean = yaml.safe_load((tmp_path / "killed" / "trials" / "0000" / "config.yaml").read_text())
-    clean["output_dir"] = str(tmp_path / "clean")
-    (tmp_path / "clean.yaml").write_text(yaml.safe_dump(clean))
-    assert _kiln("-q", "train", str(tmp_path / "clean.yaml")).returncode == 0
+    # Its result equals the clean run of the same parameters.
     trial = tmp_path / "killed" / "trials" / "0000"
     assert _final_val(trial) == _final_val(tmp_path / "clean")
 
