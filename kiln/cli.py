@@ -33,7 +33,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"kiln: error: {message}\n")
 
 
-COMMANDS = ("train", "sweep", "eval", "generate", "merge", "report", "plot", "data", "config")
+COMMANDS = (
+    "train",
+    "sweep",
+    "eval",
+    "generate",
+    "merge",
+    "export",
+    "report",
+    "plot",
+    "data",
+    "config",
+)
 """Subcommand modules under `kiln.commands`, in help order (see that package's docstring)."""
 
 

@@ -26,4 +26,8 @@ def default_callbacks(cfg: RunConfig) -> list[Callback]:
     callbacks.append(ProgressCallback(cfg.log.progress))
     callbacks += early_stopping_from_config(cfg)
     callbacks += tracking_callbacks(cfg)
+    if cfg.export.on_finish:
+        from kiln.callbacks.export import ExportOnFinish
+
+        callbacks.append(ExportOnFinish(cfg.export))
     return callbacks

@@ -1,4 +1,5 @@
-"""`kiln generate RUN_DIR|CKPT PROMPT`: decode from a trained model (greedy, sampling, beams).
+"""`kiln generate RUN_DIR|CKPT PROMPT`: decode from a trained model (greedy, sampling, beams);
+`--backend onnx|torchscript|pt2 EXPORT_DIR`: greedy decoding in an exported model.
 
 Generation is `kiln.models.generation.generate_texts` (its docstring has the rules: no special
 tokens added to the prompt, a decoder-only prompt cut from the left to fit the context).
@@ -25,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (1: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling RNG (0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto)")
+    p.add_argument("--backend", choices=("torch", "onnx", "torchscript", "pt2"), default="torch",
+                   help="torch (the model), or an exported model in a `kiln export` directory: "
+                        "greedy, recomputing the whole sequence each token (torch)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,8 +46,35 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     options.check(flags=True)  # before loading a model for minutes
+    if args.backend != "torch":
+        return _exported(args, options)
     device = resolve_device(args.device)
     loaded = load_trained(args.path, device=device)
     [text] = generate_texts(loaded.model, loaded.tokenizer, [args.prompt], options=options)
     print(text if loaded.task == "seq2seq" else args.prompt + text)
+    return 0
+
+
+def _exported(args: argparse.Namespace, options: object) -> int:
+    """Greedy decoding in an exported model (`kiln export`'s directory) with its tokenizer."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kiln.errors import KilnError
+    from kiln.export import load_runner
+    from kiln.export.parity import greedy_texts
+
+    if args.sample or args.num_beams != 1:
+        raise KilnError(
+            f"--backend {args.backend}: greedy decoding only (no --sample, --num-beams)"
+        )
+    where = Path(args.path)
+    if not (where / "kiln_export.json").is_file():
+        raise KilnError(f"{where}: not a kiln export directory (no kiln_export.json)")
+    run = load_runner(args.backend, where)
+    tokenizer = AutoTokenizer.from_pretrained(str(where))
+    config = AutoConfig.from_pretrained(str(where))
+    [text] = greedy_texts(run, tokenizer, config, [args.prompt], args.max_new_tokens)
+    print(text if config.is_encoder_decoder else args.prompt + text)
     return 0

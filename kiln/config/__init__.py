@@ -16,7 +16,7 @@ One module per group of sections (`model`, `data`, `train`, `eval`, `tracking`);
 from kiln.config import run as _run
 from kiln.config.base import ConfigError, FrozenConfigError, Section
 from kiln.config.data import DataConfig, InstructionTemplate
-from kiln.config.eval import CheckpointConfig, EvalConfig
+from kiln.config.eval import CheckpointConfig, EvalConfig, ExportConfig
 from kiln.config.model import LoraConfig, ModelConfig, TokenizerConfig
 from kiln.config.run import *  # noqa: F403  (exactly kiln.config.run.__all__)
 from kiln.config.tracking import LogConfig, NotifyConfig
@@ -24,6 +24,7 @@ from kiln.config.train import OptimConfig, TrainConfig
 
 __all__ = [
     "CheckpointConfig",
+    "ExportConfig",
     "ConfigError",
     "DataConfig",
     "FrozenConfigError",

@@ -1,4 +1,4 @@
-"""Validation, generation eval, early stopping and checkpoint sections."""
+"""Validation, generation eval, early stopping, checkpoint and export sections."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from pydantic import Field, model_validator
 
 from kiln.config.base import MAX_BATCH, MAX_COUNT, MAX_SECONDS, MAX_TOKENS, Section
 
-__all__ = ["CheckpointConfig", "EarlyStoppingConfig", "EvalConfig", "GenerateEvalConfig"]
+__all__ = [
+    "CheckpointConfig",
+    "EarlyStoppingConfig",
+    "EvalConfig",
+    "ExportConfig",
+    "GenerateEvalConfig",
+]
 
 
 class GenerateEvalConfig(Section):
@@ -102,4 +108,23 @@ class CheckpointConfig(Section):
             raise ValueError(
                 f"checkpoint.final: best needs checkpoint.keep_best >= 1, got {self.keep_best}"
             )
+        return self
+
+
+class ExportConfig(Section):
+    formats: list[Literal["onnx", "torchscript", "pt2"]] = Field(default_factory=lambda: ["onnx"])
+    """Formats `kiln export` writes at the end of training (with `on_finish`)."""
+    on_finish: bool = False
+    """Export final/ into <run_dir>/export when training finishes, checked against PyTorch
+    as `kiln export` checks it (docs/export.md); a failed check is logged with its report,
+    and the run stays finished."""
+    atol: float = Field(1e-4, gt=0.0)
+    """Largest max abs logit difference from PyTorch allowed."""
+    opset: int = Field(18, ge=7, le=30)
+    """ONNX opset."""
+
+    @model_validator(mode="after")
+    def _some_format(self) -> ExportConfig:
+        if not self.formats:
+            raise ValueError("export.formats: name at least one format (onnx, torchscript, pt2)")
         return self

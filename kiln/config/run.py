@@ -29,7 +29,7 @@ from kiln.config.base import (
     split_override,
 )
 from kiln.config.data import DataConfig
-from kiln.config.eval import CheckpointConfig, EvalConfig
+from kiln.config.eval import CheckpointConfig, EvalConfig, ExportConfig
 from kiln.config.model import LoraConfig, ModelConfig, TokenizerConfig
 from kiln.config.tracking import LogConfig, NotifyConfig
 from kiln.config.train import OptimConfig, TrainConfig
@@ -87,6 +87,8 @@ class RunConfig(Section):
     """Logging cadence and progress display."""
     notify: NotifyConfig = NotifyConfig()
     """Notifications about the run."""
+    export: ExportConfig = ExportConfig()
+    """Export of the final model (ONNX, TorchScript, pt2) at the end of training."""
 
     @model_validator(mode="before")
     @classmethod

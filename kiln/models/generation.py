@@ -40,7 +40,13 @@ import torch
 
 from kiln.errors import KilnError
 
-__all__ = ["GenerationOptions", "generate_texts", "max_positions", "run_sample"]
+__all__ = [
+    "GenerationOptions",
+    "encode_prompts",
+    "generate_texts",
+    "max_positions",
+    "run_sample",
+]
 
 logger = logging.getLogger("kiln")
 
@@ -157,7 +163,7 @@ def generate_texts(
         raise KilnError("generation: the tokenizer has neither a pad nor an eos token")
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     limit = max_positions(model.config)
-    new_tokens, encoded = _encode(tokenizer, prompts, options.max_new_tokens, limit, seq2seq)
+    new_tokens, encoded = encode_prompts(tokenizer, prompts, options.max_new_tokens, limit, seq2seq)
     kwargs = {**options.generate_kwargs(), "max_new_tokens": new_tokens, "pad_token_id": pad}
     if eos is not None:  # else the model's generation config has the say
         kwargs["eos_token_id"] = eos
@@ -202,7 +208,7 @@ def generate_texts(
     return texts
 
 
-def _encode(
+def encode_prompts(
     tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, limit: int | None, seq2seq: bool
 ) -> tuple[int, list[list[int]]]:
     """(new tokens, each prompt's ids): encoded, cut and ended as the module docstring says."""

@@ -1,0 +1,73 @@
+"""`kiln export RUN_DIR|CKPT --format onnx[,torchscript,pt2] [--out DIR]`: the model exported
+and checked against PyTorch; `kiln export --verify DIR`: the checks again (docs/export.md).
+
+An export that is out of tolerance exits 1 with one line naming the format and the case,
+keeps its report at `<out>.export_report.json` and writes no output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kiln.commands import MODEL_PATH, add_flag, add_path
+
+HELP = "export a model to ONNX, TorchScript or torch.export, gated by parity with PyTorch"
+QUIET_HF = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_path(p, "path", "RUN_DIR|CKPT|DIR", f"{MODEL_PATH}; with --verify, an export directory")
+    p.add_argument("--format", default="onnx", metavar="F[,F]",
+                   help="onnx, torchscript, pt2, or several comma-separated (onnx)")  # fmt: skip
+    p.add_argument("--out", metavar="DIR", help="the export directory (<run>/export)")
+    p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset (18)")
+    p.add_argument("--atol", type=float, default=None, metavar="X",
+                   help="max abs logit difference (1e-4; --verify: the export's)")  # fmt: skip
+    p.add_argument("--check-data", metavar="FILE",
+                   help="prompts for the greedy check: a text file (a prompt a line) or JSONL "
+                        "(prompt, source or text); default the run's validation data")  # fmt: skip
+    p.add_argument("--prompts", type=int, default=4, metavar="N", help="greedy prompts (4)")
+    add_flag(p, "--verify", "re-run the parity checks of an export directory")
+    add_flag(p, "--overwrite", "replace --out if it exists (once the new export passed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.errors import KilnError
+    from kiln.export import ParityFailed, export_model, verify_export
+
+    if args.verify:
+        report = verify_export(args.path, args.atol)
+        print(json.dumps(report, indent=1))
+        if not report["passed"]:
+            bad = [f for f, e in report["formats"].items() if not e["passed"]]
+            print(f"kiln: error: {args.path}: parity fails for {', '.join(bad)}", file=sys.stderr)
+            return 1
+        return 0
+    if args.prompts < 1:
+        raise KilnError(f"--prompts: at least 1, got {args.prompts}")
+    try:
+        out = export_model(
+            args.path,
+            [f.strip() for f in args.format.split(",") if f.strip()],
+            args.out,
+            opset=args.opset,
+            atol=1e-4 if args.atol is None else args.atol,
+            check_data=args.check_data,
+            prompts=args.prompts,
+            overwrite=args.overwrite,
+        )
+    except ParityFailed as exc:
+        print(f"kiln: error: export failed parity: {exc}; report: {exc.report}", file=sys.stderr)
+        return 1
+    report = json.loads((out / "export_report.json").read_text())
+    for fmt, entry in report["formats"].items():
+        worst = max(c["max_abs"] for c in entry["cases"])
+        attn = entry["attn_implementation"]
+        fallback = " (eager fallback)" if "fallback_from" in entry else ""
+        print(f"{fmt}: {entry['file']}, {entry['bytes'] / 2**20:.1f} MiB, exported in "
+              f"{entry['export_s']:.1f}s, attention {attn}{fallback}, max abs diff {worst:.2g}, "
+              f"greedy {entry['greedy']['equal']}/{entry['greedy']['prompts']}")  # fmt: skip
+    print(f"export: {out}")
+    return 0
