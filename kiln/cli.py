@@ -40,6 +40,7 @@ COMMANDS = (
     "generate",
     "merge",
     "export",
+    "serve",
     "report",
     "plot",
     "data",

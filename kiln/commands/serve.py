@@ -1,0 +1,58 @@
+"""`kiln serve`: the REST API and live event stream over jobs that are `kiln train`
+subprocesses (docs/serve.md). Jobs outlive the server: stop it, start it again, and it finds
+them (or what they recorded) in their run directories."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from pathlib import Path
+
+HELP = "serve the REST API for configs, jobs, metrics and checkpoints"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (8080)")
+    p.add_argument("--token", default=None,
+                   help="bearer token every route but /api/health needs; default "
+                        "$KILN_SERVE_TOKEN; required to bind a non-loopback address")  # fmt: skip
+    p.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default SQLite in --state-dir)")
+    p.add_argument("--state-dir", default="serve", metavar="DIR",
+                   help="the database and the jobs' run directories (./serve)")  # fmt: skip
+    p.add_argument("--max-concurrent", type=int, default=1, metavar="N",
+                   help="jobs running at once (1)")  # fmt: skip
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.errors import KilnError
+
+    token = args.token or os.environ.get("KILN_SERVE_TOKEN") or None
+    if not _loopback(args.host) and token is None:
+        raise KilnError(f"--host {args.host}: a non-loopback address needs --token (or "
+                        "$KILN_SERVE_TOKEN)")  # fmt: skip
+    if args.max_concurrent < 1:
+        raise KilnError(f"--max-concurrent: at least 1, got {args.max_concurrent}")
+    try:
+        import uvicorn
+
+        from kiln.serve.app import Settings, create_app
+    except ImportError as exc:
+        raise KilnError(f"kiln serve needs fastapi and uvicorn ({exc.name} is missing): "
+                        "pip install 'kiln[serve]'") from None  # fmt: skip
+    settings = Settings(Path(args.state_dir), args.db, token, args.max_concurrent)
+    app = create_app(settings)
+    print(f"kiln serve: http://{args.host}:{args.port} (state {settings.state_dir})", flush=True)
+    # access_log off: request lines would carry query strings; tokens travel in headers only.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0

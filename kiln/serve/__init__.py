@@ -1,0 +1,1 @@
+"""`kiln serve`: the REST API over jobs (docs/serve.md)."""

@@ -1,0 +1,276 @@
+"""The REST API (FastAPI): configs, jobs, metrics, checkpoints, a live event stream.
+
+Routes are the contract of docs/serve.md (`/api/training/...`). Every request body is
+validated; a run config is checked by `RunConfig` and a bad one answers 422 with the CLI's
+one-line messages. With a token configured, every route but `/api/health` needs
+`Authorization: Bearer <token>` (compared in constant time, never logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from kiln.serve.executor import LocalExecutor, describe
+from kiln.serve.store import JobRow, Store, new_id
+from kiln.serve.views import checkpoint_dir, checkpoints, current, history, tar_stream, throughput
+
+__all__ = ["Settings", "create_app"]
+
+
+@dataclass
+class Settings:
+    state_dir: Path
+    """Where the database (default) and the jobs' run directories live."""
+    db_url: str | None = None
+    token: str | None = None
+    max_concurrent: int = 1
+    grace_s: float = 60.0
+
+    @property
+    def url(self) -> str:
+        return self.db_url or f"sqlite:///{(self.state_dir / 'kiln-serve.db').resolve()}"
+
+
+class ConfigIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    config: dict[str, Any]
+
+
+class StartIn(BaseModel):
+    config: dict[str, Any] | None = None
+    config_id: str | None = None
+    dataset_path: str | None = None
+    name: str | None = Field(None, max_length=200)
+
+
+class Problem(BaseModel):
+    detail: list[str] | str
+
+
+_ERRORS = {401: {"model": Problem}, 404: {"model": Problem}, 409: {"model": Problem},
+           422: {"model": Problem}}  # fmt: skip
+
+
+def _checked(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` validated as `kiln train` would (422 with one line per problem)."""
+    from kiln.config import load_config
+    from kiln.errors import KilnError
+
+    try:
+        load_config(data=config)
+    except KilnError as exc:
+        raise HTTPException(422, str(exc).splitlines()) from None
+    return config
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The app, its store and its executor (started with the app, stopped with it)."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.url)
+    executor = LocalExecutor(store, settings.max_concurrent, settings.grace_s)
+    digest = None if settings.token is None else hashlib.sha256(settings.token.encode()).digest()
+
+    def auth(request: Request) -> None:
+        if digest is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            hashlib.sha256(token.encode()).digest(), digest
+        )
+        if not ok:
+            raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        executor.start()
+        yield
+        executor.close()
+
+    app = FastAPI(title="kiln", version="1", lifespan=lifespan, responses=_ERRORS)
+    app.state.store, app.state.executor = store, executor
+    guarded = [Depends(auth)]
+
+    def job_or_404(job_id: str) -> JobRow:
+        job = store.job(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True, "jobs": len(store.jobs(("starting", "running")))}
+
+    # ---- configs -------------------------------------------------------------------------
+
+    @app.post("/api/training/configs", status_code=201, dependencies=guarded)
+    def add_config(body: ConfigIn) -> dict[str, Any]:
+        return store.add_config(body.name, _checked(body.config)).to_dict()
+
+    @app.get("/api/training/configs", dependencies=guarded)
+    def list_configs() -> list[dict[str, Any]]:
+        return [c.to_dict() for c in store.configs()]
+
+    @app.get("/api/training/configs/{config_id}", dependencies=guarded)
+    def get_config(config_id: str) -> dict[str, Any]:
+        row = store.config(config_id)
+        if row is None:
+            raise HTTPException(404, f"no config {config_id}")
+        return row.to_dict()
+
+    @app.delete("/api/training/configs/{config_id}", status_code=204, dependencies=guarded)
+    def delete_config(config_id: str) -> None:
+        if not store.delete_config(config_id):
+            raise HTTPException(404, f"no config {config_id}")
+
+    # ---- jobs ----------------------------------------------------------------------------
+
+    @app.post("/api/training/jobs/start", status_code=201, dependencies=guarded)
+    def start_job(body: StartIn) -> dict[str, Any]:
+        if (body.config is None) == (body.config_id is None):
+            raise HTTPException(422, "give config or config_id, one of them")
+        config, name = body.config, body.name
+        if body.config_id is not None:
+            saved = store.config(body.config_id)
+            if saved is None:
+                raise HTTPException(404, f"no config {body.config_id}")
+            config, name = saved.config, name or saved.name
+        config = dict(config or {})
+        if body.dataset_path is not None:
+            config["data"] = {**(config.get("data") or {}), "train": body.dataset_path}
+        job_id = new_id()
+        run_dir = settings.state_dir / "runs" / job_id
+        _checked({**config, "output_dir": str(run_dir)})
+        job = JobRow(id=job_id, name=name or str(config.get("name") or job_id), config=config,
+                     config_id=body.config_id, run_dir=str(run_dir), state="queued", attempt=0,
+                     resume=False, created=time.time())  # fmt: skip
+        return describe(store.add_job(job))
+
+    @app.get("/api/training/jobs", dependencies=guarded)
+    def list_jobs() -> list[dict[str, Any]]:
+        return [describe(j) for j in store.jobs()]
+
+    @app.get("/api/training/jobs/{job_id}/status", dependencies=guarded)
+    def job_status(job_id: str) -> dict[str, Any]:
+        return describe(job_or_404(job_id))
+
+    @app.post("/api/training/jobs/{job_id}/stop", status_code=202, dependencies=guarded)
+    def stop_job(job_id: str) -> dict[str, Any]:
+        return describe(executor.stop(job_or_404(job_id)))
+
+    @app.post("/api/training/jobs/{job_id}/resume", status_code=202, dependencies=guarded)
+    def resume_job(job_id: str) -> dict[str, Any]:
+        job = job_or_404(job_id)
+        if job.state not in ("paused", "stopped", "failed", "lost"):
+            raise HTTPException(409, f"job {job_id} is {job.state}: only a paused, stopped, "
+                                "failed or lost job resumes")  # fmt: skip
+        if not any(Path(job.run_dir, "checkpoints").glob("step-*")):
+            raise HTTPException(409, f"job {job_id} has no checkpoint to resume from")
+        return describe(executor.resume(job))
+
+    @app.get("/api/training/jobs/{job_id}/logs", dependencies=guarded)
+    def job_logs(job_id: str, tail: int = Query(200, ge=1, le=100_000)) -> PlainTextResponse:
+        job = job_or_404(job_id)
+        logfile = Path(job.run_dir).parent / f"{job.id}.log"
+        lines = logfile.read_text(errors="replace").splitlines() if logfile.is_file() else []
+        return PlainTextResponse("\n".join(lines[-tail:]) + ("\n" if lines else ""))
+
+    # ---- metrics -------------------------------------------------------------------------
+
+    @app.get("/api/training/jobs/{job_id}/metrics", dependencies=guarded)
+    def job_metrics(job_id: str) -> dict[str, Any]:
+        return current(job_or_404(job_id).run_dir)
+
+    @app.get("/api/training/jobs/{job_id}/metrics/history", dependencies=guarded)
+    def job_history(
+        job_id: str,
+        since_step: int | None = Query(None, ge=0),
+        until_step: int | None = Query(None, ge=0),
+        max_points: int = Query(1000, ge=2, le=100_000),
+    ) -> dict[str, Any]:
+        return history(job_or_404(job_id).run_dir, since_step, until_step, max_points)
+
+    @app.get("/api/training/jobs/{job_id}/throughput", dependencies=guarded)
+    def job_throughput(job_id: str) -> dict[str, Any]:
+        return throughput(job_or_404(job_id).run_dir)
+
+    @app.get("/api/training/jobs/{job_id}/events", dependencies=guarded)
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        """Server-Sent Events: `metrics` (id = step), `status` on each change of state, `end`
+        when the job ends. Resumable: records after `Last-Event-ID` are sent first."""
+        job = job_or_404(job_id)
+        after = int(request.headers.get("last-event-id", "-1") or -1)
+        return StreamingResponse(_events(store, job, after, request),
+                                 media_type="text/event-stream")  # fmt: skip
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    @app.get("/api/training/jobs/{job_id}/checkpoints", dependencies=guarded)
+    def job_checkpoints(job_id: str) -> list[dict[str, Any]]:
+        job = job_or_404(job_id)
+        metric = ((job.config.get("checkpoint") or {}).get("metric")) or "val_loss"
+        found = checkpoints(job.run_dir, metric)
+        return [{**c, "id": f"{job.id}.{c['id']}"} for c in found]
+
+    def checkpoint_or_404(checkpoint_id: str) -> Path:
+        job_id, _, name = checkpoint_id.partition(".")
+        where = checkpoint_dir(job_or_404(job_id).run_dir, name)
+        if where is None:
+            raise HTTPException(404, f"no complete checkpoint {checkpoint_id}")
+        return where
+
+    @app.get("/api/training/checkpoints/{checkpoint_id}/download", dependencies=guarded)
+    def download(checkpoint_id: str) -> StreamingResponse:
+        where = checkpoint_or_404(checkpoint_id)
+        headers = {"Content-Disposition": f'attachment; filename="{checkpoint_id}.tar"'}
+        return StreamingResponse(tar_stream(where), media_type="application/x-tar",
+                                 headers=headers)  # fmt: skip
+
+    @app.get("/api/training/checkpoints/{checkpoint_id}/files/{name:path}",
+             dependencies=guarded)  # fmt: skip
+    def checkpoint_file(checkpoint_id: str, name: str) -> FileResponse:
+        where = checkpoint_or_404(checkpoint_id)
+        path = (where / name).resolve()
+        if not path.is_file() or where.resolve() not in path.parents:
+            raise HTTPException(404, f"no file {name} in {checkpoint_id}")
+        return FileResponse(path)  # HTTP Range: 206 with the bytes asked for
+
+    @app.exception_handler(HTTPException)
+    async def problem(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+    return app
+
+
+async def _events(store: Store, job: JobRow, after: int, request: Request) -> Any:
+    from kiln.runs import read_metrics
+
+    offset, state = 0, None
+    while True:
+        records, offset = read_metrics(job.run_dir, offset)
+        for r in records:  # each record once (a rewrite after a resume repeats its steps)
+            if r["step"] > after:
+                yield f"id: {r['step']}\nevent: metrics\ndata: {json.dumps(r)}\n\n"
+        now = store.job(job.id)
+        if now is not None and now.state != state:
+            state = now.state
+            yield f"event: status\ndata: {json.dumps(describe(now))}\n\n"
+            if state not in ("queued", "starting", "running"):
+                yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
+                return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(0.5)

@@ -1,0 +1,199 @@
+"""Running jobs: each a `kiln train` subprocess in its own process group, started from a
+queue with a concurrency limit, followed through its process and its run directory.
+
+States: queued -> starting -> running -> succeeded | failed | diverged | paused | stopped, or
+lost (its process vanished without writing an end state). Stop = SIGTERM to the group (the
+run checkpoints and exits 3: paused), escalated to SIGKILL after `grace_s`. Resume = a new
+attempt of the job with `kiln train --resume RUN_DIR`. Jobs never depend on the server: one
+started before a restart is found again by its pid and that process's start time, and one
+that ended meanwhile is judged by the state and exit code its status.json recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.runs import read_status
+from kiln.serve.store import ACTIVE, JobRow, Store
+
+__all__ = ["LocalExecutor", "process_start", "state_for_exit"]
+
+log = logging.getLogger("kiln")
+
+_END_STATES = {"finished": "succeeded", "paused": "paused", "stopped": "stopped",
+               "diverged": "diverged", "failed": "failed"}  # fmt: skip
+"""status.json's end state -> the job's."""
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot, /proc/PID/stat field 22), or
+    None when it does not run (or is a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def state_for_exit(code: int | None, run_dir: Path, stop_requested: bool) -> str:
+    """The job's state after its process ended with `code` (None: unknown, it was not our
+    child): status.json's end state when it wrote one, else by the exit code."""
+    status = read_status(run_dir) or {}
+    recorded = _END_STATES.get(str(status.get("state")))
+    if recorded is not None and (code is None or code == status.get("exit_code")):
+        return recorded
+    if code == 0:
+        return "succeeded"
+    if code == 3:
+        return "paused"
+    if code == 4:
+        return "diverged"
+    if code is None:
+        return "lost"
+    return "stopped" if stop_requested and code < 0 else "failed"
+
+
+class LocalExecutor:
+    """Jobs as subprocesses on this machine, at most `max_concurrent` at once."""
+
+    def __init__(self, store: Store, max_concurrent: int = 1, grace_s: float = 60.0) -> None:
+        self.store = store
+        self.max_concurrent = max_concurrent
+        self.grace_s = grace_s
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def start(self, interval_s: float = 0.25) -> None:
+        self.reconcile()
+        self._thread = threading.Thread(target=self._loop, args=(interval_s,), daemon=True,
+                                        name="kiln-serve-executor")  # fmt: skip
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop following jobs (they go on running; a restarted server finds them again)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.tick()
+            except Exception:  # one bad job must not stop the others being followed
+                log.exception("serve: executor tick failed")
+
+    def reconcile(self) -> None:
+        """After a (re)start: a job whose process still runs (same pid and start time) stays
+        running; one whose process is gone takes the state its run recorded."""
+        for job in self.store.jobs(ACTIVE):
+            if job.state == "queued":
+                continue
+            alive = job.pid is not None and process_start(job.pid) == job.pid_start
+            if not alive:
+                self._ended(job, None)
+
+    def tick(self) -> None:
+        """Follow running jobs, escalate overdue stops, start queued jobs while there is room."""
+        with self.lock:
+            for job in self.store.jobs(("starting", "running")):
+                proc = self.procs.get(job.id)
+                code = proc.poll() if proc is not None else None
+                ended = code is not None or (
+                    proc is None and process_start(job.pid or -1) != job.pid_start
+                )
+                if ended:
+                    self.procs.pop(job.id, None)
+                    self._ended(job, code)
+                    continue
+                if job.state == "starting" and (read_status(job.run_dir) or {}).get("state"):
+                    self.store.update_job(job.id, state="running")
+                if job.stop_requested and time.time() - job.stop_requested > self.grace_s:
+                    self._signal(job, signal.SIGKILL)
+            running = len(self.store.jobs(("starting", "running")))
+            for job in self.store.jobs(("queued",)):
+                if running >= self.max_concurrent:
+                    break
+                self._launch(job)
+                running += 1
+
+    # ---- one job -------------------------------------------------------------------------
+
+    def command(self, job: JobRow) -> list[str]:
+        cmd = [sys.executable, "-m", "kiln", "-q", "train"]
+        if job.resume:
+            return [*cmd, "--resume", job.run_dir]
+        return [*cmd, str(Path(job.run_dir).parent / f"{job.id}.yaml"), "--overwrite"]
+
+    def _launch(self, job: JobRow) -> None:
+        run_dir = Path(job.run_dir)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        config = {**job.config, "output_dir": str(run_dir)}
+        (run_dir.parent / f"{job.id}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        logfile = run_dir.parent / f"{job.id}.log"
+        with logfile.open("a") as out:
+            out.write(f"--- attempt {job.attempt + 1}: {' '.join(self.command(job))}\n")
+            out.flush()
+            proc = subprocess.Popen(self.command(job), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        self.procs[job.id] = proc
+        self.store.update_job(job.id, state="starting", pid=proc.pid,
+                              pid_start=process_start(proc.pid), attempt=job.attempt + 1,
+                              started=time.time(), ended=None, exit_code=None, error=None,
+                              stop_requested=None)  # fmt: skip
+
+    def _ended(self, job: JobRow, code: int | None) -> None:
+        status = read_status(job.run_dir) or {}
+        if code is None and status.get("exit_code") is not None:
+            code = int(status["exit_code"])
+        state = state_for_exit(code, Path(job.run_dir), job.stop_requested is not None)
+        error = status.get("error") if state == "failed" else None
+        self.store.update_job(job.id, state=state, exit_code=code, ended=time.time(),
+                              pid=None, error=error)  # fmt: skip
+        log.info("serve: job %s %s (exit code %s)", job.id, state, code)
+
+    def _signal(self, job: JobRow, sig: signal.Signals) -> None:
+        if job.pid is None or process_start(job.pid) != job.pid_start:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(job.pid, sig)  # its own session: the group is the job (torchrun, ranks)
+
+    def stop(self, job: JobRow) -> JobRow:
+        """Ask the job to stop: a queued one is stopped at once; a running one gets SIGTERM
+        (it checkpoints and pauses), SIGKILL after the grace period."""
+        with self.lock:
+            job = self.store.job(job.id) or job
+            if job.state == "queued":
+                return self.store.update_job(job.id, state="stopped", ended=time.time())
+            if job.state in ("starting", "running"):
+                self._signal(job, signal.SIGTERM)
+                return self.store.update_job(job.id, stop_requested=time.time())
+            return job
+
+    def resume(self, job: JobRow) -> JobRow:
+        """Queue the next attempt, continuing from the run's checkpoint."""
+        with self.lock:
+            return self.store.update_job(job.id, state="queued", resume=True)
+
+
+def describe(job: JobRow) -> dict[str, Any]:
+    """A job for the API: the row, and what its status.json says now."""
+    status = read_status(job.run_dir) or {}
+    out = job.to_dict()
+    out.update({k: status.get(k) for k in ("step", "total_steps", "epoch", "eta_s", "heartbeat")})
+    out["stop_requested"] = job.stop_requested is not None
+    return out

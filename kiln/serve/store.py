@@ -1,0 +1,139 @@
+"""The server's database: saved configs and jobs (SQLAlchemy; SQLite in WAL mode by default,
+PostgreSQL by URL). The server is its only writer; a job's run directory stays the source of
+truth for how the run went (status.json, metrics.jsonl, checkpoints)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+__all__ = ["ACTIVE", "STATES", "ConfigRow", "JobRow", "Store"]
+
+STATES = ("queued", "starting", "running", "paused", "succeeded", "failed", "diverged",
+          "stopped", "lost")  # fmt: skip
+ACTIVE = ("queued", "starting", "running")
+"""States of a job the server still has to follow."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ConfigRow(Base):
+    __tablename__ = "configs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created: Mapped[float] = mapped_column(Float)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "config": self.config, "created": self.created}
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    config_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    run_dir: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    resume: Mapped[bool] = mapped_column(Integer, default=0)
+    """The next attempt continues from the run's checkpoint (`kiln train --resume`)."""
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pid_start: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """The process's start time (/proc/PID/stat): a reused pid is not the job's."""
+    stop_requested: Mapped[float | None] = mapped_column(Float, nullable=True)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created: Mapped[float] = mapped_column(Float)
+    started: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("id", "name", "config_id", "run_dir", "state", "attempt", "pid", "exit_code",
+                "error", "created", "started", "ended")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class Store:
+    """Configs and jobs in a database at `url` (tables created on first use)."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(url)
+        if url.startswith("sqlite"):
+
+            @event.listens_for(self.engine, "connect")
+            def _wal(connection: Any, _: Any) -> None:  # readers never block the writer
+                cursor = connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA busy_timeout=5000")
+                cursor.close()
+
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    # ---- configs -------------------------------------------------------------------------
+
+    def add_config(self, name: str, config: dict[str, Any]) -> ConfigRow:
+        row = ConfigRow(id=new_id(), name=name, config=config, created=time.time())
+        with self.session() as s:
+            s.add(row)
+        return row
+
+    def configs(self) -> list[ConfigRow]:
+        with self.session() as s:
+            return list(s.scalars(select(ConfigRow).order_by(ConfigRow.created)))
+
+    def config(self, config_id: str) -> ConfigRow | None:
+        with self.session() as s:
+            return s.get(ConfigRow, config_id)
+
+    def delete_config(self, config_id: str) -> bool:
+        with self.session() as s:
+            row = s.get(ConfigRow, config_id)
+            if row is not None:
+                s.delete(row)
+            return row is not None
+
+    # ---- jobs ----------------------------------------------------------------------------
+
+    def add_job(self, job: JobRow) -> JobRow:
+        with self.session() as s:
+            s.add(job)
+        return job
+
+    def jobs(self, states: tuple[str, ...] | None = None) -> list[JobRow]:
+        query = select(JobRow).order_by(JobRow.created)
+        if states is not None:
+            query = query.where(JobRow.state.in_(states))
+        with self.session() as s:
+            return list(s.scalars(query))
+
+    def job(self, job_id: str) -> JobRow | None:
+        with self.session() as s:
+            return s.get(JobRow, job_id)
+
+    def update_job(self, job_id: str, **values: Any) -> JobRow:
+        with self.session() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise KeyError(job_id)
+            for key, value in values.items():
+                setattr(row, key, value)
+            return row

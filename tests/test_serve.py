@@ -1,0 +1,191 @@
+"""`kiln serve`: a real server (uvicorn on 127.0.0.1) running real tiny jobs through the
+client; the run directories stay the source of truth."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import free_port, make_rows, tiny_raw, write_jsonl
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret-token-for-the-test"
+
+
+def _config(tmp: Path) -> dict[str, Any]:
+    write_jsonl(tmp / "train.jsonl", make_rows(80, seed=5))
+    write_jsonl(tmp / "val.jsonl", make_rows(12, seed=6))
+    raw = tiny_raw(tmp, tmp / "train.jsonl", tmp / "val.jsonl")
+    del raw["output_dir"]  # the server gives each job its run directory
+    raw["optim"] = {"lr": 3e-3, "warmup_steps": 0, "scheduler": "constant"}
+    raw["train"] = {"max_steps": 16, "batch_size": 4, "num_threads": 1}
+    raw["eval"] = {"every_steps": 8}
+    raw["checkpoint"] = {"every_steps": 2, "keep_last": 2, "every_minutes": None}
+    raw["log"] = {"every_steps": 1, "progress": "none", "plots": False}
+    return raw
+
+
+class Server:
+    def __init__(self, state: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.log = state.with_suffix(".log")
+        cmd = [sys.executable, "-m", "kiln", "serve", "--port", str(self.port), "--state-dir",
+               str(state), "--token", TOKEN, *extra]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with self.log.open("a") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT)  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server never answered"
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Any:
+    srv = Server(tmp_path / "state", "--max-concurrent", "1")
+    yield srv
+    srv.close()
+
+
+def _losses(run_dir: str) -> list[float]:
+    rows = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def test_jobs_start_queue_stop_resume_and_finish_as_an_uninterrupted_run(
+    tmp_path: Path, server: Server
+) -> None:
+    from kiln.client import ApiError, Client
+
+    api = Client(server.url, token=TOKEN)
+    raw = _config(tmp_path)
+    saved = api.add_config("tiny", raw)
+    assert api.config(saved["id"])["config"] == raw
+    with pytest.raises(ApiError) as bad:  # validated as kiln train would, one line a problem
+        api.add_config("bad", {**raw, "train": {**raw["train"], "batch_size": 0}})
+    assert bad.value.status == 422
+    assert bad.value.detail == ["train.batch_size: input should be greater than 0 (got 0)"]
+
+    paused = api.start(config_id=saved["id"])
+    reference = api.start(config=raw, name="reference")  # waits: --max-concurrent 1
+    assert (paused["state"], reference["state"]) == ("queued", "queued")
+    api.wait(paused["id"], until=lambda j: j["state"] == "running" and (j["step"] or 0) >= 5)
+    assert api.status(reference["id"])["state"] == "queued"
+    api.stop(paused["id"])
+    job = api.wait(paused["id"], "paused", "failed", "succeeded")
+    assert (job["state"], job["exit_code"]) == ("paused", 3), api.logs(paused["id"])
+    step = job["step"]
+    assert 5 <= step < 16
+
+    # Checkpoints: listed with their manifest's checksum; the archive's files match it.
+    listed = api.checkpoints(paused["id"])
+    assert listed
+    assert listed[-1]["id"] == f"{paused['id']}.step-{step}"
+    with tarfile.open(fileobj=io.BytesIO(api.download(listed[-1]["id"]))) as archive:
+        files = {m.name.split("/", 1)[1]: archive.extractfile(m).read()
+                 for m in archive if m.isfile()}  # fmt: skip
+    manifest = json.loads(files["manifest.json"])
+    assert hashlib.sha256(files["manifest.json"]).hexdigest() == listed[-1]["manifest_sha256"]
+    for name, meta in manifest["files"].items():  # CRC-32 of each piece, as resume checks
+        data, piece = files[name], meta["piece"]
+        assert len(data) == meta["size"]
+        crcs = [f"{zlib.crc32(data[i : i + piece]):08x}" for i in range(0, len(data), piece)]
+        assert crcs == meta["crc32"], name
+    ranged = api.http.get(f"/api/training/checkpoints/{listed[-1]['id']}/files/model.safetensors",
+                          headers={"Range": "bytes=10-99"})  # fmt: skip
+    assert ranged.status_code == 206
+    assert ranged.content == files["model.safetensors"][10:100]
+
+    api.wait(reference["id"], "running", "succeeded")  # the queue moved on
+    api.resume(paused["id"])
+    done = api.wait(paused["id"], "succeeded", "failed", timeout_s=300)
+    assert done["state"] == "succeeded", api.logs(paused["id"])
+    ref = api.wait(reference["id"], "succeeded", "failed", timeout_s=300)
+    assert ref["state"] == "succeeded"
+    assert done["attempt"] == 2
+    assert _losses(done["run_dir"]) == _losses(ref["run_dir"])  # bit-exact, as a CLI resume
+
+    # The stream: every train step once, then the end; resumable after an event id.
+    events = list(api.events(reference["id"]))
+    steps = [e["data"]["step"] for e in events if e["event"] == "metrics" and
+             e["data"]["split"] == "train"]  # fmt: skip
+    assert steps == list(range(1, 17))
+    assert events[-1] == {"event": "end", "data": {"state": "succeeded"}}
+    later = [e for e in api.events(reference["id"], last_event_id=12) if e["event"] == "metrics"]
+    assert sorted({e["data"]["step"] for e in later}) == [13, 14, 15, 16]
+    history = api.history(reference["id"], max_points=4)
+    assert len(history["train"]) <= 4
+    losses = _losses(ref["run_dir"])
+    kept = [r["loss"] for r in history["train"]]
+    assert min(losses) in kept
+    assert max(losses) in kept
+    assert api.throughput(reference["id"])["step"] == 16
+
+    # Auth: nothing but health without the token; the token in no log.
+    import httpx
+
+    assert httpx.get(f"{server.url}/api/health").status_code == 200
+    assert httpx.get(f"{server.url}/api/training/jobs").status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert httpx.get(f"{server.url}/api/training/jobs", headers=wrong).status_code == 401
+    server.close()
+    logs = [server.log, *Path(tmp_path / "state" / "runs").glob("*.log")]
+    assert not any(TOKEN in p.read_text() for p in logs)
+
+
+def test_a_job_outlives_the_server(tmp_path: Path) -> None:
+    """SIGKILL the server while a job runs; the restarted server still tracks the job, which
+    finishes; nothing is orphaned or run twice."""
+    from kiln.client import Client
+
+    raw = _config(tmp_path)
+    raw["train"]["max_steps"] = 24
+    first = Server(tmp_path / "state")
+    api = Client(first.url, token=TOKEN)
+    job = api.start(config=raw)
+    api.wait(job["id"], until=lambda j: j["state"] == "running" and (j["step"] or 0) >= 2)
+    pid = api.status(job["id"])["pid"]
+    os.kill(pid, signal.SIGSTOP)  # the job holds still while the server is away
+    first.proc.kill()
+    first.proc.wait()
+    second = Server(tmp_path / "state")
+    try:
+        api = Client(second.url, token=TOKEN)
+        now = api.status(job["id"])
+        assert (now["state"], now["pid"]) == ("running", pid)  # found again, not restarted
+        os.kill(pid, signal.SIGCONT)
+        done = api.wait(job["id"], "succeeded", "failed", "lost", timeout_s=300)
+        assert done["state"] == "succeeded"
+        assert done["attempt"] == 1
+        assert len(_losses(done["run_dir"])) == 24
+    finally:
+        second.close()
