@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import make_rows, write_jsonl
@@ -25,3 +28,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Any:
+    """A PostgreSQL server from this machine's binaries, on loopback, for the test's life."""
+    import shutil
+    import tempfile
+
+    from helpers import free_port
+
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL's initdb and pg_ctl are not on this machine")
+    pytest.importorskip("psycopg")
+    root = Path(tempfile.mkdtemp(prefix="kiln-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data = root / "data"
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "kiln", "--auth=trust"],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"),
+                    "-w", "start"], check=True, capture_output=True, timeout=120)  # fmt: skip
+    try:
+        yield f"postgresql+psycopg://kiln@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)

@@ -189,3 +189,65 @@ def test_a_job_outlives_the_server(tmp_path: Path) -> None:
         assert len(_losses(done["run_dir"])) == 24
     finally:
         second.close()
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_the_store_keeps_configs_and_jobs(
+    tmp_path: Path, db: str, request: pytest.FixtureRequest
+) -> None:
+    from kiln.serve.store import JobRow, Store
+
+    url = f"sqlite:///{tmp_path / 'kiln.db'}"
+    if db == "postgresql":
+        url = request.getfixturevalue("postgres")
+    store = Store(url)
+    a = store.add_config("a", {"name": "a", "train": {"max_steps": 3}})
+    b = store.add_config("b", {"name": "b"})
+    assert [c.id for c in Store(url).configs()][-2:] == [a.id, b.id]  # another connection
+    assert store.config(a.id).config == {"name": "a", "train": {"max_steps": 3}}
+    assert store.delete_config(a.id) is True
+    assert store.delete_config(a.id) is False
+    assert store.config(a.id) is None
+    job = store.add_job(JobRow(id=f"j{db}", name="j", config={}, run_dir="/r", state="queued",
+                               attempt=0, resume=False, created=time.time()))  # fmt: skip
+    store.update_job(job.id, state="running", pid=123, pid_start="42")
+    assert [j.id for j in store.jobs(("running",))] == [job.id]
+    assert store.job(job.id).to_dict()["pid"] == 123
+    store.delete_config(b.id)
+
+
+def test_tokens_have_scopes_and_reindex_finds_jobs(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from kiln.serve.app import Settings, create_app
+    from kiln.serve.executor import reindex
+
+    runs = tmp_path / "state" / "runs"
+    (runs / "abc123").mkdir(parents=True)
+    (runs / "abc123.yaml").write_text("name: found\noutput_dir: x\n")
+    status = {"format": 1, "state": "finished", "exit_code": 0, "step": 7, "started_at": 1.0}
+    (runs / "abc123" / "status.json").write_text(json.dumps(status))
+    app = create_app(Settings(tmp_path / "state", token="w", read_token="r"))
+    assert reindex(app.state.store, runs) == ["abc123"]
+    assert reindex(app.state.store, runs) == []  # known now
+    http = TestClient(app)
+    assert http.get("/api/training/jobs").status_code == 401
+    read, write = {"Authorization": "Bearer r"}, {"Authorization": "Bearer w"}
+    [job] = http.get("/api/training/jobs", headers=read).json()
+    assert (job["id"], job["name"], job["state"], job["step"]) == (
+        "abc123",
+        "found",
+        "succeeded",
+        7,
+    )
+    body = {"name": "x", "config": _config(tmp_path)}
+    refused = http.post("/api/training/configs", json=body, headers=read)
+    assert (refused.status_code, refused.json()) == (
+        403,
+        {"detail": "this token has the read scope only"},
+    )
+    assert http.post("/api/training/configs", json=body, headers=write).status_code == 201
+    assert http.get("/api/training/jobs/nope/status", headers=read).status_code == 404
+    schema = http.get("/openapi.json").json()
+    responses = schema["paths"]["/api/training/jobs/{job_id}/resume"]["post"]["responses"]
+    assert {"401", "403", "404", "409", "422"} <= set(responses)

@@ -188,41 +188,6 @@ def test_killed_sweep_resumes_its_interrupted_trial(tmp_path: Path) -> None:
     assert _final_val(trial) == _final_val(tmp_path / "clean")
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Any:
-    """A PostgreSQL server from this machine's binaries, on loopback, for the test's life."""
-    import shutil
-    import tempfile
-
-    from helpers import free_port
-
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL's initdb and pg_ctl are not on this machine")
-    pytest.importorskip("psycopg")
-    root = Path(tempfile.mkdtemp(prefix="kiln-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        import pwd
-
-        user = pwd.getpwnam("postgres")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    data = root / "data"
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "kiln", "--auth=trust"],
-                   check=True, capture_output=True, timeout=120)  # fmt: skip
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"),
-                    "-w", "start"], check=True, capture_output=True, timeout=120)  # fmt: skip
-    try:
-        yield f"postgresql+psycopg://kiln@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)  # fmt: skip
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
 def test_two_controllers_on_a_fresh_database_run_every_trial_once(
     tmp_path: Path, storage: str, request: pytest.FixtureRequest

@@ -18,6 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None,
                    help="bearer token every route but /api/health needs; default "
                         "$KILN_SERVE_TOKEN; required to bind a non-loopback address")  # fmt: skip
+    read = "bearer token for GET requests only; default $KILN_SERVE_READ_TOKEN"
+    p.add_argument("--read-token", default=None, help=read)
+    reindex = "first add to the database every job found in <state-dir>/runs"
+    p.add_argument("--reindex", action="store_true", help=reindex)
     p.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default SQLite in --state-dir)")
     p.add_argument("--state-dir", default="serve", metavar="DIR",
                    help="the database and the jobs' run directories (./serve)")  # fmt: skip
@@ -50,8 +54,14 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise KilnError(f"kiln serve needs fastapi and uvicorn ({exc.name} is missing): "
                         "pip install 'kiln[serve]'") from None  # fmt: skip
-    settings = Settings(Path(args.state_dir), args.db, token, args.max_concurrent)
+    read_token = args.read_token or os.environ.get("KILN_SERVE_READ_TOKEN") or None
+    settings = Settings(Path(args.state_dir), args.db, token, read_token, args.max_concurrent)
     app = create_app(settings)
+    if args.reindex:
+        from kiln.serve.executor import reindex
+
+        added = reindex(app.state.store, settings.state_dir / "runs")
+        print(f"kiln serve: reindexed {len(added)} jobs from {settings.state_dir / 'runs'}")
     print(f"kiln serve: http://{args.host}:{args.port} (state {settings.state_dir})", flush=True)
     # access_log off: request lines would carry query strings; tokens travel in headers only.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)

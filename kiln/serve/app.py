@@ -34,6 +34,9 @@ class Settings:
     """Where the database (default) and the jobs' run directories live."""
     db_url: str | None = None
     token: str | None = None
+    """Bearer token with the write scope (everything)."""
+    read_token: str | None = None
+    """Bearer token with the read scope (GET requests only)."""
     max_concurrent: int = 1
     grace_s: float = 60.0
 
@@ -58,8 +61,7 @@ class Problem(BaseModel):
     detail: list[str] | str
 
 
-_ERRORS = {401: {"model": Problem}, 404: {"model": Problem}, 409: {"model": Problem},
-           422: {"model": Problem}}  # fmt: skip
+_ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 409, 422)}
 
 
 def _checked(config: dict[str, Any]) -> dict[str, Any]:
@@ -79,18 +81,20 @@ def create_app(settings: Settings) -> FastAPI:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.url)
     executor = LocalExecutor(store, settings.max_concurrent, settings.grace_s)
-    digest = None if settings.token is None else hashlib.sha256(settings.token.encode()).digest()
+    digests = {scope: hashlib.sha256(token.encode()).digest()
+               for scope, token in (("write", settings.token), ("read", settings.read_token))
+               if token is not None}  # fmt: skip
 
     def auth(request: Request) -> None:
-        if digest is None:
+        if not digests:
             return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(
-            hashlib.sha256(token.encode()).digest(), digest
-        )
-        if not ok:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.encode()).digest()
+        scopes = {s for s, d in digests.items() if hmac.compare_digest(given, d)}
+        if scheme.lower() != "bearer" or not scopes:
             raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
+        if "write" not in scopes and request.method not in ("GET", "HEAD"):
+            raise HTTPException(403, "this token has the read scope only")
 
     from contextlib import asynccontextmanager
 

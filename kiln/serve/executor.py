@@ -27,7 +27,7 @@ import yaml
 from kiln.runs import read_status
 from kiln.serve.store import ACTIVE, JobRow, Store
 
-__all__ = ["LocalExecutor", "process_start", "state_for_exit"]
+__all__ = ["LocalExecutor", "describe", "process_start", "reindex", "state_for_exit"]
 
 log = logging.getLogger("kiln")
 
@@ -197,3 +197,35 @@ def describe(job: JobRow) -> dict[str, Any]:
     out.update({k: status.get(k) for k in ("step", "total_steps", "epoch", "eta_s", "heartbeat")})
     out["stop_requested"] = job.stop_requested is not None
     return out
+
+
+def reindex(store: Store, runs_root: Path) -> list[str]:
+    """Add to `store` every job whose run directory is under `runs_root` and which the store
+    does not know (a lost or new database): its config from `<id>.yaml` beside it (else the
+    run's config.yaml), its state from status.json. The ids added."""
+    from kiln.runs import read_config_raw, run_state
+
+    added = []
+    known = {job.id for job in store.jobs()}
+    for run_dir in sorted(p for p in runs_root.glob("*") if p.is_dir()):
+        if run_dir.name in known:
+            continue
+        saved = run_dir.parent / f"{run_dir.name}.yaml"
+        config = yaml.safe_load(saved.read_text()) if saved.is_file() else read_config_raw(run_dir)
+        if not isinstance(config, dict):
+            continue
+        config.pop("output_dir", None)
+        status = read_status(run_dir) or {}
+        state = run_state(status) if status else "lost"
+        alive = state in ("starting", "running")
+        job_state = "running" if alive else _END_STATES.get(state, "lost")
+        pid = status.get("pid") if alive else None
+        stamp = status.get("started_at") or run_dir.stat().st_mtime
+        store.add_job(JobRow(
+            id=run_dir.name, name=str(config.get("name") or run_dir.name), config=config,
+            run_dir=str(run_dir), state=job_state, attempt=1, resume=False, pid=pid,
+            pid_start=process_start(pid) if pid else None, exit_code=status.get("exit_code"),
+            error=status.get("error"), created=float(stamp), started=float(stamp),
+        ))  # fmt: skip
+        added.append(run_dir.name)
+    return added
