@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from kiln.config import RunConfig, config_hash
 
-__all__ = ["annotated_yaml", "explain"]
+__all__ = ["annotated_yaml", "explain", "explain_facts"]
 
 
 def _scalar(value: Any) -> str:
@@ -114,3 +114,26 @@ def _warmup(optim: Any, total: int) -> str:
     """The warmup steps, and where they come from when it is a fraction."""
     steps = optim.warmup_for(total)
     return str(steps) if optim.warmup_ratio is None else f"{steps} ({optim.warmup_ratio} x {total})"
+
+
+def explain_facts(cfg: RunConfig, world_size: int = 1, points: int = 100) -> dict[str, Any]:
+    """What `explain` says, as data (for the dashboard): effective batch, tokens per step,
+    total and warmup steps, and the learning rate at up to `points` steps."""
+    from kiln.optim import schedule_for, schedule_table
+
+    train, data = cfg.train, cfg.data
+    total, how = _total_steps(cfg)
+    eff_batch = train.batch_size * train.grad_accum_steps * world_size
+    packed = cfg.task == "causal_lm" and data.packing
+    longest = data.max_length + (data.max_target_length if cfg.task == "seq2seq" else 0)
+    fn = schedule_for(cfg.optim, total)
+    return {
+        "config_hash": config_hash(cfg),
+        "effective_batch": eff_batch,
+        "tokens_per_step": eff_batch * (data.max_length if packed else longest),
+        "tokens_per_step_is_max": not packed,
+        "total_steps": total,
+        "total_steps_from": how,
+        "warmup_steps": cfg.optim.warmup_for(total),
+        "lr": [[step, lr] for step, lr in schedule_table(fn, total, cfg.optim.lr, points)],
+    }

@@ -251,3 +251,50 @@ def test_tokens_have_scopes_and_reindex_finds_jobs(tmp_path: Path) -> None:
     schema = http.get("/openapi.json").json()
     responses = schema["paths"]["/api/training/jobs/{job_id}/resume"]["post"]["responses"]
     assert {"401", "403", "404", "409", "422"} <= set(responses)
+
+
+def _chromium() -> str:
+    """Debian's chromium, installed with apt-get when missing (a clear skip if that fails)."""
+    import shutil
+
+    found = shutil.which("chromium")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "chromium"]
+        for cmd in (install, ["apt-get", "update", "-q"], install):
+            subprocess.run(cmd, env=env, capture_output=True, timeout=900)
+            if found := shutil.which("chromium"):
+                break
+    if found is None:
+        pytest.skip("Debian's chromium is not installed and apt-get could not install it")
+    return found
+
+
+def test_the_dashboard_shows_a_finished_jobs_curve(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    from kiln.client import Client
+
+    browser = _chromium()
+    srv = Server(tmp_path / "state", "--token", "")  # no token: the page is opened as is
+    try:
+        api = Client(srv.url)
+        raw = _config(tmp_path)
+        raw["train"]["max_steps"] = 8
+        job = api.start(config=raw)
+        assert api.wait(job["id"], "succeeded", "failed")["state"] == "succeeded"
+        page = f"{srv.url}/#job/{job['id']}"
+        base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900",
+                "--virtual-time-budget=8000"]  # fmt: skip
+        dom = subprocess.run([*base, "--dump-dom", page], capture_output=True, text=True,
+                             timeout=120).stdout  # fmt: skip
+        assert '<span id="state" class="state succeeded">succeeded</span>' in dom
+        assert 'class="series" data-name="train"' in dom  # the loss curve was drawn
+        assert 'class="series" data-name="val"' in dom
+        shot = tmp_path / "job.png"
+        subprocess.run([*base, f"--screenshot={shot}", page], capture_output=True, timeout=120)
+        pixels = imread(shot)[..., :3]
+        blue = (abs(pixels - [0x09 / 255, 0x69 / 255, 0xDA / 255]).max(axis=-1) < 0.05).sum()
+        assert blue > 100  # the train curve's colour, drawn on the screenshot
+    finally:
+        srv.close()

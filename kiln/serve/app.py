@@ -114,6 +114,11 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"no job {job_id}")
         return job
 
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        """The dashboard: one static page that reads this API (docs/serve.md)."""
+        return FileResponse(Path(__file__).parent / "static" / "index.html")
+
     @app.get("/api/health")
     def health() -> dict[str, Any]:
         return {"ok": True, "jobs": len(store.jobs(("starting", "running")))}
@@ -123,6 +128,19 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/api/training/configs", status_code=201, dependencies=guarded)
     def add_config(body: ConfigIn) -> dict[str, Any]:
         return store.add_config(body.name, _checked(body.config)).to_dict()
+
+    @app.post("/api/training/configs/explain", dependencies=guarded)
+    def explain_config(body: ConfigIn) -> dict[str, Any]:
+        """What the config implies (`kiln config explain`), before it is started."""
+        from kiln.config import load_config
+        from kiln.errors import KilnError
+        from kiln.explain import explain, explain_facts
+
+        cfg = load_config(data=_checked(body.config))
+        try:  # epochs are counted on the data: a data file can still be wrong
+            return {**explain_facts(cfg), "text": explain(cfg)}
+        except KilnError as exc:
+            raise HTTPException(422, str(exc).splitlines()) from None
 
     @app.get("/api/training/configs", dependencies=guarded)
     def list_configs() -> list[dict[str, Any]]:
