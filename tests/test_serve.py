@@ -201,6 +201,7 @@ def test_the_store_keeps_configs_and_jobs(
     if db == "postgresql":
         url = request.getfixturevalue("postgres")
     store = Store(url)
+    assert store.migrate() == "0001"  # the tables come from the migrations, applied once
     a = store.add_config("a", {"name": "a", "train": {"max_steps": 3}})
     b = store.add_config("b", {"name": "b"})
     assert [c.id for c in Store(url).configs()][-2:] == [a.id, b.id]  # another connection

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -39,6 +40,8 @@ class Settings:
     """Bearer token with the read scope (GET requests only)."""
     max_concurrent: int = 1
     grace_s: float = 60.0
+    dry_run: bool = False
+    """Queue jobs but never start them (to exercise the API alone: schema fuzzing)."""
 
     @property
     def url(self) -> str:
@@ -61,7 +64,15 @@ class Problem(BaseModel):
     detail: list[str] | str
 
 
-_ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 409, 422)}
+_CODES = (401, 403, 404, 409, 422)
+_ERRORS = {code: {"model": Problem} for code in _CODES}
+_JSON_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": "an error, as JSON",
+           "content": {"application/json": {"schema": Problem.model_json_schema()}}}
+    for code in _CODES
+}  # fmt: skip
+"""For routes whose success is not JSON (text, a stream, a file): their errors still are."""
+_BYTES = {"description": "the file's bytes", "content": {"application/octet-stream": {}}}
 
 
 def _checked(config: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +111,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
-        executor.start()
+        if not settings.dry_run:
+            executor.start()
         yield
         executor.close()
 
@@ -203,7 +215,8 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(409, f"job {job_id} has no checkpoint to resume from")
         return describe(executor.resume(job))
 
-    @app.get("/api/training/jobs/{job_id}/logs", dependencies=guarded)
+    @app.get("/api/training/jobs/{job_id}/logs", dependencies=guarded,
+             response_class=PlainTextResponse, responses=_JSON_ERRORS)  # fmt: skip
     def job_logs(job_id: str, tail: int = Query(200, ge=1, le=100_000)) -> PlainTextResponse:
         job = job_or_404(job_id)
         logfile = Path(job.run_dir).parent / f"{job.id}.log"
@@ -229,7 +242,9 @@ def create_app(settings: Settings) -> FastAPI:
     def job_throughput(job_id: str) -> dict[str, Any]:
         return throughput(job_or_404(job_id).run_dir)
 
-    @app.get("/api/training/jobs/{job_id}/events", dependencies=guarded)
+    @app.get("/api/training/jobs/{job_id}/events", dependencies=guarded,
+             response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}, **_JSON_ERRORS})  # fmt: skip
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         """Server-Sent Events: `metrics` (id = step), `status` on each change of state, `end`
         when the job ends. Resumable: records after `Last-Event-ID` are sent first."""
@@ -254,7 +269,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"no complete checkpoint {checkpoint_id}")
         return where
 
-    @app.get("/api/training/checkpoints/{checkpoint_id}/download", dependencies=guarded)
+    @app.get("/api/training/checkpoints/{checkpoint_id}/download", dependencies=guarded,
+             response_class=StreamingResponse,
+             responses={200: {"content": {"application/x-tar": {}}}, **_JSON_ERRORS})  # fmt: skip
     def download(checkpoint_id: str) -> StreamingResponse:
         where = checkpoint_or_404(checkpoint_id)
         headers = {"Content-Disposition": f'attachment; filename="{checkpoint_id}.tar"'}
@@ -262,7 +279,8 @@ def create_app(settings: Settings) -> FastAPI:
                                  headers=headers)  # fmt: skip
 
     @app.get("/api/training/checkpoints/{checkpoint_id}/files/{name:path}",
-             dependencies=guarded)  # fmt: skip
+             dependencies=guarded, response_class=FileResponse,
+             responses={200: _BYTES, 206: _BYTES, **_JSON_ERRORS})  # fmt: skip
     def checkpoint_file(checkpoint_id: str, name: str) -> FileResponse:
         where = checkpoint_or_404(checkpoint_id)
         path = (where / name).resolve()
@@ -273,6 +291,15 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def problem(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """A bad request body or query: one line per problem, naming where, as the CLI does."""
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            lines.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg"))
+        return JSONResponse({"detail": lines}, 422)
 
     return app
 

@@ -4,10 +4,12 @@ truth for how the run went (status.json, metrics.jsonl, checkpoints)."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select
@@ -81,7 +83,23 @@ class Store:
                 cursor.execute("PRAGMA busy_timeout=5000")
                 cursor.close()
 
-        Base.metadata.create_all(self.engine)
+        self.migrate()
+
+    def migrate(self) -> str:
+        """Bring the database's tables to the newest revision (alembic, in
+        kiln/serve/migrations); the revision it is at."""
+        from alembic import command
+        from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # "Running upgrade ..." lines
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        with self.engine.connect() as connection:
+            return str(MigrationContext.configure(connection).get_current_revision())
 
     @contextmanager
     def session(self) -> Iterator[Session]:
