@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/kiln train configs/quickstart.yaml --overwrite
 
+# Two workers (2 cores): tests that start processes run in one xdist group (tests/conftest.py).
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: setup
 	$(BIN)/ruff check .

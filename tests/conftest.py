@@ -18,10 +18,21 @@ def recipe_files(tmp_path: Path) -> tuple[Path, Path]:
     return train, val
 
 
+PROCESSES = {"test_distributed", "test_distributed_failures", "test_kill", "test_rank",
+             "test_sweep", "test_serve", "test_job"}  # fmt: skip
+"""Modules whose tests start processes (ranks, trials, jobs, servers) and time them: under
+pytest-xdist (`make test`: `-n 2 --dist loadgroup`) they run one after another on one worker,
+while the other worker runs the in-process tests."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU-marked tests run only where CUDA is available."""
+    """GPU-marked tests run only where CUDA is available; process-starting modules share one
+    xdist group."""
     import torch
 
+    for item in items:
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in PROCESSES:
+            item.add_marker(pytest.mark.xdist_group("processes"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

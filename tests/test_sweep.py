@@ -280,7 +280,9 @@ def _assert_nested_in_mlflow(sweep_dir: Path) -> None:
     assert {r.info.status for r in children} == {"FINISHED"}
     best = min(float(r["value"]) for r in _trials(sweep_dir))
     history = client.get_metric_history(parent.info.run_id, "best_val_loss")
-    assert history[-1].value == best
+    values = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert values == sorted(values, reverse=True)  # each a new best: falling
+    assert values[-1] == best
     for child in children:  # the trial's own metrics, in the one store of the sweep
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/loss")]
         assert steps == [2, 4, 6]

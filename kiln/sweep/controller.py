@@ -312,9 +312,10 @@ class Controller:
         diverged = code == EXIT_DIVERGED or t.nonfinite or (code == 0 and value is None)
         if code == 0 and value is not None and not t.nonfinite:
             self._tell(t, "complete", value, best_step=step, wall_s=wall)
-            done = len(self.study.get_trials(deepcopy=False))
-            if self.voice.trial_done(t.number, value, done) and self.mlflow is not None:
-                self.mlflow.best(value, done)
+            with self.lock:  # two workers finishing at once: one decides the best at a time
+                done = len(self.study.get_trials(deepcopy=False))
+                if self.voice.trial_done(t.number, value, done) and self.mlflow is not None:
+                    self.mlflow.best(value)
         elif diverged or (code == EXIT_PAUSED and t.pruned):
             self._tell(t, "pruned", diverged=diverged, wall_s=wall)
         elif code == EXIT_PAUSED or self.stopping:

@@ -37,6 +37,7 @@ class MlflowParent:
         opts = load_config(data=sweep.base, overrides=sweep.grouping()).log.mlflow
         self.client = MlflowClient(tracking_uri=default_tracking_uri(opts, sweep.dir))
         self.metric = sweep.spec.metric
+        self.bests = 0
         run_id, shared = study.user_attrs.get(PARENT_ATTR), True
         if run_id is not None:
             try:
@@ -69,9 +70,11 @@ class MlflowParent:
         self.client.log_batch(run_id, params=params)
         return run_id
 
-    def best(self, value: float, trials: int) -> None:
-        """A new best value, at step = the number of trials so far."""
-        self.client.log_metric(self.run_id, f"best_{self.metric}", value, step=trials)
+    def best(self, value: float) -> None:
+        """A new best value, at step = how many bests this controller has logged (a strictly
+        increasing series: the last point is the best)."""
+        self.bests += 1
+        self.client.log_metric(self.run_id, f"best_{self.metric}", value, step=self.bests)
 
     def end(self, finished: bool) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if finished else "KILLED")
