@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/kiln train configs/quickstart.yaml --overwrite
 
-# Two workers (2 cores): tests that start processes run in one xdist group (tests/conftest.py).
+# Two workers (2 cores); the rank-starting modules share one xdist group (tests/conftest.py).
 test: setup lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 

@@ -18,21 +18,19 @@ def recipe_files(tmp_path: Path) -> tuple[Path, Path]:
     return train, val
 
 
-PROCESSES = {"test_distributed", "test_distributed_failures", "test_kill", "test_rank",
-             "test_sweep", "test_serve", "test_job"}  # fmt: skip
-"""Modules whose tests start processes (ranks, trials, jobs, servers) and time them: under
-pytest-xdist (`make test`: `-n 2 --dist loadgroup`) they run one after another on one worker,
-while the other worker runs the in-process tests."""
+RANKS = {"test_distributed", "test_distributed_failures", "test_rank", "test_kill", "test_job"}
+"""Modules that start ranks or kill runs and time them: under pytest-xdist (`make test`:
+`-n 2 --dist loadgroup`) they run one after another on one worker, never two at once."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU-marked tests run only where CUDA is available; process-starting modules share one
-    xdist group."""
+    """GPU-marked tests run only where CUDA is available. xdist groups: the RANKS modules
+    together, every other module on its own (its module-scoped fixtures are built once)."""
     import torch
 
     for item in items:
-        if item.module is not None and item.module.__name__.rpartition(".")[2] in PROCESSES:
-            item.add_marker(pytest.mark.xdist_group("processes"))
+        module = item.module.__name__.rpartition(".")[2] if item.module is not None else ""
+        item.add_marker(pytest.mark.xdist_group("ranks" if module in RANKS else module))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
