@@ -72,3 +72,11 @@ def postgres() -> Any:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True, timeout=60)  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An SQLAlchemy URL: a fresh SQLite file, or the session's PostgreSQL server."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres")
+    return f"sqlite:///{tmp_path / 'db.sqlite'}"

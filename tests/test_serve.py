@@ -191,15 +191,10 @@ def test_a_job_outlives_the_server(tmp_path: Path) -> None:
         second.close()
 
 
-@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
-def test_the_store_keeps_configs_and_jobs(
-    tmp_path: Path, db: str, request: pytest.FixtureRequest
-) -> None:
+def test_the_store_keeps_configs_and_jobs(database_url: str) -> None:
     from kiln.serve.store import JobRow, Store
 
-    url = f"sqlite:///{tmp_path / 'kiln.db'}"
-    if db == "postgresql":
-        url = request.getfixturevalue("postgres")
+    url = database_url
     store = Store(url)
     assert store.migrate() == "0001"  # the tables come from the migrations, applied once
     a = store.add_config("a", {"name": "a", "train": {"max_steps": 3}})
@@ -209,7 +204,7 @@ def test_the_store_keeps_configs_and_jobs(
     assert store.delete_config(a.id) is True
     assert store.delete_config(a.id) is False
     assert store.config(a.id) is None
-    job = store.add_job(JobRow(id=f"j{db}", name="j", config={}, run_dir="/r", state="queued",
+    job = store.add_job(JobRow(id=f"j{url[:6]}", name="j", config={}, run_dir="/r", state="queued",
                                attempt=0, resume=False, created=time.time()))  # fmt: skip
     store.update_job(job.id, state="running", pid=123, pid_start="42")
     assert [j.id for j in store.jobs(("running",))] == [job.id]

@@ -188,14 +188,12 @@ def test_killed_sweep_resumes_its_interrupted_trial(tmp_path: Path) -> None:
     assert _final_val(trial) == _final_val(tmp_path / "clean")
 
 
-@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
 def test_two_controllers_on_a_fresh_database_run_every_trial_once(
-    tmp_path: Path, storage: str, request: pytest.FixtureRequest
+    tmp_path: Path, database_url: str
 ) -> None:
     # Started at the same moment on a fresh database: both create the study, both finish.
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    if storage == "postgresql":
-        url = request.getfixturevalue("postgres")
+    url = database_url
+    storage = "postgresql" if url.startswith("postgresql") else "sqlite"
     trials = 3 if storage == "postgresql" else 2  # one per process
     sweep = {"method": "random", "trials": trials, "workers": 1, "pruner": {"type": "none"},
              "space": {"optim.lr": {"low": 1e-3, "high": 1e-2}}}  # fmt: skip

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from kiln.serve.executor import LocalExecutor, describe
+from kiln.serve.executor import Executor, LocalExecutor, describe
 from kiln.serve.store import JobRow, Store, new_id
 from kiln.serve.views import checkpoint_dir, checkpoints, current, history, tar_stream, throughput
 
@@ -91,7 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
     """The app, its store and its executor (started with the app, stopped with it)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.url)
-    executor = LocalExecutor(store, settings.max_concurrent, settings.grace_s)
+    executor: Executor = LocalExecutor(store, settings.max_concurrent, settings.grace_s)
     digests = {scope: hashlib.sha256(token.encode()).digest()
                for scope, token in (("write", settings.token), ("read", settings.read_token))
                if token is not None}  # fmt: skip

@@ -20,14 +20,21 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
 from kiln.runs import read_status
 from kiln.serve.store import ACTIVE, JobRow, Store
 
-__all__ = ["LocalExecutor", "describe", "process_start", "reindex", "state_for_exit"]
+__all__ = [
+    "Executor",
+    "LocalExecutor",
+    "describe",
+    "process_start",
+    "reindex",
+    "state_for_exit",
+]
 
 log = logging.getLogger("kiln")
 
@@ -64,8 +71,34 @@ def state_for_exit(code: int | None, run_dir: Path, stop_requested: bool) -> str
     return "stopped" if stop_requested and code < 0 else "failed"
 
 
+class Executor(Protocol):
+    """What the server needs from where jobs run. The store holds the jobs; an executor
+    moves them between states and must survive the server: `reconcile` finds, after a
+    restart, what its jobs did meanwhile.
+
+    - `start()`: reconcile, then follow jobs in the background (`tick` every interval): launch
+      queued jobs while there is room, notice ended ones, escalate overdue stops.
+    - `stop(job)`: ask a job to stop with a checkpoint (`kiln train`'s SIGTERM: exit 3).
+    - `resume(job)`: queue its next attempt, continuing from its checkpoint.
+    - `close()`: stop following (the jobs go on).
+
+    A cluster executor keeps the same contract with the cluster's own handle in place of the
+    pid: Slurm would `sbatch` the `kiln train` command (`--nproc` under `srun` for several
+    ranks), keep the job id, poll `squeue`/`sacct` for the end, stop with `scancel --signal=TERM`
+    (then `scancel` after the grace period), and read the state and exit code from status.json
+    in the run directory on the shared file system, as this one does.
+    """
+
+    def start(self, interval_s: float = 0.25) -> None: ...
+    def close(self) -> None: ...
+    def reconcile(self) -> None: ...
+    def tick(self) -> None: ...
+    def stop(self, job: JobRow) -> JobRow: ...
+    def resume(self, job: JobRow) -> JobRow: ...
+
+
 class LocalExecutor:
-    """Jobs as subprocesses on this machine, at most `max_concurrent` at once."""
+    """Jobs as subprocesses on this machine, at most `max_concurrent` at once (`Executor`)."""
 
     def __init__(self, store: Store, max_concurrent: int = 1, grace_s: float = 60.0) -> None:
         self.store = store
