@@ -290,13 +290,13 @@ import torch
 from kiln.rank import CollectiveFailed, RankContext
 
 out, case = sys.argv[1], sys.argv[2]
-rank = RankContext.setup("gloo", timeout_s=2)
+rank = RankContext.setup("gloo", timeout_s=6)  # room for ranks that start seconds apart
 rank.where.step, rank.where.micro_step = 7, 14  # as RankWhereabouts sets them
 rank.all_reduce_sum(torch.ones(1), "window targets")
 model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
 if rank.rank == 1:
     if case == "hang":
-        time.sleep(4)  # past rank 0's timeout, then gone
+        time.sleep(8)  # past rank 0's timeout, then gone
     os._exit(0)
 try:
     if case == "hang":
@@ -332,7 +332,7 @@ def test_a_failed_collective_names_the_rank_position_and_collective(tmp_path: Pa
     where = "rank 0: collective timed out or a peer died at step 7, micro-step 14, "
     report, cause = (tmp_path / "hang.txt").read_text().splitlines()
     assert report == where + "last collective all_reduce_sum (window loss)"
-    assert "Timed out waiting 2000ms" in cause
+    assert "Timed out waiting 6000ms" in cause
     report, cause = (tmp_path / "backward.txt").read_text().splitlines()
     assert report == where + "backward (DDP gradient all-reduce)"
     assert "Connection closed by peer" in cause

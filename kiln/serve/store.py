@@ -15,11 +15,14 @@ from typing import Any
 from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-__all__ = ["ACTIVE", "STATES", "ConfigRow", "JobRow", "Store"]
+__all__ = ["ACTIVE", "STATES", "VERSION_TABLE", "ConfigRow", "JobRow", "Store"]
 
 STATES = ("queued", "starting", "running", "paused", "succeeded", "failed", "diverged",
           "stopped", "lost")  # fmt: skip
 ACTIVE = ("queued", "starting", "running")
+VERSION_TABLE = "kiln_serve_alembic_version"
+"""Where alembic keeps this schema's revision: not `alembic_version`, which Optuna and MLflow
+use for theirs when they share the database (a sweep's study in the same PostgreSQL)."""
 """States of a job the server still has to follow."""
 
 
@@ -99,7 +102,8 @@ class Store:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
         with self.engine.connect() as connection:
-            return str(MigrationContext.configure(connection).get_current_revision())
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+            return str(context.get_current_revision())
 
     @contextmanager
     def session(self) -> Iterator[Session]:

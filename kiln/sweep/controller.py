@@ -371,7 +371,8 @@ class Controller:
         found = f"; best trial {best['number']}, {spec.metric} {best['value']:.6g}" if best else ""
         metrics = {spec.metric: float(best["value"])} if best else {}
         if self.mlflow is not None:
-            self.mlflow.end(finished=not self.stopping)
+            best_value = best["value"] if best else None
+            self.mlflow.end(finished=not self.stopping, best=best_value)
         self.voice.send("end", f"sweep {self.sweep.name} ended: {counts}{found}",
                         sum(summary["trials"].values()), **metrics)  # fmt: skip
         return summary

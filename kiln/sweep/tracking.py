@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from kiln.sweep.study import Sweep
@@ -38,6 +39,7 @@ class MlflowParent:
         self.client = MlflowClient(tracking_uri=default_tracking_uri(opts, sweep.dir))
         self.metric = sweep.spec.metric
         self.bests = 0
+        self.logged: float | None = None
         run_id, shared = study.user_attrs.get(PARENT_ATTR), True
         if run_id is not None:
             try:
@@ -74,7 +76,26 @@ class MlflowParent:
         """A new best value, at step = how many bests this controller has logged (a strictly
         increasing series: the last point is the best)."""
         self.bests += 1
-        self.client.log_metric(self.run_id, f"best_{self.metric}", value, step=self.bests)
+        self._retry("log the best", self.client.log_metric, self.run_id,
+                    f"best_{self.metric}", value, step=self.bests)  # fmt: skip
+        self.logged = value
 
-    def end(self, finished: bool) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if finished else "KILLED")
+    def end(self, finished: bool, best: float | None = None) -> None:
+        """The run ended: FINISHED, or KILLED when the sweep was interrupted. `best`, the
+        study's best, is logged first when the series does not end with it yet."""
+        if best is not None and best != self.logged:
+            self.best(best)
+        status = "FINISHED" if finished else "KILLED"
+        self._retry("end the run", self.client.set_terminated, self.run_id, status)
+
+    def _retry(self, what: str, call: Any, *args: Any, **kwargs: Any) -> None:
+        """MLflow's SQLite store is shared with the trials writing to it: a busy database is
+        tried again (5 times, backing off); a failure at last is a warning, never a crash."""
+        for attempt in range(5):
+            try:
+                call(*args, **kwargs)
+                return
+            except Exception as exc:
+                error = exc
+                time.sleep(0.5 * 2**attempt)
+        log.warning("sweep: MLflow: could not %s: %s", what, str(error).splitlines()[0])

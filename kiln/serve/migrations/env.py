@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from alembic import context
 
-from kiln.serve.store import Base
+from kiln.serve.store import VERSION_TABLE, Base
 
 connection = context.config.attributes["connection"]
-context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
+                  version_table=VERSION_TABLE)  # fmt: skip
 with context.begin_transaction():
     context.run_migrations()
