@@ -16,7 +16,7 @@ TORCH_INDEX_URL ?=
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_INDEX_URL),$(BIN)/python -m pip install --quiet -c constraints.txt torch --index-url $(TORCH_INDEX_URL))
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench,lora,data,metrics,tensorboard,wandb,mlflow,plots,sweep,postgres,export,serve]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench,lora,data,metrics,tensorboard,wandb,mlflow,plots,sweep,postgres,export,serve,ray]"
 	@touch $(STAMP)
 
 demo: setup

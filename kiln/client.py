@@ -71,9 +71,10 @@ class Client:
         config_id: str | None = None,
         dataset_path: str | None = None,
         name: str | None = None,
+        nproc: int = 1,
     ) -> dict[str, Any]:
         body = {"config": config, "config_id": config_id, "dataset_path": dataset_path}
-        body["name"] = name
+        body.update(name=name, nproc=nproc)
         return self._call("POST", "/api/training/jobs/start", json=body)
 
     def jobs(self) -> list[dict[str, Any]]:

@@ -18,7 +18,8 @@ def recipe_files(tmp_path: Path) -> tuple[Path, Path]:
     return train, val
 
 
-RANKS = {"test_distributed", "test_distributed_failures", "test_rank", "test_kill", "test_job"}
+RANKS = {"test_distributed", "test_distributed_failures", "test_rank", "test_kill", "test_job",
+         "test_serve_cluster"}  # fmt: skip
 """Modules that start ranks or kill runs and time them: under pytest-xdist (`make test`:
 `-n 2 --dist loadgroup`) they run one after another on one worker, never two at once."""
 

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 import zlib
@@ -17,56 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, make_rows, tiny_raw, write_jsonl
+from serve_helpers import ROOT, TOKEN, Server, losses, serve_config
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "s3cret-token-for-the-test"
-
-
-def _config(tmp: Path) -> dict[str, Any]:
-    write_jsonl(tmp / "train.jsonl", make_rows(80, seed=5))
-    write_jsonl(tmp / "val.jsonl", make_rows(12, seed=6))
-    raw = tiny_raw(tmp, tmp / "train.jsonl", tmp / "val.jsonl")
-    del raw["output_dir"]  # the server gives each job its run directory
-    raw["optim"] = {"lr": 3e-3, "warmup_steps": 0, "scheduler": "constant"}
-    raw["train"] = {"max_steps": 16, "batch_size": 4, "num_threads": 1}
-    raw["eval"] = {"every_steps": 8}
-    raw["checkpoint"] = {"every_steps": 2, "keep_last": 2, "every_minutes": None}
-    raw["log"] = {"every_steps": 1, "progress": "none", "plots": False}
-    return raw
-
-
-class Server:
-    def __init__(self, state: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.log = state.with_suffix(".log")
-        cmd = [sys.executable, "-m", "kiln", "serve", "--port", str(self.port), "--state-dir",
-               str(state), "--token", TOKEN, *extra]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        with self.log.open("a") as out:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
-                                         stderr=subprocess.STDOUT)  # fmt: skip
-        self.url = f"http://127.0.0.1:{self.port}"
-        import httpx
-
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server never answered"
-            time.sleep(0.2)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -76,18 +30,13 @@ def server(tmp_path: Path) -> Any:
     srv.close()
 
 
-def _losses(run_dir: str) -> list[float]:
-    rows = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["split"] == "train"]
-
-
 def test_jobs_start_queue_stop_resume_and_finish_as_an_uninterrupted_run(
     tmp_path: Path, server: Server
 ) -> None:
     from kiln.client import ApiError, Client
 
     api = Client(server.url, token=TOKEN)
-    raw = _config(tmp_path)
+    raw = serve_config(tmp_path)
     saved = api.add_config("tiny", raw)
     assert api.config(saved["id"])["config"] == raw
     with pytest.raises(ApiError) as bad:  # validated as kiln train would, one line a problem
@@ -132,7 +81,7 @@ def test_jobs_start_queue_stop_resume_and_finish_as_an_uninterrupted_run(
     ref = api.wait(reference["id"], "succeeded", "failed", timeout_s=300)
     assert ref["state"] == "succeeded"
     assert done["attempt"] == 2
-    assert _losses(done["run_dir"]) == _losses(ref["run_dir"])  # bit-exact, as a CLI resume
+    assert losses(done["run_dir"]) == losses(ref["run_dir"])  # bit-exact, as a CLI resume
 
     # The stream: every train step once, then the end; resumable after an event id.
     events = list(api.events(reference["id"]))
@@ -144,10 +93,10 @@ def test_jobs_start_queue_stop_resume_and_finish_as_an_uninterrupted_run(
     assert sorted({e["data"]["step"] for e in later}) == [13, 14, 15, 16]
     history = api.history(reference["id"], max_points=4)
     assert len(history["train"]) <= 4
-    losses = _losses(ref["run_dir"])
+    series = losses(ref["run_dir"])
     kept = [r["loss"] for r in history["train"]]
-    assert min(losses) in kept
-    assert max(losses) in kept
+    assert min(series) in kept
+    assert max(series) in kept
     assert api.throughput(reference["id"])["step"] == 16
 
     # Auth: nothing but health without the token; the token in no log.
@@ -167,7 +116,7 @@ def test_a_job_outlives_the_server(tmp_path: Path) -> None:
     finishes; nothing is orphaned or run twice."""
     from kiln.client import Client
 
-    raw = _config(tmp_path)
+    raw = serve_config(tmp_path)
     raw["train"]["max_steps"] = 24
     first = Server(tmp_path / "state")
     api = Client(first.url, token=TOKEN)
@@ -186,7 +135,7 @@ def test_a_job_outlives_the_server(tmp_path: Path) -> None:
         done = api.wait(job["id"], "succeeded", "failed", "lost", timeout_s=300)
         assert done["state"] == "succeeded"
         assert done["attempt"] == 1
-        assert len(_losses(done["run_dir"])) == 24
+        assert len(losses(done["run_dir"])) == 24
     finally:
         second.close()
 
@@ -196,7 +145,7 @@ def test_the_store_keeps_configs_and_jobs(database_url: str) -> None:
 
     url = database_url
     store = Store(url)
-    assert store.migrate() == "0001"  # the tables come from the migrations, applied once
+    assert store.migrate() == "0002"  # the tables come from the migrations, applied once
     a = store.add_config("a", {"name": "a", "train": {"max_steps": 3}})
     b = store.add_config("b", {"name": "b"})
     assert [c.id for c in Store(url).configs()][-2:] == [a.id, b.id]  # another connection
@@ -209,7 +158,30 @@ def test_the_store_keeps_configs_and_jobs(database_url: str) -> None:
     store.update_job(job.id, state="running", pid=123, pid_start="42")
     assert [j.id for j in store.jobs(("running",))] == [job.id]
     assert store.job(job.id).to_dict()["pid"] == 123
+    assert store.job(job.id).nproc == 1
     store.delete_config(b.id)
+
+
+def test_a_database_of_the_first_schema_is_migrated_with_its_jobs(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    from kiln.serve.store import Store
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    config = Config()
+    config.set_main_option("script_location", str(ROOT / "kiln" / "serve" / "migrations"))
+    with create_engine(url).begin() as connection:  # a server of revision 0001 made it
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(text(
+            "INSERT INTO jobs (id, name, config, run_dir, state, attempt, resume, pid, created)"
+            " VALUES ('old', 'old', '{}', '/r', 'running', 1, 0, 77, 1.0)"))  # fmt: skip
+    store = Store(url)
+    assert store.migrate() == "0002"
+    old = store.job("old")
+    assert (old.state, old.pid, old.nproc, old.handle) == ("running", 77, 1, None)
 
 
 def test_tokens_have_scopes_and_reindex_finds_jobs(tmp_path: Path) -> None:
@@ -236,7 +208,7 @@ def test_tokens_have_scopes_and_reindex_finds_jobs(tmp_path: Path) -> None:
         "succeeded",
         7,
     )
-    body = {"name": "x", "config": _config(tmp_path)}
+    body = {"name": "x", "config": serve_config(tmp_path)}
     refused = http.post("/api/training/configs", json=body, headers=read)
     assert (refused.status_code, refused.json()) == (
         403,
@@ -275,7 +247,7 @@ def test_the_dashboard_shows_a_finished_jobs_curve(tmp_path: Path) -> None:
     srv = Server(tmp_path / "state", "--token", "")  # no token: the page is opened as is
     try:
         api = Client(srv.url)
-        raw = _config(tmp_path)
+        raw = serve_config(tmp_path)
         raw["train"]["max_steps"] = 8
         job = api.start(config=raw)
         assert api.wait(job["id"], "succeeded", "failed")["state"] == "succeeded"
@@ -294,3 +266,45 @@ def test_the_dashboard_shows_a_finished_jobs_curve(tmp_path: Path) -> None:
         assert blue > 100  # the train curve's colour, drawn on the screenshot
     finally:
         srv.close()
+
+
+def test_the_history_of_a_10000_step_run_keeps_its_extremes_in_100_points(tmp_path: Path) -> None:
+    import math
+    import random
+
+    from fastapi.testclient import TestClient
+
+    from kiln.serve.app import Settings, create_app
+    from kiln.serve.store import JobRow
+
+    run = tmp_path / "state" / "runs" / "long"
+    run.mkdir(parents=True)
+    rng = random.Random(0)
+    train = [{"split": "train", "step": s, "lr": 1e-3,
+              "loss": 3 * math.exp(-s / 3000) + rng.uniform(0, 0.05)}
+             for s in range(1, 10_001)]  # fmt: skip
+    train[6788]["loss"], train[1233]["loss"] = 40.0, 1e-3  # a spike and a dip, one step each
+    val = [{"split": "val", "step": s, "val_loss": 2.0} for s in range(500, 10_001, 500)]
+    rows = sorted(train + val, key=lambda r: (r["step"], r["split"] == "val"))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    app = create_app(Settings(tmp_path / "state", dry_run=True))
+    app.state.store.add_job(JobRow(id="long", name="long", config={}, run_dir=str(run),
+                                   state="succeeded", attempt=1, resume=False,
+                                   created=time.time()))  # fmt: skip
+    url = "/api/training/jobs/long/metrics/history"
+    with TestClient(app) as http:
+        whole = http.get(url, params={"max_points": 100}).json()
+        window = http.get(url, params={"since_step": 5000, "until_step": 5999,
+                                       "max_points": 10}).json()  # fmt: skip
+    points = whole["train"]
+    assert 50 <= len(points) <= 100
+    assert [r["step"] for r in points] == sorted({r["step"] for r in points})
+    assert max(points, key=lambda r: r["loss"])["step"] == 6789
+    assert min(points, key=lambda r: r["loss"])["step"] == 1234
+    assert whole["val"] == val  # 20 records: under the limit, all of them
+    inside = train[4999:5999]
+    assert len(window["train"]) <= 10
+    assert all(5000 <= r["step"] <= 5999 for r in window["train"])
+    kept = {r["step"] for r in window["train"]}
+    assert {min(inside, key=lambda r: r["loss"])["step"],
+            max(inside, key=lambda r: r["loss"])["step"]} <= kept  # fmt: skip

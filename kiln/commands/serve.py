@@ -27,6 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the database and the jobs' run directories (./serve)")  # fmt: skip
     p.add_argument("--max-concurrent", type=int, default=1, metavar="N",
                    help="jobs running at once (1)")  # fmt: skip
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where jobs run: subprocesses here (local) or Ray Jobs (ray)")  # fmt: skip
+    p.add_argument("--ray-address", metavar="URL",
+                   help="the Ray dashboard for --executor ray (http://HEAD:8265); default "
+                        "$RAY_API_SERVER_ADDRESS or $RAY_ADDRESS")  # fmt: skip
+    p.add_argument("--gpus-per-rank", type=float, default=0.0, metavar="G",
+                   help="GPUs a Ray job asks for per rank (0)")  # fmt: skip
 
 
 def _loopback(host: str) -> bool:
@@ -54,8 +61,19 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise KilnError(f"kiln serve needs fastapi and uvicorn ({exc.name} is missing): "
                         "pip install 'kiln[serve]'") from None  # fmt: skip
+    ray_address = None
+    if args.executor == "ray":
+        ray_address = (args.ray_address or os.environ.get("RAY_API_SERVER_ADDRESS")
+                       or os.environ.get("RAY_ADDRESS"))  # fmt: skip
+        if not ray_address:
+            raise KilnError("--executor ray: give --ray-address http://HEAD:8265 (or "
+                            "$RAY_API_SERVER_ADDRESS)")  # fmt: skip
+    elif args.ray_address or args.gpus_per_rank:
+        raise KilnError("--ray-address/--gpus-per-rank: only with --executor ray")
     read_token = args.read_token or os.environ.get("KILN_SERVE_READ_TOKEN") or None
-    settings = Settings(Path(args.state_dir), args.db, token, read_token, args.max_concurrent)
+    settings = Settings(Path(args.state_dir), args.db, token, read_token, args.max_concurrent,
+                        executor=args.executor, ray_address=ray_address,
+                        gpus_per_rank=args.gpus_per_rank)  # fmt: skip
     app = create_app(settings)
     if args.reindex:
         from kiln.serve.executor import reindex

@@ -40,6 +40,11 @@ class Settings:
     """Bearer token with the read scope (GET requests only)."""
     max_concurrent: int = 1
     grace_s: float = 60.0
+    executor: str = "local"
+    """Where jobs run: "local" (subprocesses here) or "ray" (Ray Jobs at `ray_address`)."""
+    ray_address: str | None = None
+    gpus_per_rank: float = 0.0
+    """GPUs a Ray job asks for per rank (the entrypoint's resources)."""
     dry_run: bool = False
     """Queue jobs but never start them (to exercise the API alone: schema fuzzing)."""
 
@@ -58,6 +63,7 @@ class StartIn(BaseModel):
     config_id: str | None = None
     dataset_path: str | None = None
     name: str | None = Field(None, max_length=200)
+    nproc: int = Field(1, ge=1, le=64, description="ranks on one node (kiln train --nproc)")
 
 
 class Problem(BaseModel):
@@ -87,11 +93,21 @@ def _checked(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def make_executor(settings: Settings, store: Store) -> Executor:
+    if settings.executor == "ray":
+        from kiln.serve.ray_jobs import RayExecutor
+
+        assert settings.ray_address is not None, "the ray executor needs ray_address"
+        return RayExecutor(store, settings.ray_address, settings.max_concurrent, settings.grace_s,
+                           settings.gpus_per_rank)  # fmt: skip
+    return LocalExecutor(store, settings.max_concurrent, settings.grace_s)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The app, its store and its executor (started with the app, stopped with it)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.url)
-    executor: Executor = LocalExecutor(store, settings.max_concurrent, settings.grace_s)
+    executor = make_executor(settings, store)
     digests = {scope: hashlib.sha256(token.encode()).digest()
                for scope, token in (("write", settings.token), ("read", settings.read_token))
                if token is not None}  # fmt: skip
@@ -190,7 +206,7 @@ def create_app(settings: Settings) -> FastAPI:
         _checked({**config, "output_dir": str(run_dir)})
         job = JobRow(id=job_id, name=name or str(config.get("name") or job_id), config=config,
                      config_id=body.config_id, run_dir=str(run_dir), state="queued", attempt=0,
-                     resume=False, created=time.time())  # fmt: skip
+                     resume=False, nproc=body.nproc, created=time.time())  # fmt: skip
         return describe(store.add_job(job))
 
     @app.get("/api/training/jobs", dependencies=guarded)
@@ -218,9 +234,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/training/jobs/{job_id}/logs", dependencies=guarded,
              response_class=PlainTextResponse, responses=_JSON_ERRORS)  # fmt: skip
     def job_logs(job_id: str, tail: int = Query(200, ge=1, le=100_000)) -> PlainTextResponse:
-        job = job_or_404(job_id)
-        logfile = Path(job.run_dir).parent / f"{job.id}.log"
-        lines = logfile.read_text(errors="replace").splitlines() if logfile.is_file() else []
+        lines = executor.logs(job_or_404(job_id))
         return PlainTextResponse("\n".join(lines[-tail:]) + ("\n" if lines else ""))
 
     # ---- metrics -------------------------------------------------------------------------

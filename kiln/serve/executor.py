@@ -25,11 +25,12 @@ from typing import Any, Protocol
 import yaml
 
 from kiln.runs import read_status
-from kiln.serve.store import ACTIVE, JobRow, Store
+from kiln.serve.store import JobRow, Store
 
 __all__ = [
     "Executor",
     "LocalExecutor",
+    "QueueExecutor",
     "describe",
     "process_start",
     "reindex",
@@ -80,13 +81,17 @@ class Executor(Protocol):
       queued jobs while there is room, notice ended ones, escalate overdue stops.
     - `stop(job)`: ask a job to stop with a checkpoint (`kiln train`'s SIGTERM: exit 3).
     - `resume(job)`: queue its next attempt, continuing from its checkpoint.
+    - `logs(job)`: the output of its attempts.
     - `close()`: stop following (the jobs go on).
 
-    A cluster executor keeps the same contract with the cluster's own handle in place of the
-    pid: Slurm would `sbatch` the `kiln train` command (`--nproc` under `srun` for several
-    ranks), keep the job id, poll `squeue`/`sacct` for the end, stop with `scancel --signal=TERM`
-    (then `scancel` after the grace period), and read the state and exit code from status.json
-    in the run directory on the shared file system, as this one does.
+    `QueueExecutor` holds the queue and the states; an executor for another place says only
+    how to submit a command, poll it, cancel it gracefully, kill it and read its output.
+    `LocalExecutor` runs subprocesses here and `RayExecutor` (kiln/serve/ray_jobs.py) Ray
+    Jobs. Slurm would plug in the same way: `sbatch` the `kiln train` command (`--nproc` under
+    `srun` for several ranks) and keep the job id as the handle, poll `sacct` for the end and
+    the exit code, cancel with `scancel --signal=TERM` (then `scancel` after the grace period),
+    read the output file `sbatch --output` wrote, and take the state from status.json in the
+    run directory on the shared file system, as these do.
     """
 
     def start(self, interval_s: float = 0.25) -> None: ...
@@ -95,19 +100,42 @@ class Executor(Protocol):
     def tick(self) -> None: ...
     def stop(self, job: JobRow) -> JobRow: ...
     def resume(self, job: JobRow) -> JobRow: ...
+    def logs(self, job: JobRow) -> list[str]: ...
 
 
-class LocalExecutor:
-    """Jobs as subprocesses on this machine, at most `max_concurrent` at once (`Executor`)."""
+class QueueExecutor:
+    """The queue, the loop and the states, whatever runs the jobs: at most `max_concurrent`
+    at once, stops escalated after `grace_s`. Subclasses implement `_submit`, `_poll`,
+    `_cancel`, `_kill` and `logs`."""
 
     def __init__(self, store: Store, max_concurrent: int = 1, grace_s: float = 60.0) -> None:
         self.store = store
         self.max_concurrent = max_concurrent
         self.grace_s = grace_s
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    # ---- what a subclass says ------------------------------------------------------------
+
+    def _submit(self, job: JobRow, command: list[str], logfile: Path) -> dict[str, Any]:
+        """Start `command` for `job`; the fields to store that find it again (pid, handle)."""
+        raise NotImplementedError
+
+    def _poll(self, job: JobRow) -> tuple[bool, int | None]:
+        """Whether the job's attempt has ended, and its exit code where known."""
+        raise NotImplementedError
+
+    def _cancel(self, job: JobRow) -> None:
+        """Ask the attempt to stop (SIGTERM to every process: it checkpoints, exits 3)."""
+        raise NotImplementedError
+
+    def _kill(self, job: JobRow) -> None:
+        """End the attempt now (the grace period is over)."""
+        raise NotImplementedError
+
+    def logs(self, job: JobRow) -> list[str]:
+        raise NotImplementedError
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -131,32 +159,26 @@ class LocalExecutor:
                 log.exception("serve: executor tick failed")
 
     def reconcile(self) -> None:
-        """After a (re)start: a job whose process still runs (same pid and start time) stays
-        running; one whose process is gone takes the state its run recorded."""
-        for job in self.store.jobs(ACTIVE):
-            if job.state == "queued":
-                continue
-            alive = job.pid is not None and process_start(job.pid) == job.pid_start
-            if not alive:
-                self._ended(job, None)
+        """After a (re)start: a job whose attempt still runs stays running; one whose attempt
+        is gone takes the state its run recorded."""
+        with self.lock:
+            for job in self.store.jobs(("starting", "running")):
+                ended, code = self._poll(job)
+                if ended:
+                    self._ended(job, code)
 
     def tick(self) -> None:
         """Follow running jobs, escalate overdue stops, start queued jobs while there is room."""
         with self.lock:
             for job in self.store.jobs(("starting", "running")):
-                proc = self.procs.get(job.id)
-                code = proc.poll() if proc is not None else None
-                ended = code is not None or (
-                    proc is None and process_start(job.pid or -1) != job.pid_start
-                )
+                ended, code = self._poll(job)
                 if ended:
-                    self.procs.pop(job.id, None)
                     self._ended(job, code)
                     continue
                 if job.state == "starting" and (read_status(job.run_dir) or {}).get("state"):
                     self.store.update_job(job.id, state="running")
                 if job.stop_requested and time.time() - job.stop_requested > self.grace_s:
-                    self._signal(job, signal.SIGKILL)
+                    self._kill(job)
             running = len(self.store.jobs(("starting", "running")))
             for job in self.store.jobs(("queued",)):
                 if running >= self.max_concurrent:
@@ -169,25 +191,21 @@ class LocalExecutor:
     def command(self, job: JobRow) -> list[str]:
         cmd = [sys.executable, "-m", "kiln", "-q", "train"]
         if job.resume:
-            return [*cmd, "--resume", job.run_dir]
-        return [*cmd, str(Path(job.run_dir).parent / f"{job.id}.yaml"), "--overwrite"]
+            cmd += ["--resume", job.run_dir]
+        else:
+            cmd += [str(Path(job.run_dir).parent / f"{job.id}.yaml"), "--overwrite"]
+        return cmd + (["--nproc", str(job.nproc)] if job.nproc > 1 else [])
 
     def _launch(self, job: JobRow) -> None:
         run_dir = Path(job.run_dir)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         config = {**job.config, "output_dir": str(run_dir)}
         (run_dir.parent / f"{job.id}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        logfile = run_dir.parent / f"{job.id}.log"
-        with logfile.open("a") as out:
-            out.write(f"--- attempt {job.attempt + 1}: {' '.join(self.command(job))}\n")
-            out.flush()
-            proc = subprocess.Popen(self.command(job), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-        self.procs[job.id] = proc
-        self.store.update_job(job.id, state="starting", pid=proc.pid,
-                              pid_start=process_start(proc.pid), attempt=job.attempt + 1,
-                              started=time.time(), ended=None, exit_code=None, error=None,
-                              stop_requested=None)  # fmt: skip
+        job.attempt += 1
+        found = self._submit(job, self.command(job), run_dir.parent / f"{job.id}.log")
+        self.store.update_job(job.id, state="starting", attempt=job.attempt, started=time.time(),
+                              ended=None, exit_code=None, error=None, stop_requested=None,
+                              **found)  # fmt: skip
 
     def _ended(self, job: JobRow, code: int | None) -> None:
         status = read_status(job.run_dir) or {}
@@ -199,12 +217,6 @@ class LocalExecutor:
                               pid=None, error=error)  # fmt: skip
         log.info("serve: job %s %s (exit code %s)", job.id, state, code)
 
-    def _signal(self, job: JobRow, sig: signal.Signals) -> None:
-        if job.pid is None or process_start(job.pid) != job.pid_start:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(job.pid, sig)  # its own session: the group is the job (torchrun, ranks)
-
     def stop(self, job: JobRow) -> JobRow:
         """Ask the job to stop: a queued one is stopped at once; a running one gets SIGTERM
         (it checkpoints and pauses), SIGKILL after the grace period."""
@@ -213,7 +225,7 @@ class LocalExecutor:
             if job.state == "queued":
                 return self.store.update_job(job.id, state="stopped", ended=time.time())
             if job.state in ("starting", "running"):
-                self._signal(job, signal.SIGTERM)
+                self._cancel(job)
                 return self.store.update_job(job.id, stop_requested=time.time())
             return job
 
@@ -221,6 +233,50 @@ class LocalExecutor:
         """Queue the next attempt, continuing from the run's checkpoint."""
         with self.lock:
             return self.store.update_job(job.id, state="queued", resume=True)
+
+
+class LocalExecutor(QueueExecutor):
+    """Jobs as subprocesses on this machine, each in its own session (process group: torchrun
+    and its ranks are one group), found again after a restart by pid and start time."""
+
+    def __init__(self, store: Store, max_concurrent: int = 1, grace_s: float = 60.0) -> None:
+        super().__init__(store, max_concurrent, grace_s)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _submit(self, job: JobRow, command: list[str], logfile: Path) -> dict[str, Any]:
+        with logfile.open("a") as out:
+            out.write(f"--- attempt {job.attempt}: {' '.join(command)}\n")
+            out.flush()
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        self.procs[job.id] = proc
+        return {"pid": proc.pid, "pid_start": process_start(proc.pid), "handle": None}
+
+    def _poll(self, job: JobRow) -> tuple[bool, int | None]:
+        proc = self.procs.get(job.id)
+        if proc is not None:  # our child: its exit code
+            code = proc.poll()
+            if code is not None:
+                del self.procs[job.id]
+            return code is not None, code
+        alive = job.pid is not None and process_start(job.pid) == job.pid_start
+        return not alive, None  # an earlier server's: status.json will tell
+
+    def _signal(self, job: JobRow, sig: signal.Signals) -> None:
+        if job.pid is None or process_start(job.pid) != job.pid_start:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(job.pid, sig)  # its own session: the group is the job (torchrun, ranks)
+
+    def _cancel(self, job: JobRow) -> None:
+        self._signal(job, signal.SIGTERM)
+
+    def _kill(self, job: JobRow) -> None:
+        self._signal(job, signal.SIGKILL)
+
+    def logs(self, job: JobRow) -> list[str]:
+        logfile = Path(job.run_dir).parent / f"{job.id}.log"
+        return logfile.read_text(errors="replace").splitlines() if logfile.is_file() else []
 
 
 def describe(job: JobRow) -> dict[str, Any]:

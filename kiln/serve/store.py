@@ -52,6 +52,11 @@ class JobRow(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     resume: Mapped[bool] = mapped_column(Integer, default=0)
     """The next attempt continues from the run's checkpoint (`kiln train --resume`)."""
+    nproc: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """Ranks on the node that runs it (`kiln train --nproc`)."""
+    handle: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    """The executor's name for the running attempt where it is not a local pid (a Ray Jobs
+    submission id)."""
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pid_start: Mapped[str | None] = mapped_column(String(32), nullable=True)
     """The process's start time (/proc/PID/stat): a reused pid is not the job's."""
@@ -63,8 +68,8 @@ class JobRow(Base):
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("id", "name", "config_id", "run_dir", "state", "attempt", "pid", "exit_code",
-                "error", "created", "started", "ended")  # fmt: skip
+        keys = ("id", "name", "config_id", "run_dir", "state", "attempt", "nproc", "pid",
+                "handle", "exit_code", "error", "created", "started", "ended")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
 
@@ -91,11 +96,11 @@ class Store:
     def migrate(self) -> str:
         """Bring the database's tables to the newest revision (alembic, in
         kiln/serve/migrations); the revision it is at."""
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # "setup plugin", "Running ..."
         from alembic import command
         from alembic.config import Config
         from alembic.runtime.migration import MigrationContext
 
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # "Running upgrade ..." lines
         config = Config()
         config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         with self.engine.begin() as connection:
