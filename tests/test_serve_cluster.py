@@ -79,8 +79,10 @@ def ray_head() -> Any:
         pytest.skip("Ray's command line is not installed beside this Python")
     temp = Path(tempfile.mkdtemp(prefix="kray-", dir="/tmp"))  # short: Ray's socket paths
     dashboard = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
-           "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+    # Ray turns 127.0.0.1 into the machine's outward address unless told it is one machine
+    # (ray_constants.ENABLE_RAY_CLUSTER): so every part of it listens on loopback only.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1",
+           "RAY_USAGE_STATS_ENABLED": "0", "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
     cmd = [str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
            str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
            str(dashboard), "--num-cpus", "2", "--object-store-memory", str(100 * 2**20),
