@@ -308,3 +308,39 @@ def test_the_history_of_a_10000_step_run_keeps_its_extremes_in_100_points(tmp_pa
     kept = {r["step"] for r in window["train"]}
     assert {min(inside, key=lambda r: r["loss"])["step"],
             max(inside, key=lambda r: r["loss"])["step"]} <= kept  # fmt: skip
+
+
+def test_an_executor_cut_off_from_its_jobs_says_so_once_and_keeps_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import threading
+
+    from kiln.serve.executor import QueueExecutor
+    from kiln.serve.store import JobRow, Store
+
+    class Away(QueueExecutor):  # a cluster that stops answering, then answers again
+        answers = False
+
+        def _poll(self, job: JobRow) -> tuple[bool, int | None]:
+            if not self.answers:
+                raise ConnectionError("the cluster does not answer")
+            return False, None
+
+    store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
+    job = JobRow(id="j", name="j", config={}, run_dir=str(tmp_path / "j"), state="running",
+                 attempt=1, resume=False, created=time.time())  # fmt: skip
+    store.add_job(job)
+    executor = Away(store)
+    loop = threading.Thread(target=executor._loop, args=(0.01,))
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        loop.start()
+        time.sleep(0.5)  # about 50 failed ticks
+        executor.answers = True
+        time.sleep(0.2)
+        executor.close()
+        loop.join()
+    said = [r.getMessage() for r in caplog.records if r.name == "kiln"]
+    assert said == ["serve: following the jobs failed; trying again",
+                    "serve: following the jobs again"]  # fmt: skip
+    assert store.job("j").state == "running"

@@ -152,11 +152,18 @@ class QueueExecutor:
             self._thread.join(timeout=5)
 
     def _loop(self, interval_s: float) -> None:
+        failing = None  # the error every tick has hit since the last good one
         while not self._stop.wait(interval_s):
             try:
                 self.tick()
-            except Exception:  # one bad job must not stop the others being followed
-                log.exception("serve: executor tick failed")
+            except Exception as exc:  # the jobs stay as they are; the next tick tries again
+                if repr(exc) != failing:  # once, not four times a second (a cluster away)
+                    log.exception("serve: following the jobs failed; trying again")
+                failing = repr(exc)
+                continue
+            if failing is not None:
+                log.warning("serve: following the jobs again")
+                failing = None
 
     def reconcile(self) -> None:
         """After a (re)start: a job whose attempt still runs stays running; one whose attempt
