@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,12 +110,27 @@ def test_the_ray_executor_runs_stops_and_resumes_jobs_on_a_local_head(
         api = Client(server.url, token=TOKEN)
         job = api.start(config=raw)
         reference = api.start(config=raw, name="reference")
+        running = api.wait(reference["id"], until=lambda j: (j["step"] or 0) >= 1)
+        status = json.loads(Path(running["run_dir"], "status.json").read_text())
+        os.kill(status["pid"], signal.SIGSTOP)  # the reference holds still, mid-run
         api.wait(job["id"], until=lambda j: j["state"] == "running" and (j["step"] or 0) >= 3)
         assert api.status(job["id"])["handle"] == f"kiln-{job['id']}-1"
         api.stop(job["id"])
         paused = api.wait(job["id"], "paused", "failed", "succeeded", timeout_s=120)
         assert (paused["state"], paused["exit_code"]) == ("paused", 3), api.logs(job["id"])
         assert paused["step"] < 40
+
+        # A lost database: a server on a new one, --reindex, finds the Ray job still running.
+        other = Server(tmp_path / "state", "--executor", "ray", "--ray-address", ray_head,
+                       "--db", f"sqlite:///{tmp_path / 'new.db'}", "--reindex")  # fmt: skip
+        try:
+            found = {j["id"]: j for j in Client(other.url, token=TOKEN).jobs()}
+        finally:
+            other.close()
+        assert found[job["id"]]["state"] == "paused"
+        again = found[reference["id"]]
+        assert (again["state"], again["handle"]) == ("running", f"kiln-{reference['id']}-1")
+        os.kill(status["pid"], signal.SIGCONT)
         api.resume(job["id"])
         done = api.wait(job["id"], "succeeded", "failed", timeout_s=300)
         assert (done["state"], done["attempt"]) == ("succeeded", 2), api.logs(job["id"])

@@ -10,7 +10,8 @@ file system: the run directory stays the source of truth for state, metrics and 
 Stop = Ray's `stop_job`: SIGTERM to the entrypoint and its children (the run checkpoints and
 exits 3: paused), SIGKILL after the grace period (`RAY_JOB_STOP_WAIT_TIME_S`, passed to the
 job's supervisor). A job is followed through Ray's job status and exit code; one Ray no
-longer knows (a new cluster) takes the state its status.json recorded.
+longer knows (a new cluster) takes the state its status.json recorded, and one found by
+`--reindex` (no handle in the store) is matched to its newest Ray job by metadata.
 """
 
 from __future__ import annotations
@@ -63,7 +64,21 @@ class RayExecutor(QueueExecutor):
                 raise
         return {"handle": handle, "pid": None, "pid_start": None}
 
+    def _find(self, job: JobRow) -> JobRow:
+        """A job the store knows no Ray handle for (`--reindex` found it in its run
+        directory): its newest Ray job, by the `kiln_job` metadata every submission carries."""
+        mine = [j for j in self.client.list_jobs()
+                if (j.metadata or {}).get("kiln_job") == job.id and j.submission_id]  # fmt: skip
+        if not mine:
+            return job
+        newest = max(mine, key=lambda j: j.start_time or 0)
+        attempt = int(str(newest.submission_id).rpartition("-")[2])
+        return self.store.update_job(job.id, handle=newest.submission_id, attempt=attempt,
+                                     pid=None, pid_start=None)  # fmt: skip
+
     def _poll(self, job: JobRow) -> tuple[bool, int | None]:
+        if job.handle is None:
+            job = self._find(job)
         if job.handle is None:
             return True, None
         try:
