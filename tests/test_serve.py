@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 import zlib
@@ -344,3 +345,25 @@ def test_an_executor_cut_off_from_its_jobs_says_so_once_and_keeps_them(
     assert said == ["serve: following the jobs failed; trying again",
                     "serve: following the jobs again"]  # fmt: skip
     assert store.job("j").state == "running"
+
+
+def test_a_second_server_on_the_same_database_is_refused(tmp_path: Path, database_url: str) -> None:
+    """Two servers on one database would both start its queued jobs: the second exits 2."""
+    first = Server(tmp_path / "state", "--db", database_url)
+    try:
+        cmd = [sys.executable, "-m", "kiln", "serve", "--port", "0", "--state-dir",
+               str(tmp_path / "other"), "--db", database_url, "--token", TOKEN]  # fmt: skip
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert "another kiln serve uses this database" in lines[0]
+        if database_url.startswith("sqlite"):  # the file lock names the holder
+            assert f"(pid {first.proc.pid})" in lines[0]
+        else:
+            assert lines[0].startswith("kiln: error: postgresql+psycopg://")
+        assert first.proc.poll() is None  # the first goes on serving
+    finally:
+        first.close()
+    again = Server(tmp_path / "state", "--db", database_url)  # released with its process
+    again.close()

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     read_token = args.read_token or os.environ.get("KILN_SERVE_READ_TOKEN") or None
     settings = Settings(Path(args.state_dir), args.db, token, read_token, args.max_concurrent,
                         executor=args.executor, ray_address=ray_address,
-                        gpus_per_rank=args.gpus_per_rank)  # fmt: skip
+                        gpus_per_rank=args.gpus_per_rank, claim=True)  # fmt: skip
     app = create_app(settings)
     if args.reindex:
         from kiln.serve.executor import reindex

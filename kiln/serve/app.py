@@ -45,6 +45,8 @@ class Settings:
     ray_address: str | None = None
     gpus_per_rank: float = 0.0
     """GPUs a Ray job asks for per rank (the entrypoint's resources)."""
+    claim: bool = False
+    """Hold the database as its one server while the process lives (`kiln serve`)."""
     dry_run: bool = False
     """Queue jobs but never start them (to exercise the API alone: schema fuzzing)."""
 
@@ -106,7 +108,7 @@ def make_executor(settings: Settings, store: Store) -> Executor:
 def create_app(settings: Settings) -> FastAPI:
     """The app, its store and its executor (started with the app, stopped with it)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(settings.url)
+    store = Store(settings.url, claim=settings.claim)
     executor = make_executor(settings, store)
     digests = {scope: hashlib.sha256(token.encode()).digest()
                for scope, token in (("write", settings.token), ("read", settings.read_token))

@@ -5,6 +5,7 @@ truth for how the run went (status.json, metrics.jsonl, checkpoints)."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,10 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select
+from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-__all__ = ["ACTIVE", "STATES", "VERSION_TABLE", "ConfigRow", "JobRow", "Store"]
+__all__ = ["ACTIVE", "CLAIM_KEY", "STATES", "VERSION_TABLE", "ConfigRow", "JobRow", "Store"]
 
 STATES = ("queued", "starting", "running", "paused", "succeeded", "failed", "diverged",
           "stopped", "lost")  # fmt: skip
@@ -24,6 +25,7 @@ VERSION_TABLE = "kiln_serve_alembic_version"
 """Where alembic keeps this schema's revision: not `alembic_version`, which Optuna and MLflow
 use for theirs when they share the database (a sweep's study in the same PostgreSQL)."""
 """States of a job the server still has to follow."""
+CLAIM_KEY = 0x6B696C6E5345  # "kilnSE": the PostgreSQL advisory lock a server holds
 
 
 class Base(DeclarativeBase):
@@ -80,7 +82,8 @@ def new_id() -> str:
 class Store:
     """Configs and jobs in a database at `url` (tables created on first use)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, claim: bool = False) -> None:
+        """`claim`: first make this process the database's one server (`claim()`)."""
         self.engine = create_engine(url)
         if url.startswith("sqlite"):
 
@@ -91,6 +94,8 @@ class Store:
                 cursor.execute("PRAGMA busy_timeout=5000")
                 cursor.close()
 
+        if claim:
+            self.claim()
         self.migrate()
 
     def migrate(self) -> str:
@@ -109,6 +114,40 @@ class Store:
         with self.engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
             return str(context.get_current_revision())
+
+    def claim(self) -> None:
+        """Make this process the database's one server, until it exits: two servers on one
+        database would both start its queued jobs. SQLite: an flock on `<file>.lock` (which
+        names the holder's pid); PostgreSQL: a session advisory lock. KilnError (one line)
+        when another process holds it."""
+        from kiln.errors import KilnError
+
+        url = self.engine.url
+        taken = f"{url.render_as_string(hide_password=True)}: another kiln serve uses this database"
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            import fcntl
+
+            path = Path(f"{url.database}.lock")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise KilnError(f"{taken} (pid {holder}); stop it, or give this one its own "
+                                "--state-dir or --db") from None  # fmt: skip
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self._claim: Any = fd  # held open: the lock lives as long as this process
+        elif url.get_backend_name() == "postgresql":
+            connection = self.engine.connect()
+            query = text("SELECT pg_try_advisory_lock(:key)")
+            if not connection.execute(query, {"key": CLAIM_KEY}).scalar():
+                connection.close()
+                raise KilnError(f"{taken}; stop it, or give this one its own --db")
+            connection.commit()
+            self._claim = connection
 
     @contextmanager
     def session(self) -> Iterator[Session]:
