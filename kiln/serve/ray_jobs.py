@@ -4,8 +4,9 @@ Each attempt is a Ray job whose entrypoint is the same `kiln train` command the 
 executor runs, submitted as `kiln-<job>-<attempt>` (the handle kept in the store: submitting
 again after a crash finds the same job instead of starting a second). Ray runs it on a node
 with the resources asked for (`gpus_per_rank` x ranks), so the nodes need kiln installed at
-the server's interpreter path (one image for the cluster) and the state directory on a shared
-file system: the run directory stays the source of truth for state, metrics and checkpoints.
+the server's interpreter path (one image for the cluster), and the state directory and the
+server's working directory (where relative data paths point) on a shared file system: the run
+directory stays the source of truth for state, metrics and checkpoints.
 
 Stop = Ray's `stop_job`: SIGTERM to the entrypoint and its children (the run checkpoints and
 exits 3: paused), SIGKILL after the grace period (`RAY_JOB_STOP_WAIT_TIME_S`, passed to the
@@ -16,6 +17,7 @@ longer knows (a new cluster) takes the state its status.json recorded, and one f
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -54,8 +56,9 @@ class RayExecutor(QueueExecutor):
         handle = self.submission_id(job)
         gpus = self.gpus_per_rank * job.nproc
         try:
-            self.client.submit_job(
-                entrypoint=shlex.join(command), submission_id=handle,
+            self.client.submit_job(  # in the server's directory, as the config was checked
+                entrypoint=f"cd {shlex.quote(os.getcwd())} && {shlex.join(command)}",
+                submission_id=handle,
                 runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(int(self.grace_s))}},
                 entrypoint_num_gpus=gpus or None, metadata={"kiln_job": job.id},
             )  # fmt: skip
