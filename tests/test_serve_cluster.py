@@ -155,14 +155,28 @@ def test_the_ray_executor_runs_stops_and_resumes_jobs_on_a_local_head(
         again.close()
 
 
-def test_the_ray_executor_without_a_cluster_is_one_line(tmp_path: Path) -> None:
+NOBODY = f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--executor", "ray", "--ray-address", NOBODY],
+         f"--ray-address {NOBODY}: no Ray Jobs API answers (Failed to connect to Ray at "
+         f"address: {NOBODY}.)"),
+        (["--executor", "ray"],
+         "--executor ray: give --ray-address http://HEAD:8265 (or $RAY_API_SERVER_ADDRESS)"),
+        (["--ray-address", NOBODY], "--ray-address/--gpus-per-rank: only with --executor ray"),
+        (["--executor", "ray", "--gpus-per-rank", "-1"], "--gpus-per-rank: at least 0, got -1.0"),
+    ],
+)  # fmt: skip
+def test_executor_flags_that_cannot_work_are_one_line(
+    tmp_path: Path, flags: list[str], said: str
+) -> None:
     pytest.importorskip("ray.job_submission")
-    nobody = f"http://127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "kiln", "serve", "--state-dir", str(tmp_path / "state"),
-           "--executor", "ray", "--ray-address", nobody]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "kiln", "serve", "--state-dir", str(tmp_path / "state"), *flags]
+    unset = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
-        f"kiln: error: --ray-address {nobody}: no Ray Jobs API answers "
-        f"(Failed to connect to Ray at address: {nobody}.)"
-    ], out.stderr
+    assert out.stderr.strip().splitlines() == [f"kiln: error: {said}"], out.stderr

@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise KilnError(f"kiln serve needs fastapi and uvicorn ({exc.name} is missing): "
                         "pip install 'kiln[serve]'") from None  # fmt: skip
+    if args.gpus_per_rank < 0:
+        raise KilnError(f"--gpus-per-rank: at least 0, got {args.gpus_per_rank}")
     ray_address = None
     if args.executor == "ray":
         ray_address = (args.ray_address or os.environ.get("RAY_API_SERVER_ADDRESS")
