@@ -62,8 +62,8 @@ class RayExecutor(QueueExecutor):
                 runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(int(self.grace_s))}},
                 entrypoint_num_gpus=gpus or None, metadata={"kiln_job": job.id},
             )  # fmt: skip
-        except RuntimeError as exc:
-            if "already exists" not in str(exc):  # submitted before a crash: the same attempt
+        except RuntimeError as exc:  # "already exists": submitted before a crash, so adopted
+            if "already exists" not in str(exc):
                 raise
         return {"handle": handle, "pid": None, "pid_start": None}
 
