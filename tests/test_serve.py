@@ -77,8 +77,15 @@ def test_jobs_start_queue_stop_resume_and_finish_as_an_uninterrupted_run(
 
     api.wait(reference["id"], "running", "succeeded")  # the queue moved on
     api.resume(paused["id"])
-    done = api.wait(paused["id"], "succeeded", "failed", timeout_s=300)
+    live = list(api.events(paused["id"], last_event_id=step))  # followed until the end
+    done = api.status(paused["id"])
     assert done["state"] == "succeeded", api.logs(paused["id"])
+    landed = [e["data"] for e in live if e["event"] == "checkpoint"]  # as each one landed
+    assert [c["id"] for c in landed][-2:] == [f"{paused['id']}.step-16", f"{paused['id']}.final"]
+    seen = [c["step"] for c in landed[:-1]]  # those not rotated away before the stream looked
+    assert seen == sorted(set(seen))
+    assert all(s > step and s % 2 == 0 for s in seen)
+    assert all("id" not in e for e in live if e["event"] == "checkpoint")  # metrics ids resume
     ref = api.wait(reference["id"], "succeeded", "failed", timeout_s=300)
     assert ref["state"] == "succeeded"
     assert done["attempt"] == 2
@@ -90,8 +97,11 @@ def test_jobs_start_queue_stop_resume_and_finish_as_an_uninterrupted_run(
              e["data"]["split"] == "train"]  # fmt: skip
     assert steps == list(range(1, 17))
     assert events[-1] == {"event": "end", "data": {"state": "succeeded"}}
-    later = [e for e in api.events(reference["id"], last_event_id=12) if e["event"] == "metrics"]
-    assert sorted({e["data"]["step"] for e in later}) == [13, 14, 15, 16]
+    later = list(api.events(reference["id"], last_event_id=12))
+    assert sorted({e["data"]["step"] for e in later if e["event"] == "metrics"}) == [13, 14, 15, 16]
+    rid = reference["id"]  # the checkpoints still there (keep_last 2) past step 12, and final/
+    kept = [e["data"]["id"] for e in later if e["event"] == "checkpoint"]
+    assert kept == [f"{rid}.step-14", f"{rid}.step-16", f"{rid}.final"]
     history = api.history(reference["id"], max_points=4)
     assert len(history["train"]) <= 4
     series = losses(ref["run_dir"])

@@ -262,8 +262,9 @@ def create_app(settings: Settings) -> FastAPI:
              response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}}}, **_JSON_ERRORS})  # fmt: skip
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
-        """Server-Sent Events: `metrics` (id = step), `status` on each change of state, `end`
-        when the job ends. Resumable: records after `Last-Event-ID` are sent first."""
+        """Server-Sent Events: `metrics` (id = step), `checkpoint` as each complete checkpoint
+        (and final/) lands, `status` on each change of state, `end` when the job ends.
+        Resumable: records and checkpoints after step `Last-Event-ID` are sent first."""
         job = job_or_404(job_id)
         after = int(request.headers.get("last-event-id", "-1") or -1)
         return StreamingResponse(_events(store, job, after, request),
@@ -320,15 +321,34 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+def _new_checkpoints(job: JobRow, after: int, seen: set[str]) -> list[dict[str, Any]]:
+    """Complete checkpoints (and final/) of the job past step `after` not in `seen` (which
+    gains them), as the checkpoints route lists them."""
+    metric = ((job.config.get("checkpoint") or {}).get("metric")) or "val_loss"
+    found = []
+    for c in checkpoints(job.run_dir, metric):
+        if c["id"] not in seen and (c["final"] or (c["step"] or 0) > after):
+            seen.add(c["id"])
+            found.append({**c, "id": f"{job.id}.{c['id']}"})
+    return found
+
+
 async def _events(store: Store, job: JobRow, after: int, request: Request) -> Any:
     from kiln.runs import read_metrics
 
     offset, state = 0, None
+    seen: set[str] = set()
+    folder, stamp = Path(job.run_dir), None  # the run dir changes when a checkpoint lands
     while True:
         records, offset = read_metrics(job.run_dir, offset)
         for r in records:  # each record once (a rewrite after a resume repeats its steps)
             if r["step"] > after:
                 yield f"id: {r['step']}\nevent: metrics\ndata: {json.dumps(r)}\n\n"
+        now_stamp = [_mtime(folder / "checkpoints"), _mtime(folder / "final")]
+        if now_stamp != stamp:
+            stamp = now_stamp
+            for c in _new_checkpoints(job, after, seen):  # no id: metrics ids stay the resume point
+                yield f"event: checkpoint\ndata: {json.dumps(c)}\n\n"
         now = store.job(job.id)
         if now is not None and now.state != state:
             state = now.state
@@ -339,3 +359,10 @@ async def _events(store: Store, job: JobRow, after: int, request: Request) -> An
         if await request.is_disconnected():
             return
         await asyncio.sleep(0.5)
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
