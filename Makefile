@@ -18,16 +18,22 @@ setup: $(STAMP)
 TORCH_INDEX_URL ?=
 
 # Reinstall only when the package metadata or the pins change. `make demo` on a new machine
-# installs only what the demo needs (half the time and size of everything).
-$(DEMO_STAMP): pyproject.toml constraints.txt
+# installs only what the demo needs (half the time and size of everything); the full install
+# covers the demo too.
+define venv
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_INDEX_URL),$(PIP) torch --index-url $(TORCH_INDEX_URL))
+endef
+
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	$(venv)
 	$(PIP) -e ".[$(DEMO_EXTRAS)]"
 	@touch $(DEMO_STAMP)
 
-$(STAMP): $(DEMO_STAMP)
+$(STAMP): pyproject.toml constraints.txt
+	$(venv)
 	$(PIP) -e ".[$(ALL_EXTRAS)]"
-	@touch $(STAMP)
+	@touch $(DEMO_STAMP) $(STAMP)
 
 demo: $(DEMO_STAMP)
 	$(BIN)/kiln train configs/quickstart.yaml --overwrite
