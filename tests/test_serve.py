@@ -377,3 +377,21 @@ def test_a_second_server_on_the_same_database_is_refused(tmp_path: Path, databas
         first.close()
     again = Server(tmp_path / "state", "--db", database_url)  # released with its process
     again.close()
+
+
+def test_reindex_takes_no_pid_from_another_machine(tmp_path: Path) -> None:
+    """A run another machine is running (a shared file system): its pid means nothing here,
+    even when a process here has that number."""
+    from kiln.serve.executor import reindex
+    from kiln.serve.store import Store
+
+    runs = tmp_path / "runs"
+    (runs / "def456").mkdir(parents=True)
+    (runs / "def456.yaml").write_text("name: elsewhere\n")
+    there = {"format": 1, "state": "running", "pid": os.getpid(), "host": "another-machine",
+             "heartbeat": time.time(), "step": 3, "started_at": 2.0}  # fmt: skip
+    (runs / "def456" / "status.json").write_text(json.dumps(there))
+    store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
+    assert reindex(store, runs) == ["def456"]
+    job = store.job("def456")
+    assert (job.state, job.pid, job.pid_start) == ("running", None, None)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -315,7 +316,8 @@ def reindex(store: Store, runs_root: Path) -> list[str]:
         state = run_state(status) if status else "lost"
         alive = state in ("starting", "running")
         job_state = "running" if alive else _END_STATES.get(state, "lost")
-        pid = status.get("pid") if alive else None
+        here = status.get("host") == socket.gethostname()  # another machine's pid means nothing
+        pid = status.get("pid") if alive and here else None
         stamp = status.get("started_at") or run_dir.stat().st_mtime
         store.add_job(JobRow(
             id=run_dir.name, name=str(config.get("name") or run_dir.name), config=config,
