@@ -327,10 +327,10 @@ def test_an_executor_cut_off_from_its_jobs_says_so_once_and_keeps_them(
     import logging
     import threading
 
-    from kiln.serve.executor import QueueExecutor
+    from kiln.serve.executor import LocalExecutor
     from kiln.serve.store import JobRow, Store
 
-    class Away(QueueExecutor):  # a cluster that stops answering, then answers again
+    class Away(LocalExecutor):  # a cluster that stops answering, then answers again
         answers = False
 
         def _poll(self, job: JobRow) -> tuple[bool, int | None]:

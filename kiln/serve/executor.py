@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -104,7 +105,7 @@ class Executor(Protocol):
     def logs(self, job: JobRow) -> list[str]: ...
 
 
-class QueueExecutor:
+class QueueExecutor(ABC):
     """The queue, the loop and the states, whatever runs the jobs: at most `max_concurrent`
     at once, stops escalated after `grace_s`. Subclasses implement `_submit`, `_poll`,
     `_cancel`, `_kill` and `logs`."""
@@ -119,24 +120,25 @@ class QueueExecutor:
 
     # ---- what a subclass says ------------------------------------------------------------
 
+    @abstractmethod
     def _submit(self, job: JobRow, command: list[str], logfile: Path) -> dict[str, Any]:
         """Start `command` for `job`; the fields to store that find it again (pid, handle)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _poll(self, job: JobRow) -> tuple[bool, int | None]:
         """Whether the job's attempt has ended, and its exit code where known."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _cancel(self, job: JobRow) -> None:
         """Ask the attempt to stop (SIGTERM to every process: it checkpoints, exits 3)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _kill(self, job: JobRow) -> None:
         """End the attempt now (the grace period is over)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def logs(self, job: JobRow) -> list[str]:
-        raise NotImplementedError
+        """The output of the job's attempts, each after a `--- attempt N:` line."""
 
     # ---- the loop ------------------------------------------------------------------------
 
