@@ -3,9 +3,10 @@ a run (`kiln train`, `Trainer.from_config`, and later sweeps and the server).
 
 It decides the rank context (a single process, or this rank of a torchrun job) and the
 callbacks: the ones the caller passes, plus those the config asks for (progress, early
-stopping, trackers, notifications, plots) on the main rank only, since only the main rank
-reports; on N ranks, every rank also keeps its whereabouts (`RankWhereabouts`). A caller's
-callback replaces the default of the same class.
+stopping, trackers, notifications, plots, export on finish) on the main rank only, since only
+the main rank reports; on N ranks, every rank also keeps its whereabouts (`RankWhereabouts`).
+A caller's callback replaces the default of the same class. The Trainer's constructor calls
+`job_callbacks` itself, so `Trainer(cfg, ...)` runs what the config asks for too.
 """
 
 from __future__ import annotations
@@ -23,16 +24,20 @@ if TYPE_CHECKING:
 __all__ = ["build_trainer", "job_callbacks", "train"]
 
 
-def job_callbacks(cfg: RunConfig, given: Sequence[Callback], rank: RankContext) -> list[Callback]:
+def job_callbacks(
+    cfg: RunConfig, given: Sequence[Callback], rank: RankContext, *, config: bool = True
+) -> list[Callback]:
     """The callbacks of a job: `given`, then the config's defaults not given by class (none on
-    ranks other than the main one), then on N ranks `RankWhereabouts` on every rank (the loop's
-    position, for the report when a collective fails)."""
+    ranks other than the main one, none with `config=False`), then on N ranks `RankWhereabouts`
+    on every rank (the loop's position, for the report when a collective fails).
+
+    Idempotent: a list it returned, given again, comes back the same."""
     from kiln.callbacks.defaults import default_callbacks
     from kiln.callbacks.whereabouts import RankWhereabouts
 
     callbacks = list(given)
     classes = {type(cb) for cb in callbacks}
-    if rank.is_main:
+    if rank.is_main and config:
         callbacks += [cb for cb in default_callbacks(cfg) if type(cb) not in classes]
     if rank.distributed and RankWhereabouts not in classes:
         callbacks.append(RankWhereabouts())
@@ -47,13 +52,14 @@ def build_trainer(
     trainer_cls: type[Trainer] | None = None,
     **kwargs: Any,
 ) -> Trainer:
-    """A trainer for `cfg` with the job's callbacks and rank context; `kwargs` go to the
-    Trainer (model, tokenizer, train_data, val_data, overwrite, resume)."""
+    """A trainer for `cfg` with the job's rank context; its constructor adds the callbacks the
+    config asks for to `callbacks` (`job_callbacks`). `kwargs` go to the Trainer (model,
+    tokenizer, train_data, val_data, config_callbacks, overwrite, resume)."""
     if trainer_cls is None:
         from kiln.engine.trainer import Trainer as trainer_cls
     dist = cfg.train.distributed
     rank = rank or RankContext.setup(dist.backend, dist.timeout_s)  # under torchrun: N ranks
-    return trainer_cls(cfg, callbacks=job_callbacks(cfg, callbacks, rank), rank=rank, **kwargs)
+    return trainer_cls(cfg, callbacks=callbacks, rank=rank, **kwargs)
 
 
 def train(cfg: RunConfig, **kwargs: Any) -> TrainResult:

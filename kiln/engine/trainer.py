@@ -1,7 +1,7 @@
 """Trainer: runs the loop over what `build_parts` made, fires events, writes the run.
 
-The Trainer takes the callbacks it is given (`kiln.job.build_trainer` adds the ones a config
-asks for); callbacks see a read-only `RunView` and steer through `Control`. Loop state lives in
+The Trainer runs the callbacks the config asks for plus those it is given (`kiln.job`);
+callbacks see a read-only `RunView` and steer through `Control`. Loop state lives in
 one `LoopState`; a checkpoint is a named map of stateful components (`engine/resume.py`).
 """
 
@@ -65,9 +65,11 @@ class Trainer:
     complete checkpoint of the run directory, a path from that checkpoint; None follows
     `checkpoint.resume` (auto: resume when there is a checkpoint). Data may be text rows
     (lists of dicts or strings, torch or `datasets` datasets; they go through the same
-    pipeline as files) or token ids (see docs/python_data.md). `callbacks` are exactly the
-    callbacks that run; `Trainer.from_config` (and `kiln train`) add the ones the config asks
-    for.
+    pipeline as files) or token ids (see docs/python_data.md). The config is the source of
+    truth: what it asks for (progress, early stopping, trackers, notifications, plots, export
+    on finish) runs whichever entry point builds the trainer; `callbacks` are added to those
+    (one of the same class takes the config's one's place), and `config_callbacks=False`
+    leaves the config's out (`kiln.job.job_callbacks`).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Trainer:
         train_data: Any = None,
         val_data: Any = None,
         callbacks: Sequence[Callback] = (),
+        config_callbacks: bool = True,
         overwrite: bool = False,
         resume: str | Path | bool | None = None,
         rank: RankContext | None = None,
@@ -91,7 +94,9 @@ class Trainer:
         self.rank = rank or RankContext.setup(dist.backend, dist.timeout_s)
         self.loop = LoopState()
         self.control = Control()
-        self.callbacks: list[Callback] = list(callbacks)
+        from kiln.job import job_callbacks  # the one assembly, whichever entry point
+
+        self.callbacks = job_callbacks(cfg, callbacks, self.rank, config=config_callbacks)
         callback_keys(self.callbacks)
         self.run_dir = RunDir(cfg.run_dir, enabled=self.rank.is_main)  # resolved before checks
         rotation = cfg.checkpoint.model_dump(include={"keep_last", "keep_best", "metric", "mode"})
@@ -117,8 +122,8 @@ class Trainer:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **kwargs: Any) -> Trainer:
-        """The trainer `kiln train` runs: the callbacks the config asks for (progress, early
-        stopping, trackers, notifications, plots) are added to `callbacks` (`kiln.job`)."""
+        """The trainer `kiln train` runs (`kiln.job.build_trainer`): the same as the
+        constructor, with the rank context set up first."""
         from kiln.job import build_trainer
 
         return build_trainer(cfg, trainer_cls=cls, **kwargs)
