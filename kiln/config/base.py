@@ -72,9 +72,12 @@ that sit in exactly one place; filled by kiln.config.run. Messages use it to nam
 ALTERNATIVES = {
     "optim.warmup_steps": "optim.warmup_ratio",
     "optim.warmup_ratio": "optim.warmup_steps",
+    "model.name_or_path": "model.arch",
+    "model.arch": "model.name_or_path",
 }
-"""Keys that say the same thing two ways: setting one (not to null) in a later layer (an
-override, an edit, a file over its preset) drops the other from the earlier one."""
+"""Keys that say the same thing two ways, or exclude each other (a pretrained model or one
+built from scratch): setting one (not to null) in a later layer (an override, an edit, a file
+over its preset) drops the other from the earlier one."""
 
 
 def drop_alternative(node: dict[str, Any], path: str, value: Any) -> None:

@@ -178,6 +178,19 @@ class RunConfig(Section):
             )
         return new
 
+    def validate(self) -> RunConfig:  # type: ignore[override]  # pydantic's is deprecated
+        """Check the config again, as a whole, and return it (a config is validated when it is
+        built and immutable afterwards, so this passes unless a value was changed in place:
+        an item of a list, or an attribute set around `__setattr__`).
+
+        Raises:
+            ConfigError: one line per problem, each naming the full key path.
+        """
+        # A dump of every value (a default may have been changed too), not the sections
+        # themselves: pydantic takes a section object as valid without looking inside.
+        self._edited(self.model_dump(round_trip=True))
+        return self
+
     def effective_batch_size(self, world_size: int = 1) -> int:
         """Sequences per optimizer step: batch_size x grad_accum_steps x `world_size` ranks."""
         return self.train.batch_size * self.train.grad_accum_steps * world_size
