@@ -5,7 +5,8 @@ everything that drives runs without a live Trainer (sweeps, the REST server, a d
     runs/<name>/
       config.yaml              the resolved config, exactly what ran
       metrics.jsonl            one JSON record per line ({"step", "split", "loss", ...}),
-                               appended and flushed a line at a time
+                               appended and flushed a line at a time; a value that is not
+                               a finite number (a diverging loss) is null
       status.json              what the run is doing now (rewritten atomically; `read_status`)
       summary.json             steps, tokens, timings, best and final metrics (at the end)
       data_stats.json          row, example and token counts of the data
@@ -14,7 +15,9 @@ everything that drives runs without a live Trainer (sweeps, the REST server, a d
       checkpoints/step-<N>/    manifest.json written last: complete only with a valid manifest
       final/                   the model and tokenizer, with kiln_config.yaml
       plots/ samples/ eval/    PNG curves, generated samples per step, `kiln eval` reports
+      export/                  `kiln export` (and export.on_finish): the ONNX/TorchScript bundle
       report.md                `kiln report`
+      train.log                what `kiln train` printed (its main rank), appended on resume
 
 Light to import (no torch, no transformers, no kiln.engine): a server can poll many runs from
 a small process. Typical use, tailing a live run:
@@ -45,6 +48,7 @@ __all__ = [
     "CONFIG",
     "DATA_STATS",
     "EVAL",
+    "EXPORT",
     "FINAL",
     "FINAL_CONFIG",
     "MANIFEST",
@@ -56,6 +60,7 @@ __all__ = [
     "STATES",
     "STATUS",
     "SUMMARY",
+    "TRAIN_LOG",
     "CheckpointEntry",
     "RunInfo",
     "RunPaths",
@@ -86,6 +91,8 @@ FINAL = "final"
 PLOTS = "plots"
 SAMPLES = "samples"
 EVAL = "eval"
+EXPORT = "export"
+TRAIN_LOG = "train.log"
 FINAL_CONFIG = "kiln_config.yaml"
 """The config inside final/ (a model directory carries its run's config under this name)."""
 MANIFEST = "manifest.json"
@@ -165,6 +172,14 @@ class RunPaths:
     def eval(self) -> Path:
         return self.root / EVAL
 
+    @property
+    def export(self) -> Path:
+        return self.root / EXPORT
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / TRAIN_LOG
+
     def checkpoint(self, step: int) -> Path:
         """checkpoints/step-<step> (complete or not, existing or not)."""
         return self.checkpoints / f"step-{step}"
@@ -200,11 +215,17 @@ def run_dir_of(path: str | os.PathLike[str]) -> Path | None:
 # ---- status ----------------------------------------------------------------------------------
 
 
+def _nonfinite(name: str) -> None:
+    """How the readers take a bare NaN, Infinity or -Infinity (not JSON, but what the files of
+    older runs may hold): as null, what kiln writes for them now."""
+    return None
+
+
 def _read_json(path: Path, *, strict: bool) -> dict[str, Any] | None:
     """The JSON object in `path`; None when absent or not an object. Unreadable or invalid
     JSON: KilnError naming the file when `strict`, else None."""
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(path.read_bytes(), parse_constant=_nonfinite)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -301,7 +322,8 @@ def read_metrics(
     Only lines ending in a newline are read, so a line the run is still writing (or one torn by
     a kill) is left for the next call; `unterminated=True` also returns a last line without a
     newline when it is a whole record (a file written by hand; the next offset stays before
-    it). Lines that are not JSON objects with a "step" are skipped. No file yet: ([], offset).
+    it). Lines that are not JSON objects with an integer "step" are skipped. No file yet:
+    ([], offset).
 
     A resumed run rewrites metrics.jsonl up to its checkpoint's step and logs the later steps
     again. When `offset` no longer falls at a line start of the file (it is past the end, or
@@ -326,10 +348,11 @@ def read_metrics(
     records = []
     for line in lines:
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_constant=_nonfinite)
         except ValueError:
             continue
-        if isinstance(record, dict) and "step" in record:
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):  # a step that is a number
             records.append(record)
     return records, offset + end
 
@@ -364,7 +387,7 @@ def read_anomalies(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     records = []
     for line in data.splitlines():
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_constant=_nonfinite)
         except ValueError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):

@@ -21,6 +21,7 @@ def serve_config(tmp: Path) -> dict[str, Any]:
     write_jsonl(tmp / "val.jsonl", make_rows(12, seed=6))
     raw = tiny_raw(tmp, tmp / "train.jsonl", tmp / "val.jsonl")
     del raw["output_dir"]  # the server gives each job its run directory
+    del raw["data"]["cache_dir"]  # the server's: <state>/cache
     raw["optim"] = {"lr": 3e-3, "warmup_steps": 0, "scheduler": "constant"}
     raw["train"] = {"max_steps": 16, "batch_size": 4, "num_threads": 1}
     raw["eval"] = {"every_steps": 8}
@@ -33,8 +34,9 @@ class Server:
     def __init__(self, state: Path, *extra: str) -> None:
         self.port = free_port()
         self.log = state.with_suffix(".log")
+        # --allow-read: the tests' data files lie beside the state directory
         cmd = [sys.executable, "-m", "kiln", "serve", "--port", str(self.port), "--state-dir",
-               str(state), "--token", TOKEN, *extra]  # fmt: skip
+               str(state), "--token", TOKEN, "--allow-read", str(state.parent), *extra]  # fmt: skip
         env = gloo_env()  # its jobs' ranks (--nproc) talk over loopback
         with self.log.open("a") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,

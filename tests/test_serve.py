@@ -206,7 +206,8 @@ def test_tokens_have_scopes_and_reindex_finds_jobs(tmp_path: Path) -> None:
     (runs / "abc123.yaml").write_text("name: found\noutput_dir: x\n")
     status = {"format": 1, "state": "finished", "exit_code": 0, "step": 7, "started_at": 1.0}
     (runs / "abc123" / "status.json").write_text(json.dumps(status))
-    app = create_app(Settings(tmp_path / "state", token="w", read_token="r"))
+    app = create_app(Settings(tmp_path / "state", token="w", read_token="r",
+                              allow_read=(tmp_path,)))  # fmt: skip
     assert reindex(app.state.store, runs) == ["abc123"]
     assert reindex(app.state.store, runs) == []  # known now
     http = TestClient(app)

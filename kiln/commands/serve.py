@@ -5,9 +5,12 @@ them (or what they recorded) in their run directories."""
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import socket
 from pathlib import Path
+from typing import Any
 
 HELP = "serve the REST API for configs, jobs, metrics and checkpoints"
 
@@ -34,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "$RAY_API_SERVER_ADDRESS or $RAY_ADDRESS")  # fmt: skip
     p.add_argument("--gpus-per-rank", type=float, default=0.0, metavar="G",
                    help="GPUs a Ray job asks for per rank (0)")  # fmt: skip
+    p.add_argument("--allow-read", action="append", default=[], metavar="DIR",
+                   help="jobs may also read data, models and tokenizers under DIR (repeatable); "
+                        "by default only under --state-dir")  # fmt: skip
+    p.add_argument("--allow-hub", action="store_true",
+                   help="jobs may name hub datasets (hf:NAME) and hub model ids")  # fmt: skip
 
 
 def _loopback(host: str) -> bool:
@@ -57,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from kiln.serve.app import Settings, create_app
+        from kiln.serve.app import Settings
     except ImportError as exc:
         raise KilnError(f"kiln serve needs fastapi and uvicorn ({exc.name} is missing): "
                         "pip install 'kiln[serve]'") from None  # fmt: skip
@@ -73,16 +81,103 @@ def run(args: argparse.Namespace) -> int:
     elif args.ray_address or args.gpus_per_rank:
         raise KilnError("--ray-address/--gpus-per-rank: only with --executor ray")
     read_token = args.read_token or os.environ.get("KILN_SERVE_READ_TOKEN") or None
-    settings = Settings(Path(args.state_dir), args.db, token, read_token, args.max_concurrent,
+    state_dir = _state_dir(args.state_dir)
+    allow_read = tuple(_readable_root(d) for d in args.allow_read)
+    settings = Settings(state_dir, args.db, token, read_token, args.max_concurrent,
                         executor=args.executor, ray_address=ray_address,
-                        gpus_per_rank=args.gpus_per_rank, claim=True)  # fmt: skip
-    app = create_app(settings)
+                        gpus_per_rank=args.gpus_per_rank, claim=True, allow_read=allow_read,
+                        allow_hub=args.allow_hub)  # fmt: skip
+    sock = _bind(args.host, args.port)  # before the database is claimed: a taken port is early
+    try:
+        app = _app(settings, args.db)
+    except BaseException:
+        sock.close()
+        raise
     if args.reindex:
         from kiln.serve.executor import reindex
 
         added = reindex(app.state.store, settings.state_dir / "runs")
         print(f"kiln serve: reindexed {len(added)} jobs from {settings.state_dir / 'runs'}")
-    print(f"kiln serve: http://{args.host}:{args.port} (state {settings.state_dir})", flush=True)
+    port = sock.getsockname()[1]
+    print(f"kiln serve: http://{args.host}:{port} (state {settings.state_dir})", flush=True)
     # access_log off: request lines would carry query strings; tokens travel in headers only.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _state_dir(given: str) -> Path:
+    """--state-dir, created; KilnError (one line) when it cannot be a writable directory."""
+    from kiln.errors import KilnError
+
+    path = Path(given)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise KilnError(f"--state-dir {given}: is a file, not a directory") from None
+    except OSError as exc:
+        raise KilnError(f"--state-dir {given}: cannot create it: {exc.strerror}") from None
+    if not path.is_dir():
+        raise KilnError(f"--state-dir {given}: is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise KilnError(f"--state-dir {given}: not writable by this user")
+    return path
+
+
+def _readable_root(given: str) -> Path:
+    from kiln.errors import KilnError
+
+    if not Path(given).is_dir():
+        raise KilnError(f"--allow-read {given}: no such directory")
+    return Path(given)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket at host:port; KilnError (one line) when it cannot be had (in
+    use, not an address of this machine, a port out of range)."""
+    from kiln.errors import KilnError
+
+    if not 0 <= port <= 65535:
+        raise KilnError(f"--port: 0 to 65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT ok
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "in use by another process" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise KilnError(f"--host {host} --port {port}: cannot listen there: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _app(settings: Any, db: str | None) -> Any:
+    """create_app, with a database that cannot be opened (an unknown or uninstalled driver,
+    a server that does not answer, a file that cannot be written) as one line."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from kiln.errors import KilnError, first_line
+    from kiln.serve.app import create_app
+
+    where = f"--db {_shown(db)}" if db else f"--state-dir {settings.state_dir}"
+    try:
+        return create_app(settings)
+    except ImportError as exc:  # the URL's driver (psycopg2, MySQLdb) is not installed
+        raise KilnError(
+            f"{where}: its database driver is not installed ({exc.name or exc})"
+        ) from None
+    except (SQLAlchemyError, OSError) as exc:
+        raise KilnError(f"{where}: cannot open the database: {first_line(exc)}") from None
+
+
+def _shown(url: str) -> str:
+    """The URL without its password (it may stand in a log)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "(not a database URL)"

@@ -12,16 +12,19 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
+from kiln.errors import KilnError
+from kiln.serve.confine import Confinement
 from kiln.serve.executor import Executor, LocalExecutor, describe
 from kiln.serve.store import JobRow, Store, new_id
 from kiln.serve.views import checkpoint_dir, checkpoints, current, history, tar_stream, throughput
@@ -49,30 +52,57 @@ class Settings:
     """Hold the database as its one server while the process lives (`kiln serve`)."""
     dry_run: bool = False
     """Queue jobs but never start them (to exercise the API alone: schema fuzzing)."""
+    allow_read: tuple[Path, ...] = ()
+    """Roots outside the state directory jobs may read data, models, tokenizers from."""
+    allow_hub: bool = False
+    """Jobs may name hub datasets (`hf:`) and hub model ids."""
 
     @property
     def url(self) -> str:
         return self.db_url or f"sqlite:///{(self.state_dir / 'kiln-serve.db').resolve()}"
 
 
+MAX_BODY = 1 << 20
+"""Largest request body (1 MiB; a run config is a few KiB): larger ones answer 413."""
+MAX_DEPTH = 32
+"""Deepest nesting of a config's mappings and lists (a real one is under 6 deep)."""
+
+
+def _shallow(config: dict[str, Any]) -> dict[str, Any]:
+    """`config`, when no mapping or list in it is nested more than MAX_DEPTH deep (walked
+    without recursion: a deeper one would exhaust the stack of whatever reads it next)."""
+    stack: list[tuple[Any, int]] = [(config, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+        children = node.values() if isinstance(node, dict) else node
+        stack += [(c, depth + 1) for c in children if isinstance(c, dict | list)]
+    return config
+
+
+Config = Annotated[dict[str, Any], AfterValidator(_shallow)]
+
+
 class ConfigIn(BaseModel):
     name: str = Field(min_length=1, max_length=200)
-    config: dict[str, Any]
+    config: Config
 
 
 class StartIn(BaseModel):
-    config: dict[str, Any] | None = None
+    config: Config | None = None
     config_id: str | None = None
     dataset_path: str | None = None
     name: str | None = Field(None, max_length=200)
-    nproc: int = Field(1, ge=1, le=64, description="ranks on one node (kiln train --nproc)")
+    nproc: int = Field(1, ge=1, le=64, strict=True,
+                       description="ranks on one node (kiln train --nproc)")  # fmt: skip
 
 
 class Problem(BaseModel):
     detail: list[str] | str
 
 
-_CODES = (401, 403, 404, 409, 422)
+_CODES = (400, 401, 403, 404, 409, 413, 422)
 _ERRORS = {code: {"model": Problem} for code in _CODES}
 _JSON_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": "an error, as JSON",
@@ -83,16 +113,76 @@ _JSON_ERRORS: dict[int | str, dict[str, Any]] = {
 _BYTES = {"description": "the file's bytes", "content": {"application/octet-stream": {}}}
 
 
-def _checked(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` validated as `kiln train` would (422 with one line per problem)."""
+def _checked(config: dict[str, Any], confinement: Confinement, run_dir: Path) -> dict[str, Any]:
+    """`config` validated as `kiln train` would, then confined (kiln/serve/confine.py): what a
+    job at `run_dir` runs, every path in it absolute. 422 with one line per problem."""
     from kiln.config import load_config
-    from kiln.errors import KilnError
 
     try:
         load_config(data=config)
+        confined = confinement.confine(config, run_dir)
+        load_config(data=confined)
     except KilnError as exc:
         raise HTTPException(422, str(exc).splitlines()) from None
-    return config
+    return confined
+
+
+class _Json(JSONResponse):
+    """JSON that stays JSON: a NaN or infinity read from a run's files (metrics.jsonl written
+    before they became null, a status.json) is sent as null, never a 500."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except ValueError:  # out-of-range floats: Starlette dumps with allow_nan=False
+            return super().render(finite(content))
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN and infinity replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+class _BodyLimit:
+    """Refuses a request body over `limit` bytes with 413 before the app reads it, whether
+    it declares its length or is sent in chunks (then it is read up to the limit and
+    replayed to the app)."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(send, 413 if declared.isdigit() else 400)
+        messages, size = [], 0
+        if scope["method"] not in ("GET", "HEAD"):
+            while True:
+                message = await receive()
+                messages.append(message)
+                size += len(message.get("body", b""))
+                if size > self.limit:
+                    return await self._refuse(send, 413)
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
+
+        async def replay() -> Any:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Any, status: int) -> None:
+        detail = (f"the request body is over {self.limit} bytes" if status == 413
+                  else "Content-Length is not a number")  # fmt: skip
+        await JSONResponse({"detail": detail}, status)({"type": "http"}, None, send)
 
 
 def make_executor(settings: Settings, store: Store) -> Executor:
@@ -108,6 +198,7 @@ def make_executor(settings: Settings, store: Store) -> Executor:
 def create_app(settings: Settings) -> FastAPI:
     """The app, its store and its executor (started with the app, stopped with it)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    confinement = Confinement(settings.state_dir, settings.allow_read, settings.allow_hub)
     store = Store(settings.url, claim=settings.claim)
     executor = make_executor(settings, store)
     digests = {scope: hashlib.sha256(token.encode()).digest()
@@ -134,9 +225,12 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         executor.close()
 
-    app = FastAPI(title="kiln", version="1", lifespan=lifespan, responses=_ERRORS)
+    app = FastAPI(title="kiln", version="1", lifespan=lifespan, responses=_ERRORS,
+                  default_response_class=_Json)  # fmt: skip
+    app.add_middleware(_BodyLimit)
     app.state.store, app.state.executor = store, executor
     guarded = [Depends(auth)]
+    unstarted = settings.state_dir / "runs" / "unstarted"  # a saved config has no job yet
 
     def job_or_404(job_id: str) -> JobRow:
         job = store.job(job_id)
@@ -157,7 +251,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/api/training/configs", status_code=201, dependencies=guarded)
     def add_config(body: ConfigIn) -> dict[str, Any]:
-        return store.add_config(body.name, _checked(body.config)).to_dict()
+        _checked(body.config, confinement, unstarted)  # saved as given, confined at start
+        return store.add_config(body.name, body.config).to_dict()
 
     @app.post("/api/training/configs/explain", dependencies=guarded)
     def explain_config(body: ConfigIn) -> dict[str, Any]:
@@ -166,7 +261,7 @@ def create_app(settings: Settings) -> FastAPI:
         from kiln.errors import KilnError
         from kiln.explain import explain, explain_facts
 
-        cfg = load_config(data=_checked(body.config))
+        cfg = load_config(data=_checked(body.config, confinement, unstarted))
         try:  # epochs are counted on the data: a data file can still be wrong
             return {**explain_facts(cfg), "text": explain(cfg)}
         except KilnError as exc:
@@ -202,10 +297,15 @@ def create_app(settings: Settings) -> FastAPI:
             config, name = saved.config, name or saved.name
         config = dict(config or {})
         if body.dataset_path is not None:
-            config["data"] = {**(config.get("data") or {}), "train": body.dataset_path}
+            try:
+                train = confinement.read("dataset_path", body.dataset_path)
+            except KilnError as exc:
+                raise HTTPException(422, exc.problems) from None
+            data = config.get("data")
+            config["data"] = {**(data if isinstance(data, dict) else {}), "train": train}
         job_id = new_id()
         run_dir = settings.state_dir / "runs" / job_id
-        _checked({**config, "output_dir": str(run_dir)})
+        config = _checked(config, confinement, run_dir)
         job = JobRow(id=job_id, name=name or str(config.get("name") or job_id), config=config,
                      config_id=body.config_id, run_dir=str(run_dir), state="queued", attempt=0,
                      resume=False, nproc=body.nproc, created=time.time())  # fmt: skip
@@ -266,7 +366,12 @@ def create_app(settings: Settings) -> FastAPI:
         (and final/) lands, `status` on each change of state, `end` when the job ends.
         Resumable: records and checkpoints after step `Last-Event-ID` are sent first."""
         job = job_or_404(job_id)
-        after = int(request.headers.get("last-event-id", "-1") or -1)
+        given = request.headers.get("last-event-id", "").strip()
+        try:  # the step of the last event seen (metrics ids are steps)
+            after = int(given) if given else -1
+        except ValueError:
+            raise HTTPException(400, f"Last-Event-ID: expected a step number (an integer), got "
+                                f"{given[:40]!r}") from None  # fmt: skip
         return StreamingResponse(_events(store, job, after, request),
                                  media_type="text/event-stream")  # fmt: skip
 
@@ -343,7 +448,7 @@ async def _events(store: Store, job: JobRow, after: int, request: Request) -> An
         records, offset = read_metrics(job.run_dir, offset)
         for r in records:  # each record once (a rewrite after a resume repeats its steps)
             if r["step"] > after:
-                yield f"id: {r['step']}\nevent: metrics\ndata: {json.dumps(r)}\n\n"
+                yield f"id: {r['step']}\nevent: metrics\ndata: {json.dumps(finite(r))}\n\n"
         now_stamp = [_mtime(folder / "checkpoints"), _mtime(folder / "final")]
         if now_stamp != stamp:
             stamp = now_stamp

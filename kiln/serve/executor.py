@@ -2,11 +2,13 @@
 queue with a concurrency limit, followed through its process and its run directory.
 
 States: queued -> starting -> running -> succeeded | failed | diverged | paused | stopped, or
-lost (its process vanished without writing an end state). Stop = SIGTERM to the group (the
-run checkpoints and exits 3: paused), escalated to SIGKILL after `grace_s`. Resume = a new
-attempt of the job with `kiln train --resume RUN_DIR`. Jobs never depend on the server: one
-started before a restart is found again by its pid and that process's start time, and one
-that ended meanwhile is judged by the state and exit code its status.json recorded.
+lost (its process vanished without writing an end state: killed by a signal the server did
+not send, SIGKILL or the OOM killer, or gone while the server was down; resumable). Stop =
+SIGTERM to the group (the run checkpoints and exits 3: paused), escalated to SIGKILL after
+`grace_s`. Resume = a new attempt of the job with `kiln train --resume RUN_DIR`. Jobs never
+depend on the server: one started before a restart is found again by its pid and that
+process's start time, and one that ended meanwhile is judged by the state and exit code its
+status.json recorded.
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ def process_start(pid: int) -> str | None:
 
 def state_for_exit(code: int | None, run_dir: Path, stop_requested: bool) -> str:
     """The job's state after its process ended with `code` (None: unknown, it was not our
-    child): status.json's end state when it wrote one, else by the exit code."""
+    child): status.json's end state when it wrote one, else by the exit code. A process
+    killed by a signal (a negative code, or 128 + the signal through a shell) without an end
+    state is `lost`, as it is when the server was down (None): the same kill gives the same
+    state either way; `stopped` when the server asked it to stop."""
     status = read_status(run_dir) or {}
     recorded = _END_STATES.get(str(status.get("state")))
     if recorded is not None and (code is None or code == status.get("exit_code")):
@@ -69,9 +74,10 @@ def state_for_exit(code: int | None, run_dir: Path, stop_requested: bool) -> str
         return "paused"
     if code == 4:
         return "diverged"
-    if code is None:
-        return "lost"
-    return "stopped" if stop_requested and code < 0 else "failed"
+    killed = code is None or code < 0 or code > 128
+    if killed and stop_requested and code is not None:
+        return "stopped"  # the server's SIGKILL after the grace period
+    return "lost" if killed else "failed"
 
 
 class Executor(Protocol):

@@ -35,7 +35,7 @@ def downsample(records: list[dict[str, Any]], max_points: int, key: str = "loss"
     out = []
     for first in range(0, len(records), size):
         bucket = records[first : first + size]
-        valued = [r for r in bucket if isinstance(r.get(key), int | float)]
+        valued = [r for r in bucket if _finite(r.get(key))]  # (NaN would win every min)
         if not valued:
             out.append(bucket[-1])
             continue
@@ -43,6 +43,10 @@ def downsample(records: list[dict[str, Any]], max_points: int, key: str = "loss"
         high = max(valued, key=lambda r: r[key])
         out += sorted({id(r): r for r in (low, high)}.values(), key=lambda r: r["step"])
     return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def history(
