@@ -89,13 +89,17 @@ def test_checkpoint_files_and_manifest(tmp_path: Path, recipe_files, tokenizer) 
     ckpt = root / "step-8"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["step"] == 8
-    assert set(manifest["files"]) == {
+    kiln_files = {
         "model.safetensors",
         "optimizer.pt",
         "rng.pt",
         "trainer_state.json",
         "config.yaml",
     }
+    # ... and what transformers loads it with (config.json, the tokenizer): every file listed.
+    on_disk = {p.name for p in ckpt.iterdir()} - {"manifest.json"}
+    assert kiln_files | {"config.json", "tokenizer_config.json"} <= on_disk
+    assert set(manifest["files"]) == on_disk
     assert manifest["metrics"]["val_loss"] == trainer.history[-1]["val_loss"]
     weights = load_file(ckpt / "model.safetensors")
     for name, tensor in weights.items():

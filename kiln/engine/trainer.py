@@ -28,6 +28,7 @@ from kiln.engine.evaluate import evaluate, restore_best
 from kiln.engine.events import Event
 from kiln.engine.generate_eval import GenerationEval
 from kiln.engine.judge import Judge
+from kiln.engine.loadable import write_loadable
 from kiln.engine.loss import forward_loss_sum, target_tokens
 from kiln.engine.parts import Given, Parts, build_parts
 from kiln.engine.result import THROUGHPUT_KEYS, TrainResult
@@ -354,6 +355,7 @@ class Trainer:
         if not self.judge.may_write(parts):  # judged first; nothing non-finite is kept
             return None
         staging = write_shards(self.checkpoints, parts, self.rank, step)  # FSDP: every rank
+        staging = write_loadable(self.checkpoints, parts, self.rank, step, staging)  # HF, PEFT
         writers = checkpoint_writers(
             self.cfg, parts, self.loop, self.callbacks, self.rank
         )  # on every rank: the RNG states are gathered

@@ -81,13 +81,13 @@ def resolve_model_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise KilnError(f"{path}: no such directory")
-    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
-        return path
-    if _is_checkpoint(path):
+    if _is_checkpoint(path):  # first: a checkpoint has a config.json too (from_pretrained)
         try:
             return CheckpointManager(path.parent).verify(path).path
         except ValueError as exc:
             raise KilnError(str(exc)) from None
+    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        return path
     run = RunPaths(path)
     if run.final.is_dir():
         return run.final
@@ -172,16 +172,19 @@ def _tokenizer_for_checkpoint(ckpt: Path, cfg: RunConfig) -> Any:
         raise KilnError(f"{state_file}: unreadable: {load_failure(exc)}") from None
     run = run_dir_of(ckpt)
     final = RunPaths(run).final if run is not None else None
-    if final is not None and final.is_dir() and (final / "tokenizer_config.json").is_file():
+    # The checkpoint's own copy (written since issue 26), else final/'s: shortcuts, checked.
+    for saved in (ckpt, final):
+        if saved is None or not (saved / "tokenizer_config.json").is_file():
+            continue
         try:
-            tok = _load_tokenizer(final)
+            tok = _load_tokenizer(saved)
         except KilnError as exc:
-            # final/ is only a shortcut: the tokenizer can still be rebuilt and checked below.
+            # Only a shortcut: the tokenizer can still be rebuilt and checked below.
             logger.warning("%s; rebuilding the checkpoint's tokenizer instead", exc)
-        else:
-            ensure_pad_token(tok)
-            if want is None or fingerprint_matches(tok, want):
-                return tok
+            continue
+        ensure_pad_token(tok)
+        if want is None or fingerprint_matches(tok, want):
+            return tok
     texts = None
     if cfg.tokenizer.name_or_path is None and cfg.model.name_or_path is None:
         # Trained on the data: train it again (deterministic) from the same rows.
