@@ -32,9 +32,10 @@ __all__ = [
 ]
 
 # Fields of val records that are not eval metrics of their own (`loss` repeats val_loss), and
-# the suffixes of counts and timings (val_tokens, val_gen_samples, val_gen_time_s).
+# the suffixes of counts and timings (val_tokens, val_gen_samples, val_gen_samples_scored,
+# val_gen_time_s).
 _NOT_METRICS = {"step", "split", "epoch", "loss", "val_loss"}
-_NOT_METRIC_SUFFIXES = ("_tokens", "_samples", "_s")
+_NOT_METRIC_SUFFIXES = ("_tokens", "_samples", "_scored", "_s")
 _FIGSIZE = (6.4, 4.0)
 ANOMALY_LABEL = "anomaly"
 

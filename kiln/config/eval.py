@@ -36,8 +36,9 @@ class GenerateEvalConfig(Section):
     batch_size: int = Field(8, gt=0, le=MAX_BATCH)
     """Samples generated together (left-padded for causal models)."""
     max_time_s: float | None = Field(None, gt=0.0, le=MAX_SECONDS)
-    """Time budget of one generation eval: generation stops when it runs out (the batch in
-    progress keeps what it generated; later batches are skipped, see val_gen_samples)."""
+    """Time budget of one generation eval: it skips whole samples, never cuts one (the batch in
+    progress keeps only its finished samples, later batches are skipped); the scores cover the
+    complete samples, counted in val_gen_samples_scored."""
     prompt_split: str = "\n"
     """causal_lm: a row's text is split after the first occurrence of this marker into the
     prompt (up to and including it) and the reference (the rest); rows without it are skipped.

@@ -9,9 +9,13 @@ Which text is the prompt and which the reference, per task:
 - seq2seq: the rendered source and target.
 
 The same first `num_samples` usable validation rows are used at every evaluation, so the
-numbers are comparable across steps. Generation is `kiln.models.generation.generate_texts`,
-the function behind `kiln generate` and the end-of-run sample too (the same prompt encoding,
-padding, EOS and context rules): greedy unless `do_sample`, seeded with the run's seed, and
+numbers are comparable across steps. A time budget (`eval.generate.max_time_s`) skips whole
+samples and never cuts one (`generate_samples`): the scores cover the complete samples only,
+`val_gen_samples_scored` of `val_gen_samples` says how many, and a warning names the budget. A
+run whose samples all complete has the same scores on a fast and on a slow machine.
+Generation is `kiln.models.generation.generate_samples` (`generate_texts`), the function
+behind `kiln generate` and the end-of-run sample too (the same prompt encoding, padding, EOS
+and context rules): greedy unless `do_sample`, seeded with the run's seed, and
 never changing the training RNG stream.
 """
 
@@ -28,7 +32,7 @@ from kiln.data.tasks import make_format
 from kiln.errors import KilnError
 from kiln.files import write_atomic
 from kiln.metrics.registry import GenSample, Metric, get_metric
-from kiln.models.generation import GenerationOptions, generate_texts
+from kiln.models.generation import GenerationOptions, generate_samples
 
 if TYPE_CHECKING:
     from kiln.config import RunConfig
@@ -108,10 +112,12 @@ class GenerationEval:
     ) -> dict[str, float] | None:
         """Generate for the eval rows and score them; None when `should_stop` cut it short.
 
-        Returns `val_<score>` for every score of every metric, plus `val_gen_samples` (how many
-        were generated) and `val_gen_time_s`. Writes the samples to `samples_file` (JSONL:
-        prompt, reference, generation) when given. `synced`: the ranks of a sharded model,
-        which all run this call (see `generate_texts`).
+        Returns `val_<score>` for every score of every metric over the complete samples, plus
+        `val_gen_samples` (the samples asked for), `val_gen_samples_scored` (those complete
+        within the time budget, which the scores cover) and `val_gen_time_s`. Writes the scored
+        samples to `samples_file` (JSONL: prompt, reference, generation) when given.
+        `synced`: the ranks of a sharded model, which all run this call (see
+        `generate_texts`).
         """
         pairs = self.pairs(rows)
         if not pairs:
@@ -124,7 +130,7 @@ class GenerationEval:
             top_p=self.gen.top_p,
             seed=self.cfg.seed,
         )
-        texts = generate_texts(
+        texts = generate_samples(
             model,
             tokenizer,
             [p for p, _ in pairs],
@@ -136,14 +142,16 @@ class GenerationEval:
         )
         if should_stop is not None and should_stop():
             return None
-        # texts is a prefix of pairs when the time budget ran out.
+        # None: a sample the time budget left out (skipped whole, never cut short).
         samples = [
             GenSample(prompt, reference, text, self.cfg.task)
-            for (prompt, reference), text in zip(pairs[: len(texts)], texts, strict=True)
+            for (prompt, reference), text in zip(pairs, texts, strict=True)
+            if text is not None
         ]
         if len(samples) < len(pairs):
             log.warning(
-                "generation eval: %d of %d samples done within eval.generate.max_time_s=%s",
+                "generation eval: %d of %d samples scored (time budget eval.generate.max_time_s="
+                "%s ran out; the others were skipped whole, none cut short)",
                 len(samples),
                 len(pairs),
                 self.gen.max_time_s,
@@ -152,7 +160,8 @@ class GenerationEval:
         if samples:
             for metric in self.metrics.values():
                 metrics.update({f"val_{k}": float(v) for k, v in metric(samples).items()})
-        metrics["val_gen_samples"] = float(len(samples))
+        metrics["val_gen_samples"] = float(len(pairs))
+        metrics["val_gen_samples_scored"] = float(len(samples))
         metrics["val_gen_time_s"] = time.perf_counter() - start
         if samples_file is not None and self.gen.write_samples:
             samples_file.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ __all__ = ["LOSS_METRICS", "format_metric", "generation_scores", "metric_scale",
 
 LOSS_METRICS = ("val_loss", "val_ppl", "val_accuracy", "val_tokens")
 """What every validation computes; the other `val_*` keys come from generation eval."""
-_GEN_BOOKKEEPING = ("val_gen_samples", "val_gen_time_s")
+_GEN_BOOKKEEPING = ("val_gen_samples", "val_gen_samples_scored", "val_gen_time_s")
 PPL_CAP_LOSS = 50.0
 """val_ppl is exp(loss) up to this loss (exp(50) ~ 5e21): a diverged loss gives a large
 number, not an OverflowError."""
@@ -49,8 +49,9 @@ def metric_scale(name: str) -> str | None:
 
 def generation_scores(metrics: Mapping[str, float]) -> str:
     """The generation-eval scores of a validation's `metrics`, in order, each run of scores on
-    one known scale followed by it: "bleu 12.34 (0-100)  rouge1 0.4120  rougeL 0.3000 (0-1)".
-    Empty when the validation generated nothing."""
+    one known scale followed by it: "bleu 12.34 (0-100)  rouge1 0.4120  rougeL 0.3000 (0-1)",
+    and how many samples they cover when the time budget left some out ("(2 of 4 samples,
+    time budget)"). Empty when the validation generated nothing."""
     parts: list[str] = []
     names = [k for k in metrics if k.startswith("val_")]
     shown = [k for k in names if k not in LOSS_METRICS and k not in _GEN_BOOKKEEPING]
@@ -62,4 +63,7 @@ def generation_scores(metrics: Mapping[str, float]) -> str:
         if scale is not None and scale != following:
             text += f" ({scale})"
         parts.append(text)
+    scored, asked = metrics.get("val_gen_samples_scored"), metrics.get("val_gen_samples")
+    if scored is not None and asked is not None and scored < asked:
+        parts.append(f"({scored:.0f} of {asked:.0f} samples, time budget)")
     return "  ".join(parts)

@@ -24,6 +24,10 @@ caller gets the same rules:
   with every knob explicit (none comes from the model's generation config). Sampling draws
   from a fork of torch's RNG seeded with `seed`: the CPU and device RNG states are the same
   after the call, so the trainer can generate mid-run without changing training.
+- **A time budget never cuts a sample** (`generate_samples`): batches not started when it runs
+  out are skipped, and in the batch it ends, the samples that had not finished (no EOS, fewer
+  than `max_new_tokens`) are left out; the finished ones are kept, the same as without a
+  budget. So what a budget lets through does not depend on the machine's speed, only how much.
 - The model runs in eval mode and gets its train/eval mode back afterwards.
 """
 
@@ -43,6 +47,7 @@ from kiln.errors import KilnError
 __all__ = [
     "GenerationOptions",
     "encode_prompts",
+    "generate_samples",
     "generate_texts",
     "max_positions",
     "run_sample",
@@ -115,7 +120,6 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
-@torch.no_grad()
 def generate_texts(
     model: Any,
     tokenizer: Any,
@@ -136,8 +140,8 @@ def generate_texts(
         prompts: decoder-only: text to continue; seq2seq: source texts.
         options: decoding options; greedy with 100 new tokens by default.
         batch_size: prompts generated together.
-        max_time_s: time budget of the whole call: the batch running when it ends stops
-            decoding there (its texts are kept, shorter), later batches are skipped.
+        max_time_s: time budget of the whole call; it never cuts a sample short (see
+            `generate_samples`).
         should_stop: checked before each batch; True skips the remaining batches.
         synced: a `kiln.rank.RankContext` whose ranks all run this call on the same prompts (a
             model sharded over them: every forward is a collective). Each rank then runs as
@@ -146,10 +150,38 @@ def generate_texts(
 
     Returns:
         The generated text of each prompt in order (the continuation, or the seq2seq target):
-        fewer, a prefix, only when `max_time_s` or `should_stop` skipped batches.
+        fewer, the complete ones up to the first the budget or `should_stop` left out.
 
     Raises:
         KilnError: a bad option, or a tokenizer with neither a pad nor an EOS token.
+    """
+    texts = generate_samples(
+        model, tokenizer, prompts, options=options, batch_size=batch_size,
+        max_time_s=max_time_s, should_stop=should_stop, synced=synced,
+    )  # fmt: skip
+    done = texts.index(None) if None in texts else len(texts)
+    return texts[:done]  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def generate_samples(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    options: GenerationOptions | None = None,
+    batch_size: int = 8,
+    max_time_s: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    synced: Any = None,
+) -> list[str | None]:
+    """`generate_texts`, one entry per prompt: its text, or None for a sample left out.
+
+    `max_time_s` is a budget of whole samples: once it runs out no batch starts; the batch
+    running then stops decoding, and of its rows those that had finished (EOS, or
+    `max_new_tokens` generated) are kept while the others are None, never a cut text. A kept
+    text is the one an unbudgeted call gives (decoding is row by row the same up to the stop).
+    `should_stop` skips the batches after it says so (None). Arguments as `generate_texts`.
     """
     options = options or GenerationOptions()
     options.check()
@@ -171,7 +203,7 @@ def generate_texts(
     if sync:
         kwargs["synced_gpus"] = True
     device = next(model.parameters()).device
-    texts: list[str] = []
+    texts: list[str | None] = [None] * len(encoded)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -202,10 +234,27 @@ def generate_texts(
                 )
                 # seq2seq: (B, 1 + new) from the decoder start; decoder-only: (B, T + new).
                 out = out if seq2seq else out[:, ids.shape[1] :]
-                texts.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
+                decoded = tokenizer.batch_decode(out, skip_special_tokens=True)
+                complete = _finished(out[:, 1:] if seq2seq else out, new_tokens, kwargs, model)
+                for i, (text, done) in enumerate(zip(decoded, complete, strict=True)):
+                    texts[first + i] = text if done or left is None else None
     finally:
         model.train(was_training)
     return texts
+
+
+def _finished(new: torch.Tensor, max_new: int, kwargs: dict[str, Any], model: Any) -> list[bool]:
+    """Which rows of a batch's new tokens `new` (B, N) finished: an EOS among them, or all
+    `max_new` generated (a stop by `max_time` ends every row short of that)."""
+    if new.shape[1] >= max_new:
+        return [True] * new.shape[0]
+    eos = kwargs.get("eos_token_id")
+    if eos is None:  # the model's generation config's (an id or a list of ids)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if not ids:
+        return [False] * new.shape[0]
+    return torch.isin(new, torch.tensor(ids, device=new.device)).any(dim=1).tolist()
 
 
 def encode_prompts(
