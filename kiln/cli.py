@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
+from kiln.engine.console import stop_console_log
 from kiln.errors import KilnError
 from kiln.files import EXIT_STORAGE_FULL, StorageFull
 
@@ -55,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kiln",
         description="kiln: train transformer language models from one YAML file.",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="leave out kiln's info lines (warnings, errors, progress and results stay)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
         module = _command(name)
@@ -132,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        stop_console_log()  # after the closing line, which RUN_DIR/train.log keeps too
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from kiln.callbacks.base import Callback
+from kiln.engine.console import record_line, terminal
 
 if TYPE_CHECKING:
     from kiln.engine.control import RunView
@@ -20,7 +21,8 @@ class ProgressCallback(Callback):
     `plain` (a line per log step, `step 10/40  loss 2.1  lr 3.0e-04  1,234 tok/s`, and one per
     validation), `none`, and `auto`: the bar when stderr is a TTY, else plain, so docker logs,
     nohup and CI show a line at each log step. Reads only what the loop already logged, so it
-    adds no host syncs.
+    adds no host syncs. Under `kiln train`, RUN_DIR/train.log gets the plain lines in every
+    mode but `none` (the bar itself is drawn on the terminal only).
     """
 
     def __init__(self, mode: str = "auto") -> None:
@@ -34,6 +36,7 @@ class ProgressCallback(Callback):
     def _print(self, text: str) -> None:
         if self._progress is not None:
             self._progress.console.print(text)
+            record_line(text)  # the bar's console draws on the terminal alone
         else:
             print(text, file=sys.stderr, flush=True)
 
@@ -57,7 +60,7 @@ class ProgressCallback(Callback):
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[postfix]}"),
-            console=Console(file=sys.stderr),
+            console=Console(file=terminal(sys.stderr)),  # its redraws stay out of train.log
             transient=False,
         )
         self._progress.start()
@@ -79,10 +82,12 @@ class ProgressCallback(Callback):
         )
         if metrics.get("skipped"):
             line += f"  skipped {metrics['skipped']}"
+        plain = f"step {metrics['step']}/{run.state.total_steps}  {line}"
         if self._progress is not None:
             self._progress.update(self._task, postfix=line)
+            record_line(plain)
         elif self.mode == "plain":
-            self._print(f"step {metrics['step']}/{run.state.total_steps}  {line}")
+            self._print(plain)
 
     def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None:
         if self.mode == "none":

@@ -218,6 +218,7 @@ def _collective_failed(exc: Exception) -> int | None:
 
 def _train(args: argparse.Namespace) -> int:
     """This process's part of the run (the whole run on one process); its exit code."""
+    from kiln.engine.console import start_console_log
     from kiln.engine.signals import StoppedBeforeStart
     from kiln.engine.status import final_state
     from kiln.job import build_trainer
@@ -225,6 +226,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("RANK", 0)) != 0:  # the main rank tells the story; others warn
         logging.getLogger("kiln").setLevel(logging.WARNING)
+    else:  # RUN_DIR/train.log: what it prints, once the run directory is accepted; `kiln.cli`
+        start_console_log()  # stops it after the closing line
     cfg, resume = args.loaded if hasattr(args, "loaded") else _load(args)
     if args.config is not None and Path(args.config).is_file():
         source = Path(args.config).resolve()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import RunConfig, dump_yaml
+from kiln.engine.console import current_console_log
 from kiln.errors import KilnError
 from kiln.files import (
     LOCK_FILE,
@@ -29,6 +30,7 @@ from kiln.files import (
     write_atomic,
     writing,
 )
+from kiln.runs import EVAL, EXPORT, TRAIN_LOG
 
 if TYPE_CHECKING:
     from kiln.engine.control import StopRequest
@@ -36,11 +38,12 @@ if TYPE_CHECKING:
     from kiln.metrics.throughput import MetricsTracker
     from kiln.models.sharding import Gathered
 
-__all__ = ["ANOMALIES", "RUN_ARTIFACTS", "RunDir"]
+__all__ = ["ANOMALIES", "RUN_ARTIFACTS", "RUN_LEFTOVERS", "RunDir"]
 
 ANOMALIES = "anomalies.jsonl"
 
-# What a run writes; `--overwrite` removes exactly these and nothing else of the user's.
+# What kiln writes in a run directory (the engine, and the commands that add to a run: eval,
+# export, plot, report); `--overwrite` removes exactly these and nothing else of the user's.
 RUN_ARTIFACTS = (
     "config.yaml",
     "metrics.jsonl",
@@ -48,10 +51,14 @@ RUN_ARTIFACTS = (
     "status.json",
     "summary.json",
     "data_stats.json",
+    TRAIN_LOG,
     "final",
     "checkpoints",
     "plots",
     "samples",
+    EVAL,  # `kiln eval RUN_DIR` reports
+    EXPORT,  # `kiln export` / export.on_finish, and the report of a failed parity check:
+    f"{EXPORT}.export_report.json",
     "report.md",
     "tracking.json",  # trackers' run ids, and their local stores:
     "tensorboard",
@@ -59,6 +66,12 @@ RUN_ARTIFACTS = (
     "mlflow.db",
     "mlflow-artifacts",
 )
+RUN_LEFTOVERS = (".final.tmp-*", ".final.old-*", f".{EXPORT}.kiln-export-*", ".*.tmp-*")
+"""Staging names of writes a kill interrupted (final/, an export, `write_atomic`): removed
+with the artifacts by `--overwrite`."""
+# Artifacts that alone do not make a run: status.json is what a run refused during setup
+# leaves, and a console log without the rest is a log kept, not a run to protect.
+_NOT_A_RUN = ("status.json", TRAIN_LOG)
 
 
 class RunDir:
@@ -103,9 +116,8 @@ class RunDir:
 
     def check_free(self, *, overwrite: bool, why: str = "") -> list[str]:
         """The run artifacts already here; raises unless `overwrite` allows replacing them."""
-        existing = [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
-        # A status.json alone is what a run that failed during setup leaves: not a run.
-        held = [name for name in existing if name != "status.json"]
+        existing = [name for name in RUN_ARTIFACTS if _present(self.path / name)]
+        held = [name for name in existing if name not in _NOT_A_RUN]
         if held and not overwrite and self.enabled:
             raise KilnError(
                 f"output_dir: {self.path} already holds a run ({', '.join(held)}){why}; "
@@ -114,18 +126,34 @@ class RunDir:
         return existing
 
     def prepare(self, cfg: RunConfig, *, overwrite: bool) -> None:
-        """Create the directory and write config.yaml; refuse to clobber an earlier run."""
+        """Create the directory and write config.yaml; refuse to clobber an earlier run.
+
+        What an earlier run left (`RUN_ARTIFACTS`, `RUN_LEFTOVERS`) is removed first, and
+        nothing else: a file of the user's in the directory stays, and a symbolic link is
+        removed itself, never followed out of the directory. The console log (train.log)
+        then starts afresh.
+        """
         if not self.enabled:
             return
         for name in self.check_free(overwrite=overwrite):
-            target = self.path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink()
+            _remove(self.path / name)
+        mine = f"-{os.getpid()}"  # this process's own staging (status.json) is in use
+        for pattern in RUN_LEFTOVERS:
+            for stale in self.path.glob(pattern):
+                if not stale.name.endswith(mine) and stale.name != LOCK_FILE:
+                    _remove(stale)
         self.path.mkdir(parents=True, exist_ok=True)
         with writing(str(self.path / "config.yaml")):
             write_atomic(self.path / "config.yaml", dump_yaml(cfg), private=True)
+        self._start_console_log(append=False)
+
+    def _start_console_log(self, *, append: bool) -> None:
+        """train.log: what `kiln train` printed so far, and from now on (nothing from the
+        Python API, which starts no console log)."""
+        console = current_console_log()
+        if console is not None and self.enabled:
+            with writing(str(self.path / TRAIN_LOG)):
+                console.attach(self.path / TRAIN_LOG, append=append)
 
     def resume(
         self,
@@ -173,6 +201,7 @@ class RunDir:
                     write_atomic(target, "".join(kept))
         with writing(str(metrics)):
             write_atomic(self.path / "config.yaml", dump_yaml(cfg), private=True)
+        self._start_console_log(append=True)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON object to metrics.jsonl (flushed, so a crash keeps what was logged)."""
@@ -268,6 +297,21 @@ class RunDir:
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
+
+
+def _present(path: Path) -> bool:
+    """Whether `path` exists, a dangling symbolic link included."""
+    return path.is_symlink() or path.exists()
+
+
+def _remove(target: Path) -> None:
+    """Remove one thing an earlier run wrote: a directory with everything in it (a link
+    inside is removed, not followed: `shutil.rmtree`), a file, or a symbolic link (itself,
+    never what it points to)."""
+    if target.is_symlink() or not target.is_dir():
+        target.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(target)
 
 
 def model_card(cfg: RunConfig, state: TrainState, *, final: Path | None = None) -> str:
