@@ -34,7 +34,7 @@ def _config(tmp: Path, steps: int) -> dict:
     write_jsonl(tmp / "train.jsonl", make_rows(400, seed=1))
     write_jsonl(tmp / "val.jsonl", make_rows(20, seed=2))
     raw = tiny_raw(tmp, tmp / "train.jsonl", tmp / "val.jsonl")
-    del raw["output_dir"]
+    del raw["output_dir"], raw["data"]["cache_dir"]  # the server's (under its state dir)
     raw["train"] = {"max_steps": steps, "batch_size": 8, "num_threads": 1}
     raw["eval"] = {"every_steps": max(1, steps // 4)}
     raw["checkpoint"] = {"every_steps": max(1, steps // 4), "every_minutes": None}
@@ -64,8 +64,9 @@ def main() -> None:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "kiln", "serve", "--port", str(port),
-                               "--state-dir", str(tmp / "state")], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                               "--state-dir", str(tmp / "state"), "--allow-read", str(tmp)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
