@@ -9,6 +9,9 @@
   `kiln train` (fresh or resumed) and `kiln merge`, so two processes never write one run. The
   kernel drops an flock when its process dies, so a lock left by a killed process is never in
   the way; the pid in the file only names the live holder in the refusal.
+- `json_text` is the JSON of every file kiln writes in a run directory: strict JSON, so a value
+  that is not a finite number (NaN, inf: a diverging loss) is written `null`, never Python's
+  bare `NaN`, which JSON parsers other than Python's refuse.
 - `storage_full` recognizes "the disk is full" however the writing library reported it, and
   `writing(what)` turns it into `StorageFull`, which the CLI prints as one line naming what was
   being written (exit code `EXIT_STORAGE_FULL`).
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -32,9 +37,11 @@ __all__ = [
     "PRIVATE_MODE",
     "RunLock",
     "StorageFull",
+    "finite_json",
     "fsync_dir",
     "fsync_tree",
     "is_within",
+    "json_text",
     "resolve_path",
     "storage_full",
     "swap_dir",
@@ -70,6 +77,23 @@ def resolve_path(path: str | os.PathLike[str], key: str = "path") -> Path:
 def is_within(path: Path, parent: Path) -> bool:
     """Whether resolved `path` is `parent` or lies inside it."""
     return path == parent or parent in path.parents
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every float that is not finite (NaN, inf, -inf) replaced by None, in the
+    dicts, lists and tuples it holds: what JSON can carry (as `null`)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def json_text(data: Any, *, indent: int | None = None) -> str:
+    """`data` as strict JSON: non-finite numbers are `null` (see `finite_json`)."""
+    return json.dumps(finite_json(data), indent=indent, allow_nan=False)
 
 
 def write_atomic(

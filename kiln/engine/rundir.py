@@ -25,6 +25,7 @@ from kiln.files import (
     LOCK_FILE,
     RunLock,
     fsync_tree,
+    json_text,
     resolve_path,
     swap_dir,
     write_atomic,
@@ -210,7 +211,7 @@ class RunDir:
         with writing(str(self.path / "metrics.jsonl")):
             if self._metrics_file is None:
                 self._metrics_file = open(self.path / "metrics.jsonl", "a")  # noqa: SIM115
-            self._metrics_file.write(json.dumps(record) + "\n")
+            self._metrics_file.write(json_text(record) + "\n")  # NaN as null: strict JSON
             self._metrics_file.flush()
 
     def log_anomaly(self, record: dict[str, Any]) -> None:
@@ -218,14 +219,14 @@ class RunDir:
         if not self.enabled:
             return
         with writing(str(self.path / ANOMALIES)), open(self.path / ANOMALIES, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         """Write `name` (summary.json, data_stats.json) atomically."""
         path = self.path / name
         if self.enabled:
             with writing(str(path)):
-                write_atomic(path, json.dumps(data, indent=2) + "\n")
+                write_atomic(path, json_text(data, indent=2) + "\n")
         return path
 
     def save_final(

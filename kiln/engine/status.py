@@ -10,7 +10,6 @@ included), failed (with the error line and exit code), diverged (exit 4).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.errors import KilnError, first_line
-from kiln.files import EXIT_STORAGE_FULL, StorageFull, write_atomic
+from kiln.files import EXIT_STORAGE_FULL, StorageFull, json_text, write_atomic
 
 if TYPE_CHECKING:
     from kiln.engine.control import StopRequest
@@ -108,7 +107,7 @@ class StatusFile:
             self._counters(train_state, now)
         self.data["heartbeat"] = now
         if self.path.parent.is_dir():
-            write_atomic(self.path, json.dumps(self.data, indent=1) + "\n", durable=False)
+            write_atomic(self.path, json_text(self.data, indent=1) + "\n", durable=False)
 
     def _counters(self, s: TrainState, now: float) -> None:
         self.data.update(

@@ -254,6 +254,8 @@ class Controller:
         metric, trial = self.sweep.spec.metric, t.handle
         for row in rows:
             value = row.get(metric)
+            if value is None and metric in row:  # null: not a finite number (NaN, inf)
+                value = math.nan
             if row["step"] in t.reported or not isinstance(value, int | float):
                 continue
             with self.lock:
