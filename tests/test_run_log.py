@@ -229,3 +229,30 @@ def test_item30_no_train_log_when_the_run_directory_is_refused(
     assert "is a file, not a directory" in capsys.readouterr().err
     assert list(tmp_path.rglob("train.log")) == []
     assert current_console_log() is None
+
+
+def test_item30_a_progress_bar_leaves_plain_lines_in_the_log(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from kiln.callbacks.progress import ProgressCallback
+
+    run = SimpleNamespace(state=SimpleNamespace(step=0, total_steps=4))
+    log = start_console_log()
+    try:
+        log.attach(tmp_path / "train.log", append=False)
+        bar = ProgressCallback("bar")
+        bar.on_train_begin(run)  # type: ignore[arg-type]
+        for step in (1, 2):
+            run.state.step = step
+            bar.on_step_end(run)  # type: ignore[arg-type]
+        train = {"split": "train", "step": 2, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 1000.0}
+        bar.on_log(run, train)  # type: ignore[arg-type]
+        val = {"val_loss": 2.25, "val_ppl": 9.49, "val_accuracy": 0.5}
+        bar.on_validation_end(run, val)  # type: ignore[arg-type]
+        bar.on_train_end(run)  # type: ignore[arg-type]
+    finally:
+        stop_console_log()
+    assert (tmp_path / "train.log").read_text().splitlines() == [
+        "step 2/4  loss 2.5000  lr 1.00e-03  1,000 tok/s",
+        "step 2/4  val_loss 2.2500  ppl 9.49  acc 0.500",
+    ]
