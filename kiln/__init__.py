@@ -1,12 +1,12 @@
 """kiln: a config-driven training engine for transformer language models.
 
 The engine (and torch) load on first use of `Trainer`, `Callback`, ..., so `kiln config`
-commands start fast.
+commands start fast; the config (pydantic) on first use of `load_config`, `RunConfig`, so the
+`kiln` command installs its signal handlers before any heavy import (`kiln.cli`).
 """
 
 from __future__ import annotations
 
-from kiln.config import ConfigError, RunConfig, load_config
 from kiln.errors import DataError, KilnError, ModelError
 from kiln.registry import lazy_exports
 
@@ -36,6 +36,9 @@ __version__ = "0.2.0"
 
 _LAZY = {
     "Callback": "kiln.callbacks.base",
+    "ConfigError": "kiln.config",
+    "RunConfig": "kiln.config",
+    "load_config": "kiln.config",
     "Event": "kiln.engine.events",
     "StopRequest": "kiln.engine.control",
     "TrainResult": "kiln.engine.result",

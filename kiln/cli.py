@@ -13,6 +13,7 @@ SIGTERM before training started with nothing to resume.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -20,8 +21,10 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from kiln.engine.console import stop_console_log
+from kiln.engine.signals import StoppedBeforeStart, stop_before_start
 from kiln.errors import KilnError
 from kiln.files import EXIT_STORAGE_FULL, StorageFull
+from kiln.launcher import say
 
 __all__ = ["main"]
 
@@ -96,6 +99,31 @@ def _flag_hint(extra: list[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kiln` console script; returns the exit code."""
+    # First, before anything heavy loads: a SIGTERM or Ctrl-C while `kiln train` starts is
+    # kiln's one line and code (3 when an earlier checkpoint can be resumed, else 143/130).
+    restore = stop_before_start()
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    args: argparse.Namespace | None = None
+    try:
+        args = _parse(words)
+        if args.command != "train":  # the other commands keep the default behaviour
+            restore()
+        return _run(args)
+    except StoppedBeforeStart as stop:
+        if command == "train":  # it says whether there is a run to resume
+            if args is None:  # stopped while parsing
+                with contextlib.suppress(BaseException):  # bad arguments, a second signal
+                    args = _parse(words)
+            return int(_command(command).stopped(args, stop))
+        say([f"kiln: stopped by {stop.name}"], stop.exit_code)  # while parsing the arguments
+        return stop.exit_code
+    finally:
+        restore()
+        stop_console_log()  # after the closing line, which RUN_DIR/train.log keeps too
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may also follow options (`kiln train c.yaml --overwrite a.b=1`).
@@ -108,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="kiln: %(message)s",
@@ -129,17 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             hf_logging.set_verbosity_error()
         return int(module.run(args))
     except KilnError as exc:
-        for line in str(exc).splitlines():
-            print(f"kiln: error: {line}", file=sys.stderr)
+        say([f"kiln: error: {line}" for line in str(exc).splitlines()], EXIT_USAGE)
         return EXIT_USAGE
     except StorageFull as exc:
-        print(f"kiln: error: {exc.message()}", file=sys.stderr)
+        say([f"kiln: error: {exc.message()}"], EXIT_STORAGE_FULL)
         return EXIT_STORAGE_FULL
     except KeyboardInterrupt:
-        print("kiln: interrupted", file=sys.stderr)
+        say(["kiln: interrupted"], EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
-    finally:
-        stop_console_log()  # after the closing line, which RUN_DIR/train.log keeps too
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kiln.commands import add_config_args, add_flag
 from kiln.config import RunConfig, load_config
+from kiln.engine.signals import StoppedBeforeStart
 from kiln.errors import KilnError
 
 HELP = "train a model described by a config"
@@ -67,7 +68,8 @@ def _launch(args: argparse.Namespace) -> list[str]:
         raise KilnError(f"--nproc/--nnodes: must be >= 1, got {args.nproc}/{args.nnodes}")
     if args.max_restarts < 0:
         raise KilnError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
+    # kiln.launcher: torchrun, leaving the ranks' lines to kiln (each once, no traceback).
+    cmd = [sys.executable, "-m", "kiln.launcher", "--nproc-per-node", str(args.nproc)]
     if args.max_restarts:
         cmd += ["--max-restarts", str(args.max_restarts)]
     if args.nnodes == 1 and args.rdzv_endpoint is None:
@@ -102,34 +104,60 @@ def _run_launcher(cmd: list[str], run_dir: Path, env: dict[str, str] | None = No
     """Run torchrun, passing SIGTERM/SIGINT/SIGUSR1 on to every rank. torchrun exits 1
     for any failed rank, and 0 for a pause under --max-restarts (see `run`), so the main rank's
     own exit code (paused 3, bad input 2, ...) is read back from status.json when the run
-    wrote one."""
+    wrote one, else from the ranks' closing lines, which are printed here, each once
+    (`kiln.launcher`)."""
+    import shutil
     import signal
     import subprocess
+    import tempfile
 
+    from kiln.engine.signals import StoppedBeforeStart
+    from kiln.launcher import LINES_ENV, closing_lines
     from kiln.runs import read_status
 
     before = read_status(run_dir)
-    proc = subprocess.Popen(cmd, env=env)
+    received: list[int] = []
+    proc: subprocess.Popen[bytes] | None = None
 
     def forward_to_ranks(signum: int, _: object) -> None:
-        # To the ranks themselves: torchrun would give them 30 s to checkpoint, then SIGKILL.
-        ranks = _children(proc.pid)
-        for pid in ranks or [proc.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+        received.append(signum)
+        if proc is not None:
+            _forward(proc.pid, signum)
 
     # SIGUSR1: a sweep pruning this trial (each rank then stops without a final model).
     prune = [signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else []
     signals = (signal.SIGTERM, signal.SIGINT, *prune)
     forward = {s: signal.signal(s, forward_to_ranks) for s in signals}
+    folder = Path(tempfile.mkdtemp(prefix="kiln-ranks-"))
     try:
+        if received:  # nothing started yet
+            raise StoppedBeforeStart(received[-1])
+        proc = subprocess.Popen(cmd, env={**(env or os.environ), LINES_ENV: str(folder)})
+        if received:  # while torchrun was being started
+            _forward(proc.pid, received[-1])
         code = proc.wait()
+        lines, said = closing_lines(folder, signalled=bool(received))
     finally:
         for sig, handler in forward.items():
             signal.signal(sig, handler)
+        shutil.rmtree(folder, ignore_errors=True)
+    for line in lines:
+        print(line, file=sys.stderr)
     status = read_status(run_dir)
     own = status.get("exit_code") if status is not None and status != before else None
-    return int(own) if own else code
+    if own:
+        return int(own)
+    if said is None and code and received and received[-1] in (signal.SIGTERM, signal.SIGINT):
+        raise StoppedBeforeStart(received[-1])  # before any rank could say it
+    return said if said is not None else code
+
+
+def _forward(launcher: int, signum: int) -> None:
+    """`signum` to the ranks themselves: torchrun would give them 30 s to checkpoint, then
+    SIGKILL (to torchrun itself while it has no ranks yet)."""
+    for pid in _children(launcher) or [launcher]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 def _children(pid: int) -> list[int]:
@@ -194,13 +222,47 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         cfg, _ = args.loaded if hasattr(args, "loaded") else _load(args)
         return _run_launcher(_launch(args), cfg.run_dir, _launch_env(args))
-    code = _train(args)
-    # torchrun --max-restarts restarts the ranks on any other exit code than 0: a run that
-    # ended as it decided (paused, stopped, diverged) exits 0 there, or a restart would undo
-    # the pause or repeat the divergence. status.json keeps the code; --nproc reads it back.
+    return _rank_code(_train(args))
+
+
+def _rank_code(code: int) -> int:
+    """torchrun --max-restarts restarts the ranks on any other exit code than 0: a run that
+    ended as it decided (paused, stopped, diverged) exits 0 there, or a restart would undo
+    the pause or repeat the divergence. status.json keeps the code; --nproc reads it back."""
     if code not in (0, 1) and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
         return 0
     return code
+
+
+def stopped(args: argparse.Namespace | None, stop: StoppedBeforeStart) -> int:
+    """`kiln.cli`'s hook for a signal before training started (at any moment: from the first
+    line of the CLI to the loop's start): one line, and exit 3 when the run has a checkpoint
+    to continue from, else 143 (SIGTERM) or 130 (Ctrl-C). Nothing was written."""
+    from kiln.launcher import say
+
+    if stop.resume_from is None and args is not None:  # the trainer sets it once it knows
+        with contextlib.suppress(BaseException):  # a bad config, a second signal: none
+            stop.resume_from = _resumable(args)
+    if stop.resume_from is not None:
+        stop.resume_from = _shown(Path(stop.resume_from))
+    say([stop.line()], stop.exit_code)
+    return _rank_code(stop.exit_code)
+
+
+def _resumable(args: argparse.Namespace) -> str | None:
+    """The run directory this command would have resumed (it has a complete checkpoint);
+    None: a new run (or one started from another run's checkpoint)."""
+    from kiln.files import is_within, resolve_path
+    from kiln.runs import MANIFEST, RunPaths
+
+    cfg, resume = args.loaded if hasattr(args, "loaded") else _load(args)
+    run = resolve_path(cfg.run_dir, "output_dir")
+    if resume is None:
+        resume = cfg.checkpoint.resume == "auto"
+    if not resume or (isinstance(resume, str) and not is_within(resolve_path(resume), run)):
+        return None  # a new run, or one started from another run's checkpoint
+    checkpoints = RunPaths(run).checkpoints.glob("step-*")
+    return str(run) if any((p / MANIFEST).is_file() for p in checkpoints) else None
 
 
 def _collective_failed(exc: Exception) -> int | None:
@@ -219,7 +281,6 @@ def _collective_failed(exc: Exception) -> int | None:
 def _train(args: argparse.Namespace) -> int:
     """This process's part of the run (the whole run on one process); its exit code."""
     from kiln.engine.console import start_console_log
-    from kiln.engine.signals import StoppedBeforeStart
     from kiln.engine.status import final_state
     from kiln.job import build_trainer
     from kiln.metrics.display import format_metric
@@ -242,14 +303,7 @@ def _train(args: argparse.Namespace) -> int:
             result = trainer.fit()
         finally:
             trainer.rank.teardown()
-    except StoppedBeforeStart as stop:
-        if stop.resume_from is None:
-            after = "nothing to resume (start it again)"
-        else:
-            after = f"continue with: kiln train --resume {_shown(Path(stop.resume_from))}"
-        print(f"kiln: {stop}; {after}", file=sys.stderr)
-        return stop.exit_code
-    except Exception as exc:
+    except Exception as exc:  # a signal before the loop (StoppedBeforeStart): `stopped`
         failed = _collective_failed(exc)
         if failed is None:
             raise

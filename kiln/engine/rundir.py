@@ -205,7 +205,8 @@ class RunDir:
         self._start_console_log(append=True)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        """Append one JSON object to metrics.jsonl (flushed, so a crash keeps what was logged)."""
+        """Append one JSON object to metrics.jsonl (flushed, so a crash keeps what was logged);
+        a value that is not a finite number is written null."""
         if not self.enabled:
             return
         with writing(str(self.path / "metrics.jsonl")):

@@ -1,8 +1,9 @@
 """Stop requests from the outside: SIGTERM and SIGINT ask the loop to checkpoint and exit;
 SIGUSR1 (a sweep pruning the run) asks it to checkpoint and stop without a final model.
 
-Before training starts (setup: data, tokenizer, model) there is nothing to save, so a signal
-stops at once with `StoppedBeforeStart`: the CLI says so in one line and exits with
+Before training starts (starting Python, setup: data, tokenizer, model) there is nothing to
+save, so a signal stops at once with `StoppedBeforeStart` (`stop_before_start` installs that
+first thing, before torch is imported): the CLI says so in one line and exits with
 `EXIT_STOPPED` when the run can be resumed from an earlier checkpoint, else 128 + the signal
 number (143 for SIGTERM, 130 for SIGINT). Once the loop runs (`arm()`), the first signal only
 sets a flag; the loop saves a checkpoint at its next safe point (a step boundary, or between
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-__all__ = ["EXIT_STOPPED", "StopSignals", "StoppedBeforeStart"]
+__all__ = ["EXIT_STOPPED", "StopSignals", "StoppedBeforeStart", "stop_before_start"]
 
 EXIT_STOPPED = 3
 """Exit code of `kiln train` after a signal stopped it and a checkpoint was written."""
@@ -45,6 +46,36 @@ class StoppedBeforeStart(BaseException):
     def exit_code(self) -> int:
         """EXIT_STOPPED when resumable, else the shell's code for death by this signal."""
         return EXIT_STOPPED if self.resume_from is not None else 128 + self.signum
+
+    def line(self) -> str:
+        """kiln's one line about it: what stopped, and how to go on."""
+        if self.resume_from is None:
+            after = "nothing to resume (start it again)"
+        else:
+            after = f"continue with: kiln train --resume {self.resume_from}"
+        return f"kiln: {self}; {after}"
+
+
+def stop_before_start() -> Callable[[], None]:
+    """From now on SIGTERM and SIGINT raise `StoppedBeforeStart` at once, until the loop's
+    `StopSignals` take over. `kiln.cli` calls it first thing, before torch is imported, so a
+    signal at any moment of the start ends with kiln's line and exit code (not the shell's
+    bare 143). Returns the function that puts the previous handlers back (both do nothing
+    outside the main thread, where Python cannot install handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise StoppedBeforeStart(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: installed from C, which Python cannot put back
+                signal.signal(sig, handler)
+
+    return restore
 
 
 class StopSignals:
