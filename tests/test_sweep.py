@@ -132,8 +132,10 @@ def test_grid_runs_each_point_once_and_fails_or_prunes_bad_ones(tmp_path: Path) 
     assert rows[1e6, 4]["state"] == "pruned"
     metrics = [json.loads(x) for x in (diverged / "metrics.jsonl").read_text().splitlines()]
     status = json.loads((diverged / "status.json").read_text())["state"]
-    assert status == "diverged" or all(
-        r["val_loss"] != r["val_loss"] for r in metrics if r["split"] == "val"
+    assert status == "diverged" or all(  # NaN, written as null
+        r["val_loss"] is None or r["val_loss"] != r["val_loss"]
+        for r in metrics
+        if r["split"] == "val"
     )
     assert (diverged / "checkpoints").is_dir()
     assert rows[3e-3, 4]["state"] == "complete"

@@ -4,7 +4,8 @@
 
 A sweep file is a run config plus a `sweep:` section; every trial is a `kiln train` run in
 `<sweep dir>/trials/<NNNN>/`. Running the same command again continues the sweep: finished
-trials are kept and interrupted ones resume from their checkpoints. An agent, on any machine
+trials are kept and interrupted ones resume from their checkpoints. Exit 3: the sweep paused
+(SIGTERM, Ctrl-C or `sweep.timeout_s`) with trials left. An agent, on any machine
 that reaches the storage, joins a sweep by its study name and runs trials there too.
 """
 
@@ -14,6 +15,8 @@ import argparse
 import json
 
 from kiln.commands import add_overrides
+
+EXIT_PAUSED = 3
 
 HELP = "search hyperparameters (Optuna): each trial a kiln train run, resumable"
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         summary = sweep.agent(args.storage, args.study, workers=args.workers,
                               directory=args.dir, wait_s=args.wait)  # fmt: skip
         print(json.dumps(summary, indent=1))
-        return 0
+        return _exit_code(summary)
     if args.study is not None or args.workers is not None or args.dir is not None:
         raise KilnError("--study, --workers and --dir are for kiln sweep agent")
     if args.target in ("status", "report"):
@@ -67,4 +70,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     summary = sweep.run(args.target, list(args.overrides), storage=args.storage)
     print(json.dumps(summary, indent=1))
-    return 0
+    return _exit_code(summary)
+
+
+def _exit_code(summary: dict) -> int:
+    """0 when the sweep ended; 3 when it paused with trials left (SIGTERM, Ctrl-C,
+    sweep.timeout_s): the same command continues it."""
+    return EXIT_PAUSED if summary.get("paused") else 0

@@ -184,6 +184,11 @@ class Controller:
         self.study = open_study(sweep, storage)
         self.lock = threading.Lock()
         self.stopping = False
+        self.stopped_by: str | None = None
+        """Why the sweep paused before its end: "SIGTERM", "SIGINT", "timeout", "error"."""
+        self.deadline: float | None = None
+        """time.monotonic() past which no trial starts and the running ones pause."""
+        self.errors: list[BaseException] = []
         self.running: dict[int, _Trial] = {}
         self.queue: list[_Trial] = []
         self.voice = _Voice(sweep)
@@ -219,6 +224,8 @@ class Controller:
         """The next trial to run: an interrupted one, else a new candidate while the study has
         fewer than `trials`."""
         with self.lock:
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                self._pause("timeout")
             if self.stopping:
                 return None
             if self.queue:
@@ -299,6 +306,8 @@ class Controller:
         with (run_dir.parent / f"{run_dir.name}.log").open("a") as out:
             t.proc = subprocess.Popen(self._command(t), stdout=out, stderr=subprocess.STDOUT)
             self.running[t.number] = t
+            if self.stopping:  # paused while this one was starting: it pauses too
+                self._signal(t, signal.SIGTERM)
             offset = 0
             while t.proc.poll() is None:
                 rows, offset = _val_rows(run_dir / "metrics.jsonl", offset)
@@ -328,15 +337,38 @@ class Controller:
         write_outputs(self.sweep, self.study)
 
     def _worker(self) -> None:
-        while (t := self._next()) is not None:
-            self._run(t)
+        try:
+            while (t := self._next()) is not None:
+                self._run(t)
+        except BaseException as exc:  # raised again by run(), once the others have paused
+            self.errors.append(exc)
+            self._pause("error")
+
+    @staticmethod
+    def _signal(t: _Trial, signum: int) -> None:
+        if t.proc is not None and t.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(t.proc.pid, signum)
+
+    def _pause(self, why: str) -> None:
+        """No new trials; the running ones get SIGTERM: they checkpoint and exit 3, and stay
+        running in the study, so the next `kiln sweep` resumes them."""
+        if not self.stopping:
+            self.stopped_by = why
+        self.stopping = True
+        for t in list(self.running.values()):
+            self._signal(t, signal.SIGTERM)
 
     def _on_signal(self, signum: int, _: Any) -> None:
-        self.stopping = True  # no new trials; the running ones pause with a checkpoint
-        for t in list(self.running.values()):
-            if t.proc is not None and t.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(t.proc.pid, signal.SIGTERM)
+        self._pause(signal.Signals(signum).name)
+
+    def _finished(self) -> bool:
+        """Whether the study holds all its trials, each finished (none left to run)."""
+        optuna = _optuna()
+        states = optuna.trial.TrialState
+        done = (states.COMPLETE, states.PRUNED, states.FAIL)
+        trials = self.study.get_trials(deepcopy=False, states=done)
+        return len([t for t in trials if not t.user_attrs.get(SURPLUS)]) >= self._total()
 
     def run(self) -> dict[str, Any]:
         best = _best_trial(self.study)
@@ -346,6 +378,8 @@ class Controller:
                         f"{spec.metric} over {len(spec.space)} keys, {spec.trials} trials",
                         len(self.study.get_trials(deepcopy=False)))  # fmt: skip
         self.queue = self._resumable()
+        if spec.timeout_s is not None:
+            self.deadline = time.monotonic() + spec.timeout_s
         if self.queue:
             log.info("sweep: resuming trials %s", [t.number for t in self.queue])
         handlers = {}
@@ -363,9 +397,13 @@ class Controller:
             for w in workers:
                 while w.is_alive():
                     w.join(0.5)
+                    if self.deadline is not None and time.monotonic() >= self.deadline:
+                        self._pause("timeout")
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+        if self.errors:
+            raise self.errors[0]
         write_outputs(self.sweep, self.study, plots=True)
         summary = summarize(self.sweep, self.study)
         counts = ", ".join(f"{n} {state}" for state, n in sorted(summary["trials"].items()))
@@ -377,6 +415,14 @@ class Controller:
             self.mlflow.end(finished=not self.stopping, best=best_value)
         self.voice.send("end", f"sweep {self.sweep.name} ended: {counts}{found}",
                         sum(summary["trials"].values()), **metrics)  # fmt: skip
+        summary["paused"] = None
+        if self.stopped_by is not None and not self._finished():
+            summary["paused"] = self.stopped_by
+            why = (
+                f"{spec.timeout_s:g} s ran out" if self.stopped_by == "timeout" else self.stopped_by
+            )
+            log.warning("sweep paused (%s): %s; run the same kiln sweep command again to "
+                        "continue", why, counts or "no trials")  # fmt: skip
         return summary
 
 
@@ -395,8 +441,15 @@ def run(
     sweep = load_sweep(path, overrides)
     previous = sweep.dir / "sweep.yaml"
     if previous.is_file():
-        before = yaml.safe_load(previous.read_text()).get("sweep", {})
-        if before.get("space") != sweep.resolved()["sweep"]["space"]:
+        try:
+            before = yaml.safe_load(previous.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise KilnError(f"{previous}: cannot read it ({first_line(exc)})") from None
+        before = before.get("sweep") if isinstance(before, dict) else None
+        if (
+            not isinstance(before, dict)
+            or before.get("space") != sweep.resolved()["sweep"]["space"]
+        ):
             raise KilnError(f"{sweep.dir}: a sweep of another space ran here; choose another "
                             "output_dir or name")  # fmt: skip
     _write_definition(sweep)
@@ -412,9 +465,12 @@ SWEEP_ATTR = "kiln.sweep"
 
 def _write_definition(sweep: Sweep) -> None:
     """sweep.yaml (the sweep as resolved) and base.yaml (what the trials start from)."""
-    sweep.dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(sweep.dir / "sweep.yaml", yaml.safe_dump(sweep.resolved(), sort_keys=False))
-    write_atomic(sweep.dir / "base.yaml", yaml.safe_dump(sweep.base, sort_keys=False))
+    try:
+        sweep.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(sweep.dir / "sweep.yaml", yaml.safe_dump(sweep.resolved(), sort_keys=False))
+        write_atomic(sweep.dir / "base.yaml", yaml.safe_dump(sweep.base, sort_keys=False))
+    except OSError as exc:
+        raise KilnError(f"{sweep.dir}: cannot write the sweep there ({first_line(exc)})") from None
 
 
 def agent(
@@ -431,7 +487,7 @@ def agent(
     The trials go to `directory` (default: the sweep's own directory, as on a shared file
     system). The study may not exist yet: the agent waits up to `wait_s` for it."""
     optuna = _optuna()
-    from kiln.sweep.study import storage_of, sweep_from_dict
+    from kiln.sweep.study import _permanent, storage_error, storage_of, sweep_from_dict
 
     deadline, why = time.monotonic() + wait_s, "no such sweep"
     while True:
@@ -441,9 +497,12 @@ def agent(
             raw = found.user_attrs.get(SWEEP_ATTR)
         except KeyError:  # Optuna: no such study (yet)
             pass
-        except ImportError:
+        except KilnError:
             raise
         except Exception as exc:  # the database being created by the sweep's first controller
+            # No driver, a bad URL: waiting will not help (a server may still be starting).
+            if _permanent(exc, server=False):
+                raise storage_error(exc, storage, Path(".")) from None
             why = f"cannot read the study ({first_line(exc)})"
         if raw is not None:
             break

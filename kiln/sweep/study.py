@@ -6,19 +6,31 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.config import ConfigError, RunConfig, load_config
-from kiln.config.base import SECTION_PATHS
-from kiln.config.sweep import PrunerConfig, SweepConfig
-from kiln.config.yamlio import read_yaml_file
-from kiln.errors import KilnError
+from pydantic import ValidationError
 
-__all__ = ["JOURNAL", "SURPLUS", "Sweep", "load_sweep", "open_study", "sweep_from_dict"]
+from kiln.config import ConfigError, RunConfig, load_config
+from kiln.config.base import SECTION_PATHS, format_errors, short_repr
+from kiln.config.sweep import PrunerConfig, SweepConfig, space_key
+from kiln.config.yamlio import read_yaml_file
+from kiln.errors import KilnError, first_line
+
+__all__ = [
+    "JOURNAL",
+    "SURPLUS",
+    "Sweep",
+    "load_sweep",
+    "logged_metrics",
+    "metric_problem",
+    "open_study",
+    "sweep_from_dict",
+]
 
 SECTION_PATHS.update({SweepConfig: "sweep", PrunerConfig: "sweep.pruner"})
 JOURNAL = "study.journal"
@@ -120,19 +132,81 @@ def sweep_from_dict(raw: dict[str, Any], source: str, directory: Path | None = N
     if not isinstance(sweep_raw, dict):
         raise ConfigError(["sweep: required section is missing (a sweep file is a run config "
                            "plus a sweep: section)"], source)  # fmt: skip
-    spec = SweepConfig(**sweep_raw)
+    try:
+        spec = SweepConfig.model_validate(sweep_raw)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, "sweep"), source) from None
     problems = []
     sections = {k.rpartition(".")[0] for k in all_keys()}
     for key in spec.space:
         if key not in all_keys() or key in sections:
             near = closest_key(key, leaves_only=True)
             hint = f"; did you mean {near}?" if near else ""
-            problems.append(f"sweep.space.{key}: not a config key{hint}")
+            problems.append(f"sweep.space.{space_key(key)}: not a config key{hint}")
     if problems:
         raise ConfigError(problems, source)
     base = load_config(data=raw)  # the base alone must be a whole run
+    problem = metric_problem(spec.metric, base)
+    if problem:
+        raise ConfigError([problem], source)
     where = base.run_dir if directory is None else Path(directory)
     return Sweep(dir=where, base=raw, spec=spec, name=base.name, source=source)
+
+
+VAL_METRICS = ("val_loss", "val_ppl", "val_accuracy", "val_tokens")
+"""What every validation logs (`kiln.engine.evaluate`); the other `val_*` keys come from
+generation eval."""
+GENERATION_SCORES = {
+    "bleu": ("bleu",),
+    "rouge": ("rouge1", "rouge2", "rougeL"),
+    "recipe": (
+        "recipe_format",
+        "recipe_completeness",
+        "recipe_ingredients",
+        "recipe_instructions",
+        "recipe_overall",
+    ),
+}
+"""The scores of each built-in generation metric (logged as `val_<score>`): the controller
+never imports torch, so it cannot ask `kiln.metrics` (a test checks the two agree)."""
+_GENERATION_BOOKKEEPING = ("val_gen_samples", "val_gen_time_s")
+
+
+def logged_metrics(cfg: RunConfig) -> tuple[list[str], bool]:
+    """The validation metrics a run of `cfg` logs, and whether that list is open (a metric
+    named by import path, whose scores only its run knows)."""
+    names = list(VAL_METRICS)
+    gen = cfg.eval.generate
+    if gen.num_samples == 0:
+        return names, False
+    names += _GENERATION_BOOKKEEPING
+    open_ended = False
+    for metric in gen.metrics:
+        scores = GENERATION_SCORES.get(metric)
+        open_ended = open_ended or scores is None
+        names += [f"val_{score}" for score in scores or ()]
+    return names, open_ended
+
+
+def metric_problem(metric: str, cfg: RunConfig) -> str | None:
+    """Why `sweep.metric` cannot rank the trials of `cfg` (a name no validation logs, or no
+    validation at all), or None: a typo would otherwise prune every healthy trial."""
+    import difflib
+
+    if cfg.data.val is None and cfg.data.val_split == 0:
+        return (
+            "sweep.metric: the trials never validate; set data.val or data.val_split > 0 "
+            f"for {short_repr(metric)}"
+        )
+    names, open_ended = logged_metrics(cfg)
+    if metric in names or (open_ended and metric.startswith("val_")):
+        return None
+    near = difflib.get_close_matches(metric, names, 1, cutoff=0.6)
+    hint = f"did you mean {near[0]}? " if near else ""
+    return (
+        f"sweep.metric: {short_repr(metric)} is not a metric the trials log; {hint}"
+        f"(they log {', '.join(names)})"
+    )
 
 
 # ---- the study -----------------------------------------------------------------------------
@@ -156,17 +230,20 @@ def _distributions(spec: SweepConfig) -> dict[str, Any]:
 
 
 def _sampler(spec: SweepConfig) -> Any:
+    """The sweep's sampler. A grid hands point N to trial N (the same shuffle, from the seed,
+    in every process); the others draw trial N's candidate from (seed, N)."""
     optuna = _optuna()
-    seed = spec.seed
+    from kiln.sweep.samplers import ControllerGrid, PerTrialSeed
+
     if spec.method == "grid":
-        return optuna.samplers.GridSampler({k: spec.values(k) for k in spec.space}, seed=seed)
-    if spec.method == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if spec.method == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    if spec.method == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    return optuna.samplers.CmaEsSampler(seed=seed)
+        return ControllerGrid({k: spec.values(k) for k in spec.space}, seed=spec.seed)
+    make = {
+        "random": optuna.samplers.RandomSampler,
+        "tpe": optuna.samplers.TPESampler,
+        "gp": optuna.samplers.GPSampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+    }[spec.method]
+    return PerTrialSeed(lambda seed: make(seed=seed), spec.seed)
 
 
 def _pruner(p: PrunerConfig) -> Any:
@@ -182,7 +259,11 @@ def _pruner(p: PrunerConfig) -> Any:
 
 def storage_of(url: str | None, sweep_dir: Path | None = None) -> Any:
     """An Optuna storage: a database URL as is; a path (no `://`) is a journal file; None is
-    the sweep directory's journal."""
+    the sweep directory's journal.
+
+    Raises:
+        KilnError: a journal file that cannot be opened (one line naming it).
+    """
     optuna = _optuna()
     if url is not None and "://" in url:
         return url
@@ -191,14 +272,43 @@ def storage_of(url: str | None, sweep_dir: Path | None = None) -> Any:
     if url is None:
         if sweep_dir is None:
             raise KilnError("--storage: name the study's storage (a URL or a journal file)")
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         url = str(sweep_dir / JOURNAL)
-    return optuna.storages.JournalStorage(JournalFileBackend(url))
+    try:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    except OSError as exc:
+        raise KilnError(f"{url}: cannot open the sweep's journal ({first_line(exc)})") from None
+
+
+def storage_name(url: str | None, sweep_dir: Path) -> str:
+    """How a message names a storage: `--storage URL` (its password hidden), or the journal."""
+    if url is None:
+        return str(sweep_dir / JOURNAL)
+    return "--storage " + re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def _permanent(exc: BaseException, *, server: bool = True) -> bool:
+    """Whether opening a storage failed for good (no driver, a bad URL, a file that cannot be
+    opened, and with `server` no server), rather than in a race with another controller
+    creating its tables."""
+    if isinstance(exc, ImportError | OSError | KilnError):
+        return True
+    if any(c.__name__ == "ArgumentError" for c in type(exc).__mro__):  # SQLAlchemy: bad URL
+        return True
+    if not server:
+        return False
+    text = str(exc).lower()
+    return any(w in text for w in ("connection", "unable to open", "authentication"))
 
 
 def open_study(sweep: Sweep, storage: str | None = None) -> Any:
     """The sweep's Optuna study (created on first use; the controller creates it before any
-    worker starts, so workers on a fresh SQLite file never race to create it)."""
+    worker starts, so workers on a fresh SQLite file never race to create it).
+
+    Raises:
+        KilnError: a storage that cannot be opened, in one line (no driver, an unknown scheme,
+            no server, a file that cannot be written).
+    """
     optuna = _optuna()
     direction = "minimize" if sweep.spec.mode == "min" else "maximize"
     for attempt in range(5):
@@ -212,11 +322,26 @@ def open_study(sweep: Sweep, storage: str | None = None) -> Any:
                     direction=direction,
                     load_if_exists=True,
                 )
+        except KilnError:
+            raise
         except Exception as exc:  # another controller created the tables or study meanwhile
-            if storage is None or attempt == 4 or isinstance(exc, ImportError):
-                raise
-            time.sleep(0.5 * (attempt + 1))
+            if storage is not None and attempt < 4 and not _permanent(exc):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise storage_error(exc, storage, sweep.dir) from None
     raise AssertionError("unreachable")
+
+
+def storage_error(exc: BaseException, url: str | None, sweep_dir: Path) -> KilnError:
+    """The one line that says why the study's storage cannot be used."""
+    where = storage_name(url, sweep_dir)
+    if isinstance(exc, ImportError):
+        cause = exc.__cause__ or exc
+        return KilnError(
+            f"{where}: its database driver is not installed ({first_line(cause)}); for "
+            "PostgreSQL: pip install 'kiln[postgres]'"
+        )
+    return KilnError(f"{where}: cannot open the study ({first_line(exc)})")
 
 
 @contextlib.contextmanager
@@ -231,8 +356,14 @@ def _creating(storage: str | None) -> Iterator[None]:
         return
     import fcntl
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a") as lock:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        lock = open(f"{path}.lock", "a")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise KilnError(
+            f"--storage {storage}: cannot write beside it ({first_line(exc)})"
+        ) from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
