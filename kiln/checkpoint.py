@@ -15,6 +15,11 @@ Files of one checkpoint:
     trainer_state.json    TrainState, pending losses, loss history, eval history, grad scaler,
                           callback and component states
     config.yaml           the resolved config that wrote it
+    config.json, ...      what transformers loads it with, read by no resume: the model's
+                          config.json and generation_config.json and the tokenizer's files
+                          (`from_pretrained("step-N")` reads model.safetensors), or under LoRA
+                          adapter_config.json + adapter_model.safetensors (`PeftModel`); none
+                          under FSDP (`kiln.engine.loadable`)
     manifest.json         written last; its presence and checksums make the checkpoint valid
 
 Saving overlaps the work: while the next file is written, background threads fsync the files
