@@ -256,3 +256,22 @@ def test_item30_a_progress_bar_leaves_plain_lines_in_the_log(tmp_path: Path) -> 
         "step 2/4  loss 2.5000  lr 1.00e-03  1,000 tok/s",
         "step 2/4  val_loss 2.2500  ppl 9.49  acc 0.500",
     ]
+
+
+def test_item30_a_handler_made_during_the_log_is_put_back_and_nothing_kept_after(
+    tmp_path: Path,
+) -> None:
+    log = start_console_log()
+    late = logging.StreamHandler(sys.stderr)  # made on the tee (as a library's first logger)
+    library = logging.getLogger("kiln_test_library")
+    library.addHandler(late)
+    try:
+        log.attach(tmp_path / "train.log", append=False)
+        late.handle(logging.makeLogRecord({"msg": "from a late handler"}))
+    finally:
+        stop_console_log()
+        library.removeHandler(late)
+    assert late.stream is terminal(late.stream)  # no longer a tee
+    print("after the log", file=sys.stderr)
+    log.record("after the log")
+    assert (tmp_path / "train.log").read_text() == "from a late handler\n"

@@ -73,8 +73,8 @@ class ConsoleLog:
         self._partial: dict[str, str] = {}
         self._file: IO[str] | None = None
         self._path: Path | None = None
+        self._closed = False
         self._streams: dict[str, Any] = {}
-        self._handlers: list[tuple[logging.StreamHandler[Any], Any]] = []
 
     # ---- the streams ----------------------------------------------------------------------
 
@@ -88,21 +88,22 @@ class ConsoleLog:
         for handler in _stream_handlers():
             tee = by_stream.get(id(handler.stream))
             if tee is not None:
-                self._handlers.append((handler, handler.stream))
                 handler.setStream(tee)  # type: ignore[arg-type]
         return self
 
     def close(self) -> None:
-        """Put the streams back (those still ours), write any unfinished line, close the file."""
-        for handler, stream in self._handlers:
-            if isinstance(handler.stream, _Tee) and handler.stream._log is self:
-                handler.setStream(stream)
-        self._handlers = []
+        """Put the streams back (those still ours), write any unfinished line, close the file.
+        A tee something still holds (a handler made while the log ran) just passes through."""
+        for handler in _stream_handlers():  # ours, and those made on a tee since
+            stream = handler.stream
+            if isinstance(stream, _Tee) and stream._log is self:
+                handler.setStream(stream.raw)
         for name, (original, tee) in self._streams.items():
             if getattr(sys, name) is tee:
                 setattr(sys, name, original)
         self._streams = {}
         with self._lock:
+            self._closed = True
             for rest in self._partial.values():
                 if rest:
                     self._line(rest)
@@ -116,6 +117,8 @@ class ConsoleLog:
     def feed(self, name: str, text: str) -> None:
         """Text written to stream `name`: its complete lines are kept."""
         with self._lock:
+            if self._closed:
+                return
             *lines, rest = (self._partial.get(name, "") + text).split("\n")
             self._partial[name] = rest
             for line in lines:
@@ -124,7 +127,8 @@ class ConsoleLog:
     def record(self, line: str) -> None:
         """Keep `line` without printing it (a line shown some other way, e.g. in a live bar)."""
         with self._lock:
-            self._line(line)
+            if not self._closed:
+                self._line(line)
 
     def _line(self, line: str) -> None:
         line = _ANSI.sub("", line.rstrip("\r").rpartition("\r")[2])
@@ -155,13 +159,17 @@ class ConsoleLog:
 
 
 def _stream_handlers() -> list[logging.StreamHandler[Any]]:
-    """Every logging handler that writes to a stream (files excepted), on any logger."""
+    """Every logging handler that writes to a stream it holds (files excepted), on any logger."""
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     found: list[logging.StreamHandler[Any]] = []
     for logger in loggers:
         for handler in getattr(logger, "handlers", ()):
-            is_stream = isinstance(handler, logging.StreamHandler)
-            if is_stream and not isinstance(handler, logging.FileHandler) and handler not in found:
+            if not isinstance(handler, logging.StreamHandler) or handler in found:
+                continue
+            # A file's handler, and one whose stream is sys.stderr at each write
+            # (logging.lastResort: a property, through the tee already), stay as they are.
+            fixed = "stream" in vars(handler)
+            if fixed and not isinstance(handler, logging.FileHandler):
                 found.append(handler)
     return found
 
