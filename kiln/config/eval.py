@@ -66,9 +66,10 @@ class EvalConfig(Section):
     every_epochs: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Also validate at the end of every N-th epoch (pass over the training data)."""
     max_batches: int | None = Field(None, gt=0, le=MAX_COUNT)
-    """Bound each validation to this many batches."""
+    """Bound each validation to this many global batches (batch_size x ranks samples): the
+    same samples at any world size."""
     batch_size: int | None = Field(None, gt=0, le=MAX_BATCH)
-    """Validation batch size; default train.batch_size."""
+    """Validation batch size per rank; default train.batch_size."""
     sample_prompt: str | None = None
     """Prompt to generate a sample from at the end of training (printed, and in summary.json)."""
     sample_max_new_tokens: int = Field(200, gt=0, le=MAX_TOKENS)

@@ -49,6 +49,9 @@ def evaluate(
     documents); by default, the task's collator with `pad_id`. On N ranks (`rank`) each rank
     evaluates every N-th batch and the sums are all-reduced: every rank returns the same (a
     sharded model's ranks run the same number of forwards, the spare ones discarded).
+    `batch_size` is per rank, as train.batch_size; `max_batches` counts global batches
+    (batch_size x N samples), so the same global batch validates the same first
+    `max_batches x batch_size x N` samples, and the same val_loss, at any world size.
     """
     if batcher is None:
         batcher = Batcher(task, pad_id)
@@ -58,7 +61,11 @@ def evaluate(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     tokens = 0
-    starts = list(range(0, len(dataset), batch_size))[:max_batches]
+    world = rank.world_size if rank is not None and rank.distributed else 1
+    end = len(dataset)
+    if max_batches is not None:  # counted in global batches: a sample bound, whatever N is
+        end = min(end, max_batches * batch_size * world)
+    starts = list(range(0, end, batch_size))
     mine: list[int | None] = list(starts)
     if rank is not None and rank.distributed:
         mine = starts[rank.rank :: rank.world_size]  # every N-th batch
@@ -69,7 +76,7 @@ def evaluate(
             if should_stop is not None and should_stop():
                 return None
             first = starts[0] if start is None else start  # None: a forward to keep in step
-            batch = batcher(dataset, torch.arange(first, min(first + batch_size, len(dataset))))
+            batch = batcher(dataset, torch.arange(first, min(first + batch_size, end)))
             targets = count_targets(batch, task)  # on the CPU copy: no device sync
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with precision.autocast():

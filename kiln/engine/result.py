@@ -13,7 +13,9 @@ __all__ = ["THROUGHPUT_KEYS", "TrainResult"]
 
 THROUGHPUT_KEYS = ("tokens_per_s", "samples_per_s", "loss_avg", "peak_mem_mb", "mfu", "elapsed_s")
 """The speed figures of a train record: rates over the steps since the previous log line,
-loss_avg over the last 100 steps, elapsed_s since the run (or its resume) started."""
+loss_avg over the last 100 steps (of the whole run: it goes on across a resume, and steps
+undone by a rollback leave it), elapsed_s since this process's part of the run started (the
+run's start, or its resume)."""
 
 
 @dataclass
@@ -77,8 +79,9 @@ class TrainResult:
 
     @property
     def throughput(self) -> dict[str, float]:
-        """Speed over the whole run (tokens_per_s, samples_per_s, wall_time_s, peak_memory_mb,
-        mfu where known), and over the last logged steps (`last_` + THROUGHPUT_KEYS)."""
+        """Speed over this process's part of the run (tokens_per_s, samples_per_s,
+        wall_time_s, peak_memory_mb, mfu where known; a resumed run: since the resume, as in
+        summary.json), and over the last logged steps (`last_` + THROUGHPUT_KEYS)."""
         keys = ("tokens_per_s", "samples_per_s", "wall_time_s", "peak_memory_mb", "mfu")
         out = {k: self.summary[k] for k in keys if self.summary.get(k) is not None}
         train = [r for r in self.records() if r["split"] == "train"]

@@ -347,7 +347,29 @@ def check_compatible(cfg: RunConfig, path: Path, world_size: int = 1) -> list[st
                 for line in unsafe
             ]
         )
-    return safe
+    return safe + _eval_subset_change(old, cfg, saved, world_size)
+
+
+def _eval_subset_change(old: RunConfig, new: RunConfig, saved: int, world: int) -> list[str]:
+    """The line a resume reports when eval.max_batches now bounds validation to another number
+    of samples (max_batches global batches of eval.batch_size x ranks): its curve changes
+    subset at this step. With eval.batch_size unset the global eval batch is the global train
+    batch, which a resume keeps: at another world size only an explicit eval.batch_size does
+    this (besides an edit of either key)."""
+    before, now = _eval_samples(old, saved), _eval_samples(new, world)
+    if before == now:
+        return []
+    return [
+        f"validation bounded to {now or 'all'} samples (was {before or 'all'}): eval.max_batches "
+        "counts global batches of eval.batch_size x ranks; val metrics change subset here"
+    ]
+
+
+def _eval_samples(cfg: RunConfig, ranks: int) -> int | None:
+    """The samples a validation covers at most (None: all of them)."""
+    if cfg.eval.max_batches is None:
+        return None
+    return cfg.eval.max_batches * (cfg.eval.batch_size or cfg.train.batch_size) * ranks
 
 
 def _upgrade(saved: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -399,9 +399,10 @@ def run_summary(
         "epochs": state.epoch + state.cursor / max(1, train_examples),
         "tokens": state.tokens_seen,
         "samples": state.samples_seen,
-        "wall_time_s": wall,
-        "tokens_per_s": state.tokens_seen / max(wall, 1e-9),
-        # samples_per_s, peak_memory_mb, mfu (None where the device's peak FLOP/s is unknown)
+        "wall_time_s": wall,  # this process's (a resumed run: since the resume)
+        # tokens_per_s, samples_per_s: what this process trained over its wall time (not the
+        # run's total tokens, which earlier processes trained); peak_memory_mb, mfu (None
+        # where the device's peak FLOP/s is unknown)
         **(tracker.summary(state.tokens_seen, state.samples_seen) if tracker else {}),
         "parameters": total,
         "trainable_parameters": trainable,

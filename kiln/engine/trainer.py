@@ -221,7 +221,7 @@ class Trainer:
                 while self.state.step < self.state.total_steps and not self.control.stopping:
                     self._after_step(self._train_step())
                 self.control.close()  # the outcome is decided
-                if self._final_wanted():
+                if self._final_wanted() and self._flush_train():
                     final_dir, sample = self._finish()
                 summary = self._summary(final_dir, sample)
                 self.run_dir.write_json("summary.json", summary)
@@ -283,6 +283,7 @@ class Trainer:
         self._start_time = time.perf_counter()
         self.tracker = tracker_for(cfg, parts.model, parts.device)
         self.tracker.start(self.state.tokens_seen, self.state.samples_seen, self._start_time)
+        self.tracker.seed_window(self.loop.loss_history)  # loss_avg goes on across a resume
         self.cursor = make_cursor(cfg, parts, self.state, self.rank)
         self.loop.epoch_started = self.state.cursor > 0
         self.loop.epochs_ended = 0
@@ -308,8 +309,11 @@ class Trainer:
         self.checkpoint_paths = [c.path for c in self.checkpoints.list()]
 
     def _rewind(self) -> None:
-        """The data cursor at the restored position (after a rollback)."""
+        """The data cursor and the loss_avg window at the restored position (after a
+        rollback: the rolled-back steps leave the window, as they left loss_history)."""
         self.cursor = make_cursor(self.cfg, self.setup(), self.state, self.rank)
+        if self.tracker is not None:
+            self.tracker.seed_window(self.loop.loss_history)
 
     def _after_step(self, counts: tuple[int, int]) -> None:
         """What falls due after a step: on N ranks agreeing on requests and counts (one
@@ -338,6 +342,8 @@ class Trainer:
         if self.val_data is not None and due:
             self._validate()
             self.control.sync(self.rank)  # requests made during validation (early stopping)
+        if not self._flush_train():  # stopped after the log point: rolled back or diverged
+            return
         periodic = self.cadence.checkpoint_due(step, state.epoch, ended, last)
         # Paused or pruned (also by a request made during this validation): resumable.
         held = self.control.stopping and not self._final_wanted()
@@ -476,6 +482,18 @@ class Trainer:
         record.update(self.setup().guard.log_fields(record["grad_norm"]))  # skipped, z-score
         state.last_train_loss = record["loss"]
         self._record(record)
+
+    def _flush_train(self) -> bool:
+        """A run that ends on a step past its log point (early stopping at a validation, a
+        stop requested at a checkpoint) logs the steps since its last train row, so
+        metrics.jsonl and loss_history cover every step. False when the review that comes
+        first rolled back or diverged (nothing more to do for this step)."""
+        if not (self.control.stopping and self.loop.pending_losses and self._final_wanted()):
+            return True
+        if self.judge.review(self.setup()) or self.judge.diverged:
+            return False
+        self._log_train()
+        return True
 
     def _record(self, record: dict[str, Any]) -> None:
         """A metrics record: metrics.jsonl, status.json, then the LOG event."""

@@ -7,6 +7,7 @@ costs nothing on other steps.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -72,7 +73,8 @@ class MetricsTracker:
         flops_per_token: training FLOPs per token (`kiln.models.model_flops_per_token`), or
             None to skip MFU.
         peak: the device's peak FLOP/s, or None to skip MFU (default: `peak_flops(device)`).
-        window: steps averaged by `loss_avg`.
+        window: steps averaged by `loss_avg` (the last `window` finite step losses; a
+            resumed or rolled-back run restarts it from its loss history: `seed_window`).
     """
 
     def __init__(
@@ -98,6 +100,19 @@ class MetricsTracker:
         """Mark the start of timing (the counters may be non-zero after a resume)."""
         now = time.perf_counter() if now is None else now
         self._start = self._last = (now, tokens, samples)
+
+    def seed_window(self, history: Sequence[float]) -> None:
+        """Restart the `loss_avg` window from the run's loss history (one loss per step so
+        far, as the checkpoint keeps it): after a resume the average goes on as if the run
+        had never stopped, and after a rollback the steps run again count once."""
+        tail: list[float] = []
+        for loss in reversed(history):  # the last `window` finite losses, as `log` keeps them
+            if len(tail) == self.window:
+                break
+            if math.isfinite(loss):
+                tail.append(loss)
+        self._losses.clear()
+        self._losses.extend(reversed(tail))
 
     def log(
         self,
@@ -144,12 +159,16 @@ class MetricsTracker:
         return tokens_per_s * self.flops_per_token / self.peak
 
     def summary(self, tokens: int, samples: int, now: float | None = None) -> dict[str, Any]:
-        """Whole-run figures for summary.json: samples_per_s, peak_memory_mb, mfu (or None)."""
+        """Whole-run figures for summary.json: tokens_per_s, samples_per_s (what this process
+        trained since `start`, over its time since then: a resumed run's rate is that of its
+        resumed part, never the earlier parts' tokens over this part's time), peak_memory_mb,
+        mfu (or None)."""
         now = time.perf_counter() if now is None else now
         out: dict[str, Any] = {"peak_memory_mb": peak_memory_mb(self.device)}
         if self._start is not None:
             since, tokens_then, samples_then = self._start
             dt = max(now - since, 1e-9)
+            out["tokens_per_s"] = (tokens - tokens_then) / dt
             out["samples_per_s"] = (samples - samples_then) / dt
             out["mfu"] = self._mfu_of((tokens - tokens_then) / dt)
         return out
