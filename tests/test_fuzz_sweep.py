@@ -118,22 +118,31 @@ def _mutate(rng: random.Random, sweep: dict[str, Any]) -> tuple[str, dict[str, A
         roll = rng.random()
         if not isinstance(parent, dict):
             continue
-        if roll < 0.4:
+        space = sweep.get("space")
+        ranges = (
+            [k for k, v in space.items() if isinstance(v, dict)] if isinstance(space, dict) else []
+        )
+        if roll < 0.25 and ranges:
+            key, field = rng.choice(ranges), rng.choice(["low", "high", "step", "log"])
+            value = rng.choice([*_WILD, -0.001, 1e-9, 5.0, "yes", 1])
+            sweep["space"][key][field] = value
+            what.append(f"space.{key}.{field}={value!r}"[:80])
+        elif roll < 0.5:
             parent[leaf] = rng.choice(_WILD)
             what.append(f"{name}={parent[leaf]!r}"[:80])
-        elif roll < 0.5:
+        elif roll < 0.58:
             parent[f"{leaf}_typo"] = rng.choice(_WILD)
             what.append(f"unknown key near {name}")
-        elif roll < 0.6:
+        elif roll < 0.64:
             parent.pop(leaf)
             what.append(f"del {name}")
-        elif roll < 0.67:
+        elif roll < 0.7:
             deep: Any = 1
             for _ in range(rng.choice([20, 60, 200])):
                 deep = [deep] if rng.random() < 0.5 else {"k": deep}
             parent[leaf] = deep
             what.append(f"{name}=nested")
-        elif roll < 0.77 and isinstance(sweep.get("space"), dict):
+        elif roll < 0.78 and isinstance(sweep.get("space"), dict):
             key = rng.choice(_SPACE_KEYS)
             sweep["space"][key] = rng.choice([[1, 2], {"low": 0.1, "high": 0.2}, rng.choice(_WILD)])
             what.append(f"space key {key[:20]!r}")
@@ -212,6 +221,7 @@ def one_candidate(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return asked
 
 
+@pytest.mark.slow  # about 120 sweep files through `kiln sweep` in-process (YAML reading dominates)
 def test_fuzzed_sweep_sections_never_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], one_candidate: list[int]
 ) -> None:

@@ -147,6 +147,9 @@ def test_item01_integer_ranges_and_lists(
                                "sweep.space.optim.min_lr_ratio.values[1]: must be a finite "
                                "number, got inf"),
         "train.grad_clip": ([1.0, 1.0], "sweep.space.train.grad_clip[1]: 1.0 is listed twice"),
+        "optim.eps": ({"low": 0.0, "high": 1e308, "step": 0.01},
+                        "sweep.space.optim.eps.step: 0.01 cuts 0.0 .. 1e+308 into more than "
+                        "1e+15 steps"),
     }  # fmt: skip
     space = {key: spec for key, (spec, _) in cases.items()}
     path = _write_sweep(tmp_path, {"method": "random", "trials": 1, "space": space})

@@ -16,6 +16,8 @@ MAX_VALUES = 10_000
 """Values a list in `sweep.space` may hold (a categorical choice, or one axis of a grid)."""
 MAX_GRID = 100_000
 """Points a grid may have (the product of its lists' lengths)."""
+_MAX_STEPS = 1e15
+"""Steps a range with a `step` may have."""
 _MAX_INT = 2**53
 """Bound of an integer range's ends: beyond it a sampled value is no longer exact as a float
 (and numpy's integer sampling overflows)."""
@@ -94,6 +96,8 @@ def _range_problem(spec: Any) -> str | None:
         return f".step: must be > 0, got {step!r}"
     if step > high - low:
         return f".step: {step!r} is wider than the range {low!r} .. {high!r}"
+    if (high - low) / step > _MAX_STEPS:  # Optuna's decimal arithmetic fails beyond
+        return f".step: {step!r} cuts {low!r} .. {high!r} into more than {_MAX_STEPS:.0e} steps"
     return None
 
 

@@ -183,6 +183,7 @@ class Controller:
         self.sweep = sweep
         self.study = open_study(sweep, storage)
         self.lock = threading.Lock()
+        self.writing = threading.Lock()
         self.stopping = False
         self.stopped_by: str | None = None
         """Why the sweep paused before its end: "SIGTERM", "SIGINT", "timeout", "error"."""
@@ -334,7 +335,8 @@ class Controller:
         else:
             why = f"exit code {code}"
             self._tell(t, "fail", error=_last_error(run_dir) or why, wall_s=wall)
-        write_outputs(self.sweep, self.study)
+        with self.writing:  # two workers finishing at once would share the temporary files
+            write_outputs(self.sweep, self.study)
 
     def _worker(self) -> None:
         try:
