@@ -2,7 +2,9 @@
 and checked against PyTorch; `kiln export --verify DIR`: the checks again (docs/export.md).
 
 An export that is out of tolerance exits 1 with one line naming the format and the case,
-keeps its report at `<out>.export_report.json` and writes no output directory.
+keeps its report at `<out>.export_report.json` and writes no output directory. `--verify`
+prints one line per check (`--json`: the whole report); a damaged export directory is one
+line per damaged file, exit 2.
 """
 
 from __future__ import annotations
@@ -30,16 +32,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(prompt, source or text); default the run's validation data")  # fmt: skip
     p.add_argument("--prompts", type=int, default=4, metavar="N", help="greedy prompts (4)")
     add_flag(p, "--verify", "re-run the parity checks of an export directory")
+    add_flag(p, "--json", "with --verify: print the whole report as JSON (not a line a check)")
     add_flag(p, "--overwrite", "replace --out if it exists (once the new export passed)")
 
 
 def run(args: argparse.Namespace) -> int:
     from kiln.errors import KilnError
     from kiln.export import ParityFailed, export_model, verify_export
+    from kiln.export.verify import summary_lines
 
+    if args.json and not args.verify:
+        raise KilnError("--json: only with --verify (an export writes export_report.json)")
     if args.verify:
         report = verify_export(args.path, args.atol)
-        print(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1) if args.json else "\n".join(summary_lines(report)))
         if not report["passed"]:
             bad = [f for f, e in report["formats"].items() if not e["passed"]]
             print(f"kiln: error: {args.path}: parity fails for {', '.join(bad)}", file=sys.stderr)
@@ -65,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
     for fmt, entry in report["formats"].items():
         worst = max(c["max_abs"] for c in entry["cases"])
         attn = entry["attn_implementation"]
-        fallback = " (eager fallback)" if "fallback_from" in entry else ""
+        extra = " (eager fallback)" if "fallback_from" in entry else ""
+        extra += f", opset {entry['opset']}" if "opset" in entry else ""
         print(f"{fmt}: {entry['file']}, {entry['bytes'] / 2**20:.1f} MiB, exported in "
-              f"{entry['export_s']:.1f}s, attention {attn}{fallback}, max abs diff {worst:.2g}, "
+              f"{entry['export_s']:.1f}s, attention {attn}{extra}, max abs diff {worst:.2g}, "
               f"greedy {entry['greedy']['equal']}/{entry['greedy']['prompts']}")  # fmt: skip
     print(f"export: {out}")
     return 0

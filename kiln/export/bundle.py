@@ -4,14 +4,15 @@
 An export directory holds the model file(s) of each format (`kiln.export.graph.FILES`), the
 tokenizer, config.json and generation_config.json, `kiln_export.json` (the source, its
 fingerprints, versions, opset, each format's attention implementation, the parity inputs'
-names and the reference texts), `parity.safetensors` (the parity inputs and PyTorch's logits
-for them, so `--verify` needs no source run) and `export_report.json`.
+names and the reference texts, and each file's size and sha256, sealed by a checksum of its
+own: `kiln.export.meta`), `parity.safetensors` (the parity inputs and PyTorch's logits for
+them, so `--verify` needs no source run) and `export_report.json`. `verify_export` lives in
+`kiln.export.verify`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
@@ -29,18 +30,21 @@ from kiln.export.graph import (
     FILES,
     FORMATS,
     Logits,
+    check_opset,
     export_graph,
     input_names,
     load_runner,
     pytorch_runner,
+    written_opset,
 )
+from kiln.export.meta import META, PARITY, REPORT, file_manifest, seal, sha256_file, versions
 from kiln.export.parity import Case, cases, compare, greedy_texts
+from kiln.export.verify import check_atol, verify_export
 
 __all__ = ["DEFAULT_PROMPTS", "ParityFailed", "export_model", "verify_export"]
 
 log = logging.getLogger("kiln")
 
-META, REPORT, PARITY = "kiln_export.json", "export_report.json", "parity.safetensors"
 DEFAULT_PROMPTS = ("Recipe for", "Ingredients:", "Preheat the oven", "The")
 """Greedy-decoding prompts when neither `--check-data` nor the run's data gives any."""
 
@@ -56,14 +60,6 @@ class ParityFailed(Exception):
 # ---- what is exported --------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _source_info(where: Path, cfg: Any, kind: str) -> dict[str, Any]:
     """Where the weights came from, and fingerprints that tell whether they changed."""
     from kiln.config import config_hash
@@ -74,26 +70,10 @@ def _source_info(where: Path, cfg: Any, kind: str) -> dict[str, Any]:
     info["run_dir"] = None if run is None else str(run)
     info["config_hash"] = None if cfg is None else config_hash(cfg)
     if (where / MANIFEST).is_file():  # a checkpoint: its manifest holds every file's checksum
-        info["manifest_sha256"] = _sha256(where / MANIFEST)
+        info["manifest_sha256"] = sha256_file(where / MANIFEST)
     weights = sorted(where.glob("*.safetensors"))
-    info["weights_sha256"] = {p.name: _sha256(p) for p in weights}
+    info["weights_sha256"] = {p.name: sha256_file(p) for p in weights}
     return info
-
-
-def _versions() -> dict[str, str | None]:
-    import torch
-    import transformers
-
-    out: dict[str, str | None] = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    for name in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
 
 
 def _prompts(check_data: str | Path | None, cfg: Any, n: int) -> tuple[list[str], str]:
@@ -225,41 +205,89 @@ def export_model(
 
     Returns the export directory. Raises `ParityFailed` when a format is out of tolerance
     (its report kept at `<out>.export_report.json`, no `out` written) and `KilnError` on bad
-    input; `out` is replaced only by a complete, checked export.
+    input; `out` is replaced only by a complete, checked export, and only when it is empty
+    or an earlier export (never a file, never another directory of the user's).
     """
-    import torch
-
-    from kiln.files import fsync_tree, resolve_path, swap_dir
-    from kiln.models.generation import GenerationOptions, generate_texts, max_positions
-    from kiln.models.load import load_trained, resolve_model_path
+    from kiln.files import resolve_path
+    from kiln.models.load import resolve_model_path
 
     wanted = _check_formats(formats)
-    if not atol > 0:
-        raise KilnError(f"--atol: must be > 0, got {atol}")
+    check_atol(atol)
+    if "onnx" in wanted:
+        check_opset(opset)  # and the extra, before minutes of loading
     where = resolve_model_path(source)
     target = resolve_path(out if out is not None else _default_out(where), "--out")
     _refuse_overlap(target, where)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise KilnError(f"--out: {target} already exists; pass --overwrite or choose another")
-    if "onnx" in wanted:
-        from kiln.export.graph import _onnx
+    _check_target(target, overwrite)
+    work = _work_dir(target)  # --out writable, known before the model loads
+    try:
+        job = _Job(where, wanted, target, work, opset)
+        _export_into(job, check_data, prompts, max_new_tokens, atol)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
 
-        _onnx()  # the extra, before minutes of loading
-    loaded = load_trained(where)
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Refuse an --out that is not a directory, or one that holds something other than an
+    earlier export (which --overwrite would replace)."""
+    if target.exists() and not target.is_dir():
+        raise KilnError(f"--out: {target} exists and is not a directory")
+    try:
+        entries = [] if not target.exists() else list(target.iterdir())
+    except OSError as exc:
+        raise KilnError(f"--out: {target}: cannot read: {first_line(exc)}") from None
+    if entries and not overwrite:
+        raise KilnError(f"--out: {target} already exists; pass --overwrite or choose another")
+    if entries and not (target / META).is_file():
+        raise KilnError(f"--out: {target} is not an export (no {META}); --overwrite replaces "
+                        "only an earlier export: choose another directory")  # fmt: skip
+
+
+def _work_dir(target: Path) -> Path:
+    """A fresh directory beside `target` to stage the export in (renamed into place)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.kiln-export-", dir=target.parent))
+    except OSError as exc:
+        raise KilnError(f"--out: cannot write in {target.parent}: "
+                        f"{exc.strerror or first_line(exc)}") from None  # fmt: skip
+
+
+@dataclass
+class _Job:
+    """Where an export reads from and writes to."""
+
+    where: Path
+    formats: list[str]
+    target: Path
+    work: Path
+    opset: int
+
+
+def _export_into(
+    job: _Job, check_data: str | Path | None, prompts: int, max_new_tokens: int, atol: float
+) -> None:
+    """Load, export, check, and move the checked export into `job.target`."""
+    import torch
+
+    from kiln.files import fsync_tree, swap_dir, writing
+    from kiln.models.generation import GenerationOptions, generate_texts, max_positions
+    from kiln.models.load import load_trained
+
+    loaded = load_trained(job.where)
     model = loaded.model
     merged = loaded.kind == "adapter"
     if merged:  # LoRA folded into its base: the export needs no PEFT
         model = model.merge_and_unload()
     model.eval()
     seq2seq = loaded.task == "seq2seq"
-    config = model.config
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    context = max_positions(config)
+    context = max_positions(model.config)
     module = Logits(model, seq2seq).eval()
     parity_cases = cases(seq2seq, vocab, context)
     flags = _training_flags(model)
-    texts_from = _prompts(check_data, loaded.cfg, prompts)
-    prompt_list = texts_from[0]
+    prompt_list, prompts_from = _prompts(check_data, loaded.cfg, prompts)
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     with torch.no_grad():
         refs = References(
@@ -269,44 +297,40 @@ def export_model(
             max_new_tokens,
         )  # fmt: skip
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.kiln-export-", dir=target.parent))
-    staged = work / "new"
+    staged = job.work / "new"
     staged.mkdir()
-    report: dict[str, Any] = {"atol": atol, "formats": {}, "prompts_from": texts_from[1]}
+    report: dict[str, Any] = {"atol": atol, "formats": {}, "prompts_from": prompts_from}
     original = _attn(model)
-    try:
-        for fmt in wanted:
-            entry = _export_checked(fmt, refs, staged, vocab, context, opset, original)
-            report["formats"][fmt] = entry
-            if _training_flags(model) != flags:  # an exporter left a module in train mode
-                raise KilnError(f"{fmt}: the export changed the model's train/eval mode")
-        report["passed"] = all(e["passed"] for e in report["formats"].values())
-        sibling = target.parent / f"{target.name}.export_report.json"
-        if not report["passed"]:
-            sibling.write_text(json.dumps(report, indent=1) + "\n")
-            failed = [f for f, e in report["formats"].items() if not e["passed"]]
-            raise ParityFailed(_failure_line(failed[0], report["formats"][failed[0]], atol),
-                               sibling)  # fmt: skip
-        meta = {
-            "source": _source_info(where, loaded.cfg, loaded.kind),
-            "lora_merged": merged,
-            "task": loaded.task,
-            "signature": {"inputs": input_names(seq2seq), "outputs": ["logits"],
-                          "dynamic": ["batch", "sequence"], "max_sequence": context},
-            "opset": opset,
-            "versions": _versions(),
-        }  # fmt: skip
+    for fmt in job.formats:
+        entry = _export_checked(fmt, refs, staged, vocab, context, job.opset, original)
+        report["formats"][fmt] = entry
+        if _training_flags(model) != flags:  # an exporter left a module in train mode
+            raise KilnError(f"{fmt}: the export changed the model's train/eval mode")
+    report["passed"] = all(e["passed"] for e in report["formats"].values())
+    target = job.target
+    sibling = target.parent / f"{target.name}.export_report.json"
+    if not report["passed"]:
+        sibling.write_text(json.dumps(report, indent=1) + "\n")
+        failed = [f for f, e in report["formats"].items() if not e["passed"]]
+        raise ParityFailed(_failure_line(failed[0], report["formats"][failed[0]], atol),
+                           sibling)  # fmt: skip
+    meta = {
+        "source": _source_info(job.where, loaded.cfg, loaded.kind),
+        "lora_merged": merged,
+        "task": loaded.task,
+        "signature": {"inputs": input_names(seq2seq), "outputs": ["logits"],
+                      "dynamic": ["batch", "sequence"], "max_sequence": context},
+        "opset": report["formats"].get("onnx", {}).get("opset"),  # as written, read back
+        "versions": versions(),
+    }  # fmt: skip
+    with writing(f"the export {target}"):
         _write_rest(staged, loaded.tokenizer, refs, report, meta)
         fsync_tree(staged)
         if target.exists() and not any(target.iterdir()):
             target.rmdir()
-        swap_dir(staged, target, work / "old")
-        with contextlib.suppress(FileNotFoundError):
-            sibling.unlink()  # a failed attempt's report is stale now
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target
+        swap_dir(staged, target, job.work / "old")
+    with contextlib.suppress(FileNotFoundError):
+        sibling.unlink()  # a failed attempt's report is stale now
 
 
 def _export_checked(
@@ -347,6 +371,13 @@ def _export_checked(
         model.set_attn_implementation(original)
     files = [p for p in staged.iterdir() if p.name.startswith(FILES[fmt])]
     entry["bytes"] = sum(p.stat().st_size for p in files)
+    if fmt == "onnx" and (staged / FILES[fmt]).is_file():
+        # The exporter keeps opset 18 when it cannot convert to the one asked for (a warning
+        # only): what is recorded is what the file declares.
+        entry["opset"] = written_opset(staged / FILES[fmt])
+        if entry["opset"] != opset:
+            log.warning("onnx: opset %s asked for, but the exporter could not convert this "
+                        "model to it and wrote opset %s", opset, entry["opset"])  # fmt: skip
     return entry
 
 
@@ -390,46 +421,6 @@ def _write_rest(
                       "prompts": refs.prompts, "texts": refs.texts,
                       "max_new_tokens": refs.max_new_tokens}  # fmt: skip
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    (staged / META).write_text(json.dumps(meta, indent=1) + "\n")
+    meta["files"] = file_manifest(staged)  # what --verify checks before it loads anything
+    (staged / META).write_text(json.dumps(seal(meta), indent=1) + "\n")
     (staged / REPORT).write_text(json.dumps(report, indent=1) + "\n")
-
-
-# ---- verify ------------------------------------------------------------------------------
-
-
-def verify_export(directory: str | Path, atol: float | None = None) -> dict[str, Any]:
-    """The parity checks again, on what `directory` holds (the inputs and PyTorch's logits
-    saved at export, and its reference texts), with the onnxruntime and torch installed now:
-    a report shaped like export_report.json (`passed` says it all). Nothing is written."""
-    from safetensors.numpy import load_file
-    from transformers import AutoConfig, AutoTokenizer
-
-    directory = Path(directory)
-    meta_file = directory / META
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise KilnError(f"{meta_file}: not a kiln export ({first_line(exc)})") from None
-    atol = float(meta["parity"]["atol"] if atol is None else atol)
-    saved = load_file(str(directory / PARITY))
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    config = AutoConfig.from_pretrained(str(directory))
-    report: dict[str, Any] = {"atol": atol, "formats": {}}
-    parity = meta["parity"]
-    for fmt in meta["formats"]:
-        run = load_runner(fmt, directory)
-        rows = []
-        for i, name in enumerate(parity["cases"]):
-            inputs = [saved[f"case{i}.input{j}"] for j in range(len(meta["signature"]["inputs"]))]
-            case = Case(name, inputs)
-            row = {"case": name, **compare(saved[f"case{i}.logits"], run(*inputs), case.real)}
-            row["passed"] = row["max_abs"] <= atol and row["argmax_equal"] == 1.0
-            rows.append(row)
-        texts = greedy_texts(run, tokenizer, config, parity["prompts"], parity["max_new_tokens"])
-        equal = sum(a == b for a, b in zip(texts, parity["texts"], strict=True))
-        passed = all(r["passed"] for r in rows) and equal == len(texts)
-        report["formats"][fmt] = {"cases": rows, "greedy": {"prompts": len(texts), "equal": equal},
-                                  "passed": passed}  # fmt: skip
-    report["passed"] = all(e["passed"] for e in report["formats"].values())
-    report["versions"] = _versions()
-    return report

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
 
 __all__ = ["FILES", "FORMATS", "Logits", "Runner", "export_graph", "load_runner", "pytorch_runner"]
 
@@ -133,6 +133,43 @@ def export_graph(
     return path
 
 
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets the installed exporter can write: from torch's lowest to the newest
+    that both torch and the onnx package know."""
+    import onnx
+
+    try:
+        from torch.onnx import _constants
+
+        low, high = _constants.ONNX_MIN_OPSET, _constants.ONNX_MAX_OPSET
+    except (ImportError, AttributeError):  # private constants: a torch that moved them
+        low, high = 7, 23
+    return low, min(high, onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> int:
+    """`opset` if the installed exporter can write it.
+
+    Raises:
+        KilnError: naming --opset and the range.
+    """
+    _onnx()
+    low, high = opset_range()
+    if not low <= opset <= high:
+        raise KilnError(f"--opset: {opset} is not an opset this torch and onnx can write; "
+                        f"choose {low} to {high}")  # fmt: skip
+    return opset
+
+
+def written_opset(path: Path) -> int | None:
+    """The default-domain opset an ONNX file declares (its graph is not loaded)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    found = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    return found[0] if found else None
+
+
 def _onnx() -> Any:
     """onnxruntime, or the one-line error naming the extra."""
     try:
@@ -149,24 +186,21 @@ def load_runner(fmt: str, directory: Path) -> Runner:
     """A runner of the exported file of format `fmt` in `directory`."""
     path = directory / FILES[fmt]
     if not path.is_file():
-        raise KilnError(f"{path}: missing (an export of format {fmt} writes it)")
+        why = "not a file" if path.exists() else "missing"
+        raise KilnError(f"{path}: {why} (an export of format {fmt} writes it)")
     if fmt == "onnx":
         ort = _onnx()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-
-        def run_onnx(*inputs: np.ndarray) -> np.ndarray:
-            pairs = zip(names, inputs, strict=True)
-            feed = {name: np.ascontiguousarray(x, dtype=np.int64) for name, x in pairs}
-            return session.run(None, feed)[0]
-
-        return run_onnx
-    with _quiet():
-        module = torch.jit.load(str(path)) if fmt == "torchscript" else None
-        if fmt == "pt2":
-            module = torch.export.load(str(path)).module()
+        try:
+            return _onnx_runner(ort, path)
+        except Exception as exc:  # onnxruntime's own error types: a file it cannot read
+            raise KilnError(f"{path}: onnxruntime {ort.__version__} cannot load it: "
+                            f"{first_line(exc)[:300]}") from None  # fmt: skip
+    try:
+        with _quiet():
+            module = _torch_module(fmt, path)
+    except Exception as exc:  # a zip torch cannot read, or a program it cannot rebuild
+        raise KilnError(f"{path}: torch {torch.__version__} cannot load it: "
+                        f"{first_line(exc)[:300]}") from None  # fmt: skip
 
     def run_torch(*inputs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -174,6 +208,26 @@ def load_runner(fmt: str, directory: Path) -> Runner:
         return out.float().numpy()
 
     return run_torch
+
+
+def _torch_module(fmt: str, path: Path) -> Any:
+    if fmt == "torchscript":
+        return torch.jit.load(str(path))
+    return torch.export.load(str(path)).module()
+
+
+def _onnx_runner(ort: Any, path: Path) -> Runner:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run_onnx(*inputs: np.ndarray) -> np.ndarray:
+        pairs = zip(names, inputs, strict=True)
+        feed = {name: np.ascontiguousarray(x, dtype=np.int64) for name, x in pairs}
+        return session.run(None, feed)[0]
+
+    return run_onnx
 
 
 def pytorch_runner(module: Logits) -> Runner:

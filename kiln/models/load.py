@@ -237,7 +237,7 @@ def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     except _CONFIG_ERRORS as exc:
         raise KilnError(f"{path}: cannot load the tokenizer: {load_failure(exc)}") from None
     except Exception as exc:
@@ -248,6 +248,27 @@ def _load_tokenizer(path: Path) -> Any:
             raise
         file = path / "tokenizer.json"
         raise KilnError(f"{file}: cannot load the tokenizer: {load_failure(exc)}") from None
+    return _as_saved(path, tokenizer)
+
+
+def _as_saved(path: Path, tokenizer: Any) -> Any:
+    """`tokenizer`, or the tokenizer.json of `path` as it is when transformers rebuilt another
+    model from it: a class chosen by config.json's model type (BERT's WordPiece) over a BPE
+    tokenizer.json fails on the first encode ("Missing [UNK] token")."""
+    from transformers import PreTrainedTokenizerFast
+
+    file = path / "tokenizer.json"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        saved = json.loads(file.read_text())["model"]["type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return tokenizer  # no tokenizer.json, or one without a model type: nothing to compare
+    loaded = type(getattr(backend, "model", None)).__name__
+    if backend is None or loaded == saved:
+        return tokenizer
+    logger.info("%s: a %s tokenizer, which %s would load as %s; loading it as saved",
+                file, saved, type(tokenizer).__name__, loaded)  # fmt: skip
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def _load_dir(path: Path) -> TrainedModel:
