@@ -158,6 +158,25 @@ def test_item01_integer_ranges_and_lists(
     assert sorted(lines) == sorted(f"kiln: error: {path}: {line}" for _, line in cases.values())
 
 
+def test_item01_cmaes_without_its_package_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == "cmaes" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    space = {"optim.lr": {"low": 0.001, "high": 0.01}}
+    path = _write_sweep(tmp_path, {"method": "cmaes", "trials": 1, "space": space})
+    code, lines = _sweep([str(path)], capsys)
+    assert (code, lines) == (2, [
+        f"kiln: error: {path}: sweep.method: cmaes needs the cmaes package (pip install cmaes)"
+    ])  # fmt: skip
+
+
 def test_item01_good_ranges_still_pass() -> None:
     from kiln.config.sweep import SweepConfig
 

@@ -9,6 +9,9 @@ final/). Exit 0 completes a trial with its best metric; 2 (bad input) fails it, 
 (diverged) prunes it and marks it infeasible, so the sampler learns to avoid the region; 3
 without a prune (the sweep was interrupted) leaves it running in the study, and the next
 `kiln sweep` on the same directory resumes it from its checkpoint with `kiln train --resume`.
+SIGTERM or Ctrl-C to the controller, or `sweep.timeout_s` running out, pauses the running
+trials that way and the command exits 3. Trial N's candidate is drawn from (`sweep.seed`, N)
+(`kiln.sweep.samplers`), so controllers and agents sharing a study never replay each other.
 
 The sweep directory holds sweep.yaml (the file as resolved), base.yaml (the run config the
 trials start from), study.journal (the Optuna journal: the default storage, no server),

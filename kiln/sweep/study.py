@@ -4,6 +4,7 @@ sampler, pruner and storage."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -137,6 +138,9 @@ def sweep_from_dict(raw: dict[str, Any], source: str, directory: Path | None = N
     except ValidationError as err:
         raise ConfigError(format_errors(err, "sweep"), source) from None
     problems = []
+    if spec.method == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        # Optuna's CmaEsSampler imports it at the first candidate, in a worker thread.
+        problems.append("sweep.method: cmaes needs the cmaes package (pip install cmaes)")
     sections = {k.rpartition(".")[0] for k in all_keys()}
     for key in spec.space:
         if key not in all_keys() or key in sections:
