@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from kiln.callbacks.base import Callback
 from kiln.config import ExportConfig
 from kiln.errors import KilnError
+from kiln.files import StorageFull
 
 if TYPE_CHECKING:
     from kiln.engine.control import CheckpointKind, RunView
@@ -46,7 +47,7 @@ class ExportOnFinish(Callback):
             )
         except ParityFailed as exc:
             log.error("export failed parity: %s; report: %s", exc, exc.report)
-        except KilnError as exc:
+        except (KilnError, StorageFull) as exc:  # the run stays finished: one line
             log.error("export: %s", str(exc).splitlines()[0])
         else:
             log.info("export: %s (%s), checked against PyTorch", out, ", ".join(self.cfg.formats))

@@ -39,13 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kiln.errors import KilnError
     from kiln.export import ParityFailed, export_model, verify_export
-    from kiln.export.verify import summary_lines
+    from kiln.export.verify import report_json, summary_lines
 
     if args.json and not args.verify:
         raise KilnError("--json: only with --verify (an export writes export_report.json)")
     if args.verify:
         report = verify_export(args.path, args.atol)
-        print(json.dumps(report, indent=1) if args.json else "\n".join(summary_lines(report)))
+        print(report_json(report) if args.json else "\n".join(summary_lines(report)))
         if not report["passed"]:
             bad = [f for f, e in report["formats"].items() if not e["passed"]]
             print(f"kiln: error: {args.path}: parity fails for {', '.join(bad)}", file=sys.stderr)

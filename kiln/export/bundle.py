@@ -39,7 +39,7 @@ from kiln.export.graph import (
 )
 from kiln.export.meta import META, PARITY, REPORT, file_manifest, seal, sha256_file, versions
 from kiln.export.parity import Case, cases, compare, greedy_texts
-from kiln.export.verify import check_atol, verify_export
+from kiln.export.verify import check_atol, report_json, verify_export
 
 __all__ = ["DEFAULT_PROMPTS", "ParityFailed", "export_model", "verify_export"]
 
@@ -310,7 +310,7 @@ def _export_into(
     target = job.target
     sibling = target.parent / f"{target.name}.export_report.json"
     if not report["passed"]:
-        sibling.write_text(json.dumps(report, indent=1) + "\n")
+        sibling.write_text(report_json(report) + "\n")
         failed = [f for f, e in report["formats"].items() if not e["passed"]]
         raise ParityFailed(_failure_line(failed[0], report["formats"][failed[0]], atol),
                            sibling)  # fmt: skip
@@ -423,4 +423,4 @@ def _write_rest(
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta["files"] = file_manifest(staged)  # what --verify checks before it loads anything
     (staged / META).write_text(json.dumps(seal(meta), indent=1) + "\n")
-    (staged / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    (staged / REPORT).write_text(report_json(report) + "\n")

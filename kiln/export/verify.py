@@ -22,7 +22,7 @@ from kiln.export.graph import Runner, load_runner
 from kiln.export.meta import PARITY, ExportMeta, absent, check_files, read_meta, versions
 from kiln.export.parity import Case, compare, greedy_texts
 
-__all__ = ["check_atol", "summary_lines", "verify_export"]
+__all__ = ["check_atol", "report_json", "summary_lines", "verify_export"]
 
 
 def check_atol(atol: float) -> float:
@@ -153,13 +153,15 @@ def verify_export(directory: str | Path, atol: float | None = None) -> dict[str,
     a report shaped like export_report.json (`passed` says it all). Nothing is written.
 
     Raises:
-        KilnError: a bad `atol`, or a damaged export (one line per problem, naming the file).
+        KilnError: a bad `atol`, or a damaged export (one line naming the file and what is
+            wrong with it).
     """
     directory = Path(directory)
     if atol is not None:
         check_atol(atol)
     if not directory.is_dir():
-        raise KilnError(f"{directory}: no such directory")
+        why = "not a directory" if directory.exists() else "no such directory"
+        raise KilnError(f"{directory}: {why} (--verify reads an export directory)")
     meta = read_meta(directory)
     check_files(directory, meta)
     atol = float(meta.parity.atol if atol is None else atol)
@@ -181,6 +183,20 @@ def verify_export(directory: str | Path, atol: float | None = None) -> dict[str,
     report["passed"] = all(e["passed"] for e in report["formats"].values())
     report["versions"] = versions()
     return report
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """A report as JSON that strict parsers read: an infinite difference (a wrong shape, a
+    non-finite logit) is written as null, not as the non-JSON `Infinity`."""
+
+    def finite(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        return [finite(v) for v in x] if isinstance(x, list) else x
+
+    return json.dumps(finite(report), indent=1)
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
