@@ -303,3 +303,18 @@ def test_item18_verify_json_stays_json_when_a_difference_is_infinite(
     report = json.loads(out, parse_constant=refuse)
     assert report["formats"]["onnx"]["cases"][0]["max_abs"] is None
     assert report["passed"] is False
+
+
+def test_item18_export_on_finish_with_an_opset_out_of_range_is_refused_before_training(
+    tmp_path: Path, recipe_files
+) -> None:
+    from helpers import tiny_config
+
+    from kiln import Trainer
+    from kiln.errors import KilnError
+
+    cfg = tiny_config(tmp_path, *recipe_files, train={"max_steps": 3},
+                      export={"on_finish": True, "formats": ["onnx"], "opset": 29})  # fmt: skip
+    with pytest.raises(KilnError, match=r"^export\.opset: 29 is not an opset .* choose 7 to \d+$"):
+        Trainer.from_config(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not a step was taken

@@ -26,6 +26,13 @@ class ExportOnFinish(Callback):
     def __init__(self, cfg: ExportConfig) -> None:
         self.cfg = cfg
         self.final: Path | None = None
+        if "onnx" in cfg.formats:  # refused before training, not logged after it
+            from kiln.export.graph import opset_range
+
+            low, high = opset_range()
+            if not low <= cfg.opset <= high:
+                raise KilnError(f"export.opset: {cfg.opset} is not an opset this torch and onnx "
+                                f"can write; choose {low} to {high}")  # fmt: skip
 
     def on_checkpoint(self, run: RunView, path: Path, kind: CheckpointKind) -> None:
         if kind == "final":

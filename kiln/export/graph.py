@@ -135,7 +135,8 @@ def export_graph(
 
 def opset_range() -> tuple[int, int]:
     """The ONNX opsets the installed exporter can write: from torch's lowest to the newest
-    that both torch and the onnx package know."""
+    that both torch and the onnx package know (the extra missing: the one line naming it)."""
+    _onnx()
     import onnx
 
     try:
@@ -153,7 +154,6 @@ def check_opset(opset: int) -> int:
     Raises:
         KilnError: naming --opset and the range.
     """
-    _onnx()
     low, high = opset_range()
     if not low <= opset <= high:
         raise KilnError(f"--opset: {opset} is not an opset this torch and onnx can write; "

@@ -95,7 +95,7 @@ def _json_objects(directory: Path, names: list[str]) -> None:
 def _tokenizer_and_config(directory: Path, meta: ExportMeta) -> tuple[Any, Any]:
     from transformers import AutoConfig
 
-    from kiln.models.load import _load_tokenizer
+    from kiln.models.load import load_saved_tokenizer
 
     needed = ["config.json"]
     if meta.files is None or "tokenizer.json" in meta.files:  # sealed: as the export wrote it
@@ -110,7 +110,7 @@ def _tokenizer_and_config(directory: Path, meta: ExportMeta) -> tuple[Any, Any]:
     except Exception as exc:  # transformers' own checks of each key, whatever they raise
         raise KilnError(f"{directory / 'config.json'}: damaged: {first_line(exc)[:300]}") from None
     try:
-        tokenizer = _load_tokenizer(directory)
+        tokenizer = load_saved_tokenizer(directory)
     except KilnError:
         raise
     except Exception as exc:  # a JSON object transformers cannot make a tokenizer of

@@ -33,6 +33,7 @@ __all__ = [
     "BASE_FILE",
     "TrainedModel",
     "build_base",
+    "load_saved_tokenizer",
     "load_trained",
     "read_run_config",
     "resolve_model_path",
@@ -177,7 +178,7 @@ def _tokenizer_for_checkpoint(ckpt: Path, cfg: RunConfig) -> Any:
         if saved is None or not (saved / "tokenizer_config.json").is_file():
             continue
         try:
-            tok = _load_tokenizer(saved)
+            tok = load_saved_tokenizer(saved)
         except KilnError as exc:
             # Only a shortcut: the tokenizer can still be rebuilt and checked below.
             logger.warning("%s; rebuilding the checkpoint's tokenizer instead", exc)
@@ -232,7 +233,7 @@ def _load_checkpoint(path: Path) -> TrainedModel:
     return TrainedModel(model, tokenizer, cfg.task, cfg, path, "checkpoint")
 
 
-def _load_tokenizer(path: Path) -> Any:
+def load_saved_tokenizer(path: Path) -> Any:
     """The tokenizer saved in `path`, or a one-line KilnError naming it."""
     from transformers import AutoTokenizer
 
@@ -277,7 +278,7 @@ def _load_dir(path: Path) -> TrainedModel:
     from kiln.models.tokenizer import ensure_pad_token
 
     cfg = read_run_config(path)
-    tokenizer = _load_tokenizer(path)
+    tokenizer = load_saved_tokenizer(path)
     ensure_pad_token(tokenizer)
     if (path / "adapter_config.json").is_file():
         if cfg is None:
