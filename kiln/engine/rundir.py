@@ -403,7 +403,7 @@ def run_summary(
         # tokens_per_s, samples_per_s: what this process trained over its wall time (not the
         # run's total tokens, which earlier processes trained); peak_memory_mb, mfu (None
         # where the device's peak FLOP/s is unknown)
-        **(tracker.summary(state.tokens_seen, state.samples_seen) if tracker else {}),
+        **(tracker.summary(state.tokens_seen, state.samples_seen, wall=wall) if tracker else {}),
         "parameters": total,
         "trainable_parameters": trainable,
         "device": str(device),

@@ -158,16 +158,19 @@ class MetricsTracker:
             return None
         return tokens_per_s * self.flops_per_token / self.peak
 
-    def summary(self, tokens: int, samples: int, now: float | None = None) -> dict[str, Any]:
+    def summary(
+        self, tokens: int, samples: int, now: float | None = None, *, wall: float | None = None
+    ) -> dict[str, Any]:
         """Whole-run figures for summary.json: tokens_per_s, samples_per_s (what this process
         trained since `start`, over its time since then: a resumed run's rate is that of its
         resumed part, never the earlier parts' tokens over this part's time), peak_memory_mb,
-        mfu (or None)."""
+        mfu (or None). `wall`: the seconds since `start` (default: until `now`), so the
+        rates divide by the wall time summary.json reports."""
         now = time.perf_counter() if now is None else now
         out: dict[str, Any] = {"peak_memory_mb": peak_memory_mb(self.device)}
         if self._start is not None:
             since, tokens_then, samples_then = self._start
-            dt = max(now - since, 1e-9)
+            dt = max(now - since if wall is None else wall, 1e-9)
             out["tokens_per_s"] = (tokens - tokens_then) / dt
             out["samples_per_s"] = (samples - samples_then) / dt
             out["mfu"] = self._mfu_of((tokens - tokens_then) / dt)
