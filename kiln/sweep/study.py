@@ -9,6 +9,7 @@ import json
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +240,8 @@ def _sampler(spec: SweepConfig) -> Any:
     optuna = _optuna()
     from kiln.sweep.samplers import ControllerGrid, PerTrialSeed
 
+    if spec.method == "cmaes":  # kiln marks diverged trials infeasible; CMA-ES has no use for it
+        warnings.filterwarnings("ignore", "Constraints have been set, but CmaEs", UserWarning)
     if spec.method == "grid":
         return ControllerGrid({k: spec.values(k) for k in spec.space}, seed=spec.seed)
     make = {
