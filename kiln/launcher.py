@@ -40,6 +40,10 @@ def say(lines: list[str], code: int) -> None:
     leave them (with the rank's exit code) for the launcher to print once."""
     folder, rank = os.environ.get(LINES_ENV), os.environ.get("RANK")
     if folder and rank is not None and rank.lstrip("-").isdigit():
+        from kiln.engine.console import record_line
+
+        for line in lines:  # the launcher prints it; the run's train.log keeps it too
+            record_line(line)
         _record(Path(folder), int(rank), lines, code)
         return
     for line in lines:
