@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kiln.files import fsync_dir, writing
+from kiln.files import fsync_dir, json_text, writing
 from kiln.runs import MANIFEST, step_of
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointInfo", "CheckpointManager"]
@@ -376,7 +376,7 @@ class CheckpointManager:
                     "files": files,
                 }
                 with open(staging / MANIFEST, "w") as f:
-                    json.dump(manifest, f, indent=2)
+                    f.write(json_text(manifest, indent=2))  # strict JSON: a NaN metric is null
                     f.flush()
                     os.fsync(f.fileno())
                 for sub in [*(p for p in staging.rglob("*") if p.is_dir()), staging]:
