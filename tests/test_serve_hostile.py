@@ -360,3 +360,31 @@ def test_item14_paths_inside_are_made_absolute_and_allow_read_opens_reading_only
         answer = http.post(START, json={"config": cache})
         assert answer.status_code == 422
         assert answer.json()["detail"][0].startswith("data.cache_dir: ")
+
+
+def test_item14_a_job_never_sees_the_servers_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's config may name any environment variable as a notifier's token_env: the
+    server's own credentials are not in a job's environment to be sent on."""
+    from types import SimpleNamespace
+
+    from kiln.serve.executor import LocalExecutor
+
+    monkeypatch.setenv("KILN_SERVE_TOKEN", "admin-secret")
+    monkeypatch.setenv("KILN_SERVE_READ_TOKEN", "read-secret")
+    monkeypatch.setenv("KILN_TEST_KEPT", "kept")
+    executor = LocalExecutor.__new__(LocalExecutor)  # the submit step alone: no store, no queue
+    executor.procs = {}
+    code = "import json, os; print(json.dumps({k: os.environ.get(k) for k in "
+    code += "('KILN_SERVE_TOKEN', 'KILN_SERVE_READ_TOKEN', 'KILN_TEST_KEPT')}))"
+    log = tmp_path / "job.log"
+    job = typing.cast(JobRow, SimpleNamespace(id="j1", attempt=1))
+    executor._submit(job, [sys.executable, "-c", code], log)
+    assert executor.procs["j1"].wait(timeout=60) == 0
+    seen = json.loads(log.read_text().splitlines()[-1])
+    assert seen == {
+        "KILN_SERVE_TOKEN": None,
+        "KILN_SERVE_READ_TOKEN": None,
+        "KILN_TEST_KEPT": "kept",
+    }

@@ -251,6 +251,16 @@ class QueueExecutor(ABC):
             return self.store.update_job(job.id, state="queued", resume=True)
 
 
+SERVER_SECRETS = ("KILN_SERVE_TOKEN", "KILN_SERVE_READ_TOKEN")
+"""The server's own credentials: a job never sees them (a client's config could name them as a
+notifier's `token_env` and have a job send them on)."""
+
+
+def job_env() -> dict[str, str]:
+    """The environment a job runs in: the server's, less its credentials."""
+    return {k: v for k, v in os.environ.items() if k not in SERVER_SECRETS}
+
+
 class LocalExecutor(QueueExecutor):
     """Jobs as subprocesses on this machine, each in its own session (process group: torchrun
     and its ranks are one group), found again after a restart by pid and start time."""
@@ -263,7 +273,7 @@ class LocalExecutor(QueueExecutor):
         with logfile.open("a") as out:
             out.write(f"--- attempt {job.attempt}: {' '.join(command)}\n")
             out.flush()
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=job_env(),
                                     stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         self.procs[job.id] = proc
         return {"pid": proc.pid, "pid_start": process_start(proc.pid), "handle": None}
