@@ -88,7 +88,9 @@ def test_item29_validate_names_a_value_changed_in_place() -> None:
 
 
 def test_item29_validate_names_a_value_set_around_the_freeze() -> None:
-    cfg = RunConfig(train={"max_steps": 10})
+    # Both sections given, so they are this config's own (an untouched section may be the
+    # shared default instance, and writing around the freeze would change every config's).
+    cfg = RunConfig(train={"max_steps": 10}, optim={"lr": 1e-3})
     object.__setattr__(cfg.train, "batch_size", 0)  # a field left at its default before
     with pytest.raises(ConfigError) as err:
         cfg.validate()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from helpers import free_port
-from serve_helpers import ROOT, TOKEN, Server, losses, serve_config
+from serve_helpers import TOKEN, Server, losses, serve_config
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.slow
@@ -104,8 +104,8 @@ def test_the_ray_executor_runs_stops_and_resumes_jobs_on_a_local_head(
 
     raw = serve_config(tmp_path)
     raw["train"]["max_steps"] = 40
-    for split in ("train", "val"):  # relative to the server's directory, as a user writes them
-        raw["data"][split] = os.path.relpath(raw["data"][split], ROOT)
+    for split in ("train", "val"):  # relative paths are taken from the state dir (serve.md)
+        raw["data"][split] = os.path.relpath(raw["data"][split], tmp_path / "state")
     server = Server(tmp_path / "state", "--executor", "ray", "--ray-address", ray_head,
                     "--max-concurrent", "2")  # fmt: skip
     try:
