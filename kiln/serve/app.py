@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import AfterValidator, BaseModel, Field
 
 from kiln.errors import KilnError
+from kiln.files import finite_json
 from kiln.serve.confine import Confinement
 from kiln.serve.executor import Executor, LocalExecutor, describe
 from kiln.serve.store import JobRow, Store, new_id
@@ -135,18 +135,7 @@ class _Json(JSONResponse):
         try:
             return super().render(content)
         except ValueError:  # out-of-range floats: Starlette dumps with allow_nan=False
-            return super().render(finite(content))
-
-
-def finite(value: Any) -> Any:
-    """`value` with every NaN and infinity replaced by None (JSON has neither)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
+            return super().render(finite_json(content))
 
 
 class _BodyLimit:
@@ -448,7 +437,7 @@ async def _events(store: Store, job: JobRow, after: int, request: Request) -> An
         records, offset = read_metrics(job.run_dir, offset)
         for r in records:  # each record once (a rewrite after a resume repeats its steps)
             if r["step"] > after:
-                yield f"id: {r['step']}\nevent: metrics\ndata: {json.dumps(finite(r))}\n\n"
+                yield f"id: {r['step']}\nevent: metrics\ndata: {json.dumps(finite_json(r))}\n\n"
         now_stamp = [_mtime(folder / "checkpoints"), _mtime(folder / "final")]
         if now_stamp != stamp:
             stamp = now_stamp
