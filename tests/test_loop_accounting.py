@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,12 @@ def test_item22_eval_max_batches_counts_global_batches_at_any_world_size(tmp_pat
             join=False,
             start_method="spawn",
         )
-        while not ctx.join(timeout=120):
-            pass
+        deadline = time.monotonic() + 300  # the ranks are bounded, as every multi-process test
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in ctx.processes:
+                    process.kill()
+                pytest.fail("the two evaluating ranks did not finish within 300 s")
     finally:
         for key, value in saved.items():
             if value is None:
