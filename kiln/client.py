@@ -110,8 +110,9 @@ class Client:
             raise ApiError(response.status_code, response.text)
         return response.content
 
-    def wait(self, job_id: str, *states: str, timeout_s: float = 300.0,
-             until: Any = None) -> dict[str, Any]:  # fmt: skip
+    def wait(
+        self, job_id: str, *states: str, timeout_s: float = 300.0, until: Any = None
+    ) -> dict[str, Any]:
         """Poll the job until its state is one of `states` (or `until(job)` is true)."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -125,8 +126,9 @@ class Client:
     def events(self, job_id: str, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
         """The job's Server-Sent Events as {"event", "id", "data"} until its `end` event."""
         headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
-        with self.http.stream("GET", f"/api/training/jobs/{job_id}/events", headers=headers,
-                              timeout=None) as response:  # fmt: skip
+        with self.http.stream(
+            "GET", f"/api/training/jobs/{job_id}/events", headers=headers, timeout=None
+        ) as response:
             event: dict[str, Any] = {}
             for line in response.iter_lines():
                 if not line:

@@ -109,10 +109,25 @@ status.json at the start, at every log step and after each validation, so the ga
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 _STATUS_KEYS = (
-    "format", "state", "pid", "host", "kiln_version", "started_at", "heartbeat", "step",
-    "total_steps", "epoch", "tokens", "train", "val", "eta_s", "stop", "exit_code", "error",
+    "format",
+    "state",
+    "pid",
+    "host",
+    "kiln_version",
+    "started_at",
+    "heartbeat",
+    "step",
+    "total_steps",
+    "epoch",
+    "tokens",
+    "train",
+    "val",
+    "eta_s",
+    "stop",
+    "exit_code",
+    "error",
     "run_dir",
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,14 @@ def recipe_files(tmp_path: Path) -> tuple[Path, Path]:
     return train, val
 
 
-RANKS = {"test_distributed", "test_distributed_failures", "test_rank", "test_kill", "test_job",
-         "test_serve_cluster"}  # fmt: skip
+RANKS = {
+    "test_distributed",
+    "test_distributed_failures",
+    "test_rank",
+    "test_kill",
+    "test_job",
+    "test_serve_cluster",
+}
 """Modules that start ranks or kill runs and time them: under pytest-xdist (`make test`:
 `-n 2 --dist loadgroup`) they run one after another on one worker, never two at once."""
 
@@ -62,16 +68,27 @@ def postgres() -> Any:
         as_user = ["runuser", "-u", "postgres", "--"]
     port = free_port()
     data = root / "data"
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "kiln", "--auth=trust"],
-                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-U", "kiln", "--auth=trust"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"),
-                    "-w", "start"], check=True, capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield f"postgresql+psycopg://kiln@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)  # fmt: skip
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -35,12 +35,26 @@ class Server:
         self.port = free_port()
         self.log = state.with_suffix(".log")
         # --allow-read: the tests' data files lie beside the state directory
-        cmd = [sys.executable, "-m", "kiln", "serve", "--port", str(self.port), "--state-dir",
-               str(state), "--token", TOKEN, "--allow-read", str(state.parent), *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "kiln",
+            "serve",
+            "--port",
+            str(self.port),
+            "--state-dir",
+            str(state),
+            "--token",
+            TOKEN,
+            "--allow-read",
+            str(state.parent),
+            *extra,
+        ]
         env = gloo_env()  # its jobs' ranks (--nproc) talk over loopback
         with self.log.open("a") as out:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
-                                         stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
         self.url = f"http://127.0.0.1:{self.port}"
         import httpx
 

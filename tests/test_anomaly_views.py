@@ -51,10 +51,18 @@ class Run:
     def record(self, step: int, samples: list[int], **fields: Any) -> dict[str, Any]:
         """A record as the engine writes it (non-finite loss, skipped, by default)."""
         return {
-            "step": step, "micro_step": 2 * step - 1, "epoch": 0, "kind": "nan_loss",
-            "value": "nan", "z": None, "action": "skip", "to_step": None,
-            "samples": samples, "sources": self.parts.sources(samples), **fields,
-        }  # fmt: skip
+            "step": step,
+            "micro_step": 2 * step - 1,
+            "epoch": 0,
+            "kind": "nan_loss",
+            "value": "nan",
+            "z": None,
+            "action": "skip",
+            "to_step": None,
+            "samples": samples,
+            "sources": self.parts.sources(samples),
+            **fields,
+        }
 
     def write(self, *records: dict[str, Any], tail: str = "") -> None:
         text = "".join(json.dumps(r) + "\n" for r in records) + tail

@@ -231,17 +231,31 @@ def _tiny_model(arch: str, attn: str) -> Any:
     torch.manual_seed(0)
     if arch == "gpt2":
         config = GPT2Config(
-            vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            bos_token_id=1, eos_token_id=1,
-        )  # fmt: skip
+            vocab_size=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=1,
+        )
         model = GPT2LMHeadModel(config)
     else:
         config = LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            bos_token_id=1, eos_token_id=1, pad_token_id=0,
-        )  # fmt: skip
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
         model = LlamaForCausalLM(config)
     model.config._attn_implementation = attn
     return model.float().eval()

@@ -237,9 +237,9 @@ def test_a_run_from_the_cache_takes_its_tokenizer_from_there_too(
 
     def run(name: str, **tokenizer: Any) -> tuple[Any, Any]:
         cfg = tiny_config(tmp_path, *recipe_files, train={"max_steps": 4})
-        cfg = cfg.replace(output_dir=str(tmp_path / name), **{
-            f"tokenizer.{k}": v for k, v in tokenizer.items()
-        })  # fmt: skip
+        cfg = cfg.replace(
+            output_dir=str(tmp_path / name), **{f"tokenizer.{k}": v for k, v in tokenizer.items()}
+        )
         trainer = Trainer(cfg)
         return trainer, trainer.fit()
 

@@ -50,8 +50,9 @@ def _cfg(tmp_path: Path, files, name: str, **checkpoint):
 def test_time_based_checkpoints_bound_lost_work_and_change_nothing(
     tmp_path: Path, recipe_files, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    timed = Trainer(_cfg(tmp_path, recipe_files, "timed", every_minutes=10.0),
-                    callbacks=[Clock(monkeypatch)])  # fmt: skip
+    timed = Trainer(
+        _cfg(tmp_path, recipe_files, "timed", every_minutes=10.0), callbacks=[Clock(monkeypatch)]
+    )
     timed_result = timed.fit()
     # 4 minutes a step: 12 minutes after step 3, then 12 more after step 6 and step 9.
     assert _steps(timed_result.run_dir) == [3, 6, 9]

@@ -89,18 +89,29 @@ def test_nothing_close_suggests_nothing() -> None:
 @pytest.mark.parametrize(
     ("flags", "hint"),
     [
-        (["--epochs", "5"], "unknown option --epochs; config values are dotted overrides: "
-         "train.num_epochs=5"),
-        (["--train.max_steps=7"], "unknown option --train.max_steps; config values are dotted "
-         "overrides: train.max_steps=7"),
-        (["--lr", "1e-3"], "unknown option --lr; config values are dotted overrides: "
-         "optim.lr=1e-3"),
-        (["--batch-size", "8"], "unknown option --batch-size; config values are dotted "
-         "overrides: train.batch_size=8"),
-        (["--learning-rate", "3e-4"], "unknown option --learning-rate; config values are "
-         "dotted overrides: optim.lr=3e-4"),
+        (
+            ["--epochs", "5"],
+            "unknown option --epochs; config values are dotted overrides: train.num_epochs=5",
+        ),
+        (
+            ["--train.max_steps=7"],
+            "unknown option --train.max_steps; config values are dotted "
+            "overrides: train.max_steps=7",
+        ),
+        (
+            ["--lr", "1e-3"],
+            "unknown option --lr; config values are dotted overrides: optim.lr=1e-3",
+        ),
+        (
+            ["--batch-size", "8"],
+            "unknown option --batch-size; config values are dotted overrides: train.batch_size=8",
+        ),
+        (
+            ["--learning-rate", "3e-4"],
+            "unknown option --learning-rate; config values are dotted overrides: optim.lr=3e-4",
+        ),
     ],
-)  # fmt: skip
+)
 def test_dashed_flag_says_how_to_write_the_override(flags: list[str], hint: str) -> None:
     done = _kiln("train", QUICKSTART, *flags)
     assert (done.returncode, done.stderr) == (2, f"kiln: error: {hint}\n")
@@ -115,6 +126,9 @@ def test_other_unknown_flags_keep_argparse_message() -> None:
 
 
 def test_python_configs_get_the_suggestion_too() -> None:
-    with pytest.raises(ConfigError, match=r"train\.batchsize: unknown key; did you mean "
-                       r"train\.batch_size\?"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.batchsize: unknown key; did you mean "
+        r"train\.batch_size\?",
+    ):
         RunConfig().replace(**{"train.batchsize": 4})

@@ -123,8 +123,14 @@ class Job:
         log = config.with_suffix(f".{len(list(config.parent.glob('*.log')))}.log")
         cmd = [sys.executable, "-m", "kiln", "-q", "train", str(config), "--nproc", "2", *extra]
         with log.open("w") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=gloo_env(), stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=gloo_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return cls(config, proc, log)
 
     def wait_for(self, what: Callable[[], Any], timeout: float = 120) -> Any:
@@ -204,8 +210,15 @@ def one_rank_killed(tmp: Path) -> dict[str, Any]:
     finally:
         _kill_all(str(job.config))
     run = tmp / "chain"
-    return {"run": run, "code": code, "took": took, "tree": tree, "left": left,
-            "log": job.log.read_text(), "status": _status(run)}  # fmt: skip
+    return {
+        "run": run,
+        "code": code,
+        "took": took,
+        "tree": tree,
+        "left": left,
+        "log": job.log.read_text(),
+        "status": _status(run),
+    }
 
 
 def test_killing_one_rank_fails_the_job_fast_with_nothing_left(one_rank_killed) -> None:
@@ -353,8 +366,9 @@ def test_max_restarts_goes_to_torchrun_and_a_decided_end_is_not_restarted(
     assert cmd[cmd.index("--max-restarts") + 1] == "1"
     assert "--max-restarts" not in command._launch(build_parser().parse_args(one))
     assert command._launch_env(args) is None  # one machine: the ranks prefix their store keys
-    nodes = build_parser().parse_args([*one, "--max-restarts", "1", "--nnodes", "2",
-                                       "--rdzv-endpoint", "h:1"])  # fmt: skip
+    nodes = build_parser().parse_args(
+        [*one, "--max-restarts", "1", "--nnodes", "2", "--rdzv-endpoint", "h:1"]
+    )
     assert (command._launch_env(nodes) or {})["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     # On a rank under torchrun --max-restarts, a pause (3) or a divergence (4) exits 0, or
     # torchrun would restart it; a failure (1) is restarted.

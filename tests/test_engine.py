@@ -52,9 +52,15 @@ def test_every_event_has_a_callback_method_and_back() -> None:
 def _tiny_model(vocab: int) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = GPT2Config(
-        vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
+        vocab_size=vocab,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(cfg)
 
 

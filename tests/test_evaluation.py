@@ -29,8 +29,15 @@ CPU = Precision("fp32", torch.device("cpu"))
 
 def _tiny_gpt2(vocab: int = 64) -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2, n_positions=64,
-                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -64,15 +71,23 @@ def test_val_loss_is_the_token_weighted_mean_computed_by_hand() -> None:
     ]
     assert abs(sum(batch_means) / 3 - got["val_loss"]) > 1e-4
     # max_batches bounds it to the first batches: the first two batches = six sequences.
-    two = evaluate(model, data, task="causal_lm", batch_size=3, pad_id=0, precision=CPU,
-                   max_batches=2)  # fmt: skip
+    two = evaluate(
+        model, data, task="causal_lm", batch_size=3, pad_id=0, precision=CPU, max_batches=2
+    )
     assert two is not None
     assert two["val_tokens"] == sum(n for _, n in per_batch[:6])
     assert two["val_loss"] == pytest.approx(
         sum(s for s, _ in per_batch[:6]) / sum(n for _, n in per_batch[:6]), rel=1e-6
     )
-    stopped = evaluate(model, data, task="causal_lm", batch_size=3, pad_id=0, precision=CPU,
-                       should_stop=lambda: True)  # fmt: skip
+    stopped = evaluate(
+        model,
+        data,
+        task="causal_lm",
+        batch_size=3,
+        pad_id=0,
+        precision=CPU,
+        should_stop=lambda: True,
+    )
     assert stopped is None
 
 
@@ -163,8 +178,15 @@ def test_trainer_logs_generation_metrics_and_writes_samples(tmp_path: Path, reci
     )
     result = Trainer(cfg).fit()
     run = tmp_path / "run"
-    gen_keys = {"val_bleu", "val_rouge1", "val_rouge2", "val_rougeL", "val_recipe_format",
-                "val_recipe_overall", "val_gen_samples"}  # fmt: skip
+    gen_keys = {
+        "val_bleu",
+        "val_rouge1",
+        "val_rouge2",
+        "val_rougeL",
+        "val_recipe_format",
+        "val_recipe_overall",
+        "val_gen_samples",
+    }
     # Generation at multiples of 4 and at the last validation (6), not at 2.
     assert [gen_keys <= m.keys() for m in result.metrics] == [False, True, True]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-4.jsonl", "step-6.jsonl"]
@@ -190,13 +212,21 @@ def test_unknown_metric_fails_before_training(tmp_path: Path, recipe_files) -> N
 
 def test_config_cross_checks(tmp_path: Path, recipe_files) -> None:
     with pytest.raises(ConfigError, match="comes from generation eval"):
-        tiny_config(tmp_path, *recipe_files, eval={"early_stopping": {"enabled": True,
-                    "metric": "val_bleu", "mode": "max"}})  # fmt: skip
+        tiny_config(
+            tmp_path,
+            *recipe_files,
+            eval={"early_stopping": {"enabled": True, "metric": "val_bleu", "mode": "max"}},
+        )
     with pytest.raises(ConfigError, match=r"checkpoint\.final: best needs checkpoint\.keep_best"):
         tiny_config(tmp_path, *recipe_files, checkpoint={"final": "best"})
     with pytest.raises(ConfigError, match="needs validation data"):
-        tiny_config(tmp_path, recipe_files[0], None, data={"val_split": 0.0},
-                    eval={"early_stopping": {"enabled": True}})  # fmt: skip
+        tiny_config(
+            tmp_path,
+            recipe_files[0],
+            None,
+            data={"val_split": 0.0},
+            eval={"early_stopping": {"enabled": True}},
+        )
 
 
 # ---- kiln eval ---------------------------------------------------------------------------------
@@ -237,8 +267,12 @@ def test_load_eval_data_is_the_runs_validation_data(
 def test_kiln_eval_reproduces_the_runs_validation(tmp_path: Path, recipe_files, capsys) -> None:
     from kiln.cli import main
 
-    cfg = tiny_config(tmp_path, *recipe_files, train={"max_steps": 8, "batch_size": 8},
-                      checkpoint={"every_steps": 4})  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        *recipe_files,
+        train={"max_steps": 8, "batch_size": 8},
+        checkpoint={"every_steps": 4},
+    )
     result = Trainer(cfg).fit()
     run = tmp_path / "run"
     val = str(recipe_files[1])

@@ -39,18 +39,45 @@ def _model_dir(root: Path, arch: str) -> Path:
     vocab, eos, pad = len(tok), tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(0)
     if arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32,
-                                           n_layer=2, n_head=2, bos_token_id=eos,
-                                           eos_token_id=eos, pad_token_id=pad))  # fmt: skip
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab,
+                n_positions=64,
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                bos_token_id=eos,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        )
     elif arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32,
-                                             intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, num_key_value_heads=1,
-                                             max_position_embeddings=64, bos_token_id=eos,
-                                             eos_token_id=eos, pad_token_id=pad))  # fmt: skip
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=64,
+                bos_token_id=eos,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        )
     else:
-        t5 = T5Config(vocab_size=vocab, d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16,
-                      decoder_start_token_id=pad, eos_token_id=eos, pad_token_id=pad)  # fmt: skip
+        t5 = T5Config(
+            vocab_size=vocab,
+            d_model=32,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            d_kv=16,
+            decoder_start_token_id=pad,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
         model = T5ForConditionalGeneration(t5)
     path = root / arch
     model.save_pretrained(path)
@@ -79,8 +106,10 @@ def test_onnx_export_matches_pytorch_logits_and_greedy_text(
     report = _report(out)["formats"]["onnx"]
     assert report["passed"]
     assert [c["case"] for c in report["cases"]] == [
-        "batch 1, short", "batch 3, long", "batch 2, first row padded"
-    ]  # fmt: skip
+        "batch 1, short",
+        "batch 3, long",
+        "batch 2, first row padded",
+    ]
     shapes = [c["shape"][:2] for c in report["cases"]]
     if arch == "t5":  # no position limit: sources of 5, 96 and 48; decoders half as long
         assert shapes == [[1, 2], [3, 48], [2, 24]]
@@ -89,8 +118,10 @@ def test_onnx_export_matches_pytorch_logits_and_greedy_text(
     for case in report["cases"]:
         assert case["max_abs"] <= 1e-4, case
         assert case["argmax_equal"] == 1.0
-    print(f"{arch}: onnx export {report['export_s']}s, {report['bytes']} bytes, "
-          f"max abs {max(c['max_abs'] for c in report['cases']):.2g}")  # fmt: skip
+    print(
+        f"{arch}: onnx export {report['export_s']}s, {report['bytes']} bytes, "
+        f"max abs {max(c['max_abs'] for c in report['cases']):.2g}"
+    )
     assert report["greedy"] == {"prompts": 4, "equal": 4, "texts": report["greedy"]["texts"]}
     texts = report["greedy"]["texts"]
     assert len(set(texts)) > 1, texts  # a random model says different things: a real check
@@ -106,8 +137,9 @@ def test_onnx_export_matches_pytorch_logits_and_greedy_text(
     for prompt in PROMPTS:
         assert main(["generate", str(source), prompt, "--max-new-tokens", "12"]) == 0
         want = capsys.readouterr().out
-        assert main(["generate", "--backend", "onnx", str(out), prompt,
-                     "--max-new-tokens", "12"]) == 0  # fmt: skip
+        assert (
+            main(["generate", "--backend", "onnx", str(out), prompt, "--max-new-tokens", "12"]) == 0
+        )
         assert capsys.readouterr().out == want
     # --verify runs the checks again from the directory alone; an absurd atol fails them.
     assert main(["export", "--verify", str(out)]) == 0
@@ -119,8 +151,10 @@ def test_torchscript_and_pt2_round_trips_and_the_models_mode(tmp_path: Path) -> 
     from kiln.export.parity import cases, compare
 
     source = _model_dir(tmp_path, "gpt2")
-    assert main(["export", str(source), "--format", "torchscript,pt2", "--out",
-                 str(tmp_path / "out")]) == 0  # fmt: skip
+    assert (
+        main(["export", str(source), "--format", "torchscript,pt2", "--out", str(tmp_path / "out")])
+        == 0
+    )
     report = _report(tmp_path / "out")
     assert set(report["formats"]) == {"torchscript", "pt2"}
     for fmt, entry in report["formats"].items():
@@ -134,8 +168,7 @@ def test_torchscript_and_pt2_round_trips_and_the_models_mode(tmp_path: Path) -> 
         module = Logits(model, seq2seq=False).train(training)
         flags = [m.training for m in model.modules()]
         for fmt in ("torchscript", "pt2"):
-            export_graph(fmt, module, tmp_path, vocab=model.config.vocab_size, context=64,
-                         opset=18)  # fmt: skip
+            export_graph(fmt, module, tmp_path, vocab=model.config.vocab_size, context=64, opset=18)
             assert [m.training for m in model.modules()] == flags
         if training:
             continue
@@ -179,8 +212,13 @@ def test_a_lora_run_exports_merged_and_a_tight_atol_fails_cleanly(
     from kiln import Trainer
     from kiln.export import load_runner
 
-    cfg = tiny_config(tmp_path, *recipe_files, lora={"enabled": True, "r": 2, "dropout": 0.0},
-                      train={"max_steps": 4}, optim={"lr": 1e-2})  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        *recipe_files,
+        lora={"enabled": True, "r": 2, "dropout": 0.0},
+        train={"max_steps": 4},
+        optim={"lr": 1e-2},
+    )
     Trainer(cfg).fit()
     run = tmp_path / "run"
     # Out of tolerance: exit 1 naming the case, the report kept beside, no directory.
@@ -237,8 +275,12 @@ def test_bad_arguments_are_one_line_errors(
 def test_export_on_finish_writes_the_bundle_into_the_run(tmp_path: Path, recipe_files) -> None:
     from kiln import Trainer
 
-    cfg = tiny_config(tmp_path, *recipe_files, train={"max_steps": 3},
-                      export={"on_finish": True, "formats": ["torchscript", "pt2"]})  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        *recipe_files,
+        train={"max_steps": 3},
+        export={"on_finish": True, "formats": ["torchscript", "pt2"]},
+    )
     Trainer.from_config(cfg).fit()  # with the callbacks the config asks for
     out = tmp_path / "run" / "export"
     report = _report(out)

@@ -37,8 +37,14 @@ def bundle_for(factory: pytest.TempPathFactory) -> Path:
     if not (out / "kiln_export.json").is_file():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir()
-        export_model(_model_dir(root, "gpt2"), ["onnx", "torchscript"], out,
-                     opset=OPSET_ASKED, prompts=2, max_new_tokens=4)  # fmt: skip
+        export_model(
+            _model_dir(root, "gpt2"),
+            ["onnx", "torchscript"],
+            out,
+            opset=OPSET_ASKED,
+            prompts=2,
+            max_new_tokens=4,
+        )
     return out
 
 
@@ -121,17 +127,27 @@ def test_item16_bert_with_a_bpe_tokenizer_exports_and_verifies(
 
     tok = bpe_tokenizer([f"Recipe {i} with salt and water." for i in range(60)], 300)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, is_decoder=True,
-                        max_position_embeddings=64, pad_token_id=tok.pad_token_id)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        is_decoder=True,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+    )
     source = tmp_path / "bert"
     BertLMHeadModel(config).save_pretrained(source)
     tok.save_pretrained(source)
     # As a hand-made or older model directory has it: no tokenizer class, so transformers
     # picks BERT's (WordPiece) from config.json and rebuilds the BPE tokenizer.json as one.
     tok_config = source / "tokenizer_config.json"
-    tok_config.write_text(json.dumps({k: v for k, v in json.loads(tok_config.read_text()).items()
-                                      if k != "tokenizer_class"}))  # fmt: skip
+    tok_config.write_text(
+        json.dumps(
+            {k: v for k, v in json.loads(tok_config.read_text()).items() if k != "tokenizer_class"}
+        )
+    )
     out = tmp_path / "out"
     argv = ["export", str(source), "--out", str(out), "--format", "torchscript", "--prompts", "1"]
     assert main(argv) == 0, capsys.readouterr().err
@@ -159,20 +175,31 @@ def _truncate(path: Path) -> None:
 
 
 DAMAGE = {
-    "meta {}": (lambda e: (e / "kiln_export.json").write_text("{}"),
-                "kiln_export.json: damaged: formats: required key is missing (and 2 more "
-                "problems)"),
-    "meta []": (lambda e: (e / "kiln_export.json").write_text("[]"),
-                "kiln_export.json: damaged: expected a JSON object, got list"),
-    "parity missing": (lambda e: (e / "parity.safetensors").unlink(),
-                       "parity.safetensors: missing (the export wrote "),
-    "parity truncated": (lambda e: _truncate(e / "parity.safetensors"),
-                         "parity.safetensors: damaged: truncated to "),
-    "model.onnx truncated": (lambda e: _truncate(e / "model.onnx"),
-                             "model.onnx: damaged: truncated to "),
-    "tokenizer missing": (lambda e: (e / "tokenizer.json").unlink(),
-                          "tokenizer.json: missing (the export wrote "),
-}  # fmt: skip
+    "meta {}": (
+        lambda e: (e / "kiln_export.json").write_text("{}"),
+        "kiln_export.json: damaged: formats: required key is missing (and 2 more problems)",
+    ),
+    "meta []": (
+        lambda e: (e / "kiln_export.json").write_text("[]"),
+        "kiln_export.json: damaged: expected a JSON object, got list",
+    ),
+    "parity missing": (
+        lambda e: (e / "parity.safetensors").unlink(),
+        "parity.safetensors: missing (the export wrote ",
+    ),
+    "parity truncated": (
+        lambda e: _truncate(e / "parity.safetensors"),
+        "parity.safetensors: damaged: truncated to ",
+    ),
+    "model.onnx truncated": (
+        lambda e: _truncate(e / "model.onnx"),
+        "model.onnx: damaged: truncated to ",
+    ),
+    "tokenizer missing": (
+        lambda e: (e / "tokenizer.json").unlink(),
+        "tokenizer.json: missing (the export wrote ",
+    ),
+}
 UNSEALED = {
     "parity missing": "parity.safetensors: missing (it holds the parity inputs",
     "parity truncated": "parity.safetensors: damaged: not a readable safetensors file",
@@ -208,8 +235,9 @@ def test_item17_an_edited_value_in_kiln_export_json_is_damage_not_a_parity_failu
     meta_file = export / "kiln_export.json"
     # One more token to decode: the texts would differ from the references (exit 1) though
     # the model is intact; the checksum says the file changed instead.
-    meta_file.write_text(meta_file.read_text().replace('"max_new_tokens": 4',
-                                                       '"max_new_tokens": 5'))  # fmt: skip
+    meta_file.write_text(
+        meta_file.read_text().replace('"max_new_tokens": 4', '"max_new_tokens": 5')
+    )
     assert main(["export", "--verify", str(export)]) == 2
     assert "kiln_export.json: damaged: its content does not match its checksum" in _one_error(
         capsys
@@ -228,8 +256,10 @@ def test_item18_an_opset_the_exporter_cannot_write_is_one_line(
     low, high = opset_range()
     argv = ["export", str(source), "--out", str(tmp_path / "o"), f"--opset={opset}"]
     assert main(argv) == 2
-    assert _one_error(capsys) == (f"kiln: error: --opset: {opset} is not an opset this torch "
-                                  f"and onnx can write; choose {low} to {high}")  # fmt: skip
+    assert _one_error(capsys) == (
+        f"kiln: error: --opset: {opset} is not an opset this torch "
+        f"and onnx can write; choose {low} to {high}"
+    )
     assert 7 <= low <= 18 <= high
     assert not (tmp_path / "o").exists()
 
@@ -263,12 +293,16 @@ def test_item18_verify_prints_a_line_per_check_and_the_json_behind_a_flag(
     assert main(["export", "--verify", str(bundle)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     cases = ["batch 1, short", "batch 3, long", "batch 2, first row padded"]
-    want = [f"{fmt}: {case}: max abs diff " for fmt in ("onnx", "torchscript")
-            for case in [*cases, "greedy decoding"]]  # fmt: skip
+    want = [
+        f"{fmt}: {case}: max abs diff "
+        for fmt in ("onnx", "torchscript")
+        for case in [*cases, "greedy decoding"]
+    ]
     assert len(lines) == len(want) + 1, lines
     for line, start in zip(lines, want, strict=False):
-        assert line.startswith(start.replace(": greedy decoding: max abs diff ",
-                                             ": greedy decoding: 2 of 2 ")), line  # fmt: skip
+        assert line.startswith(
+            start.replace(": greedy decoding: max abs diff ", ": greedy decoding: 2 of 2 ")
+        ), line
         assert line.endswith(": ok"), line
     assert lines[-1].startswith("verify: passed (onnx, torchscript) with torch ")
     assert main(["export", "--verify", str(bundle), "--json"]) == 0
@@ -313,8 +347,12 @@ def test_item18_export_on_finish_with_an_opset_out_of_range_is_refused_before_tr
     from kiln import Trainer
     from kiln.errors import KilnError
 
-    cfg = tiny_config(tmp_path, *recipe_files, train={"max_steps": 3},
-                      export={"on_finish": True, "formats": ["onnx"], "opset": 29})  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        *recipe_files,
+        train={"max_steps": 3},
+        export={"on_finish": True, "formats": ["onnx"], "opset": 29},
+    )
     with pytest.raises(KilnError, match=r"^export\.opset: 29 is not an opset .* choose 7 to \d+$"):
         Trainer.from_config(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not a step was taken

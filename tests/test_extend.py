@@ -64,10 +64,12 @@ def test_training_follows_the_ratio_warmup(tmp_path: Path, recipe_files) -> None
     result = Trainer(cfg).fit()
     lrs = [r["lr"] for r in result.records() if r["split"] == "train"]
     want = [
-        1e-3 * lr_multiplier(s, scheduler="cosine", warmup_steps=3, total_steps=10,
-                             min_lr_ratio=0.0, num_cycles=1)
+        1e-3
+        * lr_multiplier(
+            s, scheduler="cosine", warmup_steps=3, total_steps=10, min_lr_ratio=0.0, num_cycles=1
+        )
         for s in range(10)
-    ]  # fmt: skip
+    ]
     assert lrs == pytest.approx(want, rel=1e-12)
     assert lrs[2] == pytest.approx(1e-3)  # the third step ends the warmup of ceil(2.5) = 3
 
@@ -91,9 +93,19 @@ def test_pause_resume_extend_logs_each_row_once_and_the_lr_jump(
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     keys = [(r["split"], r["step"]) for r in rows]
     assert keys == [
-        ("train", 2), ("train", 4), ("val", 4), ("train", 6), ("train", 8), ("val", 8),
-        ("train", 10), ("train", 12), ("val", 12), ("train", 14), ("train", 16), ("val", 16),
-    ]  # fmt: skip
+        ("train", 2),
+        ("train", 4),
+        ("val", 4),
+        ("train", 6),
+        ("train", 8),
+        ("val", 8),
+        ("train", 10),
+        ("train", 12),
+        ("val", 12),
+        ("train", 14),
+        ("train", 16),
+        ("val", 16),
+    ]
     shape = {"scheduler": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.0, "num_cycles": 1}
     before = 3e-3 * lr_multiplier(8, total_steps=8, **shape)
     after = 3e-3 * lr_multiplier(8, total_steps=16, **shape)

@@ -92,9 +92,15 @@ def _damages(name: str, rng: random.Random) -> dict[str, Callable[[Path], str]]:
         path.mkdir()
         return "a directory"
 
-    damages = {"half": cut(lambda n: n // 2), "empty": cut(lambda n: 0),
-               "last byte": cut(lambda n: n - 1), "bit flip": flip, "junk": junk,
-               "deleted": delete, "directory": directory}  # fmt: skip
+    damages = {
+        "half": cut(lambda n: n // 2),
+        "empty": cut(lambda n: 0),
+        "last byte": cut(lambda n: n - 1),
+        "bit flip": flip,
+        "junk": junk,
+        "deleted": delete,
+        "directory": directory,
+    }
     if name.endswith(".json"):
 
         def text(content: str) -> Callable[[Path], str]:
@@ -150,8 +156,12 @@ def _cases(bundle: Path, seed: int) -> list[tuple[str, str, Callable[[Path], str
     harmless, each runs the whole verify (a second), and one is as good as ten."""
     rng = random.Random(seed)
     names = sorted(p.name for p in bundle.iterdir())
-    return [(name, kind, fn) for name in names for kind, fn in _damages(name, rng).items()
-            if name != "export_report.json" or kind in ("junk", "deleted", "[]")]  # fmt: skip
+    return [
+        (name, kind, fn)
+        for name in names
+        for kind, fn in _damages(name, rng).items()
+        if name != "export_report.json" or kind in ("junk", "deleted", "[]")
+    ]
 
 
 def _same_json(a: Path, b: Path) -> bool:
@@ -180,8 +190,10 @@ def test_fuzz_damaged_exports_are_named_or_harmless(
     cases = _cases(bundle, SEED)
     # kiln_export.json retyped and resealed: the schema, not the checksum, must catch it.
     rng = random.Random(SEED + 1)
-    cases += [("kiln_export.json", f"wrong type, resealed #{i}", _damages("x.json", rng)[
-        "wrong type"]) for i in range(8)]  # fmt: skip
+    cases += [
+        ("kiln_export.json", f"wrong type, resealed #{i}", _damages("x.json", rng)["wrong type"])
+        for i in range(8)
+    ]
     outcomes: dict[str, int] = {}
     for i, (name, kind, damage) in enumerate(cases):
         export = Path(shutil.copytree(bundle, tmp_path / f"case{i}"))

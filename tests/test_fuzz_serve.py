@@ -26,24 +26,44 @@ pytestmark = pytest.mark.slow
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # No shrinking: a failure prints its example at once instead of minutes later.
-FAST = settings(deadline=None, database=None, derandomize=True,
-                phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=list(HealthCheck))  # fmt: skip
+FAST = settings(
+    deadline=None,
+    database=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
 
 # Header values as a client could send them: latin-1 text (what HTTP carries), made-up
 # numbers, and the usual suspects.
 _header_text = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=40).map(
     str.strip
 )
-HEADERS = st.fixed_dictionaries({}, optional={
-    "Last-Event-ID": st.one_of(_header_text, st.sampled_from(["1.5", "-1", "1e9", "9" * 5000])),
-    "Content-Type": st.one_of(_header_text, st.sampled_from([
-        "application/json", "application/json; charset=latin-1", "text/plain",
-        "multipart/form-data; boundary=x", "application/x-www-form-urlencoded"])),
-    "Authorization": st.one_of(_header_text, st.sampled_from(
-        ["Bearer", "Bearer ", f"bearer {TOKEN}", f"Basic {TOKEN}", f"Bearer {TOKEN}x"])),
-    "Range": st.sampled_from(["bytes=5-1", "bytes=-0", "bytes=x", "bytes=0-"]),
-})  # fmt: skip
+HEADERS = st.fixed_dictionaries(
+    {},
+    optional={
+        "Last-Event-ID": st.one_of(_header_text, st.sampled_from(["1.5", "-1", "1e9", "9" * 5000])),
+        "Content-Type": st.one_of(
+            _header_text,
+            st.sampled_from(
+                [
+                    "application/json",
+                    "application/json; charset=latin-1",
+                    "text/plain",
+                    "multipart/form-data; boundary=x",
+                    "application/x-www-form-urlencoded",
+                ]
+            ),
+        ),
+        "Authorization": st.one_of(
+            _header_text,
+            st.sampled_from(
+                ["Bearer", "Bearer ", f"bearer {TOKEN}", f"Basic {TOKEN}", f"Bearer {TOKEN}x"]
+            ),
+        ),
+        "Range": st.sampled_from(["bytes=5-1", "bytes=-0", "bytes=x", "bytes=0-"]),
+    },
+)
 
 
 def _app(tmp: Path) -> Any:
@@ -51,12 +71,22 @@ def _app(tmp: Path) -> Any:
     app = create_app(Settings(tmp / "state", token=TOKEN, dry_run=True))
     run = tmp / "state" / "runs" / "ended"
     run.mkdir(parents=True)
-    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": NaN}\n'
-                                       '{"step": "x"}\n{"step": 2, "loss": null}\n')  # fmt: skip
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "split": "train", "loss": NaN}\n{"step": "x"}\n{"step": 2, "loss": null}\n'
+    )
     (run / "status.json").write_text('{"format": 1, "state": "finished", "step": 2}')
-    app.state.store.add_job(JobRow(id="ended", name="ended", config={}, run_dir=str(run),
-                                   state="succeeded", attempt=1, resume=False,
-                                   created=time.time()))  # fmt: skip
+    app.state.store.add_job(
+        JobRow(
+            id="ended",
+            name="ended",
+            config={},
+            run_dir=str(run),
+            state="succeeded",
+            attempt=1,
+            resume=False,
+            created=time.time(),
+        )
+    )
     return app
 
 
@@ -103,10 +133,16 @@ BODIES = st.one_of(
     _json_values.map(lambda v: json.dumps({"name": "n", "config": v}).encode()),
     _json_values.map(lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8")),
     st.dictionaries(st.text(), _json_values, max_size=5).map(
-        lambda v: json.dumps({"config": {"model": v, "data": v}, "dataset_path": str(v)}).encode()),
-)  # fmt: skip
-POSTS = ["/api/training/configs", "/api/training/configs/explain", "/api/training/jobs/start",
-         "/api/training/jobs/ended/stop", "/api/training/jobs/ended/resume"]  # fmt: skip
+        lambda v: json.dumps({"config": {"model": v, "data": v}, "dataset_path": str(v)}).encode()
+    ),
+)
+POSTS = [
+    "/api/training/configs",
+    "/api/training/configs/explain",
+    "/api/training/jobs/start",
+    "/api/training/jobs/ended/stop",
+    "/api/training/jobs/ended/resume",
+]
 
 
 @given(body=BODIES, route=st.sampled_from(POSTS), headers=HEADERS)

@@ -59,8 +59,18 @@ _WILD: list[Any] = [
     -0.0,
     1e-320,
 ]
-_SPACE_KEYS = ["optim.lr", "名前.キー", "", "optim", "optim.lr\nx", "a" * 5000, "train..batch",
-               "optim.lr ", "sweep.space", "__class__"]  # fmt: skip
+_SPACE_KEYS = [
+    "optim.lr",
+    "名前.キー",
+    "",
+    "optim",
+    "optim.lr\nx",
+    "a" * 5000,
+    "train..batch",
+    "optim.lr ",
+    "sweep.space",
+    "__class__",
+]
 
 
 def _base(tmp: Path, data: Path) -> dict[str, Any]:
@@ -187,8 +197,16 @@ def _case(rng: random.Random, tmp: Path, data: Path) -> tuple[str, bytes, list[s
         raw["sweep"] = rng.choice([[1, 2], "sweep", None, 3, {}, {"space": {}}])
         what = f"sweep: {raw['sweep']!r}"
     else:
-        key = rng.choice(["sweep.trials", "sweep.space.optim.lr.step", "sweep.seed",
-                          "sweep.timeout_s", "sweep.nope", "sweep.space.名前"])  # fmt: skip
+        key = rng.choice(
+            [
+                "sweep.trials",
+                "sweep.space.optim.lr.step",
+                "sweep.seed",
+                "sweep.timeout_s",
+                "sweep.nope",
+                "sweep.space.名前",
+            ]
+        )
         value = rng.choice(["-1", "nan", ".inf", "1e400", "[]", "{}", "x", "2", "名前"])
         overrides = [f"{key}={value}"]
         what = f"override {overrides[0]}"
@@ -264,8 +282,13 @@ def test_fuzzed_sweep_files_through_the_real_command_line(tmp_path: Path) -> Non
     for name, sweep in cases.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(json.dumps({**raw, "sweep": sweep}))
-        done = subprocess.run([sys.executable, "-m", "kiln.cli", "sweep", str(path)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "kiln.cli", "sweep", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 2, (name, done.stderr[-2000:])
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1, (name, lines)

@@ -35,16 +35,31 @@ def tok() -> Any:
 
 def _gpt2(tok: Any, positions: int = 64) -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=positions,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=positions,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
 def _t5(tok: Any) -> T5ForConditionalGeneration:
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2,
-                   decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
-                   eos_token_id=tok.eos_token_id)  # fmt: skip
+    cfg = T5Config(
+        vocab_size=len(tok),
+        d_model=16,
+        d_ff=32,
+        d_kv=8,
+        num_layers=2,
+        num_heads=2,
+        decoder_start_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return T5ForConditionalGeneration(cfg).eval()
 
 
@@ -256,11 +271,21 @@ def test_seq2seq_sources_end_with_eos_and_pad_on_the_right(tok: Any) -> None:
 
 def test_seq2seq_source_is_cut_to_the_encoder_limit(tok: Any) -> None:
     torch.manual_seed(0)
-    cfg = BartConfig(vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1,
-                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                     decoder_ffn_dim=32, max_position_embeddings=16, pad_token_id=tok.pad_token_id,
-                     eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
-                     decoder_start_token_id=tok.eos_token_id)  # fmt: skip
+    cfg = BartConfig(
+        vocab_size=len(tok),
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=16,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.eos_token_id,
+    )
     model = BartForConditionalGeneration(cfg).eval()
     long = " ".join(r["title"] for r in make_rows(10))
     spy = _Spy(model)

@@ -245,8 +245,10 @@ def test_wandb_offline_run_is_created_and_resumed_under_the_same_id(
         assert sorted({h["_step"] for h in history}) == steps, part
         # metrics.jsonl keeps part one's records up to the checkpoint (5), then part two's.
         for h in (h for h in history if part == 1 or h["_step"] <= 5):
-            want = {**metric_items(_record(records, h["_step"], "train")),
-                    **metric_items(_record(records, h["_step"], "val"))}  # fmt: skip
+            want = {
+                **metric_items(_record(records, h["_step"], "train")),
+                **metric_items(_record(records, h["_step"], "val")),
+            }
             got = {k: v for k, v in h.items() if not k.startswith("_")}
             assert got == pytest.approx(want, rel=1e-6)
         config_json = [r for r in recs if r.WhichOneof("record_type") == "config"]

@@ -65,12 +65,26 @@ def test_report_of_an_unfinished_run(tmp_path: Path, recipe_files) -> None:
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(dump_yaml(cfg))
     lines = [
-        {"step": 5, "split": "train", "loss": 4.0, "lr": 1e-3, "tokens": 640, "elapsed_s": 2.0,
-         "tokens_per_s": 320.0},
+        {
+            "step": 5,
+            "split": "train",
+            "loss": 4.0,
+            "lr": 1e-3,
+            "tokens": 640,
+            "elapsed_s": 2.0,
+            "tokens_per_s": 320.0,
+        },
         {"step": 5, "split": "val", "val_loss": 3.5, "val_ppl": 33.1, "loss": 3.5},
-        {"step": 10, "split": "train", "loss": 3.0, "lr": 1e-3, "tokens": 1280, "elapsed_s": 75.5,
-         "tokens_per_s": 300.0},
-    ]  # fmt: skip
+        {
+            "step": 10,
+            "split": "train",
+            "loss": 3.0,
+            "lr": 1e-3,
+            "tokens": 1280,
+            "elapsed_s": 75.5,
+            "tokens_per_s": 300.0,
+        },
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     report = load_report(run)
     rows = dict(report.rows)
@@ -105,14 +119,35 @@ def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_best_metrics_direction() -> None:
     rows = [
-        {"step": 1, "split": "val", "val_loss": 2.0, "val_ppl": 7.4, "val_accuracy": 0.3,
-         "val_bleu": 10.0, "val_wer": 0.5},
-        {"step": 2, "split": "val", "val_loss": 1.5, "val_ppl": 4.5, "val_accuracy": 0.5,
-         "val_bleu": 12.0, "val_wer": 0.6},
-        {"step": 3, "split": "val", "val_loss": 1.7, "val_ppl": 5.5, "val_accuracy": 0.4,
-         "val_bleu": 11.0, "val_wer": 0.4},
+        {
+            "step": 1,
+            "split": "val",
+            "val_loss": 2.0,
+            "val_ppl": 7.4,
+            "val_accuracy": 0.3,
+            "val_bleu": 10.0,
+            "val_wer": 0.5,
+        },
+        {
+            "step": 2,
+            "split": "val",
+            "val_loss": 1.5,
+            "val_ppl": 4.5,
+            "val_accuracy": 0.5,
+            "val_bleu": 12.0,
+            "val_wer": 0.6,
+        },
+        {
+            "step": 3,
+            "split": "val",
+            "val_loss": 1.7,
+            "val_ppl": 5.5,
+            "val_accuracy": 0.4,
+            "val_bleu": 11.0,
+            "val_wer": 0.4,
+        },
         {"step": 3, "split": "train", "loss": 0.1},
-    ]  # fmt: skip
+    ]
     assert best_metrics(rows) == {
         "val_loss": (1.5, 2),
         "val_ppl": (4.5, 2),
@@ -126,9 +161,12 @@ def test_report_includes_kiln_eval_results(
     tmp_path: Path, recipe_files, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = tiny_config(
-        tmp_path, *recipe_files, train={"max_steps": 4}, checkpoint={"every_steps": 4},
+        tmp_path,
+        *recipe_files,
+        train={"max_steps": 4},
+        checkpoint={"every_steps": 4},
         log={"plots": False},
-    )  # fmt: skip
+    )
     Trainer(cfg).fit()
     run, (_, val) = cfg.run_dir, recipe_files
     assert main(["report", str(run)]) == 0
@@ -136,8 +174,19 @@ def test_report_includes_kiln_eval_results(
     (run / "eval").mkdir(exist_ok=True)
     (run / "eval" / "notes.json").write_text('["not a report"]')  # the user's own file
     assert main(["eval", str(run), "--data", str(val)]) == 0
-    assert main(["eval", str(run / "checkpoints" / "step-4"), "--data", str(val),
-                 "--out", str(run / "eval" / "ckpt.json")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                str(run / "checkpoints" / "step-4"),
+                "--data",
+                str(val),
+                "--out",
+                str(run / "eval" / "ckpt.json"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     final = json.loads((run / "eval" / "val.json").read_text())
     ckpt = json.loads((run / "eval" / "ckpt.json").read_text())

@@ -121,9 +121,14 @@ def test_memory_stats_report_peak_and_rss() -> None:
 @pytest.mark.parametrize("scheduler", ["cosine", "linear", "cosine_restarts", "constant"])
 def test_lr_scheduler_follows_kilns_schedule(scheduler: str) -> None:
     cfg = RunConfig(
-        optim={"lr": 1e-3, "scheduler": scheduler, "warmup_ratio": 0.1, "min_lr_ratio": 0.1,
-               "num_cycles": 2}
-    )  # fmt: skip
+        optim={
+            "lr": 1e-3,
+            "scheduler": scheduler,
+            "warmup_ratio": 0.1,
+            "min_lr_ratio": 0.1,
+            "num_cycles": 2,
+        }
+    )
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
     sched = kiln.lr_scheduler(optimizer, cfg, total_steps=40)

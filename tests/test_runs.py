@@ -36,12 +36,25 @@ ROOT = Path(__file__).resolve().parents[1]
 def status(run: Path, **fields: object) -> dict[str, object]:
     """Write a format-1 status.json (a running run of this process unless `fields` say else)."""
     data = {
-        "format": 1, "state": "running", "pid": os.getpid(), "host": socket.gethostname(),
-        "kiln_version": "0.1.0", "run_dir": str(run), "started_at": time.time() - 5,
-        "heartbeat": time.time(), "step": 3, "total_steps": 10, "epoch": 0, "tokens": 384,
-        "train": {"step": 3, "loss": 4.2}, "val": {}, "eta_s": 12.0, "stop": None,
-        "exit_code": None, "error": None,
-    }  # fmt: skip
+        "format": 1,
+        "state": "running",
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "kiln_version": "0.1.0",
+        "run_dir": str(run),
+        "started_at": time.time() - 5,
+        "heartbeat": time.time(),
+        "step": 3,
+        "total_steps": 10,
+        "epoch": 0,
+        "tokens": 384,
+        "train": {"step": 3, "loss": 4.2},
+        "val": {},
+        "eta_s": 12.0,
+        "stop": None,
+        "exit_code": None,
+        "error": None,
+    }
     data.update(fields)
     run.mkdir(parents=True, exist_ok=True)
     RunPaths(run).status.write_text(json.dumps(data))
@@ -74,11 +87,19 @@ def test_layout(tmp_path: Path) -> None:
     run = RunPaths(tmp_path / "r")
     assert run.root == tmp_path / "r"
     names = {
-        "config": "config.yaml", "metrics": "metrics.jsonl", "status": "status.json",
-        "summary": "summary.json", "data_stats": "data_stats.json",
-        "anomalies": "anomalies.jsonl", "report": "report.md", "checkpoints": "checkpoints",
-        "final": "final", "plots": "plots", "samples": "samples", "eval": "eval",
-    }  # fmt: skip
+        "config": "config.yaml",
+        "metrics": "metrics.jsonl",
+        "status": "status.json",
+        "summary": "summary.json",
+        "data_stats": "data_stats.json",
+        "anomalies": "anomalies.jsonl",
+        "report": "report.md",
+        "checkpoints": "checkpoints",
+        "final": "final",
+        "plots": "plots",
+        "samples": "samples",
+        "eval": "eval",
+    }
     for attr, name in names.items():
         assert getattr(run, attr) == tmp_path / "r" / name
     assert run.checkpoint(12) == tmp_path / "r" / "checkpoints" / "step-12"

@@ -61,8 +61,9 @@ def test_jobs_start_queue_stop_resume_and_finish_as_an_uninterrupted_run(
     assert listed
     assert listed[-1]["id"] == f"{paused['id']}.step-{step}"
     with tarfile.open(fileobj=io.BytesIO(api.download(listed[-1]["id"]))) as archive:
-        files = {m.name.split("/", 1)[1]: archive.extractfile(m).read()
-                 for m in archive if m.isfile()}  # fmt: skip
+        files = {
+            m.name.split("/", 1)[1]: archive.extractfile(m).read() for m in archive if m.isfile()
+        }
     manifest = json.loads(files["manifest.json"])
     assert hashlib.sha256(files["manifest.json"]).hexdigest() == listed[-1]["manifest_sha256"]
     for name, meta in manifest["files"].items():  # CRC-32 of each piece, as resume checks
@@ -70,8 +71,10 @@ def test_jobs_start_queue_stop_resume_and_finish_as_an_uninterrupted_run(
         assert len(data) == meta["size"]
         crcs = [f"{zlib.crc32(data[i : i + piece]):08x}" for i in range(0, len(data), piece)]
         assert crcs == meta["crc32"], name
-    ranged = api.http.get(f"/api/training/checkpoints/{listed[-1]['id']}/files/model.safetensors",
-                          headers={"Range": "bytes=10-99"})  # fmt: skip
+    ranged = api.http.get(
+        f"/api/training/checkpoints/{listed[-1]['id']}/files/model.safetensors",
+        headers={"Range": "bytes=10-99"},
+    )
     assert ranged.status_code == 206
     assert ranged.content == files["model.safetensors"][10:100]
 
@@ -93,8 +96,11 @@ def test_jobs_start_queue_stop_resume_and_finish_as_an_uninterrupted_run(
 
     # The stream: every train step once, then the end; resumable after an event id.
     events = list(api.events(reference["id"]))
-    steps = [e["data"]["step"] for e in events if e["event"] == "metrics" and
-             e["data"]["split"] == "train"]  # fmt: skip
+    steps = [
+        e["data"]["step"]
+        for e in events
+        if e["event"] == "metrics" and e["data"]["split"] == "train"
+    ]
     assert steps == list(range(1, 17))
     assert events[-1] == {"event": "end", "data": {"state": "succeeded"}}
     later = list(api.events(reference["id"], last_event_id=12))
@@ -164,8 +170,18 @@ def test_the_store_keeps_configs_and_jobs(database_url: str) -> None:
     assert store.delete_config(a.id) is True
     assert store.delete_config(a.id) is False
     assert store.config(a.id) is None
-    job = store.add_job(JobRow(id=f"j{url[:6]}", name="j", config={}, run_dir="/r", state="queued",
-                               attempt=0, resume=False, created=time.time()))  # fmt: skip
+    job = store.add_job(
+        JobRow(
+            id=f"j{url[:6]}",
+            name="j",
+            config={},
+            run_dir="/r",
+            state="queued",
+            attempt=0,
+            resume=False,
+            created=time.time(),
+        )
+    )
     store.update_job(job.id, state="running", pid=123, pid_start="42")
     assert [j.id for j in store.jobs(("running",))] == [job.id]
     assert store.job(job.id).to_dict()["pid"] == 123
@@ -186,9 +202,12 @@ def test_a_database_of_the_first_schema_is_migrated_with_its_jobs(tmp_path: Path
     with create_engine(url).begin() as connection:  # a server of revision 0001 made it
         config.attributes["connection"] = connection
         command.upgrade(config, "0001")
-        connection.execute(text(
-            "INSERT INTO jobs (id, name, config, run_dir, state, attempt, resume, pid, created)"
-            " VALUES ('old', 'old', '{}', '/r', 'running', 1, 0, 77, 1.0)"))  # fmt: skip
+        connection.execute(
+            text(
+                "INSERT INTO jobs (id, name, config, run_dir, state, attempt, resume, pid, created)"
+                " VALUES ('old', 'old', '{}', '/r', 'running', 1, 0, 77, 1.0)"
+            )
+        )
     store = Store(url)
     assert store.migrate() == "0002"
     old = store.job("old")
@@ -206,8 +225,9 @@ def test_tokens_have_scopes_and_reindex_finds_jobs(tmp_path: Path) -> None:
     (runs / "abc123.yaml").write_text("name: found\noutput_dir: x\n")
     status = {"format": 1, "state": "finished", "exit_code": 0, "step": 7, "started_at": 1.0}
     (runs / "abc123" / "status.json").write_text(json.dumps(status))
-    app = create_app(Settings(tmp_path / "state", token="w", read_token="r",
-                              allow_read=(tmp_path,)))  # fmt: skip
+    app = create_app(
+        Settings(tmp_path / "state", token="w", read_token="r", allow_read=(tmp_path,))
+    )
     assert reindex(app.state.store, runs) == ["abc123"]
     assert reindex(app.state.store, runs) == []  # known now
     http = TestClient(app)
@@ -264,10 +284,17 @@ def test_the_dashboard_shows_a_finished_jobs_curve(tmp_path: Path) -> None:
         job = api.start(config=raw)
         assert api.wait(job["id"], "succeeded", "failed")["state"] == "succeeded"
         page = f"{srv.url}/#job/{job['id']}"
-        base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900",
-                "--virtual-time-budget=8000"]  # fmt: skip
-        dom = subprocess.run([*base, "--dump-dom", page], capture_output=True, text=True,
-                             timeout=120).stdout  # fmt: skip
+        base = [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1200,900",
+            "--virtual-time-budget=8000",
+        ]
+        dom = subprocess.run(
+            [*base, "--dump-dom", page], capture_output=True, text=True, timeout=120
+        ).stdout
         assert '<span id="state" class="state succeeded">succeeded</span>' in dom
         assert 'class="series" data-name="train"' in dom  # the loss curve was drawn
         assert 'class="series" data-name="val"' in dom
@@ -292,22 +319,38 @@ def test_the_history_of_a_10000_step_run_keeps_its_extremes_in_100_points(tmp_pa
     run = tmp_path / "state" / "runs" / "long"
     run.mkdir(parents=True)
     rng = random.Random(0)
-    train = [{"split": "train", "step": s, "lr": 1e-3,
-              "loss": 3 * math.exp(-s / 3000) + rng.uniform(0, 0.05)}
-             for s in range(1, 10_001)]  # fmt: skip
+    train = [
+        {
+            "split": "train",
+            "step": s,
+            "lr": 1e-3,
+            "loss": 3 * math.exp(-s / 3000) + rng.uniform(0, 0.05),
+        }
+        for s in range(1, 10_001)
+    ]
     train[6788]["loss"], train[1233]["loss"] = 40.0, 1e-3  # a spike and a dip, one step each
     val = [{"split": "val", "step": s, "val_loss": 2.0} for s in range(500, 10_001, 500)]
     rows = sorted(train + val, key=lambda r: (r["step"], r["split"] == "val"))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     app = create_app(Settings(tmp_path / "state", dry_run=True))
-    app.state.store.add_job(JobRow(id="long", name="long", config={}, run_dir=str(run),
-                                   state="succeeded", attempt=1, resume=False,
-                                   created=time.time()))  # fmt: skip
+    app.state.store.add_job(
+        JobRow(
+            id="long",
+            name="long",
+            config={},
+            run_dir=str(run),
+            state="succeeded",
+            attempt=1,
+            resume=False,
+            created=time.time(),
+        )
+    )
     url = "/api/training/jobs/long/metrics/history"
     with TestClient(app) as http:
         whole = http.get(url, params={"max_points": 100}).json()
-        window = http.get(url, params={"since_step": 5000, "until_step": 5999,
-                                       "max_points": 10}).json()  # fmt: skip
+        window = http.get(
+            url, params={"since_step": 5000, "until_step": 5999, "max_points": 10}
+        ).json()
     points = whole["train"]
     assert 50 <= len(points) <= 100
     assert [r["step"] for r in points] == sorted({r["step"] for r in points})
@@ -318,8 +361,10 @@ def test_the_history_of_a_10000_step_run_keeps_its_extremes_in_100_points(tmp_pa
     assert len(window["train"]) <= 10
     assert all(5000 <= r["step"] <= 5999 for r in window["train"])
     kept = {r["step"] for r in window["train"]}
-    assert {min(inside, key=lambda r: r["loss"])["step"],
-            max(inside, key=lambda r: r["loss"])["step"]} <= kept  # fmt: skip
+    assert {
+        min(inside, key=lambda r: r["loss"])["step"],
+        max(inside, key=lambda r: r["loss"])["step"],
+    } <= kept
 
 
 def test_an_executor_cut_off_from_its_jobs_says_so_once_and_keeps_them(
@@ -340,8 +385,16 @@ def test_an_executor_cut_off_from_its_jobs_says_so_once_and_keeps_them(
             return False, None
 
     store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
-    job = JobRow(id="j", name="j", config={}, run_dir=str(tmp_path / "j"), state="running",
-                 attempt=1, resume=False, created=time.time())  # fmt: skip
+    job = JobRow(
+        id="j",
+        name="j",
+        config={},
+        run_dir=str(tmp_path / "j"),
+        state="running",
+        attempt=1,
+        resume=False,
+        created=time.time(),
+    )
     store.add_job(job)
     executor = Away(store)
     loop = threading.Thread(target=executor._loop, args=(0.01,))
@@ -353,8 +406,10 @@ def test_an_executor_cut_off_from_its_jobs_says_so_once_and_keeps_them(
         executor.close()
         loop.join()
     said = [r.getMessage() for r in caplog.records if r.name == "kiln"]
-    assert said == ["serve: following the jobs failed; trying again",
-                    "serve: following the jobs again"]  # fmt: skip
+    assert said == [
+        "serve: following the jobs failed; trying again",
+        "serve: following the jobs again",
+    ]
     assert store.job("j").state == "running"
 
 
@@ -362,8 +417,20 @@ def test_a_second_server_on_the_same_database_is_refused(tmp_path: Path, databas
     """Two servers on one database would both start its queued jobs: the second exits 2."""
     first = Server(tmp_path / "state", "--db", database_url)
     try:
-        cmd = [sys.executable, "-m", "kiln", "serve", "--port", "0", "--state-dir",
-               str(tmp_path / "other"), "--db", database_url, "--token", TOKEN]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "kiln",
+            "serve",
+            "--port",
+            "0",
+            "--state-dir",
+            str(tmp_path / "other"),
+            "--db",
+            database_url,
+            "--token",
+            TOKEN,
+        ]
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr
         lines = second.stderr.strip().splitlines()
@@ -389,8 +456,15 @@ def test_reindex_takes_no_pid_from_another_machine(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     (runs / "def456").mkdir(parents=True)
     (runs / "def456.yaml").write_text("name: elsewhere\n")
-    there = {"format": 1, "state": "running", "pid": os.getpid(), "host": "another-machine",
-             "heartbeat": time.time(), "step": 3, "started_at": 2.0}  # fmt: skip
+    there = {
+        "format": 1,
+        "state": "running",
+        "pid": os.getpid(),
+        "host": "another-machine",
+        "heartbeat": time.time(),
+        "step": 3,
+        "started_at": 2.0,
+    }
     (runs / "def456" / "status.json").write_text(json.dumps(there))
     store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
     assert reindex(store, runs) == ["def456"]

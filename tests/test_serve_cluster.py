@@ -62,8 +62,9 @@ def test_a_job_runs_on_two_ranks_stops_and_resumes(tmp_path: Path) -> None:
         api.resume(job["id"])
         done = api.wait(job["id"], "succeeded", "failed", timeout_s=300)
         assert (done["state"], done["attempt"]) == ("succeeded", 2), api.logs(job["id"])
-        rows = [json.loads(x) for x in
-                Path(done["run_dir"], "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+        rows = [
+            json.loads(x) for x in Path(done["run_dir"], "metrics.jsonl").read_text().splitlines()
+        ]
         assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 31))
         log = api.logs(job["id"])
         assert "--nproc 2" in log.split("--- attempt 2:")[1].splitlines()[0]
@@ -82,12 +83,33 @@ def ray_head() -> Any:
     dashboard = free_port()
     # Ray turns 127.0.0.1 into the machine's outward address unless told it is one machine
     # (ray_constants.ENABLE_RAY_CLUSTER): so every part of it listens on loopback only.
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1",
-           "RAY_USAGE_STATS_ENABLED": "0", "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
-    cmd = [str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
-           str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-           str(dashboard), "--num-cpus", "2", "--object-store-memory", str(100 * 2**20),
-           "--temp-dir", str(temp), "--disable-usage-stats"]  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "OMP_NUM_THREADS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+    cmd = [
+        str(ray),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--num-cpus",
+        "2",
+        "--object-store-memory",
+        str(100 * 2**20),
+        "--temp-dir",
+        str(temp),
+        "--disable-usage-stats",
+    ]
     started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     try:
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
@@ -106,8 +128,9 @@ def test_the_ray_executor_runs_stops_and_resumes_jobs_on_a_local_head(
     raw["train"]["max_steps"] = 40
     for split in ("train", "val"):  # relative paths are taken from the state dir (serve.md)
         raw["data"][split] = os.path.relpath(raw["data"][split], tmp_path / "state")
-    server = Server(tmp_path / "state", "--executor", "ray", "--ray-address", ray_head,
-                    "--max-concurrent", "2")  # fmt: skip
+    server = Server(
+        tmp_path / "state", "--executor", "ray", "--ray-address", ray_head, "--max-concurrent", "2"
+    )
     try:
         api = Client(server.url, token=TOKEN)
         job = api.start(config=raw)
@@ -123,8 +146,16 @@ def test_the_ray_executor_runs_stops_and_resumes_jobs_on_a_local_head(
         assert paused["step"] < 40
 
         # A lost database: a server on a new one, --reindex, finds the Ray job still running.
-        other = Server(tmp_path / "state", "--executor", "ray", "--ray-address", ray_head,
-                       "--db", f"sqlite:///{tmp_path / 'new.db'}", "--reindex")  # fmt: skip
+        other = Server(
+            tmp_path / "state",
+            "--executor",
+            "ray",
+            "--ray-address",
+            ray_head,
+            "--db",
+            f"sqlite:///{tmp_path / 'new.db'}",
+            "--reindex",
+        )
         try:
             found = {j["id"]: j for j in Client(other.url, token=TOKEN).jobs()}
         finally:
@@ -161,15 +192,19 @@ NOBODY = f"http://127.0.0.1:{free_port()}"
 @pytest.mark.parametrize(
     ("flags", "said"),
     [
-        (["--executor", "ray", "--ray-address", NOBODY],
-         f"--ray-address {NOBODY}: no Ray Jobs API answers (Failed to connect to Ray at "
-         f"address: {NOBODY}.)"),
-        (["--executor", "ray"],
-         "--executor ray: give --ray-address http://HEAD:8265 (or $RAY_API_SERVER_ADDRESS)"),
+        (
+            ["--executor", "ray", "--ray-address", NOBODY],
+            f"--ray-address {NOBODY}: no Ray Jobs API answers (Failed to connect to Ray at "
+            f"address: {NOBODY}.)",
+        ),
+        (
+            ["--executor", "ray"],
+            "--executor ray: give --ray-address http://HEAD:8265 (or $RAY_API_SERVER_ADDRESS)",
+        ),
         (["--ray-address", NOBODY], "--ray-address/--gpus-per-rank: only with --executor ray"),
         (["--executor", "ray", "--gpus-per-rank", "-1"], "--gpus-per-rank: at least 0, got -1.0"),
     ],
-)  # fmt: skip
+)
 def test_executor_flags_that_cannot_work_are_one_line(
     tmp_path: Path, flags: list[str], said: str
 ) -> None:

@@ -34,9 +34,18 @@ def _app(state: Path, **settings: Any) -> Any:
 
 def _job(app: Any, run_dir: Path, state: str = "succeeded", job_id: str = "j") -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
-    app.state.store.add_job(JobRow(id=job_id, name=job_id, config={}, run_dir=str(run_dir),
-                                   state=state, attempt=1, resume=False,
-                                   created=time.time()))  # fmt: skip
+    app.state.store.add_job(
+        JobRow(
+            id=job_id,
+            name=job_id,
+            config={},
+            run_dir=str(run_dir),
+            state=state,
+            attempt=1,
+            resume=False,
+            created=time.time(),
+        )
+    )
     return job_id
 
 
@@ -59,8 +68,9 @@ def test_item08_last_event_id_not_an_integer_is_400(tmp_path: Path, given: str) 
     app = _app(tmp_path / "state")
     job = _job(app, tmp_path / "state" / "runs" / "j")
     with TestClient(app) as http:
-        answer = http.get(f"/api/training/jobs/{job}/events",
-                          headers={"Last-Event-ID": given.encode()})  # fmt: skip
+        answer = http.get(
+            f"/api/training/jobs/{job}/events", headers={"Last-Event-ID": given.encode()}
+        )
         assert answer.status_code == 400, answer.text
         assert answer.json()["detail"].startswith("Last-Event-ID: expected a step number")
         fine = http.get(f"/api/training/jobs/{job}/events", headers={"Last-Event-ID": " 3 "})
@@ -86,8 +96,11 @@ def test_item09_a_body_over_the_limit_is_413_declared_or_chunked(tmp_path: Path)
     huge = b'{"config": {"name": "' + b"x" * MAX_BODY + b'"}}'
     with TestClient(_app(tmp_path / "state")) as http:
         declared = http.post(START, content=huge, headers={"content-type": "application/json"})
-        chunked = http.post(START, content=iter([huge[:1000], huge[1000:]]),
-                            headers={"content-type": "application/json"})  # fmt: skip
+        chunked = http.post(
+            START,
+            content=iter([huge[:1000], huge[1000:]]),
+            headers={"content-type": "application/json"},
+        )
         bad_length = http.post(START, content=b"{}", headers={"content-length": "x1"})
     for answer in (declared, chunked):
         assert answer.status_code == 413, answer.text
@@ -102,11 +115,16 @@ def test_item10_bad_steps_and_null_or_nan_values_are_skipped_or_null(tmp_path: P
     app = _app(tmp_path / "state")
     run = tmp_path / "state" / "runs" / "j"
     job = _job(app, run)
-    lines = ['{"step": null, "split": "train", "loss": 1}', '{"step": "x", "split": "train"}',
-             '{"step": true, "split": "train"}', '{"step": 1.5, "split": "train"}', "[1]",
-             '{"step": 1, "split": "train", "loss": null}',
-             '{"step": 2, "split": "train", "loss": NaN, "lr": Infinity}',
-             '{"step": 3, "split": "train", "loss": 0.5}']  # fmt: skip
+    lines = [
+        '{"step": null, "split": "train", "loss": 1}',
+        '{"step": "x", "split": "train"}',
+        '{"step": true, "split": "train"}',
+        '{"step": 1.5, "split": "train"}',
+        "[1]",
+        '{"step": 1, "split": "train", "loss": null}',
+        '{"step": 2, "split": "train", "loss": NaN, "lr": Infinity}',
+        '{"step": 3, "split": "train", "loss": 0.5}',
+    ]
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (run / "status.json").write_text('{"format": 1, "state": "finished", "eta_s": NaN, "step": 3}')
     with TestClient(app) as http:
@@ -116,8 +134,11 @@ def test_item10_bad_steps_and_null_or_nan_values_are_skipped_or_null(tmp_path: P
         status = http.get(f"/api/training/jobs/{job}/status")
         events = http.get(f"/api/training/jobs/{job}/events")
     assert history.status_code == 200, history.text
-    assert [(r["step"], r["loss"]) for r in whole.json()["train"]] == [(1, None), (2, None),
-                                                                        (3, 0.5)]  # fmt: skip
+    assert [(r["step"], r["loss"]) for r in whole.json()["train"]] == [
+        (1, None),
+        (2, None),
+        (3, 0.5),
+    ]
     assert [r["step"] for r in history.json()["train"]] == [3]  # the one finite loss
     assert latest.json()["train"] == {"step": 3, "split": "train", "loss": 0.5}
     assert status.status_code == 200
@@ -152,19 +173,39 @@ def test_item11_unusable_server_arguments_are_one_line_exit_2(
     taken.listen(1)
     cases = {
         "is a file, not a directory": ["--state-dir", str(a_file)],
-        "--db nosuchdb://x/y: cannot open the database": ["--state-dir", str(tmp_path / "s1"),
-                                                          "--db", "nosuchdb://x/y"],
-        "cannot open the database": ["--state-dir", str(tmp_path / "s2"), "--db",
-                                     f"postgresql+psycopg://kiln:pw@127.0.0.1:{closed}/x"],
-        "its database driver is not installed": ["--state-dir", str(tmp_path / "s3"), "--db",
-                                                 "mysql://kiln@127.0.0.1/x"],
+        "--db nosuchdb://x/y: cannot open the database": [
+            "--state-dir",
+            str(tmp_path / "s1"),
+            "--db",
+            "nosuchdb://x/y",
+        ],
+        "cannot open the database": [
+            "--state-dir",
+            str(tmp_path / "s2"),
+            "--db",
+            f"postgresql+psycopg://kiln:pw@127.0.0.1:{closed}/x",
+        ],
+        "its database driver is not installed": [
+            "--state-dir",
+            str(tmp_path / "s3"),
+            "--db",
+            "mysql://kiln@127.0.0.1/x",
+        ],
         f"--state-dir {locked}: cannot open the database": ["--state-dir", str(locked)],
         "--port: 0 to 65535, got 70000": ["--state-dir", str(tmp_path / "s4"), "--port", "70000"],
-        "in use by another process": ["--state-dir", str(tmp_path / "s5"), "--port",
-                                      str(taken.getsockname()[1])],
-        "--allow-read /no/such/dir: no such directory": ["--state-dir", str(tmp_path / "s6"),
-                                                         "--allow-read", "/no/such/dir"],
-    }  # fmt: skip
+        "in use by another process": [
+            "--state-dir",
+            str(tmp_path / "s5"),
+            "--port",
+            str(taken.getsockname()[1]),
+        ],
+        "--allow-read /no/such/dir: no such directory": [
+            "--state-dir",
+            str(tmp_path / "s6"),
+            "--allow-read",
+            "/no/such/dir",
+        ],
+    }
     try:
         for expected, args in cases.items():
             code, err = _serve(capsys, *args)
@@ -192,9 +233,18 @@ def test_item12_a_job_killed_by_a_signal_the_server_did_not_send_is_lost(tmp_pat
 
     store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
     for job_id in ("killed", "stopped"):
-        store.add_job(JobRow(id=job_id, name=job_id, config={}, state="queued", attempt=0,
-                             run_dir=str(tmp_path / "runs" / job_id), resume=False,
-                             created=time.time()))  # fmt: skip
+        store.add_job(
+            JobRow(
+                id=job_id,
+                name=job_id,
+                config={},
+                state="queued",
+                attempt=0,
+                run_dir=str(tmp_path / "runs" / job_id),
+                resume=False,
+                created=time.time(),
+            )
+        )
     executor = Sleeper(store, max_concurrent=2, grace_s=0)
     executor.tick()  # both start
     killed, stopped = store.job("killed"), store.job("stopped")
@@ -284,13 +334,19 @@ def _escapes(state: Path, outside: Path, key: str) -> dict[str, str]:
         base.mkdir(parents=True, exist_ok=True)
         link.symlink_to(outside, target_is_directory=True)
     relative = key in READ_KEYS or key == "data.cache_dir"
-    return {"absolute": str(outside / name), "dotdot": "../" * 4 + f"outside/{name}",
-            "symlink": f"link/{name}" if relative else str(link / name),
-            "home": f"~/{name}"}  # fmt: skip
+    return {
+        "absolute": str(outside / name),
+        "dotdot": "../" * 4 + f"outside/{name}",
+        "symlink": f"link/{name}" if relative else str(link / name),
+        "home": f"~/{name}",
+    }
 
 
-WRITE_KEYS = {"data.cache_dir": "cache", "log.tensorboard.log_dir": "tb",
-              "log.mlflow.tracking_uri": "mlflow.db"}  # fmt: skip
+WRITE_KEYS = {
+    "data.cache_dir": "cache",
+    "log.tensorboard.log_dir": "tb",
+    "log.mlflow.tracking_uri": "mlflow.db",
+}
 READ_KEYS = ("data.train", "data.val", "model.name_or_path", "tokenizer.name_or_path")
 
 

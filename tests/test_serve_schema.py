@@ -30,13 +30,16 @@ def test_every_route_answers_within_its_schema(tmp_path: Path) -> None:
         checked.append(operation.label)
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=15, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def check(case: object) -> None:
             # A schema-valid config may still break a rule across keys (warmup >= max_steps,
             # a data file that is not there): its 422 is right, so that check is left out.
-            case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"},
-                                   excluded_checks=[positive_data_acceptance])  # fmt: skip
+            case.call_and_validate(
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                excluded_checks=[positive_data_acceptance],
+            )
 
         check()
     assert len(checked) >= 17, checked  # every route of the contract, and the extras

@@ -63,8 +63,11 @@ def _final_val(run_dir: Path) -> float:
 def tpe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("tpe")
     space = {"optim.lr": {"low": 1e-3, "high": 1e-2, "log": True}, "train.batch_size": [2, 4]}
-    path = _sweep_file(tmp, "tpe", {"method": "tpe", "trials": 6, "workers": 2, "space": space,
-                                    "pruner": {"type": "none"}})  # fmt: skip
+    path = _sweep_file(
+        tmp,
+        "tpe",
+        {"method": "tpe", "trials": 6, "workers": 2, "space": space, "pruner": {"type": "none"}},
+    )
     done = _kiln("sweep", str(path))
     assert done.returncode == 0, done.stderr[-3000:]
     return path, tmp / "tpe"
@@ -80,10 +83,15 @@ def test_trials_are_runs_of_the_base_config_plus_their_values(tpe) -> None:
         run = Path(row["run_dir"])
         assert run == sweep_dir / "trials" / f"{int(row['number']):04d}"
         lr, batch = float(row["params.optim.lr"]), int(row["params.train.batch_size"])
-        want = load_config(data=base, overrides=[
-            f"optim.lr={lr!r}", f"train.batch_size={batch}", f"output_dir={run}",
-            f"name=tpe-{int(row['number']):04d}",
-        ])  # fmt: skip
+        want = load_config(
+            data=base,
+            overrides=[
+                f"optim.lr={lr!r}",
+                f"train.batch_size={batch}",
+                f"output_dir={run}",
+                f"name=tpe-{int(row['number']):04d}",
+            ],
+        )
         got = load_config(run / "config.yaml")
         assert got == want
         assert float(row["value"]) == min(
@@ -94,9 +102,12 @@ def test_trials_are_runs_of_the_base_config_plus_their_values(tpe) -> None:
     report = (sweep_dir / "report.md").read_text()
     assert "| trial | state | val_loss |" in report
     # The plots, drawn by Optuna when the sweep ended: each a real PNG, linked from report.md.
-    for name, title in [("history", "Optimization history"), ("parallel", "Parallel coordinates"),
-                        ("importance", "Parameter importance"),
-                        ("intermediate", "Validations per trial")]:  # fmt: skip
+    for name, title in [
+        ("history", "Optimization history"),
+        ("parallel", "Parallel coordinates"),
+        ("importance", "Parameter importance"),
+        ("intermediate", "Validations per trial"),
+    ]:
         assert f"## {title}\n\n![{title}](plots/{name}.png)" in report
         png = (sweep_dir / "plots" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG")
@@ -116,12 +127,15 @@ def test_best_yaml_reproduces_the_best_trial_exactly(tpe) -> None:
 
 def test_grid_runs_each_point_once_and_fails_or_prunes_bad_ones(tmp_path: Path) -> None:
     space = {"optim.lr": [1e6, 3e-3], "train.batch_size": [0, 4]}
-    path = _sweep_file(tmp_path, "grid", {"method": "grid", "trials": 10, "workers": 2,
-                                          "space": space})  # fmt: skip
+    path = _sweep_file(
+        tmp_path, "grid", {"method": "grid", "trials": 10, "workers": 2, "space": space}
+    )
     done = _kiln("sweep", str(path))
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {(float(r["params.optim.lr"]), int(r["params.train.batch_size"])): r
-            for r in _trials(tmp_path / "grid")}  # fmt: skip
+    rows = {
+        (float(r["params.optim.lr"]), int(r["params.train.batch_size"])): r
+        for r in _trials(tmp_path / "grid")
+    }
     assert len(rows) == 4  # every point once, though 10 trials were allowed
     for lr in (1e6, 3e-3):  # batch size 0: the one-line config error, not retried
         assert rows[lr, 0]["state"] == "fail"
@@ -156,13 +170,21 @@ def test_a_space_key_that_is_not_a_config_key_fails_before_any_trial(tmp_path: P
 
 def test_killed_sweep_resumes_its_interrupted_trial(tmp_path: Path) -> None:
     space = {"optim.lr": [2e-3, 4e-3]}
-    path = _sweep_file(tmp_path, "killed", {"method": "grid", "trials": 2, "workers": 1,
-                                            "space": space},
-                       train={"max_steps": 12, "num_threads": 1})  # fmt: skip
+    path = _sweep_file(
+        tmp_path,
+        "killed",
+        {"method": "grid", "trials": 2, "workers": 1, "space": space},
+        train={"max_steps": 12, "num_threads": 1},
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "sweep", str(path)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiln.cli", "sweep", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     first = tmp_path / "killed" / "trials" / "0000" / "checkpoints"
     deadline = time.monotonic() + 300
     while not (first / "step-4").is_dir() and time.monotonic() < deadline:
@@ -174,9 +196,13 @@ def test_killed_sweep_resumes_its_interrupted_trial(tmp_path: Path) -> None:
     clean = yaml.safe_load((tmp_path / "killed" / "trials" / "0000" / "config.yaml").read_text())
     clean["output_dir"] = str(tmp_path / "clean")
     (tmp_path / "clean.yaml").write_text(yaml.safe_dump(clean))
-    clean_run = subprocess.Popen([sys.executable, "-m", "kiln.cli", "-q", "train",
-                                  str(tmp_path / "clean.yaml")], cwd=ROOT, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    clean_run = subprocess.Popen(
+        [sys.executable, "-m", "kiln.cli", "-q", "train", str(tmp_path / "clean.yaml")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     done = _kiln("sweep", str(path), "sweep.workers=2")
     assert clean_run.wait(timeout=300) == 0, clean_run.stderr.read()[-3000:]
     assert done.returncode == 0, done.stderr[-3000:]
@@ -197,18 +223,36 @@ def test_two_controllers_on_a_fresh_database_run_every_trial_once(
     url = database_url
     storage = "postgresql" if url.startswith("postgresql") else "sqlite"
     trials = 3 if storage == "postgresql" else 2  # one per process
-    sweep = {"method": "random", "trials": trials, "workers": 1, "pruner": {"type": "none"},
-             "space": {"optim.lr": {"low": 1e-3, "high": 1e-2}}}  # fmt: skip
+    sweep = {
+        "method": "random",
+        "trials": trials,
+        "workers": 1,
+        "pruner": {"type": "none"},
+        "space": {"optim.lr": {"low": 1e-3, "high": 1e-2}},
+    }
     path = _sweep_file(tmp_path, "shared", sweep)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "kiln.cli", "sweep", str(path), "--storage", url]
     cmds = [cmd, cmd]
     if storage == "postgresql":  # the sweep, and two agents that join it by its study's name
-        agent = [sys.executable, "-m", "kiln.cli", "sweep", "agent", "--storage", url,
-                 "--study", "shared"]  # fmt: skip
+        agent = [
+            sys.executable,
+            "-m",
+            "kiln.cli",
+            "sweep",
+            "agent",
+            "--storage",
+            url,
+            "--study",
+            "shared",
+        ]
         cmds = [agent, cmd, agent]
-    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for c in cmds]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for c in cmds
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0] * len(cmds), [o[1][-2000:] for o in outs]
     rows = _trials(tmp_path / "shared")

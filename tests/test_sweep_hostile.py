@@ -78,8 +78,13 @@ def fake_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     def command(self: Controller, t: Any) -> list[str]:
         run_dir = self.sweep.trial_dir(t.number)
-        return [sys.executable, str(script), str(run_dir), json.dumps(t.params),
-                "--resume" if t.resume else "--start"]  # fmt: skip
+        return [
+            sys.executable,
+            str(script),
+            str(run_dir),
+            json.dumps(t.params),
+            "--resume" if t.resume else "--start",
+        ]
 
     monkeypatch.setattr(Controller, "_command", command)
     return script
@@ -110,18 +115,24 @@ def _trials(sweep_dir: Path) -> list[dict[str, str]]:
         ({"step": 0}, "sweep.space.optim.lr.step: must be > 0, got 0"),
         ({"step": "two"}, "sweep.space.optim.lr.step: must be a finite number > 0, got 'two'"),
         ({"step": float("nan")}, "sweep.space.optim.lr.step: must be a finite number > 0, got nan"),
-        ({"log": True, "step": 0.001},
-         "sweep.space.optim.lr.step: a log range cannot have a step (Optuna samples it "
-         "continuously)"),
+        (
+            {"log": True, "step": 0.001},
+            "sweep.space.optim.lr.step: a log range cannot have a step (Optuna samples it "
+            "continuously)",
+        ),
         ({"log": "yes"}, "sweep.space.optim.lr.log: expected true or false, got 'yes'"),
         ({"log": 1}, "sweep.space.optim.lr.log: expected true or false, got 1"),
-        ({"low": float("nan")},
-         "sweep.space.optim.lr.low: must be a finite number (an integer within 2**53), got nan"),
-        ({"high": float("inf")},
-         "sweep.space.optim.lr.high: must be a finite number (an integer within 2**53), got inf"),
+        (
+            {"low": float("nan")},
+            "sweep.space.optim.lr.low: must be a finite number (an integer within 2**53), got nan",
+        ),
+        (
+            {"high": float("inf")},
+            "sweep.space.optim.lr.high: must be a finite number (an integer within 2**53), got inf",
+        ),
         ({"step": 1.0}, "sweep.space.optim.lr.step: 1.0 is wider than the range 0.001 .. 0.01"),
     ],
-)  # fmt: skip
+)
 def test_item01_bad_range_is_one_line_exit_2_before_any_trial(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: dict[str, Any], line: str
 ) -> None:
@@ -136,21 +147,30 @@ def test_item01_integer_ranges_and_lists(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cases = {
-        "train.batch_size": ({"low": 2, "high": 8, "step": 0.5},
-                             "sweep.space.train.batch_size.step: must be an integer > 0, got 0.5"),
-        "optim.warmup_steps": ({"low": 0, "high": 10**30},
-                               "sweep.space.optim.warmup_steps.high: must be a finite number (an "
-                               "integer within 2**53), got 1" + "0" * 30),
-        "optim.weight_decay": ([0.1, [0.2]], "sweep.space.optim.weight_decay[1]: each value must "
-                               "be a number, a string, true/false or null; got [0.2]"),
-        "optim.min_lr_ratio": ({"values": [0.1, float("inf")]},
-                               "sweep.space.optim.min_lr_ratio.values[1]: must be a finite "
-                               "number, got inf"),
+        "train.batch_size": (
+            {"low": 2, "high": 8, "step": 0.5},
+            "sweep.space.train.batch_size.step: must be an integer > 0, got 0.5",
+        ),
+        "optim.warmup_steps": (
+            {"low": 0, "high": 10**30},
+            "sweep.space.optim.warmup_steps.high: must be a finite number (an "
+            "integer within 2**53), got 1" + "0" * 30,
+        ),
+        "optim.weight_decay": (
+            [0.1, [0.2]],
+            "sweep.space.optim.weight_decay[1]: each value must "
+            "be a number, a string, true/false or null; got [0.2]",
+        ),
+        "optim.min_lr_ratio": (
+            {"values": [0.1, float("inf")]},
+            "sweep.space.optim.min_lr_ratio.values[1]: must be a finite number, got inf",
+        ),
         "train.grad_clip": ([1.0, 1.0], "sweep.space.train.grad_clip[1]: 1.0 is listed twice"),
-        "optim.eps": ({"low": 0.0, "high": 1e308, "step": 0.01},
-                        "sweep.space.optim.eps.step: 0.01 cuts 0.0 .. 1e+308 into more than "
-                        "1e+15 steps"),
-    }  # fmt: skip
+        "optim.eps": (
+            {"low": 0.0, "high": 1e308, "step": 0.01},
+            "sweep.space.optim.eps.step: 0.01 cuts 0.0 .. 1e+308 into more than 1e+15 steps",
+        ),
+    }
     space = {key: spec for key, (spec, _) in cases.items()}
     path = _write_sweep(tmp_path, {"method": "random", "trials": 1, "space": space})
     code, lines = _sweep([str(path)], capsys)
@@ -172,20 +192,23 @@ def test_item01_cmaes_without_its_package_is_one_line(
     space = {"optim.lr": {"low": 0.001, "high": 0.01}}
     path = _write_sweep(tmp_path, {"method": "cmaes", "trials": 1, "space": space})
     code, lines = _sweep([str(path)], capsys)
-    assert (code, lines) == (2, [
-        f"kiln: error: {path}: sweep.method: cmaes needs the cmaes package (pip install cmaes)"
-    ])  # fmt: skip
+    assert (code, lines) == (
+        2,
+        [f"kiln: error: {path}: sweep.method: cmaes needs the cmaes package (pip install cmaes)"],
+    )
 
 
 def test_item01_good_ranges_still_pass() -> None:
     from kiln.config.sweep import SweepConfig
 
-    spec = SweepConfig(space={
-        "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
-        "train.batch_size": {"low": 2, "high": 16, "step": 2},
-        "optim.weight_decay": {"low": 0.0, "high": 0.1, "step": 0.01, "log": False},
-        "model.dropout": [0.0, 0.1, None, "x", True],
-    })  # fmt: skip
+    spec = SweepConfig(
+        space={
+            "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+            "train.batch_size": {"low": 2, "high": 16, "step": 2},
+            "optim.weight_decay": {"low": 0.0, "high": 0.1, "step": 0.01, "log": False},
+            "model.dropout": [0.0, 0.1, None, "x", True],
+        }
+    )
     assert spec.values("train.batch_size") == {"low": 2, "high": 16, "step": 2}
 
 
@@ -231,8 +254,9 @@ def test_item01_cmaes_runs_with_the_sweep_extra(
 def test_item03_storage_that_cannot_be_opened_is_one_line_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = _write_sweep(tmp_path, {"method": "random", "trials": 1,
-                                   "space": {"optim.lr": [0.001, 0.002]}})  # fmt: skip
+    path = _write_sweep(
+        tmp_path, {"method": "random", "trials": 1, "space": {"optim.lr": [0.001, 0.002]}}
+    )
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     port = free_port()  # nothing listens there
@@ -281,8 +305,10 @@ def test_item04_two_controllers_never_propose_the_same_candidate(
 ) -> None:
     from kiln.sweep.study import load_sweep, open_study
 
-    space = {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
-             "optim.weight_decay": {"low": 0.0, "high": 0.1}}  # fmt: skip
+    space = {
+        "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "optim.weight_decay": {"low": 0.0, "high": 0.1},
+    }
     path = _write_sweep(tmp_path, {"method": method, "trials": 20, "space": space})
     sweep = load_sweep(path)
     first = _asked(sweep, 3, [open_study(sweep)])  # a controller, killed
@@ -297,8 +323,9 @@ def test_item04_a_single_controller_is_reproducible_from_the_seed(tmp_path: Path
     space = {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}
     runs = []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        path = _write_sweep(tmp_path, {"method": "tpe", "trials": 5, "seed": seed,
-                                       "space": space}, name=name)  # fmt: skip
+        path = _write_sweep(
+            tmp_path, {"method": "tpe", "trials": 5, "seed": seed, "space": space}, name=name
+        )
         sweep = load_sweep(path)
         runs.append(_asked(sweep, 4, [open_study(sweep)]))
     assert runs[0] == runs[1]
@@ -311,13 +338,23 @@ def test_item04_a_single_controller_is_reproducible_from_the_seed(tmp_path: Path
 def test_item05_unknown_metric_is_one_line_with_did_you_mean(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = _write_sweep(tmp_path, {"method": "random", "trials": 1, "metric": "val_losss",
-                                   "space": {"optim.lr": [0.001, 0.002]}})  # fmt: skip
+    path = _write_sweep(
+        tmp_path,
+        {
+            "method": "random",
+            "trials": 1,
+            "metric": "val_losss",
+            "space": {"optim.lr": [0.001, 0.002]},
+        },
+    )
     code, lines = _sweep([str(path)], capsys)
-    assert (code, lines) == (2, [
-        f"kiln: error: {path}: sweep.metric: 'val_losss' is not a metric the trials log; did "
-        "you mean val_loss? (they log val_loss, val_ppl, val_accuracy, val_tokens)"
-    ])  # fmt: skip
+    assert (code, lines) == (
+        2,
+        [
+            f"kiln: error: {path}: sweep.metric: 'val_losss' is not a metric the trials log; did "
+            "you mean val_loss? (they log val_loss, val_ppl, val_accuracy, val_tokens)"
+        ],
+    )
     assert not (tmp_path / "s").exists()
     # Generation scores exist only with generation eval; a metric by import path may log any.
     from kiln.sweep.study import load_sweep
@@ -328,8 +365,11 @@ def test_item05_unknown_metric_is_one_line_with_did_you_mean(
     assert "'val_bleu' is not a metric the trials log" in lines[0]
     with_gen = [*gen, "eval.generate.num_samples=2", "eval.generate.metrics=[bleu, recipe]"]
     assert load_sweep(path, with_gen).spec.metric == "val_bleu"
-    own = ["sweep.metric=val_mine", "eval.generate.num_samples=2",
-           "eval.generate.metrics=[bleu, 'my.mod:score']"]  # fmt: skip
+    own = [
+        "sweep.metric=val_mine",
+        "eval.generate.num_samples=2",
+        "eval.generate.metrics=[bleu, 'my.mod:score']",
+    ]
     assert load_sweep(path, own).spec.metric == "val_mine"
     code, lines = _sweep([str(path), "data.val=null", "data.val_split=0"], capsys)
     assert code == 2
@@ -370,16 +410,21 @@ def test_item06_sigterm_pauses_the_trials_and_exits_3_then_resumes(
     fake_trials: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    sweep = {"method": "grid", "trials": 3, "workers": 1,
-             "space": {"optim.lr": [0.001, 0.002, 0.003]}}  # fmt: skip
+    sweep = {
+        "method": "grid",
+        "trials": 3,
+        "workers": 1,
+        "space": {"optim.lr": [0.001, 0.002, 0.003]},
+    }
     path = _write_sweep(tmp_path, sweep)
     first = tmp_path / "s" / "trials" / "0000"
     monkeypatch.setenv("FAKE_TRIAL_WAIT", "1")
     _when(first / "waiting", lambda: os.kill(os.getpid(), signal.SIGTERM))
     code, lines = _sweep([str(path)], capsys)
     assert (code, lines) == (3, [])
-    assert caplog.messages[-1] == ("sweep paused (SIGTERM): 1 running; run the same kiln sweep "
-                                   "command again to continue")  # fmt: skip
+    assert caplog.messages[-1] == (
+        "sweep paused (SIGTERM): 1 running; run the same kiln sweep command again to continue"
+    )
     assert (first / "got_sigterm").exists()  # the trial was asked to checkpoint and stop
     assert [(r["number"], r["state"]) for r in _trials(tmp_path / "s")] == [("0", "running")]
     monkeypatch.delenv("FAKE_TRIAL_WAIT")
@@ -396,16 +441,22 @@ def test_item07_timeout_pauses_the_running_trial_and_exits_3(
     fake_trials: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    sweep = {"method": "grid", "trials": 2, "workers": 1, "timeout_s": 0.5,
-             "space": {"optim.lr": [0.001, 0.002]}}  # fmt: skip
+    sweep = {
+        "method": "grid",
+        "trials": 2,
+        "workers": 1,
+        "timeout_s": 0.5,
+        "space": {"optim.lr": [0.001, 0.002]},
+    }
     path = _write_sweep(tmp_path, sweep)
     monkeypatch.setenv("FAKE_TRIAL_WAIT", "1")
     start = time.monotonic()
     code, lines = _sweep([str(path)], capsys)
     assert time.monotonic() - start < 10
     assert (code, lines) == (3, [])
-    assert caplog.messages[-1] == ("sweep paused (0.5 s ran out): 1 running; run the same kiln "
-                                   "sweep command again to continue")  # fmt: skip
+    assert caplog.messages[-1] == (
+        "sweep paused (0.5 s ran out): 1 running; run the same kiln sweep command again to continue"
+    )
     first = tmp_path / "s" / "trials" / "0000"
     assert (first / "got_sigterm").exists()
     assert not (tmp_path / "s" / "trials" / "0001").exists()  # none started after the bound
@@ -426,8 +477,9 @@ def test_item06_sigterm_to_a_real_sweep_pauses_its_kiln_train_trial(tmp_path: Pa
     path = _write_sweep(tmp_path, sweep, train={"max_steps": 40, "num_threads": 1})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "kiln.cli", "sweep", str(path)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     trial = tmp_path / "s" / "trials" / "0000"
     deadline = time.monotonic() + 300
     while not (trial / "checkpoints" / "step-2").is_dir() and time.monotonic() < deadline:

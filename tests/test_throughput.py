@@ -61,8 +61,16 @@ def test_train_records_and_summary_carry_the_tracked_metrics(
     train = [r for r in map(json.loads, lines) if r["split"] == "train"]
     assert [r["step"] for r in train] == [3, 6]
     for r in train:
-        assert {"loss", "loss_avg", "lr", "grad_norm", "tokens_per_s", "samples_per_s",
-                "peak_mem_mb", "mfu"} <= r.keys()  # fmt: skip
+        assert {
+            "loss",
+            "loss_avg",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "samples_per_s",
+            "peak_mem_mb",
+            "mfu",
+        } <= r.keys()
         assert r["tokens_per_s"] > 0
         assert r["samples_per_s"] == pytest.approx(r["tokens_per_s"] / 32)  # 32-token blocks
     assert train[1]["loss_avg"] == pytest.approx(sum(result.loss_history) / 6)

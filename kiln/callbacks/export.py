@@ -31,8 +31,10 @@ class ExportOnFinish(Callback):
 
             low, high = opset_range()
             if not low <= cfg.opset <= high:
-                raise KilnError(f"export.opset: {cfg.opset} is not an opset this torch and onnx "
-                                f"can write; choose {low} to {high}")  # fmt: skip
+                raise KilnError(
+                    f"export.opset: {cfg.opset} is not an opset this torch and onnx "
+                    f"can write; choose {low} to {high}"
+                )
 
     def on_checkpoint(self, run: RunView, path: Path, kind: CheckpointKind) -> None:
         if kind == "final":

@@ -21,15 +21,27 @@ QUIET_HF = True
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_path(p, "path", "RUN_DIR|CKPT|DIR", f"{MODEL_PATH}; with --verify, an export directory")
-    p.add_argument("--format", default="onnx", metavar="F[,F]",
-                   help="onnx, torchscript, pt2, or several comma-separated (onnx)")  # fmt: skip
+    p.add_argument(
+        "--format",
+        default="onnx",
+        metavar="F[,F]",
+        help="onnx, torchscript, pt2, or several comma-separated (onnx)",
+    )
     p.add_argument("--out", metavar="DIR", help="the export directory (<run>/export)")
     p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset (18)")
-    p.add_argument("--atol", type=float, default=None, metavar="X",
-                   help="max abs logit difference (1e-4; --verify: the export's)")  # fmt: skip
-    p.add_argument("--check-data", metavar="FILE",
-                   help="prompts for the greedy check: a text file (a prompt a line) or JSONL "
-                        "(prompt, source or text); default the run's validation data")  # fmt: skip
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        metavar="X",
+        help="max abs logit difference (1e-4; --verify: the export's)",
+    )
+    p.add_argument(
+        "--check-data",
+        metavar="FILE",
+        help="prompts for the greedy check: a text file (a prompt a line) or JSONL "
+        "(prompt, source or text); default the run's validation data",
+    )
     p.add_argument("--prompts", type=int, default=4, metavar="N", help="greedy prompts (4)")
     add_flag(p, "--verify", "re-run the parity checks of an export directory")
     add_flag(p, "--json", "with --verify: print the whole report as JSON (not a line a check)")
@@ -73,8 +85,10 @@ def run(args: argparse.Namespace) -> int:
         attn = entry["attn_implementation"]
         extra = " (eager fallback)" if "fallback_from" in entry else ""
         extra += f", opset {entry['opset']}" if "opset" in entry else ""
-        print(f"{fmt}: {entry['file']}, {entry['bytes'] / 2**20:.1f} MiB, exported in "
-              f"{entry['export_s']:.1f}s, attention {attn}{extra}, max abs diff {worst:.2g}, "
-              f"greedy {entry['greedy']['equal']}/{entry['greedy']['prompts']}")  # fmt: skip
+        print(
+            f"{fmt}: {entry['file']}, {entry['bytes'] / 2**20:.1f} MiB, exported in "
+            f"{entry['export_s']:.1f}s, attention {attn}{extra}, max abs diff {worst:.2g}, "
+            f"greedy {entry['greedy']['equal']}/{entry['greedy']['prompts']}"
+        )
     print(f"export: {out}")
     return 0

@@ -26,9 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (1: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling RNG (0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto)")
-    p.add_argument("--backend", choices=("torch", "onnx", "torchscript", "pt2"), default="torch",
-                   help="torch (the model), or an exported model in a `kiln export` directory: "
-                        "greedy, recomputing the whole sequence each token (torch)")  # fmt: skip
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "torchscript", "pt2"),
+        default="torch",
+        help="torch (the model), or an exported model in a `kiln export` directory: "
+        "greedy, recomputing the whole sequence each token (torch)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

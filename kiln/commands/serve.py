@@ -18,30 +18,58 @@ HELP = "serve the REST API for configs, jobs, metrics and checkpoints"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (8080)")
-    p.add_argument("--token", default=None,
-                   help="bearer token every route but /api/health needs; default "
-                        "$KILN_SERVE_TOKEN; required to bind a non-loopback address")  # fmt: skip
+    p.add_argument(
+        "--token",
+        default=None,
+        help="bearer token every route but /api/health needs; default "
+        "$KILN_SERVE_TOKEN; required to bind a non-loopback address",
+    )
     read = "bearer token for GET requests only; default $KILN_SERVE_READ_TOKEN"
     p.add_argument("--read-token", default=None, help=read)
     reindex = "first add to the database every job found in <state-dir>/runs"
     p.add_argument("--reindex", action="store_true", help=reindex)
     p.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default SQLite in --state-dir)")
-    p.add_argument("--state-dir", default="serve", metavar="DIR",
-                   help="the database and the jobs' run directories (./serve)")  # fmt: skip
-    p.add_argument("--max-concurrent", type=int, default=1, metavar="N",
-                   help="jobs running at once (1)")  # fmt: skip
-    p.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="where jobs run: subprocesses here (local) or Ray Jobs (ray)")  # fmt: skip
-    p.add_argument("--ray-address", metavar="URL",
-                   help="the Ray dashboard for --executor ray (http://HEAD:8265); default "
-                        "$RAY_API_SERVER_ADDRESS or $RAY_ADDRESS")  # fmt: skip
-    p.add_argument("--gpus-per-rank", type=float, default=0.0, metavar="G",
-                   help="GPUs a Ray job asks for per rank (0)")  # fmt: skip
-    p.add_argument("--allow-read", action="append", default=[], metavar="DIR",
-                   help="jobs may also read data, models and tokenizers under DIR (repeatable); "
-                        "by default only under --state-dir")  # fmt: skip
-    p.add_argument("--allow-hub", action="store_true",
-                   help="jobs may name hub datasets (hf:NAME) and hub model ids")  # fmt: skip
+    p.add_argument(
+        "--state-dir",
+        default="serve",
+        metavar="DIR",
+        help="the database and the jobs' run directories (./serve)",
+    )
+    p.add_argument(
+        "--max-concurrent", type=int, default=1, metavar="N", help="jobs running at once (1)"
+    )
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where jobs run: subprocesses here (local) or Ray Jobs (ray)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="URL",
+        help="the Ray dashboard for --executor ray (http://HEAD:8265); default "
+        "$RAY_API_SERVER_ADDRESS or $RAY_ADDRESS",
+    )
+    p.add_argument(
+        "--gpus-per-rank",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs a Ray job asks for per rank (0)",
+    )
+    p.add_argument(
+        "--allow-read",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="jobs may also read data, models and tokenizers under DIR (repeatable); "
+        "by default only under --state-dir",
+    )
+    p.add_argument(
+        "--allow-hub",
+        action="store_true",
+        help="jobs may name hub datasets (hf:NAME) and hub model ids",
+    )
 
 
 def _loopback(host: str) -> bool:
@@ -58,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get("KILN_SERVE_TOKEN") or None
     if not _loopback(args.host) and token is None:
-        raise KilnError(f"--host {args.host}: a non-loopback address needs --token (or "
-                        "$KILN_SERVE_TOKEN)")  # fmt: skip
+        raise KilnError(
+            f"--host {args.host}: a non-loopback address needs --token (or $KILN_SERVE_TOKEN)"
+        )
     if args.max_concurrent < 1:
         raise KilnError(f"--max-concurrent: at least 1, got {args.max_concurrent}")
     try:
@@ -67,26 +96,41 @@ def run(args: argparse.Namespace) -> int:
 
         from kiln.serve.app import Settings
     except ImportError as exc:
-        raise KilnError(f"kiln serve needs fastapi and uvicorn ({exc.name} is missing): "
-                        "pip install 'kiln[serve]'") from None  # fmt: skip
+        raise KilnError(
+            f"kiln serve needs fastapi and uvicorn ({exc.name} is missing): "
+            "pip install 'kiln[serve]'"
+        ) from None
     if args.gpus_per_rank < 0:
         raise KilnError(f"--gpus-per-rank: at least 0, got {args.gpus_per_rank}")
     ray_address = None
     if args.executor == "ray":
-        ray_address = (args.ray_address or os.environ.get("RAY_API_SERVER_ADDRESS")
-                       or os.environ.get("RAY_ADDRESS"))  # fmt: skip
+        ray_address = (
+            args.ray_address
+            or os.environ.get("RAY_API_SERVER_ADDRESS")
+            or os.environ.get("RAY_ADDRESS")
+        )
         if not ray_address:
-            raise KilnError("--executor ray: give --ray-address http://HEAD:8265 (or "
-                            "$RAY_API_SERVER_ADDRESS)")  # fmt: skip
+            raise KilnError(
+                "--executor ray: give --ray-address http://HEAD:8265 (or $RAY_API_SERVER_ADDRESS)"
+            )
     elif args.ray_address or args.gpus_per_rank:
         raise KilnError("--ray-address/--gpus-per-rank: only with --executor ray")
     read_token = args.read_token or os.environ.get("KILN_SERVE_READ_TOKEN") or None
     state_dir = _state_dir(args.state_dir)
     allow_read = tuple(_readable_root(d) for d in args.allow_read)
-    settings = Settings(state_dir, args.db, token, read_token, args.max_concurrent,
-                        executor=args.executor, ray_address=ray_address,
-                        gpus_per_rank=args.gpus_per_rank, claim=True, allow_read=allow_read,
-                        allow_hub=args.allow_hub)  # fmt: skip
+    settings = Settings(
+        state_dir,
+        args.db,
+        token,
+        read_token,
+        args.max_concurrent,
+        executor=args.executor,
+        ray_address=ray_address,
+        gpus_per_rank=args.gpus_per_rank,
+        claim=True,
+        allow_read=allow_read,
+        allow_hub=args.allow_hub,
+    )
     sock = _bind(args.host, args.port)  # before the database is claimed: a taken port is early
     try:
         app = _app(settings, args.db)

@@ -38,8 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--workers", type=int, metavar="N", help="trials at once here (sweep.workers)"
     )
     agent.add_argument("--dir", metavar="DIR", help="where trials run (default: the sweep's own)")
-    agent.add_argument("--wait", type=float, default=60.0, metavar="S",
-                       help="seconds to wait for the study to exist (60)")  # fmt: skip
+    agent.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for the study to exist (60)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.workers is not None and args.workers < 1:
             raise KilnError(f"--workers: at least 1, got {args.workers}")
-        summary = sweep.agent(args.storage, args.study, workers=args.workers,
-                              directory=args.dir, wait_s=args.wait)  # fmt: skip
+        summary = sweep.agent(
+            args.storage, args.study, workers=args.workers, directory=args.dir, wait_s=args.wait
+        )
         print(json.dumps(summary, indent=1))
         return _exit_code(summary)
     if args.study is not None or args.workers is not None or args.dir is not None:

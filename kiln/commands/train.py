@@ -315,8 +315,11 @@ def _train(args: argparse.Namespace) -> int:
     if state == "diverged":  # the verdict, and the last checkpoint (written before it)
         good = result.checkpoint_paths[-1] if result.checkpoint_paths else None
         print(f"kiln: {s['stop_reason']}", file=sys.stderr)
-        print(f"kiln: last complete checkpoint: {good or 'none'}; anomalies: "
-              f"{_shown(result.run_dir / 'anomalies.jsonl')}", file=sys.stderr)  # fmt: skip
+        print(
+            f"kiln: last complete checkpoint: {good or 'none'}; anomalies: "
+            f"{_shown(result.run_dir / 'anomalies.jsonl')}",
+            file=sys.stderr,
+        )
         return code
     if state != "finished":  # paused (SIGTERM/SIGINT) or stopped (pruned)
         where = result.checkpoint_paths[-1] if result.checkpoint_paths else result.run_dir

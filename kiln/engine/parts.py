@@ -160,18 +160,27 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
             "train.num_epochs)"
         )
     schedule = schedule_for(optim, steps)
-    # fmt: off
     return Parts(
-        device=device, precision=precision, tokenizer=tokenizer, model=model,
+        device=device,
+        precision=precision,
+        tokenizer=tokenizer,
+        model=model,
         train_model=train_model,
-        train_data=train_data, val_data=val_data, batcher=batcher,
+        train_data=train_data,
+        val_data=val_data,
+        batcher=batcher,
         regularizers=build_regularizers(cfg),  # label smoothing, gradient noise
-        optimizer=optimizer, params=[p for p in model.parameters() if p.requires_grad],
-        schedule=schedule, total_steps=steps, guard=AnomalyGuard(cfg.train.anomaly, device),
-        train_rows=train_rows, val_rows=val_rows,
-        data_stats=stats, curriculum=curriculum, augmented=augmented,
+        optimizer=optimizer,
+        params=[p for p in model.parameters() if p.requires_grad],
+        schedule=schedule,
+        total_steps=steps,
+        guard=AnomalyGuard(cfg.train.anomaly, device),
+        train_rows=train_rows,
+        val_rows=val_rows,
+        data_stats=stats,
+        curriculum=curriculum,
+        augmented=augmented,
     )
-    # fmt: on
 
 
 def _distribute(model: Any, cfg: RunConfig, device: torch.device, rank: RankContext) -> Any:

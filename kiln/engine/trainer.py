@@ -105,9 +105,15 @@ class Trainer:
         self.status = StatusFile(self.run_dir.path, enabled=self.rank.is_main)
         self.view = RunView(cfg, self.loop.state, self.run_dir.path, self.control, self.rank)
         self.judge = Judge(  # train.anomaly: records, rolls back, stops as diverged
-            cfg, rank=self.rank, run_dir=self.run_dir, checkpoints=self.checkpoints,
-            control=self.control, loop=self.loop, callbacks=self.callbacks, rewound=self._rewind,
-        )  # fmt: skip
+            cfg,
+            rank=self.rank,
+            run_dir=self.run_dir,
+            checkpoints=self.checkpoints,
+            control=self.control,
+            loop=self.loop,
+            callbacks=self.callbacks,
+            rewound=self._rewind,
+        )
         # Generation eval (eval.generate): metric names are resolved here, before any work.
         self.generation_eval = GenerationEval(cfg) if cfg.eval.generate.num_samples else None
         self.cadence = Cadence(cfg)  # when validation and checkpoints fall due
@@ -613,10 +619,17 @@ class Trainer:
     def _summary(self, final_dir: Path | None, sample: str | None) -> dict[str, Any]:
         parts = self.setup()
         return run_summary(
-            self.cfg, self.state, model=parts.model, device=parts.device,
-            train_examples=len(parts.train_data), tracker=self.tracker,
+            self.cfg,
+            self.state,
+            model=parts.model,
+            device=parts.device,
+            train_examples=len(parts.train_data),
+            tracker=self.tracker,
             wall=time.perf_counter() - self._start_time,
-            final_dir=final_dir, sample=sample, stop=self.control.decided,
-            final_from=self.final_from, resumed_from=self.resumed_from,
+            final_dir=final_dir,
+            sample=sample,
+            stop=self.control.decided,
+            final_from=self.final_from,
+            resumed_from=self.resumed_from,
             checkpoints=self.checkpoint_paths,
-        )  # fmt: skip
+        )

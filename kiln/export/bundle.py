@@ -93,8 +93,9 @@ def _prompts(check_data: str | Path | None, cfg: Any, n: int) -> tuple[list[str]
                     row = json.loads(line)
                     line = next(row[k] for k in ("prompt", "source", "text") if k in row)
                 except (ValueError, StopIteration, TypeError):
-                    raise KilnError(f"{path}:{number}: expected a JSON object with prompt, "
-                                    "source or text") from None  # fmt: skip
+                    raise KilnError(
+                        f"{path}:{number}: expected a JSON object with prompt, source or text"
+                    ) from None
             prompts.append(str(line))
         if not prompts:
             raise KilnError(f"--check-data: {path}: no prompts in it")
@@ -121,8 +122,9 @@ def _check_formats(formats: Sequence[str]) -> list[str]:
     wanted = list(dict.fromkeys(formats))
     unknown = [f for f in wanted if f not in FORMATS]
     if unknown or not wanted:
-        raise KilnError(f"--format: {', '.join(unknown) or 'none'} given; choose from "
-                        f"{', '.join(FORMATS)}")  # fmt: skip
+        raise KilnError(
+            f"--format: {', '.join(unknown) or 'none'} given; choose from {', '.join(FORMATS)}"
+        )
     return wanted
 
 
@@ -240,8 +242,10 @@ def _check_target(target: Path, overwrite: bool) -> None:
     if entries and not overwrite:
         raise KilnError(f"--out: {target} already exists; pass --overwrite or choose another")
     if entries and not (target / META).is_file():
-        raise KilnError(f"--out: {target} is not an export (no {META}); --overwrite replaces "
-                        "only an earlier export: choose another directory")  # fmt: skip
+        raise KilnError(
+            f"--out: {target} is not an export (no {META}); --overwrite replaces "
+            "only an earlier export: choose another directory"
+        )
 
 
 def _work_dir(target: Path) -> Path:
@@ -250,8 +254,9 @@ def _work_dir(target: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.kiln-export-", dir=target.parent))
     except OSError as exc:
-        raise KilnError(f"--out: cannot write in {target.parent}: "
-                        f"{exc.strerror or first_line(exc)}") from None  # fmt: skip
+        raise KilnError(
+            f"--out: cannot write in {target.parent}: {exc.strerror or first_line(exc)}"
+        ) from None
 
 
 @dataclass
@@ -291,11 +296,15 @@ def _export_into(
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     with torch.no_grad():
         refs = References(
-            module, loaded.tokenizer, parity_cases,
-            [pytorch_runner(module)(*c.inputs) for c in parity_cases], prompt_list,
-            generate_texts(model, loaded.tokenizer, prompt_list, options=options), atol,
+            module,
+            loaded.tokenizer,
+            parity_cases,
+            [pytorch_runner(module)(*c.inputs) for c in parity_cases],
+            prompt_list,
+            generate_texts(model, loaded.tokenizer, prompt_list, options=options),
+            atol,
             max_new_tokens,
-        )  # fmt: skip
+        )
 
     staged = job.work / "new"
     staged.mkdir()
@@ -312,17 +321,20 @@ def _export_into(
     if not report["passed"]:
         sibling.write_text(report_json(report) + "\n")
         failed = [f for f, e in report["formats"].items() if not e["passed"]]
-        raise ParityFailed(_failure_line(failed[0], report["formats"][failed[0]], atol),
-                           sibling)  # fmt: skip
+        raise ParityFailed(_failure_line(failed[0], report["formats"][failed[0]], atol), sibling)
     meta = {
         "source": _source_info(job.where, loaded.cfg, loaded.kind),
         "lora_merged": merged,
         "task": loaded.task,
-        "signature": {"inputs": input_names(seq2seq), "outputs": ["logits"],
-                      "dynamic": ["batch", "sequence"], "max_sequence": context},
+        "signature": {
+            "inputs": input_names(seq2seq),
+            "outputs": ["logits"],
+            "dynamic": ["batch", "sequence"],
+            "max_sequence": context,
+        },
         "opset": report["formats"].get("onnx", {}).get("opset"),  # as written, read back
         "versions": versions(),
-    }  # fmt: skip
+    }
     with writing(f"the export {target}"):
         _write_rest(staged, loaded.tokenizer, refs, report, meta)
         fsync_tree(staged)
@@ -364,8 +376,10 @@ def _export_checked(
         if entry["passed"]:
             break
         if attn != tries[-1]:
-            entry["fallback_from"] = {"attn_implementation": attn,
-                                      "why": entry.get("error") or "out of tolerance"}  # fmt: skip
+            entry["fallback_from"] = {
+                "attn_implementation": attn,
+                "why": entry.get("error") or "out of tolerance",
+            }
             log.info("export: %s with %s attention failed; trying eager", fmt, attn)
     if original is not None and _attn(model) != original:
         model.set_attn_implementation(original)
@@ -376,8 +390,12 @@ def _export_checked(
         # only): what is recorded is what the file declares.
         entry["opset"] = written_opset(staged / FILES[fmt])
         if entry["opset"] != opset:
-            log.warning("onnx: opset %s asked for, but the exporter could not convert this "
-                        "model to it and wrote opset %s", opset, entry["opset"])  # fmt: skip
+            log.warning(
+                "onnx: opset %s asked for, but the exporter could not convert this "
+                "model to it and wrote opset %s",
+                opset,
+                entry["opset"],
+            )
     return entry
 
 
@@ -415,11 +433,17 @@ def _write_rest(
         tensors[f"case{i}.logits"] = torch.from_numpy(np.ascontiguousarray(ref))
     save_file(tensors, str(staged / PARITY))
     formats = report["formats"]
-    meta["formats"] = {f: {"file": e["file"], "attn_implementation": e["attn_implementation"]}
-                       for f, e in formats.items()}  # fmt: skip
-    meta["parity"] = {"cases": [c.name for c in refs.cases], "atol": refs.atol,
-                      "prompts": refs.prompts, "texts": refs.texts,
-                      "max_new_tokens": refs.max_new_tokens}  # fmt: skip
+    meta["formats"] = {
+        f: {"file": e["file"], "attn_implementation": e["attn_implementation"]}
+        for f, e in formats.items()
+    }
+    meta["parity"] = {
+        "cases": [c.name for c in refs.cases],
+        "atol": refs.atol,
+        "prompts": refs.prompts,
+        "texts": refs.texts,
+        "max_new_tokens": refs.max_new_tokens,
+    }
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta["files"] = file_manifest(staged)  # what --verify checks before it loads anything
     (staged / META).write_text(json.dumps(seal(meta), indent=1) + "\n")

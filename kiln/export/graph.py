@@ -78,8 +78,10 @@ def _dynamic_shapes(seq2seq: bool, context: int | None) -> dict[str, dict[int, A
     seq = dim("sequence", min=1, max=context or MAX_SEQUENCE)
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     if seq2seq:
-        shapes["decoder_input_ids"] = {0: batch, 1: dim("decoder_sequence", min=1,
-                                                         max=context or MAX_SEQUENCE)}  # fmt: skip
+        shapes["decoder_input_ids"] = {
+            0: batch,
+            1: dim("decoder_sequence", min=1, max=context or MAX_SEQUENCE),
+        }
     return shapes
 
 
@@ -118,10 +120,17 @@ def export_graph(
         if fmt == "onnx":
             _onnx()
             torch.onnx.export(
-                module, args, str(path), dynamo=True, input_names=input_names(seq2seq),
-                output_names=["logits"], dynamic_shapes=shapes, opset_version=opset,
-                external_data=True, verbose=False,
-            )  # fmt: skip
+                module,
+                args,
+                str(path),
+                dynamo=True,
+                input_names=input_names(seq2seq),
+                output_names=["logits"],
+                dynamic_shapes=shapes,
+                opset_version=opset,
+                external_data=True,
+                verbose=False,
+            )
         elif fmt == "torchscript":
             traced = torch.jit.trace(module, args, strict=False, check_trace=False)
             torch.jit.save(traced, str(path))
@@ -156,8 +165,10 @@ def check_opset(opset: int) -> int:
     """
     low, high = opset_range()
     if not low <= opset <= high:
-        raise KilnError(f"--opset: {opset} is not an opset this torch and onnx can write; "
-                        f"choose {low} to {high}")  # fmt: skip
+        raise KilnError(
+            f"--opset: {opset} is not an opset this torch and onnx can write; "
+            f"choose {low} to {high}"
+        )
     return opset
 
 
@@ -177,8 +188,9 @@ def _onnx() -> Any:
         import onnxruntime
         import onnxscript  # noqa: F401
     except ImportError:
-        raise KilnError("ONNX export needs onnx, onnxscript and onnxruntime: "
-                        "pip install 'kiln[export]'") from None  # fmt: skip
+        raise KilnError(
+            "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'kiln[export]'"
+        ) from None
     return onnxruntime
 
 
@@ -193,14 +205,16 @@ def load_runner(fmt: str, directory: Path) -> Runner:
         try:
             return _onnx_runner(ort, path)
         except Exception as exc:  # onnxruntime's own error types: a file it cannot read
-            raise KilnError(f"{path}: onnxruntime {ort.__version__} cannot load it: "
-                            f"{first_line(exc)[:300]}") from None  # fmt: skip
+            raise KilnError(
+                f"{path}: onnxruntime {ort.__version__} cannot load it: {first_line(exc)[:300]}"
+            ) from None
     try:
         with _quiet():
             module = _torch_module(fmt, path)
     except Exception as exc:  # a zip torch cannot read, or a program it cannot rebuild
-        raise KilnError(f"{path}: torch {torch.__version__} cannot load it: "
-                        f"{first_line(exc)[:300]}") from None  # fmt: skip
+        raise KilnError(
+            f"{path}: torch {torch.__version__} cannot load it: {first_line(exc)[:300]}"
+        ) from None
 
     def run_torch(*inputs: np.ndarray) -> np.ndarray:
         with torch.no_grad():

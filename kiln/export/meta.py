@@ -134,8 +134,10 @@ class SignatureMeta(_Part):
     @field_validator("inputs")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        allowed = (["input_ids", "attention_mask"], ["input_ids", "attention_mask",
-                                                     "decoder_input_ids"])  # fmt: skip
+        allowed = (
+            ["input_ids", "attention_mask"],
+            ["input_ids", "attention_mask", "decoder_input_ids"],
+        )
         if v not in allowed:
             raise ValueError(f"expected {allowed[0]} or {allowed[1]}, got {v}")
         return v
@@ -186,14 +188,19 @@ def read_meta(directory: Path) -> ExportMeta:
         raise KilnError(f"{path}: damaged: expected a JSON object, got {type(raw).__name__}")
     sealed = raw.get("meta_sha256")
     if sealed is not None and sealed != _canonical_sha256(raw):
-        raise KilnError(f"{path}: damaged: its content does not match its checksum "
-                        "(meta_sha256), so it changed since the export")  # fmt: skip
+        raise KilnError(
+            f"{path}: damaged: its content does not match its checksum "
+            "(meta_sha256), so it changed since the export"
+        )
     try:
         meta = ExportMeta.model_validate(raw)
     except ValidationError as err:
         raise KilnError(f"{path}: damaged: {_one_line(format_errors(err))}") from None
-    wrong = [f"formats.{f}.file: {e.file!r}, expected {FILES[f]!r}"
-             for f, e in meta.formats.items() if e.file != FILES[f]]  # fmt: skip
+    wrong = [
+        f"formats.{f}.file: {e.file!r}, expected {FILES[f]!r}"
+        for f, e in meta.formats.items()
+        if e.file != FILES[f]
+    ]
     if wrong:
         raise KilnError(f"{path}: damaged: {_one_line(wrong)}")
     return meta
@@ -219,11 +226,14 @@ def check_files(directory: Path, meta: ExportMeta) -> None:
         size = path.stat().st_size
         if size != entry.bytes:
             how = "truncated" if size < entry.bytes else "grown"
-            problems.append(f"{path}: damaged: {how} to {size} bytes (the export wrote "
-                            f"{entry.bytes})")  # fmt: skip
+            problems.append(
+                f"{path}: damaged: {how} to {size} bytes (the export wrote {entry.bytes})"
+            )
         elif sha256_file(path) != entry.sha256:
-            problems.append(f"{path}: damaged: its content changed since the export "
-                            f"(sha256 differs from {META}'s)")  # fmt: skip
+            problems.append(
+                f"{path}: damaged: its content changed since the export "
+                f"(sha256 differs from {META}'s)"
+            )
     if len(problems) > 1:  # one line: the first damaged file, and how many more
         problems[0] += f" (and {len(problems) - 1} more damaged or missing files)"
     if problems:

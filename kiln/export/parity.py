@@ -67,8 +67,13 @@ def cases(seq2seq: bool, vocab: int, context: int | None) -> list[Case]:
 def compare(reference: np.ndarray, got: np.ndarray, real: np.ndarray) -> dict[str, Any]:
     """max abs / max rel difference and argmax agreement over the real positions."""
     if reference.shape != got.shape:
-        return {"shape": list(got.shape), "expected_shape": list(reference.shape),
-                "max_abs": float("inf"), "max_rel": float("inf"), "argmax_equal": 0.0}  # fmt: skip
+        return {
+            "shape": list(got.shape),
+            "expected_shape": list(reference.shape),
+            "max_abs": float("inf"),
+            "max_rel": float("inf"),
+            "argmax_equal": 0.0,
+        }
     ref, out = reference[real].astype(np.float64), got[real].astype(np.float64)
     diff = np.abs(ref - out)
     rel = diff / np.maximum(np.abs(ref), 1e-6)

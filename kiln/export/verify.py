@@ -42,13 +42,13 @@ def _parity_cases(directory: Path, meta: ExportMeta) -> list[tuple[Case, np.ndar
 
     path = directory / PARITY
     if not path.is_file():
-        raise KilnError(f"{path}: {absent(path)} (it holds the parity inputs and PyTorch's "
-                        "logits)")  # fmt: skip
+        raise KilnError(f"{path}: {absent(path)} (it holds the parity inputs and PyTorch's logits)")
     try:
         saved = load_file(str(path))
     except Exception as exc:  # safetensors' own error type, or an OSError
-        raise KilnError(f"{path}: damaged: not a readable safetensors file "
-                        f"({first_line(exc)})") from None  # fmt: skip
+        raise KilnError(
+            f"{path}: damaged: not a readable safetensors file ({first_line(exc)})"
+        ) from None
     n_inputs = len(meta.signature.inputs)
     out = []
     for i, name in enumerate(meta.parity.cases):
@@ -88,8 +88,7 @@ def _json_objects(directory: Path, names: list[str]) -> None:
         except (OSError, ValueError) as exc:
             raise KilnError(f"{path}: damaged: not a JSON file ({first_line(exc)})") from None
         if not isinstance(data, dict):
-            raise KilnError(f"{path}: damaged: expected a JSON object, got "
-                            f"{type(data).__name__}")  # fmt: skip
+            raise KilnError(f"{path}: damaged: expected a JSON object, got {type(data).__name__}")
 
 
 def _tokenizer_and_config(directory: Path, meta: ExportMeta) -> tuple[Any, Any]:
@@ -102,8 +101,7 @@ def _tokenizer_and_config(directory: Path, meta: ExportMeta) -> tuple[Any, Any]:
         needed.append("tokenizer.json")
     for name in needed:
         if not (directory / name).is_file():
-            raise KilnError(f"{directory / name}: {absent(directory / name)} (the export "
-                            "wrote it)")  # fmt: skip
+            raise KilnError(f"{directory / name}: {absent(directory / name)} (the export wrote it)")
     _json_objects(directory, [*needed, "tokenizer_config.json", "generation_config.json"])
     try:  # first: the tokenizer's loading reads config.json too, and would be blamed
         config = AutoConfig.from_pretrained(str(directory))
@@ -114,14 +112,18 @@ def _tokenizer_and_config(directory: Path, meta: ExportMeta) -> tuple[Any, Any]:
     except KilnError:
         raise
     except Exception as exc:  # a JSON object transformers cannot make a tokenizer of
-        raise KilnError(f"{directory}: cannot load the tokenizer (tokenizer.json, "
-                        f"tokenizer_config.json): {first_line(exc)[:300]}") from None  # fmt: skip
+        raise KilnError(
+            f"{directory}: cannot load the tokenizer (tokenizer.json, "
+            f"tokenizer_config.json): {first_line(exc)[:300]}"
+        ) from None
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     if seq2seq != (len(meta.signature.inputs) == 3):
-        raise KilnError(f"{directory / 'config.json'}: damaged: "
-                        f"{'an encoder-decoder' if seq2seq else 'a decoder-only'} model, but "
-                        f"kiln_export.json's signature has {len(meta.signature.inputs)} "
-                        "inputs")  # fmt: skip
+        raise KilnError(
+            f"{directory / 'config.json'}: damaged: "
+            f"{'an encoder-decoder' if seq2seq else 'a decoder-only'} model, but "
+            f"kiln_export.json's signature has {len(meta.signature.inputs)} "
+            "inputs"
+        )
     return tokenizer, config
 
 
@@ -133,8 +135,9 @@ def _check_format(
         try:
             got = run(*case.inputs)
         except Exception as exc:  # onnxruntime and torch raise their own types on bad inputs
-            raise KilnError(f"{fmt}: cannot run the parity case {case.name!r}: "
-                            f"{first_line(exc)[:300]}") from None  # fmt: skip
+            raise KilnError(
+                f"{fmt}: cannot run the parity case {case.name!r}: {first_line(exc)[:300]}"
+            ) from None
         row = {"case": case.name, **compare(ref, np.asarray(got), case.real)}
         row["passed"] = row["max_abs"] <= atol and row["argmax_equal"] == 1.0
         rows.append(row)
@@ -178,8 +181,11 @@ def verify_export(directory: str | Path, atol: float | None = None) -> dict[str,
         texts = result.pop("greedy_texts")
         equal = sum(a == b for a, b in zip(texts, parity.texts, strict=True))
         passed = all(r["passed"] for r in result["cases"]) and equal == len(texts)
-        report["formats"][fmt] = {**result, "greedy": {"prompts": len(texts), "equal": equal},
-                                  "passed": passed}  # fmt: skip
+        report["formats"][fmt] = {
+            **result,
+            "greedy": {"prompts": len(texts), "equal": equal},
+            "passed": passed,
+        }
     report["passed"] = all(e["passed"] for e in report["formats"].values())
     report["versions"] = versions()
     return report
@@ -206,15 +212,23 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for fmt, entry in report["formats"].items():
         for c in entry["cases"]:
             mark = "ok" if c["passed"] else "FAILED"
-            lines.append(f"{fmt}: {c['case']}: max abs diff {c['max_abs']:.2g} (atol {atol:g}), "
-                         f"argmax equal {c['argmax_equal']:.0%}: {mark}")  # fmt: skip
+            lines.append(
+                f"{fmt}: {c['case']}: max abs diff {c['max_abs']:.2g} (atol {atol:g}), "
+                f"argmax equal {c['argmax_equal']:.0%}: {mark}"
+            )
         g = entry["greedy"]
         mark = "ok" if g["equal"] == g["prompts"] else "FAILED"
-        lines.append(f"{fmt}: greedy decoding: {g['equal']} of {g['prompts']} texts equal "
-                     f"PyTorch's: {mark}")  # fmt: skip
+        lines.append(
+            f"{fmt}: greedy decoding: {g['equal']} of {g['prompts']} texts equal PyTorch's: {mark}"
+        )
     formats = ", ".join(report["formats"])
-    ran = ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()
-                    if v is not None and k in ("torch", "onnxruntime"))  # fmt: skip
-    lines.append(f"verify: {'passed' if report['passed'] else 'FAILED'} ({formats})"
-                 + (f" with {ran}" if ran else ""))  # fmt: skip
+    ran = ", ".join(
+        f"{k} {v}"
+        for k, v in report.get("versions", {}).items()
+        if v is not None and k in ("torch", "onnxruntime")
+    )
+    lines.append(
+        f"verify: {'passed' if report['passed'] else 'FAILED'} ({formats})"
+        + (f" with {ran}" if ran else "")
+    )
     return lines

@@ -156,9 +156,15 @@ def generate_texts(
         KilnError: a bad option, or a tokenizer with neither a pad nor an EOS token.
     """
     texts = generate_samples(
-        model, tokenizer, prompts, options=options, batch_size=batch_size,
-        max_time_s=max_time_s, should_stop=should_stop, synced=synced,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        prompts,
+        options=options,
+        batch_size=batch_size,
+        max_time_s=max_time_s,
+        should_stop=should_stop,
+        synced=synced,
+    )
     done = texts.index(None) if None in texts else len(texts)
     return texts[:done]  # type: ignore[return-value]
 

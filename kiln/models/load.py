@@ -267,8 +267,13 @@ def _as_saved(path: Path, tokenizer: Any) -> Any:
     loaded = type(getattr(backend, "model", None)).__name__
     if backend is None or loaded == saved:
         return tokenizer
-    logger.info("%s: a %s tokenizer, which %s would load as %s; loading it as saved",
-                file, saved, type(tokenizer).__name__, loaded)  # fmt: skip
+    logger.info(
+        "%s: a %s tokenizer, which %s would load as %s; loading it as saved",
+        file,
+        saved,
+        type(tokenizer).__name__,
+        loaded,
+    )
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 

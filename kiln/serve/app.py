@@ -94,8 +94,9 @@ class StartIn(BaseModel):
     config_id: str | None = None
     dataset_path: str | None = None
     name: str | None = Field(None, max_length=200)
-    nproc: int = Field(1, ge=1, le=64, strict=True,
-                       description="ranks on one node (kiln train --nproc)")  # fmt: skip
+    nproc: int = Field(
+        1, ge=1, le=64, strict=True, description="ranks on one node (kiln train --nproc)"
+    )
 
 
 class Problem(BaseModel):
@@ -105,10 +106,12 @@ class Problem(BaseModel):
 _CODES = (400, 401, 403, 404, 409, 413, 422)
 _ERRORS = {code: {"model": Problem} for code in _CODES}
 _JSON_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"description": "an error, as JSON",
-           "content": {"application/json": {"schema": Problem.model_json_schema()}}}
+    code: {
+        "description": "an error, as JSON",
+        "content": {"application/json": {"schema": Problem.model_json_schema()}},
+    }
     for code in _CODES
-}  # fmt: skip
+}
 """For routes whose success is not JSON (text, a stream, a file): their errors still are."""
 _BYTES = {"description": "the file's bytes", "content": {"application/octet-stream": {}}}
 
@@ -169,8 +172,11 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Any, status: int) -> None:
-        detail = (f"the request body is over {self.limit} bytes" if status == 413
-                  else "Content-Length is not a number")  # fmt: skip
+        detail = (
+            f"the request body is over {self.limit} bytes"
+            if status == 413
+            else "Content-Length is not a number"
+        )
         await JSONResponse({"detail": detail}, status)({"type": "http"}, None, send)
 
 
@@ -179,8 +185,13 @@ def make_executor(settings: Settings, store: Store) -> Executor:
         from kiln.serve.ray_jobs import RayExecutor
 
         assert settings.ray_address is not None, "the ray executor needs ray_address"
-        return RayExecutor(store, settings.ray_address, settings.max_concurrent, settings.grace_s,
-                           settings.gpus_per_rank)  # fmt: skip
+        return RayExecutor(
+            store,
+            settings.ray_address,
+            settings.max_concurrent,
+            settings.grace_s,
+            settings.gpus_per_rank,
+        )
     return LocalExecutor(store, settings.max_concurrent, settings.grace_s)
 
 
@@ -190,9 +201,11 @@ def create_app(settings: Settings) -> FastAPI:
     confinement = Confinement(settings.state_dir, settings.allow_read, settings.allow_hub)
     store = Store(settings.url, claim=settings.claim)
     executor = make_executor(settings, store)
-    digests = {scope: hashlib.sha256(token.encode()).digest()
-               for scope, token in (("write", settings.token), ("read", settings.read_token))
-               if token is not None}  # fmt: skip
+    digests = {
+        scope: hashlib.sha256(token.encode()).digest()
+        for scope, token in (("write", settings.token), ("read", settings.read_token))
+        if token is not None
+    }
 
     def auth(request: Request) -> None:
         if not digests:
@@ -214,8 +227,13 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         executor.close()
 
-    app = FastAPI(title="kiln", version="1", lifespan=lifespan, responses=_ERRORS,
-                  default_response_class=_Json)  # fmt: skip
+    app = FastAPI(
+        title="kiln",
+        version="1",
+        lifespan=lifespan,
+        responses=_ERRORS,
+        default_response_class=_Json,
+    )
     app.add_middleware(_BodyLimit)
     app.state.store, app.state.executor = store, executor
     guarded = [Depends(auth)]
@@ -295,9 +313,18 @@ def create_app(settings: Settings) -> FastAPI:
         job_id = new_id()
         run_dir = settings.state_dir / "runs" / job_id
         config = _checked(config, confinement, run_dir)
-        job = JobRow(id=job_id, name=name or str(config.get("name") or job_id), config=config,
-                     config_id=body.config_id, run_dir=str(run_dir), state="queued", attempt=0,
-                     resume=False, nproc=body.nproc, created=time.time())  # fmt: skip
+        job = JobRow(
+            id=job_id,
+            name=name or str(config.get("name") or job_id),
+            config=config,
+            config_id=body.config_id,
+            run_dir=str(run_dir),
+            state="queued",
+            attempt=0,
+            resume=False,
+            nproc=body.nproc,
+            created=time.time(),
+        )
         return describe(store.add_job(job))
 
     @app.get("/api/training/jobs", dependencies=guarded)
@@ -316,14 +343,20 @@ def create_app(settings: Settings) -> FastAPI:
     def resume_job(job_id: str) -> dict[str, Any]:
         job = job_or_404(job_id)
         if job.state not in ("paused", "stopped", "failed", "lost"):
-            raise HTTPException(409, f"job {job_id} is {job.state}: only a paused, stopped, "
-                                "failed or lost job resumes")  # fmt: skip
+            raise HTTPException(
+                409,
+                f"job {job_id} is {job.state}: only a paused, stopped, failed or lost job resumes",
+            )
         if not any(Path(job.run_dir, "checkpoints").glob("step-*")):
             raise HTTPException(409, f"job {job_id} has no checkpoint to resume from")
         return describe(executor.resume(job))
 
-    @app.get("/api/training/jobs/{job_id}/logs", dependencies=guarded,
-             response_class=PlainTextResponse, responses=_JSON_ERRORS)  # fmt: skip
+    @app.get(
+        "/api/training/jobs/{job_id}/logs",
+        dependencies=guarded,
+        response_class=PlainTextResponse,
+        responses=_JSON_ERRORS,
+    )
     def job_logs(job_id: str, tail: int = Query(200, ge=1, le=100_000)) -> PlainTextResponse:
         lines = executor.logs(job_or_404(job_id))
         return PlainTextResponse("\n".join(lines[-tail:]) + ("\n" if lines else ""))
@@ -347,9 +380,12 @@ def create_app(settings: Settings) -> FastAPI:
     def job_throughput(job_id: str) -> dict[str, Any]:
         return throughput(job_or_404(job_id).run_dir)
 
-    @app.get("/api/training/jobs/{job_id}/events", dependencies=guarded,
-             response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {}}}, **_JSON_ERRORS})  # fmt: skip
+    @app.get(
+        "/api/training/jobs/{job_id}/events",
+        dependencies=guarded,
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}, **_JSON_ERRORS},
+    )
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         """Server-Sent Events: `metrics` (id = step), `checkpoint` as each complete checkpoint
         (and final/) lands, `status` on each change of state, `end` when the job ends.
@@ -359,10 +395,12 @@ def create_app(settings: Settings) -> FastAPI:
         try:  # the step of the last event seen (metrics ids are steps)
             after = int(given) if given else -1
         except ValueError:
-            raise HTTPException(400, f"Last-Event-ID: expected a step number (an integer), got "
-                                f"{given[:40]!r}") from None  # fmt: skip
-        return StreamingResponse(_events(store, job, after, request),
-                                 media_type="text/event-stream")  # fmt: skip
+            raise HTTPException(
+                400, f"Last-Event-ID: expected a step number (an integer), got {given[:40]!r}"
+            ) from None
+        return StreamingResponse(
+            _events(store, job, after, request), media_type="text/event-stream"
+        )
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -380,18 +418,23 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"no complete checkpoint {checkpoint_id}")
         return where
 
-    @app.get("/api/training/checkpoints/{checkpoint_id}/download", dependencies=guarded,
-             response_class=StreamingResponse,
-             responses={200: {"content": {"application/x-tar": {}}}, **_JSON_ERRORS})  # fmt: skip
+    @app.get(
+        "/api/training/checkpoints/{checkpoint_id}/download",
+        dependencies=guarded,
+        response_class=StreamingResponse,
+        responses={200: {"content": {"application/x-tar": {}}}, **_JSON_ERRORS},
+    )
     def download(checkpoint_id: str) -> StreamingResponse:
         where = checkpoint_or_404(checkpoint_id)
         headers = {"Content-Disposition": f'attachment; filename="{checkpoint_id}.tar"'}
-        return StreamingResponse(tar_stream(where), media_type="application/x-tar",
-                                 headers=headers)  # fmt: skip
+        return StreamingResponse(tar_stream(where), media_type="application/x-tar", headers=headers)
 
-    @app.get("/api/training/checkpoints/{checkpoint_id}/files/{name:path}",
-             dependencies=guarded, response_class=FileResponse,
-             responses={200: _BYTES, 206: _BYTES, **_JSON_ERRORS})  # fmt: skip
+    @app.get(
+        "/api/training/checkpoints/{checkpoint_id}/files/{name:path}",
+        dependencies=guarded,
+        response_class=FileResponse,
+        responses={200: _BYTES, 206: _BYTES, **_JSON_ERRORS},
+    )
     def checkpoint_file(checkpoint_id: str, name: str) -> FileResponse:
         where = checkpoint_or_404(checkpoint_id)
         path = (where / name).resolve()

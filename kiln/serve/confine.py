@@ -40,20 +40,46 @@ URL_KEYS = ("notify.senders.api_url",)
 PATH_KEYS = READ_KEYS + CACHE_KEYS + RUN_KEYS + SERVER_KEYS + URL_KEYS
 """Every key of a run config that names a place, each confined or refused here."""
 
-NOT_PATHS = frozenset({
-    "name",  # one path component, validated by RunConfig
-    "data.hf_split", "data.text_field", "data.source_template", "data.target_template",
-    "data.prompt_template", "data.response_template", "data.templates.prompt",
-    "data.templates.response", "data.collator", "data.quality_field",
-    "data.curriculum.difficulty", "data.augment.name", "data.augment.options",
-    "train.device", "eval.sample_prompt", "eval.generate.metrics", "eval.generate.prompt_split",
-    "eval.early_stopping.metric", "checkpoint.metric", "lora.target_modules",
-    "lora.modules_to_save", "log.wandb.project", "log.wandb.entity", "log.wandb.run_name",
-    "log.wandb.group", "log.wandb.tags", "log.mlflow.experiment", "log.mlflow.run_name",
-    "log.mlflow.parent_run_id", "notify.senders.url_env", "notify.senders.token_env",
-    "notify.senders.account_sid_env", "notify.senders.auth_token_env",
-    "notify.senders.from_env", "notify.senders.to_env",
-})  # fmt: skip
+NOT_PATHS = frozenset(
+    {
+        "name",  # one path component, validated by RunConfig
+        "data.hf_split",
+        "data.text_field",
+        "data.source_template",
+        "data.target_template",
+        "data.prompt_template",
+        "data.response_template",
+        "data.templates.prompt",
+        "data.templates.response",
+        "data.collator",
+        "data.quality_field",
+        "data.curriculum.difficulty",
+        "data.augment.name",
+        "data.augment.options",
+        "train.device",
+        "eval.sample_prompt",
+        "eval.generate.metrics",
+        "eval.generate.prompt_split",
+        "eval.early_stopping.metric",
+        "checkpoint.metric",
+        "lora.target_modules",
+        "lora.modules_to_save",
+        "log.wandb.project",
+        "log.wandb.entity",
+        "log.wandb.run_name",
+        "log.wandb.group",
+        "log.wandb.tags",
+        "log.mlflow.experiment",
+        "log.mlflow.run_name",
+        "log.mlflow.parent_run_id",
+        "notify.senders.url_env",
+        "notify.senders.token_env",
+        "notify.senders.account_sid_env",
+        "notify.senders.auth_token_env",
+        "notify.senders.from_env",
+        "notify.senders.to_env",
+    }
+)
 """String fields that name no file: names, templates, metrics, module names, the names of
 environment variables (whose values the server's environment holds)."""
 
@@ -125,8 +151,9 @@ class Confinement:
             if isinstance(value, str):
                 node[leaf] = check(key, value)
             elif isinstance(value, list) and key.startswith("data."):
-                node[leaf] = [check(f"{key}.{i}", v) if isinstance(v, str) else v
-                              for i, v in enumerate(value)]  # fmt: skip
+                node[leaf] = [
+                    check(f"{key}.{i}", v) if isinstance(v, str) else v for i, v in enumerate(value)
+                ]
         except KilnError as exc:  # (resolve_path's too: a NUL byte, a symlink loop)
             problems += exc.problems
 
@@ -140,11 +167,15 @@ class Confinement:
         if hub:
             name = value.removeprefix(_HF)
             if not self.allow_hub:
-                raise ConfinementError(f"{key}: {value!r} is not a path in the server's "
-                                       "state directory (hub names need --allow-hub)")  # fmt: skip
+                raise ConfinementError(
+                    f"{key}: {value!r} is not a path in the server's "
+                    "state directory (hub names need --allow-hub)"
+                )
             if _exists(Path(name)):  # the loaders would take the server's local copy instead
-                raise ConfinementError(f"{key}: {value!r} names a path in the server's working "
-                                       "directory, outside its state directory")  # fmt: skip
+                raise ConfinementError(
+                    f"{key}: {value!r} names a path in the server's working "
+                    "directory, outside its state directory"
+                )
             return value
         path = self._absolute(value, self.state_dir)
         if _GLOB.search(value) and not _exists(path):
@@ -169,8 +200,10 @@ class Confinement:
     def _readable(self, key: str, value: str, where: Path) -> None:
         if not any(is_within(where, root) for root in self._roots):
             extra = " or an --allow-read directory" if self.allow_read else ""
-            raise ConfinementError(f"{key}: {value} is outside the server's state directory"
-                                   f"{extra}: kiln serve reads only there")  # fmt: skip
+            raise ConfinementError(
+                f"{key}: {value} is outside the server's state directory"
+                f"{extra}: kiln serve reads only there"
+            )
 
     def write(self, key: str, value: str, base: Path) -> str:
         """A place jobs write (a cache, tracker files), absolute, inside `base`."""
@@ -181,8 +214,9 @@ class Confinement:
     def _inside(self, key: str, value: str, path: str, base: Path) -> str:
         where = resolve_path(self._absolute(path, base), key)
         if not is_within(where, resolve_path(base, key)):
-            raise ConfinementError(f"{key}: {value} is outside {base}: a job of kiln serve "
-                                   "writes only there")  # fmt: skip
+            raise ConfinementError(
+                f"{key}: {value} is outside {base}: a job of kiln serve writes only there"
+            )
         return str(where)
 
     def _tracking_uri(self, key: str, value: str, base: Path) -> str:
@@ -194,9 +228,11 @@ class Confinement:
         if scheme == "file":
             return Path(self._inside(key, value, urlsplit(value).path, base)).as_uri()
         if len(scheme) > 1:  # (a drive letter is not a scheme)
-            raise ConfinementError(f"{key}: {scheme}: URIs are not accepted by kiln serve; "
-                                   "leave it unset (the server's $MLFLOW_TRACKING_URI, else "
-                                   "<run_dir>/mlflow.db)")  # fmt: skip
+            raise ConfinementError(
+                f"{key}: {scheme}: URIs are not accepted by kiln serve; "
+                "leave it unset (the server's $MLFLOW_TRACKING_URI, else "
+                "<run_dir>/mlflow.db)"
+            )
         return self._inside(key, value, value, base)
 
     @staticmethod
@@ -219,8 +255,10 @@ def _foreign_urls(notify: Any) -> list[str]:
     for i, sender in enumerate(senders if isinstance(senders, list) else []):
         url = sender.get("api_url") if isinstance(sender, dict) else None
         if isinstance(url, str) and url.rstrip("/") != _TWILIO:
-            problems.append(f"notify.senders.{i}.api_url: a job of kiln serve sends Twilio's "
-                            f"credentials to {_TWILIO} only")  # fmt: skip
+            problems.append(
+                f"notify.senders.{i}.api_url: a job of kiln serve sends Twilio's "
+                f"credentials to {_TWILIO} only"
+            )
     return problems
 
 

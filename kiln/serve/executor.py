@@ -43,8 +43,13 @@ __all__ = [
 
 log = logging.getLogger("kiln")
 
-_END_STATES = {"finished": "succeeded", "paused": "paused", "stopped": "stopped",
-               "diverged": "diverged", "failed": "failed"}  # fmt: skip
+_END_STATES = {
+    "finished": "succeeded",
+    "paused": "paused",
+    "stopped": "stopped",
+    "diverged": "diverged",
+    "failed": "failed",
+}
 """status.json's end state -> the job's."""
 
 
@@ -150,8 +155,9 @@ class QueueExecutor(ABC):
 
     def start(self, interval_s: float = 0.25) -> None:
         self.reconcile()
-        self._thread = threading.Thread(target=self._loop, args=(interval_s,), daemon=True,
-                                        name="kiln-serve-executor")  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._loop, args=(interval_s,), daemon=True, name="kiln-serve-executor"
+        )
         self._thread.start()
 
     def close(self) -> None:
@@ -219,9 +225,17 @@ class QueueExecutor(ABC):
         (run_dir.parent / f"{job.id}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         job.attempt += 1
         found = self._submit(job, self.command(job), run_dir.parent / f"{job.id}.log")
-        self.store.update_job(job.id, state="starting", attempt=job.attempt, started=time.time(),
-                              ended=None, exit_code=None, error=None, stop_requested=None,
-                              **found)  # fmt: skip
+        self.store.update_job(
+            job.id,
+            state="starting",
+            attempt=job.attempt,
+            started=time.time(),
+            ended=None,
+            exit_code=None,
+            error=None,
+            stop_requested=None,
+            **found,
+        )
 
     def _ended(self, job: JobRow, code: int | None) -> None:
         status = read_status(job.run_dir) or {}
@@ -229,8 +243,9 @@ class QueueExecutor(ABC):
             code = int(status["exit_code"])
         state = state_for_exit(code, Path(job.run_dir), job.stop_requested is not None)
         error = status.get("error") if state == "failed" else None
-        self.store.update_job(job.id, state=state, exit_code=code, ended=time.time(),
-                              pid=None, error=error)  # fmt: skip
+        self.store.update_job(
+            job.id, state=state, exit_code=code, ended=time.time(), pid=None, error=error
+        )
         log.info("serve: job %s %s (exit code %s)", job.id, state, code)
 
     def stop(self, job: JobRow) -> JobRow:
@@ -273,8 +288,14 @@ class LocalExecutor(QueueExecutor):
         with logfile.open("a") as out:
             out.write(f"--- attempt {job.attempt}: {' '.join(command)}\n")
             out.flush()
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=job_env(),
-                                    stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=job_env(),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.procs[job.id] = proc
         return {"pid": proc.pid, "pid_start": process_start(proc.pid), "handle": None}
 
@@ -337,11 +358,22 @@ def reindex(store: Store, runs_root: Path) -> list[str]:
         here = status.get("host") == socket.gethostname()  # another machine's pid means nothing
         pid = status.get("pid") if alive and here else None
         stamp = status.get("started_at") or run_dir.stat().st_mtime
-        store.add_job(JobRow(
-            id=run_dir.name, name=str(config.get("name") or run_dir.name), config=config,
-            run_dir=str(run_dir), state=job_state, attempt=1, resume=False, pid=pid,
-            pid_start=process_start(pid) if pid else None, exit_code=status.get("exit_code"),
-            error=status.get("error"), created=float(stamp), started=float(stamp),
-        ))  # fmt: skip
+        store.add_job(
+            JobRow(
+                id=run_dir.name,
+                name=str(config.get("name") or run_dir.name),
+                config=config,
+                run_dir=str(run_dir),
+                state=job_state,
+                attempt=1,
+                resume=False,
+                pid=pid,
+                pid_start=process_start(pid) if pid else None,
+                exit_code=status.get("exit_code"),
+                error=status.get("error"),
+                created=float(stamp),
+                started=float(stamp),
+            )
+        )
         added.append(run_dir.name)
     return added

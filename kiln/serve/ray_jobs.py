@@ -32,14 +32,21 @@ __all__ = ["RayExecutor"]
 class RayExecutor(QueueExecutor):
     """Jobs as Ray Jobs on the cluster whose dashboard is at `address` (`Executor`)."""
 
-    def __init__(self, store: Store, address: str, max_concurrent: int = 1,
-                 grace_s: float = 60.0, gpus_per_rank: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        address: str,
+        max_concurrent: int = 1,
+        grace_s: float = 60.0,
+        gpus_per_rank: float = 0.0,
+    ) -> None:
         super().__init__(store, max_concurrent, grace_s)
         try:
             from ray.job_submission import JobSubmissionClient
         except ImportError:
-            raise KilnError("--executor ray needs Ray Jobs' client: pip install "
-                            "'kiln[ray]'") from None  # fmt: skip
+            raise KilnError(
+                "--executor ray needs Ray Jobs' client: pip install 'kiln[ray]'"
+            ) from None
         try:
             self.client = JobSubmissionClient(address)
         except (ConnectionError, RuntimeError) as exc:
@@ -60,8 +67,9 @@ class RayExecutor(QueueExecutor):
                 entrypoint=f"cd {shlex.quote(os.getcwd())} && {shlex.join(command)}",
                 submission_id=handle,
                 runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(int(self.grace_s))}},
-                entrypoint_num_gpus=gpus or None, metadata={"kiln_job": job.id},
-            )  # fmt: skip
+                entrypoint_num_gpus=gpus or None,
+                metadata={"kiln_job": job.id},
+            )
         except RuntimeError as exc:  # "already exists": submitted before a crash, so adopted
             if "already exists" not in str(exc):
                 raise
@@ -70,14 +78,18 @@ class RayExecutor(QueueExecutor):
     def _find(self, job: JobRow) -> JobRow:
         """A job the store knows no Ray handle for (`--reindex` found it in its run
         directory): its newest Ray job, by the `kiln_job` metadata every submission carries."""
-        mine = [j for j in self.client.list_jobs()
-                if (j.metadata or {}).get("kiln_job") == job.id and j.submission_id]  # fmt: skip
+        mine = [
+            j
+            for j in self.client.list_jobs()
+            if (j.metadata or {}).get("kiln_job") == job.id and j.submission_id
+        ]
         if not mine:
             return job
         newest = max(mine, key=lambda j: j.start_time or 0)
         attempt = int(str(newest.submission_id).rpartition("-")[2])
-        return self.store.update_job(job.id, handle=newest.submission_id, attempt=attempt,
-                                     pid=None, pid_start=None)  # fmt: skip
+        return self.store.update_job(
+            job.id, handle=newest.submission_id, attempt=attempt, pid=None, pid_start=None
+        )
 
     def _poll(self, job: JobRow) -> tuple[bool, int | None]:
         if job.handle is None:

@@ -18,8 +18,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 __all__ = ["ACTIVE", "CLAIM_KEY", "STATES", "VERSION_TABLE", "ConfigRow", "JobRow", "Store"]
 
-STATES = ("queued", "starting", "running", "paused", "succeeded", "failed", "diverged",
-          "stopped", "lost")  # fmt: skip
+STATES = (
+    "queued",
+    "starting",
+    "running",
+    "paused",
+    "succeeded",
+    "failed",
+    "diverged",
+    "stopped",
+    "lost",
+)
 ACTIVE = ("queued", "starting", "running")
 VERSION_TABLE = "kiln_serve_alembic_version"
 """Where alembic keeps this schema's revision: not `alembic_version`, which Optuna and MLflow
@@ -70,8 +79,22 @@ class JobRow(Base):
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("id", "name", "config_id", "run_dir", "state", "attempt", "nproc", "pid",
-                "handle", "exit_code", "error", "created", "started", "ended")  # fmt: skip
+        keys = (
+            "id",
+            "name",
+            "config_id",
+            "run_dir",
+            "state",
+            "attempt",
+            "nproc",
+            "pid",
+            "handle",
+            "exit_code",
+            "error",
+            "created",
+            "started",
+            "ended",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -135,8 +158,9 @@ class Store:
             except BlockingIOError:
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise KilnError(f"{taken} (pid {holder}); stop it, or give this one its own "
-                                "--state-dir or --db") from None  # fmt: skip
+                raise KilnError(
+                    f"{taken} (pid {holder}); stop it, or give this one its own --state-dir or --db"
+                ) from None
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             self._claim: Any = fd  # held open: the lock lives as long as this process

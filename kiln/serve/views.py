@@ -109,17 +109,31 @@ def checkpoints(run_dir: str | Path, metric: str = "val_loss") -> list[dict[str,
     best = min(scored, key=lambda c: c.manifest["metrics"][metric]).step if scored else None
     for c in entries:
         size = sum(p.stat().st_size for p in c.path.rglob("*") if p.is_file())
-        found.append({
-            "id": f"step-{c.step}", "step": c.step, "bytes": size,
-            "metric": ((c.manifest or {}).get("metrics") or {}).get(metric),
-            "best": c.step == best, "final": False,
-            "manifest_sha256": _sha256(c.path / MANIFEST),
-        })  # fmt: skip
+        found.append(
+            {
+                "id": f"step-{c.step}",
+                "step": c.step,
+                "bytes": size,
+                "metric": ((c.manifest or {}).get("metrics") or {}).get(metric),
+                "best": c.step == best,
+                "final": False,
+                "manifest_sha256": _sha256(c.path / MANIFEST),
+            }
+        )
     if paths.final.is_dir():
         size = sum(p.stat().st_size for p in paths.final.rglob("*") if p.is_file())
         step = (read_status(run_dir) or {}).get("step")
-        found.append({"id": "final", "step": step, "bytes": size, "metric": None, "best": False,
-                      "final": True, "manifest_sha256": None})  # fmt: skip
+        found.append(
+            {
+                "id": "final",
+                "step": step,
+                "bytes": size,
+                "metric": None,
+                "best": False,
+                "final": True,
+                "manifest_sha256": None,
+            }
+        )
     return found
 
 

@@ -376,9 +376,12 @@ class Controller:
         best = _best_trial(self.study)
         self.voice.best = None if best is None else best.value
         spec = self.sweep.spec
-        self.voice.send("start", f"sweep {self.sweep.name} started: {spec.method} search of "
-                        f"{spec.metric} over {len(spec.space)} keys, {spec.trials} trials",
-                        len(self.study.get_trials(deepcopy=False)))  # fmt: skip
+        self.voice.send(
+            "start",
+            f"sweep {self.sweep.name} started: {spec.method} search of "
+            f"{spec.metric} over {len(spec.space)} keys, {spec.trials} trials",
+            len(self.study.get_trials(deepcopy=False)),
+        )
         self.queue = self._resumable()
         if spec.timeout_s is not None:
             self.deadline = time.monotonic() + spec.timeout_s
@@ -415,16 +418,23 @@ class Controller:
         if self.mlflow is not None:
             best_value = best["value"] if best else None
             self.mlflow.end(finished=not self.stopping, best=best_value)
-        self.voice.send("end", f"sweep {self.sweep.name} ended: {counts}{found}",
-                        sum(summary["trials"].values()), **metrics)  # fmt: skip
+        self.voice.send(
+            "end",
+            f"sweep {self.sweep.name} ended: {counts}{found}",
+            sum(summary["trials"].values()),
+            **metrics,
+        )
         summary["paused"] = None
         if self.stopped_by is not None and not self._finished():
             summary["paused"] = self.stopped_by
             why = (
                 f"{spec.timeout_s:g} s ran out" if self.stopped_by == "timeout" else self.stopped_by
             )
-            log.warning("sweep paused (%s): %s; run the same kiln sweep command again to "
-                        "continue", why, counts or "no trials")  # fmt: skip
+            log.warning(
+                "sweep paused (%s): %s; run the same kiln sweep command again to continue",
+                why,
+                counts or "no trials",
+            )
         return summary
 
 
@@ -452,8 +462,9 @@ def run(
             not isinstance(before, dict)
             or before.get("space") != sweep.resolved()["sweep"]["space"]
         ):
-            raise KilnError(f"{sweep.dir}: a sweep of another space ran here; choose another "
-                            "output_dir or name")  # fmt: skip
+            raise KilnError(
+                f"{sweep.dir}: a sweep of another space ran here; choose another output_dir or name"
+            )
     _write_definition(sweep)
     controller = Controller(sweep, storage)
     if SWEEP_ATTR not in controller.study.user_attrs:  # what `kiln sweep agent` joins
@@ -509,8 +520,10 @@ def agent(
         if raw is not None:
             break
         if time.monotonic() > deadline:
-            raise KilnError(f"--study {study}: {why} in {storage} after {wait_s:.0f}s; "
-                            "start it with kiln sweep FILE --storage ...")  # fmt: skip
+            raise KilnError(
+                f"--study {study}: {why} in {storage} after {wait_s:.0f}s; "
+                "start it with kiln sweep FILE --storage ..."
+            )
         time.sleep(0.5)
     where = None if directory is None else Path(directory)
     sweep = sweep_from_dict(raw, f"{storage} (study {study})", where)

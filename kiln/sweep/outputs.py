@@ -102,12 +102,16 @@ def _markdown(
 ) -> str:
     spec = sweep.spec
     lines = [f"# Sweep report: {sweep.name}", ""]
-    lines.append(f"{spec.method} search of {spec.metric} ({spec.mode}), {len(rows)} of "
-                 f"{spec.trials} trials.")  # fmt: skip
+    lines.append(
+        f"{spec.method} search of {spec.metric} ({spec.mode}), {len(rows)} of {spec.trials} trials."
+    )
     if best is not None:
         params = ", ".join(f"{k}={v}" for k, v in best.params.items())
-        lines += ["", f"Best: trial {best.number}, {spec.metric} {best.value:.6g} ({params}); "
-                  "`kiln train best.yaml` runs it again."]  # fmt: skip
+        lines += [
+            "",
+            f"Best: trial {best.number}, {spec.metric} {best.value:.6g} ({params}); "
+            "`kiln train best.yaml` runs it again.",
+        ]
     if rows:
         keys = [k for k in rows[0] if k.startswith("params.")]
         head = ["trial", "state", spec.metric, "best step", *(k[7:] for k in keys), "wall s"]
@@ -137,11 +141,15 @@ def summarize(sweep: Sweep, study: Any) -> dict[str, Any]:
     return {
         "dir": str(sweep.dir),
         "trials": counts,
-        "best": None if best is None else {
-            "number": best.number, "value": best.value, "params": dict(best.params),
+        "best": None
+        if best is None
+        else {
+            "number": best.number,
+            "value": best.value,
+            "params": dict(best.params),
             "run_dir": str(sweep.trial_dir(best.number)),
         },
-    }  # fmt: skip
+    }
 
 
 def _open_dir(directory: str | Path, storage: str | None) -> tuple[Sweep, Any]:

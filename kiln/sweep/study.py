@@ -132,8 +132,13 @@ def sweep_from_dict(raw: dict[str, Any], source: str, directory: Path | None = N
     raw = dict(raw)
     sweep_raw = raw.pop("sweep", None)
     if not isinstance(sweep_raw, dict):
-        raise ConfigError(["sweep: required section is missing (a sweep file is a run config "
-                           "plus a sweep: section)"], source)  # fmt: skip
+        raise ConfigError(
+            [
+                "sweep: required section is missing (a sweep file is a run config "
+                "plus a sweep: section)"
+            ],
+            source,
+        )
     try:
         spec = SweepConfig.model_validate(sweep_raw)
     except ValidationError as err:

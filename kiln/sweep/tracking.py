@@ -46,8 +46,12 @@ class MlflowParent:
                 self.client.update_run(run_id, status="RUNNING")
             except Exception:  # an agent with its own store (`--dir` on another machine)
                 where = self.client.tracking_uri
-                log.warning("sweep: the MLflow parent run %s is not in %s; this controller's "
-                            "trials nest under a new one", run_id, where)  # fmt: skip
+                log.warning(
+                    "sweep: the MLflow parent run %s is not in %s; this controller's "
+                    "trials nest under a new one",
+                    run_id,
+                    where,
+                )
                 run_id, shared = None, False
         if run_id is None:
             run_id = self._create(sweep, opts.experiment)
@@ -76,8 +80,14 @@ class MlflowParent:
         """A new best value, at step = how many bests this controller has logged (a strictly
         increasing series: the last point is the best)."""
         self.bests += 1
-        self._retry("log the best", self.client.log_metric, self.run_id,
-                    f"best_{self.metric}", value, step=self.bests)  # fmt: skip
+        self._retry(
+            "log the best",
+            self.client.log_metric,
+            self.run_id,
+            f"best_{self.metric}",
+            value,
+            step=self.bests,
+        )
         self.logged = value
 
     def end(self, finished: bool, best: float | None = None) -> None:

@@ -8,7 +8,11 @@ from alembic import context
 from kiln.serve.store import VERSION_TABLE, Base
 
 connection = context.config.attributes["connection"]
-context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
-                  version_table=VERSION_TABLE)  # fmt: skip
+context.configure(
+    connection=connection,
+    target_metadata=Base.metadata,
+    render_as_batch=True,
+    version_table=VERSION_TABLE,
+)
 with context.begin_transaction():
     context.run_migrations()
