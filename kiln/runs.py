@@ -22,14 +22,17 @@ everything that drives runs without a live Trainer (sweeps, the REST server, a d
 Light to import (no torch, no transformers, no kiln.engine): a server can poll many runs from
 a small process. Typical use, tailing a live run:
 
-    offset = 0
+    tail = MetricsTail(run_dir)
     while run_state(read_status(run_dir)) in ACTIVE_STATES:
-        records, offset = read_metrics(run_dir, offset)
-        ...
+        new, rewritten = tail.read()   # rewritten: a resume or rollback cut the history back;
+        ...                            # tail.records is the whole current history
+
+How a run ends (status.json's state, `kiln train`'s exit code): `STATE_EXIT_CODES`, `ExitCode`.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import re
@@ -47,6 +50,7 @@ __all__ = [
     "CHECKPOINTS",
     "CONFIG",
     "DATA_STATS",
+    "END_STATES",
     "EVAL",
     "EXPORT",
     "FINAL",
@@ -58,10 +62,13 @@ __all__ = [
     "SAMPLES",
     "STALE_AFTER_S",
     "STATES",
+    "STATE_EXIT_CODES",
     "STATUS",
     "SUMMARY",
     "TRAIN_LOG",
     "CheckpointEntry",
+    "ExitCode",
+    "MetricsTail",
     "RunInfo",
     "RunPaths",
     "config_file",
@@ -98,10 +105,45 @@ FINAL_CONFIG = "kiln_config.yaml"
 MANIFEST = "manifest.json"
 """Inside a checkpoint directory, written last (see `kiln.checkpoint`)."""
 
+
+class ExitCode(enum.IntEnum):
+    """The exit codes of `kiln train` (and of the other commands: `kiln sweep` pauses with 3,
+    every command answers bad input with 2). The one definition: the CLI, the engine's
+    status.json, sweeps, the server and the docs take them from here."""
+
+    FINISHED = 0
+    """Finished: final/ written (early stopping included)."""
+    FAILED = 1
+    """An error that is not bad input (a bug, a crash): the traceback is printed."""
+    BAD_INPUT = 2
+    """Bad config, data, arguments or files: one line naming the key path or file:line."""
+    PAUSED = 3
+    """Stopped with a checkpoint (SIGTERM, Ctrl-C, a sweep pausing or pruning it): resumable."""
+    DIVERGED = 4
+    """The loss or gradients diverged (train.anomaly: stop), or a check of it failed."""
+    STORAGE_FULL = 5
+    """The disk filled up while writing (`kiln.files.StorageFull`): resumable once freed."""
+    ABORTED = 130
+    """A second Ctrl-C: aborted at once (checkpoints already written stay). A signal before
+    training started, with nothing to resume, exits 128 + its number (143 for SIGTERM)."""
+
+
 STATES = ("starting", "running", "paused", "finished", "failed", "diverged", "stopped")
 """The `state` values of status.json (format 1); `run_state` adds "lost"."""
 ACTIVE_STATES = ("starting", "running")
 """States of a run whose process is still expected to be alive."""
+END_STATES = ("paused", "finished", "failed", "diverged", "stopped")
+"""States a run writes when it ends (the process is gone, or going)."""
+STATE_EXIT_CODES: dict[str, ExitCode] = {
+    "finished": ExitCode.FINISHED,
+    "paused": ExitCode.PAUSED,  # resumable stop (a signal, a sweep's pause)
+    "stopped": ExitCode.PAUSED,  # ended without final/ (a sweep pruned it): resumable too
+    "diverged": ExitCode.DIVERGED,
+    "failed": ExitCode.FAILED,  # or the error's own: BAD_INPUT, STORAGE_FULL, ABORTED, 128+sig
+}
+"""End state -> the exit code a run in it ends with: the one table (status.json's exit_code,
+the CLI's, a sweep's and the server's reading of a code). A failed run's code depends on its
+error (`kiln.engine.status.exit_code_for`); the table gives the generic one."""
 STALE_AFTER_S = 1800.0
 """Default heartbeat age after which a run on another host counts as lost. The engine rewrites
 status.json at the start, at every log step and after each validation, so the gap can be long
@@ -344,18 +386,42 @@ def read_metrics(
     again. When `offset` no longer falls at a line start of the file (it is past the end, or
     mid-line), the file was rewritten and it is read again from the start: a reader then sees
     steps it already has, and should replace its records from the first repeated step on.
+    A rewritten file that is as long as `offset` with a line start there is not seen by this
+    rule: `MetricsTail` also compares the file's identity, and says when it was rewritten.
     """
-    path = RunPaths(run_dir).metrics
+    records, offset, _, _ = _read_records(
+        RunPaths(run_dir).metrics, offset, None, unterminated=unterminated
+    )
+    return records, offset
+
+
+def _file_id(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
+def _read_records(
+    path: Path, offset: int, identity: tuple[int, int] | None, *, unterminated: bool = False
+) -> tuple[list[dict[str, Any]], int, tuple[int, int] | None, bool]:
+    """(records, next offset, the file's identity, whether it was read again from byte 0
+    because it was rewritten) of metrics.jsonl from `offset`. Rewritten: `identity` (the
+    (st_dev, st_ino) of the file read before; None: not known) is not this file's, or
+    `offset` does not fall at a line start. The identity is taken from the open file, so it
+    belongs to the bytes read even when the file is replaced meanwhile. No file: ([], offset,
+    None, False)."""
     try:
         with open(path, "rb") as f:
-            if offset > 0:
+            now = _file_id(os.fstat(f.fileno()))
+            rewritten = identity is not None and now != identity  # replaced: write_atomic
+            if rewritten:
+                offset = 0
+            elif offset > 0:
                 f.seek(offset - 1)
-                if f.read(1) != b"\n":  # past the end, or mid-line: rewritten
-                    offset = 0
+                if f.read(1) != b"\n":  # past the end, or mid-line: rewritten in place
+                    offset, rewritten = 0, True
             f.seek(offset)
             data = f.read()
     except FileNotFoundError:
-        return [], offset
+        return [], offset, None, False
     end = data.rfind(b"\n") + 1
     lines = data[:end].splitlines()
     if unterminated and end < len(data):
@@ -369,7 +435,47 @@ def read_metrics(
         step = record.get("step") if isinstance(record, dict) else None
         if isinstance(step, int) and not isinstance(step, bool):  # a step that is a number
             records.append(record)
-    return records, offset + end
+    return records, offset + end, now, rewritten
+
+
+class MetricsTail:
+    """Follows metrics.jsonl of a run as it grows, and as a resume or an anomaly rollback
+    rewrites it: the one metrics follower for everything that watches runs (sweeps, the
+    server, a dashboard).
+
+        tail = MetricsTail(run_dir)
+        new, rewritten = tail.read()  # call again and again
+        tail.records                  # the run's whole current history
+
+    The engine cuts metrics.jsonl back to a checkpoint's step by replacing it atomically
+    (`kiln.files.write_atomic`: a new file), then logs the later steps again. A rewrite is
+    seen when the file is another one (its (st_dev, st_ino) changed), or when the offset read
+    up to no longer falls at a line start (`read_metrics`' rule: a file cut in place), or
+    when the file is gone after being read. Then the file is read again from byte 0, `read`
+    returns the whole new history with rewritten=True, and `records` is replaced by it (the
+    rows the rollback dropped are gone from it).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.path = RunPaths(run_dir).metrics
+        self.offset = 0
+        """The byte offset read up to (a line start of the file read)."""
+        self.records: list[dict[str, Any]] = []
+        """Every record of the current history, in file order."""
+        self._identity: tuple[int, int] | None = None
+
+    def read(self) -> tuple[list[dict[str, Any]], bool]:
+        """(the records logged since the last call, whether the file was rewritten: then the
+        records are the whole new history, and `records` holds just them)."""
+        records, offset, identity, rewritten = _read_records(self.path, self.offset, self._identity)
+        if identity is None and self._identity is not None:  # removed (a run started afresh)
+            records, offset, rewritten = [], 0, True
+        self._identity, self.offset = identity, offset
+        if rewritten:
+            self.records = list(records)
+        else:
+            self.records.extend(records)
+        return records, rewritten
 
 
 # ---- anomalies -------------------------------------------------------------------------------

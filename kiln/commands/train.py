@@ -24,6 +24,7 @@ from kiln.commands import add_config_args, add_flag
 from kiln.config import RunConfig, load_config
 from kiln.engine.signals import StoppedBeforeStart
 from kiln.errors import KilnError
+from kiln.runs import CHECKPOINTS, MANIFEST, RunPaths, run_dir_of
 
 HELP = "train a model described by a config"
 QUIET_HF = True
@@ -170,13 +171,17 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _run_dir_of(path: Path) -> Path | None:
-    """The run directory of a run directory or of one of its checkpoints (None: neither)."""
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        return path
-    if (path / "manifest.json").is_file() and path.parent.name == "checkpoints":
-        return path.parent.parent
-    return None
+def _resumed_run(path: Path) -> Path | None:
+    """The run `--resume path` continues: `kiln.runs.run_dir_of`'s run, when `path` is that run
+    with its config.yaml and checkpoints/, or one of its checkpoints (with its manifest; not
+    final/, which holds no training state). None: neither."""
+    run = run_dir_of(path)
+    if run is None:
+        return None
+    paths = RunPaths(run)
+    if run == path:
+        return run if paths.config.is_file() and paths.checkpoints.is_dir() else None
+    return run if path.parent.name == CHECKPOINTS and (path / MANIFEST).is_file() else None
 
 
 def _load(args: argparse.Namespace) -> tuple[RunConfig, str | bool | None]:
@@ -194,10 +199,10 @@ def _load(args: argparse.Namespace) -> tuple[RunConfig, str | bool | None]:
         return load_config(config, overrides), resume
     if not isinstance(resume, str):
         raise KilnError("give a CONFIG, or --resume RUN_DIR to continue a run from its config")
-    run_dir = _run_dir_of(Path(resume))
+    run_dir = _resumed_run(Path(resume))
     if run_dir is None:
         raise KilnError(f"--resume: {resume} is not a run directory or one of its checkpoints")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = load_config(RunPaths(run_dir).config, overrides)
     if cfg.run_dir.resolve() == run_dir.resolve():
         return cfg, resume
     # The run continues where it is, wherever it was first started from.

@@ -2,9 +2,9 @@
 dashboard, `kiln runs`). Written atomically (never torn) at the start, at every log step, after
 each validation and at the end; `kiln.runs.read_status` reads it.
 
-States: starting (setting up), running, paused (resumable stop: exit 3), stopped (ended
-without a final model, e.g. pruned: resumable, exit 3), finished (exit 0, early stopping
-included), failed (with the error line and exit code), diverged (exit 4).
+States: starting (setting up), running, paused (resumable stop), stopped (ended without a
+final model, e.g. pruned: resumable), finished (early stopping included), failed (with the
+error line and exit code), diverged. Their exit codes: `kiln.runs.STATE_EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.errors import KilnError, first_line
-from kiln.files import EXIT_STORAGE_FULL, StorageFull, json_text, write_atomic
+from kiln.files import StorageFull, json_text, write_atomic
+from kiln.runs import STATE_EXIT_CODES, ExitCode, RunPaths
 
 if TYPE_CHECKING:
     from kiln.engine.control import StopRequest
     from kiln.engine.state import TrainState
 
-__all__ = ["EXIT_DIVERGED", "STATUS_FILE", "StatusFile", "exit_code_for", "final_state"]
+__all__ = ["StatusFile", "exit_code_for", "final_state"]
 
-STATUS_FILE = "status.json"
 FORMAT = 1
-EXIT_DIVERGED = 4
 
 
 def exit_code_for(exc: BaseException) -> int:
@@ -37,25 +36,27 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, StoppedBeforeStart):
         return exc.exit_code
     if isinstance(exc, KilnError):
-        return 2
+        return ExitCode.BAD_INPUT
     if isinstance(exc, StorageFull):
-        return EXIT_STORAGE_FULL
+        return ExitCode.STORAGE_FULL
     if isinstance(exc, KeyboardInterrupt):
-        return 130
-    return 1
+        return ExitCode.ABORTED
+    return STATE_EXIT_CODES["failed"]
 
 
 def final_state(stop: StopRequest | None) -> tuple[str, int]:
     """(state, exit code) of a run that returned from its loop after `stop` (None: ran out)."""
     if stop is None:
-        return "finished", 0
-    if stop.kind == "diverged":
-        return "diverged", EXIT_DIVERGED
-    if stop.resumable:
-        return "paused", 3
-    if not stop.write_final:
-        return "stopped", 3
-    return "finished", 0
+        state = "finished"
+    elif stop.kind == "diverged":
+        state = "diverged"
+    elif stop.resumable:
+        state = "paused"
+    elif not stop.write_final:
+        state = "stopped"
+    else:
+        state = "finished"
+    return state, STATE_EXIT_CODES[state]
 
 
 class StatusFile:
@@ -64,7 +65,7 @@ class StatusFile:
     def __init__(self, run_dir: Path, *, enabled: bool = True) -> None:
         from kiln import __version__
 
-        self.path = run_dir / STATUS_FILE
+        self.path = RunPaths(run_dir).status
         self.enabled = enabled
         self.data: dict[str, Any] = {
             "format": FORMAT,
