@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kiln.files import fsync_dir, json_text, writing
-from kiln.runs import MANIFEST, step_of
+from kiln.runs import MANIFEST, checkpoint_name, step_of
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointInfo", "CheckpointManager"]
 
@@ -351,7 +351,7 @@ class CheckpointManager:
         Returns:
             The final directory `step-<step>`.
         """
-        final = self.root / f"step-{step}"
+        final = self.root / checkpoint_name(step)
         if not self.enabled:
             return final
         # Disk full: one clear line (the staging directory is removed; older checkpoints stay).
@@ -394,7 +394,7 @@ class CheckpointManager:
     def stage(self, step: int) -> Path:
         """A new, empty staging directory for the checkpoint of `step` (hidden: a crash leaves
         it to `clean_incomplete`); `save(..., staging=...)` completes it."""
-        with writing(f"checkpoint {self.root / f'step-{step}'}"):
+        with writing(f"checkpoint {self.root / checkpoint_name(step)}"):
             self.root.mkdir(parents=True, exist_ok=True)
             staging = self.root / f".staging-step-{step}-{os.getpid()}"
             if staging.exists():

@@ -1,13 +1,14 @@
 """The `kiln` command line; each subcommand lives in `kiln.commands.<name>`.
 
-Exit codes (the README's table): 0 done; 2 bad input (config, data, arguments, files: one line
-per problem on stderr, never a traceback), or refused (a run directory in use, an output that
-would replace what it reads); 3 stopped by SIGTERM/SIGINT after writing a checkpoint, or before
-training started when an earlier checkpoint exists, or stopped without a final model (pruned):
-continue with `--resume RUN_DIR`; 4 diverged (status.json says where); 5 the disk
-(or quota, or file-size limit) ran out while writing: what was written before stays intact;
-130 aborted by a second Ctrl-C, or Ctrl-C before training started with nothing to resume; 143
-SIGTERM before training started with nothing to resume.
+Exit codes (`kiln.runs.ExitCode`, the README's table): 0 done; 2 bad input (config, data,
+arguments, files: one line per problem on stderr, never a traceback), or refused (a run
+directory in use, an output that would replace what it reads); 3 stopped by SIGTERM/SIGINT
+after writing a checkpoint, or before training started when an earlier checkpoint exists, or
+stopped without a final model (pruned): continue with `--resume RUN_DIR`; 4 diverged
+(status.json says where); 5 the disk (or quota, or file-size limit) ran out while writing:
+what was written before stays intact; 130 aborted by a second Ctrl-C, or Ctrl-C before
+training started with nothing to resume; 143 SIGTERM before training started with nothing to
+resume.
 """
 
 from __future__ import annotations
@@ -23,18 +24,16 @@ from types import ModuleType
 from kiln.engine.console import stop_console_log
 from kiln.engine.signals import StoppedBeforeStart, stop_before_start
 from kiln.errors import KilnError
-from kiln.files import EXIT_STORAGE_FULL, StorageFull
+from kiln.files import StorageFull
 from kiln.launcher import say
+from kiln.runs import ExitCode
 
 __all__ = ["main"]
-
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # a second Ctrl-C: aborted at once (checkpoints already written stay)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        self.exit(EXIT_USAGE, f"kiln: error: {message}\n")
+        self.exit(ExitCode.BAD_INPUT, f"kiln: error: {message}\n")
 
 
 COMMANDS = (
@@ -161,14 +160,14 @@ def _run(args: argparse.Namespace) -> int:
             hf_logging.set_verbosity_error()
         return int(module.run(args))
     except KilnError as exc:
-        say([f"kiln: error: {line}" for line in str(exc).splitlines()], EXIT_USAGE)
-        return EXIT_USAGE
+        say([f"kiln: error: {line}" for line in str(exc).splitlines()], ExitCode.BAD_INPUT)
+        return ExitCode.BAD_INPUT
     except StorageFull as exc:
-        say([f"kiln: error: {exc.message()}"], EXIT_STORAGE_FULL)
-        return EXIT_STORAGE_FULL
-    except KeyboardInterrupt:
-        say(["kiln: interrupted"], EXIT_INTERRUPTED)
-        return EXIT_INTERRUPTED
+        say([f"kiln: error: {exc.message()}"], ExitCode.STORAGE_FULL)
+        return ExitCode.STORAGE_FULL
+    except KeyboardInterrupt:  # a second Ctrl-C: aborted at once (checkpoints written stay)
+        say(["kiln: interrupted"], ExitCode.ABORTED)
+        return ExitCode.ABORTED
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
   bare `NaN`, which JSON parsers other than Python's refuse.
 - `storage_full` recognizes "the disk is full" however the writing library reported it, and
   `writing(what)` turns it into `StorageFull`, which the CLI prints as one line naming what was
-  being written (exit code `EXIT_STORAGE_FULL`).
+  being written (exit code `kiln.runs.ExitCode.STORAGE_FULL`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Any, BinaryIO
 from kiln.errors import KilnError
 
 __all__ = [
-    "EXIT_STORAGE_FULL",
     "LOCK_FILE",
     "PRIVATE_MODE",
     "RunLock",
@@ -49,9 +48,6 @@ __all__ = [
     "write_atomic",
     "writing",
 ]
-
-EXIT_STORAGE_FULL = 5
-"""Exit code of `kiln train` when the disk (or quota, or file-size limit) ran out while writing."""
 
 LOCK_FILE = ".kiln.lock"
 PRIVATE_MODE = 0o600

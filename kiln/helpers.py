@@ -109,13 +109,15 @@ def load_checkpoint(
         KilnError: one line, naming the path: nothing to load there, a corrupt checkpoint,
             missing or unexpected weights (with `strict`).
     """
-    from kiln.checkpoint import MANIFEST, CheckpointManager
+    from kiln.checkpoint import CheckpointManager
+    from kiln.runs import MANIFEST, RunPaths
 
     path = Path(path)
-    if (path / "checkpoints").is_dir() and not (path / MANIFEST).is_file():
-        latest = CheckpointManager(path / "checkpoints").latest()
+    checkpoints = RunPaths(path).checkpoints
+    if checkpoints.is_dir() and not (path / MANIFEST).is_file():
+        latest = CheckpointManager(checkpoints).latest()
         if latest is None:
-            raise KilnError(f"{path}: no complete checkpoint in {path / 'checkpoints'}")
+            raise KilnError(f"{path}: no complete checkpoint in {checkpoints}")
         path = latest.path
     if (path / MANIFEST).is_file():
         try:

@@ -64,6 +64,7 @@ __all__ = [
     "STATES",
     "STATE_EXIT_CODES",
     "STATUS",
+    "STEP_PREFIX",
     "SUMMARY",
     "TRAIN_LOG",
     "CheckpointEntry",
@@ -71,6 +72,7 @@ __all__ = [
     "MetricsTail",
     "RunInfo",
     "RunPaths",
+    "checkpoint_name",
     "config_file",
     "is_alive",
     "list_checkpoints",
@@ -104,6 +106,8 @@ FINAL_CONFIG = "kiln_config.yaml"
 """The config inside final/ (a model directory carries its run's config under this name)."""
 MANIFEST = "manifest.json"
 """Inside a checkpoint directory, written last (see `kiln.checkpoint`)."""
+STEP_PREFIX = "step-"
+"""checkpoints/step-<N>/ and samples/step-<N>.jsonl: `checkpoint_name`."""
 
 
 class ExitCode(enum.IntEnum):
@@ -149,7 +153,7 @@ STALE_AFTER_S = 1800.0
 status.json at the start, at every log step and after each validation, so the gap can be long
 (data preparation, a slow validation): pick a value above the longest one."""
 
-_STEP_DIR = re.compile(r"step-(\d+)")
+_STEP_DIR = re.compile(re.escape(STEP_PREFIX) + r"(\d+)")
 _STATUS_KEYS = (
     "format",
     "state",
@@ -239,17 +243,22 @@ class RunPaths:
 
     def checkpoint(self, step: int) -> Path:
         """checkpoints/step-<step> (complete or not, existing or not)."""
-        return self.checkpoints / f"step-{step}"
+        return self.checkpoints / checkpoint_name(step)
 
     def samples_at(self, step: int) -> Path:
         """samples/step-<step>.jsonl: the generation-eval samples of one validation."""
-        return self.samples / f"step-{step}.jsonl"
+        return self.samples / f"{checkpoint_name(step)}.jsonl"
 
     def is_run(self) -> bool:
         """Whether `root` holds a run: config.yaml or status.json, and it is not a checkpoint
         (which holds a config.yaml too, and a manifest.json)."""
         has_run_file = self.config.is_file() or self.status.is_file()
         return has_run_file and not (self.root / MANIFEST).exists()
+
+
+def checkpoint_name(step: int) -> str:
+    """step-<step>: the name of a checkpoint directory (and of a validation's samples file)."""
+    return f"{STEP_PREFIX}{step}"
 
 
 def step_of(path: str | os.PathLike[str]) -> int | None:

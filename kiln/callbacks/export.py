@@ -10,6 +10,7 @@ from kiln.callbacks.base import Callback
 from kiln.config import ExportConfig
 from kiln.errors import KilnError
 from kiln.files import StorageFull
+from kiln.runs import RunPaths
 
 if TYPE_CHECKING:
     from kiln.engine.control import CheckpointKind, RunView
@@ -49,7 +50,7 @@ class ExportOnFinish(Callback):
             out = export_model(
                 run.run_dir,
                 self.cfg.formats,
-                run.run_dir / "export",
+                RunPaths(run.run_dir).export,
                 opset=self.cfg.opset,
                 atol=self.cfg.atol,
                 overwrite=True,

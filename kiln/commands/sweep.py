@@ -15,8 +15,7 @@ import argparse
 import json
 
 from kiln.commands import add_overrides
-
-EXIT_PAUSED = 3
+from kiln.runs import ExitCode
 
 HELP = "search hyperparameters (Optuna): each trial a kiln train run, resumable"
 
@@ -82,4 +81,4 @@ def run(args: argparse.Namespace) -> int:
 def _exit_code(summary: dict) -> int:
     """0 when the sweep ended; 3 when it paused with trials left (SIGTERM, Ctrl-C,
     sweep.timeout_s): the same command continues it."""
-    return EXIT_PAUSED if summary.get("paused") else 0
+    return ExitCode.PAUSED if summary.get("paused") else ExitCode.FINISHED

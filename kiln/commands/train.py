@@ -24,7 +24,7 @@ from kiln.commands import add_config_args, add_flag
 from kiln.config import RunConfig, load_config
 from kiln.engine.signals import StoppedBeforeStart
 from kiln.errors import KilnError
-from kiln.runs import CHECKPOINTS, MANIFEST, RunPaths, run_dir_of
+from kiln.runs import CHECKPOINTS, MANIFEST, STEP_PREFIX, ExitCode, RunPaths, run_dir_of
 
 HELP = "train a model described by a config"
 QUIET_HF = True
@@ -234,9 +234,13 @@ def _rank_code(code: int) -> int:
     """torchrun --max-restarts restarts the ranks on any other exit code than 0: a run that
     ended as it decided (paused, stopped, diverged) exits 0 there, or a restart would undo
     the pause or repeat the divergence. status.json keeps the code; --nproc reads it back."""
-    if code not in (0, 1) and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-        return 0
+    if code not in (ExitCode.FINISHED, ExitCode.FAILED) and _max_restarts() > 0:
+        return ExitCode.FINISHED
     return code
+
+
+def _max_restarts() -> int:
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
 
 
 def stopped(args: argparse.Namespace | None, stop: StoppedBeforeStart) -> int:
@@ -258,7 +262,6 @@ def _resumable(args: argparse.Namespace) -> str | None:
     """The run directory this command would have resumed (it has a complete checkpoint);
     None: a new run (or one started from another run's checkpoint)."""
     from kiln.files import is_within, resolve_path
-    from kiln.runs import MANIFEST, RunPaths
 
     cfg, resume = args.loaded if hasattr(args, "loaded") else _load(args)
     run = resolve_path(cfg.run_dir, "output_dir")
@@ -266,7 +269,7 @@ def _resumable(args: argparse.Namespace) -> str | None:
         resume = cfg.checkpoint.resume == "auto"
     if not resume or (isinstance(resume, str) and not is_within(resolve_path(resume), run)):
         return None  # a new run, or one started from another run's checkpoint
-    checkpoints = RunPaths(run).checkpoints.glob("step-*")
+    checkpoints = RunPaths(run).checkpoints.glob(f"{STEP_PREFIX}*")
     return str(run) if any((p / MANIFEST).is_file() for p in checkpoints) else None
 
 
@@ -280,7 +283,7 @@ def _collective_failed(exc: Exception) -> int | None:
     if failed is None:
         return None
     failed.report(rank.rank)  # already done by the trainer, unless setup failed
-    return 1
+    return ExitCode.FAILED
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -297,7 +300,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg, resume = args.loaded if hasattr(args, "loaded") else _load(args)
     if args.config is not None and Path(args.config).is_file():
         source = Path(args.config).resolve()
-        if source == (cfg.run_dir / "config.yaml").resolve():
+        if source == RunPaths(cfg.run_dir).config.resolve():
             raise KilnError(
                 f"output_dir: {cfg.run_dir} is the folder of the config being read "
                 f"({args.config}), which the run's config.yaml would replace; choose another"
@@ -322,7 +325,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"kiln: {s['stop_reason']}", file=sys.stderr)
         print(
             f"kiln: last complete checkpoint: {good or 'none'}; anomalies: "
-            f"{_shown(result.run_dir / 'anomalies.jsonl')}",
+            f"{_shown(RunPaths(result.run_dir).anomalies)}",
             file=sys.stderr,
         )
         return code
@@ -347,4 +350,4 @@ def _train(args: argparse.Namespace) -> int:
     print(f"final model: {result.final_dir}")
     if result.sample is not None:
         print("\n--- sample ---\n" + result.sample + "\n--------------")
-    return 0
+    return ExitCode.FINISHED

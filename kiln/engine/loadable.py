@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.files import writing
 from kiln.models.sharding import is_sharded
+from kiln.runs import checkpoint_name
 
 if TYPE_CHECKING:
     from kiln.checkpoint import CheckpointManager
@@ -54,7 +55,7 @@ def write_loadable(
     from kiln.models.quiet import no_hf_progress
 
     try:
-        with writing(f"checkpoint {checkpoints.root / f'step-{step}'}"), no_hf_progress():
+        with writing(f"checkpoint {checkpoints.root / checkpoint_name(step)}"), no_hf_progress():
             if hasattr(model, "peft_config"):
                 _write_adapter(model, staging)
             else:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.engine.control import StopRequest
+from kiln.runs import RunPaths
 
 __all__ = ["THROUGHPUT_KEYS", "TrainResult"]
 
@@ -42,7 +43,7 @@ class TrainResult:
     def records(self) -> list[dict[str, Any]]:
         """Every record of metrics.jsonl (the run's own log; a resumed run's has the steps
         before the resume too), in order, each with step, epoch and split."""
-        path = self.run_dir / "metrics.jsonl"
+        path = RunPaths(self.run_dir).metrics
         lines = path.read_text().splitlines() if path.is_file() else []
         rows, epoch = [], 0
         for line in lines:

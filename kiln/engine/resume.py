@@ -33,6 +33,7 @@ from kiln.files import (
 )
 from kiln.models.sharding import is_sharded
 from kiln.process import rng_state, set_rng_state
+from kiln.runs import CONFIG, MANIFEST, RunPaths
 
 if TYPE_CHECKING:
     from kiln.engine.parts import Parts
@@ -172,7 +173,7 @@ def checkpoint_writers(
         **writers,
         "rng.pt": lambda p: torch_save(rngs, p),
         "trainer_state.json": lambda p: p.write_text(json.dumps(state)),
-        "config.yaml": lambda p: write_atomic(p, dump_yaml(cfg), private=True),
+        CONFIG: lambda p: write_atomic(p, dump_yaml(cfg), private=True),
     }
 
 
@@ -201,8 +202,8 @@ def find_checkpoint(want: str | Path | bool, checkpoints: CheckpointManager) -> 
     if want in (True, "latest", "auto"):
         return _newest_valid(checkpoints, required=want != "auto")
     path = resolve_path(want, "--resume")  # type: ignore[arg-type]
-    if not (path / "manifest.json").exists() and (path / "checkpoints").is_dir():
-        return _newest_valid(CheckpointManager(path / "checkpoints"), required=True)
+    if not (path / MANIFEST).exists() and RunPaths(path).checkpoints.is_dir():
+        return _newest_valid(CheckpointManager(RunPaths(path).checkpoints), required=True)
     try:
         return checkpoints.verify(path).path
     except ValueError as exc:
@@ -278,7 +279,7 @@ def _newest_valid(manager: CheckpointManager, *, required: bool) -> Path | None:
 
 def load_checkpoint_config(path: Path) -> dict[str, Any]:
     """The raw config a checkpoint was written with."""
-    return yaml.safe_load((Path(path) / "config.yaml").read_text())
+    return yaml.safe_load((Path(path) / CONFIG).read_text())
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -315,7 +316,7 @@ def schedule_change(cfg: RunConfig, path: Path, step: int, old_total: int, total
     next step jumps; this line shows by how much."""
     from kiln.optim import schedule_for
 
-    old = config_from_dict(load_checkpoint_config(path), str(path / "config.yaml"))
+    old = config_from_dict(load_checkpoint_config(path), str(path / CONFIG))
     before = old.optim.lr * schedule_for(old.optim, old_total)(step)
     after = cfg.optim.lr * schedule_for(cfg.optim, total)(step)
     if old_total == total and before == after:
@@ -331,7 +332,7 @@ def check_compatible(cfg: RunConfig, path: Path, world_size: int = 1) -> list[st
     """Refuse a resume whose config change makes the checkpoint meaningless; return safe ones.
     The global batch (train.batch_size x world size) must be the checkpoint's: the data order
     and the cursor are defined over it."""
-    old = config_from_dict(load_checkpoint_config(path), str(path / "config.yaml"))
+    old = config_from_dict(load_checkpoint_config(path), str(path / CONFIG))
     unsafe, safe = compare_configs(old, cfg)
     saved = json.loads((path / "trainer_state.json").read_text()).get("world_size", 1)
     before, now = old.train.batch_size * saved, cfg.train.batch_size * world_size

@@ -31,48 +31,63 @@ from kiln.files import (
     write_atomic,
     writing,
 )
-from kiln.runs import EVAL, EXPORT, TRAIN_LOG
+from kiln.runs import (
+    ANOMALIES,
+    CHECKPOINTS,
+    CONFIG,
+    DATA_STATS,
+    EVAL,
+    EXPORT,
+    FINAL,
+    FINAL_CONFIG,
+    METRICS,
+    PLOTS,
+    REPORT,
+    SAMPLES,
+    STATUS,
+    SUMMARY,
+    TRAIN_LOG,
+    RunPaths,
+)
 
 if TYPE_CHECKING:
     from kiln.engine.control import StopRequest
     from kiln.engine.state import TrainState
-    from kiln.metrics.throughput import MetricsTracker
+    from kiln.metrics.throughput import ThroughputMeter
     from kiln.models.sharding import Gathered
 
-__all__ = ["ANOMALIES", "RUN_ARTIFACTS", "RUN_LEFTOVERS", "RunDir"]
-
-ANOMALIES = "anomalies.jsonl"
+__all__ = ["RUN_ARTIFACTS", "RUN_LEFTOVERS", "RunDir"]
 
 # What kiln writes in a run directory (the engine, and the commands that add to a run: eval,
 # export, plot, report); `--overwrite` removes exactly these and nothing else of the user's.
 RUN_ARTIFACTS = (
-    "config.yaml",
-    "metrics.jsonl",
-    "anomalies.jsonl",
-    "status.json",
-    "summary.json",
-    "data_stats.json",
+    CONFIG,
+    METRICS,
+    ANOMALIES,
+    STATUS,
+    SUMMARY,
+    DATA_STATS,
     TRAIN_LOG,
-    "final",
-    "checkpoints",
-    "plots",
-    "samples",
+    FINAL,
+    CHECKPOINTS,
+    PLOTS,
+    SAMPLES,
     EVAL,  # `kiln eval RUN_DIR` reports
     EXPORT,  # `kiln export` / export.on_finish, and the report of a failed parity check:
     f"{EXPORT}.export_report.json",
-    "report.md",
+    REPORT,
     "tracking.json",  # trackers' run ids, and their local stores:
     "tensorboard",
     "wandb",
     "mlflow.db",
     "mlflow-artifacts",
 )
-RUN_LEFTOVERS = (".final.tmp-*", ".final.old-*", f".{EXPORT}.kiln-export-*", ".*.tmp-*")
+RUN_LEFTOVERS = (f".{FINAL}.tmp-*", f".{FINAL}.old-*", f".{EXPORT}.kiln-export-*", ".*.tmp-*")
 """Staging names of writes a kill interrupted (final/, an export, `write_atomic`): removed
 with the artifacts by `--overwrite`."""
 # Artifacts that alone do not make a run: status.json is what a run refused during setup
 # leaves, and a console log without the rest is a log kept, not a run to protect.
-_NOT_A_RUN = ("status.json", TRAIN_LOG)
+_NOT_A_RUN = (STATUS, TRAIN_LOG)
 
 
 class RunDir:
@@ -80,6 +95,7 @@ class RunDir:
 
     def __init__(self, path: Path, *, enabled: bool = True) -> None:
         self.path = resolve_path(path, "output_dir")
+        self.paths = RunPaths(self.path)
         self.enabled = enabled
         self._metrics_file: Any = None
         self._lock: RunLock | None = None
@@ -144,8 +160,8 @@ class RunDir:
                 if not stale.name.endswith(mine) and stale.name != LOCK_FILE:
                     _remove(stale)
         self.path.mkdir(parents=True, exist_ok=True)
-        with writing(str(self.path / "config.yaml")):
-            write_atomic(self.path / "config.yaml", dump_yaml(cfg), private=True)
+        with writing(str(self.paths.config)):
+            write_atomic(self.paths.config, dump_yaml(cfg), private=True)
         self._start_console_log(append=False)
 
     def _start_console_log(self, *, append: bool) -> None:
@@ -153,8 +169,8 @@ class RunDir:
         Python API, which starts no console log)."""
         console = current_console_log()
         if console is not None and self.enabled:
-            with writing(str(self.path / TRAIN_LOG)):
-                console.attach(self.path / TRAIN_LOG, append=append)
+            with writing(str(self.paths.train_log)):
+                console.attach(self.paths.train_log, append=append)
 
     def resume(
         self,
@@ -179,11 +195,11 @@ class RunDir:
         if not self.enabled:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        metrics = self.path / "metrics.jsonl"
+        metrics = self.paths.metrics
         self.close()  # a rollback cuts the file this run is appending to
         cuts = {metrics: metrics if metrics_from is None else metrics_from}
         if anomalies:
-            cuts[self.path / ANOMALIES] = self.path / ANOMALIES
+            cuts[self.paths.anomalies] = self.paths.anomalies
         for target, source in cuts.items():
             kept = []
             if source.is_file():
@@ -201,7 +217,7 @@ class RunDir:
                 with writing(str(target)):
                     write_atomic(target, "".join(kept))
         with writing(str(metrics)):
-            write_atomic(self.path / "config.yaml", dump_yaml(cfg), private=True)
+            write_atomic(self.paths.config, dump_yaml(cfg), private=True)
         self._start_console_log(append=True)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
@@ -209,9 +225,9 @@ class RunDir:
         a value that is not a finite number is written null."""
         if not self.enabled:
             return
-        with writing(str(self.path / "metrics.jsonl")):
+        with writing(str(self.paths.metrics)):
             if self._metrics_file is None:
-                self._metrics_file = open(self.path / "metrics.jsonl", "a")  # noqa: SIM115
+                self._metrics_file = open(self.paths.metrics, "a")  # noqa: SIM115
             self._metrics_file.write(json_text(record) + "\n")  # NaN as null: strict JSON
             self._metrics_file.flush()
 
@@ -219,11 +235,11 @@ class RunDir:
         """Append one record to anomalies.jsonl (flushed; see `kiln.engine.anomaly`)."""
         if not self.enabled:
             return
-        with writing(str(self.path / ANOMALIES)), open(self.path / ANOMALIES, "a") as f:
+        with writing(str(self.paths.anomalies)), open(self.paths.anomalies, "a") as f:
             f.write(json_text(record) + "\n")
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
-        """Write `name` (summary.json, data_stats.json) atomically."""
+        """Write `name` (`kiln.runs.SUMMARY`, `DATA_STATS`) atomically."""
         path = self.path / name
         if self.enabled:
             with writing(str(path)):
@@ -242,10 +258,10 @@ class RunDir:
         """Write final/ (save_pretrained model + tokenizer + kiln_config.yaml + README.md model
         card) into a staging directory, fsync it, and swap it in. `gathered`: the full weights
         of a sharded model (FSDP2), saved instead of the model's own shards."""
-        final = self.path / "final"
+        final = self.paths.final
         if not self.enabled:
             return final
-        tmp = self.path / f".final.tmp-{os.getpid()}"
+        tmp = self.path / f".{FINAL}.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         from kiln.models.quiet import no_hf_progress
@@ -256,7 +272,7 @@ class RunDir:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # the old final/, if any, is untouched
             raise
-        old = self.path / f".final.old-{os.getpid()}"
+        old = self.path / f".{FINAL}.old-{os.getpid()}"
         swap_dir(tmp, final, old)
         if old.exists():
             shutil.rmtree(old)
@@ -276,7 +292,7 @@ class RunDir:
         else:
             model.save_pretrained(tmp, state_dict=gathered.state_dict)
         tokenizer.save_pretrained(tmp)
-        write_atomic(tmp / "kiln_config.yaml", dump_yaml(cfg), private=True)
+        write_atomic(tmp / FINAL_CONFIG, dump_yaml(cfg), private=True)
         if cfg.lora.enabled:  # the base's fingerprint; final/merged/ with lora.merge_on_finish
             from kiln.models.merge import finish_adapter
 
@@ -290,7 +306,7 @@ class RunDir:
         """Remove staging leftovers of a run that was killed while writing final/."""
         if not self.enabled or not self.path.is_dir():
             return
-        for stale in self.path.glob(".final.*"):
+        for stale in self.path.glob(f".{FINAL}.*"):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
 
@@ -322,7 +338,7 @@ def model_card(cfg: RunConfig, state: TrainState, *, final: Path | None = None) 
     `final`: where final/ is written (default: the config's run directory, resolved, + final);
     the loading snippet names it, so it runs as pasted.
     """
-    where = json.dumps(str(final or resolve_path(cfg.run_dir, "output_dir") / "final"))
+    where = json.dumps(str(final or RunPaths(resolve_path(cfg.run_dir, "output_dir")).final))
     model = cfg.model.name_or_path or (
         f"{cfg.model.arch} from scratch" if cfg.model.arch else "a model given in Python"
     )
@@ -379,7 +395,7 @@ def run_summary(
     model: Any,
     device: Any,
     train_examples: int,
-    tracker: MetricsTracker | None,
+    tracker: ThroughputMeter | None,
     wall: float,
     final_dir: Path | None,
     sample: str | None,

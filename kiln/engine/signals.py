@@ -4,10 +4,10 @@ SIGUSR1 (a sweep pruning the run) asks it to checkpoint and stop without a final
 Before training starts (starting Python, setup: data, tokenizer, model) there is nothing to
 save, so a signal stops at once with `StoppedBeforeStart` (`stop_before_start` installs that
 first thing, before torch is imported): the CLI says so in one line and exits with
-`EXIT_STOPPED` when the run can be resumed from an earlier checkpoint, else 128 + the signal
+`ExitCode.PAUSED` (3) when the run can be resumed from an earlier checkpoint, else 128 + the signal
 number (143 for SIGTERM, 130 for SIGINT). Once the loop runs (`arm()`), the first signal only
 sets a flag; the loop saves a checkpoint at its next safe point (a step boundary, or between
-validation batches) and exits with `EXIT_STOPPED`. A second Ctrl-C aborts at once
+validation batches) and exits with `ExitCode.PAUSED`. A second Ctrl-C aborts at once
 (KeyboardInterrupt); checkpoints are atomic, so that loses nothing saved.
 """
 
@@ -19,10 +19,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-__all__ = ["EXIT_STOPPED", "StopSignals", "StoppedBeforeStart", "stop_before_start"]
+from kiln.runs import ExitCode
 
-EXIT_STOPPED = 3
-"""Exit code of `kiln train` after a signal stopped it and a checkpoint was written."""
+__all__ = ["StopSignals", "StoppedBeforeStart", "stop_before_start"]
 
 
 _PRUNE = getattr(signal, "SIGUSR1", None)
@@ -44,8 +43,8 @@ class StoppedBeforeStart(BaseException):
 
     @property
     def exit_code(self) -> int:
-        """EXIT_STOPPED when resumable, else the shell's code for death by this signal."""
-        return EXIT_STOPPED if self.resume_from is not None else 128 + self.signum
+        """ExitCode.PAUSED when resumable, else the shell's code for death by this signal."""
+        return ExitCode.PAUSED if self.resume_from is not None else 128 + self.signum
 
     def line(self) -> str:
         """kiln's one line about it: what stopped, and how to go on."""

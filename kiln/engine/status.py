@@ -137,7 +137,11 @@ class StatusFile:
             from kiln.engine.signals import StoppedBeforeStart
 
             code = exit_code_for(exc)
-            state = "paused" if isinstance(exc, StoppedBeforeStart) and code == 3 else "failed"
+            state = (
+                "paused"
+                if isinstance(exc, StoppedBeforeStart) and code == ExitCode.PAUSED
+                else "failed"
+            )
             if isinstance(exc, (StoppedBeforeStart, KeyboardInterrupt)) and state != "paused":
                 state = "stopped"
             self.data["error"] = first_line(exc) if state == "failed" else None

@@ -52,6 +52,7 @@ from kiln.models.sharding import gather_final, is_sharded
 from kiln.optim import set_lr
 from kiln.process import ProcessState
 from kiln.rank import RankContext
+from kiln.runs import DATA_STATS, SUMMARY, RunPaths
 
 __all__ = ["TrainResult", "Trainer"]
 
@@ -101,7 +102,7 @@ class Trainer:
         callback_keys(self.callbacks)
         self.run_dir = RunDir(cfg.run_dir, enabled=self.rank.is_main)  # resolved before checks
         rotation = cfg.checkpoint.model_dump(include={"keep_last", "keep_best", "metric", "mode"})
-        self.checkpoints = CheckpointManager(self.run_dir.path / "checkpoints", **rotation)
+        self.checkpoints = CheckpointManager(self.run_dir.paths.checkpoints, **rotation)
         self.status = StatusFile(self.run_dir.path, enabled=self.rank.is_main)
         self.view = RunView(cfg, self.loop.state, self.run_dir.path, self.control, self.rank)
         self.judge = Judge(  # train.anomaly: records, rolls back, stops as diverged
@@ -230,7 +231,7 @@ class Trainer:
                 if self._final_wanted() and self._flush_train():
                     final_dir, sample = self._finish()
                 summary = self._summary(final_dir, sample)
-                self.run_dir.write_json("summary.json", summary)
+                self.run_dir.write_json(SUMMARY, summary)
                 self.fire(Event.TRAIN_END)
                 self.status.end(self.state, self.control.decided)
             except BaseException as exc:
@@ -285,7 +286,7 @@ class Trainer:
         self.checkpoints.clean_incomplete()
         self.run_dir.clean_stale()
         if parts.data_stats:
-            self.run_dir.write_json("data_stats.json", parts.data_stats)
+            self.run_dir.write_json(DATA_STATS, parts.data_stats)
         self._start_time = time.perf_counter()
         self.tracker = tracker_for(cfg, parts.model, parts.device)
         self.tracker.start(self.state.tokens_seen, self.state.samples_seen, self._start_time)
@@ -300,7 +301,7 @@ class Trainer:
         restore_checkpoint(path, parts, self.loop, self.callbacks, self.rank)
         self.resumed_from = self.view.resumed_from = path
         # Forked from another run's checkpoint: its history up to that step comes along.
-        source = path.parent.parent / "metrics.jsonl" if forked else None
+        source = RunPaths(path.parent.parent).metrics if forked else None
         pending = self.loop.validation_pending  # its row, if written, is written again
         self.run_dir.resume(
             self.cfg, self.state.step, metrics_from=source, validation_pending=pending
@@ -529,7 +530,7 @@ class Trainer:
             rank=self.rank,
         )
         if metrics and self._generation_due():
-            samples_file = self.run_dir.path / "samples" / f"step-{self.state.step}.jsonl"
+            samples_file = self.run_dir.paths.samples_at(self.state.step)
             generated = None
             synced = self.rank if is_sharded(parts.model) else None  # FSDP: all ranks run it
             if self.rank.is_main or synced:  # (DDP: the other ranks wait for its metrics)
@@ -600,7 +601,7 @@ class Trainer:
         if not self.judge.may_write(parts):
             return None, None
         if self.rank.is_main:
-            card = model_card(cfg, self.state, final=self.run_dir.path / "final")
+            card = model_card(cfg, self.state, final=self.run_dir.paths.final)
             final_dir = self.run_dir.save_final(
                 parts.model, parts.tokenizer, cfg, card, gathered=gathered
             )

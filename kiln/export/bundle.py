@@ -129,20 +129,21 @@ def _check_formats(formats: Sequence[str]) -> list[str]:
 
 
 def _default_out(where: Path) -> Path:
-    from kiln.runs import run_dir_of
+    from kiln.runs import RunPaths, run_dir_of
 
     run = run_dir_of(where)
     if run is None:
         raise KilnError(f"{where}: not inside a run directory; pass --out DIR")
-    return run / "export"
+    return RunPaths(run).export
 
 
 def _refuse_overlap(target: Path, where: Path) -> None:
     from kiln.files import is_within
-    from kiln.runs import run_dir_of
+    from kiln.runs import RunPaths, run_dir_of
 
     run = run_dir_of(where)
-    for protected in [where, *([] if run is None else [run / "final", run / "checkpoints"])]:
+    paths = [] if run is None else [RunPaths(run).final, RunPaths(run).checkpoints]
+    for protected in [where, *paths]:
         if is_within(target, protected) or is_within(protected, target):
             raise KilnError(f"--out: {target} overlaps {protected}, which the export reads")
 

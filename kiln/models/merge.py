@@ -39,6 +39,7 @@ from kiln.files import (
     swap_dir,
     write_atomic,
 )
+from kiln.runs import FINAL, FINAL_CONFIG, RunPaths
 
 __all__ = ["finish_adapter", "merge_adapter"]
 
@@ -96,10 +97,17 @@ def merge_adapter(src: str | Path, out: str | Path, *, overwrite: bool = False) 
 
 def _run_of(adapter: Path) -> Path | None:
     """The run directory an adapter belongs to (itself, or the run around final/), if any."""
-    for run in (adapter, adapter.parent) if adapter.name == "final" else (adapter,):
-        if (run / "config.yaml").is_file() or (run / "checkpoints").is_dir():
+    for run in (adapter, adapter.parent) if adapter.name == FINAL else (adapter,):
+        if _looks_like_run(run):
             return resolve_path(run)
     return None
+
+
+def _looks_like_run(path: Path) -> bool:
+    """A run directory, for merging: its config.yaml or its checkpoints/ (a run copied without
+    its config counts too: the merge must not write over it)."""
+    paths = RunPaths(path)
+    return paths.config.is_file() or paths.checkpoints.is_dir()
 
 
 def _sources(src: str | Path, adapter: Path, cfg: RunConfig | None) -> list[tuple[str, Path]]:
@@ -109,8 +117,7 @@ def _sources(src: str | Path, adapter: Path, cfg: RunConfig | None) -> list[tupl
         ("the run directory being merged", resolve_path(src)),
     ]
     run = adapter.parent
-    is_run = (run / "config.yaml").is_file() or (run / "checkpoints").is_dir()
-    if adapter.name == "final" and is_run:
+    if adapter.name == FINAL and _looks_like_run(run):
         # Given RUN/final, the run around it (checkpoints, metrics) is the user's too.
         sources.append(("the adapter's run directory", resolve_path(run)))
     base = cfg.model.name_or_path if cfg is not None else None
@@ -171,7 +178,7 @@ def _write_merged(peft_model: Any, tokenizer: Any, cfg: RunConfig | None, out: P
             update={"enabled": False, "qlora": False, "merge_on_finish": False}
         )
         plain = cfg.model_copy(update={"lora": lora})
-        write_atomic(out / "kiln_config.yaml", dump_yaml(plain), private=True)
+        write_atomic(out / FINAL_CONFIG, dump_yaml(plain), private=True)
 
 
 def finish_adapter(

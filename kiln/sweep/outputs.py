@@ -12,6 +12,7 @@ import yaml
 
 from kiln.config.yamlio import read_yaml_file
 from kiln.errors import KilnError
+from kiln.runs import PLOTS, REPORT, RunPaths  # a sweep names them as a run does
 from kiln.sweep.study import (
     SURPLUS,
     Sweep,
@@ -76,7 +77,7 @@ def write_outputs(sweep: Sweep, study: Any, *, plots: bool = False) -> None:
     os.replace(tmp, sweep.dir / "trials.csv")
     best = _best_trial(study)
     if best is not None:
-        written = sweep.trial_dir(best.number) / "config.yaml"
+        written = RunPaths(sweep.trial_dir(best.number)).config
         if written.is_file():
             trial_cfg = read_yaml_file(written)
         else:  # run by an agent elsewhere (`--dir`): the base plus its values
@@ -90,8 +91,8 @@ def write_outputs(sweep: Sweep, study: Any, *, plots: bool = False) -> None:
     if plots and sweep.spec.plots:
         from kiln.sweep.plots import write_plots
 
-        drawn = write_plots(study, sweep.dir / "plots", sweep.spec.metric)
-    write_atomic(sweep.dir / "report.md", _markdown(sweep, rows, best, drawn))
+        drawn = write_plots(study, sweep.dir / PLOTS, sweep.spec.metric)
+    write_atomic(sweep.dir / REPORT, _markdown(sweep, rows, best, drawn))
 
 
 def _markdown(
@@ -187,4 +188,4 @@ def report(directory: str | Path, storage: str | None = None) -> Path:
     """Rewrite trials.csv, best.yaml and report.md of a sweep directory; the report's path."""
     sweep, study = _open_dir(directory, storage)
     write_outputs(sweep, study, plots=True)
-    return sweep.dir / "report.md"
+    return sweep.dir / REPORT

@@ -27,6 +27,7 @@ from kiln.callbacks.loggers.base import (
 from kiln.config.tracking import LogConfig
 from kiln.engine.status import final_state
 from kiln.files import write_atomic
+from kiln.runs import RunPaths
 
 if TYPE_CHECKING:
     from kiln.config import RunConfig
@@ -138,15 +139,15 @@ class TrackingCallback(Callback):
     def on_train_end(self, run: RunView) -> None:
         if not self._trackers:
             return
-        run_dir = run.run_dir
-        plots = sorted((run_dir / "plots").glob("*.png")) if self.cfg.plots else []
+        paths = RunPaths(run.run_dir)
+        plots = sorted(paths.plots.glob("*.png")) if self.cfg.plots else []
         for tracker in self._trackers:
             for png in plots:
                 tracker.call("log_artifact", png, "plot")
             if self._final is not None:
                 tracker.call("log_artifact", self._final, "model")
-            if (run_dir / "summary.json").exists():
-                tracker.call("log_artifact", run_dir / "summary.json", "file")
+            if paths.summary.exists():
+                tracker.call("log_artifact", paths.summary, "file")
         # As status.json says: finished, paused, stopped (e.g. pruned) or diverged.
         self._close(cast(Status, final_state(run.stop)[0]))
 

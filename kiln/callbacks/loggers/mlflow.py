@@ -12,6 +12,7 @@ from typing import Any
 
 from kiln.callbacks.loggers.base import ArtifactKind, RunContext, Status
 from kiln.config.tracking import MlflowOptions
+from kiln.runs import FINAL, PLOTS
 
 __all__ = ["MlflowLogger", "default_tracking_uri"]
 
@@ -94,9 +95,9 @@ class MlflowLogger:
         if kind == "model":
             self._client.set_tag(self.run_id, "final_model", str(path))
             if self.opts.log_model:
-                self._client.log_artifacts(self.run_id, str(path), "final")
+                self._client.log_artifacts(self.run_id, str(path), FINAL)  # as in the run
         else:
-            self._client.log_artifact(self.run_id, str(path), "plots" if kind == "plot" else None)
+            self._client.log_artifact(self.run_id, str(path), PLOTS if kind == "plot" else None)
 
     def close(self, status: Status) -> None:
         self._client.set_terminated(self.run_id, _STATUS[status])
