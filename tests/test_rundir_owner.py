@@ -4,10 +4,13 @@ them again."""
 
 from __future__ import annotations
 
+import ast
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import tiny_raw
 
 from kiln.config import load_config
 from kiln.engine.rundir import RunDir
@@ -21,7 +24,6 @@ from kiln.runs import (
     RunPaths,
     read_metrics,
 )
-from tests.helpers import tiny_raw
 
 
 def test_item01_exit_codes_keep_their_values() -> None:
@@ -164,3 +166,238 @@ def test_item01_train_resume_uses_run_dir_of(tmp_path: Path, where: str, resumed
         "empty": tmp_path / "empty",
     }[where]
     assert _resumed_run(target) == (run if resumed else None)
+
+
+# ---- a sweep follows a rollback ---------------------------------------------------------------
+
+
+def _val(step: int, loss: float | None) -> dict[str, object]:
+    return {"step": step, "split": "val", "val_loss": loss}
+
+
+def test_item01_sweep_follows_a_rollback_of_its_trial(
+    tmp_path: Path, recipe_files: tuple[Path, Path]
+) -> None:
+    """A trial's run rolls back (what an anomaly rollback does: `RunDir.resume` to the
+    checkpoint's step, `anomalies=False`) while the sweep's controller follows it: the study
+    and the trial's best hold the new history, not the validations the rollback dropped."""
+    pytest.importorskip("optuna")
+    from kiln.sweep.controller import Controller, _best
+    from kiln.sweep.study import sweep_from_dict
+
+    raw = tiny_raw(tmp_path, *recipe_files)
+    space = {"optim.lr": [0.001, 0.002]}
+    raw["sweep"] = {"method": "grid", "trials": 2, "space": space, "pruner": {"type": "none"}}
+    sweep = sweep_from_dict(raw, "sweep.yaml", tmp_path / "sweep")
+    controller = Controller(sweep)
+    trial = controller._next()
+    assert trial is not None
+    run = sweep.trial_dir(trial.number)
+    cfg = load_config(data=tiny_raw(tmp_path, *recipe_files))
+    rundir = RunDir(run)
+    rundir.prepare(cfg, overwrite=False)
+    tail = MetricsTail(run)
+
+    def log(*records: dict[str, object]) -> None:
+        for record in records:
+            rundir.log_metrics(record)
+        rundir.close()
+        controller._follow(trial, tail)
+
+    log(_line(1, 3.0), _val(2, 1.0), _line(3, 2.5), _val(4, 0.3), _val(6, None))
+    assert trial.nonfinite  # step 6's NaN: as diverged, unless a rollback drops it
+    rundir.resume(cfg, 2, anomalies=False)  # the rollback: back to step 2's checkpoint
+    log()
+    assert (trial.reported, trial.nonfinite) == ({2}, False)
+    log(_line(3, 2.6), _val(4, 0.8), _val(6, 0.7))
+
+    frozen = controller.study.get_trials(deepcopy=False)[trial.number]
+    assert frozen.intermediate_values == {2: 1.0, 4: 0.8, 6: 0.7}  # step 4's 0.3 was dropped
+    assert _best(tail.records, "val_loss", "min") == (0.7, 6)
+    assert [r["step"] for r in tail.records] == [1, 2, 3, 4, 6]
+
+
+# ---- the guard: one definition of the layout, the states and the exit codes -----------------
+
+PACKAGE = Path(__file__).resolve().parent.parent / "kiln"
+OWNER = "runs.py"
+RUN_STATE_NAMES = {"starting", "running", "paused", "finished", "failed", "diverged", "stopped"}
+
+# (module, literal) pairs that look like a run-directory name but are not one of its paths.
+# None today: a checkpoint kind "final", the summary's "checkpoints" key and the docstrings
+# naming step-N are not path uses, and the guard only counts a directory name used as a path.
+NOT_PATHS: dict[tuple[str, str], str] = {}
+# What the other helpers of issue 27 have still to move to kiln.runs (the lead removes these).
+TO_MOVE: dict[tuple[str, str], str] = {
+    # H2/H3: to move: the server's checkpoint ids f"step-{N}" -> kiln.runs.checkpoint_name(N)
+    ("serve/views.py", "step-"): "H3",
+}
+
+
+def _layout_names() -> tuple[set[str], set[str], str]:
+    """(file names, directory names, the checkpoint prefix) as kiln/runs.py defines them: its
+    module-level string constants (read with ast, so the guard follows the owner)."""
+    files, dirs, prefix = set(), set(), ""
+    for node in ast.parse((PACKAGE / OWNER).read_text()).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+            continue
+        target, value = node.targets[0], node.value
+        if not (isinstance(target, ast.Name) and isinstance(value, ast.Constant)):
+            continue
+        if not isinstance(value.value, str) or not target.id.isupper():
+            continue
+        if target.id == "STEP_PREFIX":
+            prefix = value.value
+        elif "." in value.value:
+            files.add(value.value)
+        else:
+            dirs.add(value.value)
+    return files, dirs, prefix
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the string constants that stand alone as statements (docstrings)."""
+    return {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
+
+
+def _path_operands(tree: ast.AST) -> Iterator[ast.AST]:
+    """The expressions used as a path component: either side of `/`, the arguments of Path(),
+    joinpath(), os.path.join(), glob() and rglob(), and what a `.name` is compared with."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            yield node.left
+            yield node.right
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("Path", "PurePath", "joinpath", "join", "glob", "rglob"):
+                yield from node.args
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(s, ast.Attribute) and s.attr in ("name", "stem") for s in sides):
+                yield from sides
+
+
+def _strings(node: ast.AST) -> Iterator[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        yield node.value
+    elif isinstance(node, ast.JoinedStr):
+        for part in node.values:
+            yield from _strings(part)
+
+
+def _findings() -> list[tuple[str, int, str, str]]:
+    """(module, line, what, text) of each definition outside the owner."""
+    layout = _layout_names()
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = path.relative_to(PACKAGE).as_posix()
+        if module != OWNER:
+            found += _module_findings(module, path.read_text(), layout)
+    return sorted(set(found))
+
+
+def _module_findings(
+    module: str, source: str, layout: tuple[set[str], set[str], str]
+) -> list[tuple[str, int, str, str]]:
+    files, dirs, prefix = layout
+    tree = ast.parse(source)
+    docs = _docstrings(tree)
+    found = []
+    for node in ast.walk(tree):  # a file name, or the checkpoint prefix, anywhere
+        if not isinstance(node, ast.Constant) or id(node) in docs:
+            continue
+        text = node.value
+        if not isinstance(text, str):
+            continue
+        if text in files or ("/" in text and text.rpartition("/")[2] in files):
+            found.append((module, node.lineno, "file name", text))
+        elif text.startswith(prefix):
+            found.append((module, node.lineno, "checkpoint name", text))
+    for operand in _path_operands(tree):  # a directory name used as a path
+        for text in _strings(operand):
+            if text.split("/")[0] in dirs:
+                found.append((module, operand.lineno, "directory name", text))
+    found += [(module, line, what, text) for line, what, text in _definitions(tree)]
+    return found
+
+
+def _definitions(tree: ast.Module) -> Iterator[tuple[int, str, str]]:
+    """Module-level exit-code constants (EXIT_*), IntEnums, and run-state tuples."""
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+            if bases & {"IntEnum", "IntFlag"} or node.name.lower().startswith("exit"):
+                yield node.lineno, "exit-code enum", node.name
+            continue
+        if isinstance(node, ast.Assign):
+            targets = [t for t in node.targets if isinstance(t, ast.Name | ast.Tuple)]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names = [node.target.id]
+        else:
+            continue
+        for name in names:
+            if name.upper().startswith("EXIT_"):
+                yield node.lineno, "exit-code constant", name
+        value = node.value
+        if isinstance(value, ast.Tuple | ast.List | ast.Set):
+            states = [e.value for e in value.elts if isinstance(e, ast.Constant)]
+            run_states = [s for s in states if s in RUN_STATE_NAMES]
+            named_states = any(n.upper().endswith("STATES") for n in names)
+            if len(run_states) >= 4 or (named_states and run_states):
+                yield node.lineno, "run-state tuple", ", ".join(names)
+
+
+def test_item01_guard_one_owner_for_layout_states_and_exit_codes() -> None:
+    found = _findings()
+    allowed = {**NOT_PATHS, **TO_MOVE}
+    unexpected = [f for f in found if (f[0], f[3]) not in allowed]
+    assert not unexpected, "defined again outside kiln/runs.py (use RunPaths, ExitCode):\n" + (
+        "\n".join(f"kiln/{m}:{line}: {what} {text!r}" for m, line, what, text in unexpected)
+    )
+    stale = sorted(set(allowed) - {(f[0], f[3]) for f in found})
+    assert not stale, f"allowed but no longer found: remove them from NOT_PATHS/TO_MOVE: {stale}"
+
+
+PLANTED = """
+import enum
+EXIT_PAUSED = 3
+class Codes(enum.IntEnum):
+    OK = 0
+STATES = ("queued", "running")
+ENDED = ("paused", "finished", "failed", "diverged")
+def f(run, step):
+    run / "checkpoints" / f"step-{step}"
+    (run / "metrics.jsonl").read_text()
+    open(f"{run}/status.json")
+    Path(run, "final")
+    run.glob("samples/*.jsonl")
+    if run.name == "final":
+        pass
+    kind = "final"  # a checkpoint kind, not a path: allowed
+    return {"checkpoints": [], "final": True}  # keys, not paths: allowed
+"""
+
+
+def test_item01_guard_finds_each_kind_of_second_definition() -> None:
+    found = {
+        (line, what) for _, line, what, _ in _module_findings("m.py", PLANTED, _layout_names())
+    }
+    assert found == {
+        (3, "exit-code constant"),
+        (4, "exit-code enum"),
+        (6, "run-state tuple"),
+        (7, "run-state tuple"),
+        (9, "directory name"),
+        (9, "checkpoint name"),
+        (10, "file name"),
+        (11, "file name"),
+        (12, "directory name"),
+        (13, "directory name"),
+        (14, "directory name"),
+    }

@@ -4,7 +4,6 @@ directories, reported to the study, pruned by SIGUSR1, resumed after an interrup
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -23,6 +22,7 @@ import yaml
 from kiln.config import ConfigError, load_config
 from kiln.errors import KilnError, first_line
 from kiln.files import write_atomic
+from kiln.runs import ExitCode, MetricsTail, RunPaths
 from kiln.sweep.outputs import _best_trial, summarize, write_outputs
 from kiln.sweep.study import (
     SURPLUS,
@@ -38,33 +38,20 @@ __all__ = ["SWEEP_ATTR", "Controller", "agent", "run"]
 
 log = logging.getLogger("kiln")
 _POLL_S = 0.25
-EXIT_BAD_INPUT, EXIT_PAUSED, EXIT_DIVERGED = 2, 3, 4
 
 
 # ---- one trial -----------------------------------------------------------------------------
 
 
-def _val_rows(metrics: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """Validation records appended to metrics.jsonl since byte `offset` (whole lines only)."""
-    if not metrics.is_file():
-        return [], offset
-    with metrics.open("rb") as f:
-        f.seek(offset)
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    rows = []
-    for line in data[:end].splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and record.get("split") == "val":
-                rows.append(record)
-    return rows, offset + end
+def _val_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The validation records among metrics.jsonl's (`kiln.runs.MetricsTail`)."""
+    return [r for r in records if r.get("split") == "val"]
 
 
-def _best(run_dir: Path, metric: str, mode: str) -> tuple[float | None, int | None]:
-    """The best value of `metric` over a run's validations, and its step."""
-    rows, _ = _val_rows(run_dir / "metrics.jsonl", 0)
-    scored = [(r[metric], r["step"]) for r in rows if _finite(r.get(metric))]
+def _best(records: list[dict[str, Any]], metric: str, mode: str) -> tuple[float | None, int | None]:
+    """The best value of `metric` over a run's validations (its current history: what a
+    rollback dropped is not in it), and its step."""
+    scored = [(r[metric], r["step"]) for r in _val_rows(records) if _finite(r.get(metric))]
     if not scored:
         return None, None
     pick = min if mode == "min" else max
@@ -162,6 +149,14 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
+def _report_again(trial: Any, value: float, step: int) -> None:
+    """Report `value` at a `step` reported before: `Trial.report` keeps a step's first value
+    (and warns), but a rollback dropped that validation, so the new one replaces it in the
+    storage and in the trial's own copy, which the pruner reads."""
+    trial.storage.set_trial_intermediate_value(trial._trial_id, step, value)
+    trial._cached_frozen_trial.intermediate_values[step] = value
+
+
 @dataclass
 class _Trial:
     number: int
@@ -172,6 +167,9 @@ class _Trial:
     nonfinite: bool = False
     """A validation of the metric was NaN or inf: pruned at once, as diverged."""
     reported: set[int] = field(default_factory=set)
+    redo: set[int] = field(default_factory=set)
+    """Steps reported, then dropped by a rollback (or a resume) of the run: validated again,
+    their new value replaces the old one in the study."""
     handle: Any = None
     """The study's `optuna.trial.Trial`: what reports, asks about pruning and is told."""
 
@@ -214,7 +212,7 @@ class Controller:
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if t.number in self.running or _owned_elsewhere(t, self.sweep.trial_dir(t.number)):
                 continue
-            resume = (self.sweep.trial_dir(t.number) / "checkpoints").is_dir()
+            resume = RunPaths(self.sweep.trial_dir(t.number)).checkpoints.is_dir()
             # A running trial's handle (Optuna has no public lookup by number).
             handle = optuna.trial.Trial(self.study, t._trial_id)
             handle.set_user_attr("controller", _OWNER)
@@ -257,19 +255,42 @@ class Controller:
             else:
                 self.study.tell(trial, state=states.PRUNED if state == "pruned" else states.FAIL)
 
+    def _value(self, row: dict[str, Any]) -> Any:
+        """The sweep's metric in a validation record; NaN for null (not a finite number)."""
+        value = row.get(self.sweep.spec.metric)
+        return math.nan if value is None and self.sweep.spec.metric in row else value
+
+    def _follow(self, t: _Trial, tail: MetricsTail) -> None:
+        """Report the validations the trial logged since the last look. When its run rewrote
+        metrics.jsonl (an anomaly rollback, a resume), the validations the rewrite dropped
+        are forgotten: a NaN among them no longer condemns the trial, and their steps,
+        validated again, are reported again with the new values."""
+        rows, rewritten = tail.read()
+        if rewritten:
+            history = _val_rows(tail.records)
+            kept = {r["step"] for r in history}
+            with self.lock:
+                t.redo |= t.reported - kept
+                t.reported &= kept
+                t.nonfinite = t.nonfinite and any(
+                    not _finite(self._value(r)) for r in history if r["step"] in t.reported
+                )
+            rows = history
+        self._report(t, _val_rows(rows))
+
     def _report(self, t: _Trial, rows: list[dict[str, Any]]) -> None:
         """Report validations to the study; ask the trial to stop when the pruner says so."""
-        metric, trial = self.sweep.spec.metric, t.handle
+        trial = t.handle
         for row in rows:
-            value = row.get(metric)
-            if value is None and metric in row:  # null: not a finite number (NaN, inf)
-                value = math.nan
+            value = self._value(row)
             if row["step"] in t.reported or not isinstance(value, int | float):
                 continue
             with self.lock:
                 t.reported.add(row["step"])
                 t.nonfinite = t.nonfinite or not _finite(value)
-                if not t.nonfinite:
+                if not t.nonfinite and row["step"] in t.redo:
+                    _report_again(trial, float(value), row["step"])
+                elif not t.nonfinite:
                     trial.report(float(value), row["step"])
                 warm = len(t.reported) > self.sweep.spec.pruner.warmup_evals
                 prune = t.nonfinite or (warm and trial.should_prune())
@@ -309,28 +330,27 @@ class Controller:
             self.running[t.number] = t
             if self.stopping:  # paused while this one was starting: it pauses too
                 self._signal(t, signal.SIGTERM)
-            offset = 0
+            tail = MetricsTail(run_dir)
             while t.proc.poll() is None:
-                rows, offset = _val_rows(run_dir / "metrics.jsonl", offset)
-                self._report(t, rows)
+                self._follow(t, tail)
                 time.sleep(_POLL_S)
-            rows, offset = _val_rows(run_dir / "metrics.jsonl", offset)
-            self._report(t, rows)
+            self._follow(t, tail)
         code = t.proc.returncode
         del self.running[t.number]
         wall = time.monotonic() - start
-        value, step = _best(run_dir, self.sweep.spec.metric, self.sweep.spec.mode)
+        value, step = _best(tail.records, self.sweep.spec.metric, self.sweep.spec.mode)
         # Finished without one finite value of the metric (NaN validations): as diverged.
-        diverged = code == EXIT_DIVERGED or t.nonfinite or (code == 0 and value is None)
-        if code == 0 and value is not None and not t.nonfinite:
+        ended = code == ExitCode.FINISHED
+        diverged = code == ExitCode.DIVERGED or t.nonfinite or (ended and value is None)
+        if ended and value is not None and not t.nonfinite:
             self._tell(t, "complete", value, best_step=step, wall_s=wall)
             with self.lock:  # two workers finishing at once: one decides the best at a time
                 done = len(self.study.get_trials(deepcopy=False))
                 if self.voice.trial_done(t.number, value, done) and self.mlflow is not None:
                     self.mlflow.best(value)
-        elif diverged or (code == EXIT_PAUSED and t.pruned):
+        elif diverged or (code == ExitCode.PAUSED and t.pruned):
             self._tell(t, "pruned", diverged=diverged, wall_s=wall)
-        elif code == EXIT_PAUSED or self.stopping:
+        elif code == ExitCode.PAUSED or self.stopping:
             log.info("sweep: trial %d paused; kiln sweep again resumes it", t.number)
         else:
             why = f"exit code {code}"
