@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -401,3 +402,16 @@ def test_item01_guard_finds_each_kind_of_second_definition() -> None:
         (13, "directory name"),
         (14, "directory name"),
     }
+
+
+def test_item01_docs_list_the_exit_codes_of_the_one_table() -> None:
+    root = PACKAGE.parent
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("Exit codes of `kiln`") :]
+    listed = {int(m) for m in re.findall(r"^\| (\d+) \|", table, flags=re.M)}
+    assert {int(code) for code in ExitCode} <= listed  # (and 143: a signal, not an ExitCode)
+    doc = (root / "docs" / "architecture.md").read_text()
+    for state, code in STATE_EXIT_CODES.items():
+        rows = re.findall(rf"^\| `{state}` \|.*\| ([^|]+) \|$", doc, flags=re.M)
+        codes = [set(row.strip().split(" / ")) for row in rows]  # failed: "2 / 5 / 1"
+        assert any(str(int(code)) in c for c in codes), (state, rows)
