@@ -27,9 +27,10 @@ __all__ = ["build_trainer", "job_callbacks", "train"]
 def job_callbacks(
     cfg: RunConfig, given: Sequence[Callback], rank: RankContext, *, config: bool = True
 ) -> list[Callback]:
-    """The callbacks of a job: `given`, then the config's defaults not given by class (none on
-    ranks other than the main one, none with `config=False`), then on N ranks `RankWhereabouts`
-    on every rank (the loop's position, for the report when a collective fails).
+    """The callbacks of a job: `given`, then the config's (`default_callbacks`, the one place
+    they are built) not given by class (none on ranks other than the main one, none with
+    `config=False`), then on N ranks `RankWhereabouts` on every rank (the loop's position, for
+    the report when a collective fails).
 
     Idempotent: a list it returned, given again, comes back the same."""
     from kiln.callbacks.defaults import default_callbacks

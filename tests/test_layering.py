@@ -20,6 +20,7 @@ importing only from those below it:
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import subprocess
 import sys
@@ -274,7 +275,7 @@ def test_errors_is_the_bottom() -> None:
     assert not bad, _report(bad)
 
 
-@pytest.mark.parametrize("package", ["kiln", "kiln.engine"])
+@pytest.mark.parametrize("package", ["kiln", "kiln.engine", "kiln.callbacks"])
 def test_package_inits_stay_lazy(package: str) -> None:
     # Any `import kiln.x.y` runs kiln/__init__ and kiln/x/__init__ first: they load only the low
     # helpers (and the config) and leave the rest to their `_LAZY` tables.
@@ -284,6 +285,207 @@ def test_package_inits_stay_lazy(package: str) -> None:
         if not within(imp.target, HELPERS_MAY_IMPORT)
     ]
     assert not bad, _report(bad)
+
+
+# ---- rule 1b: every module has a floor (docs/architecture.md, "Layers") -----------------------
+#
+# A module's floor follows from its unit: the top-level module or package it lives in
+# (kiln.serve.routers.jobs -> kiln.serve), so a new module in an existing package is placed by
+# its package, and a new top-level module or package fails `test_item06_every_module_is_placed`
+# until it is given a floor here and in docs/architecture.md.
+
+FLOORS: dict[str, tuple[str, ...]] = {
+    "errors": ("kiln.errors",),
+    "config": ("kiln.config",),
+    "low helpers": (
+        "kiln",  # the package's __init__ only (see `unit_of`)
+        "kiln.files",
+        "kiln.registry",
+        "kiln.runs",
+        "kiln.rank",
+        "kiln.device",
+        "kiln.process",
+    ),
+    "building blocks": (
+        "kiln.data",
+        "kiln.models",
+        "kiln.optim",
+        "kiln.metrics",
+        "kiln.checkpoint",
+        "kiln.plots",
+    ),
+    "engine": ("kiln.engine",),
+    "tools": ("kiln.anomalies", "kiln.explain", "kiln.report", "kiln.export"),
+    "callbacks": ("kiln.callbacks",),
+    "job": ("kiln.job", "kiln.helpers"),
+    "run drivers": ("kiln.serve", "kiln.sweep", "kiln.client"),
+    "command line": ("kiln.cli", "kiln.__main__", "kiln.commands", "kiln.launcher"),
+}
+"""Each floor's units. The engine and the tools stand side by side on the building blocks and
+know nothing of each other; the run drivers start `kiln train` processes and read the run
+directory, so they stand beside the engine, not on it."""
+
+_BASE = ("errors", "config", "low helpers")
+MAY_IMPORT: dict[str, tuple[str, ...]] = {
+    "errors": (),
+    "config": ("errors",),
+    "low helpers": _BASE,
+    "building blocks": (*_BASE, "building blocks"),
+    "engine": (*_BASE, "building blocks", "engine"),
+    "tools": (*_BASE, "building blocks", "tools"),
+    "callbacks": (*_BASE, "building blocks", "engine", "tools", "callbacks"),
+    "job": (*_BASE, "building blocks", "engine", "tools", "callbacks", "job"),
+    "run drivers": (*_BASE, "tools", "run drivers"),
+    "command line": tuple(FLOORS),
+}
+"""The floors a floor's modules may import at runtime (typing-only imports are free)."""
+
+FLOOR_NOTES = {
+    "engine": "above it, only the Callback interface (kiln.callbacks.base)",
+    "run drivers": "they start `kiln train` and read the run directory (kiln.runs)",
+}
+
+UPWARD_EXCEPTIONS: dict[tuple[str, str, str], str] = {
+    ("kiln.engine", "kiln.callbacks.base", "*"): (
+        "the Callback interface: the engine fires events at it and knows no callback"
+    ),
+    ("kiln.engine.trainer", "kiln.job.build_trainer", "deferred"): (
+        "Trainer.from_config, a shortcut for kiln.job.build_trainer"
+    ),
+    ("kiln.engine.trainer", "kiln.job.job_callbacks", "deferred"): (
+        "the constructor asks the job for the config's callbacks (Trainer(cfg) runs them too)"
+    ),
+    ("kiln.runs", "kiln.checkpoint", "deferred"): (
+        "kiln.runs.list_checkpoints asks CheckpointManager (HELPER_EXCEPTIONS)"
+    ),
+    ("kiln.sweep", "kiln.callbacks.notify", "deferred"): (
+        "the sweep's notifications go through the run's notification senders"
+    ),
+    ("kiln.sweep.tracking", "kiln.callbacks.loggers.mlflow", "deferred"): (
+        "the sweep's MLflow parent run uses the tracker's default tracking URI"
+    ),
+}
+"""(importer, imported, kind) -> why. The importer is a module or a package (its modules too);
+the imported is a module, or `module.name` for `from module import name`; kind "*" is any
+runtime kind. Keep these few and exact: a stale one fails `test_item06_exceptions_are_used`."""
+
+KNOWN_VIOLATIONS: set[tuple[str, str, str]] = set()
+"""(importer, imported, kind) that break a floor rule today; issue 27: to fix. Remove an entry
+when its import is fixed (a stale entry fails `test_item06_exceptions_are_used`)."""
+
+
+def unit_of(module: str) -> str:
+    """The top-level module or package `module` belongs to (`kiln` for the package init)."""
+    return ".".join(module.split(".")[:2])
+
+
+UNIT_FLOOR = {unit: floor for floor, units in FLOORS.items() for unit in units}
+
+
+def floor_of(module: str) -> str | None:
+    return UNIT_FLOOR.get(unit_of(module))
+
+
+def where(imp: Import) -> str:
+    """`kiln/engine/trainer.py:19`: the file and line of an import, for the failure message."""
+    return f"{FILES[imp.source].relative_to(ROOT)}:{imp.line}"
+
+
+def _excepted(imp: Import, table: Iterable[tuple[str, str, str]]) -> tuple[str, str, str] | None:
+    """The entry of `table` that allows `imp`, if any."""
+    taken = {imp.target, f"{imp.target}.{imp.name}"} if imp.name else {imp.target}
+    for entry in table:
+        source, target, kind = entry
+        if within(imp.source, [source]) and target in taken and kind in ("*", imp.kind):
+            return entry
+    return None
+
+
+def floor_breaches(imports: Iterable[Import], floor: str) -> list[str]:
+    """Runtime imports by `floor`'s modules of a floor it may not import, less the exceptions:
+    one line each, `file:line: importer (floor) imports target (its floor, kind): ...`."""
+    bad = []
+    for imp in imports:
+        if not imp.runtime or imp.target == "kiln" or floor_of(imp.source) != floor:
+            continue
+        other = floor_of(imp.target)
+        if other == floor or other in MAY_IMPORT[floor]:
+            continue
+        if _excepted(imp, UPWARD_EXCEPTIONS) or _excepted(imp, KNOWN_VIOLATIONS):
+            continue
+        what = f"{imp.target}.{imp.name}" if imp.name else imp.target
+        allowed = ", ".join(MAY_IMPORT[floor]) or "nothing of kiln"
+        bad.append(
+            f"{where(imp)}: {imp.source} ({floor}) imports {what} ({other}, {imp.kind}); "
+            f"{floor} may import only: {allowed}"
+            + (f"; {FLOOR_NOTES[floor]}" if floor in FLOOR_NOTES else "")
+        )
+    return bad
+
+
+def test_item06_every_module_is_placed() -> None:
+    unplaced = sorted(name for name in FILES if floor_of(name) is None)
+    assert not unplaced, (
+        f"{len(unplaced)} module(s) on no floor: {unplaced}; add their package or module to "
+        "FLOORS in tests/test_layering.py and to the layer table of docs/architecture.md"
+    )
+    units = {unit_of(name) for name in FILES}
+    stale = sorted(set(UNIT_FLOOR) - units)
+    assert not stale, f"FLOORS names what kiln/ no longer has: {stale}"
+    assert sorted(MAY_IMPORT) == sorted(FLOORS)
+    assert floor_of("kiln.serve.routers.new") == "run drivers"  # placed by its package
+
+
+@pytest.mark.parametrize("floor", list(FLOORS))
+def test_item06_floors_import_only_what_they_stand_on(floor: str) -> None:
+    bad = floor_breaches(IMPORTS, floor)
+    assert not bad, f"{len(bad)} import(s) against the layers:\n" + "\n".join(bad)
+
+
+def test_item06_exceptions_are_used() -> None:
+    # An exception nothing uses any more hides the next import of its kind: drop it.
+    for table in (UPWARD_EXCEPTIONS, KNOWN_VIOLATIONS):
+        for entry in table:
+            used = [imp for imp in IMPORTS if imp.runtime and _excepted(imp, [entry])]
+            assert used, f"{entry} is no longer imported: remove it from the exceptions"
+
+
+def test_item06_engine_knows_only_the_callback_interface_above_it() -> None:
+    # The rule of docs/architecture.md, spelled out: of the floors above the engine, it reaches
+    # only callbacks.base, and kiln.job from the Trainer's constructor and from_config (on call).
+    above = [
+        imp
+        for imp in _runtime_imports(["kiln.engine"])
+        if floor_of(imp.target) in ("callbacks", "job", "run drivers", "command line", "tools")
+    ]
+    found = {
+        (imp.target, imp.name, imp.kind) for imp in above if imp.target != "kiln.callbacks.base"
+    }
+    assert found <= {
+        ("kiln.job", "build_trainer", "deferred"),
+        ("kiln.job", "job_callbacks", "deferred"),
+    }, "\n".join(f"{where(imp)}: {imp}" for imp in above)
+
+
+PLANTED = {  # the three upward imports of issue 27's acceptance, as each would be caught
+    "kiln.engine": "def f():\n    from kiln.callbacks.progress import ProgressCallback\n",
+    "kiln.models": "import kiln.sweep\n",
+    "kiln.serve": "from kiln.engine.trainer import Trainer\n",
+}
+
+
+def test_item06_planted_upward_imports_are_named_by_file_and_line() -> None:
+    found = []
+    for source, code in PLANTED.items():
+        found += floor_breaches(_imports_of(source, ast.parse(code)), floor_of(source) or "")
+    assert [line.split(";")[0] for line in found] == [
+        "kiln/engine/__init__.py:2: kiln.engine (engine) imports "
+        "kiln.callbacks.progress.ProgressCallback (callbacks, deferred)",
+        "kiln/models/__init__.py:1: kiln.models (building blocks) imports kiln.sweep "
+        "(run drivers, module)",
+        "kiln/serve/__init__.py:1: kiln.serve (run drivers) imports kiln.engine.trainer.Trainer "
+        "(engine, module)",
+    ]
 
 
 # ---- rule 2: no import cycles ----------------------------------------------------------------
@@ -488,3 +690,89 @@ def test_light_imports_stay_light(module: str, must_not_load: tuple[str, ...]) -
     extra = [m for m in ours if m not in ("kiln", "kiln.engine") and not within(m, expected)]
     assert not extra, f"import {module} loads {len(ours)} kiln modules, among them {extra}"
     assert module in ours, f"import {module}: {len(ours)} kiln modules: {ours}"
+
+
+RUN_DRIVER_HEAVY = (
+    "torch",
+    "transformers",
+    "kiln.engine",
+    "kiln.data",
+    "kiln.models",
+    "kiln.optim",
+    "kiln.metrics",
+    "kiln.job",
+    "kiln.callbacks",
+)
+"""What the run drivers never load on import: they start `kiln train` and read run directories."""
+
+
+@pytest.mark.parametrize(
+    "module", ["kiln.sweep.controller", "kiln.serve.app", "kiln.client", "kiln.runs"]
+)
+def test_item06_run_drivers_load_no_torch(module: str) -> None:
+    if module.startswith("kiln.serve") and importlib.util.find_spec("fastapi") is None:
+        pytest.skip("kiln serve needs the serve extra (fastapi)")
+    loaded = _loaded_by(module)
+    assert module in loaded
+    heavy = [m for m in loaded if within(m, RUN_DRIVER_HEAVY)]
+    assert not heavy, f"import {module} loads {len(heavy)} heavy module(s): {heavy[:20]}"
+
+
+@pytest.mark.slow
+def test_item06_the_engine_loads_only_the_callback_interface() -> None:
+    # Statically the engine imports kiln.callbacks.base; this checks what that really runs (the
+    # package's __init__ too): no callback, no job, nothing of the floors above the engine.
+    loaded = _loaded_by("kiln.engine.trainer")
+    above = [
+        m
+        for m in loaded
+        if floor_of(m) in ("callbacks", "job", "tools", "run drivers", "command line")
+        and m not in ("kiln.callbacks", "kiln.callbacks.base")
+    ]
+    assert "kiln.engine.trainer" in loaded
+    assert not above, f"import kiln.engine.trainer loads {len(above)} module(s) above it: {above}"
+
+
+# ---- item 4: one place builds the config's callbacks -----------------------------------------
+
+
+def _callback_classes() -> set[str]:
+    """The classes of kiln.callbacks that derive from Callback (directly or through another)."""
+    bases = {
+        node.name: {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
+        for name, tree in TREES.items()
+        if within(name, ["kiln.callbacks"])
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+    }
+    found = {"Callback"}
+    while grown := {c for c, b in bases.items() if b & found} - found:
+        found |= grown
+    return found - {"Callback"}
+
+
+CALLBACK_BUILDERS = {
+    "kiln.callbacks.defaults": "the config's callbacks",
+    "kiln.job": "RankWhereabouts",
+}
+
+
+def test_item04_one_place_builds_the_config_callbacks() -> None:
+    classes = _callback_classes()
+    assert {"ProgressCallback", "EarlyStopping", "TrackingCallback", "NotifyCallback"} <= classes
+    built = sorted(
+        f"{FILES[name].relative_to(ROOT)}:{node.lineno} builds {callee}"
+        for name, tree in TREES.items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (callee := getattr(node.func, "id", getattr(node.func, "attr", None))) in classes
+    )
+    elsewhere = [
+        b
+        for b in built
+        if not any(FILES[m].relative_to(ROOT).as_posix() in b for m in CALLBACK_BUILDERS)
+    ]
+    assert not elsewhere, "callbacks built outside kiln/callbacks/defaults.py:\n" + "\n".join(
+        elsewhere
+    )
+    assert len(built) >= 6, built  # progress, early stopping, plots, trackers, notify, export

@@ -22,6 +22,7 @@ from helpers import tiny_config
 
 from kiln import Callback, StopRequest, Trainer
 from kiln.callbacks.background import Lane, drain
+from kiln.callbacks.defaults import default_callbacks
 from kiln.callbacks.loggers import (
     LOGGERS,
     TRACKING_FILE,
@@ -30,7 +31,6 @@ from kiln.callbacks.loggers import (
     flatten,
     metric_items,
     open_logger,
-    tracking_callbacks,
 )
 from kiln.callbacks.plotting import PlotsCallback
 from kiln.config import ConfigError
@@ -528,7 +528,7 @@ def test_missing_extra_is_an_error_naming_it(
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: it cannot be found
     cfg = tiny_config(tmp_path, *recipe_files, log={"loggers": ["tensorboard", "wandb"]})
     with pytest.raises(KilnError) as info:
-        tracking_callbacks(cfg)
+        default_callbacks(cfg)
     (problem,) = info.value.problems
     assert problem.startswith("log.loggers: wandb needs wandb (")
     assert problem.endswith("install it with: pip install 'kiln[wandb]'")

@@ -13,7 +13,7 @@ import yaml
 from helpers import tiny_config
 
 from kiln import Trainer
-from kiln.callbacks.loggers import tracking_callbacks
+from kiln.callbacks.defaults import default_callbacks
 from kiln.callbacks.plotting import PlotsCallback
 from kiln.cli import main
 from kiln.plots import eval_metrics, plot_run, series
@@ -102,7 +102,7 @@ def test_training_writes_plots_unless_switched_off(tmp_path: Path, recipe_files)
         assert png_shape(png)[2] == 4
 
     off = tiny_config(tmp_path / "off", *recipe_files, log={"plots": False})
-    assert not any(isinstance(cb, PlotsCallback) for cb in tracking_callbacks(off))
+    assert not any(isinstance(cb, PlotsCallback) for cb in default_callbacks(off))
 
 
 def test_missing_matplotlib_is_one_warning(

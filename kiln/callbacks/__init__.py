@@ -1,7 +1,20 @@
-"""Callbacks: observers of the training loop."""
+"""Callbacks: observers of the training loop.
 
-from kiln.callbacks.base import Callback
-from kiln.callbacks.defaults import default_callbacks
-from kiln.callbacks.progress import ProgressCallback
+Loaded lazily: the engine imports `kiln.callbacks.base` (the Callback interface) and nothing
+else of this package, so `import kiln.callbacks.base` loads no callback (tests/test_layering.py).
+"""
+
+from __future__ import annotations
+
+from kiln.registry import lazy_exports
 
 __all__ = ["Callback", "ProgressCallback", "default_callbacks"]
+
+_LAZY = {
+    "Callback": "kiln.callbacks.base",
+    "ProgressCallback": "kiln.callbacks.progress",
+    "default_callbacks": "kiln.callbacks.defaults",
+}
+
+
+__getattr__ = lazy_exports(__name__, _LAZY)

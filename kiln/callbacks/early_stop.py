@@ -9,10 +9,9 @@ from kiln.callbacks.base import Callback
 from kiln.engine.control import StopRequest
 
 if TYPE_CHECKING:
-    from kiln.config import RunConfig
     from kiln.engine.control import RunView
 
-__all__ = ["EarlyStopping", "early_stopping_from_config"]
+__all__ = ["EarlyStopping"]
 
 log = logging.getLogger("kiln")
 
@@ -86,11 +85,3 @@ class EarlyStopping(Callback):
         self.best_step = state.get("best_step")
         self.bad_evals = int(state.get("bad_evals", 0))
         self.stopped_step = state.get("stopped_step")
-
-
-def early_stopping_from_config(cfg: RunConfig) -> list[Callback]:
-    """[EarlyStopping] when `eval.early_stopping.enabled`, else []."""
-    es = cfg.eval.early_stopping
-    if not es.enabled:
-        return []
-    return [EarlyStopping(es.metric, es.mode, es.patience, es.min_delta)]

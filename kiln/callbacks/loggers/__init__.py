@@ -8,6 +8,6 @@ its library lazily, so a missing extra matters only when that backend is selecte
 
 from kiln.callbacks.loggers import base as _base
 from kiln.callbacks.loggers.base import *  # noqa: F403  (exactly kiln.callbacks.loggers.base.__all__)
-from kiln.callbacks.loggers.callback import TRACKING_FILE, TrackingCallback, tracking_callbacks
+from kiln.callbacks.loggers.callback import TRACKING_FILE, TrackingCallback
 
-__all__ = [*_base.__all__, "TRACKING_FILE", "TrackingCallback", "tracking_callbacks"]
+__all__ = [*_base.__all__, "TRACKING_FILE", "TrackingCallback"]

@@ -30,10 +30,9 @@ from kiln.files import write_atomic
 from kiln.runs import RunPaths
 
 if TYPE_CHECKING:
-    from kiln.config import RunConfig
     from kiln.engine.control import CheckpointKind, RunView
 
-__all__ = ["TRACKING_FILE", "TrackingCallback", "tracking_callbacks"]
+__all__ = ["TRACKING_FILE", "TrackingCallback"]
 
 TRACKING_FILE = "tracking.json"
 """In the run directory: each backend's run id, so a resumed run continues the same run."""
@@ -159,21 +158,3 @@ class TrackingCallback(Callback):
             tracker.call("close", status)
         drain([t.lane for t in self._trackers], self.cfg.close_timeout_s, "log.close_timeout_s")
         self._trackers = []
-
-
-def tracking_callbacks(cfg: RunConfig) -> list[Callback]:
-    """Plots, trackers and notifications as `cfg.log` and `cfg.notify` ask, in firing order
-    (plots first, so the trackers can attach them). A selected tracker whose extra is missing
-    is an error here, before any data is prepared. (Built on the main rank only: the job's
-    assembly, `kiln.job`, asks for them there.)"""
-    from kiln.callbacks.notify import NotifyCallback
-    from kiln.callbacks.plotting import PlotsCallback
-
-    callbacks: list[Callback] = []
-    if cfg.log.plots:
-        callbacks.append(PlotsCallback())
-    if cfg.log.loggers:
-        callbacks.append(TrackingCallback(cfg.log))
-    if cfg.notify.senders:
-        callbacks.append(NotifyCallback(cfg.notify))
-    return callbacks
