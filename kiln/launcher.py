@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kiln.runs import ExitCode
+
 __all__ = ["LINES_ENV", "closing_lines", "say", "torchrun"]
 
 LINES_ENV = "KILN_RANK_LINES"
@@ -128,11 +130,11 @@ def torchrun(argv: list[str]) -> int:
         if not (folder and any(Path(folder).glob("rank-*.jsonl"))):
             held.release()
             print(exc.format_msg(), file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     except SignalException as exc:  # before the ranks ran (else they get the signal):
         return 128 + int(exc.sigval)  # the launcher tells it (`kiln.commands.train`)
     held.release()
-    return 0
+    return ExitCode.FINISHED
 
 
 if __name__ == "__main__":

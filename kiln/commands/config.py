@@ -7,6 +7,7 @@ import argparse
 from kiln.commands import add_config_args
 from kiln.config import load_config
 from kiln.errors import KilnError
+from kiln.runs import ExitCode
 
 HELP = "check or explain a config"
 
@@ -25,10 +26,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.config_command == "validate":
         print(f"{args.config}: ok")
-        return 0
+        return ExitCode.FINISHED
     from kiln.explain import explain
 
     if args.nproc < 1:
         raise KilnError(f"--nproc: must be >= 1, got {args.nproc}")
     print(explain(cfg, world_size=args.nproc))
-    return 0
+    return ExitCode.FINISHED

@@ -7,6 +7,7 @@ import argparse
 
 from kiln.commands import add_config_args, add_flag, add_path
 from kiln.config import load_config
+from kiln.runs import ExitCode
 
 HELP = "inspect the data a config trains on, or the samples of a run's anomalies"
 QUIET_HF = True
@@ -75,10 +76,10 @@ def run(args: argparse.Namespace) -> int:
             decode=args.decode,
         )
         print(shown.text)
-        return 0
+        return ExitCode.FINISHED
 
     from kiln.data.preview import preview
 
     cfg = load_config(args.config, args.overrides)
     print(preview(cfg, samples=args.samples))
-    return 0
+    return ExitCode.FINISHED

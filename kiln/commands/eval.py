@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.commands import MODEL_PATH, add_overrides, add_path
+from kiln.runs import ExitCode
 
 HELP = "evaluate a run's model (loss, perplexity, generation metrics) on a dataset"
 QUIET_HF = True
@@ -156,4 +157,4 @@ def run(args: argparse.Namespace) -> int:
     for key, value in report["metrics"].items():
         print(f"{key:<{width}}  {value:.6g}")
     print(f"report: {out}")
-    return 0
+    return ExitCode.FINISHED

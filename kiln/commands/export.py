@@ -14,6 +14,7 @@ import json
 import sys
 
 from kiln.commands import MODEL_PATH, add_flag, add_path
+from kiln.runs import ExitCode
 
 HELP = "export a model to ONNX, TorchScript or torch.export, gated by parity with PyTorch"
 QUIET_HF = True
@@ -61,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         if not report["passed"]:
             bad = [f for f, e in report["formats"].items() if not e["passed"]]
             print(f"kiln: error: {args.path}: parity fails for {', '.join(bad)}", file=sys.stderr)
-            return 1
-        return 0
+            return ExitCode.FAILED
+        return ExitCode.FINISHED
     if args.prompts < 1:
         raise KilnError(f"--prompts: at least 1, got {args.prompts}")
     try:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ParityFailed as exc:
         print(f"kiln: error: export failed parity: {exc}; report: {exc.report}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     report = json.loads((out / "export_report.json").read_text())
     for fmt, entry in report["formats"].items():
         worst = max(c["max_abs"] for c in entry["cases"])
@@ -91,4 +92,4 @@ def run(args: argparse.Namespace) -> int:
             f"greedy {entry['greedy']['equal']}/{entry['greedy']['prompts']}"
         )
     print(f"export: {out}")
-    return 0
+    return ExitCode.FINISHED

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from kiln.commands import MODEL_PATH, add_flag, add_path
+from kiln.runs import ExitCode
 
 HELP = "generate text from a run's final model or a checkpoint"
 QUIET_HF = True
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_trained(args.path, device=device)
     [text] = generate_texts(loaded.model, loaded.tokenizer, [args.prompt], options=options)
     print(text if loaded.task == "seq2seq" else args.prompt + text)
-    return 0
+    return ExitCode.FINISHED
 
 
 def _exported(args: argparse.Namespace, options: object) -> int:
@@ -81,4 +82,4 @@ def _exported(args: argparse.Namespace, options: object) -> int:
     config = AutoConfig.from_pretrained(str(where))
     [text] = greedy_texts(run, tokenizer, config, [args.prompt], args.max_new_tokens)
     print(text if config.is_encoder_decoder else args.prompt + text)
-    return 0
+    return ExitCode.FINISHED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from kiln.commands import add_flag, add_path
+from kiln.runs import ExitCode
 
 HELP = "merge a LoRA run's adapters into the base model (loadable without PEFT)"
 QUIET_HF = True
@@ -21,4 +22,4 @@ def run(args: argparse.Namespace) -> int:
 
     out = merge_adapter(args.path, args.out, overwrite=args.overwrite)
     print(f"merged model: {out}")
-    return 0
+    return ExitCode.FINISHED

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kiln.runs import ExitCode
+
 HELP = "overlay the loss, LR and eval curves of runs in one PNG"
 
 
@@ -24,4 +26,4 @@ def run(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     out = plot_runs(args.run_dirs, args.out, metrics=metrics or None)
     print(f"wrote {out}")
-    return 0
+    return ExitCode.FINISHED

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kiln.commands import add_flag, add_path
 from kiln.files import write_atomic
+from kiln.runs import ExitCode
 
 HELP = "summarize a run directory (table, report.md with plots)"
 
@@ -33,4 +34,4 @@ def run(args: argparse.Namespace) -> int:
     out = RunPaths(run_dir).report
     write_atomic(out, render_markdown(report))
     print(f"\nreport: {out}")
-    return 0
+    return ExitCode.FINISHED

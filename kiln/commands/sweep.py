@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             print(sweep.status(args.overrides[0], args.storage))
         else:
             print(f"wrote {sweep.report(args.overrides[0], args.storage)}")
-        return 0
+        return ExitCode.FINISHED
     summary = sweep.run(args.target, list(args.overrides), storage=args.storage)
     print(json.dumps(summary, indent=1))
     return _exit_code(summary)
