@@ -221,7 +221,8 @@ def test_item11_unusable_server_arguments_are_one_line_exit_2(
 
 
 def test_item12_a_job_killed_by_a_signal_the_server_did_not_send_is_lost(tmp_path: Path) -> None:
-    from kiln.serve.executor import LocalExecutor, state_for_exit
+    from kiln.serve.executor import LocalExecutor
+    from kiln.serve.queue import state_for_exit
     from kiln.serve.store import Store
 
     class Sleeper(LocalExecutor):  # a job that is a real process, without a training run

@@ -83,6 +83,7 @@ def _loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from kiln.errors import KilnError
+    from kiln.registry import require_extra
 
     token = args.token or os.environ.get("KILN_SERVE_TOKEN") or None
     if not _loopback(args.host) and token is None:
@@ -91,15 +92,14 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.max_concurrent < 1:
         raise KilnError(f"--max-concurrent: at least 1, got {args.max_concurrent}")
-    try:
-        import uvicorn
+    # The serve extra (alembic too, imported by the store once its logger is quieted: its
+    # import logs a line per plug-in).
+    for module in ("fastapi", "uvicorn", "sqlalchemy"):
+        require_extra(module, "serve", feature="kiln serve")
+    import uvicorn
 
-        from kiln.serve.app import Settings
-    except ImportError as exc:
-        raise KilnError(
-            f"kiln serve needs fastapi and uvicorn ({exc.name} is missing): "
-            "pip install 'kiln[serve]'"
-        ) from None
+    from kiln.serve.app import Settings
+
     if args.gpus_per_rank < 0:
         raise KilnError(f"--gpus-per-rank: at least 0, got {args.gpus_per_rank}")
     ray_address = None

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
-from kiln.serve.executor import QueueExecutor
+from kiln.registry import require_extra
+from kiln.serve.queue import QueueExecutor
 from kiln.serve.store import JobRow, Store
 
 __all__ = ["RayExecutor"]
@@ -41,14 +42,9 @@ class RayExecutor(QueueExecutor):
         gpus_per_rank: float = 0.0,
     ) -> None:
         super().__init__(store, max_concurrent, grace_s)
+        jobs = require_extra("ray.job_submission", "ray", feature="--executor ray")
         try:
-            from ray.job_submission import JobSubmissionClient
-        except ImportError:
-            raise KilnError(
-                "--executor ray needs Ray Jobs' client: pip install 'kiln[ray]'"
-            ) from None
-        try:
-            self.client = JobSubmissionClient(address)
+            self.client = jobs.JobSubmissionClient(address)
         except (ConnectionError, RuntimeError) as exc:
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise KilnError(f"--ray-address {address}: no Ray Jobs API answers ({why})") from None

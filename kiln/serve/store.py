@@ -16,24 +16,48 @@ from typing import Any
 from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-__all__ = ["ACTIVE", "CLAIM_KEY", "STATES", "VERSION_TABLE", "ConfigRow", "JobRow", "Store"]
+from kiln.runs import ACTIVE_STATES, END_STATES
+from kiln.runs import STATES as RUN_STATES
 
-STATES = (
-    "queued",
-    "starting",
-    "running",
-    "paused",
-    "succeeded",
-    "failed",
-    "diverged",
-    "stopped",
-    "lost",
-)
-ACTIVE = ("queued", "starting", "running")
+__all__ = [
+    "ACTIVE",
+    "CLAIM_KEY",
+    "END",
+    "JOB_STATES",
+    "QUEUED",
+    "RESUMABLE",
+    "RUNNING",
+    "STATES",
+    "VERSION_TABLE",
+    "ConfigRow",
+    "JobRow",
+    "Store",
+]
+
+LOST = "lost"
+"""The state `kiln.runs.run_state` gives a run whose process vanished without an end state."""
+JOB_STATES: dict[str, str] = {
+    **{state: state for state in RUN_STATES},
+    "finished": "succeeded",
+    LOST: LOST,
+}
+"""A run's state (status.json's, or `kiln.runs.run_state`'s "lost") -> its job's: the one
+table between the two vocabularies. A job has one state more, "queued" (no run yet)."""
+QUEUED = "queued"
+STATES = (QUEUED, *JOB_STATES.values())
+"""Every state of a job: queued, starting, running, paused, succeeded, failed, diverged,
+stopped, lost."""
+RUNNING = tuple(JOB_STATES[state] for state in ACTIVE_STATES)
+"""States of a job whose attempt is expected to be alive (starting, running)."""
+ACTIVE = (QUEUED, *RUNNING)
+"""States of a job the server still has to follow."""
+END = tuple(JOB_STATES[state] for state in END_STATES)
+"""States a job takes from the end state its run recorded."""
+RESUMABLE = ("paused", "stopped", "failed", LOST)
+"""States from which a job may be resumed (a new attempt from its checkpoint)."""
 VERSION_TABLE = "kiln_serve_alembic_version"
 """Where alembic keeps this schema's revision: not `alembic_version`, which Optuna and MLflow
 use for theirs when they share the database (a sweep's study in the same PostgreSQL)."""
-"""States of a job the server still has to follow."""
 CLAIM_KEY = 0x6B696C6E5345  # "kilnSE": the PostgreSQL advisory lock a server holds
 
 

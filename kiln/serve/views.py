@@ -12,8 +12,26 @@ from pathlib import Path
 from typing import Any
 
 from kiln.runs import MANIFEST, RunPaths, list_checkpoints, read_metrics, read_status
+from kiln.serve.store import JobRow
 
-__all__ = ["checkpoints", "current", "downsample", "history", "tar_stream", "throughput"]
+__all__ = [
+    "checkpoints",
+    "current",
+    "describe",
+    "downsample",
+    "history",
+    "tar_stream",
+    "throughput",
+]
+
+
+def describe(job: JobRow) -> dict[str, Any]:
+    """A job for the API: the row, and what its status.json says now."""
+    status = read_status(job.run_dir) or {}
+    out = job.to_dict()
+    out.update({k: status.get(k) for k in ("step", "total_steps", "epoch", "eta_s", "heartbeat")})
+    out["stop_requested"] = job.stop_requested is not None
+    return out
 
 
 def _by_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
