@@ -205,7 +205,7 @@ def test_the_cli_still_requires_a_whole_run() -> None:
 
 
 def test_replace_keeps_which_keys_were_set() -> None:
-    # token-id data reads tokenizer.vocab_size only when it was set (engine/datasetup.py)
+    # token-id data reads tokenizer.vocab_size only when it was set (data/assemble.py)
     cfg = RunConfig(tokenizer={"min_frequency": 3})
     new = cfg.replace(**{"tokenizer.min_frequency": 4})
     assert new.tokenizer.model_fields_set == {"min_frequency"}

@@ -218,9 +218,9 @@ def test_item23_a_rollback_does_not_count_the_undone_steps_twice(
 
 
 def test_item23_the_window_restarts_from_the_loss_history() -> None:
-    from kiln.metrics import MetricsTracker
+    from kiln.metrics import ThroughputMeter
 
-    tracker = MetricsTracker(torch.device("cpu"), window=3)
+    tracker = ThroughputMeter(torch.device("cpu"), window=3)
     tracker.log([9.0, 9.0, 9.0], tokens=1, samples=1, now=1.0)
     tracker.seed_window([1.0, 2.0, float("nan"), 4.0, 6.0])  # the last 3 finite ones
     assert tracker.log([8.0], tokens=2, samples=2, now=2.0)["loss_avg"] == (4.0 + 6.0 + 8.0) / 3

@@ -279,13 +279,13 @@ def test_disk_full_while_checkpointing_names_the_last_complete_checkpoint(
 def _signal_during_setup(monkeypatch: pytest.MonkeyPatch, signum: int) -> None:
     import kiln.engine.parts as parts_module
 
-    real = parts_module._build_data
+    real = parts_module.assemble_data
 
-    def build(*args: Any) -> Any:
+    def build(*args: Any, **kwargs: Any) -> Any:
         os.kill(os.getpid(), signum)  # a real signal, delivered in the middle of setup
-        return real(*args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(parts_module, "_build_data", build)
+    monkeypatch.setattr(parts_module, "assemble_data", build)
 
 
 def test_sigterm_during_setup_of_a_new_run_says_so_and_leaves_nothing(

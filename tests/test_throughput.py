@@ -1,4 +1,4 @@
-"""MetricsTracker: windowed loss, throughput, peak memory, MFU; in metrics.jsonl and summary."""
+"""ThroughputMeter: windowed loss, throughput, peak memory, MFU; in metrics.jsonl and summary."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import torch
 from helpers import tiny_config
 
 from kiln import Trainer
-from kiln.metrics import MetricsTracker
+from kiln.metrics import ThroughputMeter
 from kiln.metrics.throughput import peak_flops, peak_memory_mb
 
 CPU = torch.device("cpu")
 
 
 def test_rates_and_windowed_average_from_explicit_times() -> None:
-    tracker = MetricsTracker(CPU, flops_per_token=600.0, peak=1e6, window=3)
+    tracker = ThroughputMeter(CPU, flops_per_token=600.0, peak=1e6, window=3)
     tracker.start(tokens=100, samples=10, now=5.0)  # e.g. a resumed run's counters
     first = tracker.log([4.0, 2.0], tokens=1100, samples=20, now=7.0)
     assert first["tokens_per_s"] == 500.0
@@ -31,10 +31,10 @@ def test_rates_and_windowed_average_from_explicit_times() -> None:
     summary = tracker.summary(tokens=1300, samples=24, now=9.0)
     assert summary["samples_per_s"] == pytest.approx(14 / 4)
     assert summary["mfu"] == pytest.approx(1200 / 4 * 600.0 / 1e6)
-    no_peak = MetricsTracker(CPU, flops_per_token=600.0)
+    no_peak = ThroughputMeter(CPU, flops_per_token=600.0)
     assert "mfu" not in no_peak.log([1.0], tokens=10, samples=1, now=1.0)
     with pytest.raises(ValueError, match="window"):
-        MetricsTracker(CPU, window=0)
+        ThroughputMeter(CPU, window=0)
 
 
 def test_peak_flops_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from kiln.config.train import AnomalyConfig
     from kiln.rank import RankContext
 
-__all__ = ["AnomalyGuard", "Verdict", "finite_state", "grad_norm"]
+__all__ = ["AnomalyGuard", "Verdict", "clip_grad_norm", "finite_state"]
 
 log = logging.getLogger("kiln")
 
@@ -46,9 +46,10 @@ _WHAT = {
 }
 
 
-def grad_norm(params: Sequence[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
-    """The total gradient norm before clipping, clipped to `clip` when given (a plain tensor
-    on the device, also for sharded gradients)."""
+def clip_grad_norm(params: Sequence[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
+    """The total gradient norm before clipping (a plain tensor on the device, also for sharded
+    gradients); the gradients are clipped to `clip` in place when given. (The loop's step; the
+    public `kiln.grad_norm` measures a model's gradients as a float and clips nothing.)"""
     from kiln.models.sharding import full_tensor
 
     if clip is not None:

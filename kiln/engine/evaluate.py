@@ -1,11 +1,13 @@
-"""Validation: streaming, token-weighted loss, perplexity and token accuracy; the best
-checkpoint's weights for `checkpoint.final: best`."""
+"""Validation: streaming, token-weighted loss, perplexity and token accuracy (`evaluate`), with
+generation eval when due (`validate`, a run's validation); the best checkpoint's weights for
+`checkpoint.final: best`."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,10 +15,14 @@ from kiln.data.collate import Batcher
 from kiln.device import Precision
 from kiln.engine.loss import IGNORE_INDEX, count_targets, forward_loss_sum
 from kiln.metrics.display import perplexity
-from kiln.models.sharding import is_sharded
 from kiln.rank import RankContext
 
-__all__ = ["evaluate", "restore_best"]
+if TYPE_CHECKING:
+    from kiln.config import RunConfig
+    from kiln.engine.generate_eval import GenerationEval
+    from kiln.engine.parts import Parts
+
+__all__ = ["evaluate", "restore_best", "validate"]
 
 log = logging.getLogger("kiln")
 
@@ -34,6 +40,7 @@ def evaluate(
     should_stop: Callable[[], bool] | None = None,
     batcher: Batcher | None = None,
     rank: RankContext | None = None,
+    sharded: bool = False,
 ) -> dict[str, float] | None:
     """Mean token loss, perplexity and next-token accuracy over `dataset`, in order.
 
@@ -48,7 +55,7 @@ def evaluate(
     `batcher` builds the batches as training does (collator, pad_to_multiple_of, packed
     documents); by default, the task's collator with `pad_id`. On N ranks (`rank`) each rank
     evaluates every N-th batch and the sums are all-reduced: every rank returns the same (a
-    sharded model's ranks run the same number of forwards, the spare ones discarded).
+    `sharded` model's ranks run the same number of forwards, the spare ones discarded).
     `batch_size` is per rank, as train.batch_size; `max_batches` counts global batches
     (batch_size x N samples), so the same global batch validates the same first
     `max_batches x batch_size x N` samples, and the same val_loss, at any world size.
@@ -69,7 +76,7 @@ def evaluate(
     mine: list[int | None] = list(starts)
     if rank is not None and rank.distributed:
         mine = starts[rank.rank :: rank.world_size]  # every N-th batch
-        if is_sharded(model):  # each forward is a collective: every rank runs as many
+        if sharded:  # each forward is a collective: every rank runs as many
             mine += [None] * (-(-len(starts) // rank.world_size) - len(mine))
     try:
         for start in mine:
@@ -103,6 +110,54 @@ def evaluate(
         "val_accuracy": correct.item() / tokens,
         "val_tokens": float(tokens),
     }
+
+
+def validate(
+    cfg: RunConfig,
+    parts: Parts,
+    rank: RankContext,
+    *,
+    step: int,
+    last: Callable[[], bool],
+    should_stop: Callable[[], bool],
+    generation: GenerationEval | None = None,
+    samples_file: Path | None = None,
+) -> dict[str, float] | None:
+    """A validation of the run at `step`: `evaluate` over its validation data, then generation
+    eval when `generation` is due (`last()`: this is the run's last validation), its samples
+    written to `samples_file` by the main rank. None when `should_stop` cut it short; {} for no
+    target tokens. Every rank returns the same."""
+    batch_size = cfg.eval.batch_size or cfg.train.batch_size
+    metrics = evaluate(
+        parts.model,
+        parts.val_data,
+        task=cfg.task,
+        batch_size=batch_size,
+        pad_id=parts.pad_id,
+        precision=parts.precision,
+        batcher=parts.batcher,
+        max_batches=cfg.eval.max_batches,
+        should_stop=should_stop,
+        rank=rank,
+        sharded=parts.parallel.sharded,
+    )
+    if not metrics or generation is None:
+        return metrics
+    if not generation.due_for(parts.val_rows, step, last=last()):
+        return metrics
+    generated = None
+    synced = parts.parallel.synced  # FSDP: all ranks run it
+    if rank.is_main or synced:  # (DDP: the other ranks wait for its metrics)
+        generated = generation.run(
+            parts.model,
+            parts.tokenizer,
+            parts.val_rows,  # type: ignore[arg-type]
+            samples_file=samples_file if rank.is_main else None,
+            should_stop=should_stop,
+            synced=synced,
+        )
+    generated = rank.broadcast(generated, "generation eval scores")
+    return None if generated is None else {**metrics, **generated}
 
 
 def restore_best(model: Any, checkpoints: Any, metric: str, step: int) -> dict[str, Any]:

@@ -81,11 +81,22 @@ class GenerationEval:
                 raise KilnError(f"eval.generate.metrics[{i}]: {exc.args[0]}") from None
         self._pairs: list[tuple[str, str]] | None = None
         self._rows_id: int | None = None
+        self._warned_no_rows = False
 
     def due(self, step: int, *, last: bool) -> bool:
         """Whether a validation at `step` includes generation (`every_steps`, and the last)."""
         every = self.gen.every_steps
         return self.gen.num_samples > 0 and (every is None or step % every == 0 or last)
+
+    def due_for(self, rows: Sequence[Mapping[str, Any]] | None, step: int, *, last: bool) -> bool:
+        """`due`, with rows to generate for: validation data given as tokens has none (then
+        skipped, with one warning)."""
+        if rows is None:
+            if not self._warned_no_rows:
+                log.warning("eval.generate: skipped, the validation data was given as tokens")
+                self._warned_no_rows = True
+            return False
+        return self.due(step, last=last)
 
     def pairs(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
         """The (prompt, reference) pairs of `rows` (computed once per row list)."""

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.files import writing
-from kiln.models.sharding import is_sharded
 from kiln.runs import checkpoint_name
 
 if TYPE_CHECKING:
@@ -48,7 +47,7 @@ def write_loadable(
     directory to complete with `CheckpointManager.save(..., staging=...)` (as given where
     there is nothing to write)."""
     model, tokenizer = parts.model, parts.tokenizer
-    if not (rank.is_main and checkpoints.enabled) or is_sharded(model):
+    if not (rank.is_main and checkpoints.enabled and parts.parallel.main_writes_weights):
         return staging
     made = staging is None
     staging = checkpoints.stage(step) if staging is None else staging

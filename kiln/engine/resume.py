@@ -164,7 +164,7 @@ def checkpoint_writers(
     state = checkpoint_state(parts, loop, callbacks, rank)  # first: it syncs the losses once
     rngs = _rng_states(rank)
     writers: dict[str, Any] = {}
-    if not is_sharded(parts.model):
+    if parts.parallel.main_writes_weights:  # else every rank writes its shard (FSDP)
         writers["model.safetensors"] = lambda p: save_file(
             trainable_state_dict(parts.model), str(p)
         )
@@ -184,7 +184,7 @@ def write_shards(
     staging directory the main rank made for `step`'s checkpoint, and gets its path (the
     main rank completes it with `CheckpointManager.save(..., staging=...)`). None when the
     model is not sharded (or checkpoints are off): the main rank writes whole files."""
-    if not (is_sharded(parts.model) and checkpoints.enabled):
+    if not (parts.parallel.sharded and checkpoints.enabled):
         return None
     from kiln.models.sharding import SHARDS_DIR, save_shards
 
@@ -406,7 +406,8 @@ def load_weights(
     """Load a checkpoint's weights (and optimizer state, when `optimizer` is given) into the
     model, whichever way each was written and is held: DCP shards (reshared to this world
     size, or read whole by one process), or full files (sliced for a sharded model).
-    Collective when the model is sharded or the checkpoint holds shards."""
+    Collective when the model is sharded or the checkpoint holds shards. (`is_sharded`: the
+    model may come from outside a run, `kiln.load_checkpoint`, with no `Parallelism`.)"""
     from kiln.models.sharding import SHARDS_DIR, has_shards, load_full_state, load_shards
 
     if has_shards(path):

@@ -7,6 +7,7 @@ Only the engine mutates it; callbacks read `TrainState` through a read-only view
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -74,6 +75,22 @@ class LoopState:
     epoch_started: bool = False
     epochs_ended: int = 0
     """Epochs the current step's batches finished (EPOCH_END fires after the step)."""
+
+    def record_validation(self, metrics: dict[str, float], metric: str, mode: str) -> bool:
+        """A completed validation's `metrics` (non-empty): the state's last_val, a history row,
+        and the best `metric` so far (`mode` min or max); True when this one is the best (a
+        NaN never is)."""
+        state = self.state
+        state.last_val = metrics
+        self.history.append({"step": state.step, **metrics})
+        value = metrics.get(metric)
+        if value is None or not math.isfinite(value):
+            return False
+        best = state.best_metric
+        if best is None or (value < best if mode == "min" else value > best):
+            state.best_metric, state.best_step = value, state.step
+            return True
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint stores for the loop (pending tensors read here: one host sync)."""

@@ -20,17 +20,18 @@ from kiln.callbacks.base import Callback
 from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_hash
 from kiln.data import BatchCursor
-from kiln.engine.anomaly import grad_norm
+from kiln.data.assemble import Given
+from kiln.engine.anomaly import clip_grad_norm
 from kiln.engine.cadence import Cadence
 from kiln.engine.control import CheckpointKind, Control, RunView, StopRequest
-from kiln.engine.datasetup import eligible_samples, input_tokens, make_cursor
-from kiln.engine.evaluate import evaluate, restore_best
+from kiln.engine.evaluate import restore_best, validate
 from kiln.engine.events import Event
+from kiln.engine.feed import eligible_samples, input_tokens, make_cursor
 from kiln.engine.generate_eval import GenerationEval
 from kiln.engine.judge import Judge
 from kiln.engine.loadable import write_loadable
 from kiln.engine.loss import forward_loss_sum, target_tokens
-from kiln.engine.parts import Given, Parts, build_parts
+from kiln.engine.parts import Parts, build_parts
 from kiln.engine.result import THROUGHPUT_KEYS, TrainResult
 from kiln.engine.resume import (
     callback_keys,
@@ -46,9 +47,9 @@ from kiln.engine.rundir import RunDir, model_card, run_summary
 from kiln.engine.signals import StopSignals
 from kiln.engine.state import LoopState, TrainState
 from kiln.engine.status import StatusFile, final_state
-from kiln.metrics.throughput import MetricsTracker, tracker_for
+from kiln.metrics.throughput import ThroughputMeter, meter_for
 from kiln.models.generation import run_sample
-from kiln.models.sharding import gather_final, is_sharded
+from kiln.models.sharding import gather_final
 from kiln.optim import set_lr
 from kiln.process import ProcessState
 from kiln.rank import RankContext
@@ -122,11 +123,10 @@ class Trainer:
         self.checkpoint_paths: list[Path] = []
         self.resumed_from: Path | None = None
         self.final_from: dict[str, Any] | None = None  # which weights final/ holds
-        self.tracker: MetricsTracker | None = None
+        self.meter: ThroughputMeter | None = None
         self.cursor: BatchCursor | None = None
         self._resume_from: Path | None = None
         self._start_time = time.perf_counter()
-        self._warned_no_rows = False
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **kwargs: Any) -> Trainer:
@@ -288,9 +288,9 @@ class Trainer:
         if parts.data_stats:
             self.run_dir.write_json(DATA_STATS, parts.data_stats)
         self._start_time = time.perf_counter()
-        self.tracker = tracker_for(cfg, parts.model, parts.device)
-        self.tracker.start(self.state.tokens_seen, self.state.samples_seen, self._start_time)
-        self.tracker.seed_window(self.loop.loss_history)  # loss_avg goes on across a resume
+        self.meter = meter_for(cfg, parts.model, parts.device)
+        self.meter.start(self.state.tokens_seen, self.state.samples_seen, self._start_time)
+        self.meter.seed_window(self.loop.loss_history)  # loss_avg goes on across a resume
         self.cursor = make_cursor(cfg, parts, self.state, self.rank)
         self.loop.epoch_started = self.state.cursor > 0
         self.loop.epochs_ended = 0
@@ -319,8 +319,8 @@ class Trainer:
         """The data cursor and the loss_avg window at the restored position (after a
         rollback: the rolled-back steps leave the window, as they left loss_history)."""
         self.cursor = make_cursor(self.cfg, self.setup(), self.state, self.rank)
-        if self.tracker is not None:
-            self.tracker.seed_window(self.loop.loss_history)
+        if self.meter is not None:
+            self.meter.seed_window(self.loop.loss_history)
 
     def _after_step(self, counts: tuple[int, int]) -> None:
         """What falls due after a step: on N ranks agreeing on requests and counts (one
@@ -436,7 +436,7 @@ class Trainer:
                         parts.train_model, batch, task, loss_fn=parts.regularizers.loss_fn
                     )
                 loss = share = loss_sum / window_targets
-                if self.rank.distributed:  # cancels DDP's mean over ranks
+                if parts.parallel.data_parallel:  # cancels DDP's (FSDP's) mean over ranks
                     loss = share * self.rank.world_size
                 self.fire(Event.BACKWARD_BEGIN)
                 parts.precision.backward(loss)
@@ -450,7 +450,7 @@ class Trainer:
         parts.precision.unscale(parts.optimizer)
         if parts.regularizers.grad_noise is not None:
             parts.regularizers.grad_noise(parts.params, state.step)
-        norm = grad_norm(parts.params, cfg.train.grad_clip)  # clipped when grad_clip is set
+        norm = clip_grad_norm(parts.params, cfg.train.grad_clip)  # clips when grad_clip is set
         loop.pending_norms.append(norm)
         at = {"step": state.step + 1, "epoch": self.cursor.last_epoch, "micro_step": first_micro}
         skip = parts.guard.check(window_loss, norm, micro_losses, **at)  # no host sync
@@ -481,8 +481,8 @@ class Trainer:
             "elapsed_s": now - self._start_time,
         }
         # loss_avg (windowed), tokens_per_s, samples_per_s, peak_mem_mb, mfu (known devices)
-        assert self.tracker is not None
-        record.update(self.tracker.log(losses, state.tokens_seen, state.samples_seen, now))
+        assert self.meter is not None
+        record.update(self.meter.log(losses, state.tokens_seen, state.samples_seen, now))
         norms = [x for x in torch.stack(loop.pending_norms).tolist() if math.isfinite(x)]
         loop.pending_norms.clear()
         record["grad_norm"] = sum(norms) / len(norms) if norms else None
@@ -513,45 +513,28 @@ class Trainer:
         self.fire(Event.LOG, metrics=record)
 
     def _validate(self) -> None:
-        parts, cfg, loop = self.setup(), self.cfg, self.loop
+        loop, state = self.loop, self.state
         self.fire(Event.VALIDATION_BEGIN)
         loop.validation_pending = True
-        should_stop = self._validation_cut
-        metrics = evaluate(
-            parts.model,
-            parts.val_data,
-            task=cfg.task,
-            batch_size=cfg.eval.batch_size or cfg.train.batch_size,
-            pad_id=parts.pad_id,
-            precision=parts.precision,
-            batcher=parts.batcher,
-            max_batches=cfg.eval.max_batches,
-            should_stop=should_stop,
-            rank=self.rank,
+        metrics = validate(  # and generation eval (eval.generate) when due
+            self.cfg,
+            self.setup(),
+            self.rank,
+            step=state.step,
+            last=lambda: state.step >= state.total_steps or self.control.stopping,
+            should_stop=self._validation_cut,
+            generation=self.generation_eval,
+            samples_file=self.run_dir.paths.samples_at(state.step),
         )
-        if metrics and self._generation_due():
-            samples_file = self.run_dir.paths.samples_at(self.state.step)
-            generated = None
-            synced = self.rank if is_sharded(parts.model) else None  # FSDP: all ranks run it
-            if self.rank.is_main or synced:  # (DDP: the other ranks wait for its metrics)
-                generated = self.generation_eval.run(  # type: ignore[union-attr]
-                    parts.model,
-                    parts.tokenizer,
-                    parts.val_rows,  # type: ignore[arg-type]
-                    samples_file=samples_file if self.rank.is_main else None,
-                    should_stop=should_stop,
-                    synced=synced,
-                )
-            generated = self.rank.broadcast(generated, "generation eval scores")
-            metrics = None if generated is None else {**metrics, **generated}
         if metrics is None:  # interrupted: the checkpoint records it as still to do
             return
         loop.validation_pending = False
         if not metrics:
             return
-        self.state.last_val = metrics
-        self._track_best(metrics)
-        loop.history.append({"step": self.state.step, **metrics})
+        best = self.cfg.checkpoint
+        if loop.record_validation(metrics, best.metric, best.mode) and best.keep_best:
+            loop.best_due = True  # the best step always gets a checkpoint
+            self.control.request_save()
         self.fire(Event.VALIDATION_END, metrics=metrics)
         record = {"step": self.state.step, "split": "val", "epoch": self.state.epoch, **metrics}
         self._record({**record, "loss": metrics["val_loss"]})
@@ -563,30 +546,6 @@ class Trainer:
             return False
         return self.control.stopping and not self._final_wanted()
 
-    def _track_best(self, metrics: dict[str, float]) -> None:
-        name, mode = self.cfg.checkpoint.metric, self.cfg.checkpoint.mode
-        value = metrics.get(name)
-        if value is None or not math.isfinite(value):  # a NaN is never the best
-            return
-        best = self.state.best_metric
-        if best is None or (value < best if mode == "min" else value > best):
-            self.state.best_metric, self.state.best_step = value, self.state.step
-            if self.cfg.checkpoint.keep_best:  # the best step always gets a checkpoint
-                self.loop.best_due = True
-                self.control.request_save()
-
-    def _generation_due(self) -> bool:
-        """Whether this validation includes generation eval (`eval.generate`)."""
-        if self.generation_eval is None:
-            return False
-        if self.setup().val_rows is None:
-            if not self._warned_no_rows:
-                log.warning("eval.generate: skipped, the validation data was given as tokens")
-                self._warned_no_rows = True
-            return False
-        last = self.state.step >= self.state.total_steps or self.control.stopping
-        return self.generation_eval.due(self.state.step, last=last)
-
     # ---- the end of a run ---------------------------------------------------------------------
 
     def _finish(self) -> tuple[Path | None, str | None]:
@@ -597,7 +556,9 @@ class Trainer:
             self.final_from = restore_best(
                 parts.model, self.checkpoints, cfg.checkpoint.metric, self.state.step
             )
-        final_dir, gathered = None, gather_final(parts.model, cfg, self.rank)  # FSDP: on main
+        final_dir, gathered = None, None
+        if parts.parallel.sharded:  # the full weights, gathered from every rank onto the main
+            gathered = gather_final(parts.model, cfg, self.rank)
         if not self.judge.may_write(parts):
             return None, None
         if self.rank.is_main:
@@ -610,7 +571,7 @@ class Trainer:
 
     def _sample(self) -> str | None:
         prompt, parts, cfg = self.cfg.eval.sample_prompt, self.setup(), self.cfg
-        synced = self.rank if is_sharded(parts.model) else None  # FSDP: all ranks run it
+        synced = parts.parallel.synced  # FSDP: all ranks run it
         if prompt is None or not (self.rank.is_main or synced):
             return None
         max_new, model = cfg.eval.sample_max_new_tokens, parts.model
@@ -625,7 +586,7 @@ class Trainer:
             model=parts.model,
             device=parts.device,
             train_examples=len(parts.train_data),
-            tracker=self.tracker,
+            tracker=self.meter,
             wall=time.perf_counter() - self._start_time,
             final_dir=final_dir,
             sample=sample,

@@ -1,6 +1,7 @@
 """Evaluation metrics: BLEU and ROUGE (as sacrebleu and rouge-score compute them), recipe
-scores, the metric registry for generation eval, the training-metrics tracker, and how
-values read on the console (`display`)."""
+scores, the metric registry for generation eval, the training throughput meter
+(`ThroughputMeter`; the experiment trackers are `kiln.callbacks.loggers`), and how values read
+on the console (`display`)."""
 
 from kiln.metrics.display import format_metric, generation_scores, metric_scale
 from kiln.metrics.recipe import recipe_metric, recipe_scores
@@ -14,13 +15,13 @@ from kiln.metrics.registry import (
     register_metric,
 )
 from kiln.metrics.text import bleu, rouge
-from kiln.metrics.throughput import MetricsTracker
+from kiln.metrics.throughput import ThroughputMeter
 
 __all__ = [
     "METRICS",
     "GenSample",
     "Metric",
-    "MetricsTracker",
+    "ThroughputMeter",
     "available_metrics",
     "bleu",
     "compute_metrics",

@@ -1,4 +1,4 @@
-"""MetricsTracker: what the train records of metrics.jsonl and summary.json report beyond the
+"""ThroughputMeter: what the train records of metrics.jsonl and summary.json report beyond the
 loss: a windowed loss average, throughput, peak memory and MFU.
 
 The trainer calls `log(...)` on logging steps only (the loop's one host sync), so tracking
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PEAK_FLOPS", "MetricsTracker", "peak_flops", "peak_memory_mb", "tracker_for"]
+__all__ = ["PEAK_FLOPS", "ThroughputMeter", "meter_for", "peak_flops", "peak_memory_mb"]
 
 # Dense bf16/fp16 tensor-core peak FLOP/s (no sparsity), by a substring of the CUDA device
 # name; fp32 runs use the TF32 figure. Extend it, or set KILN_PEAK_FLOPS, for other devices.
@@ -65,7 +65,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB else
 
 
-class MetricsTracker:
+class ThroughputMeter:
     """Turns the counters at each logging step into rates and averages.
 
     Args:
@@ -177,8 +177,8 @@ class MetricsTracker:
         return out
 
 
-def tracker_for(cfg: Any, model: Any, device: torch.device) -> MetricsTracker:
-    """The tracker of a run: MFU only where the device's peak FLOP/s is known."""
+def meter_for(cfg: Any, model: Any, device: torch.device) -> ThroughputMeter:
+    """The meter of a run: MFU only where the device's peak FLOP/s is known."""
     peak = peak_flops(device, cfg.train.precision)
     flops = None
     if peak:
@@ -186,4 +186,4 @@ def tracker_for(cfg: Any, model: Any, device: torch.device) -> MetricsTracker:
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         flops = model_flops_per_token(base, cfg.data.max_length)
-    return MetricsTracker(device, flops_per_token=flops, peak=peak)
+    return ThroughputMeter(device, flops_per_token=flops, peak=peak)

@@ -42,7 +42,9 @@ SHARDS_DIR = "dcp"
 
 
 def is_sharded(model: Any) -> bool:
-    """Whether `model` is sharded with FSDP2 (`fully_shard`)."""
+    """Whether `model` is sharded with FSDP2 (`fully_shard`): the question about a model
+    object itself (one handed in from outside a run, as `kiln.load_checkpoint` takes). Inside a
+    run the engine asks its `Parallelism` (`Parts.parallel.sharded`) instead."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -63,17 +65,18 @@ def _block_names(model: torch.nn.Module) -> set[str]:
     return set()
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Shard `model` in place over all ranks: each block is its own FSDP unit (its weights are
-    all-gathered for its forward and backward only, then freed), the rest goes with the root.
-    Returns the model (its class becomes an `FSDPModule` subclass; parameters are DTensors)."""
+def shard_model(model: torch.nn.Module, mesh: Any = None) -> torch.nn.Module:
+    """Shard `model` in place over the ranks of `mesh` (a 1-D `DeviceMesh`; None: all ranks,
+    fully_shard's default): each block is its own FSDP unit (its weights are all-gathered for
+    its forward and backward only, then freed), the rest goes with the root. Returns the model
+    (its class becomes an `FSDPModule` subclass; parameters are DTensors)."""
     from torch.distributed.fsdp import fully_shard
 
     blocks = _block_names(model)
     for module in list(model.modules()):
         if module is not model and type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

@@ -1,4 +1,5 @@
-"""Tokenizers: train a byte-level BPE on the training text, or load a pretrained one.
+"""Tokenizers: train a byte-level BPE on the training text, or load a pretrained one; an id
+tokenizer for token-id data given without one.
 
 `build_tokenizer` is the entry point the engine uses: an explicit `tokenizer.name_or_path`, else
 the tokenizer shipped with `model.name_or_path`, else a byte-level BPE trained on the training
@@ -24,6 +25,7 @@ __all__ = [
     "PAD_TOKEN",
     "build_tokenizer",
     "ensure_pad_token",
+    "id_tokenizer",
     "load_tokenizer",
     "looks_local",
     "train_bpe_tokenizer",
@@ -90,13 +92,45 @@ def train_bpe_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(_pieces(texts), trainer=trainer)
+    return _fast_tokenizer(tok, bos=True, model_max_length=model_max_length)
+
+
+def id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer whose tokens are the ids themselves, for token-id data given without one.
+
+    Text is ids separated by whitespace: `"5 7"` encodes to [5, 7], and `decode([5, 7])` is
+    `" 5 7"` (each id after a space, so that a continuation appends to its prompt, as BPE
+    tokens do). Two special tokens follow the ids: `<|pad|>` (padding) and `<|endoftext|>`
+    (eos, and what anything else encodes to; never in the data). It saves with
+    `save_pretrained` like any tokenizer; the model's vocabulary covers `vocab_size + 2`.
+    """
+    # Byte-level "Ġ" (U+0120) is a space: token i is " i", split at whitespace and decoded back.
+    vocab = {f"\u0120{i}": i for i in range(vocab_size)}
+    vocab[PAD_TOKEN], vocab[EOS_TOKEN] = vocab_size, vocab_size + 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=EOS_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return _fast_tokenizer(tok)
+
+
+def _fast_tokenizer(
+    tok: Tokenizer, *, bos: bool = False, model_max_length: int | None = None
+) -> PreTrainedTokenizerFast:
+    """`tok` (a hand-built `tokenizers.Tokenizer`: trained BPE or ids) as a transformers fast
+    tokenizer with kiln's special tokens: `<|endoftext|>` eos and unk (and bos, when `bos`),
+    `<|pad|>` pad."""
+    specials = {"bos_token": EOS_TOKEN} if bos else {}
+    specials.update(eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    if model_max_length is not None:
+        specials["model_max_length"] = model_max_length  # type: ignore[assignment]
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=EOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        model_max_length=model_max_length,
+        **specials,
         # The default clean-up rewrites " ," to "," on decode, which breaks exact round trips.
         clean_up_tokenization_spaces=False,
     )

@@ -1,18 +1,29 @@
-"""What the trainer builds from the config before the loop: datasets given as Python objects
-(text rows for the file pipeline, or token examples; docs/python_data.md), the tokenizer's
-corpus (or, for token ids alone, an id tokenizer), the curriculum and augmentation, and the
-number of optimizer steps."""
+"""The run's data, ready for the loop: what the engine asks data for (`assemble_data`).
+
+From the config's files, or from data given to `Trainer` as Python objects (text rows go
+through the files' pipeline; token ids are used as given, docs/python_data.md): the tokenizer
+(given, pretrained, trained on the training rows, or an id tokenizer for token ids alone), the
+train and validation datasets, their source rows and stats, and the data schedule (curriculum
+and augmentation).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from kiln.data import TokenDataset, make_format, render_rows, split_indices
+from kiln.data import (
+    TokenDataset,
+    build_datasets,
+    load_splits,
+    make_format,
+    render_rows,
+    split_indices,
+)
 from kiln.data.augment import AugmentedDataset, build_augmenters, tokenizer_for
+from kiln.data.collate import get_collator
 from kiln.data.curriculum import Curriculum
 from kiln.data.python import (
     PythonRows,
@@ -21,33 +32,112 @@ from kiln.data.python import (
     iter_ids,
     python_data,
 )
+from kiln.data.tokenizer_cache import cached_tokenizer
 from kiln.errors import DataError, KilnError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from kiln.config import RunConfig
-    from kiln.data import BatchCursor
-    from kiln.engine.parts import Parts
-    from kiln.engine.state import TrainState
-    from kiln.rank import RankContext
 
 __all__ = [
+    "Given",
+    "RunData",
     "as_dataset",
-    "build_schedule",
+    "assemble_data",
     "check_token_range",
-    "eligible_samples",
-    "id_tokenizer",
-    "input_tokens",
-    "make_cursor",
+    "data_schedule",
     "python_sources",
     "token_splits",
     "token_tokenizer",
     "tokenizer_corpus",
-    "total_steps",
 ]
 
 log = logging.getLogger("kiln")
+
+
+@dataclass
+class Given:
+    """Objects the caller passed instead of building them from the config (None: build)."""
+
+    model: Any = None
+    tokenizer: Any = None
+    train_data: Any = None
+    val_data: Any = None
+
+
+@dataclass
+class RunData:
+    """The data a run trains on, as `assemble_data` made it."""
+
+    tokenizer: Any
+    train: TokenDataset
+    val: TokenDataset | None
+    train_rows: list[Any] | None = None
+    """The source rows, when the data was built from rows (generation eval needs them)."""
+    val_rows: list[Any] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    """data_stats.json: counts kept and dropped (empty for token data)."""
+    curriculum: Curriculum | None = None
+    augmented: AugmentedDataset | None = None
+
+
+def assemble_data(cfg: RunConfig, given: Given, *, world_size: int = 1) -> RunData:
+    """The run's tokenizer, datasets, rows, stats, curriculum and augmentation, ready for the
+    loop: from the config's files, or from the data the caller gave.
+
+    Raises:
+        KilnError / DataError: one line naming the key or the data (a bad collator, bad rows,
+            fewer training examples than one global batch of `world_size` ranks, ...).
+    """
+    try:  # a bad name fails here, before minutes of data preparation
+        get_collator(cfg.data.collator, cfg.task)
+    except (ValueError, KeyError) as exc:
+        raise KilnError(f"data.collator: {str(exc).strip(chr(34))}") from None
+    data = _datasets(cfg, given)
+    data.curriculum, data.augmented = data_schedule(
+        cfg, data.train, data.train_rows, data.tokenizer
+    )
+    if not cfg.data.isolate_documents:  # packed documents then attend across each other
+        data.train = data.train.without_documents()
+        data.val = None if data.val is None else data.val.without_documents()
+    global_batch = cfg.train.batch_size * world_size
+    if len(data.train) < global_batch:
+        raise DataError(
+            f"data.train: {len(data.train)} training examples, fewer than one global batch "
+            f"(train.batch_size {cfg.train.batch_size} x {world_size} ranks)"
+        )
+    return data
+
+
+def _datasets(cfg: RunConfig, given: Given) -> RunData:
+    """Tokenizer, train, val, rows and stats: from the config's files, or from the data the
+    caller gave. Text rows given in Python go through the files' pipeline (checks, filters,
+    templates, val split, tokenization and its cache); token ids are used as given (split by
+    data.val_split when no val_data is given)."""
+    from kiln.models import build_tokenizer
+
+    tokenizer = given.tokenizer
+    train_src, val_src = python_sources(cfg, given.train_data, given.val_data)
+    if train_src is not None and not isinstance(train_src, PythonRows):
+        if tokenizer is None:
+            tokenizer = token_tokenizer(cfg, train_src, val_src)
+        elif given.model is None:  # the model's embeddings are sized by the tokenizer
+            check_token_range(tokenizer, train_src, val_src)
+        train, val = token_splits(cfg, train_src, val_src)  # type: ignore[arg-type]
+        return RunData(tokenizer, train, val)
+    train_rows, val_rows, stats = load_splits(cfg, train=train_src, val=val_src)  # type: ignore[arg-type]
+    if tokenizer is None:  # trained on the training rows, or read back from the cache
+        tokenizer = cached_tokenizer(cfg, tokenizer_corpus(cfg, train_rows), build_tokenizer)
+    names = None
+    if train_src is not None or val_src is not None:
+        train_name = train_src if train_src is not None else cfg.data.train
+        val_name = (
+            val_src if val_src is not None else (None if train_src is not None else cfg.data.val)
+        )
+        names = (train_name, val_name)
+    train, val, stats = build_datasets(
+        cfg, tokenizer, train_rows, val_rows, stats=stats, names=names
+    )
+    return RunData(tokenizer, train, val, train_rows, val_rows, stats.to_dict())
 
 
 def as_dataset(data: Any, task: str, *, name: str = "train_data") -> TokenDataset:
@@ -86,13 +176,13 @@ def python_sources(cfg: RunConfig, train: Any, val: Any) -> tuple[Source | None,
         val = split_val if val is None else val
     if val is not None and _is_dataset_dict(val):
         val, _ = dataset_dict_splits(val, "val_data")
-    field = cfg.data.text_field
+    field_name = cfg.data.text_field
     sources: list[Source | None] = []
     for obj, name in ((train, "train_data"), (val, "val_data")):
         if obj is None or isinstance(obj, TokenDataset):
             sources.append(obj)
         else:
-            sources.append(python_data(obj, name, text_field=field))
+            sources.append(python_data(obj, name, text_field=field_name))
     train_src, val_src = sources
     train_text = train_src is None or isinstance(train_src, PythonRows)  # None: data.train
     if val_src is not None and isinstance(val_src, PythonRows) != train_text:
@@ -136,6 +226,7 @@ def token_tokenizer(cfg: RunConfig, *data: TokenExamples | TokenDataset | None) 
         DataError: an id at or above an explicit `tokenizer.vocab_size`.
     """
     from kiln.models import build_tokenizer
+    from kiln.models.tokenizer import id_tokenizer
 
     if cfg.tokenizer.name_or_path is not None or cfg.model.name_or_path is not None:
         return build_tokenizer(cfg, None)
@@ -177,49 +268,16 @@ def check_token_range(tokenizer: Any, *data: TokenExamples | TokenDataset | None
             )
 
 
-def id_tokenizer(vocab_size: int) -> Any:
-    """A tokenizer whose tokens are the ids themselves, for token-id data given without one.
-
-    Text is ids separated by whitespace: `"5 7"` encodes to [5, 7], and `decode([5, 7])` is
-    `" 5 7"` (each id after a space, so that a continuation appends to its prompt, as BPE
-    tokens do). Two special tokens follow the ids: `<|pad|>` (padding) and `<|endoftext|>`
-    (eos, and what anything else encodes to; never in the data). It saves with
-    `save_pretrained` like any tokenizer; the model's vocabulary covers `vocab_size + 2`.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from kiln.models.tokenizer import EOS_TOKEN, PAD_TOKEN
-
-    # Byte-level "Ġ" is a space: token i is " i", split at whitespace and decoded back.
-    vocab = {f"\u0120{i}": i for i in range(vocab_size)}
-    vocab[PAD_TOKEN], vocab[EOS_TOKEN] = vocab_size, vocab_size + 1
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=EOS_TOKEN))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        clean_up_tokenization_spaces=False,
-    )
-
-
 def _is_dataset_dict(obj: Any) -> bool:
     module = sys.modules.get("datasets")  # loaded whenever such an object exists
     return module is not None and isinstance(obj, module.DatasetDict)
 
 
-def build_schedule(
+def data_schedule(
     cfg: RunConfig, train_data: TokenDataset, train_rows: list[Any] | None, tokenizer: Any
 ) -> tuple[Curriculum | None, AugmentedDataset | None]:
-    """Curriculum (which examples may be drawn) and augmentation, from `cfg.data`."""
+    """Curriculum (which examples may be drawn when) and augmentation (how each is rendered
+    per epoch), from `cfg.data`. (The learning-rate schedule is `kiln.optim.schedule_for`.)"""
     curriculum = augmented = None
     if cfg.data.curriculum is not None:
         curriculum = Curriculum.for_dataset(cfg, train_data, train_rows)
@@ -240,78 +298,6 @@ def build_schedule(
     return curriculum, augmented
 
 
-def total_steps(
-    cfg: RunConfig, n_examples: int, curriculum: Curriculum | None, *, world_size: int = 1
-) -> int:
-    """Optimizer steps of the run: train.max_steps, or the epochs' batches, whichever is less.
-
-    An epoch holds `n_examples // (batch_size x world_size)` global micro-batches. With a
-    curriculum (by epoch) an epoch holds only the eligible examples, so the epochs are counted
-    one by one.
-    """
-    train = cfg.train
-    steps = []
-    if train.max_steps is not None:
-        steps.append(train.max_steps)
-    if train.num_epochs is not None:
-        if curriculum is not None:  # by epoch (config check): epochs differ in length
-            micro = curriculum.total_micro_batches(train.num_epochs, train.batch_size * world_size)
-        else:
-            micro = int(train.num_epochs * (n_examples // (train.batch_size * world_size)))
-        steps.append(micro // train.grad_accum_steps)
-    total = min(steps)
-    if total < 1:
-        raise KilnError(
-            "train.num_epochs: the run would take 0 optimizer steps "
-            f"({n_examples} examples, batch {train.batch_size} x "
-            f"{train.grad_accum_steps} accumulation)"
-        )
-    return total
-
-
-def input_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Input tokens of a batch on the host: real tokens (padding excluded)."""
-    mask = batch.get("attention_mask")
-    n = batch["input_ids"].numel() if mask is None else int(mask.sum())
-    return n
-
-
 def tokenizer_corpus(cfg: RunConfig, rows: list[Any]) -> list[str]:
     """Texts to train a tokenizer on: the training split only (never the val rows)."""
     return ["\n".join(parts) for parts in render_rows(make_format(cfg), rows)]
-
-
-def make_cursor(cfg: RunConfig, parts: Parts, state: TrainState, rank: RankContext) -> BatchCursor:
-    """The data cursor at the position `state` records (epoch, global sample index)."""
-    from kiln.data import BatchCursor
-
-    lengths = None  # data.group_by_length: batches of similar lengths
-    if cfg.data.group_by_length and parts.train_data.blocks is None:
-        lengths = parts.train_data.lengths
-    return BatchCursor(
-        len(parts.train_data),
-        cfg.train.batch_size,
-        cfg.seed,
-        epoch=state.epoch,
-        cursor=state.cursor,
-        rank=rank.rank,
-        world_size=rank.world_size,
-        lengths=lengths,
-    )
-
-
-def eligible_samples(parts: Parts, step: int) -> Callable[[int], torch.Tensor] | None:
-    """epoch -> the (n,) mask of samples that may be drawn at `step`: the curriculum's, less
-    the samples a rollback left out of that epoch; None when every sample may be."""
-    curriculum, guard, n = parts.curriculum, parts.guard, len(parts.train_data)
-    if curriculum is None and not guard.excluded:
-        return None
-
-    def eligible(epoch: int) -> torch.Tensor:
-        mask = (
-            torch.ones(n, dtype=torch.bool) if curriculum is None else curriculum.mask(epoch, step)
-        )
-        left_out = guard.mask(epoch, n)
-        return mask if left_out is None else mask & left_out
-
-    return eligible
