@@ -47,6 +47,7 @@ __all__ = [
     "JsonWebhook",
     "Notification",
     "NotifyCallback",
+    "Outbox",
     "Sender",
     "SenderFactory",
     "SlackWebhook",
@@ -301,6 +302,48 @@ class _Channel:
             )
 
 
+class Outbox:
+    """The one delivery of notifications, for a run (`NotifyCallback`) and for a sweep (its
+    controller's notes): each sender on its own lane (`_Channel`), notes numbered in the order
+    they were sent, `flush` to drain them all within `notify.flush_timeout_s`."""
+
+    def __init__(self, senders: list[Sender], cfg: NotifyConfig) -> None:
+        self.senders = list(senders)
+        self.cfg = cfg
+        self._channels = self._open_channels()
+        self._seq = itertools.count()
+        self._lock = threading.Lock()  # the channels' threads record deliveries concurrently
+        self._sent: dict[int, Notification] = {}
+
+    @property
+    def sent(self) -> list[Notification]:
+        """Notifications delivered to at least one sender, each once, in the order they were
+        sent (a snapshot: the senders' threads may still be adding to it)."""
+        with self._lock:
+            return [self._sent[seq] for seq in sorted(self._sent)]
+
+    def _open_channels(self) -> list[_Channel]:
+        return [_Channel(sender, self.cfg, self._record) for sender in self.senders]
+
+    def _record(self, seq: int, note: Notification) -> None:
+        with self._lock:
+            self._sent.setdefault(seq, note)
+
+    def send(self, note: Notification) -> None:
+        """Queue `note` for every sender (returns at once)."""
+        seq = next(self._seq)
+        for channel in self._channels:
+            channel.submit(seq, note)
+
+    def flush(self) -> None:
+        """Wait for every sender to deliver what it was given, for at most
+        `notify.flush_timeout_s` in all; a sender still busy then is abandoned."""
+        drain([c.lane for c in self._channels], self.cfg.flush_timeout_s, "notify.flush_timeout_s")
+        # Fresh channels (threads start on the first note), so the outbox can serve again
+        # (another fit()); the abandoned ones finish their request in progress and drop the rest.
+        self._channels = self._open_channels()
+
+
 class NotifyCallback(Callback):
     """Sends the events of `notify.events` (and progress every `notify.every_steps`) to every
     sender. Delivery is off the training thread, one lane per sender; a sender that keeps
@@ -317,10 +360,7 @@ class NotifyCallback(Callback):
     ) -> None:
         self.cfg = cfg
         self.senders = build_senders(cfg, environ) if senders is None else list(senders)
-        self._channels = self._open_channels()
-        self._seq = itertools.count()
-        self._lock = threading.Lock()  # the channels' threads record deliveries concurrently
-        self._sent: dict[int, Notification] = {}
+        self._outbox = Outbox(self.senders, cfg)
         self._best: float | None = None
         self._final: Path | None = None
         self._start = time.monotonic()
@@ -329,17 +369,9 @@ class NotifyCallback(Callback):
     def sent(self) -> list[Notification]:
         """Notifications delivered to at least one sender, each once, in the order they were
         emitted (a snapshot: the senders' threads may still be adding to it)."""
-        with self._lock:
-            return [self._sent[seq] for seq in sorted(self._sent)]
+        return self._outbox.sent
 
-    # ---- delivery (one lane per sender) -------------------------------------------------------
-
-    def _open_channels(self) -> list[_Channel]:
-        return [_Channel(sender, self.cfg, self._record) for sender in self.senders]
-
-    def _record(self, seq: int, note: Notification) -> None:
-        with self._lock:
-            self._sent.setdefault(seq, note)
+    # ---- delivery (`Outbox`: one lane per sender) ---------------------------------------------
 
     def _emit(
         self,
@@ -362,15 +394,10 @@ class NotifyCallback(Callback):
             metrics={k: float(v) for k, v in (metrics or {}).items() if v is not None},
             error=error,
         )
-        seq = next(self._seq)
-        for channel in self._channels:
-            channel.submit(seq, note)
+        self._outbox.send(note)
 
     def _flush(self) -> None:
-        drain([c.lane for c in self._channels], self.cfg.flush_timeout_s, "notify.flush_timeout_s")
-        # Fresh channels (threads start on the first note), so the callback can serve another
-        # fit(); the abandoned ones finish their request in progress and drop the rest.
-        self._channels = self._open_channels()
+        self._outbox.flush()
 
     # ---- events -------------------------------------------------------------------------------
 

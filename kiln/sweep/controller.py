@@ -86,36 +86,31 @@ class _Voice:
     base config's `notify.senders` and `notify.events`; the trials themselves send none."""
 
     def __init__(self, sweep: Sweep) -> None:
-        from kiln.callbacks.notify import build_senders
+        from kiln.callbacks.notify import Outbox, build_senders
 
         self.sweep = sweep
         self.cfg = load_config(data=sweep.base).notify
-        self.senders = build_senders(self.cfg) if self.cfg.senders else []
+        senders = build_senders(self.cfg) if self.cfg.senders else []
+        # The run's delivery (kiln.callbacks.notify): a lane per sender, its retries and
+        # backoff, one warning for a sender that keeps failing; the controller never waits.
+        self.outbox = Outbox(senders, self.cfg) if senders else None
         self.best: float | None = None
 
     def send(self, event: str, message: str, done: int, **metrics: float) -> None:
+        """Queue the note (when `notify.events` has it); "end", the sweep's last, then waits
+        for every note to be delivered (at most `notify.flush_timeout_s`)."""
         from kiln.callbacks.notify import Notification
 
-        if not self.senders or event not in self.cfg.events:
+        if self.outbox is None:
             return
-        spec = self.sweep.spec
-        note = Notification(
-            event, self.sweep.name, message, done, spec.trials, str(self.sweep.dir), metrics
-        )
-        for sender in self.senders:
-            error = ""
-            for _ in range(self.cfg.retries + 1):
-                try:
-                    sender.send(note, self.cfg.timeout_s)
-                    break
-                except Exception as exc:
-                    error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    for secret in sender.secrets:
-                        error = error.replace(secret, "***")
-            else:
-                log.warning(
-                    "sweep: the %s notification by %s failed: %s", event, sender.name, error
-                )
+        if event in self.cfg.events:
+            spec = self.sweep.spec
+            note = Notification(
+                event, self.sweep.name, message, done, spec.trials, str(self.sweep.dir), metrics
+            )
+            self.outbox.send(note)
+        if event == "end":
+            self.outbox.flush()
 
     def trial_done(self, number: int, value: float | None, done: int) -> bool:
         """A new best (in the sweep's direction) is news; whether it was one."""

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from kiln.registry import MissingExtra, require_extra
+
 __all__ = ["PLOTS", "write_plots"]
 
 log = logging.getLogger("kiln")
@@ -46,11 +48,12 @@ def write_plots(study: Any, out_dir: Path, metric: str) -> list[tuple[str, str]]
     """Draw the plots into `out_dir` (PNG); for each, (title, file name or why it is missing).
     Missing matplotlib is one line in the report, not an error: the sweep's results stand."""
     try:
-        import matplotlib  # noqa: F401
-        from optuna.trial import TrialState
-        from optuna.visualization import matplotlib as views
-    except ImportError:
-        return [("Plots", "not drawn: they need matplotlib (pip install 'kiln[plots]')")]
+        require_extra("matplotlib", "plots", feature="drawing them")
+    except MissingExtra as exc:
+        return [("Plots", f"not drawn: {exc}")]
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as views
+
     complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     trials = study.get_trials(deepcopy=False)
     params = {k for t in trials for k in t.params}

@@ -22,6 +22,7 @@ from kiln.config.base import SECTION_PATHS, format_errors, short_repr
 from kiln.config.sweep import PrunerConfig, SweepConfig, space_key
 from kiln.config.yamlio import read_yaml_file
 from kiln.errors import KilnError, first_line
+from kiln.registry import require_extra
 
 __all__ = [
     "JOURNAL",
@@ -43,10 +44,7 @@ after the sweep's own)."""
 
 
 def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError:
-        raise KilnError("kiln sweep needs Optuna: pip install 'kiln[sweep]'") from None
+    optuna = require_extra("optuna", "sweep", feature="kiln sweep")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
