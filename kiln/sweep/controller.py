@@ -144,6 +144,12 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
+def _value(row: dict[str, Any], metric: str) -> Any:
+    """`metric` in a validation record; NaN for null (not a finite number: NaN, inf)."""
+    value = row.get(metric)
+    return math.nan if value is None and metric in row else value
+
+
 def _report_again(trial: Any, value: float, step: int) -> None:
     """Report `value` at a `step` reported before: `Trial.report` keeps a step's first value
     (and warns), but a rollback dropped that validation, so the new one replaces it in the
@@ -250,11 +256,6 @@ class Controller:
             else:
                 self.study.tell(trial, state=states.PRUNED if state == "pruned" else states.FAIL)
 
-    def _value(self, row: dict[str, Any]) -> Any:
-        """The sweep's metric in a validation record; NaN for null (not a finite number)."""
-        value = row.get(self.sweep.spec.metric)
-        return math.nan if value is None and self.sweep.spec.metric in row else value
-
     def _follow(self, t: _Trial, tail: MetricsTail) -> None:
         """Report the validations the trial logged since the last look. When its run rewrote
         metrics.jsonl (an anomaly rollback, a resume), the validations the rewrite dropped
@@ -267,17 +268,18 @@ class Controller:
             with self.lock:
                 t.redo |= t.reported - kept
                 t.reported &= kept
+                metric = self.sweep.spec.metric
                 t.nonfinite = t.nonfinite and any(
-                    not _finite(self._value(r)) for r in history if r["step"] in t.reported
+                    not _finite(_value(r, metric)) for r in history if r["step"] in t.reported
                 )
             rows = history
         self._report(t, _val_rows(rows))
 
     def _report(self, t: _Trial, rows: list[dict[str, Any]]) -> None:
         """Report validations to the study; ask the trial to stop when the pruner says so."""
-        trial = t.handle
+        metric, trial = self.sweep.spec.metric, t.handle
         for row in rows:
-            value = self._value(row)
+            value = _value(row, metric)
             if row["step"] in t.reported or not isinstance(value, int | float):
                 continue
             with self.lock:
