@@ -1,5 +1,6 @@
 """What the API reads from a job's run directory: current metrics, history (downsampled so
-spikes survive), throughput and ETA, and checkpoints (with their manifest checksums)."""
+spikes survive), throughput and ETA, and checkpoints (with their manifest checksums), all
+through the run directory's owner, `kiln.runs`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 import math
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,9 @@ from kiln.runs import MANIFEST, RunPaths, list_checkpoints, read_metrics, read_s
 from kiln.serve.store import JobRow
 
 __all__ = [
-    "checkpoints",
+    "CheckpointInfo",
+    "checkpoint_dir",
+    "complete_checkpoints",
     "current",
     "describe",
     "downsample",
@@ -113,55 +117,62 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def checkpoints(run_dir: str | Path, metric: str = "val_loss") -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint (or final/) as the API lists it (`asdict` is the JSON object)."""
+
+    id: str
+    """The directory's name in the run: step-<N>, or final."""
+    step: int | None
+    bytes: int
+    metric: float | None
+    """The run's `checkpoint.metric` in the manifest."""
+    best: bool
+    """The best checkpoint by that metric."""
+    final: bool
+    manifest_sha256: str | None
+
+
+def _size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def complete_checkpoints(run_dir: str | Path, metric: str = "val_loss") -> list[CheckpointInfo]:
     """Complete checkpoints (step, size, the metric, best flag, manifest checksum), and
     final/ when it exists."""
     paths = RunPaths(run_dir)
-    found = []
     entries = [c for c in list_checkpoints(run_dir) if c.complete]
-    scored = [
-        c
-        for c in entries
-        if isinstance(((c.manifest or {}).get("metrics") or {}).get(metric), int | float)
-    ]
-    best = min(scored, key=lambda c: c.manifest["metrics"][metric]).step if scored else None
-    for c in entries:
-        size = sum(p.stat().st_size for p in c.path.rglob("*") if p.is_file())
-        found.append(
-            {
-                "id": f"step-{c.step}",
-                "step": c.step,
-                "bytes": size,
-                "metric": ((c.manifest or {}).get("metrics") or {}).get(metric),
-                "best": c.step == best,
-                "final": False,
-                "manifest_sha256": _sha256(c.path / MANIFEST),
-            }
+    values = {c.step: ((c.manifest or {}).get("metrics") or {}).get(metric) for c in entries}
+    scored = {step: v for step, v in values.items() if isinstance(v, int | float)}
+    best = min(scored, key=scored.__getitem__) if scored else None
+    found = [
+        CheckpointInfo(
+            id=c.path.name,
+            step=c.step,
+            bytes=_size(c.path),
+            metric=values[c.step],
+            best=c.step == best,
+            final=False,
+            manifest_sha256=_sha256(c.path / MANIFEST),
         )
+        for c in entries
+    ]
     if paths.final.is_dir():
-        size = sum(p.stat().st_size for p in paths.final.rglob("*") if p.is_file())
         step = (read_status(run_dir) or {}).get("step")
         found.append(
-            {
-                "id": "final",
-                "step": step,
-                "bytes": size,
-                "metric": None,
-                "best": False,
-                "final": True,
-                "manifest_sha256": None,
-            }
+            CheckpointInfo(paths.final.name, step, _size(paths.final), None, False, True, None)
         )
     return found
 
 
 def checkpoint_dir(run_dir: str | Path, checkpoint: str) -> Path | None:
-    """The directory of checkpoint `step-N` or `final` of a run, when it is complete."""
+    """The directory of checkpoint `step-N` or `final` of a run (a name
+    `complete_checkpoints` lists), when it is complete."""
     paths = RunPaths(run_dir)
-    if checkpoint == "final":
+    if checkpoint == paths.final.name:
         return paths.final if paths.final.is_dir() else None
     for c in list_checkpoints(run_dir):
-        if c.complete and f"step-{c.step}" == checkpoint:
+        if c.complete and c.path.name == checkpoint:
             return c.path
     return None
 

@@ -3,6 +3,7 @@ Range (docs/serve.md). Only complete checkpoints (and final/) are served."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from kiln.serve.api.common import BYTES, JSON_ERRORS, StoreDep, job_metric, job_or_404
 from kiln.serve.store import Store
-from kiln.serve.views import checkpoint_dir, checkpoints, tar_stream
+from kiln.serve.views import checkpoint_dir, complete_checkpoints, tar_stream
 
 __all__ = ["router"]
 
@@ -21,8 +22,8 @@ router = APIRouter()
 @router.get("/api/training/jobs/{job_id}/checkpoints")
 def job_checkpoints(job_id: str, store: StoreDep) -> list[dict[str, Any]]:
     job = job_or_404(store, job_id)
-    found = checkpoints(job.run_dir, job_metric(job))
-    return [{**c, "id": f"{job.id}.{c['id']}"} for c in found]
+    found = complete_checkpoints(job.run_dir, job_metric(job))
+    return [{**asdict(c), "id": f"{job.id}.{c.id}"} for c in found]
 
 
 def _checkpoint_or_404(store: Store, checkpoint_id: str) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,10 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
 from kiln.files import finite_json
-from kiln.runs import RunPaths, read_metrics
+from kiln.runs import MetricsTail, RunPaths
 from kiln.serve.api.common import JSON_ERRORS, StoreDep, job_metric, job_or_404
 from kiln.serve.store import ACTIVE, JobRow, Store
-from kiln.serve.views import checkpoints, current, describe, history, throughput
+from kiln.serve.views import complete_checkpoints, current, describe, history, throughput
 
 __all__ = ["router"]
 
@@ -76,22 +77,48 @@ def _new_checkpoints(job: JobRow, after: int, seen: set[str]) -> list[dict[str, 
     """Complete checkpoints (and final/) of the job past step `after` not in `seen` (which
     gains them), as the checkpoints route lists them."""
     found = []
-    for c in checkpoints(job.run_dir, job_metric(job)):
-        if c["id"] not in seen and (c["final"] or (c["step"] or 0) > after):
-            seen.add(c["id"])
-            found.append({**c, "id": f"{job.id}.{c['id']}"})
+    for c in complete_checkpoints(job.run_dir, job_metric(job)):
+        if c.id not in seen and (c.final or (c.step or 0) > after):
+            seen.add(c.id)
+            found.append({**asdict(c), "id": f"{job.id}.{c.id}"})
     return found
 
 
+class _Records:
+    """Which metrics records a stream sends: those past step `after` (the client has the
+    rest), each once; and once a resume or an anomaly rollback has rewritten metrics.jsonl
+    (`MetricsTail`), every record of the new history the client does not have as it is, at
+    any step (the steps logged again, with their new values)."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.rewound = False
+        self.known: dict[tuple[str, int], dict[str, Any]] = {}
+        """What the client has, by (split, step): what it had (at or before `after`) and
+        what was sent."""
+
+    def of(self, records: list[dict[str, Any]], rewritten: bool) -> list[dict[str, Any]]:
+        """The records to send of those `MetricsTail.read` returned."""
+        self.rewound = self.rewound or rewritten
+        out = []
+        for r in records:
+            key = (str(r.get("split")), r["step"])
+            if self.known.get(key) == r:
+                continue
+            self.known[key] = r
+            if r["step"] > self.after or self.rewound:
+                out.append(r)
+        return out
+
+
 async def _events(store: Store, job: JobRow, after: int, request: Request) -> AsyncIterator[str]:
-    offset, state = 0, None
+    tail, state = MetricsTail(job.run_dir), None
+    news = _Records(after)
     seen: set[str] = set()
     paths, stamp = RunPaths(job.run_dir), None  # the run dir changes when a checkpoint lands
     while True:
-        records, offset = read_metrics(job.run_dir, offset)
-        for r in records:  # each record once (a rewrite after a resume repeats its steps)
-            if r["step"] > after:
-                yield _event("metrics", finite_json(r), r["step"])
+        for r in news.of(*tail.read()):
+            yield _event("metrics", finite_json(r), r["step"])
         now_stamp = [_mtime(paths.checkpoints), _mtime(paths.final)]
         if now_stamp != stamp:
             stamp = now_stamp
