@@ -32,12 +32,14 @@ from kiln.data.tasks import make_format
 from kiln.errors import KilnError
 from kiln.files import write_atomic
 from kiln.metrics.registry import GenSample, Metric, get_metric
-from kiln.models.generation import GenerationOptions, generate_samples
+from kiln.models.generation import GenerationOptions, generate_samples, run_sample
 
 if TYPE_CHECKING:
     from kiln.config import RunConfig
+    from kiln.engine.parts import Parts
+    from kiln.rank import RankContext
 
-__all__ = ["GenerationEval", "eval_pairs"]
+__all__ = ["GenerationEval", "end_sample", "eval_pairs"]
 
 log = logging.getLogger("kiln")
 
@@ -179,3 +181,14 @@ class GenerationEval:
             lines = [json.dumps(s.to_dict(), ensure_ascii=False) + "\n" for s in samples]
             write_atomic(samples_file, "".join(lines))
         return metrics
+
+
+def end_sample(cfg: RunConfig, parts: Parts, rank: RankContext) -> str | None:
+    """The end-of-run sample (`eval.sample_prompt`) on the main rank (None on the others, and
+    without a prompt). The main rank generates it alone; under FSDP every rank takes part."""
+    prompt, synced = cfg.eval.sample_prompt, parts.parallel.synced
+    if prompt is None or not (rank.is_main or synced):
+        return None
+    max_new, model = cfg.eval.sample_max_new_tokens, parts.model
+    text = run_sample(model, parts.tokenizer, prompt, max_new, cfg.seed, synced=synced)
+    return text if rank.is_main else None

@@ -27,7 +27,7 @@ from kiln.engine.control import CheckpointKind, Control, RunView, StopRequest
 from kiln.engine.evaluate import restore_best, validate
 from kiln.engine.events import Event
 from kiln.engine.feed import eligible_samples, input_tokens, make_cursor
-from kiln.engine.generate_eval import GenerationEval
+from kiln.engine.generate_eval import GenerationEval, end_sample
 from kiln.engine.judge import Judge
 from kiln.engine.loadable import write_loadable
 from kiln.engine.loss import forward_loss_sum, target_tokens
@@ -48,7 +48,6 @@ from kiln.engine.signals import StopSignals
 from kiln.engine.state import LoopState, TrainState
 from kiln.engine.status import StatusFile, final_state
 from kiln.metrics.throughput import ThroughputMeter, meter_for
-from kiln.models.generation import run_sample
 from kiln.models.sharding import gather_final
 from kiln.optim import set_lr
 from kiln.process import ProcessState
@@ -567,16 +566,7 @@ class Trainer:
                 parts.model, parts.tokenizer, cfg, card, gathered=gathered
             )
             self.fire(Event.CHECKPOINT, path=final_dir, kind="final")
-        return final_dir, self._sample()
-
-    def _sample(self) -> str | None:
-        prompt, parts, cfg = self.cfg.eval.sample_prompt, self.setup(), self.cfg
-        synced = parts.parallel.synced  # FSDP: all ranks run it
-        if prompt is None or not (self.rank.is_main or synced):
-            return None
-        max_new, model = cfg.eval.sample_max_new_tokens, parts.model
-        text = run_sample(model, parts.tokenizer, prompt, max_new, cfg.seed, synced=synced)
-        return text if self.rank.is_main else None
+        return final_dir, end_sample(cfg, parts, self.rank)
 
     def _summary(self, final_dir: Path | None, sample: str | None) -> dict[str, Any]:
         parts = self.setup()
