@@ -1,0 +1,224 @@
+"""`ShardSet`: a complete shard set (see `format.py`) read through memory maps.
+
+Opening reads `manifest.json` and checks each file's size with one `stat` (or, with
+`verify="full"`, its sha256): O(number of shards), no token is read. A shard's files are mapped
+on the first access to one of its documents; a document is a view into the map, so memory is
+the page cache's, not the process's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from kiln.data.shards.format import (
+    MASK,
+    MASK_DTYPE,
+    OFFSET_DTYPE,
+    OFFSETS,
+    TOKENS,
+    read_manifest,
+)
+from kiln.errors import KilnError
+
+__all__ = ["ShardSet"]
+
+Verify = Literal["size", "full"]
+
+
+class _Shard:
+    """One shard's memory maps, made on first use."""
+
+    def __init__(self, directory: Path, entry: dict[str, Any], dtype: np.dtype) -> None:
+        self.entry = entry
+        self.paths = {kind: directory / f["name"] for kind, f in entry["files"].items()}
+        self.dtype = dtype
+        self._maps: dict[str, np.ndarray] | None = None
+
+    def maps(self) -> dict[str, np.ndarray]:
+        if self._maps is None:
+            dtypes = {TOKENS[1:]: self.dtype, OFFSETS[1:]: OFFSET_DTYPE, MASK[1:]: MASK_DTYPE}
+            maps = {kind: _map(path, dtypes[kind]) for kind, path in self.paths.items()}
+            offsets = maps["offsets"]
+            if offsets[0] != 0 or offsets[-1] != self.entry["tokens"]:
+                raise KilnError(
+                    f"{self.paths['offsets']}: the document offsets do not span the shard's "
+                    f"{self.entry['tokens']} tokens (the file was altered); prepare the set again"
+                )
+            self._maps = maps
+        return self._maps
+
+
+def _map(path: Path, dtype: np.dtype) -> np.ndarray:
+    """The file at `path` as a read-only array (an empty file, which mmap refuses, as [])."""
+    if path.stat().st_size == 0:
+        return np.empty(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class ShardSet:
+    """The documents of a shard set, indexed globally (shard after shard, in writing order).
+
+    Use `ShardSet.open(directory)`. `len(s)` is the number of documents, `s.doc(i)` document
+    i's token ids and `s.mask(i)` its label mask (None for a set without masks), both
+    read-only numpy views.
+    """
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+        self.has_masks: bool = manifest["has_masks"]
+        self.tokens_per_shard: list[int] = [s["tokens"] for s in manifest["shards"]]
+        """Tokens of each shard, in order."""
+        self.documents_per_shard: list[int] = [s["documents"] for s in manifest["shards"]]
+        """Documents of each shard, in order."""
+        # _starts[k]: global index of shard k's first document (a bisect finds a document's shard)
+        self._starts = [0, *itertools.accumulate(self.documents_per_shard)]
+        self._shards = [_Shard(directory, s, self.dtype) for s in manifest["shards"]]
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | Path,
+        *,
+        expect_key: str | None = None,
+        expect_tokenizer: Any = None,
+        verify: Verify = "size",
+    ) -> ShardSet:
+        """Open the complete shard set in `directory` (reads no tokens).
+
+        Args:
+            directory: the set's directory (holding `manifest.json`).
+            expect_key: the content key the set must have (`shard_key`), or None.
+            expect_tokenizer: a tokenizer, or its `tokenizer_fingerprint`, that must be the
+                one the set was made with; None: not checked.
+            verify: "size" checks each file's size against the manifest (one stat each);
+                "full" also checks its sha256 (reads every byte).
+
+        Raises:
+            KilnError: one line naming the file: no or an invalid manifest (an incomplete set),
+                a shard file missing or truncated, altered (sha256, with verify="full"), another
+                tokenizer's set, another key.
+        """
+        if verify not in ("size", "full"):
+            raise ValueError(f"verify must be 'size' or 'full', not {verify!r}")
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        where = directory / "manifest.json"
+        if expect_key is not None and manifest["key"] != expect_key:
+            raise KilnError(
+                f"{where}: the shard set has key {manifest['key']}, not the expected "
+                f"{expect_key} (it was made from other sources or settings)"
+            )
+        if expect_tokenizer is not None:
+            _check_tokenizer(where, manifest["tokenizer_fingerprint"], expect_tokenizer)
+        for shard in manifest["shards"]:
+            for f in shard["files"].values():
+                _check_file(directory / f["name"], f, full=verify == "full")
+        return cls(directory, manifest)
+
+    # ---- sizes -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the whole set."""
+        return int(self.manifest["tokens"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    @property
+    def key(self) -> str:
+        return str(self.manifest["key"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        return self.manifest["tokenizer_fingerprint"]
+
+    # ---- documents ---------------------------------------------------------------------------
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, document in it) of global document `index` (negative: from the end)."""
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"document {index} of a shard set of {n}")
+        index %= n
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return shard, index - self._starts[shard]
+
+    def _span(self, index: int) -> tuple[dict[str, np.ndarray], int, int]:
+        shard, local = self.locate(index)
+        maps = self._shards[shard].maps()
+        start, end = int(maps["offsets"][local]), int(maps["offsets"][local + 1])
+        if not 0 <= start <= end <= maps["tokens"].size:
+            raise KilnError(
+                f"{self._shards[shard].paths['offsets']}: document {local} spans "
+                f"[{start}, {end}) outside the shard's tokens (the file was altered)"
+            )
+        return maps, start, end
+
+    def doc(self, index: int) -> np.ndarray:
+        """Document `index`'s token ids: a read-only view into its shard's map."""
+        maps, start, end = self._span(index)
+        return maps["tokens"][start:end]
+
+    def mask(self, index: int) -> np.ndarray | None:
+        """Document `index`'s label mask (uint8, 1 = trained on), or None without masks."""
+        if not self.has_masks:
+            return None
+        maps, start, end = self._span(index)
+        return maps["mask"][start:end]
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardSet({str(self.directory)!r}, {len(self)} documents, {self.num_tokens} "
+            f"tokens, {self.num_shards} shards, {self.dtype.name})"
+        )
+
+
+def _check_tokenizer(where: Path, recorded: str | None, expect: Any) -> None:
+    if isinstance(expect, str):
+        want: str | None = expect
+    else:  # a tokenizer: its fingerprint, by the tokenization cache's one definition
+        from kiln.data.cache import tokenizer_fingerprint
+
+        want = tokenizer_fingerprint(expect)
+    if want != recorded:
+        raise KilnError(
+            f"{where}: the shards were made with another tokenizer (fingerprint {recorded}, "
+            f"this one is {want}); prepare them again with this tokenizer"
+        )
+
+
+def _check_file(path: Path, entry: dict[str, Any], *, full: bool) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise KilnError(f"{path}: shard file missing; prepare the set again") from None
+    except OSError as exc:
+        raise KilnError(f"{path}: cannot read the shard file ({exc.strerror})") from None
+    if size != entry["bytes"]:
+        raise KilnError(
+            f"{path}: shard file of {size} bytes, the manifest says {entry['bytes']} "
+            "(truncated or altered); prepare the set again"
+        )
+    if full:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        if h.hexdigest() != entry["sha256"]:
+            raise KilnError(
+                f"{path}: shard file altered (its sha256 differs from the manifest's); "
+                "prepare the set again"
+            )

@@ -1,0 +1,299 @@
+"""`ShardWriter`: documents of token ids in, a shard set (see `format.py`) out, in bounded memory.
+
+The writer keeps one shard's worth of tokens in a preallocated buffer and writes a shard when the
+next document would overflow it. Each shard's files are written atomically (temporary name,
+fsync, rename), then its `.done` marker; `close()` writes `manifest.json` last. Shard boundaries
+depend only on the documents and `shard_tokens`, so a writer killed at any moment and resumed
+(`ShardWriter.resume`, skipping `documents_written` documents) writes the same bytes as one that
+was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.data.shards.format import (
+    DONE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MASK,
+    MASK_DTYPE,
+    OFFSET_DTYPE,
+    OFFSETS,
+    TOKENS,
+    dtype_for,
+    shard_name,
+)
+from kiln.errors import KilnError
+from kiln.files import fsync_dir, json_text, write_atomic, writing
+
+__all__ = ["DEFAULT_SHARD_TOKENS", "ShardWriter"]
+
+DEFAULT_SHARD_TOKENS = 1 << 26
+"""64M tokens a shard: 128 MiB of uint16 ids, a few hundred shards for 10B tokens."""
+
+
+class ShardWriter:
+    """Writes documents (token id sequences) into the shard set at `directory`.
+
+    A shard holds at most `shard_tokens` tokens and at most `shard_tokens` documents (so empty
+    documents cannot grow the offsets without bound); a document longer than `shard_tokens`
+    gets a shard of its own, written straight from the caller's array.
+
+    Args:
+        directory: the shard set's directory (made if missing). A fresh writer removes the
+            shard files an earlier, unfinished writer left there; `resume` keeps them.
+        vocab_size: ids are in [0, vocab_size); decides uint16 or uint32.
+        key: the content key (`shard_key`), recorded in the manifest.
+        tokenizer_fingerprint: recorded in the manifest, checked by `ShardSet.open`.
+        shard_tokens: the size bound of a shard, in tokens.
+        with_masks: write a per-token label mask (instruction, seq2seq) beside each shard.
+        durable: fsync each file (off only for throwaway sets, e.g. in tests).
+        resume: keep the complete shards an interrupted writer left (see `resume`).
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        vocab_size: int,
+        key: str,
+        tokenizer_fingerprint: str | None,
+        *,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        with_masks: bool = False,
+        durable: bool = True,
+        resume: bool = False,
+    ) -> None:
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be positive, not {shard_tokens}")
+        self.directory = Path(directory)
+        self.header: dict[str, Any] = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "dtype": dtype_for(vocab_size).name,
+            "vocab_size": vocab_size,
+            "tokenizer_fingerprint": tokenizer_fingerprint,
+            "key": key,
+            "shard_tokens": shard_tokens,
+            "has_masks": with_masks,
+        }
+        self.shard_tokens = shard_tokens
+        self.durable = durable
+        self._dtype = dtype_for(vocab_size)
+        # The one shard buffer: tokens, masks, and the documents' end offsets.
+        self._tokens = np.empty(shard_tokens, dtype=self._dtype)
+        self._mask = np.empty(shard_tokens if with_masks else 0, dtype=MASK_DTYPE)
+        self._ends = np.empty(shard_tokens, dtype=OFFSET_DTYPE)
+        self._fill = 0
+        self._docs = 0
+        self.shards: list[dict[str, Any]] = []
+        """The manifest entries of the shards written so far."""
+        self.closed = False
+        with writing(f"the shard set {self.directory}"):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if (self.directory / MANIFEST).exists():
+                raise KilnError(
+                    f"{self.directory / MANIFEST}: the shard set is already complete; "
+                    "remove the directory to write it again"
+                )
+            if resume:
+                self._keep_done_shards()
+            else:
+                self._remove_from(0)
+
+    # ---- starting ----------------------------------------------------------------------------
+
+    @classmethod
+    def resume(
+        cls, directory: str | Path, vocab_size: int, key: str, *args: Any, **kw: Any
+    ) -> ShardWriter:
+        """A writer that keeps the complete shards an interrupted writer left in `directory`.
+
+        Same arguments as the constructor, which must match the interrupted writer's (a
+        shard written with other settings is an error naming its marker). The caller skips
+        the first `documents_written` documents and adds the rest.
+        """
+        return cls(directory, vocab_size, key, *args, resume=True, **kw)
+
+    def _keep_done_shards(self) -> None:
+        index = 0
+        while (marker := self.directory / f"{shard_name(index)}{DONE}").exists():
+            try:
+                done = json.loads(marker.read_text())
+                if not isinstance(done, dict):
+                    raise ValueError("not a JSON object")
+                header, entry = done["header"], done["shard"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise KilnError(f"{marker}: unreadable shard marker ({exc})") from None
+            if header != self.header:
+                raise KilnError(
+                    f"{marker}: this shard was written with other settings "
+                    f"({_diff(header, self.header)}); remove {self.directory} to start again"
+                )
+            if not all(
+                (self.directory / f["name"]).is_file()
+                and (self.directory / f["name"]).stat().st_size == f["bytes"]
+                for f in entry["files"].values()
+            ):
+                break  # a shard whose files are gone or short: write it again from here
+            self.shards.append(entry)
+            index += 1
+        self._remove_from(index)
+
+    def _remove_from(self, index: int) -> None:
+        """Remove the files of shards `index` and later (an unfinished writer's leftovers)."""
+        for path in self.directory.glob("shard-*"):
+            stem = path.name.split(".")[0]
+            if stem[6:].isdigit() and int(stem[6:]) >= index:
+                path.unlink()
+        for path in self.directory.glob(".shard-*.tmp-*"):  # write_atomic's temporary files
+            path.unlink()
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    @property
+    def documents_written(self) -> int:
+        """Documents held by complete shards on disk (a resumed caller skips this many)."""
+        return sum(s["documents"] for s in self.shards)
+
+    @property
+    def documents(self) -> int:
+        """Documents added so far, the buffered ones included."""
+        return self.documents_written + self._docs
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes of the shard buffer (fixed: one shard's tokens, masks and offsets)."""
+        return self._tokens.nbytes + self._mask.nbytes + self._ends.nbytes
+
+    @property
+    def buffered_tokens(self) -> int:
+        """Tokens waiting in the buffer for the current shard."""
+        return self._fill
+
+    def add(self, doc_tokens: Sequence[int] | np.ndarray, labels_mask: Any = None) -> None:
+        """Append one document: its token ids and, for a set with masks, its label mask
+        (1 where the token is trained on; None: every token)."""
+        if self.closed:
+            raise ValueError("ShardWriter.add after close()")
+        tokens = np.asarray(doc_tokens)
+        if tokens.ndim != 1:
+            raise ValueError(f"a document is a 1-d sequence of token ids, not shape {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.header["vocab_size"]):
+            raise ValueError(
+                f"token id out of range [0, {self.header['vocab_size']}): "
+                f"{int(tokens.min())}..{int(tokens.max())}"
+            )
+        mask = self._mask_of(tokens, labels_mask)
+        n = tokens.size
+        if self._fill + n > self.shard_tokens or self._docs == self.shard_tokens:
+            self._flush()
+        if n > self.shard_tokens:  # a document bigger than a shard: a shard of its own
+            self._write_shard(tokens.astype(self._dtype), mask, np.array([0, n], OFFSET_DTYPE))
+            return
+        self._tokens[self._fill : self._fill + n] = tokens
+        if mask is not None:
+            self._mask[self._fill : self._fill + n] = mask
+        self._fill += n
+        self._ends[self._docs] = self._fill
+        self._docs += 1
+
+    def _mask_of(self, tokens: np.ndarray, labels_mask: Any) -> np.ndarray | None:
+        if not self.header["has_masks"]:
+            if labels_mask is not None:
+                raise ValueError("a label mask given to a ShardWriter made with with_masks=False")
+            return None
+        if labels_mask is None:
+            return np.ones(tokens.size, dtype=MASK_DTYPE)
+        mask = np.asarray(labels_mask)
+        if mask.shape != tokens.shape:
+            raise ValueError(f"label mask of shape {mask.shape} for {tokens.size} tokens")
+        return (mask != 0).astype(MASK_DTYPE)
+
+    def _flush(self) -> None:
+        if self._docs == 0:
+            return
+        offsets = np.empty(self._docs + 1, dtype=OFFSET_DTYPE)
+        offsets[0] = 0
+        offsets[1:] = self._ends[: self._docs]
+        mask = self._mask[: self._fill] if self.header["has_masks"] else None
+        self._write_shard(self._tokens[: self._fill], mask, offsets)
+        self._fill = 0
+        self._docs = 0
+
+    def _write_shard(
+        self, tokens: np.ndarray, mask: np.ndarray | None, offsets: np.ndarray
+    ) -> None:
+        """Write one shard's files, then its done marker (each atomically)."""
+        stem = shard_name(len(self.shards))
+        parts = [(TOKENS, tokens), (OFFSETS, offsets)] + (
+            [(MASK, mask)] if mask is not None else []
+        )
+        files = {}
+        for suffix, array in parts:
+            path = self.directory / f"{stem}{suffix}"
+            data = memoryview(np.ascontiguousarray(array)).cast("B")  # no copy of the buffer
+            with writing(f"the token shard {path}"):
+                write_atomic(path, data, durable=self.durable)  # type: ignore[arg-type]
+            files[suffix[1:]] = {
+                "name": path.name,
+                "bytes": data.nbytes,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        entry = {
+            "name": stem,
+            "documents": int(offsets.size - 1),
+            "tokens": int(tokens.size),
+            "files": files,
+        }
+        marker = self.directory / f"{stem}{DONE}"
+        with writing(f"the token shard marker {marker}"):
+            write_atomic(
+                marker, json_text({"header": self.header, "shard": entry}), durable=self.durable
+            )
+            if self.durable:
+                fsync_dir(self.directory)
+        self.shards.append(entry)
+
+    def close(self) -> dict[str, Any]:
+        """Write the last shard and `manifest.json` (atomically, last); returns the manifest."""
+        if self.closed:
+            raise ValueError("ShardWriter.close called twice")
+        self._flush()
+        manifest = {
+            **self.header,
+            "documents": self.documents_written,
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "shards": self.shards,
+        }
+        path = self.directory / MANIFEST
+        with writing(f"the shard manifest {path}"):
+            write_atomic(path, json_text(manifest, indent=1) + "\n", durable=self.durable)
+            if self.durable:
+                fsync_dir(self.directory)
+        self.closed = True
+        for index in range(len(self.shards)):  # the markers' job is done once the manifest is
+            with contextlib.suppress(OSError):
+                (self.directory / f"{shard_name(index)}{DONE}").unlink()
+        return manifest
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        # An error leaves the complete shards for `resume` and writes no manifest.
+        if exc_type is None and not self.closed:
+            self.close()
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} then {new.get(k)!r}" for k in changed)
