@@ -127,6 +127,20 @@ def test_format_is_readable_with_numpy_alone(tmp_path: Path) -> None:
     assert got == [t.tolist() for t, _ in docs]
 
 
+def test_the_reader_in_docs_data_md_reads_every_document(tmp_path: Path) -> None:
+    # The numpy snippet of docs/data.md ("Token shards"), run as written.
+    text = (Path(__file__).parent.parent / "docs" / "data.md").read_text()
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "docs/data.md", "exec"), namespace)
+    docs = _docs(60)
+    _write(tmp_path, docs, shard_tokens=70)
+    for i, (tokens, mask) in enumerate(docs):
+        got_tokens, got_mask = namespace["read_document"](tmp_path, i)
+        assert got_tokens.tolist() == tokens.tolist()
+        assert got_mask.tolist() == mask.tolist()
+
+
 def test_empty_documents_and_an_empty_set(tmp_path: Path) -> None:
     docs = [(np.array([], dtype=np.int64), np.array([]))] * 5 + [(np.array([7]), np.array([1]))]
     _write(tmp_path / "a", docs, shard_tokens=2)
