@@ -31,7 +31,7 @@ from kiln.data.shards import (
 )
 from kiln.data.shards import writer as writer_module
 from kiln.errors import KilnError
-from kiln.files import StorageFull
+from kiln.files import LOCK_FILE, StorageFull
 
 VOCAB = 1000
 FP = "f" * 32
@@ -50,13 +50,13 @@ def _docs(n: int = 300, vocab: int = VOCAB, seed: int = 0) -> list[tuple[np.ndar
 def _write(directory: Path, docs, *, shard_tokens=100, vocab=VOCAB, masks=True, skip=0, **kw):
     """Write `docs[skip:]` (resuming when skip is None: skip what the shards hold)."""
     resume = skip is None
-    w = ShardWriter(
+    with ShardWriter(
         directory, vocab, "key", FP, shard_tokens=shard_tokens, with_masks=masks,
         durable=False, resume=resume, **kw,
-    )  # fmt: skip
-    for tokens, mask in docs[w.documents_written if resume else skip :]:
-        w.add(tokens, mask if masks else None)
-    return w.close()
+    ) as w:  # fmt: skip
+        for tokens, mask in docs[w.documents_written if resume else skip :]:
+            w.add(tokens, mask if masks else None)
+        return w.close()
 
 
 def _checksums(manifest: dict[str, Any]) -> list[str]:
@@ -64,7 +64,8 @@ def _checksums(manifest: dict[str, Any]) -> list[str]:
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    """The set's files and their bytes (the writers' lock file aside: it holds a pid)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != LOCK_FILE}
 
 
 def _one_line(exc: pytest.ExceptionInfo[KilnError], path: Path) -> str:
@@ -183,6 +184,10 @@ def test_the_writer_holds_one_shard_buffer_at_most(tmp_path: Path) -> None:
         peak = max(peak, w.buffered_tokens)
         assert w.buffer_nbytes == 128 * (2 + 1 + 8)
     assert peak <= 128
+    with pytest.raises(ValueError, match="integers"):
+        w.add([1.5, 2.0])
+    with pytest.raises(ValueError, match="out of range"):
+        w.add([VOCAB])
     assert len(w.shards) > 100
     w.close()
 
@@ -213,12 +218,14 @@ def test_resume_after_an_error_mid_shard_writes_identical_shards(tmp_path, monke
     resumed = ShardWriter.resume(cut, VOCAB, "key", FP, shard_tokens=100, with_masks=True)
     assert len(resumed.shards) == 3
     assert resumed.documents_written == sum(s["documents"] for s in whole["shards"][:3])
+    resumed.stop()
     # a marked shard whose file was cut short is written again, with those after it
     tokens = cut / "shard-00001.tokens"
     tokens.write_bytes(tokens.read_bytes()[:-1])
     resumed = ShardWriter.resume(cut, VOCAB, "key", FP, shard_tokens=100, with_masks=True)
     assert len(resumed.shards) == 1
     assert not (cut / "shard-00002.done").exists()
+    resumed.stop()
     assert _checksums(_write(cut, docs, skip=None)) == _checksums(whole)
     assert _files(cut) == _files(tmp_path / "whole")
 
@@ -304,7 +311,13 @@ def test_resume_with_other_settings_names_the_shard_marker(tmp_path, monkeypatch
     (tmp_path / "notes.txt").write_text("mine")
     fresh = ShardWriter(tmp_path, VOCAB, "key", FP, shard_tokens=50)
     assert fresh.documents_written == 0
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, "notes.txt"]
+    # and while it writes, a second writer of the set is refused, naming it
+    with pytest.raises(KilnError) as exc:
+        ShardWriter(tmp_path, VOCAB, "key", FP, shard_tokens=50)
+    assert f"pid {os.getpid()}" in _one_line(exc, tmp_path)
+    fresh.stop()
+    ShardWriter(tmp_path, VOCAB, "key", FP, shard_tokens=50).stop()
 
 
 def test_a_complete_set_is_not_written_over(tmp_path: Path) -> None:
@@ -346,6 +359,17 @@ def test_missing_or_invalid_manifest_is_one_line(shard_set: Path) -> None:
     with pytest.raises(KilnError) as exc:
         ShardSet.open(shard_set)
     assert "incomplete" in _one_line(exc, manifest)
+
+
+def test_a_manifest_whose_sizes_disagree_with_its_counts_is_one_line(shard_set: Path) -> None:
+    manifest = shard_set / MANIFEST
+    data = json.loads(manifest.read_text())
+    data["shards"][0]["documents"] -= 1
+    data["documents"] -= 1
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(KilnError) as exc:
+        ShardSet.open(shard_set)
+    assert "shard-00000.offsets of" in _one_line(exc, manifest)
 
 
 def test_truncated_or_missing_shard_file_is_one_line(shard_set: Path) -> None:
@@ -441,6 +465,21 @@ def test_opening_1000_shards_reads_no_token_bytes(tmp_path: Path, monkeypatch) -
         "shard-00777.offsets",
         "shard-00777.tokens",
     ]
+
+
+def test_at_most_max_open_shards_stay_mapped(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path, VOCAB, "key", FP, shard_tokens=4, durable=False)
+    for i in range(300):
+        w.add([i % VOCAB] * 4)
+    w.close()
+    s = ShardSet.open(tmp_path, max_open_shards=8)
+    fds = len(os.listdir("/proc/self/fd"))
+    first = s.doc(0)
+    assert [s.doc(i).tolist() for i in range(300)] == [[i] * 4 for i in range(300)]
+    # each mapped shard holds a descriptor per file (2 here): 8 shards, not 300, and the token
+    # map of shard 0 that `first` keeps alive
+    assert len(os.listdir("/proc/self/fd")) - fds <= 2 * 8 + 1
+    assert first.tolist() == [0] * 4, "a view of an evicted shard stays valid"
 
 
 # ---- the content key -------------------------------------------------------------------------

@@ -149,6 +149,30 @@ def _kind(kind: type | tuple[type, ...]) -> str:
     return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
 
 
+def _check_shard(i: int, shard: Any, manifest: dict[str, Any]) -> None:
+    """Shard `i`'s entry is well formed and its files' sizes agree with its counts (so a reader
+    that checked the sizes on disk can trust every offset's range)."""
+    _check_fields(shard, _SHARD_FIELDS, f"shard {i}")
+    docs, tokens = shard["documents"], shard["tokens"]
+    if docs < 1 or tokens < 0:
+        raise ValueError(f"shard {i}: {docs} documents, {tokens} tokens")
+    sizes = {
+        TOKENS: tokens * np.dtype(manifest["dtype"]).itemsize,
+        OFFSETS: (docs + 1) * OFFSET_DTYPE.itemsize,
+        MASK: tokens * MASK_DTYPE.itemsize,
+    }
+    for kind in (TOKENS, OFFSETS) + ((MASK,) if manifest["has_masks"] else ()):
+        entry = shard["files"].get(kind[1:])
+        _check_fields(entry, {"name": str, "bytes": int, "sha256": str}, f"shard {i}")
+        if Path(entry["name"]).name != entry["name"]:  # never outside the directory
+            raise ValueError(f"shard {i}: file name {entry['name']!r} is not plain")
+        if entry["bytes"] != sizes[kind]:
+            raise ValueError(
+                f"shard {i}: {entry['name']} of {entry['bytes']} bytes for {docs} "
+                f"documents, {tokens} tokens"
+            )
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     """The validated manifest of the shard set in `directory`.
 
@@ -176,12 +200,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         if manifest["dtype"] != dtype_for(manifest["vocab_size"]).name:
             raise ValueError(f"dtype {manifest['dtype']!r} does not fit the vocabulary size")
         for i, shard in enumerate(manifest["shards"]):
-            _check_fields(shard, _SHARD_FIELDS, f"shard {i}")
-            for kind in (TOKENS, OFFSETS) + ((MASK,) if manifest["has_masks"] else ()):
-                entry = shard["files"].get(kind[1:])
-                _check_fields(entry, {"name": str, "bytes": int, "sha256": str}, f"shard {i}")
-                if Path(entry["name"]).name != entry["name"]:  # never outside the directory
-                    raise ValueError(f"shard {i}: file name {entry['name']!r} is not plain")
+            _check_shard(i, shard, manifest)
         if (
             sum(s["documents"] for s in manifest["shards"]) != manifest["documents"]
             or sum(s["tokens"] for s in manifest["shards"]) != manifest["tokens"]

@@ -3,7 +3,8 @@
 Opening reads `manifest.json` and checks each file's size with one `stat` (or, with
 `verify="full"`, its sha256): O(number of shards), no token is read. A shard's files are mapped
 on the first access to one of its documents; a document is a view into the map, so memory is
-the page cache's, not the process's.
+the page cache's, not the process's. At most `max_open_shards` shards stay mapped (least
+recently used first out): a map holds a file descriptor, and a set may have thousands of shards.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,26 +34,24 @@ Verify = Literal["size", "full"]
 
 
 class _Shard:
-    """One shard's memory maps, made on first use."""
+    """One shard's files."""
 
     def __init__(self, directory: Path, entry: dict[str, Any], dtype: np.dtype) -> None:
         self.entry = entry
         self.paths = {kind: directory / f["name"] for kind, f in entry["files"].items()}
         self.dtype = dtype
-        self._maps: dict[str, np.ndarray] | None = None
 
-    def maps(self) -> dict[str, np.ndarray]:
-        if self._maps is None:
-            dtypes = {TOKENS[1:]: self.dtype, OFFSETS[1:]: OFFSET_DTYPE, MASK[1:]: MASK_DTYPE}
-            maps = {kind: _map(path, dtypes[kind]) for kind, path in self.paths.items()}
-            offsets = maps["offsets"]
-            if offsets[0] != 0 or offsets[-1] != self.entry["tokens"]:
-                raise KilnError(
-                    f"{self.paths['offsets']}: the document offsets do not span the shard's "
-                    f"{self.entry['tokens']} tokens (the file was altered); prepare the set again"
-                )
-            self._maps = maps
-        return self._maps
+    def load(self) -> dict[str, np.ndarray]:
+        """The shard's files mapped: {"tokens", "offsets"[, "mask"]} -> read-only arrays."""
+        dtypes = {TOKENS[1:]: self.dtype, OFFSETS[1:]: OFFSET_DTYPE, MASK[1:]: MASK_DTYPE}
+        maps = {kind: _map(path, dtypes[kind]) for kind, path in self.paths.items()}
+        offsets = maps["offsets"]
+        if offsets[0] != 0 or offsets[-1] != self.entry["tokens"]:
+            raise KilnError(
+                f"{self.paths['offsets']}: the document offsets do not span the shard's "
+                f"{self.entry['tokens']} tokens (the file was altered); prepare the set again"
+            )
+        return maps
 
 
 def _map(path: Path, dtype: np.dtype) -> np.ndarray:
@@ -69,7 +69,11 @@ class ShardSet:
     read-only numpy views.
     """
 
-    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+    def __init__(
+        self, directory: Path, manifest: dict[str, Any], *, max_open_shards: int = 64
+    ) -> None:
+        if max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be positive, not {max_open_shards}")
         self.directory = directory
         self.manifest = manifest
         self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
@@ -81,6 +85,9 @@ class ShardSet:
         # _starts[k]: global index of shard k's first document (a bisect finds a document's shard)
         self._starts = [0, *itertools.accumulate(self.documents_per_shard)]
         self._shards = [_Shard(directory, s, self.dtype) for s in manifest["shards"]]
+        self.max_open_shards = max_open_shards
+        self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        """The mapped shards, least recently used first."""
 
     @classmethod
     def open(
@@ -90,6 +97,7 @@ class ShardSet:
         expect_key: str | None = None,
         expect_tokenizer: Any = None,
         verify: Verify = "size",
+        max_open_shards: int = 64,
     ) -> ShardSet:
         """Open the complete shard set in `directory` (reads no tokens).
 
@@ -100,6 +108,8 @@ class ShardSet:
                 one the set was made with; None: not checked.
             verify: "size" checks each file's size against the manifest (one stat each);
                 "full" also checks its sha256 (reads every byte).
+            max_open_shards: how many shards stay mapped at once (two or three file
+                descriptors each); a view of an evicted shard stays valid.
 
         Raises:
             KilnError: one line naming the file: no or an invalid manifest (an incomplete set),
@@ -121,7 +131,7 @@ class ShardSet:
         for shard in manifest["shards"]:
             for f in shard["files"].values():
                 _check_file(directory / f["name"], f, full=verify == "full")
-        return cls(directory, manifest)
+        return cls(directory, manifest, max_open_shards=max_open_shards)
 
     # ---- sizes -------------------------------------------------------------------------------
 
@@ -156,9 +166,20 @@ class ShardSet:
         shard = bisect.bisect_right(self._starts, index) - 1
         return shard, index - self._starts[shard]
 
+    def _maps(self, shard: int) -> dict[str, np.ndarray]:
+        maps = self._open.get(shard)
+        if maps is not None:
+            self._open.move_to_end(shard)
+            return maps
+        maps = self._open[shard] = self._shards[shard].load()
+        if len(self._open) > self.max_open_shards:
+            # views handed out keep their map alive; the set just stops holding it
+            self._open.popitem(last=False)
+        return maps
+
     def _span(self, index: int) -> tuple[dict[str, np.ndarray], int, int]:
         shard, local = self.locate(index)
-        maps = self._shards[shard].maps()
+        maps = self._maps(shard)
         start, end = int(maps["offsets"][local]), int(maps["offsets"][local + 1])
         if not 0 <= start <= end <= maps["tokens"].size:
             raise KilnError(

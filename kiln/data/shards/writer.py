@@ -33,7 +33,7 @@ from kiln.data.shards.format import (
     shard_name,
 )
 from kiln.errors import KilnError
-from kiln.files import fsync_dir, json_text, write_atomic, writing
+from kiln.files import RunLock, fsync_dir, json_text, write_atomic, writing
 
 __all__ = ["DEFAULT_SHARD_TOKENS", "ShardWriter"]
 
@@ -99,15 +99,22 @@ class ShardWriter:
         self.closed = False
         with writing(f"the shard set {self.directory}"):
             self.directory.mkdir(parents=True, exist_ok=True)
-            if (self.directory / MANIFEST).exists():
-                raise KilnError(
-                    f"{self.directory / MANIFEST}: the shard set is already complete; "
-                    "remove the directory to write it again"
-                )
-            if resume:
-                self._keep_done_shards()
-            else:
-                self._remove_from(0)
+        # Two writers of one set would interleave shards: the second is refused, naming the first.
+        self._lock = RunLock(self.directory, what="shard set").acquire()
+        try:
+            with writing(f"the shard set {self.directory}"):
+                if (self.directory / MANIFEST).exists():
+                    raise KilnError(
+                        f"{self.directory / MANIFEST}: the shard set is already complete; "
+                        "remove the directory to write it again"
+                    )
+                if resume:
+                    self._keep_done_shards()
+                else:
+                    self._remove_from(0)
+        except BaseException:
+            self._lock.release()
+            raise
 
     # ---- starting ----------------------------------------------------------------------------
 
@@ -187,6 +194,8 @@ class ShardWriter:
         tokens = np.asarray(doc_tokens)
         if tokens.ndim != 1:
             raise ValueError(f"a document is a 1-d sequence of token ids, not shape {tokens.shape}")
+        if tokens.size and tokens.dtype.kind not in "iu":
+            raise ValueError(f"token ids are integers, not {tokens.dtype}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.header["vocab_size"]):
             raise ValueError(
                 f"token id out of range [0, {self.header['vocab_size']}): "
@@ -283,15 +292,21 @@ class ShardWriter:
         for index in range(len(self.shards)):  # the markers' job is done once the manifest is
             with contextlib.suppress(OSError):
                 (self.directory / f"{shard_name(index)}{DONE}").unlink()
+        self._lock.release()
         return manifest
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        # An error leaves the complete shards for `resume` and writes no manifest.
         if exc_type is None and not self.closed:
             self.close()
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop without finishing: the complete shards stay for `resume`, no manifest is
+        written, the directory's lock is released (`with` does this on an error)."""
+        self._lock.release()
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
