@@ -88,10 +88,11 @@ class ShardWriter:
         self.shard_tokens = shard_tokens
         self.durable = durable
         self._dtype = dtype_for(vocab_size)
-        # The one shard buffer: tokens, masks, and the documents' end offsets.
+        # The one shard buffer: tokens, masks, and the documents' end offsets (grown by
+        # doubling: a shard of long documents needs few).
         self._tokens = np.empty(shard_tokens, dtype=self._dtype)
         self._mask = np.empty(shard_tokens if with_masks else 0, dtype=MASK_DTYPE)
-        self._ends = np.empty(shard_tokens, dtype=OFFSET_DTYPE)
+        self._ends = np.empty(min(shard_tokens, 1024), dtype=OFFSET_DTYPE)
         self._fill = 0
         self._docs = 0
         self.shards: list[dict[str, Any]] = []
@@ -138,18 +139,15 @@ class ShardWriter:
                 if not isinstance(done, dict):
                     raise ValueError("not a JSON object")
                 header, entry = done["header"], done["shard"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise KilnError(f"{marker}: unreadable shard marker ({exc})") from None
-            if header != self.header:
-                raise KilnError(
-                    f"{marker}: this shard was written with other settings "
-                    f"({_diff(header, self.header)}); remove {self.directory} to start again"
-                )
-            if not all(
-                (self.directory / f["name"]).is_file()
-                and (self.directory / f["name"]).stat().st_size == f["bytes"]
-                for f in entry["files"].values()
-            ):
+                if header != self.header:
+                    raise KilnError(
+                        f"{marker}: this shard was written with other settings "
+                        f"({_diff(header, self.header)}); remove {self.directory} to start again"
+                    )
+                files = [(self.directory / f["name"], f["bytes"]) for f in entry["files"].values()]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise KilnError(f"{marker}: unreadable shard marker ({exc!r})") from None
+            if not all(path.is_file() and path.stat().st_size == size for path, size in files):
                 break  # a shard whose files are gone or short: write it again from here
             self.shards.append(entry)
             index += 1
@@ -178,7 +176,8 @@ class ShardWriter:
 
     @property
     def buffer_nbytes(self) -> int:
-        """Bytes of the shard buffer (fixed: one shard's tokens, masks and offsets)."""
+        """Bytes of the shard buffer: one shard's tokens and masks (allocated once) and its
+        documents' offsets (at most `shard_tokens` of them)."""
         return self._tokens.nbytes + self._mask.nbytes + self._ends.nbytes
 
     @property
@@ -212,6 +211,10 @@ class ShardWriter:
         if mask is not None:
             self._mask[self._fill : self._fill + n] = mask
         self._fill += n
+        if self._docs == self._ends.size:
+            grown = np.empty(min(2 * self._ends.size, self.shard_tokens), dtype=OFFSET_DTYPE)
+            grown[: self._docs] = self._ends
+            self._ends = grown
         self._ends[self._docs] = self._fill
         self._docs += 1
 
