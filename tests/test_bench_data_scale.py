@@ -1,0 +1,84 @@
+"""benchmarks/data_scale.py (issue 28): sizes, the seeded corpus cache, and one tiny end-to-end
+run of both sides (bare tokenizers and kiln's in-RAM path) in a temp dir."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "data_scale.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("bench_data_scale", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _module()
+
+
+def test_sizes_parse_suffixes_and_print_back():
+    assert [bench.parse_size(s) for s in ("20k", "10M", "1B", "1G", "1.5M", "5000")] == [
+        20_000,
+        10_000_000,
+        1_000_000_000,
+        1_000_000_000,
+        1_500_000,
+        5000,
+    ]
+    assert [bench.size_label(n) for n in (20_000, 10**7, 10**9, 1234)] == [
+        "20k",
+        "10M",
+        "1B",
+        "1234",
+    ]
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_size("ten")
+
+
+def test_corpus_is_seeded_cached_and_has_a_gzip_file(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = bench.ensure_corpus(tmp_path / "a", 3000, seed=7, files=3, tpw=1.3)
+    b = bench.ensure_corpus(tmp_path / "b", 3000, seed=7, files=3, tpw=1.3)
+    files = bench.corpus_files(a)
+    assert [f.name for f in files] == ["part-0000.jsonl", "part-0001.jsonl", "part-0002.jsonl.gz"]
+    for fa, fb in zip(files, bench.corpus_files(b), strict=True):
+        assert fa.read_bytes() == fb.read_bytes()  # same seed, same bytes
+    with gzip.open(files[-1], "rt") as f:
+        assert all(json.loads(line)["text"] for line in f)
+    manifest = (a / "manifest.json").stat().st_mtime_ns
+    assert bench.ensure_corpus(tmp_path / "a", 3000, seed=7, files=3, tpw=1.3) == a
+    assert (a / "manifest.json").stat().st_mtime_ns == manifest  # reused, not regenerated
+    words = json.loads((a / "manifest.json").read_text())["words"]
+    assert 3000 / 1.3 <= words < 3000 / 1.3 + 8000  # the budget, overshot by < one document
+
+
+@pytest.mark.slow
+def test_tiny_run_measures_bare_and_kiln_and_marks_prepare(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["--tokens", "5k", "--corpus-dir", str(tmp_path / "c"), "--files", "2"]
+    argv += ["--sample-docs", "100", "--vocab", "300", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = {(r["size"], r["side"]): r for r in json.loads(out.read_text())["rows"]}
+    bare, kiln = rows[("5k", "bare")], rows[("5k", "kiln")]
+    assert bare["tokens"] > 3000
+    assert bare["ratio"] == 1.0
+    assert kiln["tokens"] == bare["tokens"]
+    assert kiln["wall_s"] > 0
+    assert kiln["peak_rss_mb"] > 0
+    assert kiln["kiln_target_tokens"] > 0
+    assert kiln["ratio"] > 0
+    assert rows[("5k", "prepare")]["note"].startswith("not built yet")
+    printed = capsys.readouterr().out
+    assert "| 5k | kiln |" in printed
+    assert "load average" in printed
