@@ -25,7 +25,7 @@ bytes of RSS per token ((peak - base) / tokens), and tokens/s relative to bare. 
     .venv/bin/python benchmarks/data_scale.py --tokens 10M
     .venv/bin/python benchmarks/data_scale.py --tokens 10M,100M --kiln-max-tokens 10M --json s.json
 
-The 1B size is a manual run (about 5 GB of text, tens of minutes): never in CI.
+The 1B size is a manual run (about 4 GB of text, tens of minutes): never in CI.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def ensure_corpus(root: Path, tokens: int, seed: int, files: int, tpw: float) ->
         name = f"part-{i:04d}.jsonl" + (".gz" if i == files - 1 and files > 1 else "")
         docs = words = 0
         with _open_out(tmp / name) as f:
-            while written < budget * (i + 1) / files:
+            while docs == 0 or written < budget * (i + 1) / files:  # no empty file
                 text = next(stream)
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
                 n = doc_words(text)

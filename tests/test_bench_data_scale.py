@@ -66,19 +66,19 @@ def test_corpus_is_seeded_cached_and_has_a_gzip_file(tmp_path):
 @pytest.mark.slow
 def test_tiny_run_measures_bare_and_kiln_and_marks_prepare(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    argv = ["--tokens", "5k", "--corpus-dir", str(tmp_path / "c"), "--files", "2"]
+    argv = ["--tokens", "20k", "--corpus-dir", str(tmp_path / "c"), "--files", "2"]
     argv += ["--sample-docs", "100", "--vocab", "300", "--json", str(out)]
     assert bench.main(argv) == 0
     rows = {(r["size"], r["side"]): r for r in json.loads(out.read_text())["rows"]}
-    bare, kiln = rows[("5k", "bare")], rows[("5k", "kiln")]
-    assert bare["tokens"] > 3000
+    bare, kiln = rows[("20k", "bare")], rows[("20k", "kiln")]
+    assert bare["tokens"] > 15000
     assert bare["ratio"] == 1.0
     assert kiln["tokens"] == bare["tokens"]
     assert kiln["wall_s"] > 0
     assert kiln["peak_rss_mb"] > 0
     assert kiln["kiln_target_tokens"] > 0
     assert kiln["ratio"] > 0
-    assert rows[("5k", "prepare")]["note"].startswith("not built yet")
+    assert rows[("20k", "prepare")]["note"].startswith("not built yet")
     printed = capsys.readouterr().out
-    assert "| 5k | kiln |" in printed
+    assert "| 20k | kiln |" in printed
     assert "load average" in printed
