@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kiln.data.shards.format import (
+    MANIFEST,
     MASK,
     MASK_DTYPE,
     OFFSET_DTYPE,
@@ -120,7 +121,7 @@ class ShardSet:
             raise ValueError(f"verify must be 'size' or 'full', not {verify!r}")
         directory = Path(directory)
         manifest = read_manifest(directory)
-        where = directory / "manifest.json"
+        where = directory / MANIFEST
         if expect_key is not None and manifest["key"] != expect_key:
             raise KilnError(
                 f"{where}: the shard set has key {manifest['key']}, not the expected "
