@@ -51,9 +51,16 @@ def _write(directory: Path, docs, *, shard_tokens=100, vocab=VOCAB, masks=True, 
     """Write `docs[skip:]` (resuming when skip is None: skip what the shards hold)."""
     resume = skip is None
     with ShardWriter(
-        directory, vocab, "key", FP, shard_tokens=shard_tokens, with_masks=masks,
-        durable=False, resume=resume, **kw,
-    ) as w:  # fmt: skip
+        directory,
+        vocab,
+        "key",
+        FP,
+        shard_tokens=shard_tokens,
+        with_masks=masks,
+        durable=False,
+        resume=resume,
+        **kw,
+    ) as w:
         for tokens, mask in docs[w.documents_written if resume else skip :]:
             w.add(tokens, mask if masks else None)
         return w.close()
