@@ -455,7 +455,8 @@ def _rows(label: str, tokens: int, runs: dict[str, list[dict]], corpus: Path) ->
         wall = statistics.median(r["wall"] for r in results)
         peak = statistics.median(r["peak_kb"] for r in results) * 1024
         base = statistics.median(r["base_kb"] for r in results) * 1024
-        extra = {k: v for k, v in results[-1].items() if k in ("encode_s", "kiln_target_tokens")}
+        keep = ("encode_s", "kiln_target_tokens", "stats")
+        extra = {k: v for k, v in results[-1].items() if k in keep}
         rows.append(
             _row(
                 label,
