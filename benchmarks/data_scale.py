@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--_child"]:
         return _child_main(argv[1], argv[2])
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=_sizes, default=[10**7], help="sizes, e.g. 10M,100M,1B")
     parser.add_argument(
@@ -538,14 +538,16 @@ def main(argv: list[str] | None = None) -> int:
         default=list(SIDES),
         help="which sides to run (default bare,kiln,prepare)",
     )
-    parser.add_argument("--kiln-max-tokens", type=parse_size, default=10**8, help="(100M)")
+    parser.add_argument(
+        "--kiln-max-tokens", type=parse_size, default=10**8, help="skip kiln above (100M)"
+    )
     parser.add_argument(
         "--corpus-dir",
         type=Path,
         default=Path(tempfile.gettempdir()) / "kiln-data-scale",
         help="where corpora and the tokenizer are cached (default /tmp/kiln-data-scale)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="corpus and tokenizer seed")
     parser.add_argument("--files", type=int, default=4, help="files per corpus (last: .gz)")
     parser.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
     parser.add_argument("--sample-docs", type=int, default=5000, help="tokenizer training docs")
