@@ -1,4 +1,5 @@
 """`kiln data preview CONFIG`: counts kept/dropped, token lengths, rendered samples.
+`kiln data prepare CONFIG`: stream the training files into token shards (data.cache_dir).
 `kiln data show RUN_DIR --step N`: the training samples of a run's anomaly at step N."""
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_config_args(prev)
     prev.add_argument("--samples", type=int, default=3, help="rendered samples to show")
+
+    prep = sub.add_parser(
+        "prepare",
+        help="stream the training files into token shards under data.cache_dir (once: a "
+        "second run finds them; a killed run continues)",
+    )
+    add_config_args(prep)
+    prep.add_argument(
+        "--shard-tokens",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="tokens a shard holds at most (default: 64M)",
+    )
 
     show = sub.add_parser(
         "show",
@@ -76,6 +91,15 @@ def run(args: argparse.Namespace) -> int:
             decode=args.decode,
         )
         print(shown.text)
+        return ExitCode.FINISHED
+
+    if args.data_command == "prepare":
+        from kiln.data.shards.prepare import prepare_shards
+        from kiln.data.shards.writer import DEFAULT_SHARD_TOKENS
+
+        cfg = load_config(args.config, args.overrides)
+        prepared = prepare_shards(cfg, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS)
+        print(prepared.summary())
         return ExitCode.FINISHED
 
     from kiln.data.preview import preview

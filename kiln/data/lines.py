@@ -7,19 +7,23 @@ too, and a line over a size limit is skipped in bounded blocks, never held whole
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from kiln.data.progress import Progress
 from kiln.errors import DataError
 
 __all__ = [
+    "COMPRESSED",
     "array_starts",
     "data_array_start",
     "decoded_lines",
     "file_error",
+    "open_binary",
     "raw_lines",
     "skip_ws",
     "whole_text",
@@ -35,7 +39,33 @@ def file_error(path: Path, exc: OSError) -> DataError:
         return DataError(f"{path}: no such file")
     if isinstance(exc, IsADirectoryError):
         return DataError(f"{path}: is a directory, expected a file")
-    return DataError(f"{path}: cannot read ({exc.strerror})")
+    return DataError(f"{path}: cannot read ({exc.strerror or exc})")  # or: not gzip data
+
+
+COMPRESSED = (".gz", ".zst")
+"""Suffixes of compressed files, decompressed as they are read (`open_binary`)."""
+
+
+def open_binary(path: Path) -> BinaryIO:
+    """`path` opened for reading bytes: `.gz` through gzip, `.zst` through `zstandard` (when
+    installed), other files as they are.
+
+    Raises:
+        OSError: the file cannot be opened.
+        DataError: a `.zst` file without the `zstandard` package.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(
+                f"{path}: reading .zst files needs the zstandard package (pip install zstandard)"
+            ) from None
+        return zstandard.open(path, "rb")  # type: ignore[no-any-return]
+    return path.open("rb")
 
 
 def raw_lines(path: Path, max_bytes: int | None = None) -> Iterator[tuple[int, bytes | None]]:
@@ -45,8 +75,9 @@ def raw_lines(path: Path, max_bytes: int | None = None) -> Iterator[tuple[int, b
     and given as None, so a huge line is never held in memory. A slow read logs progress.
     """
     try:
-        total = path.stat().st_size
-        with path.open("rb") as f:
+        # The progress total is in bytes read: unknown (None) for a compressed file.
+        total = 0 if path.suffix.lower() in COMPRESSED else path.stat().st_size
+        with open_binary(path) as f:
             progress = Progress(f"reading {path}", total // 1_000_000 or None, "MB")
             done = 0
             lineno = 0
@@ -70,13 +101,19 @@ def raw_lines(path: Path, max_bytes: int | None = None) -> Iterator[tuple[int, b
                     progress.update(done // 1_000_000)
     except OSError as exc:
         raise file_error(path, exc) from None
+    except EOFError:  # a .gz cut short
+        raise DataError(f"{path}: truncated compressed file") from None
 
 
 def whole_text(path: Path) -> str:
-    """The whole file as text (UTF-8, an optional BOM dropped); bad bytes name their line."""
+    """The whole file as text (UTF-8, an optional BOM dropped; `.gz` decompressed); bad bytes
+    name their line."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
+        with open_binary(path) as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # EOFError: a truncated .gz
+        if isinstance(exc, EOFError):
+            raise DataError(f"{path}: truncated compressed file") from None
         raise file_error(path, exc) from None
     try:
         return data.decode("utf-8-sig")

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DataStats",
     "build_datasets",
+    "clean_items",
     "dedup_mask",
     "load_eval_data",
     "load_splits",
@@ -197,6 +198,16 @@ def _clean(
     The order: field checks (bad rows), quality score, length, duplicates, each on the rows
     the previous step kept.
     """
+    items, drops = clean_items(rows, fmt, data, bad)
+    return [row for row, _ in items], drops
+
+
+def clean_items(
+    rows: list[Row], fmt: TaskFormat, data: DataConfig, bad: BadRows
+) -> tuple[list[tuple[Row, tuple[str, ...]]], dict[str, int]]:
+    """`_clean`'s work, keeping each row's rendering: ((row, rendered parts) kept, drops per
+    reason). `data.dedup` finds duplicates within `rows` only (a streaming caller turns it off
+    and deduplicates across its batches itself)."""
     items = _render_checked(fmt, rows, bad)
     drops: dict[str, int] = {}
     if data.min_quality_score is not None:
@@ -223,7 +234,7 @@ def _clean(
         keep = dedup_mask([rendered for _, rendered in items])
         drops["duplicate"] = keep.count(False)
         items = _keep(items, keep)
-    return [row for row, _ in items], drops
+    return items, drops
 
 
 def _spec_name(spec: str | list[str] | PythonRows) -> str:

@@ -40,7 +40,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -56,7 +56,16 @@ from kiln.data.limits import (
     split_text,
     too_deep,
 )
-from kiln.data.lines import array_starts, data_array_start, decoded_lines, skip_ws, whole_text
+from kiln.data.lines import (
+    COMPRESSED,
+    array_starts,
+    data_array_start,
+    decoded_lines,
+    file_error,
+    open_binary,
+    skip_ws,
+    whole_text,
+)
 from kiln.data.progress import Progress
 from kiln.errors import DataError
 from kiln.registry import Registry
@@ -72,6 +81,11 @@ __all__ = [
     "ReadOptions",
     "Row",
     "expand_source",
+    "file_format",
+    "iter_csv",
+    "iter_jsonl",
+    "iter_rows",
+    "iter_text",
     "json_type",
     "read_csv",
     "read_json",
@@ -255,12 +269,17 @@ def read_jsonl(path: str | Path, options: ReadOptions | None = None) -> list[Row
             deeper than `MAX_DEPTH`, or hold an integer Python cannot convert), each named
             `path:LINE`.
     """
+    return list(iter_jsonl(path, options))
+
+
+def iter_jsonl(path: str | Path, options: ReadOptions | None = None) -> Iterator[Row]:
+    """`read_jsonl`, one row at a time (the file read a line at a time, `.gz` decompressed);
+    the problems of an `error`-mode collector are raised when the file is done."""
     path = Path(path)
     options = options or ReadOptions()
     bad = options.bad
     limit = max_line_bytes(options.max_chars)
     oversized: list[int] = []
-    rows: list[Row] = []
     for lineno, text in decoded_lines(path, bad.add, limit, oversized):
         value, problem = parse_json_line(text)
         if problem is not None:
@@ -269,10 +288,9 @@ def read_jsonl(path: str | Path, options: ReadOptions | None = None) -> list[Row
         if not isinstance(value, dict):
             bad.add(f"{path}:{lineno}: expected a JSON object, got {json_type(value)}")
             continue
-        rows.append(Row(value, str(path), lineno))
+        yield Row(value, str(path), lineno)
     _drop_oversized(path, oversized, options, limit)
     bad.check()
-    return rows
 
 
 def read_json(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
@@ -340,10 +358,25 @@ def read_csv(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
             records with another number of values than the header, each named `path:LINE`.
     """
     path = Path(path)
+    return list(_csv_rows(path, io.StringIO(whole_text(path), newline=""), options))
+
+
+def iter_csv(path: str | Path, options: ReadOptions | None = None) -> Iterator[Row]:
+    """`read_csv`, one record at a time from the file (`.gz` decompressed), never whole."""
+    path = Path(path)
+    try:
+        raw = open_binary(path)
+    except OSError as exc:
+        raise file_error(path, exc) from None
+    with raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
+        yield from _csv_rows(path, text, options)
+
+
+def _csv_rows(path: Path, text: Iterable[str], options: ReadOptions | None) -> Iterator[Row]:
+    """The records of a CSV text after its header, as rows named by their first line."""
     bad = (options or ReadOptions()).bad
-    reader = csv.reader(io.StringIO(whole_text(path), newline=""))
+    reader = csv.reader(text)
     header: list[str] | None = None
-    rows: list[Row] = []
     line = 0  # the line the last record ended on
     old_limit = csv.field_size_limit(2**31 - 1)  # documents may exceed the 128 KiB default
     try:
@@ -353,6 +386,8 @@ def read_csv(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
                 record = next(reader, None)
             except csv.Error as exc:
                 raise DataError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
+            except UnicodeDecodeError:  # streamed: the line is the one being read
+                raise DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8") from None
             line = reader.line_num
             if record is None:
                 break
@@ -369,11 +404,10 @@ def read_csv(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
                     f"{len(record)}"
                 )
             else:
-                rows.append(Row(dict(zip(header, record, strict=True)), str(path), start))
+                yield Row(dict(zip(header, record, strict=True)), str(path), start)
     finally:
         csv.field_size_limit(old_limit)
     bad.check()
-    return rows
 
 
 def read_text(path: str | Path, options: ReadOptions | None = None) -> list[Row]:
@@ -387,18 +421,19 @@ def read_text(path: str | Path, options: ReadOptions | None = None) -> list[Row]
     Raises:
         DataError: a missing file, or (unless skipped) lines that are not UTF-8.
     """
+    return list(iter_text(path, options))
+
+
+def iter_text(path: str | Path, options: ReadOptions | None = None) -> Iterator[Row]:
+    """`read_text`, one row at a time (the file read a line at a time, `.gz` decompressed)."""
     path = Path(path)
     options = options or ReadOptions()
-    rows = []
     for lineno, text in decoded_lines(path, options.bad.add):
         pieces = [text] if options.max_chars is None else split_text(text, options.max_chars)
-        rows.extend(
-            Row({options.text_field: piece}, str(path), lineno)
-            for piece in pieces
-            if not piece.isspace()
-        )
+        for piece in pieces:
+            if not piece.isspace():
+                yield Row({options.text_field: piece}, str(path), lineno)
     options.bad.check()
-    return rows
 
 
 def json_type(value: Any) -> str:
@@ -503,10 +538,46 @@ def _read_one(source: str, options: ReadOptions) -> list[Row]:
         raise DataError(
             f"{path}: is a directory, expected a data file or a dataset saved with save_to_disk"
         )
-    fmt = options.format
-    if fmt == "auto":
-        fmt = SUFFIX_FORMATS.get(path.suffix.lower(), "jsonl")
-    return READERS.get(fmt)(path, options)
+    return READERS.get(file_format(path, options.format))(path, options)
+
+
+def file_format(path: Path, fmt: str = "auto") -> str:
+    """The format a file is read as: `fmt`, or under `auto` the one of its suffix (the suffix
+    before `.gz`/`.zst`: `a.txt.gz` is text; other suffixes: jsonl)."""
+    if fmt != "auto":
+        return fmt
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes.pop()
+    return SUFFIX_FORMATS.get(suffixes[-1] if suffixes else "", "jsonl")
+
+
+STREAMERS: dict[str, Callable[[Path, ReadOptions | None], Iterator[Row]]] = {
+    "jsonl": iter_jsonl,
+    "csv": iter_csv,
+    "text": iter_text,
+}
+"""Formats read one row at a time by `iter_rows`; the others are read a whole file at a time."""
+
+
+def iter_rows(
+    spec: str | Path | Sequence[str | Path], options: ReadOptions | None = None
+) -> Iterator[Row]:
+    """`read_rows`, one row at a time: JSONL, CSV and text files (`.gz` too) are streamed, so
+    memory does not grow with a file; JSON, Parquet and datasets are read one source at a time.
+    """
+    options = options or ReadOptions()
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    for one in specs:
+        for source in expand_source(one):
+            path = Path(source)
+            stream = None
+            if not source.startswith(_HF_PREFIX) and options.format != "hf" and not path.is_dir():
+                stream = STREAMERS.get(file_format(path, options.format))
+            if stream is None:
+                yield from read_source(source, options)
+            else:
+                yield from stream(path, options)
 
 
 def read_rows(

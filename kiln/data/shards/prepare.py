@@ -1,0 +1,269 @@
+"""`kiln data prepare`: stream a config's training sources into a token shard set.
+
+    rows (streamed, `iter_rows`) -> checks and filters (`clean_items`, a batch at a time)
+        -> dedup (digests of the rendered texts) -> tokenize (a batch at a time) -> ShardWriter
+
+The rows go through the same checks, filters and task template as `kiln train` (the functions
+of `kiln.data.prepare` and `kiln.data.tasks`, a batch of `batch_rows` rows at a time), and a
+causal_lm document becomes its ids + EOS, as `tokenize_causal` makes it before packing. Memory
+holds one batch of rows, one shard's tokens and, with `data.dedup`, a 16-byte digest per
+distinct document (the one thing that grows with the corpus).
+
+The shard set lives at `<data.cache_dir>/shards-<key>/`, the key from the source files'
+identities, the settings that decide which rows become which tokens, the tokenizer and
+`PREPARE_VERSION`. It holds every training document that passes the filters, in source order:
+the train/val split (`data.val_split`, `split_indices` over document indices), `max_samples`,
+packing and `max_length` are applied by whoever reads the set, so they are not in the key.
+`stats.json` beside the manifest holds the counts of `data_stats.json` for the set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kiln.data.shards.format import MANIFEST, shard_key, source_identity
+from kiln.data.shards.writer import DEFAULT_SHARD_TOKENS, ShardWriter
+from kiln.errors import DataError, KilnError
+
+if TYPE_CHECKING:
+    from kiln.config import RunConfig
+    from kiln.data.sources import Row
+
+__all__ = ["PREPARE_VERSION", "STATS", "Prepared", "prepare_shards", "shard_dir", "shard_settings"]
+
+PREPARE_VERSION = 1
+"""Version of the rows-to-documents code; bump it when the same config would give other tokens."""
+
+STATS = "stats.json"
+"""The shard set's counts (rows read, dropped by reason, bad rows), written beside its manifest."""
+
+BATCH_ROWS = 4096
+"""Rows checked, filtered and tokenized together: one batch is what memory holds of the corpus."""
+
+# Data settings that do not decide which rows become which documents' tokens: the sources (in
+# the key by identity), what is done with the documents when training, and the cache itself.
+_NOT_IN_KEY = frozenset(
+    {
+        "train",
+        "val",
+        "val_split",
+        "max_samples",
+        "max_length",
+        "max_target_length",
+        "truncation",
+        "packing",
+        "isolate_documents",
+        "pad_to_multiple_of",
+        "group_by_length",
+        "collator",
+        "cache_dir",
+        "num_workers",
+        "curriculum",
+        "augment",
+    }
+)
+_HF_PREFIX = "hf:"
+
+
+@dataclass
+class Prepared:
+    """What `prepare_shards` did: the set's directory and its counts."""
+
+    directory: Path
+    existed: bool
+    documents: int = 0
+    tokens: int = 0
+    shards: int = 0
+    seconds: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """The one-line summary `kiln data prepare` prints."""
+        if self.existed:
+            return f"shards exist: {self.directory} (nothing to do)"
+        drops = ", ".join(f"{k} {v:,}" for k, v in self.stats.get("dropped", {}).items() if v)
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"prepared {self.documents:,} documents, {self.tokens:,} tokens, {self.shards} "
+            f"shards in {self.directory}; bad rows {self.stats.get('bad_rows', 0):,}, dropped: "
+            f"{drops or 'none'}; {self.seconds:.1f}s, {rate:,.0f} tokens/s"
+        )
+
+
+def shard_settings(cfg: RunConfig, shard_tokens: int) -> dict[str, Any]:
+    """The settings in a shard set's key: the task, the data options that decide the rows and
+    their tokens, and the shard size (it decides the files' bytes)."""
+    data = cfg.data.model_dump(mode="json", exclude=set(_NOT_IN_KEY))
+    return {"task": cfg.task, "data": data, "shard_tokens": shard_tokens}
+
+
+def _check_supported(cfg: RunConfig) -> list[str]:
+    """The training sources as files, or a one-line error for what prepare cannot do yet."""
+    from kiln.data.sources import expand_source
+
+    data = cfg.data
+    if cfg.task != "causal_lm":
+        raise KilnError(f"task: kiln data prepare supports causal_lm only so far, not {cfg.task}")
+    if data.train is None:
+        raise KilnError("data.train: not set; kiln data prepare reads the training files")
+    if data.cache_dir is None:
+        raise KilnError("data.cache_dir: not set; kiln data prepare writes the shards there")
+    if cfg.tokenizer.name_or_path is None and cfg.model.name_or_path is None:
+        raise KilnError(
+            "tokenizer.name_or_path: not set; kiln data prepare needs a tokenizer to load "
+            "(training one needs the whole corpus: not supported by prepare yet)"
+        )
+    specs = [data.train] if isinstance(data.train, str) else list(data.train)
+    sources = [source for spec in specs for source in expand_source(spec)]
+    for source in sources:
+        if source.startswith(_HF_PREFIX) or data.format == "hf" or Path(source).is_dir():
+            raise KilnError(
+                f"data.train: {source}: kiln data prepare reads files only so far, not datasets"
+            )
+        if not Path(source).is_file():
+            raise DataError(f"{source}: no such file")
+    return sources
+
+
+def shard_dir(
+    cfg: RunConfig, sources: list[str], fingerprint: str | None, shard_tokens: int
+) -> tuple[Path, str]:
+    """(where the shard set of these sources, settings and tokenizer lives, its key)."""
+    identities = [source_identity(source) for source in sources]
+    key = shard_key(identities, shard_settings(cfg, shard_tokens), fingerprint, PREPARE_VERSION)
+    return Path(cfg.data.cache_dir or "").expanduser() / f"shards-{key}", key
+
+
+def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
+    while batch := list(islice(rows, size)):
+        yield batch
+
+
+def _digest(parts: tuple[str, ...]) -> bytes:
+    """16 bytes that tell rendered rows apart (length-prefixed parts, as the cache key does)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        raw = part.encode("utf-8", "surrogatepass")
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+    return h.digest()
+
+
+class _Documents:
+    """The rendered documents of the training sources, in order, with their counts."""
+
+    def __init__(self, cfg: RunConfig, sources: list[str], batch_rows: int) -> None:
+        from kiln.data.prepare import DataStats
+        from kiln.data.sources import ReadOptions
+
+        self.cfg, self.sources, self.batch_rows = cfg, sources, batch_rows
+        self.options = ReadOptions.from_config(cfg.data)
+        self.stats = DataStats()
+        for reason, limit in (("too_short", cfg.data.min_chars), ("too_long", cfg.data.max_chars)):
+            if limit is not None:
+                self.stats.dropped[reason] = 0
+
+    def batches(self) -> Iterator[list[tuple[str, ...]]]:
+        """Each batch's kept renderings (checked, filtered, deduplicated across batches)."""
+        from kiln.data.prepare import clean_items
+        from kiln.data.sources import iter_rows
+        from kiln.data.tasks import make_format
+
+        data, stats, options = self.cfg.data, self.stats, self.options
+        fmt = make_format(self.cfg)
+        per_batch = data.model_copy(update={"dedup": False})  # dedup runs across batches below
+        seen: set[bytes] = set()
+        yielded = render_bad = 0  # rows the readers gave; those of them the checks refused
+        for rows in _batches(iter_rows(self.sources, options), self.batch_rows):
+            bad_before = options.bad.count
+            items, drops = clean_items(rows, fmt, per_batch, options.bad)
+            yielded += len(rows)
+            render_bad += options.bad.count - bad_before
+            rendered = [parts for _, parts in items]
+            if data.dedup:
+                kept = []
+                for parts in rendered:
+                    digest = _digest(parts)
+                    if digest not in seen:
+                        seen.add(digest)
+                        kept.append(parts)
+                drops["duplicate"] = len(rendered) - len(kept)
+                rendered = kept
+            for reason, n in drops.items():
+                stats.dropped[reason] = stats.dropped.get(reason, 0) + n
+            yield rendered
+        # As `load_splits` counts: every row read, bad ones and lines too big to parse included.
+        stats.rows_read = yielded + options.bad.count - render_bad + options.too_long
+        if options.too_long:
+            stats.dropped["too_long"] = stats.dropped.get("too_long", 0) + options.too_long
+        stats.bad_rows, stats.bad_row_examples = options.bad.count, list(options.bad.examples)
+
+
+def prepare_shards(
+    cfg: RunConfig, *, shard_tokens: int = DEFAULT_SHARD_TOKENS, batch_rows: int = BATCH_ROWS
+) -> Prepared:
+    """Write the shard set of the config's training data, or find it already written.
+
+    A set with a manifest is complete: nothing is done. An unfinished one (a killed prepare)
+    is continued: its complete shards are kept and the documents they hold skipped, so the
+    result is the same bytes as an uninterrupted prepare.
+
+    Raises:
+        KilnError / DataError: one line: an option prepare does not support yet, a missing
+            source file, bad rows (`data.on_bad_row=error`), no rows left.
+    """
+    from kiln.data.cache import tokenizer_fingerprint
+    from kiln.data.tokenize import encode
+    from kiln.files import json_text, write_atomic, writing
+    from kiln.models import build_tokenizer
+
+    start = time.perf_counter()
+    sources = _check_supported(cfg)
+    tokenizer = build_tokenizer(cfg, None)
+    if tokenizer.eos_token_id is None:
+        raise KilnError("tokenizer: has no eos_token; kiln ends every document with one")
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    directory, key = shard_dir(cfg, sources, fingerprint, shard_tokens)
+    if (directory / MANIFEST).is_file():
+        return Prepared(directory, existed=True)
+    writer = ShardWriter.resume(
+        directory, len(tokenizer), key, fingerprint, shard_tokens=shard_tokens
+    )
+    eos = np.array([tokenizer.eos_token_id], dtype=np.int64)
+    skip = writer.documents_written  # held by the shards an interrupted prepare wrote
+    docs = _Documents(cfg, sources, batch_rows)
+    with writer:
+        seen = 0
+        for rendered in docs.batches():
+            todo = rendered[max(0, skip - seen) :]
+            seen += len(rendered)
+            for ids in encode([parts[0] for parts in todo], tokenizer):
+                writer.add(np.concatenate([np.asarray(ids, dtype=np.int64), eos]))
+        if writer.documents == 0:
+            raise DataError(
+                f"data.train: no rows left after filtering ({docs.stats.rows_read} read)"
+            )
+        # Before the manifest: a set that has one has its counts too.
+        stats = docs.stats.to_dict()
+        tokens = sum(s["tokens"] for s in writer.shards) + writer.buffered_tokens
+        stats.update(documents=writer.documents, tokens=tokens)
+        with writing(f"the shard set's counts {directory / STATS}"):
+            write_atomic(directory / STATS, json_text(stats, indent=1) + "\n")
+        manifest = writer.close()
+    return Prepared(
+        directory,
+        existed=False,
+        documents=manifest["documents"],
+        tokens=manifest["tokens"],
+        shards=len(manifest["shards"]),
+        seconds=time.perf_counter() - start,
+        stats=stats,
+    )

@@ -1,0 +1,232 @@
+"""`kiln data prepare` (issue 28, second increment): the training files streamed into token
+shards, the same documents as the in-RAM pipeline, once, resumable after a kill."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kiln.cli import main
+from kiln.config import load_config
+from kiln.data import split_indices
+from kiln.data.assemble import Given, assemble_data
+from kiln.data.shards import MANIFEST, ShardSet
+from kiln.data.shards.prepare import STATS
+from kiln.data.sources import read_rows
+from tests.helpers import bpe_tokenizer, make_rows, tiny_raw, write_jsonl
+
+
+def _corpus(n: int = 60) -> list[dict[str, Any]]:
+    rows = make_rows(n)
+    rows += rows[:5]  # exact repeats: data.dedup drops them
+    rows.append({"text": "short"})  # under data.min_chars
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tok")
+    bpe_tokenizer([r["text"] for r in make_rows(200)]).save_pretrained(path)
+    return path
+
+
+def _config(tmp_path: Path, train: Path, tokenizer_dir: Path, **data: Any) -> Path:
+    raw = tiny_raw(
+        tmp_path,
+        train,
+        None,
+        tokenizer={"name_or_path": str(tokenizer_dir)},
+        model={"max_position_embeddings": 512},
+        data={"min_chars": 20, "packing": False, "max_length": 512, **data},
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _prepare(config: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[str, Path]:
+    assert main(["data", "prepare", str(config), *extra]) == 0
+    out = capsys.readouterr().out.strip()
+    sets = list((config.parent / "cache").glob("shards-*"))
+    assert len(sets) == 1
+    return out, sets[0]
+
+
+def _checksums(directory: Path) -> list[str]:
+    manifest = json.loads((directory / MANIFEST).read_text())
+    return [f["sha256"] for s in manifest["shards"] for f in s["files"].values()]
+
+
+def test_prepare_documents_match_the_in_ram_pipeline_and_a_second_run_is_a_no_op(
+    tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", _corpus())
+    config = _config(tmp_path, train, tokenizer_dir, val_split=0.2)
+    out, directory = _prepare(config, capsys, "--shard-tokens", "500")
+    shards = ShardSet.open(directory, verify="full")
+    assert len(shards) == 60  # 66 rows: 5 duplicates and 1 too short dropped
+    assert shards.num_shards > 2
+    assert out.startswith("prepared 60 documents, ")
+    assert f"{shards.num_shards} shards in {directory}" in out
+
+    # Today's path, same config: its training documents are the shard set's documents at the
+    # split's training indices (the split is by document index, applied by the reader).
+    cfg = load_config(str(config))
+    data = assemble_data(cfg, Given())
+    train_idx, val_idx = split_indices(len(shards), cfg.data.val_split, cfg.seed)
+    assert len(data.train) == len(train_idx)
+    assert data.val is not None
+    for i, doc in enumerate(train_idx):
+        assert data.train[i]["input_ids"].tolist() == shards.doc(doc).tolist()
+    for i, doc in enumerate(val_idx):
+        assert data.val[i]["input_ids"].tolist() == shards.doc(doc).tolist()
+
+    stats = json.loads((directory / STATS).read_text())
+    assert stats["rows_read"] == 66 == data.stats["rows_read"]
+    assert stats["dropped"]["duplicate"] == 5
+    assert stats["dropped"]["too_short"] == 1
+    assert stats["dropped"] == data.stats["dropped"]
+    assert stats["documents"] == 60
+    assert stats["tokens"] == shards.num_tokens
+    before = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+
+    out, again = _prepare(config, capsys, "--shard-tokens", "500")
+    assert again == directory
+    assert out == f"shards exist: {directory} (nothing to do)"
+    assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == before
+
+
+def test_prepare_reads_gz_text_and_csv_files_with_bad_rows_counted(
+    tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = make_rows(30)
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows[:10]) + "not json\n")
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("".join(r["title"] + " is a dish to cook\n" for r in rows[10:20]))
+    with gzip.open(tmp_path / "c.csv.gz", "wt", newline="") as f:
+        csv.writer(f).writerows([["text", "n"], *[[r["text"], 1] for r in rows[20:25]], ["x"]])
+    config = _config(tmp_path, plain, tokenizer_dir, on_bad_row="skip", dedup=False)
+    raw = yaml.safe_load(config.read_text())
+    gz = ["a.jsonl.gz", "b.txt.gz", "c.csv.gz"]
+    raw["data"]["train"] = [str(tmp_path / name) for name in gz]
+    config.write_text(yaml.safe_dump(raw))
+    out, directory = _prepare(config, capsys)
+    assert out.startswith("prepared 25 documents, ")
+    assert "bad rows 2," in out
+    stats = json.loads((directory / STATS).read_text())
+    assert stats["bad_rows"] == 2
+    assert stats["rows_read"] == 27
+    assert stats["bad_row_examples"][0].startswith(f"{tmp_path / 'a.jsonl.gz'}:11: ")
+
+    # The same rows from plain files give the same documents.
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    for name in gz[1:]:
+        (tmp_path / name[:-3]).write_bytes(gzip.decompress((tmp_path / name).read_bytes()))
+    raw["data"]["train"] = [str(tmp_path / name[:-3]) for name in gz]
+    raw["data"]["cache_dir"] = str(tmp_path / "cache2")
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["data", "prepare", str(config)]) == 0
+    (plain_set,) = (tmp_path / "cache2").glob("shards-*")
+    a, b = ShardSet.open(directory), ShardSet.open(plain_set)
+    assert [a.doc(i).tolist() for i in range(len(a))] == [b.doc(i).tolist() for i in range(len(b))]
+
+
+def test_a_missing_source_file_is_one_line_exit_2(
+    tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path, tmp_path / "absent.jsonl", tokenizer_dir)
+    assert main(["data", "prepare", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kiln: error: {tmp_path / 'absent.jsonl'}: no such file"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"task": "instruction"}, "task: kiln data prepare supports causal_lm only so far"),
+        ({"tokenizer": {"name_or_path": None}}, "tokenizer.name_or_path: not set;"),
+    ],
+)
+def test_what_prepare_cannot_do_yet_is_one_line_exit_2(
+    tmp_path: Path,
+    tokenizer_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    raw: dict[str, Any],
+    message: str,
+) -> None:
+    config = _config(tmp_path, write_jsonl(tmp_path / "t.jsonl", make_rows(5)), tokenizer_dir)
+    doc = yaml.safe_load(config.read_text())
+    for key, value in raw.items():
+        doc[key] = {**doc[key], **value} if isinstance(value, dict) else value
+    config.write_text(yaml.safe_dump(doc))
+    assert main(["data", "prepare", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"kiln: error: {message}")
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_continues_to_identical_shards(
+    tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(400))
+    config = _config(tmp_path, train, tokenizer_dir)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "kiln", "data", "prepare", str(config), "--shard-tokens", "1000"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(cache.glob("shards-*/shard-00000.done")) and child.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    (directory,) = cache.glob("shards-*")
+    assert child.returncode == -signal.SIGKILL, "the prepare finished before it was killed"
+    assert not (directory / MANIFEST).exists()
+    done_at_kill = len(list(directory.glob("shard-*.done")))
+    _, resumed = _prepare(config, capsys, "--shard-tokens", "1000")
+    assert resumed == directory
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["cache_dir"] = str(whole / "cache")
+    (whole / "config.yaml").write_text(yaml.safe_dump(raw))
+    _, uninterrupted = _prepare(whole / "config.yaml", capsys, "--shard-tokens", "1000")
+    shards = json.loads((resumed / MANIFEST).read_text())["shards"]
+    assert 1 <= done_at_kill < len(shards)  # the kill left shards to write
+    assert _checksums(resumed) == _checksums(uninterrupted)
+    ShardSet.open(resumed, verify="full")  # every file's sha256 as its manifest says
+
+
+def test_the_in_ram_readers_read_gz_files_too(tmp_path: Path) -> None:
+    rows = make_rows(4)
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    with gzip.open(tmp_path / "b.csv.gz", "wt", newline="") as f:
+        csv.writer(f).writerows([["text"], *[[r["text"]] for r in rows]])
+    with gzip.open(tmp_path / "c.json.gz", "wt") as f:
+        json.dump(rows, f)
+    for name in ("a.jsonl.gz", "b.csv.gz", "c.json.gz"):
+        read = read_rows(str(tmp_path / name))
+        assert [r["text"] for r in read] == [r["text"] for r in rows], name
