@@ -107,6 +107,34 @@ def test_prepare_documents_match_the_in_ram_pipeline_and_a_second_run_is_a_no_op
     assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == before
 
 
+def test_instruction_samples_and_label_masks_match_the_in_ram_pipeline(
+    tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [{"prompt": f"Cook {r['title']}:", "response": r["text"]} for r in make_rows(40)]
+    rows.append({"prompt": "x " * 200, "response": "y"})  # no room for a response token
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    config = _config(tmp_path, train, tokenizer_dir, val_split=0.0, max_length=96)
+    doc = yaml.safe_load(config.read_text())
+    doc["task"] = "instruction"
+    config.write_text(yaml.safe_dump(doc))
+    out, directory = _prepare(config, capsys, "--shard-tokens", "700")
+    shards = ShardSet.open(directory, verify="full")
+    assert out.startswith("prepared 40 documents, ")
+    assert "no_target 1" in out
+    data = assemble_data(load_config(str(config)), Given())
+    assert len(data.train) == len(shards) == 40
+    truncated = 0
+    for i in range(len(shards)):
+        ids, labels = data.train[i]["input_ids"], data.train[i]["labels"]
+        mask = shards.mask(i)
+        assert mask is not None
+        assert ids.tolist() == shards.doc(i).tolist()
+        assert (labels != -100).tolist() == mask.astype(bool).tolist()
+        truncated += len(ids) == 96
+    assert 0 < truncated < 40  # some responses were cut to data.max_length, as today
+    assert json.loads((directory / STATS).read_text())["dropped"]["no_target"] == 1
+
+
 def test_prepare_reads_gz_text_and_csv_files_with_bad_rows_counted(
     tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -156,7 +184,7 @@ def test_a_missing_source_file_is_one_line_exit_2(
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"task": "instruction"}, "task: kiln data prepare supports causal_lm only so far"),
+        ({"data": {"train": "hf:user/corpus"}}, "data.train: hf:user/corpus: kiln data prepare"),
         ({"tokenizer": {"name_or_path": None}}, "tokenizer.name_or_path: not set;"),
     ],
 )

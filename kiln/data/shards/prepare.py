@@ -5,7 +5,8 @@
 
 The rows go through the same checks, filters and task template as `kiln train` (the functions
 of `kiln.data.prepare` and `kiln.data.tasks`, a batch of `batch_rows` rows at a time), and a
-causal_lm document becomes its ids + EOS, as `tokenize_causal` makes it before packing. Memory
+causal_lm document becomes its ids + EOS, as `tokenize_causal` makes it before packing; an
+instruction sample is what `tokenize_instruction` makes of it, with a label mask. Memory
 holds one batch of rows, one shard's tokens and, with `data.dedup`, a 16-byte digest per
 distinct document (the one thing that grows with the corpus).
 
@@ -70,6 +71,9 @@ _NOT_IN_KEY = frozenset(
         "augment",
     }
 )
+# Data settings that decide an instruction sample's tokens (its cut) besides the rows.
+_SAMPLE_SHAPE = frozenset({"max_length", "truncation"})
+_TASKS = ("causal_lm", "instruction")
 _HF_PREFIX = "hf:"
 
 
@@ -101,7 +105,10 @@ class Prepared:
 def shard_settings(cfg: RunConfig, shard_tokens: int) -> dict[str, Any]:
     """The settings in a shard set's key: the task, the data options that decide the rows and
     their tokens, and the shard size (it decides the files' bytes)."""
-    data = cfg.data.model_dump(mode="json", exclude=set(_NOT_IN_KEY))
+    exclude = set(_NOT_IN_KEY)
+    if cfg.task == "instruction":  # a sample is cut to data.max_length when tokenized
+        exclude -= _SAMPLE_SHAPE
+    data = cfg.data.model_dump(mode="json", exclude=exclude)
     return {"task": cfg.task, "data": data, "shard_tokens": shard_tokens}
 
 
@@ -110,8 +117,10 @@ def _check_supported(cfg: RunConfig) -> list[str]:
     from kiln.data.sources import expand_source
 
     data = cfg.data
-    if cfg.task != "causal_lm":
-        raise KilnError(f"task: kiln data prepare supports causal_lm only so far, not {cfg.task}")
+    if cfg.task not in _TASKS:
+        raise KilnError(
+            f"task: kiln data prepare supports causal_lm and instruction so far, not {cfg.task}"
+        )
     if data.train is None:
         raise KilnError("data.train: not set; kiln data prepare reads the training files")
     if data.cache_dir is None:
@@ -171,8 +180,9 @@ class _Documents:
             if limit is not None:
                 self.stats.dropped[reason] = 0
 
-    def batches(self) -> Iterator[list[tuple[str, ...]]]:
-        """Each batch's kept renderings (checked, filtered, deduplicated across batches)."""
+    def batches(self) -> Iterator[list[tuple[tuple[str, ...], str]]]:
+        """Each batch's kept (rendering, `file:line`) pairs (checked, filtered, deduplicated
+        across batches)."""
         from kiln.data.prepare import clean_items
         from kiln.data.sources import iter_rows
         from kiln.data.tasks import make_format
@@ -187,14 +197,14 @@ class _Documents:
             items, drops = clean_items(rows, fmt, per_batch, options.bad)
             yielded += len(rows)
             render_bad += options.bad.count - bad_before
-            rendered = [parts for _, parts in items]
+            rendered = [(parts, row.where) for row, parts in items]
             if data.dedup:
                 kept = []
-                for parts in rendered:
+                for parts, where in rendered:
                     digest = _digest(parts)
                     if digest not in seen:
                         seen.add(digest)
-                        kept.append(parts)
+                        kept.append((parts, where))
                 drops["duplicate"] = len(rendered) - len(kept)
                 rendered = kept
             for reason, n in drops.items():
@@ -205,6 +215,64 @@ class _Documents:
         if options.too_long:
             stats.dropped["too_long"] = stats.dropped.get("too_long", 0) + options.too_long
         stats.bad_rows, stats.bad_row_examples = options.bad.count, list(options.bad.examples)
+
+
+_Doc = tuple[np.ndarray, "np.ndarray | None"]  # token ids, label mask (None: every token)
+
+
+def _causal_documents(
+    cfg: RunConfig, docs: _Documents, tokenizer: Any, skip: int
+) -> Iterator[_Doc]:
+    """Each causal_lm document: its ids + EOS, as `tokenize_causal` makes it before packing.
+    A row is a document, so the first `skip` are left untokenized."""
+    from kiln.data.tokenize import encode
+
+    eos = np.array([tokenizer.eos_token_id], dtype=np.int64)
+    seen = 0
+    for batch in docs.batches():
+        todo = batch[max(0, skip - seen) :]
+        seen += len(batch)
+        for ids in encode([parts[0] for parts, _ in todo], tokenizer):
+            yield np.concatenate([np.asarray(ids, dtype=np.int64), eos]), None
+
+
+def _instruction_documents(
+    cfg: RunConfig, docs: _Documents, tokenizer: Any, skip: int
+) -> Iterator[_Doc]:
+    """Each instruction sample as `tokenize_instruction` makes it (prompt + response + EOS, cut
+    to data.max_length), its label mask 1 on the response; samples without a target token are
+    counted in `dropped["no_target"]`, so the first `skip` documents are found by tokenizing."""
+    from kiln.data.collate import IGNORE_INDEX
+    from kiln.data.tokenize import tokenize_instruction
+
+    data, dropped = cfg.data, docs.stats.dropped
+    dropped.setdefault("no_target", 0)
+    n = 0
+    for batch in docs.batches():
+        if not batch:
+            continue
+        try:
+            samples = tokenize_instruction(
+                [parts[0] for parts, _ in batch],
+                [parts[1] for parts, _ in batch],
+                tokenizer,
+                data.max_length,
+                data.truncation,
+                locations=[where for _, where in batch],
+                what="training data",
+                quiet=True,
+            )
+        except DataError:
+            if not data.truncation:  # too-long samples, refused: the user's error
+                raise
+            dropped["no_target"] += len(batch)  # with truncation: every sample dropped
+            continue
+        dropped["no_target"] += len(batch) - len(samples)
+        for i in range(len(samples)):
+            n += 1
+            if n > skip:
+                sample = samples[i]
+                yield sample["input_ids"].numpy(), sample["labels"].numpy() != IGNORE_INDEX
 
 
 def prepare_shards(
@@ -221,7 +289,6 @@ def prepare_shards(
             source file, bad rows (`data.on_bad_row=error`), no rows left.
     """
     from kiln.data.cache import tokenizer_fingerprint
-    from kiln.data.tokenize import encode
     from kiln.files import json_text, write_atomic, writing
     from kiln.models import build_tokenizer
 
@@ -234,19 +301,16 @@ def prepare_shards(
     directory, key = shard_dir(cfg, sources, fingerprint, shard_tokens)
     if (directory / MANIFEST).is_file():
         return Prepared(directory, existed=True)
+    masks = cfg.task == "instruction"
     writer = ShardWriter.resume(
-        directory, len(tokenizer), key, fingerprint, shard_tokens=shard_tokens
+        directory, len(tokenizer), key, fingerprint, shard_tokens=shard_tokens, with_masks=masks
     )
-    eos = np.array([tokenizer.eos_token_id], dtype=np.int64)
     skip = writer.documents_written  # held by the shards an interrupted prepare wrote
     docs = _Documents(cfg, sources, batch_rows)
+    make = _causal_documents if cfg.task == "causal_lm" else _instruction_documents
     with writer:
-        seen = 0
-        for rendered in docs.batches():
-            todo = rendered[max(0, skip - seen) :]
-            seen += len(rendered)
-            for ids in encode([parts[0] for parts in todo], tokenizer):
-                writer.add(np.concatenate([np.asarray(ids, dtype=np.int64), eos]))
+        for ids, mask in make(cfg, docs, tokenizer, skip):
+            writer.add(ids, mask)
         if writer.documents == 0:
             raise DataError(
                 f"data.train: no rows left after filtering ({docs.stats.rows_read} read)"
