@@ -15,7 +15,9 @@ RSS is that measurement's alone):
            (read every row, check, filter, dedup, split, render, tokenize, pack, write the
            tokenization cache) with a config pointing at the corpus and a tiny model. Skipped
            above `--kiln-max-tokens` (it keeps every token in RAM: the point of issue 28).
-- prepare: `kiln data prepare` to token shards: not built yet (see `measure_prepare`).
+- prepare: `kiln data prepare` (`kiln.data.shards.prepare.prepare_shards`) on the same config:
+           the files streamed through the same checks, filters and tokenizer into token
+           shards on disk, in bounded memory (`.gz` read as it is).
 
 Reported per size and side: wall seconds, tokens/s (the corpus's tokens as bare counts them,
 over wall time), peak RSS of the child (VmHWM), RSS before the measured part (imports done),
@@ -329,21 +331,10 @@ def child_kiln(spec: dict[str, Any]) -> dict[str, Any]:
     first step to have every token in RAM (first run: the tokenization cache is written)."""
     import logging
 
-    from kiln.config import load_config
     from kiln.data.assemble import Given, assemble_data
 
     logging.getLogger("kiln").setLevel(logging.WARNING)
-    work = Path(spec["work"])
-    cfg = load_config(
-        data={
-            "name": "data-scale",
-            "output_dir": str(work / "run"),
-            "model": {"arch": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 1},
-            "tokenizer": {"name_or_path": spec["tokenizer"]},
-            "data": {"train": spec["files"], "cache_dir": str(work / "cache")},
-            "train": {"max_steps": 1, "device": "cpu"},
-        }
-    )
+    cfg = _config(spec)
     base = _rss_kb("VmRSS")
     start = time.perf_counter()
     data = assemble_data(cfg, Given())
@@ -357,17 +348,47 @@ def child_kiln(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def measure_prepare(corpus: Path, tokenizer_dir: Path, args: argparse.Namespace) -> None:
-    """The hook for `kiln data prepare` to token shards (issue 28): not built yet.
+def _config(spec: dict[str, Any]) -> Any:
+    """The config both kiln sides run: the corpus, the shared tokenizer, a tiny model."""
+    from kiln.config import load_config
 
-    When it exists, run it here in a child (as `measure` does for the others) on a config like
-    `child_kiln`'s, and return the same fields (wall, base_kb, peak_kb)."""
-    print("  prepare: not built yet (issue 28: kiln data prepare)")
+    work = Path(spec["work"])
+    return load_config(
+        data={
+            "name": "data-scale",
+            "output_dir": str(work / "run"),
+            "model": {"arch": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 1},
+            "tokenizer": {"name_or_path": spec["tokenizer"]},
+            "data": {"train": spec["files"], "cache_dir": str(work / "cache")},
+            "train": {"max_steps": 1, "device": "cpu"},
+        }
+    )
+
+
+def child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
+    """`kiln data prepare` on `child_kiln`'s config: token shards written under the work dir."""
+    import logging
+
+    from kiln.data.shards.prepare import prepare_shards
+
+    logging.getLogger("kiln").setLevel(logging.WARNING)
+    cfg = _config(spec)
+    base = _rss_kb("VmRSS")
+    start = time.perf_counter()
+    prepared = prepare_shards(cfg)
+    wall = time.perf_counter() - start
+    return {
+        "wall": wall,
+        "base_kb": base,
+        "prepare_tokens": prepared.tokens,
+        "shards": prepared.shards,
+        "stats": prepared.stats,
+    }
 
 
 def _child_main(kind: str, spec_json: str) -> int:
     spec = json.loads(spec_json)
-    result = {"bare": child_bare, "kiln": child_kiln}[kind](spec)
+    result = {"bare": child_bare, "kiln": child_kiln, "prepare": child_prepare}[kind](spec)
     result["peak_kb"] = _rss_kb("VmHWM")
     print("RESULT " + json.dumps(result))
     return 0
@@ -398,7 +419,7 @@ def run_size(tokens: int, args: argparse.Namespace, tok_dir: Path, tpw: float) -
     label = size_label(tokens)
     corpus = ensure_corpus(args.corpus_dir, tokens, args.seed, args.files, tpw)
     files = [str(p) for p in corpus_files(corpus)]
-    sides = [s for s in args.sides if s != "prepare"]
+    sides = list(args.sides)
     kiln_skip = None
     if "kiln" in sides and tokens > args.kiln_max_tokens:
         kiln_skip = (
@@ -430,9 +451,6 @@ def run_size(tokens: int, args: argparse.Namespace, tok_dir: Path, tpw: float) -
     rows = _rows(label, tokens, runs, corpus)
     if kiln_skip is not None:
         rows.append(_row(label, "kiln", note=kiln_skip))
-    if "prepare" in args.sides:
-        measure_prepare(corpus, tok_dir, args)
-        rows.append(_row(label, "prepare", note="not built yet (issue 28: kiln data prepare)"))
     return rows
 
 
@@ -455,7 +473,7 @@ def _rows(label: str, tokens: int, runs: dict[str, list[dict]], corpus: Path) ->
         wall = statistics.median(r["wall"] for r in results)
         peak = statistics.median(r["peak_kb"] for r in results) * 1024
         base = statistics.median(r["base_kb"] for r in results) * 1024
-        keep = ("encode_s", "kiln_target_tokens", "stats")
+        keep = ("encode_s", "kiln_target_tokens", "prepare_tokens", "shards", "stats")
         extra = {k: v for k, v in results[-1].items() if k in keep}
         rows.append(
             _row(

@@ -78,7 +78,12 @@ def test_tiny_run_measures_bare_and_kiln_and_marks_prepare(tmp_path, capsys):
     assert kiln["peak_rss_mb"] > 0
     assert kiln["kiln_target_tokens"] > 0
     assert kiln["ratio"] > 0
-    assert rows[("20k", "prepare")]["note"].startswith("not built yet")
+    prepare = rows[("20k", "prepare")]
+    assert prepare["tokens"] == bare["tokens"]
+    assert prepare["wall_s"] > 0
+    assert prepare["shards"] == 1
+    assert prepare["prepare_tokens"] == kiln["stats"]["rows_read"] + bare["tokens"]  # + EOS each
+    assert prepare["stats"]["rows_read"] == kiln["stats"]["rows_read"]
     printed = capsys.readouterr().out
     assert "| 20k | kiln |" in printed
     assert "load average" in printed
