@@ -21,6 +21,7 @@ packing and `max_length` are applied by whoever reads the set, so they are not i
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kiln.data.progress import Progress
 from kiln.data.shards.format import MANIFEST, shard_key, source_identity
 from kiln.data.shards.writer import DEFAULT_SHARD_TOKENS, ShardWriter
 from kiln.errors import DataError, KilnError
@@ -75,6 +77,9 @@ _NOT_IN_KEY = frozenset(
 _SAMPLE_SHAPE = frozenset({"max_length", "truncation"})
 _TASKS = ("causal_lm", "instruction")
 _HF_PREFIX = "hf:"
+_PROGRESS_DOCS = 4096  # documents between two progress checks
+
+log = logging.getLogger("kiln")
 
 
 @dataclass
@@ -308,9 +313,14 @@ def prepare_shards(
     skip = writer.documents_written  # held by the shards an interrupted prepare wrote
     docs = _Documents(cfg, sources, batch_rows)
     make = _causal_documents if cfg.task == "causal_lm" else _instruction_documents
+    if skip:
+        log.info("%s: continuing after the %s documents of its complete shards", directory, skip)
+    progress = Progress(f"preparing {directory}", unit="documents")
     with writer:
         for ids, mask in make(cfg, docs, tokenizer, skip):
             writer.add(ids, mask)
+            if writer.documents % _PROGRESS_DOCS == 0:
+                progress.update(writer.documents)
         if writer.documents == 0:
             raise DataError(
                 f"data.train: no rows left after filtering ({docs.stats.rows_read} read)"
