@@ -14,7 +14,8 @@ The shard set lives at `<data.cache_dir>/shards-<key>/`, the key from the source
 identities, the settings that decide which rows become which tokens, the tokenizer and
 `PREPARE_VERSION`. It holds every training document that passes the filters, in source order:
 the train/val split (`data.val_split`, `split_indices` over document indices), `max_samples`,
-packing and `max_length` are applied by whoever reads the set, so they are not in the key.
+packing and (causal_lm) `max_length` are applied by whoever reads the set, so they are not in
+the key; an instruction sample is cut to `max_length` here, so for it that is in the key.
 `stats.json` beside the manifest holds the counts of `data_stats.json` for the set.
 """
 
