@@ -119,12 +119,15 @@ def test_instruction_samples_and_label_masks_match_the_in_ram_pipeline(
     config.write_text(yaml.safe_dump(doc))
     out, directory = _prepare(config, capsys, "--shard-tokens", "700")
     shards = ShardSet.open(directory, verify="full")
-    assert out.startswith("prepared 40 documents, ")
+    # The sample without a target is an empty document at its row's index (item 1 of HA's
+    # brief): document i is kept row i.
+    assert out.startswith("prepared 41 documents, ")
     assert "no_target 1" in out
+    assert len(shards.doc(40)) == 0
     data = assemble_data(load_config(str(config)), Given())
-    assert len(data.train) == len(shards) == 40
+    assert len(data.train) == len(shards) - 1 == 40
     truncated = 0
-    for i in range(len(shards)):
+    for i in range(len(data.train)):
         ids, labels = data.train[i]["input_ids"], data.train[i]["labels"]
         mask = shards.mask(i)
         assert mask is not None
@@ -258,3 +261,39 @@ def test_the_in_ram_readers_read_gz_files_too(tmp_path: Path) -> None:
     for name in ("a.jsonl.gz", "b.csv.gz", "c.json.gz"):
         read = read_rows(str(tmp_path / name))
         assert [r["text"] for r in read] == [r["text"] for r in rows], name
+
+
+def _instruction_config(
+    tmp_path: Path, rows: list[dict[str, Any]], tokenizer_dir: Path, **data: Any
+) -> Path:
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    config = _config(tmp_path, train, tokenizer_dir, **{"max_length": 96, **data})
+    doc = yaml.safe_load(config.read_text())
+    doc["task"] = "instruction"
+    config.write_text(yaml.safe_dump(doc))
+    return config
+
+
+def test_item01_a_sample_without_target_is_an_empty_document_at_its_row_index(
+    tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [{"prompt": f"Cook {r['title']}:", "response": r["text"]} for r in make_rows(30)]
+    rows.insert(7, {"prompt": "x " * 200, "response": "y"})  # the prompt fills max_length
+    config = _instruction_config(tmp_path, rows, tokenizer_dir, val_split=0.3)
+    out, directory = _prepare(config, capsys, "--shard-tokens", "700")
+    shards = ShardSet.open(directory, verify="full")
+    assert len(shards) == 31  # one document per kept row
+    assert len(shards.doc(7)) == 0
+    assert len(shards.mask(7)) == 0
+    assert all(len(shards.doc(i)) > 0 for i in range(31) if i != 7)
+    assert json.loads((directory / STATS).read_text())["dropped"]["no_target"] == 1
+    assert "no_target 1" in out
+
+    # The split by document index is the in-RAM path's split by row (which drops after it).
+    cfg = load_config(str(config))
+    data = assemble_data(cfg, Given())
+    assert data.val is not None
+    train_idx, val_idx = split_indices(len(shards), cfg.data.val_split, cfg.seed)
+    for part, indices in ((data.train, train_idx), (data.val, val_idx)):
+        docs = [shards.doc(i).tolist() for i in indices if len(shards.doc(i))]
+        assert [part[i]["input_ids"].tolist() for i in range(len(part))] == docs

@@ -16,6 +16,10 @@ identities, the settings that decide which rows become which tokens, the tokeniz
 the train/val split (`data.val_split`, `split_indices` over document indices), `max_samples`,
 packing and (causal_lm) `max_length` are applied by whoever reads the set, so they are not in
 the key; an instruction sample is cut to `max_length` here, so for it that is in the key.
+Document i of the set is always kept row i (after the filters and dedup): an instruction sample
+with no target token within `max_length` is an empty document (0 tokens, counted in
+`dropped["no_target"]`), so a reader's split by document index is the in-RAM path's split by
+row, which comes before that drop; readers skip empty documents.
 `stats.json` beside the manifest holds the counts of `data_stats.json` for the set.
 """
 
@@ -43,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PREPARE_VERSION", "STATS", "Prepared", "prepare_shards", "shard_dir", "shard_settings"]
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2
 """Version of the rows-to-documents code; bump it when the same config would give other tokens."""
 
 STATS = "stats.json"
@@ -246,13 +250,16 @@ def _instruction_documents(
     cfg: RunConfig, docs: _Documents, tokenizer: Any, skip: int
 ) -> Iterator[_Doc]:
     """Each instruction sample as `tokenize_instruction` makes it (prompt + response + EOS, cut
-    to data.max_length), its label mask 1 on the response; samples without a target token are
-    counted in `dropped["no_target"]`, so the first `skip` documents are found by tokenizing."""
+    to data.max_length), its label mask 1 on the response. A sample without a target token is
+    an empty document (counted in `dropped["no_target"]`), so document i is kept row i, as the
+    in-RAM path splits rows before it drops those; the first `skip` are still tokenized, for
+    that count."""
     from kiln.data.collate import IGNORE_INDEX
     from kiln.data.tokenize import tokenize_instruction
 
     data, dropped = cfg.data, docs.stats.dropped
     dropped.setdefault("no_target", 0)
+    empty: _Doc = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
     n = 0
     for batch in docs.batches():
         if not batch:
@@ -268,17 +275,22 @@ def _instruction_documents(
                 what="training data",
                 quiet=True,
             )
+            rows = samples.source_rows.tolist()  # the batch index of each kept sample
         except DataError:
             if not data.truncation:  # too-long samples, refused: the user's error
                 raise
-            dropped["no_target"] += len(batch)  # with truncation: every sample dropped
-            continue
-        dropped["no_target"] += len(batch) - len(samples)
-        for i in range(len(samples)):
+            samples, rows = None, []  # with truncation: every sample dropped
+        dropped["no_target"] += len(batch) - len(rows)
+        kept = dict(zip(rows, range(len(rows)), strict=True))
+        for row in range(len(batch)):
             n += 1
-            if n > skip:
-                sample = samples[i]
-                yield sample["input_ids"].numpy(), sample["labels"].numpy() != IGNORE_INDEX
+            if n <= skip:
+                continue
+            if row not in kept or samples is None:
+                yield empty
+                continue
+            sample = samples[kept[row]]
+            yield sample["input_ids"].numpy(), sample["labels"].numpy() != IGNORE_INDEX
 
 
 def prepare_shards(
@@ -322,13 +334,19 @@ def prepare_shards(
             writer.add(ids, mask)
             if writer.documents % _PROGRESS_DOCS == 0:
                 progress.update(writer.documents)
-        if writer.documents == 0:
+        tokens = sum(s["tokens"] for s in writer.shards) + writer.buffered_tokens
+        if tokens == 0:  # no rows, or (instruction) only empty documents
+            dropped = docs.stats.dropped.get("no_target", 0)
             raise DataError(
-                f"data.train: no rows left after filtering ({docs.stats.rows_read} read)"
+                f"data.train: no rows left after filtering ({docs.stats.rows_read} read"
+                + (
+                    f", {dropped} without a target token within data.max_length)"
+                    if dropped
+                    else ")"
+                )
             )
         # Before the manifest: a set that has one has its counts too.
         stats = docs.stats.to_dict()
-        tokens = sum(s["tokens"] for s in writer.shards) + writer.buffered_tokens
         stats.update(documents=writer.documents, tokens=tokens)
         with writing(f"the shard set's counts {directory / STATS}"):
             write_atomic(directory / STATS, json_text(stats, indent=1) + "\n")
