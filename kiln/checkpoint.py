@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kiln.files import fsync_dir, json_text, writing
-from kiln.runs import MANIFEST, checkpoint_name, step_of
+from kiln.rundir.layout import MANIFEST, checkpoint_name, step_of
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointInfo", "CheckpointManager"]
 

@@ -17,7 +17,7 @@ only from the floors it stands on (MAY_IMPORT), bottom to top:
     callbacks           callbacks/
     engine | tools      engine/ | anomalies, explain, report, export/   side by side
     building blocks     data/, models/, optim, metrics/, checkpoint, plots
-    config | low helpers   files, registry, runs, rank, device, process, kiln/__init__
+    config | low helpers   files, registry, runs + rundir/, rank, device, process, kiln/__init__
     errors
 
 The engine knows one thing above it, the Callback interface (and kiln.job, from the Trainer's
@@ -210,17 +210,20 @@ HELPERS = (
     "kiln.files",
     "kiln.registry",
     "kiln.runs",
+    "kiln.rundir",
+    "kiln.rundir.layout",
+    "kiln.rundir.read",
     "kiln.rank",
     "kiln.device",
     "kiln.process",
 )
 """The low helpers: anything may import them, and they import (almost) nothing of kiln."""
-HELPERS_MAY_IMPORT = ("kiln.errors", "kiln.files", "kiln.registry", "kiln.config")
+HELPERS_MAY_IMPORT = ("kiln.errors", "kiln.files", "kiln.registry", "kiln.rundir", "kiln.config")
 
-HELPER_EXCEPTIONS = {("kiln.runs", "kiln.checkpoint", "deferred")}
+HELPER_EXCEPTIONS = {("kiln.rundir.read", "kiln.checkpoint", "deferred")}
 """Exact exceptions (importer, imported, kind). `kiln.runs.list_checkpoints` asks
 `CheckpointManager` which checkpoints are complete rather than judging manifests a second way;
-kiln.checkpoint is stdlib plus kiln.files and the layout names of kiln.runs (checked below), and
+kiln.checkpoint is stdlib plus kiln.files and the layout names of kiln.rundir (checked below), and
 the import waits for the call, so
 `import kiln.runs` stays light (`test_light_imports_stay_light`)."""
 
@@ -310,6 +313,7 @@ FLOORS: dict[str, tuple[str, ...]] = {
         "kiln.files",
         "kiln.registry",
         "kiln.runs",
+        "kiln.rundir",
         "kiln.rank",
         "kiln.device",
         "kiln.process",
@@ -363,7 +367,7 @@ UPWARD_EXCEPTIONS: dict[tuple[str, str, str], str] = {
     ("kiln.engine.trainer", "kiln.job.job_callbacks", "deferred"): (
         "the constructor asks the job for the config's callbacks (Trainer(cfg) runs them too)"
     ),
-    ("kiln.runs", "kiln.checkpoint", "deferred"): (
+    ("kiln.rundir.read", "kiln.checkpoint", "deferred"): (
         "kiln.runs.list_checkpoints asks CheckpointManager (HELPER_EXCEPTIONS)"
     ),
     ("kiln.sweep", "kiln.callbacks.notify", "deferred"): (
