@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive,
         default=None,
         metavar="N",
-        help="tokens a shard holds at most (default: 64M)",
+        help="tokens a shard holds at most: sets data.shard_tokens (default: 64M)",
     )
 
     show = sub.add_parser(
@@ -95,10 +95,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.data_command == "prepare":
         from kiln.data.shards.prepare import prepare_shards
-        from kiln.data.shards.writer import DEFAULT_SHARD_TOKENS
 
-        cfg = load_config(args.config, args.overrides)
-        prepared = prepare_shards(cfg, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS)
+        overrides = list(args.overrides or [])
+        if args.shard_tokens is not None:  # the same as the override (training looks for it)
+            overrides.append(f"data.shard_tokens={args.shard_tokens}")
+        prepared = prepare_shards(load_config(args.config, overrides))
         print(prepared.summary())
         return ExitCode.FINISHED
 

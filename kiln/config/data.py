@@ -128,6 +128,13 @@ class DataConfig(Section):
     """Cache tokenized datasets here, keyed by data, tokenizer and settings; null disables."""
     num_workers: int = Field(0, ge=0, le=1024)
     """Worker processes for tokenization (0: in the main process)."""
+    storage: Literal["memory", "shards"] = "memory"
+    """Where the training tokens live: memory (read, tokenized and held in RAM at each start,
+    cached in data.cache_dir) or shards (prepared once into token shards under
+    data.cache_dir, `kiln data prepare`, then read by memory map: any corpus size, constant
+    memory; causal_lm and instruction)."""
+    shard_tokens: int = Field(1 << 26, ge=1, le=1 << 32)
+    """storage: shards: tokens per shard file (64M: 128 MiB of uint16 ids)."""
     min_quality_score: float | None = Field(None, ge=0.0, le=1.0)
     """Drop rows whose `quality_field` is below this score."""
     quality_field: str = "quality_score"

@@ -150,6 +150,7 @@ class RunConfig(Section):
                 f"model.max_position_embeddings ({self.model.max_position_embeddings})"
             )
         problems += _data_schedule_problems(self)
+        problems += _storage_problems(self)
         problems += _eval_problems(self)
         if self.train.precision == "fp16" and not self.train.device.startswith(("cuda", "auto")):
             problems.append(f"train.precision: fp16 needs a CUDA device, got {self.train.device}")
@@ -281,6 +282,34 @@ def _data_schedule_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             "data.curriculum.by: step needs train.max_steps, without train.num_epochs (the "
             "length of an epoch then changes with the step)"
+        )
+    return problems
+
+
+def _storage_problems(cfg: RunConfig) -> list[str]:
+    """What training from token shards (`data.storage: shards`) cannot do (yet)."""
+    data = cfg.data
+    if data.storage != "shards":
+        return []
+    why = "not supported with data.storage: shards"
+    problems = []
+    if cfg.task not in ("causal_lm", "instruction"):
+        problems.append(f"task: {cfg.task} is {why} yet (causal_lm and instruction are)")
+    if data.curriculum is not None:
+        problems.append(f"data.curriculum: {why} (it scores rows in memory)")
+    if data.augment:
+        problems.append(f"data.augment: {why} (it re-renders rows in memory)")
+    if data.cache_dir is None:
+        problems.append("data.cache_dir: null, but data.storage: shards writes the shards there")
+    if cfg.tokenizer.name_or_path is None and cfg.model.name_or_path is None:
+        problems.append(
+            "tokenizer.name_or_path: not set, but data.storage: shards needs a pretrained "
+            "tokenizer (training one needs the whole corpus in memory)"
+        )
+    if cfg.eval.generate.num_samples > 0 and data.val is None:
+        problems.append(
+            "eval.generate: with data.storage: shards, generation metrics need data.val "
+            "(the held-out documents are tokens, not rows)"
         )
     return problems
 

@@ -37,6 +37,7 @@ from kiln.errors import DataError, KilnError
 
 if TYPE_CHECKING:
     from kiln.config import RunConfig
+    from kiln.rank import RankContext
 
 __all__ = [
     "Given",
@@ -80,9 +81,12 @@ class RunData:
     augmented: AugmentedDataset | None = None
 
 
-def assemble_data(cfg: RunConfig, given: Given, *, world_size: int = 1) -> RunData:
+def assemble_data(
+    cfg: RunConfig, given: Given, *, world_size: int = 1, rank: RankContext | None = None
+) -> RunData:
     """The run's tokenizer, datasets, rows, stats, curriculum and augmentation, ready for the
-    loop: from the config's files, or from the data the caller gave.
+    loop: from the config's files (in memory, or from token shards with `data.storage:
+    shards`), or from the data the caller gave. `rank`: the ranks prepare shards main first.
 
     Raises:
         KilnError / DataError: one line naming the key or the data (a bad collator, bad rows,
@@ -92,7 +96,10 @@ def assemble_data(cfg: RunConfig, given: Given, *, world_size: int = 1) -> RunDa
         get_collator(cfg.data.collator, cfg.task)
     except (ValueError, KeyError) as exc:
         raise KilnError(f"data.collator: {str(exc).strip(chr(34))}") from None
-    data = _datasets(cfg, given)
+    if cfg.data.storage == "shards":
+        data = _shard_datasets(cfg, given, rank)
+    else:
+        data = _datasets(cfg, given)
     data.curriculum, data.augmented = data_schedule(
         cfg, data.train, data.train_rows, data.tokenizer
     )
@@ -106,6 +113,20 @@ def assemble_data(cfg: RunConfig, given: Given, *, world_size: int = 1) -> RunDa
             f"(train.batch_size {cfg.train.batch_size} x {world_size} ranks)"
         )
     return data
+
+
+def _shard_datasets(cfg: RunConfig, given: Given, rank: RankContext | None) -> RunData:
+    """Train (and held-out) examples read from the config's token shard set."""
+    from kiln.data.shards.splits import shard_data
+
+    for what, obj in (("train_data", given.train_data), ("tokenizer", given.tokenizer)):
+        if obj is not None:
+            raise KilnError(
+                f"data.storage: shards reads data.train with the config's tokenizer; "
+                f"{what} was given to the Trainer (use data.storage: memory)"
+            )
+    got = shard_data(cfg, rank)
+    return RunData(got.tokenizer, got.train, got.val, None, got.val_rows, got.stats)  # type: ignore[arg-type]
 
 
 def _datasets(cfg: RunConfig, given: Given) -> RunData:

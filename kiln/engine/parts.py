@@ -95,7 +95,7 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
     device = resolve_device(cfg.train.device, local_rank=rank.local_rank)
     precision = Precision(cfg.train.precision, device)
     seed_everything(cfg.seed)
-    data = assemble_data(cfg, given, world_size=rank.world_size)  # ready for the loop
+    data = assemble_data(cfg, given, world_size=rank.world_size, rank=rank)  # ready for the loop
     model = given.model
     if model is None:
         from kiln.models import build_model

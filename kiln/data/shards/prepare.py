@@ -38,7 +38,7 @@ import numpy as np
 
 from kiln.data.progress import Progress
 from kiln.data.shards.format import MANIFEST, shard_key, source_identity
-from kiln.data.shards.writer import DEFAULT_SHARD_TOKENS, ShardWriter
+from kiln.data.shards.writer import ShardWriter
 from kiln.errors import DataError, KilnError
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ _NOT_IN_KEY = frozenset(
         "collator",
         "cache_dir",
         "num_workers",
+        "storage",
+        "shard_tokens",  # in the key as its own setting (shard_settings)
         "curriculum",
         "augment",
     }
@@ -294,7 +296,7 @@ def _instruction_documents(
 
 
 def prepare_shards(
-    cfg: RunConfig, *, shard_tokens: int = DEFAULT_SHARD_TOKENS, batch_rows: int = BATCH_ROWS
+    cfg: RunConfig, *, shard_tokens: int | None = None, batch_rows: int = BATCH_ROWS
 ) -> Prepared:
     """Write the shard set of the config's training data, or find it already written.
 
@@ -311,6 +313,7 @@ def prepare_shards(
     from kiln.models import build_tokenizer
 
     start = time.perf_counter()
+    shard_tokens = cfg.data.shard_tokens if shard_tokens is None else shard_tokens
     sources = _check_supported(cfg)
     tokenizer = build_tokenizer(cfg, None)
     if tokenizer.eos_token_id is None:

@@ -31,7 +31,7 @@ from kiln.errors import KilnError
 
 __all__ = ["ShardSet"]
 
-Verify = Literal["size", "full"]
+Verify = Literal["size", "index", "full"]
 
 
 class _Shard:
@@ -108,7 +108,9 @@ class ShardSet:
             expect_tokenizer: a tokenizer, or its `tokenizer_fingerprint`, that must be the
                 one the set was made with; None: not checked.
             verify: "size" checks each file's size against the manifest (one stat each);
-                "full" also checks its sha256 (reads every byte).
+                "index" also the sha256 of the offset files (8 bytes a document: what
+                training opens a set with); "full" the sha256 of every file (reads every
+                byte).
             max_open_shards: how many shards stay mapped at once (two or three file
                 descriptors each); a view of an evicted shard stays valid.
 
@@ -117,8 +119,8 @@ class ShardSet:
                 a shard file missing or truncated, altered (sha256, with verify="full"), another
                 tokenizer's set, another key.
         """
-        if verify not in ("size", "full"):
-            raise ValueError(f"verify must be 'size' or 'full', not {verify!r}")
+        if verify not in ("size", "index", "full"):
+            raise ValueError(f"verify must be 'size', 'index' or 'full', not {verify!r}")
         directory = Path(directory)
         manifest = read_manifest(directory)
         where = directory / MANIFEST
@@ -130,8 +132,9 @@ class ShardSet:
         if expect_tokenizer is not None:
             _check_tokenizer(where, manifest["tokenizer_fingerprint"], expect_tokenizer)
         for shard in manifest["shards"]:
-            for f in shard["files"].values():
-                _check_file(directory / f["name"], f, full=verify == "full")
+            for kind, f in shard["files"].items():
+                full = verify == "full" or (verify == "index" and kind == OFFSETS[1:])
+                _check_file(directory / f["name"], f, full=full)
         return cls(directory, manifest, max_open_shards=max_open_shards)
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -200,6 +203,26 @@ class ShardSet:
             return None
         maps, start, end = self._span(index)
         return maps["mask"][start:end]
+
+    def document_lengths(self) -> np.ndarray:
+        """Every document's token count, (len(self),) int64, in order: read from the shards'
+        offset files (8 bytes a document; no token is read)."""
+        lengths = np.empty(len(self), dtype=np.int64)
+        for k, shard in enumerate(self._shards):
+            offsets = _map(shard.paths["offsets"], OFFSET_DTYPE)
+            if offsets.size != self.documents_per_shard[k] + 1:
+                raise KilnError(
+                    f"{shard.paths['offsets']}: {offsets.size - 1} documents, the manifest says "
+                    f"{self.documents_per_shard[k]} (the file was altered); prepare the set again"
+                )
+            lengths[self._starts[k] : self._starts[k + 1]] = np.diff(offsets)
+        return lengths
+
+    def __getstate__(self) -> dict[str, Any]:
+        # maps are not pickled (a memmap would pickle its bytes): a copy maps them again
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,300 @@
+"""`ShardDataset`: training or validation examples read from a token shard set by memory map.
+
+It stands where a `TokenDataset` stands (the loop, the batcher and evaluation see the same
+interface: `len`, `ds[i]`, `blocks`, `doc_starts`, `block_position_ids`, `lengths`,
+`num_tokens`), but holds no token in memory: a few int64 numbers per document (which documents,
+where each starts in the packed stream), read from the shards' offset files when it is made.
+
+The examples are the ones the in-memory path makes of the same rows, in the same order, so a
+run trains on the same batches either way (tests/test_shard_train.py checks the losses match):
+
+- packed causal_lm: the selected documents (ids + EOS) concatenated in order and cut into
+  blocks of `block` tokens, the last partial block dropped (`tokenize_causal`); block i is
+  tokens [i * block, (i + 1) * block) of that stream, gathered from the documents it spans.
+- unpacked causal_lm: document i cut to `cut` tokens, `(ids + [eos])[:max_length]`.
+- instruction: document i with its label mask as aligned labels (-100 off the response); the
+  0-token documents a prepare writes for samples it dropped (no room for a response) are
+  skipped, as the in-memory path drops them after the split.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kiln.data.collate import IGNORE_INDEX
+from kiln.data.shards.reader import ShardSet
+from kiln.errors import DataError
+
+__all__ = ["PackedBlocks", "ShardDataset", "split_documents"]
+
+
+def split_documents(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`kiln.data.prepare.split_indices` as int64 arrays: the same (train, val) indices, each
+    ascending, without a Python int per document (a corpus may have millions)."""
+    n_val = math.ceil(round(val_split * n, 9))  # round first, as split_indices does
+    gen = torch.Generator().manual_seed(seed & ((1 << 64) - 1))
+    perm = torch.randperm(n, generator=gen)
+    val, train = perm[:n_val], perm[n_val:]
+    return train.sort().values.numpy(), val.sort().values.numpy()
+
+
+class PackedBlocks:
+    """The (N, L) blocks of a packed `ShardDataset`, indexed like a tensor by a batch of block
+    indices (`blocks[indices]` -> an (B, L) int64 tensor), read from the shards."""
+
+    def __init__(self, dataset: ShardDataset, n_blocks: int, length: int) -> None:
+        self._ds = dataset
+        self.shape = torch.Size((n_blocks, length))
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def dim(self) -> int:
+        return 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, indices: Tensor | int) -> Tensor:
+        rows = torch.as_tensor(indices, dtype=torch.int64)
+        flat = rows.reshape(-1).tolist()
+        out = np.empty((len(flat), self.shape[1]), dtype=np.int64)
+        for r, i in enumerate(flat):
+            self._ds._read_block(i, out[r])
+        return torch.from_numpy(out).reshape(*rows.shape, self.shape[1])
+
+
+class ShardDataset:
+    """Examples of some documents of a shard set (see the module docstring).
+
+    Use `ShardDataset.packed(...)` or `ShardDataset.ragged(...)`.
+    """
+
+    def __init__(self, shards: ShardSet, docs: np.ndarray, lengths: np.ndarray) -> None:
+        self.shards = shards
+        self.docs = docs
+        """Global document index of each selected document, in order."""
+        self._lengths = lengths
+        """Token count of each selected document (as stored)."""
+        self._blocks: PackedBlocks | None = None
+        self._stream_starts: np.ndarray | None = None
+        self._doc_starts: Tensor | None = None
+        self._cut: int | None = None
+
+    @classmethod
+    def packed(
+        cls,
+        shards: ShardSet,
+        docs: np.ndarray,
+        all_lengths: np.ndarray,
+        block: int,
+        *,
+        isolate_documents: bool = True,
+        what: str = "data",
+    ) -> ShardDataset:
+        """The documents `docs` packed into blocks of `block` tokens (causal_lm).
+
+        Raises:
+            DataError: the documents do not fill one block.
+        """
+        ds = cls(shards, docs, all_lengths[docs])
+        ends = np.cumsum(ds._lengths)
+        total = int(ends[-1]) if ends.size else 0
+        n_blocks = total // block
+        if n_blocks == 0:
+            raise DataError(
+                f"{what}: {len(docs)} documents make {total} tokens, fewer than one block of "
+                f"data.max_length={block}; lower data.max_length or add text"
+            )
+        ds._stream_starts = ends - ds._lengths
+        ds._blocks = PackedBlocks(ds, n_blocks, block)
+        if isolate_documents:
+            starts = ds._stream_starts
+            ds._doc_starts = torch.from_numpy(starts[starts < n_blocks * block])
+        return ds
+
+    @classmethod
+    def ragged(
+        cls,
+        shards: ShardSet,
+        docs: np.ndarray,
+        all_lengths: np.ndarray,
+        *,
+        cut: int | None = None,
+        truncation: bool = True,
+        what: str = "data",
+    ) -> ShardDataset:
+        """One example per document of `docs` that has tokens, cut to `cut` tokens (None: as
+        stored). With `truncation` off, a document over `cut` is an error.
+
+        Raises:
+            DataError: a document longer than `cut` with truncation off (naming how many).
+        """
+        lengths = all_lengths[docs]
+        keep = lengths > 0
+        docs, lengths = docs[keep], lengths[keep]
+        if cut is not None:
+            over = lengths > cut
+            if not truncation and over.any():
+                first = int(docs[over.argmax()])
+                raise DataError(
+                    f"{what}: {int(over.sum())} documents are longer than data.max_length={cut} "
+                    f"tokens (with EOS), the first is document {first} of {shards.directory}; "
+                    "set data.truncation: true to cut them"
+                )
+        ds = cls(shards, docs, lengths)
+        ds._cut = cut
+        return ds
+
+    # ---- the TokenDataset interface ----------------------------------------------------------
+
+    @property
+    def blocks(self) -> PackedBlocks | None:
+        """The (N, L) blocks, indexable by a batch of indices (packed), else None."""
+        return self._blocks
+
+    @property
+    def doc_starts(self) -> Tensor | None:
+        """Offsets (D,) into the flattened blocks where packed documents begin, or None."""
+        return self._doc_starts
+
+    @property
+    def source_rows(self) -> Tensor | None:
+        return None  # rows are not kept (nothing that needs them combines with shards)
+
+    @property
+    def has_labels(self) -> bool:
+        return self._blocks is None and self.shards.has_masks
+
+    @property
+    def aligned(self) -> bool:
+        return self.has_labels
+
+    def without_documents(self) -> ShardDataset:
+        """The same blocks without document boundaries (documents attend across each other)."""
+        if self._doc_starts is None:
+            return self
+        ds = ShardDataset(self.shards, self.docs, self._lengths)
+        ds._stream_starts, ds._cut = self._stream_starts, self._cut
+        assert self._blocks is not None
+        ds._blocks = PackedBlocks(ds, *self._blocks.shape)
+        return ds
+
+    def block_position_ids(self, indices: Tensor) -> Tensor:
+        """Position ids (B, L) of the blocks at `indices`: 0 at each block and document start
+        (as `TokenDataset.block_position_ids`)."""
+        if self._blocks is None:
+            raise ValueError("block_position_ids needs a blocks dataset (packed causal_lm)")
+        length = self._blocks.shape[1]
+        steps = torch.arange(length, dtype=torch.int64)
+        if self._doc_starts is None:
+            return steps.expand(len(indices), length).clone()
+        base = indices.to(torch.int64)[:, None] * length
+        flat = base + steps
+        starts = self._doc_starts
+        k = torch.searchsorted(starts, flat, right=True) - 1
+        start = torch.where(k >= 0, starts[k.clamp(min=0)], 0).maximum(base)
+        return flat - start
+
+    @cached_property
+    def lengths(self) -> Tensor:  # type: ignore[override]
+        """Length of each example's input_ids, (N,) int64."""
+        if self._blocks is not None:
+            n, length = self._blocks.shape
+            return torch.full((n,), length, dtype=torch.int64)
+        lengths = torch.from_numpy(self._lengths)
+        return lengths if self._cut is None else lengths.clamp(max=self._cut)
+
+    @cached_property
+    def num_tokens(self) -> int:  # type: ignore[override]
+        """Target tokens, counted as `TokenDataset.num_tokens` counts them (for instruction,
+        one pass over the selected documents' masks, once)."""
+        if self._blocks is not None:
+            n, length = self._blocks.shape
+            total = n * max(length - 1, 0)
+            if self._doc_starts is not None:
+                total -= int((self._doc_starts % length != 0).sum())
+            return total
+        if not self.has_labels:
+            return int((self.lengths - 1).clamp(min=0).sum())
+        total = 0
+        for d in self.docs.tolist():
+            mask = self.shards.mask(d)
+            assert mask is not None
+            total += int(np.count_nonzero(mask[1:]))  # the first position is never predicted
+        return total
+
+    def __len__(self) -> int:
+        if self._blocks is not None:
+            return self._blocks.shape[0]
+        return int(self.docs.size)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} examples")
+        index %= n
+        if self._blocks is not None:
+            return {"input_ids": self._blocks[index]}
+        d = int(self.docs[index])
+        ids = torch.from_numpy(self.shards.doc(d)[: self._cut].astype(np.int64))
+        example = {"input_ids": ids}
+        if self.has_labels:
+            mask = self.shards.mask(d)
+            assert mask is not None
+            keep = torch.from_numpy(mask[: self._cut].astype(np.bool_))
+            example["labels"] = ids.masked_fill(~keep, IGNORE_INDEX)
+        return example
+
+    def _read_block(self, index: int, out: np.ndarray) -> None:
+        """Fill `out` (L,) with block `index`: stream tokens [index * L, (index + 1) * L)."""
+        assert self._blocks is not None
+        assert self._stream_starts is not None
+        n, length = self._blocks.shape
+        if not 0 <= index < n:
+            raise IndexError(f"block {index} out of range for {n} blocks")
+        lo, hi = index * length, (index + 1) * length
+        starts = self._stream_starts
+        j = int(np.searchsorted(starts, lo, side="right")) - 1  # the document holding `lo`
+        pos = lo
+        while pos < hi:
+            begin = pos - int(starts[j])
+            take = min(int(self._lengths[j]) - begin, hi - pos)
+            if take > 0:
+                out[pos - lo : pos - lo + take] = self.shards.doc(int(self.docs[j]))[
+                    begin : begin + take
+                ]
+                pos += take
+            j += 1
+
+    def __repr__(self) -> str:
+        layout = f"blocks of {self._blocks.shape[1]}" if self._blocks is not None else "ragged"
+        labels = ", aligned labels" if self.has_labels else ""
+        return f"ShardDataset({len(self)} examples, {layout}{labels}, from {self.shards.directory})"
+
+
+def shard_examples(
+    shards: ShardSet, docs: np.ndarray, all_lengths: np.ndarray, cfg: Any, *, what: str
+) -> ShardDataset:
+    """The examples the run's task and data settings make of documents `docs`."""
+    data = cfg.data
+    if cfg.task == "causal_lm" and data.packing:
+        return ShardDataset.packed(
+            shards,
+            docs,
+            all_lengths,
+            data.max_length,
+            isolate_documents=data.isolate_documents,
+            what=what,
+        )
+    if cfg.task == "causal_lm":
+        return ShardDataset.ragged(
+            shards, docs, all_lengths, cut=data.max_length, truncation=data.truncation, what=what
+        )
+    return ShardDataset.ragged(shards, docs, all_lengths, what=what)  # cut when prepared
