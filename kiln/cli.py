@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -25,7 +26,7 @@ from kiln.engine.console import stop_console_log
 from kiln.engine.signals import StoppedBeforeStart, stop_before_start
 from kiln.errors import KilnError
 from kiln.files import StorageFull
-from kiln.launcher import say
+from kiln.launcher import LINES_ENV, say
 from kiln.runs import ExitCode
 
 __all__ = ["main"]
@@ -33,7 +34,16 @@ __all__ = ["main"]
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        self.exit(ExitCode.BAD_INPUT, f"kiln: error: {message}\n")
+        self.exit(ExitCode.BAD_INPUT, None if _other_rank() else f"kiln: error: {message}\n")
+
+
+def _other_rank() -> bool:
+    """Whether this process is a rank other than 0 of a bare `torchrun -m kiln ...` (RANK set
+    and not 0). Every rank reads the same arguments and config and finds the same bad input,
+    so only the main rank says it; the others exit 2 without a word. The ranks of `kiln train
+    --nproc` (LINES_ENV set) still say theirs: its launcher prints each distinct line once."""
+    rank = os.environ.get("RANK", "0").strip()
+    return not os.environ.get(LINES_ENV) and rank.isdigit() and int(rank) != 0
 
 
 COMMANDS = (
@@ -160,7 +170,8 @@ def _run(args: argparse.Namespace) -> int:
             hf_logging.set_verbosity_error()
         return int(module.run(args))
     except KilnError as exc:
-        say([f"kiln: error: {line}" for line in str(exc).splitlines()], ExitCode.BAD_INPUT)
+        if not _other_rank():  # bad input: the main rank's line says it for all
+            say([f"kiln: error: {line}" for line in str(exc).splitlines()], ExitCode.BAD_INPUT)
         return ExitCode.BAD_INPUT
     except StorageFull as exc:
         say([f"kiln: error: {exc.message()}"], ExitCode.STORAGE_FULL)
