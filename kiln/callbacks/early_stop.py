@@ -24,7 +24,8 @@ class EarlyStopping(Callback):
     validation that has the metric sets the best. Validations without the metric (e.g. a
     generation metric on a step without generation eval) neither improve nor count. So with
     the best at validation k, training stops at validation k + patience, unless one of them
-    improves. The stop ends training normally: final/ is written (the best checkpoint's
+    improves. The stop ends training normally: the stop step is the last one (its checkpoint
+    is written, with `checkpoint.every_steps`), and final/ is written (the best checkpoint's
     weights with `checkpoint.final: best`). Its state travels with checkpoints, so a resumed
     run stops where an uninterrupted one would.
     """

@@ -348,6 +348,9 @@ class Trainer:
         if self.val_data is not None and due:
             self._validate()
             self.control.sync(self.rank)  # requests made during validation (early stopping)
+            # An early stop asked for in this validation makes this step the last one: it
+            # gets the last step's checkpoint, as the end of max_steps does.
+            last = last or self.control.stopping
         if not self._flush_train():  # stopped after the log point: rolled back or diverged
             return
         periodic = self.cadence.checkpoint_due(step, state.epoch, ended, last)
@@ -486,6 +489,9 @@ class Trainer:
         loop.pending_norms.clear()
         record["grad_norm"] = sum(norms) / len(norms) if norms else None
         record.update(self.setup().guard.log_fields(record["grad_norm"]))  # skipped, z-score
+        by_source = getattr(self.setup().train_data, "tokens_seen", None)  # a mixture's sources
+        if by_source is not None:
+            record.update(by_source(self.cursor, state.epoch, state.cursor))
         state.last_train_loss = record["loss"]
         self._record(record)
 
