@@ -86,6 +86,9 @@ class ShardDataset:
         self._stream_starts: np.ndarray | None = None
         self._doc_starts: Tensor | None = None
         self._cut: int | None = None
+        self._runs: tuple[np.ndarray, np.ndarray] | None = None
+        """Packed: (stream start, global token start) of each run of documents that lie end
+        to end in the set too (a block is read in one copy a run, mostly one or two)."""
 
     @classmethod
     def packed(
@@ -113,6 +116,7 @@ class ShardDataset:
                 f"data.max_length={block}; lower data.max_length or add text"
             )
         ds._stream_starts = ends - ds._lengths
+        ds._runs = _runs(docs, ds._stream_starts, all_lengths)
         ds._blocks = PackedBlocks(ds, n_blocks, block)
         if isolate_documents:
             starts = ds._stream_starts
@@ -181,7 +185,7 @@ class ShardDataset:
         if self._doc_starts is None:
             return self
         ds = ShardDataset(self.shards, self.docs, self._lengths)
-        ds._stream_starts, ds._cut = self._stream_starts, self._cut
+        ds._stream_starts, ds._cut, ds._runs = self._stream_starts, self._cut, self._runs
         assert self._blocks is not None
         ds._blocks = PackedBlocks(ds, *self._blocks.shape)
         return ds
@@ -255,28 +259,37 @@ class ShardDataset:
     def _read_block(self, index: int, out: np.ndarray) -> None:
         """Fill `out` (L,) with block `index`: stream tokens [index * L, (index + 1) * L)."""
         assert self._blocks is not None
-        assert self._stream_starts is not None
+        assert self._runs is not None
         n, length = self._blocks.shape
         if not 0 <= index < n:
             raise IndexError(f"block {index} out of range for {n} blocks")
+        run_stream, run_global = self._runs
         lo, hi = index * length, (index + 1) * length
-        starts = self._stream_starts
-        j = int(np.searchsorted(starts, lo, side="right")) - 1  # the document holding `lo`
+        r = int(np.searchsorted(run_stream, lo, side="right")) - 1  # the run holding `lo`
         pos = lo
         while pos < hi:
-            begin = pos - int(starts[j])
-            take = min(int(self._lengths[j]) - begin, hi - pos)
-            if take > 0:
-                out[pos - lo : pos - lo + take] = self.shards.doc(int(self.docs[j]))[
-                    begin : begin + take
-                ]
-                pos += take
-            j += 1
+            end = int(run_stream[r + 1]) if r + 1 < run_stream.size else hi
+            take = min(end, hi) - pos
+            self.shards.read(
+                int(run_global[r]) + pos - int(run_stream[r]), out[pos - lo : pos - lo + take]
+            )
+            pos += take
+            r += 1
 
     def __repr__(self) -> str:
         layout = f"blocks of {self._blocks.shape[1]}" if self._blocks is not None else "ragged"
         labels = ", aligned labels" if self.has_labels else ""
         return f"ShardDataset({len(self)} examples, {layout}{labels}, from {self.shards.directory})"
+
+
+def _runs(
+    docs: np.ndarray, stream_starts: np.ndarray, all_lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(stream start, global token start) of each maximal run of selected documents that are
+    consecutive in the set as well (so also end to end in the shards' tokens)."""
+    global_starts = np.cumsum(all_lengths) - all_lengths
+    first = np.flatnonzero(np.diff(docs, prepend=-2) != 1)  # a run begins where a gap is
+    return stream_starts[first], global_starts[docs[first]]
 
 
 def shard_examples(

@@ -85,6 +85,8 @@ class ShardSet:
         """Documents of each shard, in order."""
         # _starts[k]: global index of shard k's first document (a bisect finds a document's shard)
         self._starts = [0, *itertools.accumulate(self.documents_per_shard)]
+        # _token_starts[k]: global offset of shard k's first token (the shards end to end)
+        self._token_starts = [0, *itertools.accumulate(self.tokens_per_shard)]
         self._shards = [_Shard(directory, s, self.dtype) for s in manifest["shards"]]
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
@@ -203,6 +205,22 @@ class ShardSet:
             return None
         maps, start, end = self._span(index)
         return maps["mask"][start:end]
+
+    def read(self, start: int, out: np.ndarray) -> None:
+        """Fill `out` with the set's tokens from global token offset `start` on (the shards'
+        tokens end to end, in order), across shard boundaries as needed."""
+        pos, n = start, out.size
+        done = 0
+        while done < n:
+            shard = bisect.bisect_right(self._token_starts, pos) - 1
+            if not 0 <= shard < len(self._shards):
+                raise IndexError(f"token {pos} of a shard set of {self.num_tokens}")
+            local = pos - self._token_starts[shard]
+            tokens = self._maps(shard)["tokens"]
+            take = min(n - done, tokens.size - local)
+            out[done : done + take] = tokens[local : local + take]
+            done += take
+            pos += take
 
     def document_lengths(self) -> np.ndarray:
         """Every document's token count, (len(self),) int64, in order: read from the shards'
