@@ -99,7 +99,14 @@ def run(args: argparse.Namespace) -> int:
         overrides = list(args.overrides or [])
         if args.shard_tokens is not None:  # the same as the override (training looks for it)
             overrides.append(f"data.shard_tokens={args.shard_tokens}")
-        prepared = prepare_shards(load_config(args.config, overrides))
+        cfg = load_config(args.config, overrides)
+        if cfg.data.sources is not None:  # a mixture: one set per source
+            from kiln.data.shards.mixture import prepare_sources
+
+            for source, prepared in zip(cfg.data.sources, prepare_sources(cfg), strict=True):
+                print(f"{source.label}: {prepared.summary()}")
+            return ExitCode.FINISHED
+        prepared = prepare_shards(cfg)
         print(prepared.summary())
         return ExitCode.FINISHED
 

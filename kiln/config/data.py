@@ -15,6 +15,7 @@ __all__ = [
     "CurriculumStage",
     "DataConfig",
     "InstructionTemplate",
+    "MixtureSource",
     "QualityRamp",
 ]
 
@@ -79,10 +80,34 @@ class AugmentConfig(Section):
     """Options of the augmenter (e.g. `words` for verb_paraphrase, `tips` for recipe_tip)."""
 
 
+class MixtureSource(Section):
+    path: str | list[str]
+    """The source's files, as `data.train` takes them: a file, a glob, or a list of them."""
+    weight: float = Field(gt=0.0, le=1e9)
+    """Relative weight: the sources' weights are normalized to sum 1, and source k gets that
+    share of the training tokens drawn (`0.7` and `0.3`, or `7` and `3`, mix alike)."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """The source's name in data_stats.json and in the metrics (`tokens_seen/<name>`); null:
+    its (first) file's name up to the first dot."""
+
+    @property
+    def label(self) -> str:
+        """`name`, or the stem of the first file (`web` for `data/web.jsonl.gz`)."""
+        if self.name is not None:
+            return self.name
+        first = self.path if isinstance(self.path, str) else self.path[0]
+        return first.replace("\\", "/").rsplit("/", 1)[-1].split(".", 1)[0] or "source"
+
+
 class DataConfig(Section):
     train: str | list[str] | None = None
     """Training data: a file (JSONL, JSON, CSV, Parquet, text), a glob, a list of them, a
     `datasets` dataset saved to disk, or `hf:<hub name>`; null: the Trainer is given the data."""
+    sources: list[MixtureSource] | None = Field(None, min_length=1, max_length=1024)
+    """A weighted mixture of corpora instead of `train` (`data.storage: shards`): a list of
+    `{path, weight, name}`; each source is prepared into its own shard set and split by
+    `val_split` on its own; training draws from source k a share weight_k / sum(weights) of
+    its tokens (docs/data.md, Mixtures)."""
     val: str | list[str] | None = None
     """Validation data (same forms as `train`); when unset, `val_split` of the training rows."""
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "text", "hf"] = "auto"
@@ -160,4 +185,15 @@ class DataConfig(Section):
         lo, hi = self.min_chars, self.max_chars
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"data.min_chars: must be <= data.max_chars ({hi}), got {lo}")
+        if self.sources is not None:
+            if self.train is not None:
+                raise ValueError(
+                    "data.sources: a mixture replaces data.train; set one of them, not both"
+                )
+            names = [s.label for s in self.sources]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(
+                    f"data.sources: two sources are named {twice[0]!r}; give each a distinct name"
+                )
         return self

@@ -234,7 +234,7 @@ class RunConfig(Section):
             problems.append(
                 "model: set model.name_or_path or model.arch, or pass a model to the Trainer"
             )
-        if not data_given and self.data.train is None:
+        if not data_given and self.data.train is None and self.data.sources is None:
             problems.append("data.train: set the training data, or pass train_data to the Trainer")
         if problems:
             raise ConfigError(problems)
@@ -290,6 +290,8 @@ def _storage_problems(cfg: RunConfig) -> list[str]:
     """What training from token shards (`data.storage: shards`) cannot do (yet)."""
     data = cfg.data
     if data.storage != "shards":
+        if data.sources is not None:  # a mixture is a set of shard sets
+            return ["data.sources: a mixture needs data.storage: shards"]
         return []
     why = "not supported with data.storage: shards"
     problems = []
@@ -422,7 +424,7 @@ def _incomplete(raw: dict[str, Any]) -> list[str]:
     model, data, train = (raw.get(key) for key in ("model", "data", "train"))
     if isinstance(model, dict) and model.get("name_or_path") is None and model.get("arch") is None:
         problems.append("model: set exactly one of model.name_or_path or model.arch")
-    if isinstance(data, dict) and data.get("train") is None:
+    if isinstance(data, dict) and data.get("train") is None and data.get("sources") is None:
         problems.append("data.train: required key is missing")
     if (
         isinstance(train, dict)

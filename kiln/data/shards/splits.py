@@ -6,6 +6,10 @@
 
 Validation comes from `data.val` (read and tokenized in memory, as always: it is small, and
 generation metrics need its rows) or from the held-out `data.val_split` of the documents.
+
+With `data.sources` (a weighted mixture), each source's set goes through the same steps on its
+own (`source_config`: the config with `data.train` set to the source's path); the training
+examples are mixed by weight and the held-out ones concatenated (`kiln.data.shards.mixture`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from kiln.errors import DataError, KilnError
 if TYPE_CHECKING:
     from kiln.config import RunConfig
     from kiln.data.shards.dataset import ShardDataset
+    from kiln.data.shards.reader import ShardSet
     from kiln.rank import RankContext
 
 __all__ = ["ShardData", "shard_data"]
@@ -61,31 +66,56 @@ def _prepare(cfg: RunConfig, rank: RankContext | None) -> Any:
 
 
 def shard_data(cfg: RunConfig, rank: RankContext | None = None) -> ShardData:
-    """The tokenizer, train and validation examples, and data_stats, from the shard set.
+    """The tokenizer, train and validation examples, and data_stats, from the shard set (or,
+    with `data.sources`, from each source's set, as a `Mixture`).
 
     Raises:
         KilnError / DataError: one line: an unsupported option, a source or shard problem
             (missing, truncated, another tokenizer's set), too few documents.
     """
     from kiln.data.prepare import load_eval_data
+
+    if cfg.data.sources is not None:
+        return _mixture_data(cfg, rank)
+    tokenizer, got = _split(cfg, rank, None, what=f"training data ({cfg.data.train})")
+    val, val_rows, stats = got.val, None, got.stats
+    if cfg.data.val is not None:
+        val_rows, val, val_stats = load_eval_data(cfg, tokenizer, cfg.data.val)
+        stats["val_rows"], stats["val_examples"] = len(val_rows), len(val)
+        stats["val_tokens"] = val_stats.val_tokens
+    log.info("training from %s: %d examples", got.shards, len(got.train))
+    return ShardData(tokenizer, got.train, val, val_rows, stats)
+
+
+@dataclass
+class _Split:
+    """One shard set's training and held-out examples and its stats."""
+
+    shards: ShardSet
+    train: ShardDataset
+    val: ShardDataset | None
+    stats: dict[str, Any]
+
+
+def _split(
+    cfg: RunConfig, rank: RankContext | None, tokenizer: Any, *, what: str
+) -> tuple[Any, _Split]:
+    """(tokenizer, `_Split`) of the config's set: prepared if missing, opened, its documents
+    split (held out by `data.val_split` unless `data.val` is set), `data.max_samples`."""
     from kiln.data.shards.dataset import shard_examples, split_documents
     from kiln.data.shards.prepare import STATS
     from kiln.data.shards.reader import ShardSet
     from kiln.models import build_tokenizer
 
     prepared = _prepare(cfg, rank)
-    tokenizer = build_tokenizer(cfg, None)
+    tokenizer = build_tokenizer(cfg, None) if tokenizer is None else tokenizer
     shards = ShardSet.open(prepared.directory, expect_tokenizer=tokenizer, verify="index")
     stats = json.loads((prepared.directory / STATS).read_text())
     lengths = shards.document_lengths()
-    n, data, what = len(shards), cfg.data, f"training data ({cfg.data.train})"
+    n, data = len(shards), cfg.data
     val: Any = None
-    val_rows = None
     if data.val is not None:
         train_docs = np.arange(n, dtype=np.int64)
-        val_rows, val, val_stats = load_eval_data(cfg, tokenizer, data.val)
-        stats["val_rows"], stats["val_examples"] = len(val_rows), len(val)
-        stats["val_tokens"] = val_stats.val_tokens
     else:
         train_docs, val_docs = split_documents(n, data.val_split, cfg.seed)
         if not train_docs.size:
@@ -108,5 +138,64 @@ def shard_data(cfg: RunConfig, rank: RankContext | None = None) -> ShardData:
         train_tokens=train.num_tokens,
         shards=str(prepared.directory),
     )
-    log.info("training from %s: %d examples", shards, len(train))
-    return ShardData(tokenizer, train, val, val_rows, stats)
+    return tokenizer, _Split(shards, train, val, stats)
+
+
+def _mixture_data(cfg: RunConfig, rank: RankContext | None) -> ShardData:
+    """`data.sources`: each source's set split on its own, the training examples mixed by
+    weight (`Mixture.weighted`), the held-out ones concatenated (or `data.val`)."""
+    from kiln.data.prepare import load_eval_data
+    from kiln.data.sampler import epoch_permutation
+    from kiln.data.shards.mixture import Mixture, source_config, source_error, weights_of
+
+    sources = cfg.data.sources
+    assert sources is not None
+    names = [s.label for s in sources]
+    tokenizer, splits = None, []
+    for k, name in enumerate(names):
+        try:
+            tokenizer, got = _split(
+                source_config(cfg, k), rank, tokenizer, what=f"data.sources.{k} ({name})"
+            )
+        except KilnError as exc:
+            raise source_error(exc, k) from None
+        splits.append(got)
+    trains = [s.train for s in splits]
+    first_order = None  # the run's first epoch order, unless it depends on the mixture's lengths
+    if not (cfg.data.group_by_length and trains[0].blocks is None):
+        first_order = epoch_permutation(sum(len(t) for t in trains), cfg.seed, 0)
+    train = Mixture.weighted(trains, names, weights_of(sources), cfg.seed, first_order)
+    stats = _summed([s.stats for s in splits])
+    stats["sources"] = train.stats()
+    for name, got in zip(names, splits, strict=True):
+        stats["sources"][name] = {
+            "documents": len(got.shards),
+            **stats["sources"][name],
+            "shards": got.stats["shards"],
+        }
+    stats.update(train_examples=len(train), train_tokens=train.num_tokens)
+    val: Any = None
+    val_rows = None
+    if cfg.data.val is not None:
+        val_rows, val, val_stats = load_eval_data(cfg, tokenizer, cfg.data.val)
+        stats["val_rows"], stats["val_examples"] = len(val_rows), len(val)
+        stats["val_tokens"] = val_stats.val_tokens
+    elif all(s.val is not None for s in splits):
+        val = Mixture.concat([s.val for s in splits], names)
+        stats["val_examples"], stats["val_tokens"] = len(val), val.num_tokens
+    log.info("training from a mixture of %d sources: %r", len(splits), train)
+    return ShardData(tokenizer, train, val, val_rows, stats)  # type: ignore[arg-type]
+
+
+def _summed(all_stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sources' counts added up: integers, and dicts of integers (`dropped`), by key."""
+    out: dict[str, Any] = {}
+    for stats in all_stats:
+        for key, value in stats.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[key] = out.get(key, 0) + value
+            elif isinstance(value, dict) and all(isinstance(v, int) for v in value.values()):
+                into = out.setdefault(key, {})
+                for name, count in value.items():
+                    into[name] = into.get(name, 0) + count
+    return out
