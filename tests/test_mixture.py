@@ -262,6 +262,11 @@ def test_item04_kiln_data_prepare_prepares_every_source_once(
     assert main(["data", "prepare", str(config)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert all(x.endswith("(nothing to do)") for x in lines), lines
+    assert main(["data", "preview", str(config), "--samples", "0"]) == 0  # each source's
+    out = capsys.readouterr().out
+    assert "== data.sources.0: web (weight 0.7) ==" in out
+    assert "== data.sources.1: books (weight 0.3) ==" in out
+    assert out.count("# data preview") == 2
     # a source's missing file is named by its key
     missing = [
         {"path": str(corpus["web"]), "weight": 1},

@@ -113,5 +113,16 @@ def run(args: argparse.Namespace) -> int:
     from kiln.data.preview import preview
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.data.sources is not None:  # a mixture: each source as a config of its own
+        from kiln.data.shards.mixture import source_config, source_error, weights_of
+
+        shares = weights_of(cfg.data.sources)
+        for k, (source, share) in enumerate(zip(cfg.data.sources, shares, strict=True)):
+            print(f"== data.sources.{k}: {source.label} (weight {share:.3g}) ==")
+            try:
+                print(preview(source_config(cfg, k), samples=args.samples))
+            except Exception as exc:
+                raise source_error(exc, k) from None
+        return ExitCode.FINISHED
     print(preview(cfg, samples=args.samples))
     return ExitCode.FINISHED

@@ -306,6 +306,8 @@ class Mixture:
     @cached_property
     def lengths(self) -> Tensor:  # type: ignore[override]
         """Length of each example's input_ids, (M,) int64."""
+        if self._blocks is not None:  # every block holds L tokens
+            return torch.full((len(self),), self._blocks.shape[1], dtype=torch.int64)
         out = torch.empty(len(self), dtype=torch.int64)
         for k, where, local in self.route(torch.arange(len(self))):
             out[where] = self.sources[k].lengths[local]
