@@ -204,6 +204,8 @@ def test_item04_resume_is_exact_and_tokens_seen_per_source_are_logged(
         drawn = torch.cat([cursor.next_indices() for _ in range(r["step"])])
         source, _ = mixture.locate(drawn.numpy())
         assert [r[k] for k in keys] == (np.bincount(source, minlength=2) * 32).tolist()
+    card = (run / "final" / "README.md").read_text()  # the model card names the mixture
+    assert f"`{corpus['web']}` (weight 0.7), `{corpus['books']}` (weight 0.3)" in card
     stats = json.loads((run / "data_stats.json").read_text())
     assert set(stats["sources"]) == {"web", "books"}
     web, books = stats["sources"]["web"], stats["sources"]["books"]

@@ -343,6 +343,9 @@ def model_card(cfg: RunConfig, state: TrainState, *, final: Path | None = None) 
         f"{cfg.model.arch} from scratch" if cfg.model.arch else "a model given in Python"
     )
     auto = "AutoModelForSeq2SeqLM" if cfg.task == "seq2seq" else "AutoModelForCausalLM"
+    data = f"`{cfg.data.train}`" if cfg.data.train else "given in Python"
+    if cfg.data.sources:  # a weighted mixture
+        data = ", ".join(f"`{s.path}` (weight {s.weight:g})" for s in cfg.data.sources)
     lines = [
         f"# {cfg.name}",
         "",
@@ -353,7 +356,7 @@ def model_card(cfg: RunConfig, state: TrainState, *, final: Path | None = None) 
         "|---|---|",
         f"| steps | {state.step} |",
         f"| tokens | {state.tokens_seen:,} |",
-        f"| training data | {f'`{cfg.data.train}`' if cfg.data.train else 'given in Python'} |",
+        f"| training data | {data} |",
         f"| final train loss | {_fmt(state.last_train_loss)} |",
     ]
     for key, value in state.last_val.items():
