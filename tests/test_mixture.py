@@ -156,7 +156,13 @@ def test_item04_the_examples_are_the_sources_examples(
     # validation: every held-out example of each source once, and their counts add up
     assert len(val) == sum(len(s) for s in val.sources)
     assert val.num_tokens == sum(s.num_tokens for s in val.sources)
-    assert torch.equal(val.blocks[torch.tensor([0])], val.sources[0].blocks[torch.tensor([0])])
+    source, local = val.locate(np.arange(len(val)))
+    for k, held_out in enumerate(val.sources):  # each once, in its order, spread evenly
+        assert np.array_equal(local[source == k], np.arange(len(held_out)))
+        first = int(np.argmax(source == k))
+        assert torch.equal(val.blocks[torch.tensor([first])], held_out.blocks[torch.tensor([0])])
+    tenth = source[: len(val) // 10]  # what a small eval.max_batches reads
+    assert abs((tenth == 1).mean() - len(val.sources[1]) / len(val)) < 0.05
     plain = mixture.without_documents()
     assert plain.doc_starts is None
     assert "position_ids" not in Batcher("causal_lm", 0)(plain, idx)

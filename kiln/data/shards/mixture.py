@@ -19,7 +19,8 @@ the same kind (`len`, `ds[i]`, `blocks`, `doc_starts`, `block_position_ids`, `le
   it draws each source in proportion to m_k, and a whole epoch exactly so. Every index maps to
   its example in O(1), from the seed alone, so resume stays exact and O(1).
 
-Validation concatenates the sources' held-out examples (`Mixture.concat`): each once, in order.
+Validation concatenates the sources' held-out examples (`Mixture.concat`): each once, the
+sources spread evenly, so the first batches (`eval.max_batches`) hold every source.
 """
 
 from __future__ import annotations
@@ -94,6 +95,19 @@ def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
         order = np.argsort(-(exact - counts), kind="stable")
         counts[order[:rest]] += 1
     return counts
+
+
+def _sequence(counts: np.ndarray, *, spread: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(source, j) at each of sum(counts) positions, the j-th of source k's counts[k]: source
+    after source, or spread evenly (the j-th of source k at rank (j + 1/2) / counts[k]: merged
+    over the sources, each prefix of t positions holds about t * counts[k] / total of k)."""
+    source = np.repeat(np.arange(len(counts)), counts)
+    j = np.concatenate([np.arange(m, dtype=np.int64) for m in counts])
+    if spread:
+        keys = np.concatenate([(np.arange(m) + 0.5) / m for m in counts if m])
+        order = np.argsort(keys, kind="stable")
+        source, j = source[order], j[order]
+    return source, j
 
 
 def _permutation(n: int, seed: int, k: int) -> np.ndarray:
@@ -186,14 +200,7 @@ class Mixture:
         sizes = np.array([len(s) for s in sources], dtype=np.int64)
         mean_tokens = np.array([float(s.lengths.double().mean()) for s in sources])
         counts = largest_remainder(w / mean_tokens, int(sizes.sum()))
-        seq_source = np.repeat(np.arange(len(sources)), counts)
-        seq_j = np.concatenate([np.arange(m, dtype=np.int64) for m in counts])
-        if first_order is not None:
-            # The i-th example of source k goes to rank (i + 1/2) / m_k of the epoch: merged
-            # over the sources, each prefix of t positions holds about t * m_k / M of k.
-            keys = np.concatenate([(np.arange(m) + 0.5) / m for m in counts if m])
-            spread = np.argsort(keys, kind="stable")
-            seq_source, seq_j = seq_source[spread], seq_j[spread]
+        seq_source, seq_j = _sequence(counts, spread=first_order is not None)
         perms = [_permutation(int(n), seed, k) for k, n in enumerate(sizes)]
         flat = np.concatenate(perms)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -208,10 +215,11 @@ class Mixture:
 
     @classmethod
     def concat(cls, sources: Sequence[Any], names: Sequence[str]) -> Mixture:
-        """Every example of every source once, source after source."""
-        sizes = [len(s) for s in sources]
-        source = np.repeat(np.arange(len(sources)), sizes)
-        return cls(sources, names, source, np.concatenate([np.arange(n) for n in sizes]))
+        """Every example of every source once, each source's in its order, the sources spread
+        evenly (validation: the first samples `eval.max_batches` reads hold every source in
+        proportion to its size)."""
+        sizes = np.array([len(s) for s in sources], dtype=np.int64)
+        return cls(sources, names, *_sequence(sizes, spread=True))
 
     # ---- where a mixture index comes from ------------------------------------------------
 
