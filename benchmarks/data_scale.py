@@ -17,12 +17,16 @@ RSS is that measurement's alone):
            above `--kiln-max-tokens` (it keeps every token in RAM: the point of issue 28).
 - prepare: `kiln data prepare` (`kiln.data.shards.prepare.prepare_shards`) on the same config:
            the files streamed through the same checks, filters and tokenizer into token
-           shards on disk, in bounded memory (`.gz` read as it is).
+           shards on disk, in bounded memory (`.gz` read as it is), the tokenizing in
+           `data.num_workers` worker processes (`--prepare-workers 0,2`: one side per value,
+           `prepare-w0`, `prepare-w2`; default: prepare's own default).
 
 Reported per size and side: wall seconds, tokens/s (the corpus's tokens as bare counts them,
 over wall time), peak RSS of the child (VmHWM), RSS before the measured part (imports done),
 bytes of RSS per token ((peak - base) / tokens), and tokens/s relative to bare. Medians over
-`--rounds` (sides interleaved, order rotated each round).
+`--rounds` (sides interleaved, order rotated each round). prepare's worker processes have
+their own RSS: the largest worker's peak is in the note (forked workers share pages with the
+child, so adding it to the child's peak overcounts).
 
     .venv/bin/python benchmarks/data_scale.py --tokens 10M
     .venv/bin/python benchmarks/data_scale.py --tokens 10M,100M --kiln-max-tokens 10M --json s.json
@@ -368,20 +372,24 @@ def _config(spec: dict[str, Any]) -> Any:
 def child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
     """`kiln data prepare` on `child_kiln`'s config: token shards written under the work dir."""
     import logging
+    import resource
 
+    import kiln.models  # noqa: F401  (imported by prepare_shards: imports stay out of the time)
     from kiln.data.shards.prepare import prepare_shards
 
     logging.getLogger("kiln").setLevel(logging.WARNING)
     cfg = _config(spec)
     base = _rss_kb("VmRSS")
     start = time.perf_counter()
-    prepared = prepare_shards(cfg)
+    prepared = prepare_shards(cfg, workers=spec.get("workers"))
     wall = time.perf_counter() - start
     return {
         "wall": wall,
         "base_kb": base,
         "prepare_tokens": prepared.tokens,
         "shards": prepared.shards,
+        "workers": prepared.workers,
+        "worker_peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
         "stats": prepared.stats,
     }
 
@@ -392,6 +400,12 @@ def _child_main(kind: str, spec_json: str) -> int:
     result["peak_kb"] = _rss_kb("VmHWM")
     print("RESULT " + json.dumps(result))
     return 0
+
+
+def side_kind(side: str) -> tuple[str, int | None]:
+    """(the child's kind, prepare's workers) of a side: `prepare-w2` -> ("prepare", 2)."""
+    kind, _, workers = side.partition("-w")
+    return kind, int(workers) if workers else None
 
 
 def measure(kind: str, spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
@@ -429,18 +443,23 @@ def run_size(tokens: int, args: argparse.Namespace, tok_dir: Path, tpw: float) -
         sides.remove("kiln")
         print(f"  kiln: {kiln_skip}")
     kiln_input = [str(p) for p in kiln_files(corpus)] if "kiln" in sides else []
+    if "prepare" in sides and args.prepare_workers is not None:
+        at = sides.index("prepare")
+        sides[at : at + 1] = [f"prepare-w{n}" for n in args.prepare_workers]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for r in range(args.rounds):
         order = sides[r % len(sides) :] + sides[: r % len(sides)] if sides else []
         for side in order:
             with tempfile.TemporaryDirectory(dir=args.corpus_dir, prefix=".work-") as work:
+                kind, workers = side_kind(side)
                 spec = {
                     "tokenizer": str(tok_dir),
                     "files": kiln_input if side == "kiln" else files,
                     "batch_docs": args.batch_docs,
                     "work": work,
+                    "workers": workers,
                 }
-                result = measure(side, spec, args.timeout)
+                result = measure(kind, spec, args.timeout)
             runs[side].append(result)
             err = result.get("error")
             print(
@@ -473,8 +492,11 @@ def _rows(label: str, tokens: int, runs: dict[str, list[dict]], corpus: Path) ->
         wall = statistics.median(r["wall"] for r in results)
         peak = statistics.median(r["peak_kb"] for r in results) * 1024
         base = statistics.median(r["base_kb"] for r in results) * 1024
-        keep = ("encode_s", "kiln_target_tokens", "prepare_tokens", "shards", "stats")
+        keep = ("encode_s", "kiln_target_tokens", "prepare_tokens", "shards", "workers", "stats")
         extra = {k: v for k, v in results[-1].items() if k in keep}
+        if results[-1].get("workers"):
+            worker_mb = statistics.median(r["worker_peak_kb"] for r in results) / 1024
+            extra["note"] = f"{results[-1]['workers']} workers, largest peak {worker_mb:.0f} MB"
         rows.append(
             _row(
                 label,
@@ -520,7 +542,7 @@ def marginal(rows: list[dict]) -> list[str]:
     """Per side measured at two or more sizes: the RSS each extra token costs between the
     smallest and the largest (peak difference over token difference: no fixed costs)."""
     lines = []
-    for side in SIDES:
+    for side in dict.fromkeys(r["side"] for r in rows):
         got = sorted(
             (r["tokens"], r["peak_rss_mb"]) for r in rows if r["side"] == side and r["wall_s"]
         )
@@ -570,6 +592,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
     parser.add_argument("--sample-docs", type=int, default=5000, help="tokenizer training docs")
     parser.add_argument("--batch-docs", type=int, default=1000, help="bare: docs per batch")
+    parser.add_argument(
+        "--prepare-workers",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="prepare: one side per worker count, e.g. 0,2 (default: prepare's default)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="rounds per size (median)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--json", type=Path, help="also write the rows and the setup here")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from kiln.config import load_config
 from kiln.data import split_indices
 from kiln.data.assemble import Given, assemble_data
 from kiln.data.shards import MANIFEST, ShardSet
-from kiln.data.shards.prepare import STATS
+from kiln.data.shards.prepare import STATS, Prepared, prepare_shards
 from kiln.data.sources import read_rows
 from tests.helpers import bpe_tokenizer, make_rows, tiny_raw, write_jsonl
 
@@ -266,6 +267,7 @@ def test_the_in_ram_readers_read_gz_files_too(tmp_path: Path) -> None:
 def _instruction_config(
     tmp_path: Path, rows: list[dict[str, Any]], tokenizer_dir: Path, **data: Any
 ) -> Path:
+    tmp_path.mkdir(exist_ok=True)
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     config = _config(tmp_path, train, tokenizer_dir, **{"max_length": 96, **data})
     doc = yaml.safe_load(config.read_text())
@@ -297,3 +299,83 @@ def test_item01_a_sample_without_target_is_an_empty_document_at_its_row_index(
     for part, indices in ((data.train, train_idx), (data.val, val_idx)):
         docs = [shards.doc(i).tolist() for i in indices if len(shards.doc(i))]
         assert [part[i]["input_ids"].tolist() for i in range(len(part))] == docs
+
+
+def _prepare_direct(config: Path, cache: str, shard_tokens: int = 400, **kw: Any) -> Prepared:
+    """`prepare_shards` of `config` with `data.cache_dir` at `<config dir>/<cache>`."""
+    cfg = load_config(str(config), overrides=[f"data.cache_dir={config.parent / cache}"])
+    return prepare_shards(cfg, shard_tokens=shard_tokens, **kw)
+
+
+def test_item02_shards_are_identical_whatever_the_number_of_workers(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    config = _config(tmp_path, write_jsonl(tmp_path / "train.jsonl", _corpus(90)), tokenizer_dir)
+    runs = [_prepare_direct(config, f"c{w}", workers=w, batch_rows=16) for w in (0, 2)]
+    assert [r.workers for r in runs] == [0, 2]
+    assert "2 tokenizer processes" in runs[1].summary()
+    assert runs[0].documents == runs[1].documents == 90
+    assert runs[0].shards > 2
+    assert _checksums(runs[0].directory) == _checksums(runs[1].directory)
+    assert runs[0].stats == runs[1].stats
+
+    # instruction: samples with masks, one without a target token (an empty document)
+    rows = [{"prompt": f"Cook {r['title']}:", "response": r["text"]} for r in make_rows(40)]
+    rows.insert(20, {"prompt": "x " * 200, "response": "y"})
+    config = _instruction_config(tmp_path / "i", rows, tokenizer_dir)
+    runs = [_prepare_direct(config, f"c{w}", workers=w, batch_rows=8) for w in (0, 2)]
+    assert _checksums(runs[0].directory) == _checksums(runs[1].directory)
+    assert runs[0].stats["dropped"]["no_target"] == runs[1].stats["dropped"]["no_target"] == 1
+    assert len(ShardSet.open(runs[1].directory).doc(20)) == 0
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of `pid`'s child processes (Linux /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_item02_a_killed_prepare_with_workers_continues_to_identical_shards(
+    tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(400))
+    config = _config(tmp_path, train, tokenizer_dir, num_workers=2)
+    cache = tmp_path / "cache"
+    # A forked copy of this process (imports done: no seconds of startup) runs the prepare.
+    child = multiprocessing.get_context("fork").Process(
+        target=_prepare_direct, args=(config, "cache"), kwargs={"shard_tokens": 1000}
+    )
+    child.start()
+    assert child.pid is not None
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not list(cache.glob("shards-*/shard-00000.done")) and child.is_alive():
+            assert time.monotonic() < deadline
+            workers = _children(child.pid) or workers
+            time.sleep(0.005)
+        workers = _children(child.pid) or workers
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    assert child.exitcode == -signal.SIGKILL, "the prepare finished before it was killed"
+    assert len(workers) == 2
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers):  # orphaned workers end themselves
+        assert time.monotonic() < deadline, "a tokenizer worker outlived its killed prepare"
+        time.sleep(0.05)
+    (directory,) = cache.glob("shards-*")
+    _, resumed = _prepare(config, capsys, "--shard-tokens", "1000", "data.num_workers=0")
+    assert resumed == directory
+    whole = _prepare_direct(config, "whole", 1000, workers=0)
+    assert whole.directory.name == directory.name
+    assert _checksums(resumed) == _checksums(whole.directory)

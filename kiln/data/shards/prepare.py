@@ -34,10 +34,9 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from kiln.data.progress import Progress
-from kiln.data.shards.format import MANIFEST, shard_key, source_identity
+from kiln.data.shards.encode import DocumentMaker, EncodePool, Rendered
+from kiln.data.shards.format import MANIFEST, dtype_for, shard_key, source_identity
 from kiln.data.shards.writer import ShardWriter
 from kiln.errors import DataError, KilnError
 
@@ -84,7 +83,6 @@ _NOT_IN_KEY = frozenset(
 _SAMPLE_SHAPE = frozenset({"max_length", "truncation"})
 _TASKS = ("causal_lm", "instruction")
 _HF_PREFIX = "hf:"
-_PROGRESS_DOCS = 4096  # documents between two progress checks
 
 log = logging.getLogger("kiln")
 
@@ -99,6 +97,8 @@ class Prepared:
     tokens: int = 0
     shards: int = 0
     seconds: float = 0.0
+    workers: int = 0
+    """Tokenizer processes besides the main one (0: tokenized in the main process)."""
     stats: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -110,7 +110,8 @@ class Prepared:
         return (
             f"prepared {self.documents:,} documents, {self.tokens:,} tokens, {self.shards} "
             f"shards in {self.directory}; bad rows {self.stats.get('bad_rows', 0):,}, dropped: "
-            f"{drops or 'none'}; {self.seconds:.1f}s, {rate:,.0f} tokens/s"
+            f"{drops or 'none'}; {self.seconds:.1f}s, {rate:,.0f} tokens/s, "
+            + (f"{self.workers} tokenizer processes" if self.workers else "tokenized in-process")
         )
 
 
@@ -229,74 +230,65 @@ class _Documents:
         stats.bad_rows, stats.bad_row_examples = options.bad.count, list(options.bad.examples)
 
 
-_Doc = tuple[np.ndarray, "np.ndarray | None"]  # token ids, label mask (None: every token)
-
-
-def _causal_documents(
-    cfg: RunConfig, docs: _Documents, tokenizer: Any, skip: int
-) -> Iterator[_Doc]:
-    """Each causal_lm document: its ids + EOS, as `tokenize_causal` makes it before packing.
-    A row is a document, so the first `skip` are left untokenized."""
-    from kiln.data.tokenize import encode
-
-    eos = np.array([tokenizer.eos_token_id], dtype=np.int64)
+def _todo(docs: _Documents, skip: int) -> Iterator[Rendered]:
+    """The batches of kept renderings, less the first `skip` (the documents of the complete
+    shards of an interrupted prepare: document i is kept row i). Every row is still read:
+    the filters, dedup and counts need them."""
     seen = 0
     for batch in docs.batches():
         todo = batch[max(0, skip - seen) :]
         seen += len(batch)
-        for ids in encode([parts[0] for parts, _ in todo], tokenizer):
-            yield np.concatenate([np.asarray(ids, dtype=np.int64), eos]), None
+        if todo:
+            yield todo
 
 
-def _instruction_documents(
-    cfg: RunConfig, docs: _Documents, tokenizer: Any, skip: int
-) -> Iterator[_Doc]:
-    """Each instruction sample as `tokenize_instruction` makes it (prompt + response + EOS, cut
-    to data.max_length), its label mask 1 on the response. A sample without a target token is
-    an empty document (counted in `dropped["no_target"]`), so document i is kept row i, as the
-    in-RAM path splits rows before it drops those; the first `skip` are still tokenized, for
-    that count."""
-    from kiln.data.collate import IGNORE_INDEX
-    from kiln.data.tokenize import tokenize_instruction
+def _write_documents(
+    cfg: RunConfig, docs: _Documents, pool: EncodePool, writer: ShardWriter
+) -> dict[str, Any]:
+    """Write the documents the writer's complete shards do not hold yet, then the set's
+    `stats.json`; the counts written."""
+    from kiln.files import json_text, write_atomic, writing
 
-    data, dropped = cfg.data, docs.stats.dropped
-    dropped.setdefault("no_target", 0)
-    empty: _Doc = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
-    n = 0
-    for batch in docs.batches():
-        if not batch:
-            continue
-        try:
-            samples = tokenize_instruction(
-                [parts[0] for parts, _ in batch],
-                [parts[1] for parts, _ in batch],
-                tokenizer,
-                data.max_length,
-                data.truncation,
-                locations=[where for _, where in batch],
-                what="training data",
-                quiet=True,
+    directory = writer.directory
+    skip = writer.documents_written  # held by the shards an interrupted prepare wrote
+    masks = cfg.task == "instruction"
+    dropped = docs.stats.dropped
+    if masks:  # the empty documents of the kept shards are samples dropped as no_target
+        dropped["no_target"] = writer.empty_documents_written()
+    if skip:
+        log.info("%s: continuing after the %s documents of its complete shards", directory, skip)
+    progress = Progress(f"preparing {directory}", unit="documents")
+    for batch in pool.map(_todo(docs, skip)):
+        if masks:
+            dropped["no_target"] += batch.no_target
+        for ids, mask in batch:
+            writer.add(ids, mask)
+        progress.update(writer.documents)
+    tokens = sum(s["tokens"] for s in writer.shards) + writer.buffered_tokens
+    if tokens == 0:  # no rows, or (instruction) only empty documents
+        no_target = dropped.get("no_target", 0)
+        raise DataError(
+            f"data.train: no rows left after filtering ({docs.stats.rows_read} read"
+            + (
+                f", {no_target} without a target token within data.max_length)"
+                if no_target
+                else ")"
             )
-            rows = samples.source_rows.tolist()  # the batch index of each kept sample
-        except DataError:
-            if not data.truncation:  # too-long samples, refused: the user's error
-                raise
-            samples, rows = None, []  # with truncation: every sample dropped
-        dropped["no_target"] += len(batch) - len(rows)
-        kept = dict(zip(rows, range(len(rows)), strict=True))
-        for row in range(len(batch)):
-            n += 1
-            if n <= skip:
-                continue
-            if row not in kept or samples is None:
-                yield empty
-                continue
-            sample = samples[kept[row]]
-            yield sample["input_ids"].numpy(), sample["labels"].numpy() != IGNORE_INDEX
+        )
+    # Before the manifest: a set that has one has its counts too.
+    stats = docs.stats.to_dict()
+    stats.update(documents=writer.documents, tokens=tokens)
+    with writing(f"the shard set's counts {directory / STATS}"):
+        write_atomic(directory / STATS, json_text(stats, indent=1) + "\n")
+    return stats
 
 
 def prepare_shards(
-    cfg: RunConfig, *, shard_tokens: int | None = None, batch_rows: int = BATCH_ROWS
+    cfg: RunConfig,
+    *,
+    shard_tokens: int | None = None,
+    batch_rows: int = BATCH_ROWS,
+    workers: int | None = None,
 ) -> Prepared:
     """Write the shard set of the config's training data, or find it already written.
 
@@ -304,12 +296,15 @@ def prepare_shards(
     is continued: its complete shards are kept and the documents they hold skipped, so the
     result is the same bytes as an uninterrupted prepare.
 
+    Rows are read, checked, filtered and deduplicated here, a batch at a time; `workers`
+    processes (default `data.num_workers`; 0: this one) tokenize the batches, in order, so the
+    bytes are the same whatever their number.
+
     Raises:
         KilnError / DataError: one line: an option prepare does not support yet, a missing
             source file, bad rows (`data.on_bad_row=error`), no rows left.
     """
     from kiln.data.cache import tokenizer_fingerprint
-    from kiln.files import json_text, write_atomic, writing
     from kiln.models import build_tokenizer
 
     start = time.perf_counter()
@@ -323,37 +318,18 @@ def prepare_shards(
     if (directory / MANIFEST).is_file():
         return Prepared(directory, existed=True)
     masks = cfg.task == "instruction"
-    writer = ShardWriter.resume(
-        directory, len(tokenizer), key, fingerprint, shard_tokens=shard_tokens, with_masks=masks
+    maker = DocumentMaker(
+        cfg.task, tokenizer, dtype_for(len(tokenizer)), cfg.data.max_length, cfg.data.truncation
     )
-    skip = writer.documents_written  # held by the shards an interrupted prepare wrote
-    docs = _Documents(cfg, sources, batch_rows)
-    make = _causal_documents if cfg.task == "causal_lm" else _instruction_documents
-    if skip:
-        log.info("%s: continuing after the %s documents of its complete shards", directory, skip)
-    progress = Progress(f"preparing {directory}", unit="documents")
-    with writer:
-        for ids, mask in make(cfg, docs, tokenizer, skip):
-            writer.add(ids, mask)
-            if writer.documents % _PROGRESS_DOCS == 0:
-                progress.update(writer.documents)
-        tokens = sum(s["tokens"] for s in writer.shards) + writer.buffered_tokens
-        if tokens == 0:  # no rows, or (instruction) only empty documents
-            dropped = docs.stats.dropped.get("no_target", 0)
-            raise DataError(
-                f"data.train: no rows left after filtering ({docs.stats.rows_read} read"
-                + (
-                    f", {dropped} without a target token within data.max_length)"
-                    if dropped
-                    else ")"
-                )
-            )
-        # Before the manifest: a set that has one has its counts too.
-        stats = docs.stats.to_dict()
-        stats.update(documents=writer.documents, tokens=tokens)
-        with writing(f"the shard set's counts {directory / STATS}"):
-            write_atomic(directory / STATS, json_text(stats, indent=1) + "\n")
-        manifest = writer.close()
+    workers = cfg.data.num_workers if workers is None else workers
+    # The pool before the writer: forked workers would hold a copy of its lock on the set.
+    with EncodePool(maker, workers) as pool:
+        writer = ShardWriter.resume(
+            directory, len(tokenizer), key, fingerprint, shard_tokens=shard_tokens, with_masks=masks
+        )
+        with writer:
+            stats = _write_documents(cfg, _Documents(cfg, sources, batch_rows), pool, writer)
+            manifest = writer.close()
     return Prepared(
         directory,
         existed=False,
@@ -361,5 +337,6 @@ def prepare_shards(
         tokens=manifest["tokens"],
         shards=len(manifest["shards"]),
         seconds=time.perf_counter() - start,
+        workers=workers,
         stats=stats,
     )

@@ -169,6 +169,16 @@ class ShardWriter:
         """Documents held by complete shards on disk (a resumed caller skips this many)."""
         return sum(s["documents"] for s in self.shards)
 
+    def empty_documents_written(self) -> int:
+        """Empty documents held by complete shards on disk (read from their offsets files)."""
+        empty = 0
+        for entry in self.shards:
+            path = self.directory / entry["files"][OFFSETS[1:]]["name"]
+            with writing(f"the token shard {path}"):
+                offsets = np.fromfile(path, dtype=OFFSET_DTYPE)
+            empty += int(np.count_nonzero(np.diff(offsets) == 0))
+        return empty
+
     @property
     def documents(self) -> int:
         """Documents added so far, the buffered ones included."""
