@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -262,8 +263,9 @@ class RunLock:
     def path(self) -> Path:
         return self.directory / LOCK_FILE
 
-    def acquire(self) -> RunLock:
-        """Take the lock (the directory must exist)."""
+    def acquire(self, *, wait: bool = False) -> RunLock:
+        """Take the lock (the directory must exist). `wait`: when another process holds it,
+        log one line naming it and wait until it lets go, instead of refusing."""
         import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -271,6 +273,19 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            if wait:
+                logging.getLogger("kiln").info(
+                    "waiting for pid %s, which is using the %s %s",
+                    holder,
+                    self.what,
+                    self.directory,
+                )
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return self._hold(fd)
             os.close(fd)
             raise KilnError(
                 f"{self.directory}: another kiln process (pid {holder}) is using this "
@@ -279,6 +294,9 @@ class RunLock:
         except BaseException:
             os.close(fd)
             raise
+        return self._hold(fd)
+
+    def _hold(self, fd: int) -> RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

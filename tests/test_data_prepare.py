@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -22,7 +23,7 @@ from kiln.cli import main
 from kiln.config import load_config
 from kiln.data import split_indices
 from kiln.data.assemble import Given, assemble_data
-from kiln.data.shards import MANIFEST, ShardSet
+from kiln.data.shards import MANIFEST, ShardSet, ShardWriter
 from kiln.data.shards.prepare import STATS, Prepared, prepare_shards
 from kiln.data.sources import read_rows
 from tests.helpers import bpe_tokenizer, make_rows, tiny_raw, write_jsonl
@@ -379,3 +380,59 @@ def test_item02_a_killed_prepare_with_workers_continues_to_identical_shards(
     whole = _prepare_direct(config, "whole", 1000, workers=0)
     assert whole.directory.name == directory.name
     assert _checksums(resumed) == _checksums(whole.directory)
+
+
+def _held_prepare(config: Path, inside: Any, release: Any) -> None:
+    """A prepare (in a forked child) that stops before its manifest until `release` is set."""
+    close = ShardWriter.close
+
+    def held(self: ShardWriter) -> dict[str, Any]:
+        inside.set()
+        assert release.wait(60)
+        return close(self)
+
+    ShardWriter.close = held  # type: ignore[method-assign]  # this child only
+    _prepare_direct(config, "cache")
+
+
+def _logged_prepare(config: Path, log_file: str, results: Any) -> None:
+    """A prepare (in a forked child) whose kiln log lines go to `log_file`."""
+    logger = logging.getLogger("kiln")
+    logger.addHandler(logging.FileHandler(log_file))
+    logger.setLevel(logging.INFO)
+    results.put(_prepare_direct(config, "cache").existed)
+
+
+def test_item03_a_second_prepare_of_the_same_set_waits_for_the_first(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    config = _config(tmp_path, write_jsonl(tmp_path / "train.jsonl", _corpus()), tokenizer_dir)
+    fork = multiprocessing.get_context("fork")
+    inside, release, results = fork.Event(), fork.Event(), fork.Queue()
+    first = fork.Process(target=_held_prepare, args=(config, inside, release))
+    first.start()
+    log_file = tmp_path / "second.log"
+    second = None
+    try:
+        assert inside.wait(60), "the first prepare did not get to its manifest"
+        second = fork.Process(target=_logged_prepare, args=(config, str(log_file), results))
+        second.start()
+        deadline = time.monotonic() + 60
+        while "waiting for pid" not in (log_file.read_text() if log_file.exists() else ""):
+            assert time.monotonic() < deadline, "the second prepare did not wait"
+            assert second.is_alive()
+            time.sleep(0.01)
+        (directory,) = (tmp_path / "cache").glob("shards-*")
+        line = log_file.read_text().strip()
+        assert line == f"waiting for pid {first.pid}, which is using the shard set {directory}"
+        assert not (directory / MANIFEST).exists()
+        release.set()
+        first.join(60)
+        second.join(60)
+        assert (first.exitcode, second.exitcode) == (0, 0)
+        assert results.get(timeout=5) is True  # it found the set complete: nothing to do
+    finally:
+        for process in (first, second):
+            if process is not None and process.is_alive():
+                process.kill()
+    ShardSet.open(directory, verify="full")

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from kiln.data.progress import Progress
 from kiln.data.shards.encode import DocumentMaker, EncodePool, Rendered
 from kiln.data.shards.format import MANIFEST, dtype_for, shard_key, source_identity
-from kiln.data.shards.writer import ShardWriter
+from kiln.data.shards.writer import SetComplete, ShardWriter
 from kiln.errors import DataError, KilnError
 
 if TYPE_CHECKING:
@@ -292,9 +292,11 @@ def prepare_shards(
 ) -> Prepared:
     """Write the shard set of the config's training data, or find it already written.
 
-    A set with a manifest is complete: nothing is done. An unfinished one (a killed prepare)
-    is continued: its complete shards are kept and the documents they hold skipped, so the
-    result is the same bytes as an uninterrupted prepare.
+    A set with a manifest is complete: nothing is done. Another process preparing the same
+    set is waited for (a log line names it), then its set is found complete (or, if it was
+    killed, continued). An unfinished one (a killed prepare) is continued: its complete
+    shards are kept and the documents they hold skipped, so the result is the same bytes as an
+    uninterrupted prepare.
 
     Rows are read, checked, filtered and deduplicated here, a batch at a time; `workers`
     processes (default `data.num_workers`; 0: this one) tokenize the batches, in order, so the
@@ -324,9 +326,18 @@ def prepare_shards(
     workers = cfg.data.num_workers if workers is None else workers
     # The pool before the writer: forked workers would hold a copy of its lock on the set.
     with EncodePool(maker, workers) as pool:
-        writer = ShardWriter.resume(
-            directory, len(tokenizer), key, fingerprint, shard_tokens=shard_tokens, with_masks=masks
-        )
+        try:  # another prepare of this set (a torchrun rank, a second shell) is waited for
+            writer = ShardWriter.resume(
+                directory,
+                len(tokenizer),
+                key,
+                fingerprint,
+                shard_tokens=shard_tokens,
+                with_masks=masks,
+                wait=True,
+            )
+        except SetComplete:  # ... and it completed the set
+            return Prepared(directory, existed=True)
         with writer:
             stats = _write_documents(cfg, _Documents(cfg, sources, batch_rows), pool, writer)
             manifest = writer.close()

@@ -35,10 +35,14 @@ from kiln.data.shards.format import (
 from kiln.errors import KilnError
 from kiln.files import RunLock, fsync_dir, json_text, write_atomic, writing
 
-__all__ = ["DEFAULT_SHARD_TOKENS", "ShardWriter"]
+__all__ = ["DEFAULT_SHARD_TOKENS", "SetComplete", "ShardWriter"]
 
 DEFAULT_SHARD_TOKENS = 1 << 26
 """64M tokens a shard: 128 MiB of uint16 ids, a few hundred shards for 10B tokens."""
+
+
+class SetComplete(KilnError):
+    """The shard set a writer was made for is already complete (it has its manifest)."""
 
 
 class ShardWriter:
@@ -58,6 +62,12 @@ class ShardWriter:
         with_masks: write a per-token label mask (instruction, seq2seq) beside each shard.
         durable: fsync each file (off only for throwaway sets, e.g. in tests).
         resume: keep the complete shards an interrupted writer left (see `resume`).
+        wait: another process writing the set: wait for it (a log line names it) instead
+            of refusing; then `SetComplete` if it completed the set.
+
+    Raises:
+        KilnError: another process writes the set (without `wait`); `SetComplete`: the set
+            has its manifest.
     """
 
     def __init__(
@@ -71,6 +81,7 @@ class ShardWriter:
         with_masks: bool = False,
         durable: bool = True,
         resume: bool = False,
+        wait: bool = False,
     ) -> None:
         if shard_tokens < 1:
             raise ValueError(f"shard_tokens must be positive, not {shard_tokens}")
@@ -100,12 +111,13 @@ class ShardWriter:
         self.closed = False
         with writing(f"the shard set {self.directory}"):
             self.directory.mkdir(parents=True, exist_ok=True)
-        # Two writers of one set would interleave shards: the second is refused, naming the first.
-        self._lock = RunLock(self.directory, what="shard set").acquire()
+        # Two writers of one set would interleave shards: the second waits or is refused,
+        # naming the first.
+        self._lock = RunLock(self.directory, what="shard set").acquire(wait=wait)
         try:
             with writing(f"the shard set {self.directory}"):
                 if (self.directory / MANIFEST).exists():
-                    raise KilnError(
+                    raise SetComplete(
                         f"{self.directory / MANIFEST}: the shard set is already complete; "
                         "remove the directory to write it again"
                     )
