@@ -218,6 +218,8 @@ class StorageFull(Exception):
         self.error = error
         self.last_checkpoint: Path | None = None
         """The newest complete checkpoint of the run (set by the trainer), to resume from."""
+        self.resume_hint: str | None = None
+        """How to continue, where that is not a checkpoint (e.g. set by `kiln data prepare`)."""
         super().__init__(self.message())
 
     def message(self) -> str:
@@ -226,11 +228,12 @@ class StorageFull(Exception):
             errno.EDQUOT: "disk quota exceeded",
             errno.EFBIG: "file size limit exceeded",
         }.get(self.error.errno or 0, "no space left on device")
-        where = (
-            f"the last complete checkpoint is {self.last_checkpoint}"
-            if self.last_checkpoint is not None
-            else "no checkpoint was written yet"
-        )
+        if self.resume_hint is not None:
+            where = self.resume_hint
+        elif self.last_checkpoint is not None:
+            where = f"the last complete checkpoint is {self.last_checkpoint}"
+        else:
+            where = "no checkpoint was written yet"
         return f"{reason} while writing {self.what}; {where}"
 
 

@@ -4,6 +4,7 @@ shards, the same documents as the in-RAM pipeline, once, resumable after a kill.
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import json
 import logging
@@ -24,6 +25,7 @@ from kiln.config import load_config
 from kiln.data import split_indices
 from kiln.data.assemble import Given, assemble_data
 from kiln.data.shards import MANIFEST, ShardSet, ShardWriter
+from kiln.data.shards import writer as writer_module
 from kiln.data.shards.prepare import STATS, Prepared, prepare_shards
 from kiln.data.sources import read_rows
 from tests.helpers import bpe_tokenizer, make_rows, tiny_raw, write_jsonl
@@ -436,3 +438,36 @@ def test_item03_a_second_prepare_of_the_same_set_waits_for_the_first(
             if process is not None and process.is_alive():
                 process.kill()
     ShardSet.open(directory, verify="full")
+
+
+def test_item04_a_full_disk_is_exit_5_one_line_and_a_rerun_continues_to_identical_shards(
+    tmp_path: Path,
+    tokenizer_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = _config(tmp_path, write_jsonl(tmp_path / "train.jsonl", _corpus()), tokenizer_dir)
+    real = writer_module.write_atomic
+
+    def full_on_shard_2(path: Path, *args: Any, **kw: Any) -> None:
+        if path.name.startswith("shard-00002"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, *args, **kw)
+
+    monkeypatch.setattr(writer_module, "write_atomic", full_on_shard_2)
+    assert main(["data", "prepare", str(config), "--shard-tokens", "500"]) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    (directory,) = (tmp_path / "cache").glob("shards-*")
+    assert err == [
+        f"kiln: error: no space left on device while writing the token shard "
+        f"{directory / 'shard-00002.tokens'}; free some space and rerun kiln data prepare: it "
+        f"continues after the 2 complete shards in {directory}"
+    ]
+    assert not (directory / MANIFEST).exists()
+
+    monkeypatch.setattr(writer_module, "write_atomic", real)
+    out, resumed = _prepare(config, capsys, "--shard-tokens", "500")
+    assert resumed == directory
+    assert out.startswith("prepared 60 documents, ")
+    whole = _prepare_direct(config, "whole", 500)
+    assert _checksums(resumed) == _checksums(whole.directory)

@@ -25,6 +25,7 @@ row, which comes before that drop; readers skip empty documents.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -283,6 +284,22 @@ def _write_documents(
     return stats
 
 
+@contextlib.contextmanager
+def _resumable(writer: ShardWriter) -> Iterator[None]:
+    """A full disk inside the block says how to continue (exit code 5, one line)."""
+    from kiln.files import StorageFull
+
+    try:
+        yield
+    except StorageFull as exc:
+        done = len(writer.shards)
+        exc.resume_hint = (
+            f"free some space and rerun kiln data prepare: it continues after the "
+            f"{done} complete shard{'s' if done != 1 else ''} in {writer.directory}"
+        )
+        raise
+
+
 def prepare_shards(
     cfg: RunConfig,
     *,
@@ -338,7 +355,7 @@ def prepare_shards(
             )
         except SetComplete:  # ... and it completed the set
             return Prepared(directory, existed=True)
-        with writer:
+        with writer, _resumable(writer):
             stats = _write_documents(cfg, _Documents(cfg, sources, batch_rows), pool, writer)
             manifest = writer.close()
     return Prepared(
