@@ -133,6 +133,15 @@ def test_item04_every_prefix_of_the_first_epoch_holds_the_shares(tmp_path: Path)
     )
 
 
+def test_item04_a_weight_too_small_to_draw_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    from kiln.data.shards.mixture import Mixture
+
+    with caplog.at_level("WARNING", logger="kiln"):
+        mixture = Mixture.weighted([_Blocks(100), _Blocks(100)], ["a", "b"], [1, 1e-6], 0)
+    assert mixture.counts.tolist() == [200, 0]
+    assert "data.sources.1 (b): its weight 1e-06 draws none of the 200 examples" in caplog.text
+
+
 def test_item04_the_examples_are_the_sources_examples(
     tmp_path: Path, corpus: dict[str, Path]
 ) -> None:
@@ -284,4 +293,4 @@ def test_item04_kiln_data_prepare_prepares_every_source_once(
     assert main(["data", "prepare", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert "data.sources.1.path" in err or str(tmp_path / "no.jsonl") in err
+    assert f"data.sources.1: {tmp_path / 'no.jsonl'}: " in err

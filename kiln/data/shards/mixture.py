@@ -25,6 +25,7 @@ sources spread evenly, so the first batches (`eval.max_batches`) hold every sour
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from functools import cached_property
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Mixture", "largest_remainder", "prepare_sources", "source_config", "source_error"]
 
+log = logging.getLogger("kiln")
+
 _U64 = (1 << 64) - 1
 _MIX = 0x6D6978  # "mix": a source's permutation differs from the data order of the same seed
 
@@ -55,14 +58,22 @@ def source_config(cfg: RunConfig, k: int) -> RunConfig:
 
 
 def source_error(exc: Exception, k: int) -> Exception:
-    """`exc` raised for source k's config, its key named as the user wrote it: a message about
-    `data.train` is about `data.sources.<k>.path`."""
+    """`exc` raised for source k's config, naming the source as the user wrote it: a message
+    about `data.train` is about `data.sources.<k>.path`; another one gets `data.sources.<k>: `
+    before it (the same exception, so its kind and exit code stay)."""
     from kiln.errors import KilnError
 
-    if isinstance(exc, KilnError) and str(exc).startswith("data.train"):
-        key = f"data.sources.{k}.path"
-        exc.problems = [p.replace("data.train", key, 1) for p in exc.problems]
-        exc.args = ("\n".join(exc.problems),)
+    if not isinstance(exc, KilnError) or exc.source is not None:
+        return exc
+    key = f"data.sources.{k}"
+
+    def named(line: str) -> str:
+        if line.startswith("data.train"):
+            return line.replace("data.train", f"{key}.path", 1)
+        return line if line.startswith(key) else f"{key}: {line}"
+
+    exc.problems = [named(line) for line in exc.problems]
+    exc.args = ("\n".join(exc.problems),)
     return exc
 
 
@@ -200,6 +211,15 @@ class Mixture:
         sizes = np.array([len(s) for s in sources], dtype=np.int64)
         mean_tokens = np.array([float(s.lengths.double().mean()) for s in sources])
         counts = largest_remainder(w / mean_tokens, int(sizes.sum()))
+        for k in np.flatnonzero(counts == 0).tolist():
+            log.warning(
+                "data.sources.%d (%s): its weight %.3g draws none of the %d examples of an "
+                "epoch of the mixture; raise it to train on the source",
+                k,
+                names[k],
+                w[k],
+                int(sizes.sum()),
+            )
         seq_source, seq_j = _sequence(counts, spread=first_order is not None)
         perms = [_permutation(int(n), seed, k) for k, n in enumerate(sizes)]
         flat = np.concatenate(perms)
