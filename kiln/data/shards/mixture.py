@@ -10,14 +10,17 @@ the same kind (`len`, `ds[i]`, `blocks`, `doc_starts`, `block_position_ids`, `le
   them, so that its share of the epoch's input tokens is its normalized weight w_k: m_k is
   proportional to w_k / (mean tokens of an example of k) (packed blocks all hold L tokens, so
   there m_k is proportional to w_k), rounded by largest remainder to sum to M.
-- Mixture index p lies in source k's segment [start_k, start_k + m_k) and is source k's example
-  `perm_k[(p - start_k) % n_k]`, `perm_k` a permutation of that source's examples seeded by
-  (seed, k): a down-weighted source (m_k < n_k) gives a seeded subset of its examples, the same
-  every epoch; an up-weighted one (m_k > n_k) repeats its examples, each floor(m_k / n_k) or
-  one more times per epoch.
-- The training order is then the run's usual seeded permutation of the M indices: any prefix of
-  it draws each source in proportion to m_k, and a whole epoch exactly so. Every index maps to
-  its example in O(1), from the seed alone, so resume stays exact and O(1).
+- Source k's j-th example of the epoch (j < m_k) is its example `perm_k[j % n_k]`, `perm_k` a
+  permutation of its examples seeded by (seed, k): a down-weighted source (m_k < n_k) gives a
+  seeded subset of its examples, the same every epoch; an up-weighted one (m_k > n_k) repeats
+  its examples, each floor(m_k / n_k) or one more times per epoch.
+- These M examples are laid on the positions of the run's first epoch order (the seeded
+  permutation the cursor walks), the sources spread evenly along it (source k's j-th at rank
+  (j + 1/2) / m_k), and mixture index p is the example at p's position: so every prefix of
+  the first epoch holds each source's share to within about one example. Later epochs are
+  other permutations of the same M indices: exact over each whole epoch, a random draw within.
+  Each index is two array lookups (`source`, `local`: 10 bytes an example), fixed by the seed,
+  so the order, the ranks' slices and resume stay exact and O(1).
 
 Validation concatenates the sources' held-out examples (`Mixture.concat`): each once, the
 sources spread evenly, so the first batches (`eval.max_batches`) hold every source.
