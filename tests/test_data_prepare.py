@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -26,6 +27,7 @@ from kiln.data import split_indices
 from kiln.data.assemble import Given, assemble_data
 from kiln.data.shards import MANIFEST, ShardSet, ShardWriter
 from kiln.data.shards import writer as writer_module
+from kiln.data.shards.dedup import DigestSet, digest_keys
 from kiln.data.shards.prepare import STATS, Prepared, prepare_shards
 from kiln.data.sources import read_rows
 from tests.helpers import bpe_tokenizer, make_rows, tiny_raw, write_jsonl
@@ -471,3 +473,43 @@ def test_item04_a_full_disk_is_exit_5_one_line_and_a_rerun_continues_to_identica
     assert out.startswith("prepared 60 documents, ")
     whole = _prepare_direct(config, "whole", 500)
     assert _checksums(resumed) == _checksums(whole.directory)
+
+
+def test_item05_digest_set_keeps_what_a_python_set_keeps(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 2**63, size=(3000, 2), dtype=np.uint64)
+    pool[:40, 0] &= np.uint64(0xFF)  # shared low bits: long probe runs in a small table
+    pool[40] = 0  # the all-zero digest (the table's free-slot marker) is a digest too
+    seen, digests = set(), DigestSet(capacity=16)
+    for _ in range(12):  # batches with repeats within them and across them
+        batch = pool[rng.integers(0, len(pool), size=700)]
+        expect = []
+        for key in map(bytes, batch):
+            expect.append(key not in seen)
+            seen.add(key)
+        assert digests.add(batch).tolist() == expect
+        assert len(digests) == len(seen)
+    assert digests.nbytes <= 64 * len(seen)
+    keys = digest_keys([bytes(range(16)), bytes(16)])
+    assert keys.shape == (2, 2)
+    assert keys[1].tolist() == [0, 0]
+
+
+def test_item05_prepare_dedup_drops_the_same_rows_as_the_in_ram_path(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    rows = make_rows(200)
+    rng = np.random.default_rng(1)
+    rows += [rows[i] for i in rng.integers(0, 200, size=150)]  # repeats across batches
+    rng.shuffle(rows)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    config = _config(tmp_path, train, tokenizer_dir, val_split=0.0)
+    prepared = _prepare_direct(config, "cache", batch_rows=32)
+    data = assemble_data(load_config(str(config)), Given())
+    assert prepared.stats["dropped"] == data.stats["dropped"]
+    assert prepared.stats["dropped"]["duplicate"] > 100
+    shards = ShardSet.open(prepared.directory)
+    assert len(data.train) == len(shards)
+    assert all(
+        data.train[i]["input_ids"].tolist() == shards.doc(i).tolist() for i in range(len(shards))
+    )

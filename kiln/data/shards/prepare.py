@@ -8,7 +8,8 @@ of `kiln.data.prepare` and `kiln.data.tasks`, a batch of `batch_rows` rows at a 
 causal_lm document becomes its ids + EOS, as `tokenize_causal` makes it before packing; an
 instruction sample is what `tokenize_instruction` makes of it, with a label mask. Memory
 holds one batch of rows, one shard's tokens and, with `data.dedup`, a 16-byte digest per
-distinct document (the one thing that grows with the corpus).
+distinct document in a `DigestSet` (32-64 bytes a document: the one thing that grows with the
+corpus).
 
 The shard set lives at `<data.cache_dir>/shards-<key>/`, the key from the source files'
 identities, the settings that decide which rows become which tokens, the tokenizer and
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.data.progress import Progress
+from kiln.data.shards.dedup import DigestSet, digest_keys
 from kiln.data.shards.encode import DocumentMaker, EncodePool, Rendered
 from kiln.data.shards.format import MANIFEST, dtype_for, shard_key, source_identity
 from kiln.data.shards.writer import SetComplete, ShardWriter
@@ -204,7 +206,7 @@ class _Documents:
         data, stats, options = self.cfg.data, self.stats, self.options
         fmt = make_format(self.cfg)
         per_batch = data.model_copy(update={"dedup": False})  # dedup runs across batches below
-        seen: set[bytes] = set()
+        seen = DigestSet()
         yielded = render_bad = 0  # rows the readers gave; those of them the checks refused
         for rows in _batches(iter_rows(self.sources, options), self.batch_rows):
             bad_before = options.bad.count
@@ -213,14 +215,9 @@ class _Documents:
             render_bad += options.bad.count - bad_before
             rendered = [(parts, row.where) for row, parts in items]
             if data.dedup:
-                kept = []
-                for parts, where in rendered:
-                    digest = _digest(parts)
-                    if digest not in seen:
-                        seen.add(digest)
-                        kept.append((parts, where))
-                drops["duplicate"] = len(rendered) - len(kept)
-                rendered = kept
+                new = seen.add(digest_keys([_digest(parts) for parts, _ in rendered]))
+                drops["duplicate"] = len(rendered) - int(new.sum())
+                rendered = [item for item, keep in zip(rendered, new.tolist(), strict=True) if keep]
             for reason, n in drops.items():
                 stats.dropped[reason] = stats.dropped.get(reason, 0) + n
             yield rendered
