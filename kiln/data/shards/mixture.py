@@ -28,6 +28,7 @@ sources spread evenly, so the first batches (`eval.max_batches`) hold every sour
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -47,9 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["Mixture", "largest_remainder", "prepare_sources", "source_config", "source_error"]
 
 log = logging.getLogger("kiln")
-
-_U64 = (1 << 64) - 1
-_MIX = 0x6D6978  # "mix": a source's permutation differs from the data order of the same seed
 
 
 def source_config(cfg: RunConfig, k: int) -> RunConfig:
@@ -125,8 +123,12 @@ def _sequence(counts: np.ndarray, *, spread: bool) -> tuple[np.ndarray, np.ndarr
 
 
 def _permutation(n: int, seed: int, k: int) -> np.ndarray:
-    rng = np.random.default_rng([seed & _U64, k, _MIX])
-    return rng.permutation(n).astype(np.int64)
+    """Source k's seeded order of its n examples: torch's CPU generator, as the data order
+    and the validation split use (not numpy's, whose streams may change between versions),
+    seeded apart from the data order."""
+    digest = hashlib.blake2b(f"kiln-mixture:{seed}:{k}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.randperm(n, generator=gen).numpy()
 
 
 class MixtureBlocks:
