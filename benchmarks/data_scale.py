@@ -21,9 +21,11 @@ RSS is that measurement's alone):
            `data.num_workers` worker processes (`--prepare-workers 0,2`: one side per value,
            `prepare-w0`, `prepare-w2`; default: prepare's own default).
 
-Reported per size and side: wall seconds, tokens/s (the corpus's tokens as bare counts them,
-over wall time), peak RSS of the child (VmHWM), RSS before the measured part (imports done),
-bytes of RSS per token ((peak - base) / tokens), and tokens/s relative to bare. Medians over
+Reported per size and side: wall seconds, CPU seconds (user + system of the child and its
+workers over the same part: what the side costs on a busy machine), tokens/s (the corpus's
+tokens as bare counts them, over wall time), peak RSS of the child (VmHWM), RSS before the
+measured part (imports done), bytes of RSS per token ((peak - base) / tokens), and tokens/s
+relative to bare. Medians over
 `--rounds` (sides interleaved, order rotated each round). prepare's worker processes have
 their own RSS: the largest worker's peak is in the note (forked workers share pages with the
 child, so adding it to the child's peak overcounts).
@@ -291,6 +293,17 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and of its children that ended (prepare's
+    worker processes)."""
+    import resource
+
+    own, children = (
+        resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _iter_texts(files: list[str]) -> Iterator[str]:
     for name in files:
         opener = gzip.open if name.endswith(".gz") else open
@@ -306,7 +319,7 @@ def child_bare(spec: dict[str, Any]) -> dict[str, Any]:
 
     tok = Tokenizer.from_file(str(Path(spec["tokenizer"]) / "tokenizer.json"))
     base = _rss_kb("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     tokens = docs = 0
     encode = 0.0
     batch: list[str] = []
@@ -326,8 +339,15 @@ def child_bare(spec: dict[str, Any]) -> dict[str, Any]:
             flush()
     if batch:
         flush()
-    wall = time.perf_counter() - start
-    return {"wall": wall, "encode_s": encode, "tokens": tokens, "docs": docs, "base_kb": base}
+    wall, cpu = time.perf_counter() - start, _cpu_s() - cpu
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "encode_s": encode,
+        "tokens": tokens,
+        "docs": docs,
+        "base_kb": base,
+    }
 
 
 def child_kiln(spec: dict[str, Any]) -> dict[str, Any]:
@@ -340,12 +360,13 @@ def child_kiln(spec: dict[str, Any]) -> dict[str, Any]:
     logging.getLogger("kiln").setLevel(logging.WARNING)
     cfg = _config(spec)
     base = _rss_kb("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     data = assemble_data(cfg, Given())
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _cpu_s() - cpu
     val = 0 if data.val is None else data.val.num_tokens
     return {
         "wall": wall,
+        "cpu": cpu,
         "base_kb": base,
         "kiln_target_tokens": data.train.num_tokens + val,
         "stats": data.stats,
@@ -380,11 +401,12 @@ def child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
     logging.getLogger("kiln").setLevel(logging.WARNING)
     cfg = _config(spec)
     base = _rss_kb("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     prepared = prepare_shards(cfg, workers=spec.get("workers"))
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _cpu_s() - cpu
     return {
         "wall": wall,
+        "cpu": cpu,
         "base_kb": base,
         "prepare_tokens": prepared.tokens,
         "shards": prepared.shards,
@@ -474,7 +496,8 @@ def run_size(tokens: int, args: argparse.Namespace, tok_dir: Path, tpw: float) -
 
 
 def _row(size: str, side: str, **fields: Any) -> dict[str, Any]:
-    keys = ("wall_s", "tokens", "tokens_per_s", "peak_rss_mb", "base_rss_mb", "bytes_per_token")
+    keys = ("wall_s", "cpu_s", "tokens", "tokens_per_s", "peak_rss_mb", "base_rss_mb")
+    keys += ("bytes_per_token",)
     return {"size": size, "side": side, **dict.fromkeys(keys), "ratio": None, **fields}
 
 
@@ -502,6 +525,7 @@ def _rows(label: str, tokens: int, runs: dict[str, list[dict]], corpus: Path) ->
                 label,
                 side,
                 wall_s=wall,
+                cpu_s=statistics.median(r.get("cpu", 0.0) for r in results),
                 tokens=count,
                 tokens_per_s=count / wall,
                 peak_rss_mb=peak / 2**20,
@@ -522,15 +546,16 @@ def _rows(label: str, tokens: int, runs: dict[str, list[dict]], corpus: Path) ->
 
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
-    head = "| size | side | wall s | tokens | tokens/s | peak RSS MB | base RSS MB | B/token "
-    lines = [head + "| ratio | note |", "|" + "---|" * 10]
+    head = "| size | side | wall s | CPU s | tokens | tokens/s | peak RSS MB | base RSS MB "
+    lines = [head + "| B/token | ratio | note |", "|" + "---|" * 11]
 
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     for r in rows:
         lines.append(
-            f"| {r['size']} | {r['side']} | {fmt(r['wall_s'], '.2f')} | {fmt(r['tokens'], ',')} "
+            f"| {r['size']} | {r['side']} | {fmt(r['wall_s'], '.2f')} | {fmt(r['cpu_s'], '.1f')} "
+            f"| {fmt(r['tokens'], ',')} "
             f"| {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['peak_rss_mb'], '.0f')} "
             f"| {fmt(r['base_rss_mb'], '.0f')} | {fmt(r['bytes_per_token'], '.1f')} "
             f"| {fmt(r['ratio'], '.3f')} | {r.get('note', '')} |"

@@ -87,3 +87,13 @@ def test_tiny_run_measures_bare_and_kiln_and_marks_prepare(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| 20k | kiln |" in printed
     assert "load average" in printed
+
+
+def test_item02_prepare_sides_per_worker_count_and_the_cpu_column():
+    assert bench.side_kind("prepare-w2") == ("prepare", 2)
+    assert bench.side_kind("prepare") == ("prepare", None)
+    assert bench.side_kind("bare") == ("bare", None)
+    row = bench._row("10M", "prepare-w2", wall_s=2.0, cpu_s=3.5, tokens=10, tokens_per_s=5.0)
+    lines = bench.table([row]).splitlines()
+    assert lines[0].startswith("| size | side | wall s | CPU s | tokens |")
+    assert lines[2].startswith("| 10M | prepare-w2 | 2.00 | 3.5 | 10 | 5 |")

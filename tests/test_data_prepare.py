@@ -28,6 +28,7 @@ from kiln.data.assemble import Given, assemble_data
 from kiln.data.shards import MANIFEST, ShardSet, ShardWriter
 from kiln.data.shards import writer as writer_module
 from kiln.data.shards.dedup import DigestSet, digest_keys
+from kiln.data.shards.encode import cores
 from kiln.data.shards.prepare import STATS, Prepared, prepare_shards
 from kiln.data.sources import read_rows
 from tests.helpers import bpe_tokenizer, make_rows, tiny_raw, write_jsonl
@@ -316,12 +317,13 @@ def test_item02_shards_are_identical_whatever_the_number_of_workers(
     tmp_path: Path, tokenizer_dir: Path
 ) -> None:
     config = _config(tmp_path, write_jsonl(tmp_path / "train.jsonl", _corpus(90)), tokenizer_dir)
-    runs = [_prepare_direct(config, f"c{w}", workers=w, batch_rows=16) for w in (0, 2)]
-    assert [r.workers for r in runs] == [0, 2]
+    runs = [_prepare_direct(config, f"c{w}", workers=w, batch_rows=16) for w in (0, 2, None)]
+    assert [r.workers for r in runs] == [0, 2, cores()]  # data.num_workers unset: all cores
     assert "2 tokenizer processes" in runs[1].summary()
     assert runs[0].documents == runs[1].documents == 90
     assert runs[0].shards > 2
     assert _checksums(runs[0].directory) == _checksums(runs[1].directory)
+    assert _checksums(runs[0].directory) == _checksums(runs[2].directory)
     assert runs[0].stats == runs[1].stats
 
     # instruction: samples with masks, one without a target token (an empty document)

@@ -445,3 +445,32 @@ def test_item14_a_job_never_sees_the_servers_tokens(
         "KILN_SERVE_READ_TOKEN": None,
         "KILN_TEST_KEPT": "kept",
     }
+
+
+def test_item14_each_mixture_source_is_confined_by_its_index(tmp_path: Path) -> None:
+    """data.sources is a list of sections: each source's path is read-confined and named
+    data.sources.<k>.path; a name is left alone; the client's config is not changed."""
+    from kiln.serve.confine import Confinement, ConfinementError
+
+    state, outside = tmp_path / "state", tmp_path / "outside"
+    (state / "data").mkdir(parents=True)
+    outside.mkdir()
+    for where in (state / "data", outside):
+        write_jsonl(where / "a.jsonl", make_rows(2))
+    inside = {"path": "data/a.jsonl", "weight": 2.0, "name": "../../x"}
+    config = {"data": {"sources": [inside, {"path": str(outside / "a.jsonl")}]}}
+    confinement = Confinement(state)
+    with pytest.raises(ConfinementError) as refused:
+        confinement.confine(config, state / "runs" / "r")
+    assert refused.value.problems == [
+        f"data.sources.1.path: {outside / 'a.jsonl'} is outside the server's state directory: "
+        "kiln serve reads only there"
+    ]
+    config["data"]["sources"].pop()
+    confined = confinement.confine(config, state / "runs" / "r")
+    source = confined["data"]["sources"][0]
+    assert source == {**inside, "path": str((state / "data" / "a.jsonl").resolve())}
+    assert config["data"]["sources"][0]["path"] == "data/a.jsonl"  # the caller's, as it was
+    missing = {"data": {"sources": [{"path": "data/none.jsonl"}]}}
+    with pytest.raises(ConfinementError, match=r"^data\.sources\.0\.path: data/none\.jsonl: no"):
+        confinement.confine(missing, state / "runs" / "r")

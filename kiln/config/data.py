@@ -151,8 +151,9 @@ class DataConfig(Section):
     """Collator by registry name; auto picks the task's default."""
     cache_dir: str | None = ".kiln_cache"
     """Cache tokenized datasets here, keyed by data, tokenizer and settings; null disables."""
-    num_workers: int = Field(0, ge=0, le=1024)
-    """Worker processes for tokenization (0: in the main process)."""
+    num_workers: int | None = Field(None, ge=0, le=1024)
+    """Worker processes for tokenization (0: in the main process; unset: 0 when tokenizing in
+    memory, all cores for `kiln data prepare`)."""
     storage: Literal["memory", "shards"] = "memory"
     """Where the training tokens live: memory (read, tokenized and held in RAM at each start,
     cached in data.cache_dir) or shards (prepared once into token shards under

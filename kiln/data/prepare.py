@@ -374,7 +374,7 @@ def _tokenize_cached(
     rendered = render_rows(fmt, rows)
 
     def build() -> TokenDataset:
-        with encode_workers(cfg.data.num_workers):
+        with encode_workers(cfg.data.num_workers or 0):  # unset: in this process
             return _tokenize(cfg, fmt, tokenizer, rows, what, rendered)
 
     return cached_dataset(cfg, tokenizer, rendered, build, what=what)

@@ -5,7 +5,7 @@ client's config may name").
 - Written: `data.cache_dir` under `<state>/cache` (its default there, shared by the jobs);
   `log.tensorboard.log_dir` and file/SQLite `log.mlflow.tracking_uri` under the job's own run
   directory; `output_dir` is the server's (`<state>/runs/<job id>`). Never anywhere else.
-- Read: `data.train`, `data.val`, `model.name_or_path`, `tokenizer.name_or_path` under the
+- Read: `data.train`, `data.val`, each `data.sources.<k>.path`, `model.name_or_path`, `tokenizer.name_or_path` under the
   state directory, or under a root the server was started with (`--allow-read DIR`); hub
   names (`hf:<name>` data, a hub model id) only with `--allow-hub`.
 
@@ -30,7 +30,13 @@ from kiln.files import is_within, resolve_path
 
 __all__ = ["NOT_PATHS", "PATH_KEYS", "Confinement", "ConfinementError"]
 
-READ_KEYS = ("data.train", "data.val", "model.name_or_path", "tokenizer.name_or_path")
+READ_KEYS = (
+    "data.train",
+    "data.val",
+    "data.sources.path",  # each source of a mixture (a list: data.sources.<k>.path)
+    "model.name_or_path",
+    "tokenizer.name_or_path",
+)
 CACHE_KEYS = ("data.cache_dir",)
 RUN_KEYS = ("log.tensorboard.log_dir", "log.mlflow.tracking_uri")
 SERVER_KEYS = ("output_dir",)
@@ -44,6 +50,7 @@ NOT_PATHS = frozenset(
     {
         "name",  # one path component, validated by RunConfig
         "data.hf_split",
+        "data.sources.name",  # a label in metrics and data_stats.json
         "data.text_field",
         "data.source_template",
         "data.target_template",
@@ -136,23 +143,34 @@ class Confinement:
 
     # ---- one key -------------------------------------------------------------------------
 
-    def _each(self, config: dict[str, Any], key: str, problems: list[str], check: Any) -> None:
-        """Apply `check(key, value)` to the value(s) at dotted `key` in place; a shape the
-        config schema refuses (not a dict, not a string) is left for it to name."""
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:  # copy along the way: the caller's dict stays as it was
-            child = node.get(part)
-            if not isinstance(child, dict):
-                return
-            node[part] = node = dict(child)
-        value = node.get(leaf)
+    def _each(
+        self, config: dict[str, Any], key: str, problems: list[str], check: Any, where: str = ""
+    ) -> None:
+        """Apply `check(name, value)` to the value(s) at dotted `key` in place, through lists of
+        sections on the way (`data.sources.path` is each source's, named data.sources.<k>.path);
+        a shape the config schema refuses (not a dict, not a string) is left for it to name."""
+        part, _, rest = key.partition(".")
+        name = where + part
+        if rest:  # copy along the way: the caller's dict stays as it was
+            child = config.get(part)
+            if isinstance(child, dict):
+                config[part] = child = dict(child)
+                self._each(child, rest, problems, check, f"{name}.")
+            elif isinstance(child, list):
+                config[part] = child = list(child)
+                for i, item in enumerate(child):
+                    if isinstance(item, dict):
+                        child[i] = item = dict(item)
+                        self._each(item, rest, problems, check, f"{name}.{i}.")
+            return
+        value = config.get(part)
         try:
             if isinstance(value, str):
-                node[leaf] = check(key, value)
-            elif isinstance(value, list) and key.startswith("data."):
-                node[leaf] = [
-                    check(f"{key}.{i}", v) if isinstance(v, str) else v for i, v in enumerate(value)
+                config[part] = check(name, value)
+            elif isinstance(value, list) and name.startswith("data."):  # data.train: files
+                config[part] = [
+                    check(f"{name}.{i}", v) if isinstance(v, str) else v
+                    for i, v in enumerate(value)
                 ]
         except KilnError as exc:  # (resolve_path's too: a NUL byte, a symlink loop)
             problems += exc.problems

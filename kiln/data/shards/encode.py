@@ -26,6 +26,7 @@ import itertools
 import multiprocessing
 import os
 import signal
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -159,6 +160,9 @@ _MAKER: DocumentMaker | None = None  # a worker's own, set once by `_start_worke
 def _start_worker(maker: DocumentMaker) -> None:
     global _MAKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    torch = sys.modules.get("torch")
+    if torch is not None:  # as DataLoader workers do: no intra-op threads forked mid-use
+        torch.set_num_threads(1)
     _MAKER = maker
 
 

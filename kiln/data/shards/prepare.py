@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.data.progress import Progress
 from kiln.data.shards.dedup import DigestSet, digest_keys
-from kiln.data.shards.encode import DocumentMaker, EncodePool, Rendered
+from kiln.data.shards.encode import DocumentMaker, EncodePool, Rendered, cores
 from kiln.data.shards.format import MANIFEST, dtype_for, shard_key, source_identity
 from kiln.data.shards.writer import SetComplete, ShardWriter
 from kiln.errors import DataError, KilnError
@@ -77,6 +77,7 @@ _NOT_IN_KEY = frozenset(
         "cache_dir",
         "num_workers",
         "storage",
+        "sources",  # a mixture's sources: each prepared as data.train, its own set
         "shard_tokens",  # in the key as its own setting (shard_settings)
         "curriculum",
         "augment",
@@ -313,8 +314,8 @@ def prepare_shards(
     uninterrupted prepare.
 
     Rows are read, checked, filtered and deduplicated here, a batch at a time; `workers`
-    processes (default `data.num_workers`; 0: this one) tokenize the batches, in order, so the
-    bytes are the same whatever their number.
+    processes (default `data.num_workers`, unset: one per core; 0: this one) tokenize the
+    batches, in order, so the bytes are the same whatever their number.
 
     Raises:
         KilnError / DataError: one line: an option prepare does not support yet, a missing
@@ -337,7 +338,8 @@ def prepare_shards(
     maker = DocumentMaker(
         cfg.task, tokenizer, dtype_for(len(tokenizer)), cfg.data.max_length, cfg.data.truncation
     )
-    workers = cfg.data.num_workers if workers is None else workers
+    if workers is None:  # data.num_workers unset: all cores
+        workers = cores() if cfg.data.num_workers is None else cfg.data.num_workers
     # The pool before the writer: forked workers would hold a copy of its lock on the set.
     with EncodePool(maker, workers) as pool:
         try:  # another prepare of this set (a torchrun rank, a second shell) is waited for
