@@ -7,8 +7,9 @@ Two measurements, each side by side in one run:
    examples and batches: tests/test_shard_train.py checks the losses are bit-identical).
    Interleaved rounds, order rotated each round; each contender's timed steps follow untimed
    warm-up steps in the same `fit()`; the median tokens/s of each over the rounds and the
-   ratio shards / memory (goal >= 0.98). Also the batch gather alone (`Batcher` over the
-   train set, the loop's only data work) per batch, for both.
+   ratio shards / memory (goal >= 0.98); and shards with `--loader-workers` processes building
+   the batches ahead (`data.loader_workers`, default 1). Also the batch gather alone
+   (`Batcher` over the train set, the loop's only data work) per batch, for both storages.
 2. **Time to the first step** of `kiln train` (a fresh process, `train.max_steps: 1`) on
    prepared shard sets of each `--sizes` (default 10M and 1B tokens): the wall time of the
    whole command and the time its log gives to the first step, median of `--repeats`. The goal:
@@ -107,22 +108,38 @@ class _Stamps(Callback):
         self.end = time.perf_counter()
 
 
-def throughput(root: Path, rounds: int, steps: int, warmup: int) -> dict[str, Any]:
-    """Median training tokens/s of each storage over interleaved rounds."""
-    rates: dict[str, list[float]] = {"memory": [], "shards": []}
-    tokens = None
+CONTENDERS = {"memory": ("memory", 0), "shards": ("shards", 0)}
+
+
+def contenders(loader_workers: list[int]) -> dict[str, tuple[str, int]]:
+    """name -> (data.storage, data.loader_workers): memory, shards, and shards with each
+    `--loader-workers` count."""
+    return {**CONTENDERS, **{f"shards-w{w}": ("shards", w) for w in loader_workers if w}}
+
+
+def throughput(
+    root: Path, rounds: int, steps: int, warmup: int, loader_workers: list[int]
+) -> dict[str, Any]:
+    """Median training tokens/s of each contender over interleaved rounds, and each one's
+    ratio to memory."""
+    sides = contenders(loader_workers)
+    rates: dict[str, list[float]] = {name: [] for name in sides}
     for r in range(rounds):
-        order = ["memory", "shards"] if r % 2 == 0 else ["shards", "memory"]
-        for storage in order:
-            cfg = load_config(data=quickstart_raw(root, storage, warmup + steps))
+        names = list(sides)
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotated each round
+        for name in order:
+            storage, workers = sides[name]
+            raw = quickstart_raw(root, storage, warmup + steps)
+            raw["data"]["loader_workers"] = workers
+            cfg = load_config(data=raw)
             stamps = _Stamps(warmup)
-            trainer = Trainer(cfg, callbacks=[stamps])
-            trainer.fit()
+            Trainer(cfg, callbacks=[stamps], overwrite=True).fit()
             tokens = cfg.train.batch_size * cfg.data.max_length
-            rates[storage].append(steps * tokens / (stamps.end - stamps.start))
-            print(f"  round {r + 1} {storage}: {rates[storage][-1]:,.0f} tokens/s", flush=True)
+            rates[name].append(steps * tokens / (stamps.end - stamps.start))
+            print(f"  round {r + 1} {name}: {rates[name][-1]:,.0f} tokens/s", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    return {"tokens_per_s": med, "all": rates, "ratio": med["shards"] / med["memory"]}
+    ratios = {k: v / med["memory"] for k, v in med.items()}
+    return {"tokens_per_s": med, "all": rates, "ratio": ratios["shards"], "ratios": ratios}
 
 
 def gather_cost(root: Path, batches: int) -> dict[str, float]:
@@ -225,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="timed steps a contender a round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--loader-workers", default="1", help="shards with these data.loader_workers counts too"
+    )
     parser.add_argument("--gather-batches", type=int, default=2000)
     parser.add_argument("--sizes", default="10M,1B", help="startup: shard set sizes")
     parser.add_argument("--doc-tokens", type=int, default=400, help="mean document length")
@@ -240,16 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     print(report["machine"], flush=True)
     if not args.skip_throughput:
         print("training tokens/s, quickstart model (memory vs shards):", flush=True)
-        report["throughput"] = throughput(args.root, args.rounds, args.steps, args.warmup)
-        report["gather_us"] = gather_cost(args.root, args.gather_batches)
-        t, g = report["throughput"], report["gather_us"]
-        print(
-            f"| memory | {t['tokens_per_s']['memory']:,.0f} tokens/s | gather "
-            f"{g['memory']:.0f} us/batch |\n| shards | {t['tokens_per_s']['shards']:,.0f} "
-            f"tokens/s | gather {g['shards']:.0f} us/batch |\nratio shards/memory: "
-            f"{t['ratio']:.3f}",
-            flush=True,
+        workers = [int(w) for w in args.loader_workers.split(",") if w]
+        report["throughput"] = t = throughput(
+            args.root, args.rounds, args.steps, args.warmup, workers
         )
+        report["gather_us"] = g = gather_cost(args.root, args.gather_batches)
+        print("| contender | tokens/s | / memory | gather us/batch |\n|---|---|---|---|")
+        for name in t["tokens_per_s"]:
+            gather = g.get(name)
+            print(
+                f"| {name} | {t['tokens_per_s'][name]:,.0f} | {t['ratios'][name]:.3f} | "
+                f"{'-' if gather is None else format(gather, '.0f')} |",
+                flush=True,
+            )
     if not args.skip_startup:
         print("kiln train to the first step, by prepared set size:", flush=True)
         report["startup"] = {}

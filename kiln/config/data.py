@@ -154,6 +154,11 @@ class DataConfig(Section):
     num_workers: int | None = Field(None, ge=0, le=1024)
     """Worker processes for tokenization (0: in the main process; unset: 0 when tokenizing in
     memory, all cores for `kiln data prepare`)."""
+    loader_workers: int = Field(0, ge=0, le=64)
+    """Processes that build training batches ahead of the step (DataLoader workers), in the
+    data cursor's order: the same batches as without them (0: built in the training process,
+    between steps). Pays off when a batch costs a noticeable part of a step (augmentation,
+    large ragged batches); not with data.curriculum."""
     storage: Literal["memory", "shards"] = "memory"
     """Where the training tokens live: memory (read, tokenized and held in RAM at each start,
     cached in data.cache_dir) or shards (prepared once into token shards under

@@ -273,6 +273,11 @@ def _data_schedule_problems(cfg: RunConfig) -> list[str]:
     cur = data.curriculum
     if cur is None:
         return problems
+    if data.loader_workers:
+        problems.append(
+            "data.loader_workers: not with data.curriculum (which samples may be drawn depends "
+            "on the step, so batches cannot be built ahead); set data.loader_workers: 0"
+        )
     if packed and not data.isolate_documents:
         problems.append(
             "data.curriculum: with data.packing it needs data.isolate_documents: true "

@@ -72,6 +72,7 @@ _NOT_IN_KEY = frozenset(
         "collator",
         "cache_dir",
         "num_workers",
+        "loader_workers",
         "curriculum",
         "augment",
     }

@@ -1,5 +1,6 @@
 """What the loop draws from the data: the cursor at the position the state records, which
-samples may be drawn at a step (curriculum, rollback), and a batch's input tokens."""
+samples may be drawn at a step (curriculum, rollback), the workers that build batches ahead
+(`data.loader_workers`), and a batch's input tokens."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ if TYPE_CHECKING:
 
     from kiln.config import RunConfig
     from kiln.data import BatchCursor
+    from kiln.data.prefetch import Prefetcher
     from kiln.engine.parts import Parts
     from kiln.engine.state import TrainState
     from kiln.rank import RankContext
 
-__all__ = ["eligible_samples", "input_tokens", "make_cursor"]
+__all__ = ["eligible_samples", "input_tokens", "make_cursor", "make_prefetcher"]
 
 
 def make_cursor(cfg: RunConfig, parts: Parts, state: TrainState, rank: RankContext) -> BatchCursor:
@@ -35,6 +37,25 @@ def make_cursor(cfg: RunConfig, parts: Parts, state: TrainState, rank: RankConte
         rank=rank.rank,
         world_size=rank.world_size,
         lengths=lengths,
+    )
+
+
+def make_prefetcher(cfg: RunConfig, parts: Parts) -> Prefetcher | None:
+    """`data.loader_workers` processes building the training batches ahead, or None (0)."""
+    if not cfg.data.loader_workers:
+        return None
+    from kiln.data.prefetch import Prefetcher
+
+    data, augmented = parts.train_data, parts.augmented
+
+    def data_for(epoch: int) -> object:
+        return data if augmented is None else augmented.for_epoch(epoch)
+
+    return Prefetcher(
+        parts.batcher,
+        data_for,
+        cfg.data.loader_workers,
+        pin_memory=parts.device.type == "cuda",
     )
 
 

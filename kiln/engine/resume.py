@@ -69,6 +69,7 @@ SAFE_EXCEPTIONS = (
     "data.val",  # validation data does not move the training cursor
     "data.cache_dir",  # where tokens are cached, not what they are
     "data.num_workers",
+    "data.loader_workers",  # who builds the batches, not which
     # Checked by what it does, not by its value: restore_checkpoint refuses any change in the
     # training examples or tokens. (Its default went from null to 100000 in issue 11; a run
     # started before that must still resume.)

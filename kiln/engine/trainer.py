@@ -21,12 +21,13 @@ from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_hash
 from kiln.data import BatchCursor
 from kiln.data.assemble import Given
+from kiln.data.prefetch import Prefetcher
 from kiln.engine.anomaly import clip_grad_norm
 from kiln.engine.cadence import Cadence
 from kiln.engine.control import CheckpointKind, Control, RunView, StopRequest
 from kiln.engine.evaluate import restore_best, validate
 from kiln.engine.events import Event
-from kiln.engine.feed import eligible_samples, input_tokens, make_cursor
+from kiln.engine.feed import eligible_samples, input_tokens, make_cursor, make_prefetcher
 from kiln.engine.generate_eval import GenerationEval, end_sample
 from kiln.engine.judge import Judge
 from kiln.engine.loadable import write_loadable
@@ -124,6 +125,7 @@ class Trainer:
         self.final_from: dict[str, Any] | None = None  # which weights final/ holds
         self.meter: ThroughputMeter | None = None
         self.cursor: BatchCursor | None = None
+        self.prefetch: Prefetcher | None = None
         self._resume_from: Path | None = None
         self._start_time = time.perf_counter()
 
@@ -246,6 +248,8 @@ class Trainer:
                     raise
                 raise explained from exc
             finally:
+                if self.prefetch is not None:
+                    self.prefetch.close()
                 self.run_dir.close()
                 self.run_dir.release()
         return TrainResult(
@@ -291,6 +295,7 @@ class Trainer:
         self.meter.start(self.state.tokens_seen, self.state.samples_seen, self._start_time)
         self.meter.seed_window(self.loop.loss_history)  # loss_avg goes on across a resume
         self.cursor = make_cursor(cfg, parts, self.state, self.rank)
+        self.prefetch = make_prefetcher(cfg, parts)
         self.loop.epoch_started = self.state.cursor > 0
         self.loop.epochs_ended = 0
         self.cadence.reset()
@@ -397,11 +402,14 @@ class Trainer:
         """The next micro-batch of the seeded epoch order; crosses epochs as needed."""
         parts, cursor, loop = self.setup(), self.cursor, self.loop
         assert cursor is not None
-        epoch = cursor.epoch
-        idx = cursor.next_indices(eligible_samples(parts, self.state.step))
+        epoch, before = cursor.epoch, cursor.state_dict()
+        eligible = eligible_samples(parts, self.state.step)
+        idx = cursor.next_indices(eligible)
         parts.guard.drew(idx)
         loop.epochs_ended += cursor.epoch - epoch
         self.state.epoch, self.state.cursor = cursor.epoch, cursor.cursor
+        if self.prefetch is not None and eligible is None:  # built ahead, the same batch
+            return self.prefetch.take(cursor, before, idx)
         data: Any = parts.train_data
         if parts.augmented is not None:  # re-rendered and re-tokenized per (seed, epoch, sample)
             data = parts.augmented.for_epoch(cursor.last_epoch)

@@ -5,9 +5,10 @@ client's config may name").
 - Written: `data.cache_dir` under `<state>/cache` (its default there, shared by the jobs);
   `log.tensorboard.log_dir` and file/SQLite `log.mlflow.tracking_uri` under the job's own run
   directory; `output_dir` is the server's (`<state>/runs/<job id>`). Never anywhere else.
-- Read: `data.train`, `data.val`, each `data.sources.<k>.path`, `model.name_or_path`, `tokenizer.name_or_path` under the
-  state directory, or under a root the server was started with (`--allow-read DIR`); hub
-  names (`hf:<name>` data, a hub model id) only with `--allow-hub`.
+- Read: `data.train`, `data.val`, each `data.sources.<k>.path`, `model.name_or_path`,
+  `tokenizer.name_or_path` under the state directory, or under a root the server was started
+  with (`--allow-read DIR`); hub names (`hf:<name>` data, a hub model id) only with
+  `--allow-hub`.
 
 Relative paths are taken from the state directory (the base of a written key, for those) and
 the config that runs holds them absolute and resolved, so the job's working directory does

@@ -76,6 +76,7 @@ _NOT_IN_KEY = frozenset(
         "collator",
         "cache_dir",
         "num_workers",
+        "loader_workers",
         "storage",
         "sources",  # a mixture's sources: each prepared as data.train, its own set
         "shard_tokens",  # in the key as its own setting (shard_settings)
