@@ -1,5 +1,7 @@
 """Training from token shards killed for real (issue 28): SIGKILL at random moments of a run on
-shards, one process and two ranks, then resumed: bit-exact, as the in-memory kill tests."""
+shards, one process and two ranks, then resumed: bit-exact, as the in-memory kill tests; the
+killed runs build their batches in a DataLoader worker (data.loader_workers), the reference in
+the training process."""
 
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_jsonl(root / "train.jsonl", make_rows(400, seed=5)), tok
 
 
-def _config(tmp: Path, corpus: tuple[Path, Path], name: str, *, cache: str, ranks: int) -> Path:
+def _config(
+    tmp: Path, corpus: tuple[Path, Path], name: str, *, cache: str, ranks: int, workers: int = 0
+) -> Path:
     train, tok = corpus
     raw = tiny_raw(
         tmp,
@@ -43,6 +47,7 @@ def _config(tmp: Path, corpus: tuple[Path, Path], name: str, *, cache: str, rank
             "shard_tokens": 2000,  # many shards: blocks gathered across shard files
             "val_split": 0.1,
             "cache_dir": str(tmp / cache),
+            "loader_workers": workers,  # batches built ahead: the same batches
         },
     )
     raw["output_dir"] = str(tmp / name)
@@ -118,7 +123,8 @@ def test_sigkill_on_shards_then_resume_is_exact(
 ) -> None:
     ref = _config(tmp_path, corpus, "ref", cache="cache-ref", ranks=ranks)
     _finish(ref, ranks)
-    config = _config(tmp_path, corpus, "kill", cache="cache-kill", ranks=ranks)
+    # The killed run builds its batches ahead in a DataLoader worker a rank: the same training.
+    config = _config(tmp_path, corpus, "kill", cache="cache-kill", ranks=ranks, workers=1)
     run = tmp_path / "kill"
     kills = _kill_at_random(config, run, ranks, seed=1234 + ranks, times=3 if ranks == 1 else 2)
     assert kills >= 2
