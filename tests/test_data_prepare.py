@@ -451,14 +451,14 @@ def test_item04_a_full_disk_is_exit_5_one_line_and_a_rerun_continues_to_identica
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config = _config(tmp_path, write_jsonl(tmp_path / "train.jsonl", _corpus()), tokenizer_dir)
-    real = writer_module.write_atomic
+    real = writer_module.write_chunk
 
-    def full_on_shard_2(path: Path, *args: Any, **kw: Any) -> None:
+    def full_on_shard_2(file: Any, path: Path, data: Any) -> None:
         if path.name.startswith("shard-00002"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, *args, **kw)
+        real(file, path, data)
 
-    monkeypatch.setattr(writer_module, "write_atomic", full_on_shard_2)
+    monkeypatch.setattr(writer_module, "write_chunk", full_on_shard_2)
     assert main(["data", "prepare", str(config), "--shard-tokens", "500"]) == 5
     err = capsys.readouterr().err.strip().splitlines()
     (directory,) = (tmp_path / "cache").glob("shards-*")
@@ -469,7 +469,7 @@ def test_item04_a_full_disk_is_exit_5_one_line_and_a_rerun_continues_to_identica
     ]
     assert not (directory / MANIFEST).exists()
 
-    monkeypatch.setattr(writer_module, "write_atomic", real)
+    monkeypatch.setattr(writer_module, "write_chunk", real)
     out, resumed = _prepare(config, capsys, "--shard-tokens", "500")
     assert resumed == directory
     assert out.startswith("prepared 60 documents, ")

@@ -206,23 +206,24 @@ def test_the_writer_holds_one_shard_buffer_at_most(tmp_path: Path) -> None:
 def test_resume_after_an_error_mid_shard_writes_identical_shards(tmp_path, monkeypatch) -> None:
     docs = _docs()
     whole = _write(tmp_path / "whole", docs)
-    real = writer_module.write_atomic
+    real = writer_module.write_chunk
 
-    def fail_on_shard_3_offsets(path: Path, *args: Any, **kw: Any) -> None:
+    def fail_on_shard_3_offsets(file: Any, path: Path, data: Any) -> None:
         if path.name == "shard-00003.offsets":
             raise RuntimeError("killed")
-        real(path, *args, **kw)
+        real(file, path, data)
 
-    monkeypatch.setattr(writer_module, "write_atomic", fail_on_shard_3_offsets)
+    monkeypatch.setattr(writer_module, "write_chunk", fail_on_shard_3_offsets)
     with pytest.raises(RuntimeError, match="killed"):
         _write(tmp_path / "cut", docs)
     cut = tmp_path / "cut"
-    assert (cut / "shard-00003.tokens").exists()
-    assert not (cut / "shard-00003.done").exists()
+    assert (cut / "shard-00002.done").exists()
+    assert not (cut / "shard-00003.tokens").exists()  # streamed to a temporary name, removed
+    assert not list(cut.glob(".shard-*"))
     assert not (cut / MANIFEST).exists()
     with pytest.raises(KilnError, match="incomplete"):
         ShardSet.open(cut)
-    monkeypatch.setattr(writer_module, "write_atomic", real)
+    monkeypatch.setattr(writer_module, "write_chunk", real)
     resumed = ShardWriter.resume(cut, VOCAB, "key", FP, shard_tokens=100, with_masks=True)
     assert len(resumed.shards) == 3
     assert resumed.documents_written == sum(s["documents"] for s in whole["shards"][:3])
@@ -241,34 +242,37 @@ def test_resume_after_an_error_mid_shard_writes_identical_shards(tmp_path, monke
 def test_resume_after_disk_full_writes_identical_shards(tmp_path, monkeypatch) -> None:
     docs = _docs()
     whole = _write(tmp_path / "whole", docs)
-    real = writer_module.write_atomic
+    real = writer_module.write_chunk
 
-    def full_on_shard_2(path: Path, *args: Any, **kw: Any) -> None:
+    def full_on_shard_2(file: Any, path: Path, data: Any) -> None:
         if path.name.startswith("shard-00002"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, *args, **kw)
+        real(file, path, data)
 
-    monkeypatch.setattr(writer_module, "write_atomic", full_on_shard_2)
+    monkeypatch.setattr(writer_module, "write_chunk", full_on_shard_2)
     with pytest.raises(StorageFull) as exc:
         _write(tmp_path / "cut", docs)
     assert "no space left on device while writing the token shard" in exc.value.message()
     assert "shard-00002.tokens" in exc.value.message()
     assert not (tmp_path / "cut" / MANIFEST).exists()
-    monkeypatch.setattr(writer_module, "write_atomic", real)
+    assert not list((tmp_path / "cut").glob(".shard-*"))  # no temporary file left to fill it
+    monkeypatch.setattr(writer_module, "write_chunk", real)
     assert _checksums(_write(tmp_path / "cut", docs, skip=None)) == _checksums(whole)
 
 
 def _child(directory: str) -> None:
-    """Write `_docs()` and stop, forever, right after shard 3's token file is in place."""
-    real = writer_module.write_atomic
+    """Write `_docs()` and stop, forever, when shard 3's tokens are streamed to their
+    temporary file (not renamed into place: that comes after its offsets)."""
+    real = writer_module.write_chunk
 
-    def stop_after_tokens_of_shard_3(path: Path, *args: Any, **kw: Any) -> None:
-        real(path, *args, **kw)
-        if path.name == "shard-00003.tokens":
+    def stop_at_offsets_of_shard_3(file: Any, path: Path, data: Any) -> None:
+        if path.name == "shard-00003.offsets":
+            file.flush()
             print("ready", flush=True)
             sys.stdin.read()  # blocks until the parent kills this process
+        real(file, path, data)
 
-    writer_module.write_atomic = stop_after_tokens_of_shard_3
+    writer_module.write_chunk = stop_at_offsets_of_shard_3
     w = ShardWriter(directory, VOCAB, "key", FP, shard_tokens=100, with_masks=True)
     for tokens, mask in _docs():
         w.add(tokens, mask)
@@ -293,7 +297,8 @@ def test_resume_after_sigkill_of_a_writer_process_writes_identical_shards(tmp_pa
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert child.returncode == -signal.SIGKILL
-    assert (cut / "shard-00003.tokens").exists()
+    left = sorted(p.name.split(".tmp-")[0] for p in cut.glob(".shard-*"))  # streamed, unnamed
+    assert left == [".shard-00003.mask", ".shard-00003.offsets", ".shard-00003.tokens"]
     assert not (cut / "shard-00003.done").exists()
     assert not (cut / MANIFEST).exists()
     assert _checksums(_write(cut, docs, skip=None)) == _checksums(whole)
@@ -301,17 +306,17 @@ def test_resume_after_sigkill_of_a_writer_process_writes_identical_shards(tmp_pa
 
 
 def test_resume_with_other_settings_names_the_shard_marker(tmp_path, monkeypatch) -> None:
-    real = writer_module.write_atomic
+    real = writer_module.write_chunk
 
-    def stop_at_shard_2(path: Path, *args: Any, **kw: Any) -> None:
+    def stop_at_shard_2(file: Any, path: Path, data: Any) -> None:
         if path.name.startswith("shard-00002"):
             raise RuntimeError("killed")
-        real(path, *args, **kw)
+        real(file, path, data)
 
-    monkeypatch.setattr(writer_module, "write_atomic", stop_at_shard_2)
+    monkeypatch.setattr(writer_module, "write_chunk", stop_at_shard_2)
     with pytest.raises(RuntimeError):
         _write(tmp_path, _docs())
-    monkeypatch.setattr(writer_module, "write_atomic", real)
+    monkeypatch.setattr(writer_module, "write_chunk", real)
     with pytest.raises(KilnError) as exc:
         ShardWriter.resume(tmp_path, VOCAB, "key", FP, shard_tokens=50, with_masks=True)
     assert "shard_tokens: 100 then 50" in _one_line(exc, tmp_path / "shard-00000.done")

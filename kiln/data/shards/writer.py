@@ -1,8 +1,11 @@
 """`ShardWriter`: documents of token ids in, a shard set (see `format.py`) out, in bounded memory.
 
-The writer keeps one shard's worth of tokens in a preallocated buffer and writes a shard when the
-next document would overflow it. Each shard's files are written atomically (temporary name,
-fsync, rename), then its `.done` marker; `close()` writes `manifest.json` last. Shard boundaries
+The writer streams the current shard's tokens (and label masks) to temporary files through a
+small staging buffer (`STAGE_TOKENS`), hashing them as they go, and keeps only the documents'
+end offsets (8 bytes a document) in memory; a shard is complete when the next document would
+overflow it: its files are fsynced and renamed into place (atomic: a reader never sees a torn
+file), then its `.done` marker; `close()` writes `manifest.json` last. Memory is the same
+whatever `shard_tokens` and the corpus size. Shard boundaries
 depend only on the documents and `shard_tokens`, so a writer killed at any moment and resumed
 (`ShardWriter.resume`, skipping `documents_written` documents) writes the same bytes as one that
 was never interrupted.
@@ -13,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -39,6 +43,49 @@ __all__ = ["DEFAULT_SHARD_TOKENS", "SetComplete", "ShardWriter"]
 
 DEFAULT_SHARD_TOKENS = 1 << 26
 """64M tokens a shard: 128 MiB of uint16 ids, a few hundred shards for 10B tokens."""
+
+STAGE_TOKENS = 1 << 20
+"""Tokens gathered in memory before a write to the shard's file (2-4 MiB, masks aside)."""
+
+
+def write_chunk(file: BinaryIO, path: Path, data: memoryview) -> None:
+    """One write to the shard file streamed to `file` (`path`: its final name)."""
+    file.write(data)
+
+
+class _ShardFile:
+    """One file of the shard being written: streamed to a temporary name beside it (which a
+    new writer of the set removes), hashed as it goes, renamed into place by `finish`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.hash = hashlib.sha256()
+        self.nbytes = 0
+        with writing(f"the token shard {path}"):
+            self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed by finish or discard)
+
+    def write(self, array: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(array)).cast("B")  # no copy of the array
+        with writing(f"the token shard {self.path}"):
+            write_chunk(self.file, self.path, data)
+        self.hash.update(data)
+        self.nbytes += data.nbytes
+
+    def finish(self, durable: bool) -> dict[str, Any]:
+        """Flush, fsync (if `durable`) and rename into place; the manifest entry."""
+        with writing(f"the token shard {self.path}"):
+            self.file.flush()
+            if durable:
+                os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        return {"name": self.path.name, "bytes": self.nbytes, "sha256": self.hash.hexdigest()}
+
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
 
 
 class SetComplete(KilnError):
@@ -99,10 +146,13 @@ class ShardWriter:
         self.shard_tokens = shard_tokens
         self.durable = durable
         self._dtype = dtype_for(vocab_size)
-        # The one shard buffer: tokens, masks, and the documents' end offsets (grown by
-        # doubling: a shard of long documents needs few).
-        self._tokens = np.empty(shard_tokens, dtype=self._dtype)
-        self._mask = np.empty(shard_tokens if with_masks else 0, dtype=MASK_DTYPE)
+        # The current shard: its files being streamed, a small staging buffer of tokens and
+        # masks, and the documents' end offsets (grown by doubling: long documents need few).
+        self._files: dict[str, _ShardFile] = {}
+        stage = min(shard_tokens, STAGE_TOKENS)
+        self._stage = np.empty(stage, dtype=self._dtype)
+        self._stage_mask = np.empty(stage if with_masks else 0, dtype=MASK_DTYPE)
+        self._staged = 0
         self._ends = np.empty(min(shard_tokens, 1024), dtype=OFFSET_DTYPE)
         self._fill = 0
         self._docs = 0
@@ -198,13 +248,13 @@ class ShardWriter:
 
     @property
     def buffer_nbytes(self) -> int:
-        """Bytes of the shard buffer: one shard's tokens and masks (allocated once) and its
-        documents' offsets (at most `shard_tokens` of them)."""
-        return self._tokens.nbytes + self._mask.nbytes + self._ends.nbytes
+        """Bytes the writer holds: the staging buffer (at most `STAGE_TOKENS` tokens and their
+        masks) and the current shard's documents' end offsets."""
+        return self._stage.nbytes + self._stage_mask.nbytes + self._ends.nbytes
 
     @property
     def buffered_tokens(self) -> int:
-        """Tokens waiting in the buffer for the current shard."""
+        """Tokens of the current shard, not yet in a complete shard."""
         return self._fill
 
     def add(self, doc_tokens: Sequence[int] | np.ndarray, labels_mask: Any = None) -> None:
@@ -227,11 +277,11 @@ class ShardWriter:
         if self._fill + n > self.shard_tokens or self._docs == self.shard_tokens:
             self._flush()
         if n > self.shard_tokens:  # a document bigger than a shard: a shard of its own
-            self._write_shard(tokens.astype(self._dtype), mask, np.array([0, n], OFFSET_DTYPE))
+            self._append(tokens.astype(self._dtype), mask)
+            self._fill, self._ends[0], self._docs = n, n, 1
+            self._flush()
             return
-        self._tokens[self._fill : self._fill + n] = tokens
-        if mask is not None:
-            self._mask[self._fill : self._fill + n] = mask
+        self._append(tokens, mask)
         self._fill += n
         if self._docs == self._ends.size:
             grown = np.empty(min(2 * self._ends.size, self.shard_tokens), dtype=OFFSET_DTYPE)
@@ -239,6 +289,33 @@ class ShardWriter:
             self._ends = grown
         self._ends[self._docs] = self._fill
         self._docs += 1
+
+    def _append(self, tokens: np.ndarray, mask: np.ndarray | None) -> None:
+        """The document's tokens (and mask) after the current shard's: staged, or written
+        through when they do not fit the staging buffer."""
+        if not self._files:
+            stem = shard_name(len(self.shards))
+            suffixes = (TOKENS, MASK) if self.header["has_masks"] else (TOKENS,)
+            self._files = {s: _ShardFile(self.directory / f"{stem}{s}") for s in suffixes}
+        n = tokens.size
+        if self._staged + n > self._stage.size:
+            self._write_stage()
+        if n > self._stage.size:
+            self._files[TOKENS].write(tokens.astype(self._dtype, copy=False))
+            if mask is not None:
+                self._files[MASK].write(mask)
+            return
+        self._stage[self._staged : self._staged + n] = tokens
+        if mask is not None:
+            self._stage_mask[self._staged : self._staged + n] = mask
+        self._staged += n
+
+    def _write_stage(self) -> None:
+        if self._staged:
+            self._files[TOKENS].write(self._stage[: self._staged])
+            if self.header["has_masks"]:
+                self._files[MASK].write(self._stage_mask[: self._staged])
+            self._staged = 0
 
     def _mask_of(self, tokens: np.ndarray, labels_mask: Any) -> np.ndarray | None:
         if not self.header["has_masks"]:
@@ -253,39 +330,25 @@ class ShardWriter:
         return (mask != 0).astype(MASK_DTYPE)
 
     def _flush(self) -> None:
+        """Complete the current shard: its files in place, then its marker."""
         if self._docs == 0:
             return
+        stem = shard_name(len(self.shards))
+        self._write_stage()
         offsets = np.empty(self._docs + 1, dtype=OFFSET_DTYPE)
         offsets[0] = 0
         offsets[1:] = self._ends[: self._docs]
-        mask = self._mask[: self._fill] if self.header["has_masks"] else None
-        self._write_shard(self._tokens[: self._fill], mask, offsets)
-        self._fill = 0
-        self._docs = 0
-
-    def _write_shard(
-        self, tokens: np.ndarray, mask: np.ndarray | None, offsets: np.ndarray
-    ) -> None:
-        """Write one shard's files, then its done marker (each atomically)."""
-        stem = shard_name(len(self.shards))
-        parts = [(TOKENS, tokens), (OFFSETS, offsets)] + (
-            [(MASK, mask)] if mask is not None else []
-        )
+        self._files[OFFSETS] = _ShardFile(self.directory / f"{stem}{OFFSETS}")
+        self._files[OFFSETS].write(offsets)
         files = {}
-        for suffix, array in parts:
-            path = self.directory / f"{stem}{suffix}"
-            data = memoryview(np.ascontiguousarray(array)).cast("B")  # no copy of the buffer
-            with writing(f"the token shard {path}"):
-                write_atomic(path, data, durable=self.durable)  # type: ignore[arg-type]
-            files[suffix[1:]] = {
-                "name": path.name,
-                "bytes": data.nbytes,
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
+        for suffix in (TOKENS, OFFSETS, MASK):  # (the manifest's order of a shard's files)
+            if suffix in self._files:
+                files[suffix[1:]] = self._files[suffix].finish(self.durable)
+        self._files = {}
         entry = {
             "name": stem,
-            "documents": int(offsets.size - 1),
-            "tokens": int(tokens.size),
+            "documents": int(self._docs),
+            "tokens": int(self._fill),
             "files": files,
         }
         marker = self.directory / f"{stem}{DONE}"
@@ -296,6 +359,8 @@ class ShardWriter:
             if self.durable:
                 fsync_dir(self.directory)
         self.shards.append(entry)
+        self._fill = 0
+        self._docs = 0
 
     def close(self) -> dict[str, Any]:
         """Write the last shard and `manifest.json` (atomically, last); returns the manifest."""
@@ -329,8 +394,12 @@ class ShardWriter:
         self.stop()
 
     def stop(self) -> None:
-        """Stop without finishing: the complete shards stay for `resume`, no manifest is
-        written, the directory's lock is released (`with` does this on an error)."""
+        """Stop without finishing: the complete shards stay for `resume`, the current one's
+        temporary files go, no manifest is written, the directory's lock is released (`with`
+        does this on an error)."""
+        files, self._files = self._files, {}
+        for file in files.values():
+            file.discard()
         self._lock.release()
 
 
