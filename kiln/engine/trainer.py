@@ -21,7 +21,6 @@ from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_hash
 from kiln.data import BatchCursor
 from kiln.data.assemble import Given
-from kiln.data.prefetch import Prefetcher
 from kiln.engine.anomaly import clip_grad_norm
 from kiln.engine.cadence import Cadence
 from kiln.engine.control import CheckpointKind, Control, RunView, StopRequest
@@ -125,7 +124,7 @@ class Trainer:
         self.final_from: dict[str, Any] | None = None  # which weights final/ holds
         self.meter: ThroughputMeter | None = None
         self.cursor: BatchCursor | None = None
-        self.prefetch: Prefetcher | None = None
+        self.prefetch: Any = None  # a Prefetcher (data.loader_workers), or None
         self._resume_from: Path | None = None
         self._start_time = time.perf_counter()
 
