@@ -106,6 +106,14 @@ def bpe_tokenizer(corpus: list[str], vocab_size: int = 320) -> Any:
     )
 
 
+def train_corpus(root: Path, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
+    """(root/train.jsonl holding `rows`, root/tok: a `bpe_tokenizer` of the text of
+    `make_rows(200)`, saved): a training file and a tokenizer a test module shares."""
+    tok = root / "tok"
+    bpe_tokenizer([r["text"] for r in make_rows(200)]).save_pretrained(tok)
+    return write_jsonl(root / "train.jsonl", rows), tok
+
+
 class StopAt(Callback):
     """Checkpoint and stop at a given step, as a preempted job would."""
 

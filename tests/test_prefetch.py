@@ -19,20 +19,16 @@ from kiln.data.collate import Batcher
 from kiln.data.prefetch import Prefetcher
 from tests.helpers import (
     assert_resume_is_exact,
-    bpe_tokenizer,
     logged_metrics,
     make_rows,
     tiny_raw,
-    write_jsonl,
+    train_corpus,
 )
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("prefetch")
-    tok = root / "tok"
-    bpe_tokenizer([r["text"] for r in make_rows(200)]).save_pretrained(tok)
-    return write_jsonl(root / "train.jsonl", make_rows(160)), tok
+    return train_corpus(tmp_path_factory.mktemp("prefetch"), make_rows(160))
 
 
 def _raw(tmp: Path, corpus: tuple[Path, Path], **data: Any) -> dict[str, Any]:

@@ -22,10 +22,10 @@ from kiln.data.shards import MANIFEST
 from kiln.data.shards.dataset import split_documents
 from tests.helpers import (
     assert_resume_is_exact,
-    bpe_tokenizer,
     logged_metrics,
     make_rows,
     tiny_raw,
+    train_corpus,
     write_jsonl,
 )
 
@@ -33,12 +33,9 @@ from tests.helpers import (
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(a training file, a saved tokenizer) shared by the module's tests."""
-    root = tmp_path_factory.mktemp("shard-train")
-    tok = root / "tok"
-    bpe_tokenizer([r["text"] for r in make_rows(200)]).save_pretrained(tok)
     rows = make_rows(300)
     rows += rows[:4]  # duplicates: dropped by both paths before the split
-    return write_jsonl(root / "train.jsonl", rows), tok
+    return train_corpus(tmp_path_factory.mktemp("shard-train"), rows)
 
 
 def _raw(tmp: Path, corpus: tuple[Path, Path], storage: str, **data: Any) -> dict[str, Any]:

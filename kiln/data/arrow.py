@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln.data.sources import IndexRow, ReadOptions, Row
+from kiln.data.rows import IndexRow, ReadOptions, Row
 from kiln.errors import DataError, first_line
 from kiln.registry import require_extra
 

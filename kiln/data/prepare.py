@@ -62,7 +62,7 @@ class DataStats:
     `bad_rows` + the drops of `load_splits` + `train_rows` + `val_rows`. `dropped` maps a
     reason to the rows it removed: low_quality (below data.min_quality_score), too_short /
     too_long (rendered text outside data.min_chars / data.max_chars, present when set; too_long
-    also counts JSONL lines too big to parse, see `kiln.data.sources.max_line_bytes`),
+    also counts JSONL lines too big to parse, see `kiln.data.limits.max_line_bytes`),
     duplicate (same rendered text as an earlier row), max_samples (training rows past the
     cap); `build_datasets` may add its own (no_target). `bad_rows` counts malformed rows
     skipped under data.on_bad_row=skip, `bad_row_examples` holds the first 5 found (per side:

@@ -29,7 +29,7 @@ import torch
 
 from kiln.data.collate import IGNORE_INDEX
 from kiln.data.dataset import TokenDataset
-from kiln.data.sources import BadRows, IndexRow, ReadOptions, Row
+from kiln.data.rows import BadRows, IndexRow, ReadOptions, Row
 from kiln.errors import DataError
 
 __all__ = [
