@@ -219,6 +219,10 @@ def test_item04_resume_is_exact_and_tokens_seen_per_source_are_logged(
         drawn = torch.cat([cursor.next_indices() for _ in range(r["step"])])
         source, _ = mixture.locate(drawn.numpy())
         assert [r[k] for k in keys] == (np.bincount(source, minlength=2) * 32).tolist()
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["split"] == "val"]
+    assert evals
+    assert all({"val_loss/web", "val_loss/books"} <= set(r) for r in evals)  # each source's
     card = (run / "final" / "README.md").read_text()  # the model card names the mixture
     assert f"`{corpus['web']}` (weight 0.7), `{corpus['books']}` (weight 0.3)" in card
     stats = json.loads((run / "data_stats.json").read_text())
@@ -294,3 +298,47 @@ def test_item04_kiln_data_prepare_prepares_every_source_once(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert f"data.sources.1: {tmp_path / 'no.jsonl'}: " in err
+
+
+def test_item05_validation_gives_each_sources_loss(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kiln.device import Precision
+    from kiln.engine.evaluate import evaluate
+
+    data = _data(tmp_path, corpus, val_split=0.2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=16, n_layer=1, n_head=2)).eval()
+    batcher = Batcher("causal_lm", 0)
+    cpu = Precision("fp32", torch.device("cpu"))
+
+    def run(dataset: Any, **kw: Any) -> dict[str, float]:
+        got = evaluate(
+            model,
+            dataset,
+            task="causal_lm",
+            batch_size=3,
+            pad_id=0,
+            precision=cpu,
+            batcher=batcher,
+            **kw,
+        )
+        assert got
+        return got
+
+    both = run(data.val)
+    alone = [run(source) for source in data.val.sources]  # each source's held-out part alone
+    assert sorted(k for k in both if k.startswith("val_loss/")) == [
+        "val_loss/books",
+        "val_loss/web",
+    ]
+    for name, one in zip(("web", "books"), alone, strict=True):
+        assert both[f"val_loss/{name}"] == pytest.approx(one["val_loss"], rel=1e-6)
+    weighted = sum(a["val_loss"] * a["val_tokens"] for a in alone) / both["val_tokens"]
+    assert both["val_loss"] == pytest.approx(weighted, rel=1e-6)
+    assert both["val_tokens"] == sum(a["val_tokens"] for a in alone)
+    assert not any(k.startswith("val_loss/") for k in alone[0])  # one source: no breakdown
+    # max_batches: the sources of the first batches only (both, as the sources are spread).
+    cut = run(data.val, max_batches=2)
+    assert {"val_loss/web", "val_loss/books"} <= set(cut)
+    assert cut["val_tokens"] < both["val_tokens"]

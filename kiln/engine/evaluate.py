@@ -59,6 +59,8 @@ def evaluate(
     `batch_size` is per rank, as train.batch_size; `max_batches` counts global batches
     (batch_size x N samples), so the same global batch validates the same first
     `max_batches x batch_size x N` samples, and the same val_loss, at any world size.
+    A mixture's validation data (`data.sources`) also gives `val_loss/<source>`: the same
+    token-weighted mean over the target tokens of that source's examples alone.
     """
     if batcher is None:
         batcher = Batcher(task, pad_id)
@@ -68,6 +70,7 @@ def evaluate(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     tokens = 0
+    groups = _SourceLosses.of(dataset, device)
     world = rank.world_size if rank is not None and rank.distributed else 1
     end = len(dataset)
     if max_batches is not None:  # counted in global batches: a sample bound, whatever N is
@@ -93,14 +96,20 @@ def evaluate(
             tokens += targets
             mask = labels != IGNORE_INDEX
             loss_sum += batch_loss.double()
+            if groups is not None:
+                groups.add(logits, labels, first)
             correct += ((logits.argmax(-1) == labels) & mask).sum()
             del logits, labels, mask, batch_loss  # free before the next forward: one batch live
     finally:
         model.train(was_training)
     if rank is not None and rank.distributed:
         sums = torch.stack([loss_sum, correct.double(), torch.tensor(float(tokens), device=device)])
-        loss_sum, correct, total = rank.all_reduce_sum(sums, "validation sums")
-        tokens = int(total.item())
+        if groups is not None:
+            sums = torch.cat([sums, groups.sums()])
+        sums = rank.all_reduce_sum(sums, "validation sums")
+        loss_sum, correct, tokens = sums[0], sums[1], int(sums[2].item())
+        if groups is not None:
+            groups.reduced(sums[3:])
     if tokens == 0:
         return {}
     loss = loss_sum.item() / tokens
@@ -109,7 +118,57 @@ def evaluate(
         "val_ppl": perplexity(loss),
         "val_accuracy": correct.item() / tokens,
         "val_tokens": float(tokens),
+        **(groups.metrics() if groups is not None else {}),
     }
+
+
+class _SourceLosses:
+    """The loss sums and target tokens of each source of a mixture's validation data."""
+
+    def __init__(self, source: Any, names: list[str], device: torch.device) -> None:
+        self.source, self.names = torch.as_tensor(source).long(), names
+        self.loss = torch.zeros(len(names), device=device, dtype=torch.float64)
+        self.tokens = torch.zeros(len(names), device=device, dtype=torch.int64)
+
+    @classmethod
+    def of(cls, dataset: Any, device: torch.device) -> _SourceLosses | None:
+        """For a `kiln.data.shards.Mixture` (its `source` and `names`), else None."""
+        names, source = getattr(dataset, "names", None), getattr(dataset, "source", None)
+        if names is None or source is None:
+            return None
+        import numpy as np
+
+        return cls(np.asarray(source, dtype=np.int64), list(names), device)
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, first: int) -> None:
+        """Add the batch of examples first, first + 1, ... (its aligned logits and labels)."""
+        rows = labels.shape[0]
+        per_token = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view(rows, -1)
+        where = self.source[first : first + rows].to(per_token.device)
+        self.loss.index_add_(0, where, per_token.sum(1).double())
+        self.tokens.index_add_(0, where, (labels != IGNORE_INDEX).sum(1))
+
+    def sums(self) -> torch.Tensor:
+        return torch.cat([self.loss, self.tokens.double()])
+
+    def reduced(self, sums: torch.Tensor) -> None:
+        """Take the sums all ranks added (`sums` as `sums()` lays them out)."""
+        k = len(self.names)
+        self.loss, self.tokens = sums[:k], sums[k:].long()
+
+    def metrics(self) -> dict[str, float]:
+        tokens = self.tokens.tolist()
+        losses = self.loss.tolist()
+        return {
+            f"val_loss/{name}": loss / n
+            for name, loss, n in zip(self.names, losses, tokens, strict=True)
+            if n > 0
+        }
 
 
 def validate(

@@ -23,7 +23,8 @@ the same kind (`len`, `ds[i]`, `blocks`, `doc_starts`, `block_position_ids`, `le
   so the order, the ranks' slices and resume stay exact and O(1).
 
 Validation concatenates the sources' held-out examples (`Mixture.concat`): each once, the
-sources spread evenly, so the first batches (`eval.max_batches`) hold every source.
+sources spread evenly, so the first batches (`eval.max_batches`) hold every source; `evaluate`
+reads `source` and `names` to record each source's loss (`val_loss/<name>`).
 """
 
 from __future__ import annotations
