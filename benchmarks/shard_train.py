@@ -164,7 +164,7 @@ def gather_cost(root: Path, batches: int) -> dict[str, float]:
 def synthesize(root: Path, tokens: int, doc_tokens: int, seed: int) -> Path:
     """A config whose shard set (at its own key) holds `tokens` synthetic tokens."""
     from kiln.data.cache import tokenizer_fingerprint
-    from kiln.data.shards.prepare import STATS, _check_supported, shard_dir
+    from kiln.data.shards.prepare import STATS, check_supported, shard_dir
     from kiln.data.shards.writer import ShardWriter
     from kiln.files import json_text
     from kiln.models import build_tokenizer
@@ -182,7 +182,7 @@ def synthesize(root: Path, tokens: int, doc_tokens: int, seed: int) -> Path:
     cfg = load_config(config)
     tok = build_tokenizer(cfg, None)
     fp = tokenizer_fingerprint(tok)
-    directory, key = shard_dir(cfg, _check_supported(cfg), fp, cfg.data.shard_tokens)
+    directory, key = shard_dir(cfg, check_supported(cfg), fp, cfg.data.shard_tokens)
     if (directory / "manifest.json").exists():
         return config
     print(f"  writing {label} synthetic tokens to {directory}", flush=True)

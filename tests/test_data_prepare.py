@@ -25,11 +25,10 @@ from kiln.cli import main
 from kiln.config import load_config
 from kiln.data import split_indices
 from kiln.data.assemble import Given, assemble_data
-from kiln.data.shards import MANIFEST, ShardSet, ShardWriter
+from kiln.data.shards import MANIFEST, ShardSet, ShardWriter, dedup
 from kiln.data.shards import writer as writer_module
-from kiln.data.shards.dedup import DigestSet, digest_keys
 from kiln.data.shards.encode import cores
-from kiln.data.shards.prepare import STATS, Prepared, prepare_shards
+from kiln.data.shards.prepare import DEDUP_RUNS, STATS, Prepared, prepare_shards
 from kiln.data.sources import read_rows
 from tests.helpers import bpe_tokenizer, make_rows, tiny_raw, write_jsonl
 
@@ -477,26 +476,6 @@ def test_item04_a_full_disk_is_exit_5_one_line_and_a_rerun_continues_to_identica
     assert _checksums(resumed) == _checksums(whole.directory)
 
 
-def test_item05_digest_set_keeps_what_a_python_set_keeps(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    pool = rng.integers(0, 2**63, size=(3000, 2), dtype=np.uint64)
-    pool[:40, 0] &= np.uint64(0xFF)  # shared low bits: long probe runs in a small table
-    pool[40] = 0  # the all-zero digest (the table's free-slot marker) is a digest too
-    seen, digests = set(), DigestSet(capacity=16)
-    for _ in range(12):  # batches with repeats within them and across them
-        batch = pool[rng.integers(0, len(pool), size=700)]
-        expect = []
-        for key in map(bytes, batch):
-            expect.append(key not in seen)
-            seen.add(key)
-        assert digests.add(batch).tolist() == expect
-        assert len(digests) == len(seen)
-    assert digests.nbytes <= 64 * len(seen)
-    keys = digest_keys([bytes(range(16)), bytes(16)])
-    assert keys.shape == (2, 2)
-    assert keys[1].tolist() == [0, 0]
-
-
 def test_item05_prepare_dedup_drops_the_same_rows_as_the_in_ram_path(
     tmp_path: Path, tokenizer_dir: Path
 ) -> None:
@@ -515,3 +494,32 @@ def test_item05_prepare_dedup_drops_the_same_rows_as_the_in_ram_path(
     assert all(
         data.train[i]["input_ids"].tolist() == shards.doc(i).tolist() for i in range(len(shards))
     )
+
+
+def test_item02_dedup_spilled_to_sorted_runs_keeps_the_same_documents(
+    tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = make_rows(300)
+    rng = np.random.default_rng(2)
+    rows += [rows[i] for i in rng.integers(0, 300, size=200)]  # repeats, near and far
+    rng.shuffle(rows)
+    config = _config(tmp_path, write_jsonl(tmp_path / "train.jsonl", rows), tokenizer_dir)
+    in_memory = _prepare_direct(config, "memory", batch_rows=32)
+    spills: list[int] = []
+    real = dedup.DigestSet._spill_table
+
+    def spill(self: dedup.DigestSet) -> None:
+        real(self)
+        on_disk = list((tmp_path / "spilled").glob(f"shards-*/{DEDUP_RUNS}/run-*.bin"))
+        assert len(on_disk) == self.runs
+        spills.append(self.runs)
+
+    monkeypatch.setattr(dedup, "MEMORY_KEYS", 20)  # a table of 20 digests: ~14 spills
+    monkeypatch.setattr(dedup.DigestSet, "_spill_table", spill)
+    spilled = _prepare_direct(config, "spilled", batch_rows=32)
+    assert len(spills) >= 10
+    assert max(spills) < len(spills)  # runs were merged
+    assert spilled.stats == in_memory.stats
+    assert spilled.stats["dropped"]["duplicate"] > 150
+    assert _checksums(spilled.directory) == _checksums(in_memory.directory)
+    assert not (spilled.directory / DEDUP_RUNS).exists()  # the runs go with the set complete

@@ -209,7 +209,6 @@ def test_a_damaged_shard_set_is_one_line(
 @pytest.mark.parametrize(
     ("data", "key"),
     [
-        ({"curriculum": {"difficulty": "length", "stages": [{}]}}, "data.curriculum"),
         ({"augment": [{"name": "recipe_tip"}], "packing": False}, "data.augment"),
         ({"cache_dir": None}, "data.cache_dir"),
     ],

@@ -163,7 +163,7 @@ class DataConfig(Section):
     """Where the training tokens live: memory (read, tokenized and held in RAM at each start,
     cached in data.cache_dir) or shards (prepared once into token shards under
     data.cache_dir, `kiln data prepare`, then read by memory map: any corpus size, constant
-    memory; causal_lm and instruction)."""
+    memory; every task)."""
     shard_tokens: int = Field(1 << 26, ge=1, le=1 << 32)
     """storage: shards: tokens per shard file (64M: 128 MiB of uint16 ids)."""
     min_quality_score: float | None = Field(None, ge=0.0, le=1.0)

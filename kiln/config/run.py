@@ -300,10 +300,8 @@ def _storage_problems(cfg: RunConfig) -> list[str]:
         return []
     why = "not supported with data.storage: shards"
     problems = []
-    if cfg.task not in ("causal_lm", "instruction"):
-        problems.append(f"task: {cfg.task} is {why} yet (causal_lm and instruction are)")
-    if data.curriculum is not None:
-        problems.append(f"data.curriculum: {why} (it scores rows in memory)")
+    if data.curriculum is not None and data.sources is not None:
+        problems.append("data.curriculum: not supported with data.sources (a mixture) yet")
     if data.augment:
         problems.append(f"data.augment: {why} (it re-renders rows in memory)")
     if data.cache_dir is None:

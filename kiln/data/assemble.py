@@ -79,6 +79,8 @@ class RunData:
     """data_stats.json: counts kept and dropped (empty for token data)."""
     curriculum: Curriculum | None = None
     augmented: AugmentedDataset | None = None
+    train_values: dict[str, Any] | None = None
+    """Shards: the curriculum's values of the training examples (the rows are not kept)."""
 
 
 def assemble_data(
@@ -101,7 +103,7 @@ def assemble_data(
     else:
         data = _datasets(cfg, given)
     data.curriculum, data.augmented = data_schedule(
-        cfg, data.train, data.train_rows, data.tokenizer
+        cfg, data.train, data.train_rows, data.tokenizer, data.train_values
     )
     if not cfg.data.isolate_documents:  # packed documents then attend across each other
         data.train = data.train.without_documents()
@@ -126,7 +128,9 @@ def _shard_datasets(cfg: RunConfig, given: Given, rank: RankContext | None) -> R
                 f"{what} was given to the Trainer (use data.storage: memory)"
             )
     got = shard_data(cfg, rank)
-    return RunData(got.tokenizer, got.train, got.val, None, got.val_rows, got.stats)  # type: ignore[arg-type]
+    data = RunData(got.tokenizer, got.train, got.val, None, got.val_rows, got.stats)  # type: ignore[arg-type]
+    data.train_values = got.train_values
+    return data
 
 
 def _datasets(cfg: RunConfig, given: Given) -> RunData:
@@ -295,13 +299,18 @@ def _is_dataset_dict(obj: Any) -> bool:
 
 
 def data_schedule(
-    cfg: RunConfig, train_data: TokenDataset, train_rows: list[Any] | None, tokenizer: Any
+    cfg: RunConfig,
+    train_data: TokenDataset,
+    train_rows: list[Any] | None,
+    tokenizer: Any,
+    values: dict[str, Any] | None = None,
 ) -> tuple[Curriculum | None, AugmentedDataset | None]:
     """Curriculum (which examples may be drawn when) and augmentation (how each is rendered
-    per epoch), from `cfg.data`. (The learning-rate schedule is `kiln.optim.schedule_for`.)"""
+    per epoch), from `cfg.data`. (The learning-rate schedule is `kiln.optim.schedule_for`.)
+    `values`: the curriculum's values of the examples, where there are no rows (shards)."""
     curriculum = augmented = None
     if cfg.data.curriculum is not None:
-        curriculum = Curriculum.for_dataset(cfg, train_data, train_rows)
+        curriculum = Curriculum.for_dataset(cfg, train_data, train_rows, values)
     if cfg.data.augment:
         if train_rows is None:
             raise KilnError(

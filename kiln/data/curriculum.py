@@ -91,8 +91,13 @@ def _field_values(rows: Sequence[Mapping[str, Any]], name: str, key: str) -> Ten
     return torch.tensor(values, dtype=torch.float64)
 
 
-def row_values(cfg: RunConfig, rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+def row_values(
+    cfg: RunConfig,
+    rows: Sequence[Mapping[str, Any]],
+    rendered: Sequence[tuple[str, ...]] | None = None,
+) -> dict[str, Tensor]:
     """Per-row curriculum values: `difficulty` and/or `quality`, (len(rows),) float64.
+    `rendered`: the rows' renderings with the task's template, when the caller has them.
 
     `length` difficulty is counted in characters of the rendered text here (`Curriculum`
     replaces it by tokens per example). Rows missing a needed field, or holding a value that
@@ -103,7 +108,8 @@ def row_values(cfg: RunConfig, rows: Sequence[Mapping[str, Any]]) -> dict[str, T
     out: dict[str, Tensor] = {}
     if cur.stages:
         if cur.difficulty in COMPUTED:
-            rendered = render_rows(make_format(cfg), rows)
+            if rendered is None:
+                rendered = render_rows(make_format(cfg), rows)
             if cur.difficulty == "length":
                 counts = [sum(len(p) for p in parts) for parts in rendered]
             else:
@@ -179,12 +185,18 @@ class Curriculum:
 
     @classmethod
     def for_dataset(
-        cls, cfg: RunConfig, dataset: TokenDataset, rows: Sequence[Mapping[str, Any]] | None
+        cls,
+        cfg: RunConfig,
+        dataset: TokenDataset,
+        rows: Sequence[Mapping[str, Any]] | None,
+        values: Mapping[str, Tensor] | None = None,
     ) -> Curriculum:
         """The curriculum of `cfg.data.curriculum` over the examples of `dataset`.
 
         `rows` are the training rows `dataset` was tokenized from, in order (None when the
-        data was given as tokens: then only `length` difficulty works).
+        data was given as tokens: then only `length` difficulty works). `values` replace them
+        where there are no rows (token shards): `row_values` of each example's row (ragged),
+        or of each document of the packed stream, in order.
 
         Raises:
             DataError: rows without the fields the curriculum reads (named `file:line`), or
@@ -193,12 +205,18 @@ class Curriculum:
         cur = cfg.data.curriculum
         assert cur is not None
         needs_rows = cur.quality is not None or (cur.stages and cur.difficulty != "length")
-        if rows is None and needs_rows:
+        by_row = values is None  # values given: one per example (or packed document) already
+        if values is None and rows is None and needs_rows:
             raise DataError(
                 "data.curriculum: needs the training rows (their fields); training data "
                 "given as tokens only supports difficulty: length without a quality ramp"
             )
-        values = row_values(cfg, rows) if rows is not None else {}
+        if values is None:
+            values = row_values(cfg, rows) if rows is not None else {}
+
+        def of_examples(per_row: Tensor) -> Tensor:
+            return per_row[dataset.source_rows] if by_row else per_row
+
         packed = dataset.blocks is not None
         difficulty = None
         if cur.stages:
@@ -212,13 +230,13 @@ class Curriculum:
             elif packed:
                 difficulty = _block_reduce(dataset, values["difficulty"], largest=True)
             else:
-                difficulty = values["difficulty"][dataset.source_rows]
+                difficulty = of_examples(values["difficulty"])
         quality = None
         if cur.quality is not None:
             if packed:
                 quality = _block_reduce(dataset, values["quality"], largest=False)
             else:
-                quality = values["quality"][dataset.source_rows]
+                quality = of_examples(values["quality"])
         return cls(cur, difficulty, quality)
 
     def time(self, epoch: int, step: int) -> int:

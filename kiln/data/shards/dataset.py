@@ -15,6 +15,11 @@ run trains on the same batches either way (tests/test_shard_train.py checks the 
 - instruction: document i with its label mask as aligned labels (-100 off the response); the
   0-token documents a prepare writes for samples it dropped (no room for a response) are
   skipped, as the in-memory path drops them after the split.
+- seq2seq: document i split where its label mask turns from 0 to 1: input_ids the source
+  (the 0s), labels the target (the 1s), as `tokenize_seq2seq` made them (cut when prepared).
+  The split points are found when the dataset is made (one pass over the selected documents'
+  masks, 8 bytes a document), so `lengths` (the sources') and `num_tokens` (the targets') need
+  no more reading.
 """
 
 from __future__ import annotations
@@ -89,6 +94,8 @@ class ShardDataset:
         self._runs: tuple[np.ndarray, np.ndarray] | None = None
         """Packed: (stream start, global token start) of each run of documents that lie end
         to end in the set too (a block is read in one copy a run, mostly one or two)."""
+        self._sources: np.ndarray | None = None
+        """seq2seq: the source's token count in each selected document (the target follows)."""
 
     @classmethod
     def packed(
@@ -156,6 +163,27 @@ class ShardDataset:
         ds._cut = cut
         return ds
 
+    @classmethod
+    def seq2seq(
+        cls, shards: ShardSet, docs: np.ndarray, all_lengths: np.ndarray, *, what: str = "data"
+    ) -> ShardDataset:
+        """One example per document of `docs`: input_ids its source (mask 0), labels its
+        target (mask 1), as prepared (cut to the limits then).
+
+        Raises:
+            DataError: the set has no masks, or a document's mask is not 0s then 1s (each
+                part non-empty): not a seq2seq set, or an altered one.
+        """
+        if not shards.has_masks:
+            raise DataError(
+                f"{what}: the shard set {shards.directory} has no label masks, so no seq2seq "
+                "targets; prepare it again with task: seq2seq"
+            )
+        ds = cls(shards, docs, all_lengths[docs])
+        sources = _source_lengths(shards, docs, what)
+        ds._sources = sources
+        return ds
+
     # ---- the TokenDataset interface ----------------------------------------------------------
 
     @property
@@ -178,7 +206,8 @@ class ShardDataset:
 
     @property
     def aligned(self) -> bool:
-        return self.has_labels
+        """Labels aligned with input_ids (instruction), not a separate target (seq2seq)."""
+        return self.has_labels and self._sources is None
 
     def without_documents(self) -> ShardDataset:
         """The same blocks without document boundaries (documents attend across each other)."""
@@ -186,6 +215,7 @@ class ShardDataset:
             return self
         ds = ShardDataset(self.shards, self.docs, self._lengths)
         ds._stream_starts, ds._cut, ds._runs = self._stream_starts, self._cut, self._runs
+        ds._sources = self._sources
         assert self._blocks is not None
         ds._blocks = PackedBlocks(ds, *self._blocks.shape)
         return ds
@@ -212,6 +242,8 @@ class ShardDataset:
         if self._blocks is not None:
             n, length = self._blocks.shape
             return torch.full((n,), length, dtype=torch.int64)
+        if self._sources is not None:  # seq2seq: the input is the source
+            return torch.from_numpy(self._sources)
         lengths = torch.from_numpy(self._lengths)
         return lengths if self._cut is None else lengths.clamp(max=self._cut)
 
@@ -227,12 +259,19 @@ class ShardDataset:
             return total
         if not self.has_labels:
             return int((self.lengths - 1).clamp(min=0).sum())
-        total = 0
-        for d in self.docs.tolist():
+        return int(self.example_targets().sum())
+
+    def example_targets(self) -> np.ndarray:
+        """Target tokens of each example, (N,) int64, as `num_tokens` counts them (ragged
+        examples with labels: instruction reads the masks, once a call; seq2seq has them)."""
+        if self._sources is not None:  # seq2seq: every target token is one
+            return self._lengths - self._sources
+        out = np.empty(len(self), dtype=np.int64)
+        for i, d in enumerate(self.docs.tolist()):
             mask = self.shards.mask(d)
             assert mask is not None
-            total += int(np.count_nonzero(mask[1:]))  # the first position is never predicted
-        return total
+            out[i] = np.count_nonzero(mask[1:])  # the first position is never predicted
+        return out
 
     def __len__(self) -> int:
         if self._blocks is not None:
@@ -247,6 +286,10 @@ class ShardDataset:
         if self._blocks is not None:
             return {"input_ids": self._blocks[index]}
         d = int(self.docs[index])
+        if self._sources is not None:  # seq2seq: the source, then the target
+            tokens = torch.from_numpy(self.shards.doc(d).astype(np.int64))
+            split = int(self._sources[index])
+            return {"input_ids": tokens[:split], "labels": tokens[split:]}
         ids = torch.from_numpy(self.shards.doc(d)[: self._cut].astype(np.int64))
         example = {"input_ids": ids}
         if self.has_labels:
@@ -278,8 +321,44 @@ class ShardDataset:
 
     def __repr__(self) -> str:
         layout = f"blocks of {self._blocks.shape[1]}" if self._blocks is not None else "ragged"
-        labels = ", aligned labels" if self.has_labels else ""
+        labels = (", aligned labels" if self.aligned else ", labels") if self.has_labels else ""
         return f"ShardDataset({len(self)} examples, {layout}{labels}, from {self.shards.directory})"
+
+
+def _source_lengths(shards: ShardSet, docs: np.ndarray, what: str) -> np.ndarray:
+    """(len(docs),) int64: the source's token count in each of `docs` (seq2seq: the mask's
+    leading 0s), checked to be followed by 1s only, both parts non-empty.
+
+    Vectorized a shard at a time (two `reduceat` passes over the shard's mask): 0.1-0.2 s for
+    200k documents of 14M tokens, where a Python loop over the documents took 3 s."""
+    first = np.concatenate([[0], np.cumsum(shards.documents_per_shard)])
+    shard_of = np.searchsorted(first, docs, side="right") - 1
+    out = np.empty(docs.size, dtype=np.int64)
+    for k in np.unique(shard_of).tolist():
+        arrays = shards.shard_arrays(k)
+        offsets, mask = np.asarray(arrays["offsets"]), arrays["mask"]
+        begin, lengths = offsets[:-1], np.diff(offsets)
+        targets = np.zeros(lengths.size, dtype=np.int64)
+        full = lengths > 0  # reduceat sums [begin_i, begin_next): empty documents add nothing
+        if full.any():
+            targets[full] = np.add.reduceat(mask, begin[full], dtype=np.int64)
+        sources = lengths - targets
+        bad = (sources == 0) | (targets == 0)
+        ok = np.flatnonzero(~bad)
+        if ok.size:  # the source part holds no 1: then the target part is all 1s
+            bounds = np.empty(2 * ok.size, dtype=np.int64)
+            bounds[0::2], bounds[1::2] = begin[ok], begin[ok] + sources[ok]  # rising strictly
+            bad[ok] = np.add.reduceat(mask, bounds, dtype=np.int64)[0::2] != 0
+        where = np.flatnonzero(shard_of == k)
+        local = docs[where] - first[k]
+        if bad[local].any():
+            d = int(docs[where[bad[local].argmax()]])
+            raise DataError(
+                f"{what}: document {d} of {shards.directory} is not a seq2seq pair (its label "
+                "mask is not source 0s then target 1s); prepare the set again"
+            )
+        out[where] = sources[local]
+    return out
 
 
 def _runs(
@@ -310,4 +389,6 @@ def shard_examples(
         return ShardDataset.ragged(
             shards, docs, all_lengths, cut=data.max_length, truncation=data.truncation, what=what
         )
+    if cfg.task == "seq2seq":  # data.packing does not apply, as in memory
+        return ShardDataset.seq2seq(shards, docs, all_lengths, what=what)
     return ShardDataset.ragged(shards, docs, all_lengths, what=what)  # cut when prepared

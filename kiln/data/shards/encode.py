@@ -75,14 +75,18 @@ class DocumentMaker:
 
     causal_lm: ids + EOS, as `tokenize_causal` makes a document before packing. instruction:
     the sample `tokenize_instruction` makes (prompt + response + EOS, cut to `max_length`),
-    with its label mask; a sample without a target token is an empty document.
+    with its label mask; a sample without a target token is an empty document. seq2seq: the
+    pair `tokenize_seq2seq` makes, its input_ids (source, cut to `max_length`, + EOS) then its
+    labels (target, cut to `max_target_length`, + EOS) as one document, the mask 0 on the
+    source and 1 on the target (both have at least their EOS, so the split is never empty).
 
     Args:
-        task: "causal_lm" or "instruction".
+        task: "causal_lm", "instruction" or "seq2seq".
         tokenizer: a transformers tokenizer with an eos token.
         dtype: the token dtype of the documents (the shard set's).
-        max_length: instruction: tokens per sample at most.
-        truncation: instruction: cut a too-long sample (else a DataError naming it).
+        max_length: instruction: tokens per sample at most; seq2seq: source tokens at most.
+        truncation: instruction, seq2seq: cut a too-long sample (else a DataError naming it).
+        max_target_length: seq2seq: target tokens at most.
     """
 
     task: str
@@ -90,10 +94,13 @@ class DocumentMaker:
     dtype: np.dtype
     max_length: int = 0
     truncation: bool = True
+    max_target_length: int = 0
 
     def __call__(self, batch: Rendered) -> Documents:
         if self.task == "instruction":
             return self._instruction(batch)
+        if self.task == "seq2seq":
+            return self._seq2seq(batch)
         return self._causal(batch)
 
     def _causal(self, batch: Rendered) -> Documents:
@@ -144,6 +151,29 @@ class DocumentMaker:
         offsets = _offsets(lengths)
         tokens = np.concatenate(ids).astype(self.dtype)
         return Documents(tokens, offsets, np.concatenate(masks), len(batch) - len(rows))
+
+    def _seq2seq(self, batch: Rendered) -> Documents:
+        from kiln.data.tokenize import tokenize_seq2seq
+
+        if not batch:
+            return Documents(np.zeros(0, self.dtype), np.zeros(1, np.int64), np.zeros(0, np.uint8))
+        samples = tokenize_seq2seq(
+            [parts[0] for parts, _ in batch],
+            [parts[1] for parts, _ in batch],
+            self.tokenizer,
+            self.max_length,
+            self.max_target_length,
+            truncation=self.truncation,
+            locations=[where for _, where in batch],
+        )
+        examples = (samples[i] for i in range(len(samples)))  # one per row: none is dropped
+        pairs = [(e["input_ids"].numpy(), e["labels"].numpy()) for e in examples]
+        tokens = np.concatenate([part for pair in pairs for part in pair]).astype(self.dtype)
+        mask = np.concatenate(
+            [np.repeat(np.array([0, 1], np.uint8), [src.size, tgt.size]) for src, tgt in pairs]
+        )
+        lengths = np.fromiter((src.size + tgt.size for src, tgt in pairs), np.int64, len(pairs))
+        return Documents(tokens, _offsets(lengths), mask)
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ A shard set is one directory::
                                shard is tokens[offsets[d]:offsets[d + 1]]; offsets[0] == 0 and
                                offsets[-1] == the shard's token count
     shard-00000.mask           (sets with masks only) raw uint8, one per token: 1 = trained on
+                               (instruction: the response; seq2seq: a document is the source's
+                               ids then the target's, 0 on the source, 1 on the target)
     shard-00000.done           while writing only: the shard's manifest entry, written after its
                                files; a rerun keeps the shards that have one (`ShardWriter.resume`)
 

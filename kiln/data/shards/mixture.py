@@ -451,11 +451,7 @@ def _targets(ds: Any) -> np.ndarray:
         return targets
     if not ds.has_labels:
         return (ds.lengths - 1).clamp(min=0).numpy().astype(np.int64)
-    out = np.empty(len(ds), dtype=np.int64)
-    for i, d in enumerate(ds.docs.tolist()):
-        mask = ds.shards.mask(d)
-        out[i] = int(np.count_nonzero(mask[1:]))  # the first position is never predicted
-    return out
+    return ds.example_targets()  # instruction: the masks' response tokens; seq2seq: targets
 
 
 def weights_of(sources: Sequence[MixtureSource]) -> list[float]:

@@ -6,17 +6,22 @@
 The rows go through the same checks, filters and task template as `kiln train` (the functions
 of `kiln.data.prepare` and `kiln.data.tasks`, a batch of `batch_rows` rows at a time), and a
 causal_lm document becomes its ids + EOS, as `tokenize_causal` makes it before packing; an
-instruction sample is what `tokenize_instruction` makes of it, with a label mask. Memory
-holds one batch of rows, one shard's tokens and, with `data.dedup`, a 16-byte digest per
-distinct document in a `DigestSet` (32-64 bytes a document: the one thing that grows with the
-corpus).
+instruction sample is what `tokenize_instruction` makes of it, with a label mask; a seq2seq
+pair is what `tokenize_seq2seq` makes of it, as one document: its input_ids (the source, cut to
+`max_length`, + EOS) then its labels (the target, cut to `max_target_length`, + EOS), with a
+label mask 0 on the source and 1 on the target (the reader splits the document there). Memory
+holds one batch of rows, the writer's staging buffer and, with `data.dedup`, a `DigestSet` of
+the distinct documents' 16-byte digests: the newest `MEMORY_KEYS` in a table (8-12 MB), the
+rest in sorted runs under `<set>/.dedup/` (16 bytes a document on disk, removed when the set is
+complete), so memory does not grow with the corpus.
 
 The shard set lives at `<data.cache_dir>/shards-<key>/`, the key from the source files'
 identities, the settings that decide which rows become which tokens, the tokenizer and
 `PREPARE_VERSION`. It holds every training document that passes the filters, in source order:
 the train/val split (`data.val_split`, `split_indices` over document indices), `max_samples`,
 packing and (causal_lm) `max_length` are applied by whoever reads the set, so they are not in
-the key; an instruction sample is cut to `max_length` here, so for it that is in the key.
+the key; an instruction sample is cut to `max_length` here and a seq2seq pair to `max_length`
+and `max_target_length`, so for them those limits (and `truncation`) are in the key.
 Document i of the set is always kept row i (after the filters and dedup): an instruction sample
 with no target token within `max_length` is an empty document (0 tokens, counted in
 `dropped["no_target"]`), so a reader's split by document index is the in-RAM path's split by
@@ -29,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,13 +53,27 @@ if TYPE_CHECKING:
     from kiln.config import RunConfig
     from kiln.data.sources import Row
 
-__all__ = ["PREPARE_VERSION", "STATS", "Prepared", "prepare_shards", "shard_dir", "shard_settings"]
+__all__ = [
+    "BATCH_ROWS",
+    "DEDUP_RUNS",
+    "PREPARE_VERSION",
+    "STATS",
+    "Documents",
+    "Prepared",
+    "check_supported",
+    "prepare_shards",
+    "shard_dir",
+    "shard_settings",
+]
 
 PREPARE_VERSION = 2
 """Version of the rows-to-documents code; bump it when the same config would give other tokens."""
 
 STATS = "stats.json"
 """The shard set's counts (rows read, dropped by reason, bad rows), written beside its manifest."""
+
+DEDUP_RUNS = ".dedup"
+"""Where `data.dedup`'s sorted digest runs go inside an unfinished set (removed when done)."""
 
 BATCH_ROWS = 4096
 """Rows checked, filtered and tokenized together: one batch is what memory holds of the corpus."""
@@ -84,9 +104,14 @@ _NOT_IN_KEY = frozenset(
         "augment",
     }
 )
-# Data settings that decide an instruction sample's tokens (its cut) besides the rows.
-_SAMPLE_SHAPE = frozenset({"max_length", "truncation"})
-_TASKS = ("causal_lm", "instruction")
+# Data settings that decide a sample's tokens (its cut) besides the rows, by task.
+_SAMPLE_SHAPE = {
+    "instruction": frozenset({"max_length", "truncation"}),
+    "seq2seq": frozenset({"max_length", "max_target_length", "truncation"}),
+}
+_TASKS = ("causal_lm", "instruction", "seq2seq")
+_MASKED = frozenset({"instruction", "seq2seq"})
+"""Tasks whose documents carry a label mask (instruction: the response; seq2seq: the target)."""
 _HF_PREFIX = "hf:"
 
 log = logging.getLogger("kiln")
@@ -123,22 +148,19 @@ class Prepared:
 def shard_settings(cfg: RunConfig, shard_tokens: int) -> dict[str, Any]:
     """The settings in a shard set's key: the task, the data options that decide the rows and
     their tokens, and the shard size (it decides the files' bytes)."""
-    exclude = set(_NOT_IN_KEY)
-    if cfg.task == "instruction":  # a sample is cut to data.max_length when tokenized
-        exclude -= _SAMPLE_SHAPE
+    # an instruction or seq2seq sample is cut to its limits when tokenized
+    exclude = set(_NOT_IN_KEY) - _SAMPLE_SHAPE.get(cfg.task, frozenset())
     data = cfg.data.model_dump(mode="json", exclude=exclude)
     return {"task": cfg.task, "data": data, "shard_tokens": shard_tokens}
 
 
-def _check_supported(cfg: RunConfig) -> list[str]:
+def check_supported(cfg: RunConfig) -> list[str]:
     """The training sources as files, or a one-line error for what prepare cannot do yet."""
     from kiln.data.sources import expand_source
 
     data = cfg.data
     if cfg.task not in _TASKS:
-        raise KilnError(
-            f"task: kiln data prepare supports causal_lm and instruction so far, not {cfg.task}"
-        )
+        raise KilnError(f"task: kiln data prepare supports {', '.join(_TASKS)}, not {cfg.task}")
     if data.train is None:
         raise KilnError("data.train: not set; kiln data prepare reads the training files")
     if data.cache_dir is None:
@@ -184,14 +206,17 @@ def _digest(parts: tuple[str, ...]) -> bytes:
     return h.digest()
 
 
-class _Documents:
+class Documents:
     """The rendered documents of the training sources, in order, with their counts."""
 
-    def __init__(self, cfg: RunConfig, sources: list[str], batch_rows: int) -> None:
+    def __init__(
+        self, cfg: RunConfig, sources: list[str], batch_rows: int, spill: Path | None = None
+    ) -> None:
         from kiln.data.prepare import DataStats
         from kiln.data.sources import ReadOptions
 
         self.cfg, self.sources, self.batch_rows = cfg, sources, batch_rows
+        self.spill = spill  # where dedup's sorted runs go when its table is full
         self.options = ReadOptions.from_config(cfg.data)
         self.stats = DataStats()
         for reason, limit in (("too_short", cfg.data.min_chars), ("too_long", cfg.data.max_chars)):
@@ -201,28 +226,41 @@ class _Documents:
     def batches(self) -> Iterator[list[tuple[tuple[str, ...], str]]]:
         """Each batch's kept (rendering, `file:line`) pairs (checked, filtered, deduplicated
         across batches)."""
-        from kiln.data.prepare import clean_items
+        for kept in self.kept():
+            yield [(parts, row.where) for row, parts in kept]
+
+    def kept(self) -> Iterator[list[tuple[Row, tuple[str, ...]]]]:
+        """Each batch's kept (row, rendering) pairs: document i of the set is the i-th."""
         from kiln.data.sources import iter_rows
         from kiln.data.tasks import make_format
 
-        data, stats, options = self.cfg.data, self.stats, self.options
+        data, options = self.cfg.data, self.options
         fmt = make_format(self.cfg)
         per_batch = data.model_copy(update={"dedup": False})  # dedup runs across batches below
-        seen = DigestSet()
+        if self.spill is not None:  # the runs of a killed prepare: dedup starts over
+            shutil.rmtree(self.spill, ignore_errors=True)
+        with DigestSet(spill=self.spill) as seen:
+            yield from self._kept(iter_rows(self.sources, options), fmt, per_batch, seen)
+
+    def _kept(
+        self, rows_in: Iterator[Row], fmt: Any, per_batch: Any, seen: DigestSet
+    ) -> Iterator[list[tuple[Row, tuple[str, ...]]]]:
+        from kiln.data.prepare import clean_items
+
+        data, stats, options = self.cfg.data, self.stats, self.options
         yielded = render_bad = 0  # rows the readers gave; those of them the checks refused
-        for rows in _batches(iter_rows(self.sources, options), self.batch_rows):
+        for rows in _batches(rows_in, self.batch_rows):
             bad_before = options.bad.count
             items, drops = clean_items(rows, fmt, per_batch, options.bad)
             yielded += len(rows)
             render_bad += options.bad.count - bad_before
-            rendered = [(parts, row.where) for row, parts in items]
             if data.dedup:
-                new = seen.add(digest_keys([_digest(parts) for parts, _ in rendered]))
-                drops["duplicate"] = len(rendered) - int(new.sum())
-                rendered = [item for item, keep in zip(rendered, new.tolist(), strict=True) if keep]
+                new = seen.add(digest_keys([_digest(parts) for _, parts in items]))
+                drops["duplicate"] = len(items) - int(new.sum())
+                items = [item for item, keep in zip(items, new.tolist(), strict=True) if keep]
             for reason, n in drops.items():
                 stats.dropped[reason] = stats.dropped.get(reason, 0) + n
-            yield rendered
+            yield items
         # As `load_splits` counts: every row read, bad ones and lines too big to parse included.
         stats.rows_read = yielded + options.bad.count - render_bad + options.too_long
         if options.too_long:
@@ -230,7 +268,7 @@ class _Documents:
         stats.bad_rows, stats.bad_row_examples = options.bad.count, list(options.bad.examples)
 
 
-def _todo(docs: _Documents, skip: int) -> Iterator[Rendered]:
+def _todo(docs: Documents, skip: int) -> Iterator[Rendered]:
     """The batches of kept renderings, less the first `skip` (the documents of the complete
     shards of an interrupted prepare: document i is kept row i). Every row is still read:
     the filters, dedup and counts need them."""
@@ -243,7 +281,7 @@ def _todo(docs: _Documents, skip: int) -> Iterator[Rendered]:
 
 
 def _write_documents(
-    cfg: RunConfig, docs: _Documents, pool: EncodePool, writer: ShardWriter
+    cfg: RunConfig, docs: Documents, pool: EncodePool, writer: ShardWriter
 ) -> dict[str, Any]:
     """Write the documents the writer's complete shards do not hold yet, then the set's
     `stats.json`; the counts written."""
@@ -251,15 +289,15 @@ def _write_documents(
 
     directory = writer.directory
     skip = writer.documents_written  # held by the shards an interrupted prepare wrote
-    masks = cfg.task == "instruction"
+    drops = cfg.task == "instruction"  # samples without a target token: empty documents
     dropped = docs.stats.dropped
-    if masks:  # the empty documents of the kept shards are samples dropped as no_target
+    if drops:  # the empty documents of the kept shards are samples dropped as no_target
         dropped["no_target"] = writer.empty_documents_written()
     if skip:
         log.info("%s: continuing after the %s documents of its complete shards", directory, skip)
     progress = Progress(f"preparing {directory}", unit="documents")
     for batch in pool.map(_todo(docs, skip)):
-        if masks:
+        if drops:
             dropped["no_target"] += batch.no_target
         for ids, mask in batch:
             writer.add(ids, mask)
@@ -327,7 +365,7 @@ def prepare_shards(
 
     start = time.perf_counter()
     shard_tokens = cfg.data.shard_tokens if shard_tokens is None else shard_tokens
-    sources = _check_supported(cfg)
+    sources = check_supported(cfg)
     tokenizer = build_tokenizer(cfg, None)
     if tokenizer.eos_token_id is None:
         raise KilnError("tokenizer: has no eos_token; kiln ends every document with one")
@@ -335,9 +373,14 @@ def prepare_shards(
     directory, key = shard_dir(cfg, sources, fingerprint, shard_tokens)
     if (directory / MANIFEST).is_file():
         return Prepared(directory, existed=True)
-    masks = cfg.task == "instruction"
+    masks = cfg.task in _MASKED
     maker = DocumentMaker(
-        cfg.task, tokenizer, dtype_for(len(tokenizer)), cfg.data.max_length, cfg.data.truncation
+        cfg.task,
+        tokenizer,
+        dtype_for(len(tokenizer)),
+        cfg.data.max_length,
+        cfg.data.truncation,
+        cfg.data.max_target_length,
     )
     if workers is None:  # data.num_workers unset: all cores
         workers = cores() if cfg.data.num_workers is None else cfg.data.num_workers
@@ -356,7 +399,8 @@ def prepare_shards(
         except SetComplete:  # ... and it completed the set
             return Prepared(directory, existed=True)
         with writer, _resumable(writer):
-            stats = _write_documents(cfg, _Documents(cfg, sources, batch_rows), pool, writer)
+            docs = Documents(cfg, sources, batch_rows, directory / DEDUP_RUNS)
+            stats = _write_documents(cfg, docs, pool, writer)
             manifest = writer.close()
     return Prepared(
         directory,

@@ -183,6 +183,13 @@ class ShardSet:
             self._open.popitem(last=False)
         return maps
 
+    def shard_arrays(self, shard: int) -> dict[str, np.ndarray]:
+        """Shard `shard`'s files as read-only arrays: {"tokens", "offsets"[, "mask"]} (its
+        documents are `offsets.size - 1` consecutive global ones; see `documents_per_shard`)."""
+        if not 0 <= shard < len(self._shards):
+            raise IndexError(f"shard {shard} of a shard set of {len(self._shards)}")
+        return self._maps(shard)
+
     def _span(self, index: int) -> tuple[dict[str, np.ndarray], int, int]:
         shard, local = self.locate(index)
         maps = self._maps(shard)

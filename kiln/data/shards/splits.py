@@ -2,7 +2,9 @@
 
     prepare the set if it is missing (`prepare_shards`; the main rank first, the others then
     find it) -> open it (one stat per file) -> split its documents as the in-memory path splits
-    rows (`split_documents`) -> `data.max_samples` -> `shard_examples`
+    rows (`split_documents`) -> `data.max_samples` -> (`data.curriculum`: the documents'
+    values, `values.py`; packed: the documents sorted by them, as `order_rows` sorts rows)
+    -> `shard_examples`
 
 Validation comes from `data.val` (read and tokenized in memory, as always: it is small, and
 generation metrics need its rows) or from the held-out `data.val_split` of the documents.
@@ -44,6 +46,9 @@ class ShardData:
     """A ShardDataset (held-out documents), a TokenDataset (data.val), or None."""
     val_rows: list[Any] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    train_values: dict[str, Any] | None = None
+    """`data.curriculum`: its values (`difficulty`, `quality`) of each training example, or
+    of each document of the packed stream, in order (float64 tensors)."""
 
 
 def _prepare(cfg: RunConfig, rank: RankContext | None) -> Any:
@@ -84,7 +89,7 @@ def shard_data(cfg: RunConfig, rank: RankContext | None = None) -> ShardData:
         stats["val_rows"], stats["val_examples"] = len(val_rows), len(val)
         stats["val_tokens"] = val_stats.val_tokens
     log.info("training from %s: %d examples", got.shards, len(got.train))
-    return ShardData(tokenizer, got.train, val, val_rows, stats)
+    return ShardData(tokenizer, got.train, val, val_rows, stats, got.values)
 
 
 @dataclass
@@ -95,6 +100,7 @@ class _Split:
     train: ShardDataset
     val: ShardDataset | None
     stats: dict[str, Any]
+    values: dict[str, Any] | None = None
 
 
 def _split(
@@ -131,14 +137,34 @@ def _split(
     if data.max_samples is not None and train_docs.size > data.max_samples:
         stats.setdefault("dropped", {})["max_samples"] = int(train_docs.size - data.max_samples)
         train_docs = train_docs[: data.max_samples]
+    by_doc = values = None
+    if data.curriculum is not None and _reads_rows(cfg):
+        from kiln.data.shards.values import document_values, order_documents
+
+        by_doc = document_values(cfg, prepared.directory, n, rank)
+        if cfg.task == "causal_lm" and data.packing:
+            train_docs = order_documents(by_doc, train_docs)
     train = shard_examples(shards, train_docs, lengths, cfg, what=what)
+    if by_doc is not None:
+        from kiln.data.shards.values import per_example
+
+        values = per_example(by_doc, train.docs)
     stats.update(
         train_rows=int(train_docs.size),
         train_examples=len(train),
         train_tokens=train.num_tokens,
         shards=str(prepared.directory),
     )
-    return tokenizer, _Split(shards, train, val, stats)
+    return tokenizer, _Split(shards, train, val, stats, values)
+
+
+def _reads_rows(cfg: RunConfig) -> bool:
+    """Whether the curriculum needs values of the rows (a field, the rendered text), not
+    only the examples' token lengths (`difficulty: length` without packing or quality)."""
+    cur = cfg.data.curriculum
+    assert cur is not None
+    packed = cfg.task == "causal_lm" and cfg.data.packing  # ordered by the rows' lengths
+    return cur.quality is not None or (bool(cur.stages) and (cur.difficulty != "length" or packed))
 
 
 def _mixture_data(cfg: RunConfig, rank: RankContext | None) -> ShardData:
