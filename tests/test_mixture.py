@@ -109,21 +109,24 @@ class _Blocks:
         return self.n
 
 
-def test_item04_every_prefix_of_the_first_epoch_holds_the_shares(tmp_path: Path) -> None:
+def test_item04_every_prefix_of_every_epoch_holds_the_shares(tmp_path: Path) -> None:
     from kiln.data.sampler import epoch_permutation
     from kiln.data.shards.mixture import Mixture
 
     n = 500_000  # a corpus of 1M blocks: 10k samples are 1% of an epoch
     sources, seed = [_Blocks(n), _Blocks(n)], 3
     mixture = Mixture.weighted(
-        sources, ["a", "b"], [0.7, 0.3], seed, epoch_permutation(2 * n, seed, 0)
+        sources, ["a", "b"], [0.7, 0.3], seed, lambda e: epoch_permutation(2 * n, seed, e)
     )
+    t = np.arange(1, SAMPLES + 1)
+    for epoch in (0, 1, 2):  # each epoch's first samples, as the cursor draws them
+        cursor = BatchCursor(len(mixture), 8, seed, epoch=epoch)
+        drawn = torch.cat([cursor.next_indices() for _ in range(SAMPLES // 8)])
+        source, _ = mixture.for_epoch(epoch).locate(drawn.numpy())
+        taken = np.cumsum(source == 0)
+        assert np.abs(taken - 0.7 * t).max() <= 1.0  # every prefix, to within one sample
     cursor = BatchCursor(len(mixture), 8, seed)
     drawn = torch.cat([cursor.next_indices() for _ in range(SAMPLES // 8)])
-    source, _ = mixture.locate(drawn.numpy())
-    taken = np.cumsum(source == 0)
-    t = np.arange(1, SAMPLES + 1)
-    assert np.abs(taken - 0.7 * t).max() <= 1.0  # every prefix, to within one sample
     # without the first epoch's order, a prefix is a random draw: near, not exact
     plain = Mixture.weighted(sources, ["a", "b"], [0.7, 0.3], seed)
     share = float((plain.locate(drawn.numpy())[0] == 0).mean())
@@ -131,6 +134,35 @@ def test_item04_every_prefix_of_the_first_epoch_holds_the_shares(tmp_path: Path)
     assert np.array_equal(
         np.sort(plain.local[plain.source == 0]), np.sort(mixture.local[mixture.source == 0])
     )
+
+
+def test_item04_a_down_weighted_source_gives_new_examples_each_epoch() -> None:
+    from kiln.data.sampler import epoch_permutation
+    from kiln.data.shards.mixture import Mixture
+
+    sources, seed = [_Blocks(300), _Blocks(700)], 5  # a: 30% of the examples, weight 10%
+    mixture = Mixture.weighted(
+        sources, ["a", "b"], [0.1, 0.9], seed, lambda e: epoch_permutation(1000, seed, e)
+    )
+    m_a, m_b = (int(c) for c in mixture.counts)
+    assert (m_a, m_b) == (100, 900)
+    drawn: list[np.ndarray] = []
+    for epoch in range(3):  # 3 epochs of 100 examples of a: each of its 300 exactly once
+        view = mixture.for_epoch(epoch)
+        assert (view.source == 0).sum() == m_a  # the same counts every epoch
+        drawn.append(view.local[view.source == 0])
+    assert np.array_equal(np.sort(np.concatenate(drawn)), np.arange(300))
+    assert mixture.for_epoch(0) is mixture
+    b = np.concatenate(
+        [mixture.for_epoch(e).local[mixture.for_epoch(e).source == 1] for e in (0, 1)]
+    )
+    counts = np.bincount(b, minlength=700)  # up-weighted b: 1800 draws of 700, 2 or 3 each
+    assert counts.min() >= 2
+    assert counts.max() <= 3
+    again = Mixture.weighted(
+        sources, ["a", "b"], [0.1, 0.9], seed, lambda e: epoch_permutation(1000, seed, e)
+    )
+    assert np.array_equal(again.for_epoch(2).local, mixture.for_epoch(2).local)  # seeded
 
 
 def test_item04_a_weight_too_small_to_draw_is_said(caplog: pytest.LogCaptureFixture) -> None:
@@ -216,9 +248,12 @@ def test_item04_resume_is_exact_and_tokens_seen_per_source_are_logged(
     assert len(mixture) < 7 * 4  # resumed in epoch 1: epoch 0 is counted too
     for r in rows:
         cursor = BatchCursor(len(mixture), 4, 0)
-        drawn = torch.cat([cursor.next_indices() for _ in range(r["step"])])
-        source, _ = mixture.locate(drawn.numpy())
-        assert [r[k] for k in keys] == (np.bincount(source, minlength=2) * 32).tolist()
+        counts = np.zeros(2, dtype=np.int64)
+        for _ in range(r["step"]):  # each batch from its epoch's mixture
+            drawn = cursor.next_indices()
+            source, _ = mixture.for_epoch(cursor.last_epoch).locate(drawn.numpy())
+            counts += np.bincount(source, minlength=2)
+        assert [r[k] for k in keys] == (counts * 32).tolist()
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["split"] == "val"]
     assert evals
@@ -342,3 +377,17 @@ def test_item05_validation_gives_each_sources_loss(tmp_path: Path, corpus: dict[
     cut = run(data.val, max_batches=2)
     assert {"val_loss/web", "val_loss/books"} <= set(cut)
     assert cut["val_tokens"] < both["val_tokens"]
+
+
+def test_item03_loader_workers_build_each_epochs_mixture(
+    tmp_path: Path, corpus: dict[str, Path]
+) -> None:
+    from kiln import Trainer
+
+    losses = []
+    for workers in (0, 1):  # short epochs: the run crosses several, each its own mixture
+        raw = _raw(tmp_path / f"w{workers}", corpus, max_samples=4, val_split=0.02)
+        raw["data"]["loader_workers"] = workers
+        losses.append(Trainer(load_config(data=raw)).fit().loss_history)
+    assert losses[0] == losses[1]
+    assert len(losses[0]) == 12

@@ -4,7 +4,7 @@ samples may be drawn at a step (curriculum, rollback), the workers that build ba
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,17 +46,22 @@ def make_prefetcher(cfg: RunConfig, parts: Parts) -> Prefetcher | None:
         return None
     from kiln.data.prefetch import Prefetcher
 
-    data, augmented = parts.train_data, parts.augmented
-
-    def data_for(epoch: int) -> object:
-        return data if augmented is None else augmented.for_epoch(epoch)
-
     return Prefetcher(
         parts.batcher,
-        data_for,
+        lambda epoch: epoch_data(parts, epoch),
         cfg.data.loader_workers,
         pin_memory=parts.device.type == "cuda",
     )
+
+
+def epoch_data(parts: Parts, epoch: int) -> Any:
+    """The training data as epoch `epoch` draws it: re-rendered per (seed, epoch, sample)
+    with `data.augment`; a mixture's examples of that epoch (`Mixture.for_epoch`); else the
+    training data itself."""
+    if parts.augmented is not None:
+        return parts.augmented.for_epoch(epoch)
+    for_epoch = getattr(parts.train_data, "for_epoch", None)
+    return parts.train_data if for_epoch is None else for_epoch(epoch)
 
 
 def eligible_samples(parts: Parts, step: int) -> Callable[[int], torch.Tensor] | None:

@@ -21,12 +21,12 @@ from kiln.checkpoint import CheckpointManager
 from kiln.config import RunConfig, config_hash
 from kiln.data import BatchCursor
 from kiln.data.assemble import Given
+from kiln.engine import feed
 from kiln.engine.anomaly import clip_grad_norm
 from kiln.engine.cadence import Cadence
 from kiln.engine.control import CheckpointKind, Control, RunView, StopRequest
 from kiln.engine.evaluate import restore_best, validate
 from kiln.engine.events import Event
-from kiln.engine.feed import eligible_samples, input_tokens, make_cursor, make_prefetcher
 from kiln.engine.generate_eval import GenerationEval, end_sample
 from kiln.engine.judge import Judge
 from kiln.engine.loadable import write_loadable
@@ -293,8 +293,8 @@ class Trainer:
         self.meter = meter_for(cfg, parts.model, parts.device)
         self.meter.start(self.state.tokens_seen, self.state.samples_seen, self._start_time)
         self.meter.seed_window(self.loop.loss_history)  # loss_avg goes on across a resume
-        self.cursor = make_cursor(cfg, parts, self.state, self.rank)
-        self.prefetch = make_prefetcher(cfg, parts)
+        self.cursor = feed.make_cursor(cfg, parts, self.state, self.rank)
+        self.prefetch = feed.make_prefetcher(cfg, parts)
         self.loop.epoch_started = self.state.cursor > 0
         self.loop.epochs_ended = 0
         self.cadence.reset()
@@ -321,7 +321,7 @@ class Trainer:
     def _rewind(self) -> None:
         """The data cursor and the loss_avg window at the restored position (after a
         rollback: the rolled-back steps leave the window, as they left loss_history)."""
-        self.cursor = make_cursor(self.cfg, self.setup(), self.state, self.rank)
+        self.cursor = feed.make_cursor(self.cfg, self.setup(), self.state, self.rank)
         if self.meter is not None:
             self.meter.seed_window(self.loop.loss_history)
 
@@ -402,18 +402,15 @@ class Trainer:
         parts, cursor, loop = self.setup(), self.cursor, self.loop
         assert cursor is not None
         epoch, before = cursor.epoch, cursor.state_dict()
-        eligible = eligible_samples(parts, self.state.step)
+        eligible = feed.eligible_samples(parts, self.state.step)
         idx = cursor.next_indices(eligible)
         parts.guard.drew(idx)
         loop.epochs_ended += cursor.epoch - epoch
         self.state.epoch, self.state.cursor = cursor.epoch, cursor.cursor
         if self.prefetch is not None and eligible is None:  # built ahead, the same batch
             return self.prefetch.take(cursor, before, idx)
-        data: Any = parts.train_data
-        if parts.augmented is not None:  # re-rendered and re-tokenized per (seed, epoch, sample)
-            data = parts.augmented.for_epoch(cursor.last_epoch)
         # Packed blocks: one gather, no attention mask; position ids restart per document.
-        return parts.batcher(data, idx)
+        return parts.batcher(feed.epoch_data(parts, cursor.last_epoch), idx)
 
     def _train_step(self) -> tuple[int, int]:
         """One optimizer step; returns this rank's (input tokens, samples) of the window."""
@@ -426,7 +423,7 @@ class Trainer:
         batches, tokens, samples = [], 0, 0
         for _ in range(cfg.train.grad_accum_steps):
             batch = self._next_batch()
-            tokens += input_tokens(batch)  # host-side, on the CPU copy
+            tokens += feed.input_tokens(batch)  # host-side, on the CPU copy
             samples += batch["input_ids"].shape[0]
             batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
         if not self.rank.distributed:  # on N ranks: summed at the step's sync

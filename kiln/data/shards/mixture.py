@@ -10,17 +10,22 @@ the same kind (`len`, `ds[i]`, `blocks`, `doc_starts`, `block_position_ids`, `le
   them, so that its share of the epoch's input tokens is its normalized weight w_k: m_k is
   proportional to w_k / (mean tokens of an example of k) (packed blocks all hold L tokens, so
   there m_k is proportional to w_k), rounded by largest remainder to sum to M.
-- Source k's j-th example of the epoch (j < m_k) is its example `perm_k[j % n_k]`, `perm_k` a
-  permutation of its examples seeded by (seed, k): a down-weighted source (m_k < n_k) gives a
-  seeded subset of its examples, the same every epoch; an up-weighted one (m_k > n_k) repeats
-  its examples, each floor(m_k / n_k) or one more times per epoch.
-- These M examples are laid on the positions of the run's first epoch order (the seeded
-  permutation the cursor walks), the sources spread evenly along it (source k's j-th at rank
+- Source k's j-th example of epoch e (j < m_k) is its example `perm_k[(e * m_k + j) % n_k]`,
+  `perm_k` a permutation of its examples seeded by (seed, k): the epochs walk on along that
+  cycle, so a down-weighted source (m_k < n_k) gives the next m_k of its examples each epoch
+  (all of them over ceil(n_k / m_k) epochs, none twice before every one was drawn once), and an
+  up-weighted one (m_k > n_k) repeats its examples, each floor(m_k / n_k) or one more times an
+  epoch.
+- These M examples are laid on the positions of the epoch's order (the seeded permutation the
+  cursor walks in epoch e), the sources spread evenly along it (source k's j-th at rank
   (j + 1/2) / m_k), and mixture index p is the example at p's position: so every prefix of
-  the first epoch holds each source's share to within about one example. Later epochs are
-  other permutations of the same M indices: exact over each whole epoch, a random draw within.
-  Each index is two array lookups (`source`, `local`: 10 bytes an example), fixed by the seed,
-  so the order, the ranks' slices and resume stay exact and O(1).
+  every epoch holds each source's share to within about one example (`for_epoch(e)` is epoch
+  e's mapping, made when the epoch starts: O(M)). Each index is two array lookups (`source`,
+  `local`: 10 bytes an example; the spread sequence and the sources' permutations keep 16 bytes
+  an example and 8 a source example more), fixed by the seed, so the order, the ranks' slices
+  and resume stay exact and O(1). With `data.group_by_length` on unpacked examples the order
+  depends on the lengths, so the sources lie one after another in index order instead (exact
+  over each whole epoch, a random draw within).
 
 Validation concatenates the sources' held-out examples (`Mixture.concat`): each once, the
 sources spread evenly, so the first batches (`eval.max_batches`) hold every source; `evaluate`
@@ -32,7 +37,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -132,6 +138,32 @@ def _permutation(n: int, seed: int, k: int) -> np.ndarray:
     return torch.randperm(n, generator=gen).numpy()
 
 
+@dataclass(frozen=True)
+class _Epochs:
+    """What lays out each epoch of a weighted mixture: the spread sequence of (source, j), the
+    sources' seeded permutations (one after another), m_k, n_k, and the epochs' orders."""
+
+    seq_source: np.ndarray
+    seq_j: np.ndarray
+    perms: np.ndarray
+    counts: np.ndarray
+    sizes: np.ndarray
+    order: Callable[[int], Tensor] | None
+
+    def layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, local) of each mixture index in `epoch`."""
+        k = self.seq_source
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        j = (epoch * self.counts[k] + self.seq_j) % np.maximum(self.sizes[k], 1)
+        seq_local = self.perms[offsets[k] + j]
+        if self.order is None:
+            return k, seq_local
+        at = self.order(epoch).numpy()  # position t of the epoch draws index at[t]
+        source, local = np.empty_like(k), np.empty_like(seq_local)
+        source[at], local[at] = k, seq_local
+        return source, local
+
+
 class MixtureBlocks:
     """The (M, L) blocks of a packed `Mixture`, indexed like a tensor by a batch of indices:
     each index read from its source's blocks, the batch in the order asked."""
@@ -170,6 +202,7 @@ class Mixture:
         source: (M,) the source of each mixture index.
         local: (M,) the example of that source at each mixture index.
         weights: the normalized weights, if drawn by weight.
+        epochs: how to lay out later epochs (`weighted` makes it), if they differ from this one.
     """
 
     def __init__(
@@ -179,6 +212,7 @@ class Mixture:
         source: np.ndarray,
         local: np.ndarray,
         weights: np.ndarray | None = None,
+        epochs: _Epochs | None = None,
     ) -> None:
         self.sources = list(sources)
         self.names = list(names)
@@ -193,6 +227,8 @@ class Mixture:
         self._seen: tuple[int, int, np.ndarray] | None = None  # tokens_seen's running count
         self._epoch_tokens: dict[int, np.ndarray] = {}
         self._order: tuple[int, Tensor] | None = None  # (epoch, its training order)
+        self._epochs = epochs
+        self._view: tuple[int, Mixture] | None = None  # the last epoch's mixture
 
     @classmethod
     def weighted(
@@ -201,16 +237,15 @@ class Mixture:
         names: Sequence[str],
         weights: Sequence[float],
         seed: int,
-        first_order: Tensor | None = None,
+        order: Callable[[int], Tensor] | None = None,
     ) -> Mixture:
         """Source k gives the share w_k / sum(w) of each epoch's input tokens: m_k examples
-        (largest remainder), its j-th being its example perm_k[j % n_k] (perm_k seeded by
-        (seed, k)).
+        (largest remainder), its j-th in epoch e being its example perm_k[(e * m_k + j) % n_k]
+        (perm_k seeded by (seed, k)). This is epoch 0's mixture; `for_epoch` gives the others.
 
-        `first_order`: the training order of the first epoch (a permutation of the M
-        indices): the sources are then spread evenly along it, so every prefix of that
-        epoch holds each source's share to within about one example. None: source after
-        source (index order).
+        `order`: epoch -> the training order of that epoch (a permutation of the M indices):
+        the sources are then spread evenly along it, so every prefix of every epoch holds each
+        source's share to within about one example. None: source after source (index order).
         """
         w = np.asarray(weights, dtype=np.float64)
         w = w / w.sum()
@@ -226,18 +261,22 @@ class Mixture:
                 w[k],
                 int(sizes.sum()),
             )
-        seq_source, seq_j = _sequence(counts, spread=first_order is not None)
+        seq_source, seq_j = _sequence(counts, spread=order is not None)
         perms = [_permutation(int(n), seed, k) for k, n in enumerate(sizes)]
-        flat = np.concatenate(perms)
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        seq_local = flat[offsets[seq_source] + seq_j % sizes[seq_source]]
-        if first_order is None:
-            return cls(sources, names, seq_source, seq_local, w)
-        at = first_order.numpy()  # position t of the first epoch draws index at[t]
-        source = np.empty_like(seq_source)
-        local = np.empty_like(seq_local)
-        source[at], local[at] = seq_source, seq_local
-        return cls(sources, names, source, local, w)
+        epochs = _Epochs(seq_source, seq_j, np.concatenate(perms), counts, sizes, order)
+        return cls(sources, names, *epochs.layout(0), w, epochs)
+
+    def for_epoch(self, epoch: int) -> Mixture:
+        """The mixture of `epoch` (the same sources, counts and names; each source's next
+        examples of its cycle, spread along that epoch's order). Epoch 0 is this one; the last
+        one asked for is kept."""
+        if epoch == 0 or self._epochs is None:
+            return self
+        if self._view is None or self._view[0] != epoch:
+            source, local = self._epochs.layout(epoch)
+            view = Mixture(self.sources, self.names, source, local, self.weights)
+            self._view = (epoch, view)
+        return self._view[1]
 
     @classmethod
     def concat(cls, sources: Sequence[Any], names: Sequence[str]) -> Mixture:
@@ -335,7 +374,7 @@ class Mixture:
         if not self.isolates_documents:
             return self
         sources = [s.without_documents() for s in self.sources]
-        return Mixture(sources, self.names, self.source, self.local, self.weights)
+        return Mixture(sources, self.names, self.source, self.local, self.weights, self._epochs)
 
     @cached_property
     def lengths(self) -> Tensor:  # type: ignore[override]
@@ -411,8 +450,9 @@ class Mixture:
                 perm = grouped_permutation(cursor.lengths, cursor.global_batch, cursor.seed, epoch)
             self._order = (epoch, perm)
         drawn = self._order[1][lo:hi]
-        k = self.source[drawn.numpy()]
-        weights = self.lengths[drawn].numpy().astype(np.float64)
+        mixture = self.for_epoch(epoch)
+        k = mixture.source[drawn.numpy()]
+        weights = mixture.lengths[drawn].numpy().astype(np.float64)
         out += np.rint(np.bincount(k, weights=weights, minlength=len(self.sources))).astype(
             np.int64
         )

@@ -187,10 +187,14 @@ def _mixture_data(cfg: RunConfig, rank: RankContext | None) -> ShardData:
             raise source_error(exc, k) from None
         splits.append(got)
     trains = [s.train for s in splits]
-    first_order = None  # the run's first epoch order, unless it depends on the mixture's lengths
+    order = None  # each epoch's order, unless it depends on the mixture's lengths
     if not (cfg.data.group_by_length and trains[0].blocks is None):
-        first_order = epoch_permutation(sum(len(t) for t in trains), cfg.seed, 0)
-    train = Mixture.weighted(trains, names, weights_of(sources), cfg.seed, first_order)
+        total = sum(len(t) for t in trains)
+
+        def order(epoch: int) -> Any:
+            return epoch_permutation(total, cfg.seed, epoch)
+
+    train = Mixture.weighted(trains, names, weights_of(sources), cfg.seed, order)
     stats = _summed([s.stats for s in splits])
     stats["sources"] = train.stats()
     for name, got in zip(names, splits, strict=True):
