@@ -180,3 +180,27 @@ def test_what_does_not_combine_is_one_line(tmp_path: Path, corpus: tuple[Path, P
     raw = _raw(tmp_path, corpus, "shards", {"stages": STAGES}, loader_workers=1)
     with pytest.raises(ConfigError, match=r"data\.(curriculum|loader_workers)"):
         load_config(data=raw)
+
+
+def test_kiln_data_prepare_reads_the_values_too(
+    tmp_path: Path,
+    corpus: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import yaml
+
+    from kiln.cli import main
+
+    raw = _raw(tmp_path / "run", corpus, "shards", {"stages": STAGES, "quality": QUALITY})
+    raw["data"]["cache_dir"] = str(tmp_path / "own-cache")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["-q", "data", "prepare", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "curriculum values (difficulty, quality) of 240 documents: ready" in out
+    (directory,) = (tmp_path / "own-cache").glob("shards-*")
+    assert len(list(directory.glob("values-*.npy"))) == 2
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        assemble_data(load_config(data=raw), Given())
+    assert "curriculum: reading the values" not in caplog.text  # read back, not again

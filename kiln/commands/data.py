@@ -108,6 +108,15 @@ def run(args: argparse.Namespace) -> int:
             return ExitCode.FINISHED
         prepared = prepare_shards(cfg)
         print(prepared.summary())
+        from kiln.data.shards.values import reads_rows
+
+        if reads_rows(cfg):  # the curriculum's values of the rows, once, as training reads them
+            from kiln.data.shards.reader import ShardSet
+            from kiln.data.shards.values import document_values
+
+            documents = len(ShardSet.open(prepared.directory, verify="index"))
+            names = ", ".join(document_values(cfg, prepared.directory, documents))
+            print(f"curriculum values ({names}) of {documents:,} documents: ready")
         return ExitCode.FINISHED
 
     from kiln.data.preview import preview

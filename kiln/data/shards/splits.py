@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kiln.data.shards.values import reads_rows
 from kiln.errors import DataError, KilnError
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def _split(
         stats.setdefault("dropped", {})["max_samples"] = int(train_docs.size - data.max_samples)
         train_docs = train_docs[: data.max_samples]
     by_doc = values = None
-    if data.curriculum is not None and _reads_rows(cfg):
+    if data.curriculum is not None and reads_rows(cfg):
         from kiln.data.shards.values import document_values, order_documents
 
         by_doc = document_values(cfg, prepared.directory, n, rank)
@@ -156,15 +157,6 @@ def _split(
         shards=str(prepared.directory),
     )
     return tokenizer, _Split(shards, train, val, stats, values)
-
-
-def _reads_rows(cfg: RunConfig) -> bool:
-    """Whether the curriculum needs values of the rows (a field, the rendered text), not
-    only the examples' token lengths (`difficulty: length` without packing or quality)."""
-    cur = cfg.data.curriculum
-    assert cur is not None
-    packed = cfg.task == "causal_lm" and cfg.data.packing  # ordered by the rows' lengths
-    return cur.quality is not None or (bool(cur.stages) and (cur.difficulty != "length" or packed))
 
 
 def _mixture_data(cfg: RunConfig, rank: RankContext | None) -> ShardData:

@@ -31,9 +31,20 @@ if TYPE_CHECKING:
     from kiln.config import RunConfig
     from kiln.rank import RankContext
 
-__all__ = ["document_values", "order_documents", "per_example", "value_names"]
+__all__ = ["document_values", "order_documents", "per_example", "reads_rows", "value_names"]
 
 log = logging.getLogger("kiln")
+
+
+def reads_rows(cfg: RunConfig) -> bool:
+    """Whether the config's curriculum needs values of the rows (a field, the rendered
+    text), not only the examples' token counts (`difficulty: length` without packing or a
+    quality ramp)."""
+    cur = cfg.data.curriculum
+    if cur is None:
+        return False
+    packed = cfg.task == "causal_lm" and cfg.data.packing  # ordered by the rows' lengths
+    return cur.quality is not None or (bool(cur.stages) and (cur.difficulty != "length" or packed))
 
 
 def value_names(cfg: RunConfig) -> dict[str, str]:
