@@ -33,6 +33,10 @@ manifest goes last, after every fsync and checksum has finished, and records eac
 `crc32[i]` covers bytes `[i * piece, min((i + 1) * piece, size))`; an empty file has none.
 Format 1 manifests (before per-piece crc32s) hold one crc32 of the whole file per file,
 `{"size": N, "checksum": "d49a2e3f"}`; they still verify, each file in one sequential pass.
+
+What `--resume` names (`find_checkpoint`) and whether the run directory must then hold no run
+(`resume_plan`) are decided here, without torch: the engine applies the rule at setup, and
+`kiln.preflight` before anything loads (with manifests and sizes only, not checksums).
 """
 
 from __future__ import annotations
@@ -48,10 +52,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kiln.files import fsync_dir, json_text, writing
-from kiln.rundir.layout import MANIFEST, checkpoint_name, step_of
+from kiln.errors import KilnError
+from kiln.files import fsync_dir, is_within, json_text, resolve_path, writing
+from kiln.rundir.layout import MANIFEST, RunPaths, checkpoint_name, step_of
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointInfo", "CheckpointManager"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "find_checkpoint",
+    "resume_plan",
+]
 
 log = logging.getLogger("kiln")
 
@@ -272,9 +283,10 @@ class CheckpointManager:
         found = self.list()
         return found[-1] if found else None
 
-    def verify(self, path: Path) -> CheckpointInfo:
+    def verify(self, path: Path, *, checksums: bool = True) -> CheckpointInfo:
         """Check every file of the checkpoint at `path` against its manifest: its size, then
-        the crc32 of each piece (of the whole file, for a format 1 manifest).
+        (unless `checksums` is False: what `kiln.preflight` asks, before loading anything) the
+        crc32 of each piece (of the whole file, for a format 1 manifest).
 
         Raises:
             ValueError: naming what is missing or corrupt (for a piece, its byte range).
@@ -291,6 +303,8 @@ class CheckpointManager:
             found = file.stat().st_size
             if found != size:
                 raise ValueError(f"{file}: corrupt ({found} bytes, the manifest records {size})")
+        if not checksums:
+            return self._info(path, manifest)
         pool = ThreadPoolExecutor(_hash_threads(), thread_name_prefix="kiln-crc")
         try:
             # Every piece of every file is queued at once, so all threads stay busy.
@@ -425,3 +439,80 @@ class CheckpointManager:
             return None
         pick = min if self.mode == "min" else max
         return pick(ranked, key=lambda c: c.metrics[self.metric])
+
+
+# ---- what `--resume` names ---------------------------------------------------------------------
+
+
+def find_checkpoint(
+    want: str | Path | bool, checkpoints: CheckpointManager, *, checksums: bool = True
+) -> Path | None:
+    """The complete checkpoint `want` names: False none; True or "latest" the newest complete
+    one of the run (`checkpoints`: its own; an error if there is none); "auto" the same or
+    None; a path: a checkpoint, or a run directory (its newest complete one). Each is
+    verified (`CheckpointManager.verify`; with `checksums` False, its manifest and file sizes
+    only: `kiln.preflight`'s check before loading anything). None: nothing to resume.
+
+    Raises:
+        KilnError: naming --resume: nothing complete where a checkpoint is required.
+    """
+    if want is False:
+        return None
+    if want in (True, "latest", "auto"):
+        return _newest_valid(checkpoints, required=want != "auto", checksums=checksums)
+    path = resolve_path(want, "--resume")  # type: ignore[arg-type]
+    if not (path / MANIFEST).exists() and RunPaths(path).checkpoints.is_dir():
+        run = CheckpointManager(RunPaths(path).checkpoints)
+        return _newest_valid(run, required=True, checksums=checksums)
+    try:
+        return checkpoints.verify(path, checksums=checksums).path
+    except ValueError as exc:
+        raise KilnError(f"--resume: {exc}") from None
+
+
+def resume_plan(
+    want: str | Path | bool,
+    checkpoints: CheckpointManager,
+    run_dir: Path,
+    *,
+    checksums: bool = True,
+) -> tuple[Path | None, bool, str | None]:
+    """How a run in `run_dir` (resolved; `checkpoints` are its own) starts, given `want`:
+    (the checkpoint it resumes from; whether that belongs to another run, which starts this
+    run directory afresh from it; the reason added to the refusal when the run directory
+    must hold no run, `kiln.runs.held_run`: "" for a fresh start, None when the run
+    continues there and may).
+
+    Raises:
+        KilnError: `find_checkpoint`'s, or a checkpoint inside `run_dir` that is not one of
+            its checkpoints.
+    """
+    resume_from = find_checkpoint(want, checkpoints, checksums=checksums)
+    if resume_from is None:
+        return None, False, ""
+    if is_within(resume_from, checkpoints.root.resolve()):
+        return resume_from, False, None
+    if is_within(resume_from, run_dir):
+        raise KilnError(
+            f"--resume: {resume_from} lies inside output_dir {run_dir} but "
+            "is not one of its checkpoints; resume that run itself"
+        )
+    why = (
+        f", and --resume {resume_from} is a checkpoint of another run "
+        f"(resume that run itself, or start this one afresh from it)"
+    )
+    return resume_from, True, why
+
+
+def _newest_valid(
+    manager: CheckpointManager, *, required: bool, checksums: bool = True
+) -> Path | None:
+    """Newest checkpoint that passes its checks; one that fails is skipped, and said so."""
+    for info in reversed(manager.list()):
+        try:
+            return manager.verify(info.path, checksums=checksums).path
+        except ValueError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+    if required:
+        raise KilnError(f"--resume: no complete checkpoint in {manager.root}")
+    return None

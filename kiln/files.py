@@ -2,6 +2,10 @@
 
 - `resolve_path` turns a user path into an absolute one with `..` and symlinks resolved *before*
   any check, so `runs/missing/../b` is checked as `runs/b` (what the OS will write to).
+- `expand_source` turns a data source spec (a file, a glob, a saved dataset, `hf:<name>`) into
+  the sources it stands for, and `looks_local` tells a model path from a hub id: the rules the
+  data pipeline and the model loader apply, here (no torch) so `kiln.preflight` applies the
+  same ones before anything heavy loads.
 - `write_atomic` writes a file under a temporary name, fsyncs it and renames it into place: a
   reader (or a crash) sees the old file or the new one, never half of one. Files that may hold
   the config (config.yaml, kiln_config.yaml) are written with mode 0600 (`private=True`).
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import math
@@ -30,18 +35,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kiln.errors import KilnError
+from kiln.errors import DataError, KilnError
 
 __all__ = [
+    "HF_PREFIX",
     "LOCK_FILE",
     "PRIVATE_MODE",
     "RunLock",
     "StorageFull",
+    "expand_source",
     "finite_json",
     "fsync_dir",
     "fsync_tree",
+    "is_saved_dataset",
     "is_within",
     "json_text",
+    "looks_local",
     "resolve_path",
     "storage_full",
     "swap_dir",
@@ -74,6 +83,47 @@ def resolve_path(path: str | os.PathLike[str], key: str = "path") -> Path:
 def is_within(path: Path, parent: Path) -> bool:
     """Whether resolved `path` is `parent` or lies inside it."""
     return path == parent or parent in path.parents
+
+
+HF_PREFIX = "hf:"
+"""A data source spec naming a Hugging Face hub dataset: `hf:<name>`."""
+_GLOB_CHARS = re.compile(r"[*?[]")
+# Files `save_to_disk` writes: a Dataset has the first two, a DatasetDict the third.
+_SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
+
+
+def expand_source(spec: str | os.PathLike[str]) -> list[str]:
+    """The sources one data spec stands for: a glob's sorted matches (`**` allowed), else the
+    spec itself (a file, a directory, `hf:<name>`; whether it exists is not checked here).
+
+    Raises:
+        DataError: a glob that matches nothing.
+    """
+    spec = str(spec)
+    if spec.startswith(HF_PREFIX) or not _GLOB_CHARS.search(spec) or Path(spec).exists():
+        return [spec]
+    matches = sorted(glob.glob(spec, recursive=True))
+    if not matches:
+        raise DataError(f"{spec}: no files match this pattern")
+    return matches
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a directory holding a `datasets` dataset written by `save_to_disk`."""
+    return path.is_dir() and any((path / name).is_file() for name in _SAVED_DATASET_FILES)
+
+
+def looks_local(name_or_path: str) -> bool:
+    """Whether a model or tokenizer name is meant as a filesystem path rather than a hub id
+    ("org/name"): it starts with `/`, `.` or `~`, or holds a backslash or more than one `/`.
+
+    Checked before asking the hub, which retries an unreachable host for ~20 s.
+    """
+    return (
+        name_or_path.startswith(("/", ".", "~"))
+        or name_or_path.count("/") > 1
+        or "\\" in name_or_path
+    )
 
 
 def finite_json(value: Any) -> Any:

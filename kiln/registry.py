@@ -14,13 +14,21 @@ loggers and notifiers, and `require_extra` for optional dependencies.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 
 from kiln.errors import KilnError
 
-__all__ = ["MissingExtra", "Registry", "UnknownName", "lazy_exports", "require_extra"]
+__all__ = [
+    "MissingExtra",
+    "Registry",
+    "UnknownName",
+    "lazy_exports",
+    "missing_extra",
+    "require_extra",
+]
 
 T = TypeVar("T")
 
@@ -123,6 +131,21 @@ def require_extra(module: str, extra: str, *, feature: str | None = None) -> Mod
         raise MissingExtra(
             f"{need} {module.split('.')[0]} ({exc}); install it with: pip install 'kiln[{extra}]'"
         ) from None
+
+
+def missing_extra(module: str, extra: str, *, feature: str | None = None) -> str | None:
+    """`require_extra`'s one line when `module` is not installed, found without importing it
+    (`importlib.util.find_spec`: wandb or mlflow take seconds to import); None when it is."""
+    try:
+        if importlib.util.find_spec(module) is not None:
+            return None
+    except (ImportError, ValueError):  # a parent package missing, or a finder refusing it
+        pass
+    try:
+        require_extra(module, extra, feature=feature)  # fails at once: nothing to import
+    except MissingExtra as exc:
+        return str(exc)
+    return None
 
 
 def lazy_exports(package: str, where: dict[str, str]) -> Callable[[str], Any]:

@@ -28,6 +28,9 @@ a small process. Typical use, tailing a live run:
         ...                            # tail.records is the whole current history
 
 How a run ends (status.json's state, `kiln train`'s exit code): `STATE_EXIT_CODES`, `ExitCode`.
+Whether a new run may start in a directory: `RUN_ARTIFACTS`, `held_run`, `held_run_refusal`,
+`not_a_directory` (the rule `kiln train` applies before loading anything, and the engine again
+when it claims the directory).
 
 This module is the public face; the code lives in the `kiln.rundir` package: `layout` (the
 names, `RunPaths`, the states and exit codes) and `read` (the readers). Import from here.
@@ -50,6 +53,7 @@ from kiln.rundir.layout import (
     METRICS,
     PLOTS,
     REPORT,
+    RUN_ARTIFACTS,
     SAMPLES,
     STATE_EXIT_CODES,
     STATES,
@@ -60,6 +64,9 @@ from kiln.rundir.layout import (
     ExitCode,
     RunPaths,
     checkpoint_name,
+    held_run,
+    held_run_refusal,
+    not_a_directory,
     run_dir_of,
     step_of,
 )
@@ -96,6 +103,7 @@ __all__ = [
     "METRICS",
     "PLOTS",
     "REPORT",
+    "RUN_ARTIFACTS",
     "SAMPLES",
     "STALE_AFTER_S",
     "STATES",
@@ -111,9 +119,12 @@ __all__ = [
     "RunPaths",
     "checkpoint_name",
     "config_file",
+    "held_run",
+    "held_run_refusal",
     "is_alive",
     "list_checkpoints",
     "list_runs",
+    "not_a_directory",
     "pid_running",
     "read_anomalies",
     "read_config_raw",

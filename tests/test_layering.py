@@ -326,7 +326,7 @@ FLOORS: dict[str, tuple[str, ...]] = {
         "kiln.checkpoint",
         "kiln.plots",
     ),
-    "tools": ("kiln.anomalies", "kiln.explain", "kiln.report", "kiln.export"),
+    "tools": ("kiln.anomalies", "kiln.explain", "kiln.report", "kiln.export", "kiln.preflight"),
     "engine": ("kiln.engine",),
     "callbacks": ("kiln.callbacks",),
     "job": ("kiln.job", "kiln.helpers"),

@@ -24,6 +24,7 @@ from kiln.commands import add_config_args, add_flag
 from kiln.config import RunConfig, load_config
 from kiln.engine.signals import StoppedBeforeStart
 from kiln.errors import KilnError
+from kiln.preflight import preflight
 from kiln.runs import CHECKPOINTS, MANIFEST, STEP_PREFIX, ExitCode, RunPaths, run_dir_of
 
 HELP = "train a model described by a config"
@@ -216,11 +217,29 @@ def _shown(path: Path) -> str:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Load and validate the config before anything heavy is imported (`kiln.cli` calls it
-    first): a bad config is answered in well under a second, and once, not on every rank."""
+    """Load and validate the config, then check what it names (`kiln.preflight`: data files,
+    model directories, the run directory and the checkpoint resumed, the extras it needs),
+    before anything heavy is imported (`kiln.cli` calls it first): a bad config is answered
+    in well under a second, every problem at once, and once, not on every rank. The run
+    directory's own rule is the main rank's, as when the engine claims it: another rank
+    could find it already prepared by the main one."""
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         _launch(args)  # its arguments too
-    args.loaded = _load(args)
+    args.loaded = cfg, resume = _load(args)
+    if args.config is not None and Path(args.config).is_file():
+        source = Path(args.config).resolve()
+        if source == RunPaths(cfg.run_dir).config.resolve():
+            raise KilnError(
+                f"output_dir: {cfg.run_dir} is the folder of the config being read "
+                f"({args.config}), which the run's config.yaml would replace; choose another"
+            )
+    preflight(cfg, overwrite=args.overwrite, resume=resume, run_dir=_main_rank())
+
+
+def _main_rank() -> bool:
+    """Whether this process is the one that writes the run directory (RANK unset or 0)."""
+    rank = os.environ.get("RANK", "0").strip()
+    return not (rank.isdigit() and int(rank) != 0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -297,14 +316,9 @@ def _train(args: argparse.Namespace) -> int:
         logging.getLogger("kiln").setLevel(logging.WARNING)
     else:  # RUN_DIR/train.log: what it prints, once the run directory is accepted; `kiln.cli`
         start_console_log()  # stops it after the closing line
-    cfg, resume = args.loaded if hasattr(args, "loaded") else _load(args)
-    if args.config is not None and Path(args.config).is_file():
-        source = Path(args.config).resolve()
-        if source == RunPaths(cfg.run_dir).config.resolve():
-            raise KilnError(
-                f"output_dir: {cfg.run_dir} is the folder of the config being read "
-                f"({args.config}), which the run's config.yaml would replace; choose another"
-            )
+    if not hasattr(args, "loaded"):  # `kiln.cli` checked it first; a direct call checks here
+        check(args)
+    cfg, resume = args.loaded
     try:
         trainer = build_trainer(cfg, overwrite=args.overwrite, resume=resume)
         try:

@@ -11,14 +11,14 @@ A source spec (`data.train`, `data.val`) is one string or a list of them, each:
 
 `read_rows` reads a spec whole, `iter_rows` one row at a time (JSONL, CSV and text files
 streamed). The rows, options and bad-row collector (`Row`, `ReadOptions`, `BadRows`) are in
-`kiln.data.rows`; this module re-exports them and the readers, so that `kiln.data.sources`
-stays the one import for reading data.
+`kiln.data.rows`; this module re-exports them, the readers and `expand_source`, so that
+`kiln.data.sources` stays the one import for reading data. `expand_source` itself lives in
+`kiln.files` (no torch), so `kiln.preflight` checks the specs by the same rule before anything
+heavy loads.
 """
 
 from __future__ import annotations
 
-import glob
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from kiln.data.readers import (
 from kiln.data.rows import BadRows, IndexRow, ReadOptions, Row, json_type, where
 from kiln.data.rows import _Problems as _Problems  # re-exported for the data pipeline's stages
 from kiln.errors import DataError
+from kiln.files import HF_PREFIX, expand_source, is_saved_dataset
 
 __all__ = [
     "READERS",
@@ -63,30 +64,6 @@ __all__ = [
     "where",
 ]
 
-_GLOB_CHARS = re.compile(r"[*?[]")
-_HF_PREFIX = "hf:"
-# Files `save_to_disk` writes: a Dataset has the first two, a DatasetDict the third.
-_SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in _SAVED_DATASET_FILES)
-
-
-def expand_source(spec: str | Path) -> list[str]:
-    """The sources one spec stands for: a glob's sorted matches, else the spec itself.
-
-    Raises:
-        DataError: a glob that matches nothing.
-    """
-    spec = str(spec)
-    if spec.startswith(_HF_PREFIX) or not _GLOB_CHARS.search(spec) or Path(spec).exists():
-        return [spec]
-    matches = sorted(glob.glob(spec, recursive=True))
-    if not matches:
-        raise DataError(f"{spec}: no files match this pattern")
-    return matches
-
 
 def read_source(source: str | Path, options: ReadOptions | None = None) -> list[Row]:
     """Read one source (not a glob): a file, a saved dataset directory, or `hf:<name>`.
@@ -108,13 +85,13 @@ def read_source(source: str | Path, options: ReadOptions | None = None) -> list[
 
 
 def _read_one(source: str, options: ReadOptions) -> list[Row]:
-    if source.startswith(_HF_PREFIX) or options.format == "hf":
+    if source.startswith(HF_PREFIX) or options.format == "hf":
         from kiln.data.arrow import read_dataset
 
         return read_dataset(source, options)
     path = Path(source)
     if path.is_dir():
-        if _is_saved_dataset(path):
+        if is_saved_dataset(path):
             from kiln.data.arrow import read_dataset
 
             return read_dataset(source, options)
@@ -136,7 +113,7 @@ def iter_rows(
         for source in expand_source(one):
             path = Path(source)
             stream = None
-            if not source.startswith(_HF_PREFIX) and options.format != "hf" and not path.is_dir():
+            if not source.startswith(HF_PREFIX) and options.format != "hf" and not path.is_dir():
                 stream = STREAMERS.get(file_format(path, options.format))
             if stream is None:
                 yield from read_source(source, options)

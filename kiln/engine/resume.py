@@ -8,7 +8,6 @@ scaler, and callback states. With those restored a CPU fp32 run continues bit-id
 from __future__ import annotations
 
 import json
-import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,22 +17,20 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from kiln.checkpoint import CheckpointManager
+from kiln.checkpoint import CheckpointManager, find_checkpoint, resume_plan
 from kiln.config import RunConfig, config_from_dict, dump_yaml
 from kiln.data.cache import fingerprint_matches, tokenizer_fingerprint
 from kiln.engine.signals import StoppedBeforeStart
 from kiln.errors import KilnError, first_line
 from kiln.files import (
     StorageFull,
-    is_within,
-    resolve_path,
     storage_full,
     torch_save,
     write_atomic,
 )
 from kiln.models.sharding import is_sharded
 from kiln.process import rng_state, set_rng_state
-from kiln.runs import CONFIG, MANIFEST, RunPaths
+from kiln.runs import CONFIG
 
 if TYPE_CHECKING:
     from kiln.engine.parts import Parts
@@ -57,7 +54,6 @@ __all__ = [
     "write_shards",
 ]
 
-log = logging.getLogger("kiln")
 
 # Config keys whose change makes a checkpoint meaningless: shapes, vocabulary, and everything
 # that decides which training examples exist and in what order (the cursor indexes into them).
@@ -194,44 +190,16 @@ def write_shards(
     return staging
 
 
-def find_checkpoint(want: str | Path | bool, checkpoints: CheckpointManager) -> Path | None:
-    """The verified checkpoint `want` names: False none; True/"latest" the newest complete one
-    of the run (an error if there is none); "auto" the same or None; a path: a checkpoint, or a
-    run directory (its newest complete one)."""
-    if want is False:
-        return None
-    if want in (True, "latest", "auto"):
-        return _newest_valid(checkpoints, required=want != "auto")
-    path = resolve_path(want, "--resume")  # type: ignore[arg-type]
-    if not (path / MANIFEST).exists() and RunPaths(path).checkpoints.is_dir():
-        return _newest_valid(CheckpointManager(RunPaths(path).checkpoints), required=True)
-    try:
-        return checkpoints.verify(path).path
-    except ValueError as exc:
-        raise KilnError(f"--resume: {exc}") from None
-
-
 def resume_target(
     want: str | Path | bool, checkpoints: CheckpointManager, run_dir: RunDir, *, overwrite: bool
 ) -> tuple[Path | None, bool]:
     """(the checkpoint to resume from, whether it belongs to another run), checked before
     minutes of setup: a run directory that already holds a run is refused unless resumed or
-    `overwrite`; another run's checkpoint starts this run directory afresh from it."""
-    resume_from = find_checkpoint(want, checkpoints)
-    foreign = resume_from is not None and not is_within(resume_from, checkpoints.root.resolve())
-    if foreign:
-        if is_within(resume_from, run_dir.path):  # type: ignore[arg-type]
-            raise KilnError(
-                f"--resume: {resume_from} lies inside output_dir {run_dir.path} but "
-                "is not one of its checkpoints; resume that run itself"
-            )
-        run_dir.check_free(
-            overwrite=overwrite,
-            why=f", and --resume {resume_from} is a checkpoint of another run "
-            f"(resume that run itself, or start this one afresh from it)",
-        )
-    elif resume_from is None:
-        run_dir.check_free(overwrite=overwrite)
+    `overwrite`; another run's checkpoint starts this run directory afresh from it. The rule
+    is `kiln.checkpoint.resume_plan`'s, which `kiln.preflight` applies before loading too."""
+    resume_from, foreign, must_be_free = resume_plan(want, checkpoints, run_dir.path)
+    if must_be_free is not None:
+        run_dir.check_free(overwrite=overwrite, why=must_be_free)
     return resume_from, foreign
 
 
@@ -264,18 +232,6 @@ def explain_failure(
         exc.last_checkpoint = None if latest is None else latest.path
         exc.args = (exc.message(),)
     return exc
-
-
-def _newest_valid(manager: CheckpointManager, *, required: bool) -> Path | None:
-    """Newest checkpoint that passes its checksums; one that fails is skipped, and said so."""
-    for info in reversed(manager.list()):
-        try:
-            return manager.verify(info.path).path
-        except ValueError as exc:
-            log.warning("skipping checkpoint: %s", exc)
-    if required:
-        raise KilnError(f"--resume: no complete checkpoint in {manager.root}")
-    return None
 
 
 def load_checkpoint_config(path: Path) -> dict[str, Any]:

@@ -32,22 +32,14 @@ from kiln.files import (
     writing,
 )
 from kiln.runs import (
-    ANOMALIES,
-    CHECKPOINTS,
-    CONFIG,
-    DATA_STATS,
-    EVAL,
     EXPORT,
     FINAL,
     FINAL_CONFIG,
-    METRICS,
-    PLOTS,
-    REPORT,
-    SAMPLES,
-    STATUS,
-    SUMMARY,
-    TRAIN_LOG,
+    RUN_ARTIFACTS,
     RunPaths,
+    held_run,
+    held_run_refusal,
+    not_a_directory,
 )
 
 if TYPE_CHECKING:
@@ -58,36 +50,9 @@ if TYPE_CHECKING:
 
 __all__ = ["RUN_ARTIFACTS", "RUN_LEFTOVERS", "RunDir"]
 
-# What kiln writes in a run directory (the engine, and the commands that add to a run: eval,
-# export, plot, report); `--overwrite` removes exactly these and nothing else of the user's.
-RUN_ARTIFACTS = (
-    CONFIG,
-    METRICS,
-    ANOMALIES,
-    STATUS,
-    SUMMARY,
-    DATA_STATS,
-    TRAIN_LOG,
-    FINAL,
-    CHECKPOINTS,
-    PLOTS,
-    SAMPLES,
-    EVAL,  # `kiln eval RUN_DIR` reports
-    EXPORT,  # `kiln export` / export.on_finish, and the report of a failed parity check:
-    f"{EXPORT}.export_report.json",
-    REPORT,
-    "tracking.json",  # trackers' run ids, and their local stores:
-    "tensorboard",
-    "wandb",
-    "mlflow.db",
-    "mlflow-artifacts",
-)
 RUN_LEFTOVERS = (f".{FINAL}.tmp-*", f".{FINAL}.old-*", f".{EXPORT}.kiln-export-*", ".*.tmp-*")
 """Staging names of writes a kill interrupted (final/, an export, `write_atomic`): removed
 with the artifacts by `--overwrite`."""
-# Artifacts that alone do not make a run: status.json is what a run refused during setup
-# leaves, and a console log without the rest is a log kept, not a run to protect.
-_NOT_A_RUN = (STATUS, TRAIN_LOG)
 
 
 class RunDir:
@@ -109,9 +74,9 @@ class RunDir:
         """
         if not self.enabled:
             return
-        where = next((p for p in (self.path, *self.path.parents) if p.exists()), None)
-        if where is not None and not where.is_dir():
-            raise KilnError(f"output_dir: {where} is a file, not a directory")
+        refused = not_a_directory(self.path)  # `kiln.preflight` applies it before loading too
+        if refused:
+            raise KilnError(refused)
         self._created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -132,14 +97,11 @@ class RunDir:
                 self.path.rmdir()
 
     def check_free(self, *, overwrite: bool, why: str = "") -> list[str]:
-        """The run artifacts already here; raises unless `overwrite` allows replacing them."""
-        existing = [name for name in RUN_ARTIFACTS if _present(self.path / name)]
-        held = [name for name in existing if name not in _NOT_A_RUN]
+        """The run artifacts already here (`kiln.runs.held_run`, the rule `kiln.preflight`
+        applies before loading too); raises unless `overwrite` allows replacing them."""
+        existing, held = held_run(self.path)
         if held and not overwrite and self.enabled:
-            raise KilnError(
-                f"output_dir: {self.path} already holds a run ({', '.join(held)}){why}; "
-                "pass --overwrite (overwrite=True) or choose another name/output_dir"
-            )
+            raise KilnError(held_run_refusal(self.path, held, why))
         return existing
 
     def prepare(self, cfg: RunConfig, *, overwrite: bool) -> None:
@@ -315,11 +277,6 @@ class RunDir:
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
-
-
-def _present(path: Path) -> bool:
-    """Whether `path` exists, a dangling symbolic link included."""
-    return path.is_symlink() or path.exists()
 
 
 def _remove(target: Path) -> None:

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from kiln.config import RunConfig
 from kiln.data.limits import split_text
 from kiln.errors import ModelError, first_line
+from kiln.files import looks_local
 
 __all__ = [
     "EOS_TOKEN",
@@ -133,18 +134,6 @@ def _fast_tokenizer(
         **specials,
         # The default clean-up rewrites " ," to "," on decode, which breaks exact round trips.
         clean_up_tokenization_spaces=False,
-    )
-
-
-def looks_local(name_or_path: str) -> bool:
-    """Whether a string is meant as a filesystem path rather than a hub id ("org/name").
-
-    Checked before asking the hub, which retries an unreachable host for ~20 s.
-    """
-    return (
-        name_or_path.startswith(("/", ".", "~"))
-        or name_or_path.count("/") > 1
-        or "\\" in name_or_path
     )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "METRICS",
     "PLOTS",
     "REPORT",
+    "RUN_ARTIFACTS",
     "SAMPLES",
     "STATES",
     "STATE_EXIT_CODES",
@@ -36,6 +37,9 @@ __all__ = [
     "ExitCode",
     "RunPaths",
     "checkpoint_name",
+    "held_run",
+    "held_run_refusal",
+    "not_a_directory",
     "run_dir_of",
     "step_of",
 ]
@@ -60,6 +64,34 @@ MANIFEST = "manifest.json"
 """Inside a checkpoint directory, written last (see `kiln.checkpoint`)."""
 STEP_PREFIX = "step-"
 """checkpoints/step-<N>/ and samples/step-<N>.jsonl: `checkpoint_name`."""
+
+RUN_ARTIFACTS = (
+    CONFIG,
+    METRICS,
+    ANOMALIES,
+    STATUS,
+    SUMMARY,
+    DATA_STATS,
+    TRAIN_LOG,
+    FINAL,
+    CHECKPOINTS,
+    PLOTS,
+    SAMPLES,
+    EVAL,  # `kiln eval RUN_DIR` reports
+    EXPORT,  # `kiln export` / export.on_finish, and the report of a failed parity check:
+    f"{EXPORT}.export_report.json",
+    REPORT,
+    "tracking.json",  # trackers' run ids, and their local stores:
+    "tensorboard",
+    "wandb",
+    "mlflow.db",
+    "mlflow-artifacts",
+)
+"""What kiln writes in a run directory (the engine, and the commands that add to a run: eval,
+export, plot, report); `--overwrite` removes exactly these and nothing else of the user's."""
+# Artifacts that alone do not make a run: status.json is what a run refused during setup
+# leaves, and a console log without the rest is a log kept, not a run to protect.
+_NOT_A_RUN = (STATUS, TRAIN_LOG)
 
 
 class ExitCode(enum.IntEnum):
@@ -204,3 +236,35 @@ def run_dir_of(path: str | os.PathLike[str]) -> Path | None:
     if path.parent.name == CHECKPOINTS:
         return path.parent.parent
     return path if RunPaths(path).is_run() else None
+
+
+def not_a_directory(path: str | os.PathLike[str]) -> str | None:
+    """The one line refusing `path` as a run directory when it, or the nearest of its parents
+    that exists, is not a directory (the directory cannot be made there); None: it can be."""
+    path = Path(path)
+    where = next((p for p in (path, *path.parents) if p.exists()), None)
+    if where is not None and not where.is_dir():
+        return f"output_dir: {where} is a file, not a directory"
+    return None
+
+
+def held_run(root: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """(the `RUN_ARTIFACTS` present in `root`, a dangling symbolic link included; those of
+    them that make it hold a run, which a new run may replace only with `--overwrite`)."""
+    root = Path(root)
+    existing = [name for name in RUN_ARTIFACTS if _present(root / name)]
+    return existing, [name for name in existing if name not in _NOT_A_RUN]
+
+
+def held_run_refusal(root: str | os.PathLike[str], held: list[str], why: str = "") -> str:
+    """The one line refusing to start a run in `root`, which holds the run artifacts `held`
+    (`why`: what the run was asked to do, appended)."""
+    return (
+        f"output_dir: {root} already holds a run ({', '.join(held)}){why}; "
+        "pass --overwrite (overwrite=True) or choose another name/output_dir"
+    )
+
+
+def _present(path: Path) -> bool:
+    """Whether `path` exists, a dangling symbolic link included."""
+    return path.is_symlink() or path.exists()

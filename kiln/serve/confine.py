@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kiln.errors import KilnError
-from kiln.files import is_within, resolve_path
+from kiln.files import is_within, looks_local, resolve_path
 
 __all__ = ["NOT_PATHS", "PATH_KEYS", "Confinement", "ConfinementError"]
 
@@ -181,7 +181,7 @@ class Confinement:
         hub = (
             value.startswith(_HF)
             if key.startswith(("data.", "dataset_path"))
-            else (not _looks_local(value) and not _exists(self.state_dir / value))
+            else (not looks_local(value) and not _exists(self.state_dir / value))
         )
         if hub:
             name = value.removeprefix(_HF)
@@ -258,12 +258,6 @@ class Confinement:
     def _absolute(value: str, base: Path) -> Path:
         path = Path(value).expanduser() if value.startswith("~") else Path(value)
         return path if path.is_absolute() else base / path
-
-
-def _looks_local(name: str) -> bool:
-    """A model or tokenizer meant as a path, not a hub id (`org/name`): the rule of
-    kiln.models.tokenizer.looks_local, kept here so the server does not import transformers."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _foreign_urls(notify: Any) -> list[str]:

@@ -17,7 +17,6 @@ and named in `TrackingCallback(cfg.log, loggers=["tensorboard", "mine"])`.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from kiln.config.tracking import LogConfig
 from kiln.errors import KilnError
-from kiln.registry import MissingExtra, Registry, UnknownName, require_extra
+from kiln.registry import Registry, UnknownName, missing_extra, require_extra
 
 __all__ = [
     "LOGGERS",
@@ -148,14 +147,9 @@ class _Builtin:
 
     def missing(self) -> str | None:
         """The one-line error for a missing extra (`require_extra`'s), found without importing
-        the package (mlflow and wandb take seconds to import); None when it is installed."""
-        if importlib.util.find_spec(self.name) is not None:
-            return None
-        try:
-            require_extra(self.name, self.name, feature=f"log.loggers: {self.name}")
-        except MissingExtra as exc:
-            return str(exc)
-        return None
+        the package (mlflow and wandb take seconds to import); None when it is installed.
+        `kiln.preflight` asks the same before anything heavy loads."""
+        return missing_extra(self.name, self.name, feature=f"log.loggers: {self.name}")
 
 
 LOGGERS.add(
