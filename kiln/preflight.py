@@ -45,7 +45,13 @@ from kiln.runs import RunPaths, held_run, held_run_refusal, not_a_directory
 if TYPE_CHECKING:
     from kiln.config import RunConfig
 
-__all__ = ["ONNX_MODULES", "preflight", "preflight_problems", "run_dir_problems"]
+__all__ = [
+    "ONNX_MODULES",
+    "config_problems",
+    "preflight",
+    "preflight_problems",
+    "run_dir_problems",
+]
 
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 """What ONNX export imports (`kiln.export.graph`), installed by the `export` extra."""
@@ -87,11 +93,16 @@ def preflight_problems(
             replaced or continued), as the main rank does when it claims the directory.
     """
     return [
-        *_data_problems(cfg),
-        *_model_problems(cfg),
-        *_extra_problems(cfg),
+        *config_problems(cfg),
         *_checked("output_dir", _run_problems, cfg, overwrite, resume, run_dir),
     ]
+
+
+def config_problems(cfg: RunConfig) -> list[str]:
+    """What does not depend on how a run is started: the data files, the model and
+    tokenizer directories and the extras `cfg` names (`preflight_problems` less the run
+    directory). `kiln sweep` checks its base config with it before the first trial."""
+    return [*_data_problems(cfg), *_model_problems(cfg), *_extra_problems(cfg)]
 
 
 def run_dir_problems(

@@ -168,6 +168,22 @@ def test_a_space_key_that_is_not_a_config_key_fails_before_any_trial(tmp_path: P
     assert "run it with kiln sweep FILE" in done.stderr
 
 
+def test_what_the_base_names_is_checked_before_any_trial(tmp_path: Path) -> None:
+    path = _sweep_file(tmp_path, "missing", {"space": {"optim.lr": [1e-3, 2e-3]}})
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["train"] = str(tmp_path / "gone.jsonl")
+    raw["model"] = {"name_or_path": str(tmp_path / "no-model")}
+    path.write_text(yaml.safe_dump(raw))
+    done = _kiln("sweep", str(path))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, done.stderr
+    assert lines[0].endswith(f"data.train: {tmp_path / 'gone.jsonl'}: no such file")
+    assert "model.name_or_path: " in lines[1]
+    assert "no such directory" in lines[1]
+    assert not (tmp_path / "missing" / "trials").exists()
+
+
 def test_killed_sweep_resumes_its_interrupted_trial(tmp_path: Path) -> None:
     space = {"optim.lr": [2e-3, 4e-3]}
     path = _sweep_file(

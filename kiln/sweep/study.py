@@ -22,6 +22,7 @@ from kiln.config.base import SECTION_PATHS, format_errors, short_repr
 from kiln.config.sweep import PrunerConfig, SweepConfig, space_key
 from kiln.config.yamlio import read_yaml_file
 from kiln.errors import KilnError, first_line
+from kiln.preflight import config_problems
 from kiln.registry import require_extra
 
 __all__ = [
@@ -155,8 +156,10 @@ def sweep_from_dict(raw: dict[str, Any], source: str, directory: Path | None = N
         raise ConfigError(problems, source)
     base = load_config(data=raw)  # the base alone must be a whole run
     problem = metric_problem(spec.metric, base)
-    if problem:
-        raise ConfigError([problem], source)
+    # What the base names (data files, model directory, extras), before the first trial.
+    problems = ([problem] if problem else []) + config_problems(base)
+    if problems:
+        raise ConfigError(problems, source)
     where = base.run_dir if directory is None else Path(directory)
     return Sweep(dir=where, base=raw, spec=spec, name=base.name, source=source)
 
