@@ -19,15 +19,16 @@ Checked (cheap: a few `stat` calls, manifests read; nothing imported):
 - `--resume` and `checkpoint.resume: auto`: the checkpoint or run named holds a complete
   checkpoint (`kiln.checkpoint.resume_plan`, with manifests and file sizes, not checksums);
 - extras (`kiln.registry.missing_extra`, found without importing them): peft for
-  `lora.enabled`, the tracker's package for each of `log.loggers`, onnx, onnxscript and
-  onnxruntime for `export.on_finish` with the onnx format.
+  `lora.enabled`, the tracker's package for each of `log.loggers`, sacrebleu / rouge-score for
+  the `bleu` / `rouge` of generation eval, onnx, onnxscript and onnxruntime for
+  `export.on_finish` with the onnx format.
 
 Not checked here (the run checks them when it gets there): hub ids (`gpt2`, `org/name`) and
 `hf:` datasets (`data.format: hf` too): that needs the network; what files hold (rows, the
 tokenizer's files, a model's weights); checkpoint checksums (gigabytes to read) and whether
 a checkpoint fits the config; the device (CUDA, and bitsandbytes for `lora.qlora`, which only
-a CUDA run can use); the metrics' extras (sacrebleu, rouge-score), `eval.generate.metrics`
-given as import paths, and a run directory locked by a live run.
+a CUDA run can use); `eval.generate.metrics` given as import paths, and a run directory
+locked by a live run.
 """
 
 from __future__ import annotations
@@ -190,11 +191,19 @@ def _tokenizer_dir_problems(name_or_path: str) -> list[str]:
 
 def _extra_problems(cfg: RunConfig) -> list[str]:
     """The optional packages the config needs, as the code that imports them names them:
-    `kiln.models.lora.import_peft`, the trackers' `missing` (`kiln.callbacks.loggers.base`)."""
+    `kiln.models.lora.import_peft`, the trackers' `missing` (`kiln.callbacks.loggers.base`),
+    the text metrics' scorers (`kiln.metrics.text`: sacrebleu, rouge-score)."""
     needs = []
     if cfg.lora.enabled:
         needs.append(("peft", "lora", "lora.enabled: LoRA"))
     needs += [(name, name, f"log.loggers: {name}") for name in cfg.log.loggers]
+    if cfg.eval.generate.num_samples > 0:  # generation eval scores with `kiln.metrics.text`
+        scorers = {"bleu": "sacrebleu", "rouge": "rouge_score"}
+        needs += [
+            (scorers[m], "metrics", f"eval.generate.metrics: {m}")
+            for m in cfg.eval.generate.metrics
+            if m in scorers
+        ]
     problems = [line for m, e, f in needs if (line := missing_extra(m, e, feature=f))]
     if cfg.export.on_finish and "onnx" in cfg.export.formats:
         feature = "export.on_finish: ONNX export"

@@ -258,6 +258,18 @@ def test_a_complete_checkpoint_passes_and_a_foreign_one_needs_overwrite(work: Pa
             "install it with: pip install 'kiln[wandb]'",
         ),
         (
+            "eval.generate.num_samples=2",
+            "sacrebleu",
+            "eval.generate.metrics: bleu needs sacrebleu (No module named 'sacrebleu'); "
+            "install it with: pip install 'kiln[metrics]'",
+        ),
+        (
+            "eval.generate.num_samples=2",
+            "rouge_score",
+            "eval.generate.metrics: rouge needs rouge_score (No module named 'rouge_score'); "
+            "install it with: pip install 'kiln[metrics]'",
+        ),
+        (
             "export.on_finish=true",
             "onnxruntime",
             "export.on_finish: ONNX export needs onnxruntime (No module named 'onnxruntime'); "
