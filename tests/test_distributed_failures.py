@@ -80,14 +80,24 @@ def _ours(mark: str) -> list[int]:
 
 
 def _rank_pid(mark: str, rank: int) -> int | None:
-    """The pid of rank `rank` among our processes (its RANK in /proc/PID/environ)."""
+    """The pid of rank `rank` among our processes (its RANK in /proc/PID/environ): the one
+    whose parent is not such a process too (a child the rank forks, for a moment, has the
+    rank's environment and command line)."""
+    found = []
     for pid in _ours(mark):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
         if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
-            return pid
+            found.append(pid)
+    mains = [pid for pid in found if _parent(pid) not in found]
+    return min(mains) if mains else None
+
+
+def _parent(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     return None
 
 
@@ -274,8 +284,8 @@ def test_killed_at_random_then_restarted_resumes_bit_exactly(
     assert before < STEPS - 4  # room left for the restart below
 
     job = Job.launch(tmp / "chain.yaml", "--max-restarts", "1")
-    victim = job.rank_pid(1)
     job.checkpoint_after(before)
+    victim = job.rank_pid(1)  # the rank that is training now
     os.kill(victim, signal.SIGKILL)
     code = job.wait(timeout=240)
     log = job.log.read_text()
