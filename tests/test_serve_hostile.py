@@ -474,3 +474,26 @@ def test_item14_each_mixture_source_is_confined_by_its_index(tmp_path: Path) -> 
     missing = {"data": {"sources": [{"path": "data/none.jsonl"}]}}
     with pytest.raises(ConfinementError, match=r"^data\.sources\.0\.path: data/none\.jsonl: no"):
         confinement.confine(missing, state / "runs" / "r")
+
+
+def test_what_a_config_names_is_checked_as_kiln_train_checks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 29 item 1: beyond confinement (which finds a missing path), the REST API refuses
+    what `kiln train` refuses before torch loads: a model directory without config.json and an
+    extra the config needs that is not installed, every problem in one 422, on both routes."""
+    state = tmp_path / "state"
+    raw = _data_in(state)
+    (state / "models" / "empty").mkdir(parents=True)
+    raw["model"] = {"name_or_path": str(state / "models" / "empty")}
+    raw["lora"] = {"enabled": True}
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
+    with TestClient(_app(state)) as http:
+        for route in (START, "/api/training/configs"):
+            answer = http.post(route, json={"name": "n", "config": raw})
+            assert answer.status_code == 422, (route, answer.text)
+            detail = answer.json()["detail"]
+            assert [line.split(":")[0] for line in detail] == ["model.name_or_path", "lora.enabled"]
+            assert "config.json" in detail[0], detail
+            assert "kiln[lora]" in detail[1], detail
+        assert http.get("/api/training/jobs").json() == []

@@ -126,13 +126,18 @@ def job_metric(job: JobRow) -> str:
 
 def checked(config: dict[str, Any], confinement: Confinement, run_dir: Path) -> dict[str, Any]:
     """`config` validated as `kiln train` would, then confined (kiln/serve/confine.py): what a
-    job at `run_dir` runs, every path in it absolute. 422 with one line per problem."""
+    job at `run_dir` runs, every path in it absolute, and what it names checked as `kiln train`
+    checks it before torch loads (data files, model directories, extras:
+    `preflight.config_problems`). 422 with one line per problem."""
     from kiln.config import load_config
+    from kiln.preflight import config_problems
 
     try:
         load_config(data=config)
         confined = confinement.confine(config, run_dir)
-        load_config(data=confined)
+        problems = config_problems(load_config(data=confined))
     except KilnError as exc:
         raise HTTPException(422, str(exc).splitlines()) from None
+    if problems:
+        raise HTTPException(422, problems)
     return confined
