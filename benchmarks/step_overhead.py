@@ -25,23 +25,34 @@ to the OS, so steps page-fault their activations back in, by an amount that depe
 layout rather than on the loop (measured here: 0 to 12k faults a step, up to 10% of step time,
 different for each contender from run to run). The table reports page faults per step.
 
+`--processes` measures what a user's `kiln train` costs per step as a whole process (its
+status file, console and metrics logging, throughput, the divergence guard, everything the CLI
+adds): `kiln train configs/quickstart.yaml` (validation, samples and checkpoints off) against
+the raw loop above run as a process of its own (`--raw-process N`, random batches of the same
+shape), each for `--short` and `--long` steps, interleaved; a step costs
+(t_long - t_short) / (long - short), so start-up and the end of the run cancel out. Wall and
+CPU seconds (user + system, from the children's rusage) are both reported; each process keeps
+freed memory as `kiln train` does (`pin_malloc`).
+
 Run it on a quiet machine (`--tiny` shrinks the model until the loops' own cost shows):
 
     .venv/bin/python benchmarks/step_overhead.py [--rounds 5] [--steps 20] [--threads 2]
     .venv/bin/python benchmarks/step_overhead.py --tiny --rounds 10 --steps 50
+    .venv/bin/python benchmarks/step_overhead.py --quickstart --rounds 5 --steps 10
+    .venv/bin/python benchmarks/step_overhead.py --processes --rounds 3 [--short 20 --long 120]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import itertools
 import json
 import logging
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +78,7 @@ from kiln import Callback, Trainer
 from kiln.data import BatchCursor, epoch_permutation
 from kiln.engine.control import RunView
 from kiln.models import train_bpe_tokenizer
+from kiln.process import keep_freed_memory
 
 CONTENDERS = ("raw", "kiln", "hf")
 LR, WEIGHT_DECAY, BETAS, EPS, CLIP = 3e-4, 0.01, (0.9, 0.999), 1e-8, 1.0
@@ -81,7 +93,8 @@ def stamp() -> Stamp:
 
 
 def pin_malloc() -> bool:
-    """Make glibc keep freed memory in its heap instead of returning it to the OS.
+    """Make glibc keep freed memory in its heap instead of returning it to the OS
+    (`kiln.process.keep_freed_memory`, which `kiln train` does for its own process).
 
     By default glibc unmaps or trims large freed blocks, so the next step page-faults its
     activations back in (thousands of faults per step here). How many depends on the heap's
@@ -89,16 +102,7 @@ def pin_malloc() -> bool:
     time that tracks allocator luck, not loop overhead. With the allocator pinned no contender
     faults in steady state. Returns False where this is not glibc.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # 32 MiB is glibc's largest mmap threshold: smaller blocks come from the heap.
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    return keep_freed_memory()
 
 
 # ---- the shared model and data ---------------------------------------------------------------
@@ -447,6 +451,101 @@ def print_report(report: dict[str, Any]) -> None:
             )
 
 
+# ---- whole processes ---------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+QUIET = (  # the per-step work only: what validation or a checkpoint costs is not overhead
+    "eval.every_steps=null",
+    "eval.generate.num_samples=0",
+    "eval.sample_prompt=null",
+    "checkpoint.every_steps=null",
+    "log.progress=none",
+)
+
+
+def raw_process(args: argparse.Namespace) -> None:
+    """`--raw-process N`: the raw loop alone for N steps, as a process of its own."""
+    torch.set_num_threads(args.threads)
+    model = copy_of(make_model(args))
+    loop = RawLoop(model, make_batches(args, args.raw_process))
+    loop.run_block(0, args.raw_process)
+
+
+def process_seconds(cmd: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one whole process (CPU: user + system of it and its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {done.returncode}:\n{done.stderr}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def processes(args: argparse.Namespace) -> dict[str, Any]:
+    """Interleaved rounds of kiln and raw processes of --short and --long steps."""
+    kiln_bin = str(Path(sys.executable).with_name("kiln"))
+    per_step: dict[str, list[tuple[float, float]]] = {"raw": [], "kiln": []}
+    with tempfile.TemporaryDirectory(prefix="kiln-steps-") as tmp:
+
+        def command(name: str, steps: int) -> list[str]:
+            if name == "raw":
+                size = ["--quickstart"] if args.quickstart else []
+                return [sys.executable, __file__, *size, f"--threads={args.threads}",
+                        f"--raw-process={steps}"]  # fmt: skip
+            out = Path(tmp) / f"kiln-{steps}"
+            return [kiln_bin, "train", str(QUICKSTART), *QUIET, f"train.max_steps={steps}",
+                    f"train.num_threads={args.threads}", f"output_dir={out}",
+                    f"data.cache_dir={Path(tmp) / 'cache'}", "--overwrite"]  # fmt: skip
+
+        process_seconds(command("kiln", 2))  # fills the token cache: not timed
+        for r in range(args.rounds):
+            order = ("kiln", "raw") if r % 2 == 0 else ("raw", "kiln")
+            took = {(n, k): process_seconds(command(n, k)) for k in (args.short, args.long)
+                    for n in order}  # fmt: skip
+            for name in order:
+                (ws, cs), (wl, cl) = took[(name, args.short)], took[(name, args.long)]
+                n = args.long - args.short
+                per_step[name].append((1e3 * (wl - ws) / n, 1e3 * (cl - cs) / n))
+            print(
+                f"  round {r + 1}/{args.rounds}: kiln {per_step['kiln'][-1][0]:.1f} ms, "
+                f"raw {per_step['raw'][-1][0]:.1f} ms a step (wall)",
+                flush=True,
+            )
+    wall = [k[0] / r[0] for k, r in zip(per_step["kiln"], per_step["raw"], strict=True)]
+    cpu = [k[1] / r[1] for k, r in zip(per_step["kiln"], per_step["raw"], strict=True)]
+    return {
+        "mode": "processes",
+        "config": {k: getattr(args, k) for k in ("rounds", "short", "long", "threads")},
+        "step_ms": per_step,
+        "wall_ratios": wall,
+        "cpu_ratios": cpu,
+        "kiln_over_raw": statistics.median(wall),
+        "kiln_over_raw_cpu": statistics.median(cpu),
+    }
+
+
+def print_processes(report: dict[str, Any]) -> None:
+    cfg = report["config"]
+    print(
+        f"\nwhole processes, quickstart ({cfg['long']} - {cfg['short']} steps), "
+        f"{cfg['threads']} threads, {cfg['rounds']} rounds"
+    )
+    for name in ("raw", "kiln"):
+        wall = statistics.median(w for w, _ in report["step_ms"][name])
+        cpu = statistics.median(c for _, c in report["step_ms"][name])
+        print(f"{name:<6} {wall:8.1f} ms wall {cpu:8.1f} ms CPU a step (medians)")
+    for key, what in (("wall_ratios", "wall"), ("cpu_ratios", "CPU")):
+        ratios = report[key]
+        print(
+            f"kiln/raw ({what}) = {statistics.median(ratios):.3f}   "
+            f"(per-round {min(ratios):.3f} .. {max(ratios):.3f})"
+        )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
@@ -466,16 +565,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a 1x32 GPT-2 on 2x16 tokens: steps of ~2 ms, so the gaps are the loops' own cost",
     )
     p.add_argument(
+        "--quickstart",
+        action="store_true",
+        help="the quickstart's model and batch: GPT-2 4x128, vocab 2048, batch 16x256",
+    )
+    p.add_argument(
         "--no-pin-malloc",
         dest="pin_malloc",
         action="store_false",
         help="leave glibc's default trimming on (steps then page-fault; see pin_malloc)",
     )
+    p.add_argument(
+        "--processes",
+        action="store_true",
+        help="whole `kiln train configs/quickstart.yaml` processes against raw ones",
+    )
+    p.add_argument("--short", type=int, default=20, help="--processes: the short run's steps")
+    p.add_argument("--long", type=int, default=120, help="--processes: the long run's steps")
+    p.add_argument("--raw-process", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the results (every step time) here")
     args = p.parse_args(argv)
+    if args.processes:
+        args.quickstart = True  # kiln trains the quickstart's model
+    if args.processes and not 0 < args.short < args.long:
+        p.error("need 0 < --short < --long")
+    if args.tiny and args.quickstart:
+        p.error("--tiny and --quickstart are two sizes: pick one")
     if args.tiny:
         args.layers, args.width, args.heads, args.vocab = 1, 32, 1, 512
         args.batch_size, args.seq_len = 2, 16
+    if args.quickstart:  # configs/quickstart.yaml
+        args.layers, args.width, args.heads, args.vocab = 4, 128, 4, 2048
+        args.batch_size, args.seq_len = 16, 256
     if args.rounds < 1 or args.steps < 2 or args.warmup < 1 or args.threads < 1:
         p.error("need --rounds >= 1, --steps >= 2, --warmup >= 1, --threads >= 1")
     return args
@@ -490,8 +611,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.pin_malloc and not pin_malloc():
         print("note: could not pin the allocator (not glibc); expect page-fault noise")
         args.pin_malloc = False
-    report = run(args)
-    print_report(report)
+    if args.raw_process:
+        raw_process(args)
+        return
+    if args.processes:
+        report = processes(args)
+        print_processes(report)
+    else:
+        report = run(args)
+        print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from kiln.engine.console import stop_console_log
-from kiln.engine.signals import StoppedBeforeStart, stop_before_start
+from kiln.engine.signals import StoppedBeforeStart, as_stopped, stop_before_start
 from kiln.errors import KilnError
 from kiln.files import StorageFull
 from kiln.launcher import LINES_ENV, say
@@ -119,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "train":  # the other commands keep the default behaviour
             restore()
         return _run(args)
-    except StoppedBeforeStart as stop:
+    except BaseException as exc:
+        stop = as_stopped(exc)  # a signal during setup, even if turned into another error
+        if not isinstance(stop, StoppedBeforeStart):
+            raise
         if command == "train":  # it says whether there is a run to resume
             if args is None:  # stopped while parsing
                 with contextlib.suppress(BaseException):  # bad arguments, a second signal

@@ -132,3 +132,18 @@ def test_python_configs_get_the_suggestion_too() -> None:
         r"train\.batch_size\?",
     ):
         RunConfig().replace(**{"train.batchsize": 4})
+
+
+def test_the_engine_loads_no_model_or_generation_code_until_a_run_builds_one() -> None:
+    """Issue 29 item 2: importing the trainer (whose generation eval and sample code reach
+    `kiln.models`) loads none of transformers; a run imports it when it builds the model."""
+    heavy = ("transformers", "kiln.models.build", "kiln.models.tokenizer", "peft", "matplotlib")
+    code = (
+        "import sys; import kiln.engine.trainer, kiln.engine.generate_eval, kiln.models; "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "[]", done.stderr
+    lazy = "import sys; from kiln.models import build_model; print('transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True)
+    assert done.stdout.strip() == "True", done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +262,28 @@ def test_seq2seq_t5_from_scratch_trains_and_reloads(tmp_path: Path, recipe_files
         hf = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
     torch.testing.assert_close(ours, reloaded)
     torch.testing.assert_close(ours / batch["labels"].numel(), hf)
+
+
+def test_keep_freed_memory_leaves_an_allocator_the_user_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`kiln train` keeps glibc from trimming each step's memory (issue 29: 39k page faults a
+    step on the quickstart model), unless the environment chose for itself."""
+    import sys as _sys
+
+    from kiln.process import keep_freed_memory
+
+    for key in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("LD_PRELOAD", "")
+    assert keep_freed_memory() is _sys.platform.startswith("linux")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # arenas, not trimming: still ours
+    assert keep_freed_memory() is _sys.platform.startswith("linux")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # the user's choice
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert keep_freed_memory() is False

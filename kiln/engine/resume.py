@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from kiln.checkpoint import CheckpointManager, find_checkpoint, resume_plan
 from kiln.config import RunConfig, config_from_dict, dump_yaml
 from kiln.data.cache import fingerprint_matches, tokenizer_fingerprint
-from kiln.engine.signals import StoppedBeforeStart
+from kiln.engine.signals import StoppedBeforeStart, as_stopped
 from kiln.errors import KilnError, first_line
 from kiln.files import (
     StorageFull,
@@ -215,6 +215,7 @@ def explain_failure(
     the last complete checkpoint (a full disk, however the writing library reported it). On N
     ranks a collective failing becomes where this rank was, printed at once: torchrun may
     SIGTERM a surviving rank a moment after a peer died."""
+    exc = as_stopped(exc)  # a signal during setup, turned into another error on its way
     failed = None if rank is None else rank.failure(exc)
     if failed is not None:
         failed.report(rank.rank)

@@ -21,7 +21,7 @@ from typing import Any
 
 from kiln.runs import ExitCode
 
-__all__ = ["StopSignals", "StoppedBeforeStart", "stop_before_start"]
+__all__ = ["StopSignals", "StoppedBeforeStart", "as_stopped", "stop_before_start"]
 
 
 _PRUNE = getattr(signal, "SIGUSR1", None)
@@ -55,6 +55,27 @@ class StoppedBeforeStart(BaseException):
         return f"kiln: {self}; {after}"
 
 
+_DURING_SETUP: list[int] = []
+"""The signals that raised `StoppedBeforeStart` since the CLI started (or the loop's handlers
+were installed), until the loop starts: the exception may not reach the CLI as itself. Code
+that catches every exception can swallow it (the start then goes on), or a library can turn it
+into its own error (it would end with a traceback and exit 1); `StopSignals.start` and
+`as_stopped` make either end as the signal meant."""
+
+
+def as_stopped(exc: BaseException) -> BaseException:
+    """`exc`, or the `StoppedBeforeStart` it stands for: a signal during setup whose exception
+    was turned into another one on its way up."""
+    if isinstance(exc, StoppedBeforeStart) or not _DURING_SETUP:
+        return exc
+    return StoppedBeforeStart(_DURING_SETUP[0])
+
+
+def _stop_setup(signum: int) -> None:
+    _DURING_SETUP.append(signum)
+    raise StoppedBeforeStart(signum)
+
+
 def stop_before_start() -> Callable[[], None]:
     """From now on SIGTERM and SIGINT raise `StoppedBeforeStart` at once, until the loop's
     `StopSignals` take over. `kiln.cli` calls it first thing, before torch is imported, so a
@@ -63,9 +84,10 @@ def stop_before_start() -> Callable[[], None]:
     outside the main thread, where Python cannot install handlers)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    _DURING_SETUP.clear()
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        raise StoppedBeforeStart(signum)
+        _stop_setup(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -94,13 +116,20 @@ class StopSignals:
         self.armed = False
         self._previous: dict[int, Any] = {}
 
+    def start(self) -> None:
+        """Setup is done: a signal during it whose `StoppedBeforeStart` was swallowed on the
+        way stops the run now, as it would have then; from here a signal pauses the loop."""
+        if _DURING_SETUP:
+            raise StoppedBeforeStart(_DURING_SETUP[0])
+        self.arm()
+
     def arm(self) -> None:
-        """From now on a signal asks the loop to checkpoint and stop (setup is done)."""
+        """From now on a signal asks the loop to checkpoint and stop."""
         self.armed = True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.armed:
-            raise StoppedBeforeStart(signum)
+            _stop_setup(signum)
         name = signal.Signals(signum).name
         if signum == _PRUNE and self.on_prune is not None:
             self.received = self.received or name
@@ -123,3 +152,4 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        _DURING_SETUP.clear()  # the run is over, however it ended

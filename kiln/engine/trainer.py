@@ -220,7 +220,7 @@ class Trainer:
         with StopSignals(self._on_signal, self._on_prune) as signals:
             try:
                 self._begin()
-                signals.arm()  # from here a signal pauses with a checkpoint
+                signals.start()  # from here a signal pauses with a checkpoint
                 self.fire(Event.TRAIN_BEGIN)
                 self.status.write("running", self.state)
                 if self.loop.validation_pending:  # a stop interrupted it before the checkpoint

@@ -1,16 +1,13 @@
-"""Models and tokenizers: build or load them from a `RunConfig`."""
+"""Models and tokenizers: build or load them from a `RunConfig`.
+
+Loaded lazily: `import kiln.models.generation` (the engine's generation eval) does not load
+transformers' modeling code, the tokenizer trainer or peft; each name below imports its module
+on first use.
+"""
 
 from __future__ import annotations
 
-from kiln.models.build import build_model, count_parameters, model_flops_per_token
-from kiln.models.generation import GenerationOptions, generate_texts
-from kiln.models.lora import apply_lora
-from kiln.models.tokenizer import (
-    build_tokenizer,
-    ensure_pad_token,
-    load_tokenizer,
-    train_bpe_tokenizer,
-)
+from kiln.registry import lazy_exports
 
 __all__ = [
     "GenerationOptions",
@@ -24,3 +21,18 @@ __all__ = [
     "model_flops_per_token",
     "train_bpe_tokenizer",
 ]
+
+_LAZY = {
+    "GenerationOptions": "kiln.models.generation",
+    "apply_lora": "kiln.models.lora",
+    "build_model": "kiln.models.build",
+    "build_tokenizer": "kiln.models.tokenizer",
+    "count_parameters": "kiln.models.build",
+    "ensure_pad_token": "kiln.models.tokenizer",
+    "generate_texts": "kiln.models.generation",
+    "load_tokenizer": "kiln.models.tokenizer",
+    "model_flops_per_token": "kiln.models.build",
+    "train_bpe_tokenizer": "kiln.models.tokenizer",
+}
+
+__getattr__ = lazy_exports(__name__, _LAZY)
