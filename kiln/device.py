@@ -91,11 +91,23 @@ class Precision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer, skip: torch.Tensor | None = None) -> None:
+    def step(
+        self, optimizer: torch.optim.Optimizer, skip: torch.Tensor | bool | None = None
+    ) -> None:
         """Optimizer step, skipped when the device flag `skip` (a float scalar) is 1: the fused
         kernel reads it on the device (`found_inf`: weights, moments and step counts stay);
         another optimizer reads it on the host, as the fp16 grad scaler does anyway (it also
-        skips, and lowers its scale for, every step whose gradients are not finite)."""
+        skips, and lowers its scale for, every step whose gradients are not finite). A bool
+        `skip` was judged on the host (a CPU run): a skipped step does not call the optimizer,
+        which leaves the same state as the flag would."""
+        if isinstance(skip, bool):
+            if self.scaler is not None:
+                if not skip:
+                    self.scaler.step(optimizer)
+                self.scaler.update()
+            elif not skip:
+                optimizer.step()
+            return
         if self.scaler is not None:
             if skip is None or not skip.item():
                 self.scaler.step(optimizer)

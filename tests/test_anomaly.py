@@ -261,10 +261,20 @@ def test_no_host_sync_between_logging_steps(tmp_path, data, monkeypatch) -> None
     accelerator: kiln's loop does it on logging steps only (every 4th here). Reads of the
     batch's host copy (input_tokens) and of the data order (the cursor) are not device reads.
     (transformers' own model code is not counted: with packed documents its masking checks
-    the position ids on the host, once per forward.)"""
+    the position ids on the host, once per forward.) The guard runs the rule every device but
+    the CPU runs: on the CPU, where a read costs nothing, it judges on the host."""
     import sys
 
     import kiln
+    from kiln.engine.anomaly import AnomalyGuard
+
+    built = AnomalyGuard.__init__
+
+    def device_rule(self: AnomalyGuard, *args: Any, **kwargs: Any) -> None:
+        built(self, *args, **kwargs)
+        self._host = False
+
+    monkeypatch.setattr(AnomalyGuard, "__init__", device_rule)
 
     reads: list[str] = []
     package = str(Path(kiln.__file__).parent)
@@ -328,3 +338,71 @@ def test_quickstart_at_lr_1e6_exits_4_diverged(tmp_path: Path) -> None:
     assert not (run / "final").exists()
     _finite_checkpoints(run)
     assert _anomalies(run)
+
+
+def test_the_cpu_host_judgement_equals_the_device_one() -> None:
+    """On the CPU the guard judges on the host (issue 29: ~40 tiny tensor ops a step); the
+    device rule, run here on CPU tensors, must reach the same verdicts and the same window
+    (the checkpointed state) step for step: NaN and inf losses and norms, spikes, warm-up."""
+    from kiln.config.train import AnomalyConfig
+    from kiln.engine.anomaly import AnomalyGuard
+
+    cfg = AnomalyConfig(spike={"window": 8, "warmup_steps": 4, "sigma": 3.0, "action": "skip"})
+    host, device = AnomalyGuard(cfg, torch.device("cpu")), AnomalyGuard(cfg, torch.device("cpu"))
+    device._host = False  # the rule every other device runs
+    gen = torch.Generator().manual_seed(0)
+    losses = (2.0 + 0.05 * torch.randn(40, generator=gen)).tolist()
+    losses[6], losses[11], losses[17], losses[18], losses[25] = NAN, 50.0, math.inf, 9.0, 40.0
+    norms = [1.0] * 40
+    norms[21], norms[30] = NAN, math.inf
+    verdicts: dict[str, list[tuple[float, ...]]] = {"host": [], "device": []}
+    for i, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
+        at = {"step": i + 1, "epoch": 0, "micro_step": i}
+        args = (torch.tensor(loss), torch.tensor(norm), [torch.tensor(loss)])
+        skip_host = host.check(*args, **at)
+        skip_device = device.check(*args, **at)
+        assert isinstance(skip_host, bool)
+        assert skip_host == bool(skip_device.item()), i
+    rows = {
+        "host": host._rows,
+        "device": torch.stack(device._rows).tolist(),
+    }
+    for name, table in rows.items():
+        verdicts[name] = [(r[0], r[1], r[3], r[4]) for r in table]  # loss, norm, spike, skip
+    assert str(verdicts["host"]) == str(verdicts["device"])  # NaN == NaN as text
+    spiked = [i for i, r in enumerate(verdicts["host"]) if r[2]]
+    assert {11, 18, 25} <= set(spiked), spiked
+    non_finite = [i for i, r in enumerate(verdicts["host"]) if r[3] and i not in spiked]
+    assert non_finite == [6, 17, 21, 30]
+    for h, d in zip(rows["host"], rows["device"], strict=True):
+        if math.isfinite(h[2]) or math.isfinite(d[2]):
+            assert h[2] == pytest.approx(d[2], rel=1e-5, abs=1e-5)  # z: float64 vs float32
+    assert host.state_dict() == device.state_dict()
+
+
+def test_a_host_skip_leaves_the_optimizer_as_the_device_flag_does() -> None:
+    """`Precision.step(optimizer, True)` (judged on the host) leaves weights, moments and step
+    counts exactly as fused AdamW's `found_inf` flag does; False steps as a plain step."""
+    from kiln.device import Precision
+    from kiln.optim import build_optimizer
+
+    def trained(skips: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+        precision = Precision("fp32", torch.device("cpu"))
+        for i, skip in enumerate(skips):
+            torch.manual_seed(i)
+            model(torch.randn(3, 4)).square().sum().backward()
+            precision.step(opt, skip)
+            opt.zero_grad(set_to_none=True)
+        return model.state_dict(), opt.state_dict()
+
+    flags = [torch.tensor(float(s)) for s in (0, 1, 0, 1, 1, 0)]
+    model_a, opt_a = trained(flags)
+    model_b, opt_b = trained([bool(f.item()) for f in flags])
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), key
+    for k, state in opt_a["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, opt_b["state"][k][name]), (k, name)
