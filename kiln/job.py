@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kiln.rank import RankContext
 
 if TYPE_CHECKING:
-    from kiln.callbacks.base import Callback
+    from kiln.callbacks.base import Callback, CallbackList
     from kiln.config import RunConfig
     from kiln.engine.trainer import Trainer, TrainResult
 
@@ -26,17 +26,18 @@ __all__ = ["build_trainer", "job_callbacks", "train"]
 
 def job_callbacks(
     cfg: RunConfig, given: Sequence[Callback], rank: RankContext, *, config: bool = True
-) -> list[Callback]:
+) -> CallbackList:
     """The callbacks of a job: `given`, then the config's (`default_callbacks`, the one place
     they are built) not given by class (none on ranks other than the main one, none with
     `config=False`), then on N ranks `RankWhereabouts` on every rank (the loop's position, for
     the report when a collective fails).
 
     Idempotent: a list it returned, given again, comes back the same."""
+    from kiln.callbacks.base import CallbackList
     from kiln.callbacks.defaults import default_callbacks
     from kiln.callbacks.whereabouts import RankWhereabouts
 
-    callbacks = list(given)
+    callbacks = CallbackList(given)
     classes = {type(cb) for cb in callbacks}
     if rank.is_main and config:
         callbacks += [cb for cb in default_callbacks(cfg) if type(cb) not in classes]

@@ -287,3 +287,30 @@ def test_keep_freed_memory_leaves_an_allocator_the_user_chose(
     monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
     assert keep_freed_memory() is False
+
+
+def test_events_go_to_the_callbacks_that_handle_them() -> None:
+    """`CallbackList.listening`: a callback is called for an event it does something on (its
+    class overrides the no-op, or the instance sets it), in order; one appended later too."""
+    from kiln.callbacks.base import CallbackList
+
+    class Steps(Callback):
+        def on_step_end(self, run: Any) -> None:
+            pass
+
+    class Logs(Callback):
+        def on_log(self, run: Any, metrics: dict[str, Any]) -> None:
+            pass
+
+    class Inherits(Steps):
+        pass
+
+    plain, steps, logs, inherits, patched = Callback(), Steps(), Logs(), Inherits(), Callback()
+    patched.on_step_end = lambda run: None  # type: ignore[method-assign]
+    callbacks = CallbackList([plain, steps, logs, inherits, patched])
+    assert callbacks.listening("on_step_end") == [steps, inherits, patched]
+    assert callbacks.listening("on_log") == [logs]
+    assert callbacks.listening("on_train_begin") == []
+    late = Steps()
+    callbacks.append(late)
+    assert callbacks.listening("on_step_end") == [steps, inherits, patched, late]

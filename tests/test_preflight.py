@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -365,3 +366,36 @@ def test_the_lines_are_the_ones_the_run_gives(work: Path, monkeypatch: pytest.Mo
     assert early == late
     with pytest.raises(KilnError, match="ONNX export needs"):  # what on_finish meets first
         opset_range()
+
+
+# ---- kiln sweep -----------------------------------------------------------------------------
+
+
+def _sweep_file(work: Path, space: dict[str, Any], **changes: Any) -> None:
+    raw = {**TINY, **changes}
+    raw["sweep"] = {"method": "random", "trials": 2, "space": space, "plots": False}
+    (work / "sweep.yaml").write_text(yaml.safe_dump(raw))
+
+
+def test_a_sweep_parameter_path_that_is_no_key(work: Path) -> None:
+    """A sweep parameter path that names no config key is answered before torch loads (the
+    key meant suggested), one line, exit 2."""
+    _sweep_file(work, {"optim.lrr": {"low": 1e-4, "high": 1e-2, "log": True}})
+    code, err, _ = _kiln(work, "-q", "sweep", "sweep.yaml")
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert err[0].startswith("kiln: error: sweep.yaml: sweep.space.optim.lrr: "), err
+    assert "optim.lr" in err[0]  # the key meant
+
+
+def test_a_sweep_whose_base_config_names_a_missing_file(work: Path) -> None:
+    _sweep_file(
+        work,
+        {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+        data={"train": "corpus/gone.jsonl", "max_length": 32},
+    )
+    code, err, _ = _kiln(work, "-q", "sweep", "sweep.yaml")
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert err[0].startswith("kiln: error: sweep.yaml: data.train: "), err
+    assert "gone.jsonl" in err[0]

@@ -199,8 +199,9 @@ class Trainer:
 
     def fire(self, event: Event, **payload: Any) -> None:
         """Call `on_<event>` on every callback, in order, with the run's view."""
-        for cb in self.callbacks:
-            getattr(cb, event.method)(self.view, **payload)
+        method = event.method
+        for cb in self.callbacks.listening(method):  # those that do something on it
+            getattr(cb, method)(self.view, **payload)
 
     def fit(self) -> TrainResult:
         """Train to the end (or a stop request), validate, write final/ and summary.json.
