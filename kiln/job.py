@@ -52,11 +52,18 @@ def build_trainer(
     callbacks: Sequence[Callback] = (),
     rank: RankContext | None = None,
     trainer_cls: type[Trainer] | None = None,
+    owns_process: bool = False,
     **kwargs: Any,
 ) -> Trainer:
     """A trainer for `cfg` with the job's rank context; its constructor adds the callbacks the
-    config asks for to `callbacks` (`job_callbacks`). `kwargs` go to the Trainer (model,
-    tokenizer, train_data, val_data, config_callbacks, overwrite, resume)."""
+    config asks for to `callbacks` (`job_callbacks`). `owns_process`: the process is the run's
+    (`kiln train`), so glibc's allocator is pinned once training begins (`KeepFreedMemory`).
+    `kwargs` go to the Trainer (model, tokenizer, train_data, val_data, config_callbacks,
+    overwrite, resume)."""
+    if owns_process:
+        from kiln.callbacks.memory import KeepFreedMemory
+
+        callbacks = [*callbacks, KeepFreedMemory()]
     if trainer_cls is None:
         from kiln.engine.trainer import Trainer as trainer_cls
     dist = cfg.train.distributed

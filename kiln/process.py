@@ -35,11 +35,12 @@ def keep_freed_memory() -> bool:
     free, so every training step on the CPU faults its activations and gradients back in:
     measured on the quickstart model, 39k page faults a step (105 ms of system time) where a
     raw loop had 16k; with this, under 1k. The price is that the process keeps its peak heap
-    (which a training loop reaches every step anyway). `kiln train` calls it for the process
-    it owns; a library user may call it. Nothing is changed where the user chose for
-    themselves: a `MALLOC_*_` or `GLIBC_TUNABLES` setting in the environment, or another
-    allocator preloaded (jemalloc, tcmalloc). Returns whether it was changed (False also where
-    this is not glibc).
+    (which a training loop reaches every step anyway); what was freed before the call is
+    handed back first, so call it once setup is done (`kiln.callbacks.KeepFreedMemory` calls it
+    when training begins; `kiln train` adds that callback for the process it owns). Nothing
+    is changed where the user chose for themselves: a `MALLOC_*_` or `GLIBC_TUNABLES` setting
+    in the environment, or another allocator preloaded (jemalloc, tcmalloc). Returns whether
+    it was changed (False also where this is not glibc).
     """
     chosen = any(key.startswith("MALLOC_") and key.endswith("_") for key in os.environ)
     if chosen or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
@@ -47,9 +48,11 @@ def keep_freed_memory() -> bool:
     if "malloc" in os.environ.get("LD_PRELOAD", "") or not sys.platform.startswith("linux"):
         return False
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
         return False
+    malloc_trim(0)  # what was freed so far (a run's setup) goes back: only what follows is kept
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     )

@@ -314,3 +314,29 @@ def test_events_go_to_the_callbacks_that_handle_them() -> None:
     late = Steps()
     callbacks.append(late)
     assert callbacks.listening("on_step_end") == [steps, inherits, patched, late]
+
+
+def test_kiln_train_keeps_freed_memory_once_training_begins(
+    tmp_path: Path, recipe_files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kiln train` pins the allocator for its process when training begins (after setup, whose
+    freed memory is handed back first); a Trainer in a user's process leaves it alone."""
+    import yaml
+
+    import kiln.process
+    from kiln.cli import main
+
+    calls: list[int] = []
+
+    def recorded() -> bool:
+        calls.append(1)
+        return True
+
+    monkeypatch.setattr(kiln.process, "keep_freed_memory", recorded)
+    cfg = tiny_config(tmp_path, *recipe_files, train={"max_steps": 4, "batch_size": 2})
+    Trainer(cfg).fit()
+    assert calls == []
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["-q", "train", str(path), "--overwrite"]) == 0
+    assert calls == [1]

@@ -821,7 +821,7 @@ def _callback_classes() -> set[str]:
 
 CALLBACK_BUILDERS = {
     "kiln.callbacks.defaults": "the config's callbacks",
-    "kiln.job": "RankWhereabouts",
+    "kiln.job": "RankWhereabouts, and KeepFreedMemory for a process the run owns",
 }
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from kiln.registry import lazy_exports
 
-__all__ = ["Callback", "ProgressCallback", "default_callbacks"]
+__all__ = ["Callback", "KeepFreedMemory", "ProgressCallback", "default_callbacks"]
 
 _LAZY = {
     "Callback": "kiln.callbacks.base",
+    "KeepFreedMemory": "kiln.callbacks.memory",
     "ProgressCallback": "kiln.callbacks.progress",
     "default_callbacks": "kiln.callbacks.defaults",
 }

@@ -311,9 +311,6 @@ def _train(args: argparse.Namespace) -> int:
     from kiln.engine.status import final_state
     from kiln.job import build_trainer
     from kiln.metrics.display import format_metric
-    from kiln.process import keep_freed_memory
-
-    keep_freed_memory()  # this process is the run's: no page faults for each step's memory
 
     if int(os.environ.get("RANK", 0)) != 0:  # the main rank tells the story; others warn
         logging.getLogger("kiln").setLevel(logging.WARNING)
@@ -323,7 +320,9 @@ def _train(args: argparse.Namespace) -> int:
         check(args)
     cfg, resume = args.loaded
     try:
-        trainer = build_trainer(cfg, overwrite=args.overwrite, resume=resume)
+        trainer = build_trainer(  # this process is the run's: each step's memory is kept
+            cfg, owns_process=True, overwrite=args.overwrite, resume=resume
+        )
         try:
             result = trainer.fit()
         finally:
