@@ -296,14 +296,14 @@ def test_events_go_to_the_callbacks_that_handle_them() -> None:
 
     class Steps(Callback):
         def on_step_end(self, run: Any) -> None:
-            pass
+            """Handles the step's end (does nothing: only whether it is called matters)."""
 
     class Logs(Callback):
         def on_log(self, run: Any, metrics: dict[str, Any]) -> None:
-            pass
+            """Handles log records (does nothing: only whether it is called matters)."""
 
     class Inherits(Steps):
-        pass
+        """Handles the step's end through its base class."""
 
     plain, steps, logs, inherits, patched = Callback(), Steps(), Logs(), Inherits(), Callback()
     patched.on_step_end = lambda run: None  # type: ignore[method-assign]
