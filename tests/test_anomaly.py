@@ -259,9 +259,10 @@ def test_a_spike_is_flagged_and_a_nan_in_its_window_is_ignored(tmp_path, data, m
 def test_no_host_sync_between_logging_steps(tmp_path, data, monkeypatch) -> None:
     """Reading a tensor's value (item, bool, int, float, tolist) is a host sync on an
     accelerator: kiln's loop does it on logging steps only (every 4th here). Reads of the
-    batch's host copy (input_tokens) and of the data order (the cursor) are not device reads.
-    (transformers' own model code is not counted: with packed documents its masking checks
-    the position ids on the host, once per forward.) The guard runs the rule every device but
+    batch's host copy (input_tokens, packed_batch: are there document starts inside a block)
+    and of the data order (the cursor) are not device reads. (transformers' own model code is
+    not counted: when documents start inside a block its masking checks the position ids on
+    the host, once per forward.) The guard runs the rule every device but
     the CPU runs: on the CPU, where a read costs nothing, it judges on the host."""
     import sys
 
@@ -278,7 +279,7 @@ def test_no_host_sync_between_logging_steps(tmp_path, data, monkeypatch) -> None
 
     reads: list[str] = []
     package = str(Path(kiln.__file__).parent)
-    host = {"input_tokens", "next_indices", "_next_eligible"}
+    host = {"input_tokens", "packed_batch", "next_indices", "_next_eligible"}
     for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
         original = getattr(torch.Tensor, name)
 

@@ -193,9 +193,17 @@ def test_position_ids_restart_per_document() -> None:
     pos = ds.block_position_ids(torch.tensor([0, 1, 1]))
     assert pos.tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3]]
     batch = packed_batch(ds, torch.tensor([1, 0]))
-    # Position 0 of a block is never predicted (the loss shifts), so its -100 changes nothing.
-    assert batch["labels"].tolist() == [[-100, 7, -100, 9, 10, 11], [-100, 1, 2, -100, 4, 5]]
+    # Position 0 of a block is never predicted (the loss shifts): it keeps its id.
+    assert batch["labels"].tolist() == [[6, 7, -100, 9, 10, 11], [0, 1, 2, -100, 4, 5]]
+    assert torch.equal(batch["position_ids"], ds.block_position_ids(torch.tensor([1, 0])))
     assert "attention_mask" not in batch
+    # No document starts inside these blocks: the model's own positions, no position_ids.
+    whole = TokenDataset(torch.arange(12).view(2, 6), doc_starts=[0, 6])
+    plain = packed_batch(whole, torch.tensor([1, 0]))
+    assert set(plain) == {"input_ids", "labels"}
+    assert torch.equal(plain["labels"], plain["input_ids"])
+    assert ds.block_position_ids(torch.tensor([0]))[0].tolist() != list(range(6))
+    assert whole.block_position_ids(torch.tensor([1, 0])).eq(torch.arange(6)).all()
     # Two documents start inside a block (offsets 3 and 8): their first tokens are no targets.
     assert ds.num_tokens == 2 * 5 - 2
     assert ds.without_documents().num_tokens == 10
@@ -302,6 +310,7 @@ def test_trainer_packed_batches_carry_position_ids(tmp_path: Path, recipe_files)
     starts = batch["position_ids"] == 0
     assert starts[:, 0].all()
     assert starts[:, 1:].any()
+    starts[:, 0] = False  # a block's first token is never a target: it keeps its id
     assert batch["labels"][starts].eq(IGNORE_INDEX).all()
     assert torch.equal(batch["labels"][~starts], batch["input_ids"][~starts])
 

@@ -184,6 +184,8 @@ def test_item04_the_examples_are_the_sources_examples(
     source, local = mixture.locate(idx.numpy())
     for row, (k, j) in enumerate(zip(source.tolist(), local.tolist(), strict=True)):
         own = Batcher("causal_lm", 0)(mixture.sources[k], torch.tensor([j]))
+        length = own["input_ids"].shape[1]  # a block with no document start inside: 0 .. L-1
+        own.setdefault("position_ids", torch.arange(length)[None])
         for key in ("input_ids", "labels", "position_ids"):
             assert torch.equal(batch[key][row], own[key][0]), (row, key)
         assert torch.equal(mixture[int(idx[row])]["input_ids"], own["input_ids"][0])

@@ -213,12 +213,19 @@ def packed_batch(dataset: Any, indices: Tensor) -> dict[str, Tensor]:
     document, which transformers turns into a block-diagonal causal mask (no attention across
     documents), and each document's first token is not a target (label -100): it is not
     predicted from the previous document's EOS, as it would not be with the document alone.
+    A batch in which no document starts inside a block gets no `position_ids` (they would be
+    0 .. L - 1, the model's own): transformers then skips looking for packed documents, a
+    few small ops and, on a GPU, a host sync per forward.
     """
     ids = dataset.blocks[indices]  # (B, L)
     if dataset.doc_starts is None:
         return {"input_ids": ids, "labels": ids}
     position_ids = dataset.block_position_ids(indices)  # (B, L)
-    labels = ids.masked_fill(position_ids == 0, IGNORE_INDEX)
+    inside = position_ids == 0
+    inside[:, 0] = False  # a block's first token is never a target anyway
+    if not inside.any():
+        return {"input_ids": ids, "labels": ids}
+    labels = ids.masked_fill(inside, IGNORE_INDEX)
     return {"input_ids": ids, "labels": labels, "position_ids": position_ids}
 
 

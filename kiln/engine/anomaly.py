@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -183,14 +184,15 @@ class AnomalyGuard:
         """`check` on the CPU: the same rule, the window's statistics in float64 on the host
         (the window, the checkpointed state, holds the same float32 values as on a device)."""
         spike_cfg = self.cfg.spike
-        loss32, norm_f = float(loss.detach().float()), float(norm)
+        loss32, norm_f = float(loss), float(norm)  # float32 (or bf16) values, exactly
         finite_loss = math.isfinite(loss32)
         finite = finite_loss and math.isfinite(norm_f)
         window = len(self._window)
         n = min(self._count, window)
         values = self._window[:n]  # the first n slots hold them
         mean = sum(values) / n if n else 0.0
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / n) if n else 0.0
+        deviations = [v - mean for v in values]
+        std = math.sqrt(sum(map(operator.mul, deviations, deviations)) / n) if n else 0.0
         z = (loss32 - mean) / max(std, abs(mean) * 1e-3 + 1e-12)
         spike = finite_loss and n >= spike_cfg.warmup_steps and z > spike_cfg.sigma
         skip = not finite or (spike and self._skip_spikes)
@@ -198,7 +200,8 @@ class AnomalyGuard:
             self._window[self._count % window] = loss32
             self._count += 1
         self._rows.append([loss32, norm_f, z, float(spike), float(skip)])
-        self._micro.append([float(x.detach().float()) for x in micro_losses])
+        one = len(micro_losses) == 1  # the window's loss is its only micro-batch's
+        self._micro.append([loss32] if one else [float(x) for x in micro_losses])
         self._steps.append(_Step(step, epoch, micro_step, self._drawn))
         self._drawn = []
         return skip

@@ -7,7 +7,7 @@ gives the same gradients as `1, k*b` even when micro-batches hold different numb
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,15 @@ def target_tokens(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     if task != "seq2seq":
         labels = labels[:, 1:]  # the first token of a sequence is never predicted
     return (labels != IGNORE_INDEX).sum()
+
+
+def sum_in_order(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """((a + b) + c) ...: the sum a loop of `+=` gives, without a zeros tensor to start
+    from (one op for two values, none for one: the step's window is often one micro-batch)."""
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
 
 
 def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:

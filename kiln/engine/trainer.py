@@ -30,7 +30,7 @@ from kiln.engine.events import Event
 from kiln.engine.generate_eval import GenerationEval, end_sample
 from kiln.engine.judge import Judge
 from kiln.engine.loadable import write_loadable
-from kiln.engine.loss import forward_loss_sum, target_tokens
+from kiln.engine.loss import forward_loss_sum, sum_in_order, target_tokens
 from kiln.engine.parts import Parts, build_parts
 from kiln.engine.result import THROUGHPUT_KEYS, TrainResult
 from kiln.engine.resume import (
@@ -426,15 +426,17 @@ class Trainer:
             batch = self._next_batch()
             tokens += feed.input_tokens(batch)  # host-side, on the CPU copy
             samples += batch["input_ids"].shape[0]
-            batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            if device.type != "cpu":
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batches.append(batch)
         if not self.rank.distributed:  # on N ranks: summed at the step's sync
             state.tokens_seen += tokens
             state.samples_seen += samples
         # Token weighting over the whole window (all ranks): every micro-loss shares one
         # denominator, summed on the device.
-        counts = torch.stack([target_tokens(b, task) for b in batches]).sum()
+        counts = sum_in_order([target_tokens(b, task) for b in batches])
         window_targets = self.rank.all_reduce_sum(counts, "window targets").clamp_min(1)
-        window_loss, micro_losses = torch.zeros((), device=device), []
+        micro_losses: list[torch.Tensor] = []
         first_micro, last = state.micro_step, len(batches) - 1
         for i, batch in enumerate(batches):
             with self.rank.no_sync(parts.train_model, enabled=i < last):
@@ -448,9 +450,9 @@ class Trainer:
                 self.fire(Event.BACKWARD_BEGIN)
                 parts.precision.backward(loss)
             self.fire(Event.BACKWARD_END)
-            window_loss += share.detach()
             micro_losses.append(share)
             state.micro_step += 1
+        window_loss = sum_in_order([share.detach() for share in micro_losses])
         self.rank.all_reduce_sum(window_loss, "window loss")  # every rank's share
         loop.lr = cfg.optim.lr * parts.schedule(state.step)
         set_lr(parts.optimizer, loop.lr)
