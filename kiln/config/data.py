@@ -131,6 +131,12 @@ class DataConfig(Section):
     templates: list[InstructionTemplate] = Field(default_factory=list)
     """instruction: several prompt/response templates, one picked per sample (seeded): mixed
     sample formats. Overrides prompt_template/response_template when set."""
+    messages_field: str = "messages"
+    """chat: the row field holding the conversation, a list of {role, content} messages (role:
+    system, user, assistant or tool)."""
+    chat_loss: Literal["assistant", "last", "all"] = "assistant"
+    """chat: which tokens carry loss: every assistant turn (with its end-of-turn marker), the
+    last assistant turn only, or every token of the rendered conversation."""
     max_length: int = Field(256, gt=1, le=MAX_TOKENS)
     """causal_lm: tokens per packed block (sequence length); seq2seq/instruction: max input
     tokens (instruction: prompt + response)."""

@@ -72,6 +72,10 @@ class TokenizerConfig(Section):
     """Vocabulary size of a tokenizer trained on the training text (byte-level BPE)."""
     min_frequency: int = Field(2, ge=1, le=MAX_COUNT)
     """Minimum pair frequency for a BPE merge when training a tokenizer."""
+    chat_template: str | None = None
+    """task chat: the chat template, a built-in name (chatml, llama3) or a Jinja string; it
+    replaces the tokenizer's own. A built-in's markers (e.g. <|im_start|>) are added to the
+    vocabulary as special tokens when missing. null: the tokenizer's own template."""
 
 
 class LoraConfig(Section):

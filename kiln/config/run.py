@@ -63,9 +63,11 @@ class RunConfig(Section):
     """Preset the file starts from; the file's own values win."""
     seed: int = Field(42, ge=0, le=2**63 - 1)
     """Seed for data order, initialization and dropout."""
-    task: Literal["causal_lm", "seq2seq", "instruction"] = "causal_lm"
+    task: Literal["causal_lm", "seq2seq", "instruction", "chat"] = "causal_lm"
     """causal_lm: next-token prediction on text; instruction: prompt -> response with a causal
-    LM, loss on the response only; seq2seq: source -> target (encoder-decoder)."""
+    LM, loss on the response only; chat: conversations (`messages`) rendered with the
+    tokenizer's chat template, loss on the assistant turns (data.chat_loss); seq2seq: source ->
+    target (encoder-decoder)."""
     model: ModelConfig = ModelConfig()
     """The model: pretrained by path, or an architecture built from scratch (neither: you pass
     your own model to the Trainer)."""
@@ -129,7 +131,7 @@ class RunConfig(Section):
                     f"and tokenizer.vocab_size; at most {_MAX_PARAMETERS:.0e}"
                 )
         arch_task = {"gpt2": "causal_lm", "llama": "causal_lm", "t5": "seq2seq"}
-        model_task = "causal_lm" if self.task == "instruction" else self.task
+        model_task = "causal_lm" if self.task in ("instruction", "chat") else self.task
         if self.model.arch and arch_task[self.model.arch] != model_task:
             problems.append(
                 f"model.arch: {self.model.arch} is a {arch_task[self.model.arch]} model, "
@@ -149,6 +151,7 @@ class RunConfig(Section):
                 f"data.max_length: {self.data.max_length} exceeds "
                 f"model.max_position_embeddings ({self.model.max_position_embeddings})"
             )
+        problems += _chat_problems(self)
         problems += _data_schedule_problems(self)
         problems += _storage_problems(self)
         problems += _eval_problems(self)
@@ -288,6 +291,28 @@ def _data_schedule_problems(cfg: RunConfig) -> list[str]:
             "data.curriculum.by: step needs train.max_steps, without train.num_epochs (the "
             "length of an epoch then changes with the step)"
         )
+    return problems
+
+
+def _chat_problems(cfg: RunConfig) -> list[str]:
+    """What task chat needs: a chat template, and the parts of kiln that read conversations."""
+    if cfg.task != "chat":
+        return []
+    problems = []
+    pretrained = cfg.tokenizer.name_or_path is not None or cfg.model.name_or_path is not None
+    if not pretrained and cfg.tokenizer.chat_template is None:
+        problems.append(
+            "tokenizer.chat_template: task chat with a tokenizer trained from scratch (it has "
+            "no chat template); set chatml, llama3 or a Jinja template"
+        )
+    if cfg.data.storage == "shards":
+        problems.append("data.storage: shards does not read conversations (task chat) yet")
+    if cfg.data.augment:
+        problems.append("data.augment: not supported with task chat")
+    if cfg.data.curriculum is not None and cfg.data.curriculum.difficulty == "num_steps":
+        problems.append("data.curriculum.difficulty: num_steps reads a text, not a conversation")
+    if cfg.eval.generate.num_samples > 0:
+        problems.append("eval.generate: generation metrics do not read conversations yet")
     return problems
 
 

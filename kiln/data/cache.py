@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kiln.data import chat as _chat_module
 from kiln.data import dataset as _dataset_module
 from kiln.data import tokenize as _tokenize_module
 from kiln.data.dataset import TokenDataset
@@ -106,7 +107,7 @@ def fingerprint_matches(tokenizer: PreTrainedTokenizerBase, fingerprint: str) ->
 def _code_hash() -> str:
     """The source of the tokenizing code: a change there may change the tokens or the layout."""
     h = hashlib.blake2b(digest_size=16)
-    for module in (_tokenize_module, _dataset_module):
+    for module in (_tokenize_module, _dataset_module, _chat_module):
         h.update(Path(module.__file__ or "").read_bytes())
     return h.hexdigest()
 
@@ -237,7 +238,10 @@ def cached_dataset(
         return build()
     start = time.perf_counter()
     root = Path(cfg.data.cache_dir).expanduser()
-    key = cache_key(texts, fingerprint, settings(cfg))
+    config = settings(cfg)
+    if cfg.task == "chat":  # the template renders the conversations
+        config["chat_template"] = getattr(tokenizer, "chat_template", None)
+    key = cache_key(texts, fingerprint, config)
     entry = load_entry(root / key, key)
     if entry is not None:
         ds, meta = entry

@@ -36,7 +36,7 @@ __all__ = [
 IGNORE_INDEX = -100
 """Label value the cross-entropy loss skips (padding); transformers' default ignore_index."""
 
-_TASKS = ("causal_lm", "instruction", "seq2seq")
+_TASKS = ("causal_lm", "instruction", "chat", "seq2seq")
 
 Example = Mapping[str, Sequence[int] | Tensor]
 
@@ -53,7 +53,12 @@ COLLATORS: Registry[Collator] = Registry("collator", reserved=("auto",))
 """Collators by name; `data.collator` picks one ("auto": `DEFAULT_COLLATORS[task]`), or names
 one by import path, "package.module:function"."""
 
-DEFAULT_COLLATORS = {"causal_lm": "causal", "instruction": "instruction", "seq2seq": "seq2seq"}
+DEFAULT_COLLATORS = {
+    "causal_lm": "causal",
+    "instruction": "instruction",
+    "chat": "instruction",  # aligned labels, -100 off the assistant turns
+    "seq2seq": "seq2seq",
+}
 
 
 def register_collator(name: str, *, replace: bool = False) -> Callable[[Collator], Collator]:

@@ -423,7 +423,7 @@ def build_datasets(
         source = val_name or f"held-out data.val_split of {train_name}"
         val = tokenize(cfg, fmt, tokenizer, val_rows, f"validation data ({source})")
         stats.val_examples, stats.val_tokens = len(val), val.num_tokens
-    if cfg.task == "instruction":  # one example per row, less the ones without a target
+    if cfg.task in ("instruction", "chat"):  # one example per row, less those without a target
         kept = len(train) + (len(val) if val is not None else 0)
         stats.dropped["no_target"] = len(train_rows) + len(val_rows) - kept
     return train, val, stats

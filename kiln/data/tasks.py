@@ -1,7 +1,8 @@
 """Task formats: how a row becomes the text(s) a task trains on.
 
 A `TaskFormat` renders one row to a tuple of strings: `(text,)` for causal_lm, `(source, target)`
-for seq2seq, `(prompt, response)` for instruction. The same rendering feeds field checks,
+for seq2seq, `(prompt, response)` for instruction, `(conversation,)` (JSON) for chat
+(`kiln.data.chat`). The same rendering feeds field checks,
 deduplication and tokenization, so a row is judged by exactly the text the model will see. A new
 task adds a format and a branch in `make_format`.
 """
@@ -249,6 +250,10 @@ def make_format(cfg: RunConfig) -> TaskFormat:
         return Seq2SeqFormat(cfg.data.source_template, cfg.data.target_template)
     if cfg.task == "instruction":
         return InstructionFormat.from_config(cfg)
+    if cfg.task == "chat":
+        from kiln.data.chat import ChatFormat
+
+        return ChatFormat(cfg.data.messages_field)
     raise ValueError(f"unknown task {cfg.task!r}")
 
 

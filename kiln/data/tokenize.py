@@ -486,8 +486,8 @@ def tokenize_task(
 
     causal_lm: `tokenize_causal` of each `(text,)` (`data.packing`, `data.isolate_documents`);
     seq2seq: `tokenize_seq2seq` of each `(source, target)` (`data.max_target_length`);
-    instruction: `tokenize_instruction` of each `(prompt, response)`; all within
-    `data.max_length`.
+    instruction: `tokenize_instruction` of each `(prompt, response)`; chat: `tokenize_chat` of
+    each `(conversation,)` (`data.chat_loss`); all within `data.max_length`.
 
     Args:
         task: "causal_lm", "instruction" or "seq2seq".
@@ -515,7 +515,7 @@ def tokenize_task(
             truncation=cut,
             locations=locations,
         )
-    second = [r[1] for r in rendered]
+    second = [r[1] for r in rendered] if task != "chat" else []
     if task == "seq2seq":
         return tokenize_seq2seq(
             first,
@@ -532,6 +532,19 @@ def tokenize_task(
             second,
             tokenizer,
             data.max_length,
+            cut,
+            locations=locations,
+            what=what,
+            quiet=quiet,
+        )
+    if task == "chat":
+        from kiln.data.chat import tokenize_chat
+
+        return tokenize_chat(
+            first,
+            tokenizer,
+            data.max_length,
+            data.chat_loss,
             cut,
             locations=locations,
             what=what,

@@ -52,6 +52,8 @@ def tokenizer_key(cfg: RunConfig, texts: Sequence[str]) -> str:
         "tokenizers": tokenizers.__version__,
         "transformers": transformers.__version__,
     }
+    if cfg.tokenizer.chat_template is not None:  # its markers join the vocabulary
+        head["chat_template"] = cfg.tokenizer.chat_template
     h.update(json.dumps(head, sort_keys=True).encode())
     h.update(Path(code.__file__ or "").read_bytes())
     for text in texts:

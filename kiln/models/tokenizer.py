@@ -237,4 +237,10 @@ def build_tokenizer(cfg: RunConfig, texts: Iterable[str] | None) -> PreTrainedTo
     message = ensure_pad_token(tokenizer)
     if message:
         logger.info(message)
+    if cfg.tokenizer.chat_template is not None:
+        from kiln.data.chat import set_chat_template
+
+        message = set_chat_template(tokenizer, cfg.tokenizer.chat_template)
+        if message:
+            logger.info(message)
     return tokenizer

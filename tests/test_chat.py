@@ -1,0 +1,339 @@
+"""task: chat: conversations rendered with the chat template, the loss on the assistant turns.
+
+The label masks are checked token by token against the rendered template for two template
+families (chatml, Llama 3) on both of kiln's paths (a template's own `{% generation %}`
+markers, and per-turn prefix rendering), against transformers' `return_assistant_tokens_mask`,
+and the loss against TRL's SFTTrainer with `assistant_only_loss`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kiln import Trainer, load_config
+from kiln.config import ConfigError
+from kiln.data.chat import CHAT_TEMPLATES, ChatFormat, set_chat_template, tokenize_chat
+from kiln.data.collate import IGNORE_INDEX
+from kiln.errors import DataError
+from tests.helpers import ROOT, bpe_tokenizer, write_jsonl
+
+SYSTEM = {"role": "system", "content": "You write recipes."}
+
+
+def conversation(i: int, turns: int = 2) -> list[dict[str, str]]:
+    """A conversation of `turns` user/assistant exchanges (with a system message)."""
+    messages = [SYSTEM]
+    for t in range(turns):
+        messages.append({"role": "user", "content": f"Recipe {i} part {t}, please?"})
+        messages.append({"role": "assistant", "content": f"Chop {i} onions, then stir {t} times."})
+    return messages
+
+
+# chatml with the markers TRL's training templates carry: the turn and its <|im_end|>.
+CHATML_TAGGED = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return [m["content"] for i in range(40) for m in conversation(i)]
+
+
+def chat_tokenizer(corpus: list[str], template: str) -> Any:
+    """A tiny BPE with `template` (a built-in name or Jinja) and the chatml markers."""
+    tokenizer = bpe_tokenizer(corpus, vocab_size=400)
+    if template == CHATML_TAGGED:
+        set_chat_template(tokenizer, "chatml")  # the markers
+    set_chat_template(tokenizer, template)
+    return tokenizer
+
+
+def trained(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:
+    """The decoded runs of target tokens."""
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("template", "end"),
+    [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"), (CHATML_TAGGED, "<|im_end|>")],
+    ids=["chatml", "llama3", "chatml-generation-markers"],
+)
+def test_the_label_mask_is_each_assistant_turn_and_its_end_marker(corpus, template, end) -> None:
+    tokenizer = chat_tokenizer(corpus, template)
+    messages = conversation(3, turns=3)
+    rendered = ChatFormat().render({"messages": messages}, 0)
+    example = tokenize_chat(rendered, tokenizer, 4096)[0]
+    ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
+    # The input is the template's rendering, tokenized whole.
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    # Token by token: the targets are exactly each assistant turn's content and end marker.
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert trained(tokenizer, ids, labels) == [a + end for a in answers]
+    # Everything else (system, user turns, the role headers) is masked.
+    masked = [t for t, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX]
+    assert tokenizer.decode(masked).count("Recipe 3 part") == 3
+    if template == CHATML_TAGGED:  # the same mask as transformers gives from the markers
+        reference = tokenizer.apply_chat_template(
+            messages, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert reference["input_ids"] == ids
+        assert [int(label != IGNORE_INDEX) for label in labels] == reference["assistant_masks"]
+
+
+def test_both_paths_give_the_same_mask(corpus) -> None:
+    """Prefix rendering (no markers) finds the turns the markers name."""
+    plain, tagged = chat_tokenizer(corpus, "chatml"), chat_tokenizer(corpus, CHATML_TAGGED)
+    rendered = [ChatFormat().render({"messages": conversation(i, 1 + i % 3)}, i) for i in range(6)]
+    a = tokenize_chat([r[0] for r in rendered], plain, 4096)
+    b = tokenize_chat([r[0] for r in rendered], tagged, 4096)
+    for i in range(6):
+        assert torch.equal(a[i]["input_ids"], b[i]["input_ids"])
+        assert torch.equal(a[i]["labels"], b[i]["labels"])
+
+
+def test_chat_loss_last_and_all(corpus) -> None:
+    tokenizer = chat_tokenizer(corpus, "chatml")
+    rendered = ChatFormat().render({"messages": conversation(5, turns=2)}, 0)[0]
+    every = tokenize_chat([rendered], tokenizer, 4096, "assistant")[0]
+    last = tokenize_chat([rendered], tokenizer, 4096, "last")[0]
+    whole = tokenize_chat([rendered], tokenizer, 4096, "all")[0]
+    ids = every["input_ids"].tolist()
+    runs = trained(tokenizer, ids, every["labels"].tolist())
+    assert trained(tokenizer, ids, last["labels"].tolist()) == runs[-1:]
+    assert torch.equal(whole["labels"], whole["input_ids"])
+
+
+def test_truncation_keeps_whole_turns_and_never_cuts_a_prompt(corpus) -> None:
+    tokenizer = chat_tokenizer(corpus, "chatml")
+    messages = conversation(7, turns=3)
+    rendered = ChatFormat().render({"messages": messages}, 0)[0]
+    full = tokenize_chat([rendered], tokenizer, 4096)[0]["input_ids"].tolist()
+    two_turns = tokenizer.apply_chat_template(messages[:5], tokenize=False).rstrip()
+    n_two = len(tokenizer(two_turns, add_special_tokens=False)["input_ids"])
+    # Room for two turns and part of the third: cut after the second turn's end marker.
+    cut = tokenize_chat([rendered], tokenizer, n_two + 3)[0]
+    assert cut["input_ids"].tolist() == full[:n_two]
+    runs = trained(tokenizer, full[:n_two], cut["labels"].tolist())
+    assert runs == [m["content"] + "<|im_end|>" for m in messages[2:5:2]]
+    # Room for the first prompt and a few answer tokens: the answer is cut, the prompt whole.
+    prompt = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    short = tokenize_chat([rendered], tokenizer, n_prompt + 2)[0]
+    assert short["input_ids"].tolist() == full[: n_prompt + 2]
+    assert short["labels"].tolist()[n_prompt:] == full[n_prompt : n_prompt + 2]
+    assert set(short["labels"].tolist()[:n_prompt]) == {IGNORE_INDEX}
+    # No room after the first prompt: dropped, with the others kept and mapped to their rows.
+    other = ChatFormat().render({"messages": [messages[1], messages[2]]}, 1)[0]
+    kept = tokenize_chat([rendered, other], tokenizer, n_prompt, quiet=True)
+    assert len(kept) == 1
+    assert kept.source_rows.tolist() == [1]
+    with pytest.raises(DataError, match=r"conversation 0: \d+ tokens exceed data.max_length=20"):
+        tokenize_chat([rendered], tokenizer, 20, truncation=False)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"text": "hi"}, "missing field 'messages'"),
+        ({"messages": []}, "empty conversation"),
+        ({"messages": [{"role": "chef", "content": "x"}]}, r"messages\[0\].role: unknown role"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
+        ({"messages": [{"role": "user", "content": 3}]}, r"messages\[0\].content must be a string"),
+        ({"messages": "hello"}, "must be a list of messages"),
+    ],
+)
+def test_bad_conversations_are_named(row: dict[str, Any], message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        ChatFormat().render(row, 4)
+
+
+def _write_yaml(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(raw))  # JSON is YAML
+    return path
+
+
+def chat_raw(tmp_path: Path, train: Path, **data: Any) -> dict[str, Any]:
+    return {
+        "name": "chat",
+        "output_dir": str(tmp_path / "run"),
+        "task": "chat",
+        "model": {"arch": "gpt2", "hidden_size": 32, "num_layers": 2, "num_heads": 2},
+        "tokenizer": {"vocab_size": 320, "chat_template": "chatml"},
+        "data": {"train": str(train), "val_split": 0, "cache_dir": None, **data},
+        "train": {"max_steps": 4, "batch_size": 4},
+        "log": {"every_steps": 2, "progress": "none", "plots": False},
+    }
+
+
+def test_kiln_train_refuses_bad_conversations_in_one_line_each(tmp_path: Path) -> None:
+    rows = [{"messages": conversation(i)} for i in range(8)]
+    rows[2] = {"messages": [{"role": "user", "content": "x"}]}
+    rows[5] = {"messages": [{"role": "wizard", "content": "x"}, *conversation(5)]}
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    config = _write_yaml(tmp_path / "c.yaml", chat_raw(tmp_path, train))
+    done = subprocess.run(
+        [sys.executable, "-m", "kiln", "train", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if "chat.jsonl:" in line]
+    assert len(lines) == 2, done.stderr
+    assert "chat.jsonl:3: the conversation has no assistant turn" in lines[0]
+    assert "chat.jsonl:6: messages[0].role: unknown role 'wizard'" in lines[1]
+    # data.on_bad_row: skip counts them and goes on.
+    from kiln.data import load_splits
+
+    raw = chat_raw(tmp_path, train, on_bad_row="skip")
+    rows, _, stats = load_splits(load_config(data=raw))
+    assert (len(rows), stats.bad_rows) == (6, 2)
+
+
+def test_a_template_that_does_not_render_is_named(tmp_path: Path, corpus) -> None:
+    tokenizer = chat_tokenizer(corpus, "{{ raise_exception('no tools here') }}")
+    rendered = [ChatFormat().render({"messages": conversation(0)}, 0)[0]]
+    with pytest.raises(DataError, match=r"chat\.jsonl:9: the chat template does not render it"):
+        tokenize_chat(rendered, tokenizer, 512, locations=["chat.jsonl:9"])
+
+
+def test_a_tokenizer_trained_for_chat_needs_a_template(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation(0)}])
+    raw = chat_raw(tmp_path, train)
+    raw["tokenizer"].pop("chat_template")
+    with pytest.raises(ConfigError, match=r"tokenizer\.chat_template: task chat with a tokenizer"):
+        load_config(data=raw)
+
+
+def test_a_chat_run_trains_and_saves_its_template(tmp_path: Path) -> None:
+    rows = [{"messages": conversation(i, 1 + i % 2)} for i in range(24)]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    result = Trainer(load_config(data=chat_raw(tmp_path, train))).fit()
+    assert len(result.loss_history) == 4
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(result.final_dir)
+    assert saved.chat_template == CHAT_TEMPLATES["chatml"][0]
+    assert "<|im_end|>" in saved.get_vocab()
+
+
+# ---- parity with TRL's SFTTrainer (assistant_only_loss) ---------------------------------------
+
+
+@pytest.mark.slow
+def test_chat_sft_equals_trl_sft_trainer(tmp_path: Path, corpus) -> None:
+    """The same tiny GPT-2, conversations, lr and full batch (8 conversations, so the order a
+    sampler draws them in does not matter): kiln's loss per step equals TRL's SFTTrainer with
+    assistant_only_loss to 1e-5 relative over 10 steps, and the final weights to 1e-4."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = chat_tokenizer(corpus, CHATML_TAGGED)
+    tok_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tok_dir)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
+    rows = [{"messages": conversation(i, 1 + i % 3)} for i in range(8)]
+    steps, lr = 10, 1e-3
+
+    trl_args = SFTConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=8,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        seed=0,
+        assistant_only_loss=True,
+        packing=False,
+        padding_free=False,
+        max_length=None,
+        dataloader_num_workers=0,
+    )
+    trl_model = GPT2LMHeadModel.from_pretrained(tmp_path / "model")
+    sft = SFTTrainer(
+        model=trl_model,
+        args=trl_args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    sft.train()
+    trl_losses = [h["loss"] for h in sft.state.log_history if "loss" in h]
+
+    raw = chat_raw(tmp_path, write_jsonl(tmp_path / "chat.jsonl", rows))
+    raw["model"] = {"name_or_path": str(tmp_path / "model")}
+    raw["tokenizer"] = {"name_or_path": str(tok_dir)}
+    raw["optim"] = {
+        "lr": lr,
+        "scheduler": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+    }
+    raw["train"] = {"max_steps": steps, "batch_size": 8, "grad_clip": 1.0, "precision": "fp32"}
+    raw["log"] = {"every_steps": 1, "progress": "none", "plots": False}
+    raw["data"]["dedup"] = False
+    trainer = Trainer(load_config(data=raw))
+    result = trainer.fit()
+
+    assert len(trl_losses) == steps
+    assert result.loss_history == pytest.approx(trl_losses, rel=1e-5)
+    ours = dict(trainer.model.named_parameters())
+    for name, theirs in sft.model.named_parameters():
+        assert torch.allclose(ours[name], theirs, atol=1e-4, rtol=0), name
