@@ -94,11 +94,16 @@ class ProgressCallback(Callback):
             return
         from kiln.metrics.display import format_metric, generation_scores
 
-        line = (
-            f"step {run.state.step}/{run.state.total_steps}  val_loss "
-            f"{metrics['val_loss']:.4f}  ppl {format_metric(metrics['val_ppl'], 2)}  "
-            f"acc {metrics['val_accuracy']:.3f}"
-        )
+        line = f"step {run.state.step}/{run.state.total_steps}  val_loss {metrics['val_loss']:.4f}"
+        if "val_ppl" in metrics:  # token loss; preference pairs have rewards instead
+            line += f"  ppl {format_metric(metrics['val_ppl'], 2)}"
+        if "val_accuracy" in metrics:
+            line += f"  acc {metrics['val_accuracy']:.3f}"
+        if "val_rewards/accuracies" in metrics:
+            line += (
+                f"  reward acc {metrics['val_rewards/accuracies']:.3f}  margin "
+                f"{metrics['val_rewards/margins']:.4f}"
+            )
         generated = generation_scores(metrics)  # BLEU, ROUGE, recipe, a user's metrics
         self._print(f"{line}  {generated}" if generated else line)
 

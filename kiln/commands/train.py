@@ -361,7 +361,11 @@ def _train(args: argparse.Namespace) -> int:
         print(
             f"val_loss {first['val_loss']:.4f} (step {first['step']}) -> "
             f"{val['val_loss']:.4f} (step {s['steps']}), "
-            f"perplexity {format_metric(val['val_ppl'], 2)}"
+            + (
+                f"perplexity {format_metric(val['val_ppl'], 2)}"
+                if "val_ppl" in val
+                else f"reward accuracy {val.get('val_rewards/accuracies', float('nan')):.3f}"
+            )
         )
     print(f"final model: {result.final_dir}")
     if result.sample is not None:

@@ -63,11 +63,12 @@ class RunConfig(Section):
     """Preset the file starts from; the file's own values win."""
     seed: int = Field(42, ge=0, le=2**63 - 1)
     """Seed for data order, initialization and dropout."""
-    task: Literal["causal_lm", "seq2seq", "instruction", "chat"] = "causal_lm"
+    task: Literal["causal_lm", "seq2seq", "instruction", "chat", "preference"] = "causal_lm"
     """causal_lm: next-token prediction on text; instruction: prompt -> response with a causal
     LM, loss on the response only; chat: conversations (`messages`) rendered with the
-    tokenizer's chat template, loss on the assistant turns (data.chat_loss); seq2seq: source ->
-    target (encoder-decoder)."""
+    tokenizer's chat template, loss on the assistant turns (data.chat_loss); preference:
+    {prompt, chosen, rejected} pairs for DPO (train.dpo); seq2seq: source -> target
+    (encoder-decoder)."""
     model: ModelConfig = ModelConfig()
     """The model: pretrained by path, or an architecture built from scratch (neither: you pass
     your own model to the Trainer)."""
@@ -131,7 +132,7 @@ class RunConfig(Section):
                     f"and tokenizer.vocab_size; at most {_MAX_PARAMETERS:.0e}"
                 )
         arch_task = {"gpt2": "causal_lm", "llama": "causal_lm", "t5": "seq2seq"}
-        model_task = "causal_lm" if self.task in ("instruction", "chat") else self.task
+        model_task = "seq2seq" if self.task == "seq2seq" else "causal_lm"
         if self.model.arch and arch_task[self.model.arch] != model_task:
             problems.append(
                 f"model.arch: {self.model.arch} is a {arch_task[self.model.arch]} model, "
@@ -295,24 +296,42 @@ def _data_schedule_problems(cfg: RunConfig) -> list[str]:
 
 
 def _chat_problems(cfg: RunConfig) -> list[str]:
-    """What task chat needs: a chat template, and the parts of kiln that read conversations."""
-    if cfg.task != "chat":
-        return []
+    """What tasks chat and preference need: a chat template, the matching objective, and the
+    parts of kiln that read conversations and pairs."""
     problems = []
+    objective = cfg.train.objective
+    if cfg.task == "preference" and objective not in (None, "dpo"):
+        problems.append("train.objective: task preference trains with dpo")
+    if objective == "dpo" and cfg.task != "preference":
+        problems.append(f"train.objective: dpo needs task preference, got task {cfg.task}")
+    if cfg.task == "preference":
+        problems += _unsupported(cfg, "task preference")
+        if cfg.train.distributed.strategy == "fsdp":
+            problems.append("train.distributed.strategy: fsdp does not run task preference yet")
+        if cfg.train.label_smoothing:
+            problems.append("train.label_smoothing: a token loss option; task preference is DPO")
+    if cfg.task != "chat":
+        return problems
     pretrained = cfg.tokenizer.name_or_path is not None or cfg.model.name_or_path is not None
     if not pretrained and cfg.tokenizer.chat_template is None:
         problems.append(
             "tokenizer.chat_template: task chat with a tokenizer trained from scratch (it has "
             "no chat template); set chatml, llama3 or a Jinja template"
         )
+    return problems + _unsupported(cfg, "task chat")
+
+
+def _unsupported(cfg: RunConfig, what: str) -> list[str]:
+    """The data and eval options that read text rows, not conversations or pairs (yet)."""
+    problems = []
     if cfg.data.storage == "shards":
-        problems.append("data.storage: shards does not read conversations (task chat) yet")
+        problems.append(f"data.storage: shards does not read {what} rows yet")
     if cfg.data.augment:
-        problems.append("data.augment: not supported with task chat")
-    if cfg.data.curriculum is not None and cfg.data.curriculum.difficulty == "num_steps":
-        problems.append("data.curriculum.difficulty: num_steps reads a text, not a conversation")
+        problems.append(f"data.augment: not supported with {what}")
+    if cfg.data.curriculum is not None:
+        problems.append(f"data.curriculum: not supported with {what} yet")
     if cfg.eval.generate.num_samples > 0:
-        problems.append("eval.generate: generation metrics do not read conversations yet")
+        problems.append(f"eval.generate: generation metrics are not built for {what} yet")
     return problems
 
 
@@ -347,6 +366,13 @@ def _storage_problems(cfg: RunConfig) -> list[str]:
 # Presets hold only training-behaviour knobs; the file's model and data always win.
 # Metrics every validation has; anything else comes from generation eval (eval.generate).
 _VAL_METRICS = ("val_loss", "val_ppl", "val_accuracy", "val_tokens")
+_PREFERENCE_VAL_METRICS = (
+    "val_loss",
+    "val_rewards/accuracies",
+    "val_rewards/margins",
+    "val_rewards/chosen",
+    "val_rewards/rejected",
+)
 
 
 def _eval_problems(cfg: RunConfig) -> list[str]:
@@ -363,6 +389,10 @@ def _eval_problems(cfg: RunConfig) -> list[str]:
     for key, metric in wants:
         if not has_val:
             problems.append(f"{key}: needs validation data (set data.val or data.val_split > 0)")
+        elif cfg.task == "preference":
+            if metric not in _PREFERENCE_VAL_METRICS:
+                names = ", ".join(_PREFERENCE_VAL_METRICS)
+                problems.append(f"{key}: task preference validates {names}; got {metric}")
         elif metric not in _VAL_METRICS and not generates:
             problems.append(
                 f"{key}: metric {metric} comes from generation eval; set "

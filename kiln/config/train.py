@@ -12,6 +12,7 @@ from kiln.config.base import MAX_BATCH, MAX_COUNT, MAX_TOKENS, Section, short_re
 
 __all__ = [
     "AnomalyConfig",
+    "DPOConfig",
     "DistributedConfig",
     "GradNoiseConfig",
     "OptimConfig",
@@ -115,6 +116,13 @@ class AnomalyConfig(Section):
     """Loss spikes: finite, but far above the recent losses."""
 
 
+class DPOConfig(Section):
+    beta: float = Field(0.1, gt=0.0, le=1e4)
+    """How far the policy may move from the reference (the KL weight; TRL's `beta`)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """sigmoid: DPO; ipo: IPO (length-normalized, as TRL); hinge: SLiC's hinge loss."""
+
+
 class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
     """Optimizer steps to train; with num_epochs too, whichever ends first."""
@@ -155,6 +163,11 @@ class TrainConfig(Section):
     """Multi-process training under torchrun (see docs/distributed.md)."""
     anomaly: AnomalyConfig = AnomalyConfig()
     """Non-finite losses and gradients, and loss spikes (see docs/anomalies.md)."""
+    objective: Literal["lm", "dpo"] | None = None
+    """What the step minimizes: lm (token cross-entropy) or dpo (preference pairs against a
+    frozen reference); null: dpo for task preference, else lm."""
+    dpo: DPOConfig = DPOConfig()
+    """Preference optimization (task preference; docs/post_training.md)."""
 
     @model_validator(mode="before")
     @classmethod

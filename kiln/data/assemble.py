@@ -331,8 +331,13 @@ def data_schedule(
 def tokenizer_corpus(cfg: RunConfig, rows: list[Any]) -> list[str]:
     """Texts to train a tokenizer on: the training split only (never the val rows)."""
     rendered = render_rows(make_format(cfg), rows)
-    if cfg.task == "chat":  # the messages' contents, not their JSON
+    if cfg.task in ("chat", "preference"):  # the messages' contents, not their JSON
         from kiln.data.chat import conversation_text
 
-        return [conversation_text(parts[0]) for parts in rendered]
+        if cfg.task == "chat":
+            return [conversation_text(parts[0]) for parts in rendered]
+        return [
+            "\n".join(parts[1:] if parts[0] == "text" else map(conversation_text, parts[1:]))
+            for parts in rendered
+        ]
     return ["\n".join(parts) for parts in rendered]

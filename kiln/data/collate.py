@@ -36,7 +36,7 @@ __all__ = [
 IGNORE_INDEX = -100
 """Label value the cross-entropy loss skips (padding); transformers' default ignore_index."""
 
-_TASKS = ("causal_lm", "instruction", "chat", "seq2seq")
+_TASKS = ("causal_lm", "instruction", "chat", "preference", "seq2seq")
 
 Example = Mapping[str, Sequence[int] | Tensor]
 
@@ -57,6 +57,7 @@ DEFAULT_COLLATORS = {
     "causal_lm": "causal",
     "instruction": "instruction",
     "chat": "instruction",  # aligned labels, -100 off the assistant turns
+    "preference": "preference",
     "seq2seq": "seq2seq",
 }
 
@@ -232,6 +233,21 @@ def packed_batch(dataset: Any, indices: Tensor) -> dict[str, Tensor]:
         return {"input_ids": ids, "labels": ids}
     labels = ids.masked_fill(inside, IGNORE_INDEX)
     return {"input_ids": ids, "labels": labels, "position_ids": position_ids}
+
+
+@register_collator("preference")
+def collate_preference(
+    examples: Sequence[Example], *, pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, Tensor]:
+    """preference: B pairs as (2B, T), right-padded: the B chosen sequences, then the B
+    rejected ones, with attention_mask and labels (-100 off the completions)."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    sides = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    sides += [
+        {"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples
+    ]
+    return _with_aligned_labels(sides, "preference", pad_id, pad_to_multiple_of)
 
 
 class Batcher:

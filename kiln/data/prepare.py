@@ -377,7 +377,12 @@ def _tokenize_cached(
         with encode_workers(cfg.data.num_workers or 0):  # unset: in this process
             return _tokenize(cfg, fmt, tokenizer, rows, what, rendered)
 
-    return cached_dataset(cfg, tokenizer, rendered, build, what=what)
+    dataset = cached_dataset(cfg, tokenizer, rendered, build, what=what)
+    if cfg.task == "preference":  # the cache holds the 2N sequences; the loop draws N pairs
+        from kiln.data.preference import PreferenceDataset
+
+        return PreferenceDataset(dataset)  # type: ignore[return-value]
+    return dataset
 
 
 def build_datasets(
@@ -423,7 +428,7 @@ def build_datasets(
         source = val_name or f"held-out data.val_split of {train_name}"
         val = tokenize(cfg, fmt, tokenizer, val_rows, f"validation data ({source})")
         stats.val_examples, stats.val_tokens = len(val), val.num_tokens
-    if cfg.task in ("instruction", "chat"):  # one example per row, less those without a target
+    if cfg.task in ("instruction", "chat", "preference"):  # one per row, less those dropped
         kept = len(train) + (len(val) if val is not None else 0)
         stats.dropped["no_target"] = len(train_rows) + len(val_rows) - kept
     return train, val, stats

@@ -2,9 +2,9 @@
 
 A `TaskFormat` renders one row to a tuple of strings: `(text,)` for causal_lm, `(source, target)`
 for seq2seq, `(prompt, response)` for instruction, `(conversation,)` (JSON) for chat
-(`kiln.data.chat`). The same rendering feeds field checks,
-deduplication and tokenization, so a row is judged by exactly the text the model will see. A new
-task adds a format and a branch in `make_format`.
+(`kiln.data.chat`), `(form, prompt, chosen, rejected)` for preference (`kiln.data.preference`).
+The same rendering feeds field checks, deduplication and tokenization, so a row is judged by
+exactly the text the model will see. A new task adds a format and a branch in `make_format`.
 """
 
 from __future__ import annotations
@@ -254,6 +254,10 @@ def make_format(cfg: RunConfig) -> TaskFormat:
         from kiln.data.chat import ChatFormat
 
         return ChatFormat(cfg.data.messages_field)
+    if cfg.task == "preference":
+        from kiln.data.preference import PreferenceFormat
+
+        return PreferenceFormat()
     raise ValueError(f"unknown task {cfg.task!r}")
 
 

@@ -515,6 +515,12 @@ def tokenize_task(
             truncation=cut,
             locations=locations,
         )
+    if task == "preference":
+        from kiln.data.preference import tokenize_preference
+
+        return tokenize_preference(
+            rendered, tokenizer, data.max_length, cut, locations=locations, what=what, quiet=quiet
+        )
     second = [r[1] for r in rendered] if task != "chat" else []
     if task == "seq2seq":
         return tokenize_seq2seq(

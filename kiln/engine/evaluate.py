@@ -187,6 +187,15 @@ def validate(
     written to `samples_file` by the main rank. None when `should_stop` cut it short; {} for no
     target tokens. Every rank returns the same."""
     batch_size = cfg.eval.batch_size or cfg.train.batch_size
+    if parts.objective is not None:  # preference pairs: the DPO loss and rewards
+        return parts.objective.evaluate(
+            parts.model,
+            parts.val_data,
+            parts.batcher,
+            batch_size=batch_size,
+            max_batches=cfg.eval.max_batches,
+            rank=rank,
+        )
     metrics = evaluate(
         parts.model,
         parts.val_data,

@@ -28,8 +28,10 @@ IGNORE_INDEX = -100
 
 def target_tokens(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """Target tokens a batch contributes to the loss, as a scalar tensor on the batch's device
-    (no host sync)."""
+    (no host sync); for preference pairs, the pairs."""
     labels = batch["labels"]
+    if task == "preference":  # weighted by pairs: (2B, T) holds B chosen, then B rejected
+        return torch.tensor(labels.shape[0] // 2, device=labels.device)
     if task != "seq2seq":
         labels = labels[:, 1:]  # the first token of a sequence is never predicted
     return (labels != IGNORE_INDEX).sum()

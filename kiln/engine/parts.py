@@ -15,6 +15,7 @@ from kiln.data.assemble import Given, assemble_data
 from kiln.data.collate import Batcher
 from kiln.device import Precision, resolve_device
 from kiln.engine.anomaly import AnomalyGuard
+from kiln.engine.loss import forward_loss_sum
 from kiln.engine.parallel import Parallelism
 from kiln.engine.regularize import Regularizers, build_regularizers
 from kiln.errors import KilnError
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from kiln.data import TokenDataset
     from kiln.data.augment import AugmentedDataset
     from kiln.data.curriculum import Curriculum
+    from kiln.engine.preference import DPO
     from kiln.rank import RankContext
 
 __all__ = ["Given", "Parts", "build_parts", "total_steps"]
@@ -64,6 +66,16 @@ class Parts:
     data_stats: dict[str, Any] = field(default_factory=dict)
     curriculum: Curriculum | None = None
     augmented: AugmentedDataset | None = None
+    objective: DPO | None = None
+    """task preference: the DPO objective and its reference; None: the token loss."""
+
+    def step_loss(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        """The training micro-batch's summed loss: the objective's, else the token loss
+        (with the regularizers' loss function)."""
+        if self.objective is not None:
+            return self.objective.loss_sum(self.train_model, batch)
+        loss_fn = self.regularizers.loss_fn
+        return forward_loss_sum(self.train_model, batch, task, loss_fn=loss_fn)[0]
 
     def sources(self, samples: list[int]) -> list[str] | None:
         """The source rows (file:line) of training samples, when each sample is one row
@@ -110,6 +122,11 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
         collator=cfg.data.collator,
         pad_to_multiple_of=cfg.data.pad_to_multiple_of,
     )
+    objective = None
+    if cfg.task == "preference":  # its reference: the model as built (LoRA: adapters off)
+        from kiln.engine.preference import DPO
+
+        objective = DPO(cfg.train.dpo, model, precision, adapters=cfg.lora.enabled)
     model = prepare_for_training(model, cfg, device, batcher)
     parallel = Parallelism.build(rank, cfg.train.distributed.strategy, device)
     train_model = parallel.wrap(model, device)
@@ -150,6 +167,7 @@ def build_parts(cfg: RunConfig, given: Given, rank: RankContext) -> Parts:
         data_stats=data.stats,
         curriculum=data.curriculum,
         augmented=data.augmented,
+        objective=objective,
     )
 
 

@@ -30,7 +30,7 @@ from kiln.engine.events import Event
 from kiln.engine.generate_eval import GenerationEval, end_sample
 from kiln.engine.judge import Judge
 from kiln.engine.loadable import write_loadable
-from kiln.engine.loss import forward_loss_sum, sum_in_order, target_tokens
+from kiln.engine.loss import sum_in_order, target_tokens
 from kiln.engine.parts import Parts, build_parts
 from kiln.engine.result import THROUGHPUT_KEYS, TrainResult
 from kiln.engine.resume import (
@@ -441,9 +441,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             with self.rank.no_sync(parts.train_model, enabled=i < last):
                 with parts.precision.autocast():
-                    loss_sum, _, _ = forward_loss_sum(
-                        parts.train_model, batch, task, loss_fn=parts.regularizers.loss_fn
-                    )
+                    loss_sum = parts.step_loss(batch, task)
                 loss = share = loss_sum / window_targets
                 if parts.parallel.data_parallel:  # cancels DDP's (FSDP's) mean over ranks
                     loss = share * self.rank.world_size
@@ -496,6 +494,8 @@ class Trainer:
         loop.pending_norms.clear()
         record["grad_norm"] = sum(norms) / len(norms) if norms else None
         record.update(self.setup().guard.log_fields(record["grad_norm"]))  # skipped, z-score
+        if self.setup().objective is not None:  # DPO: rewards/..., logps/...
+            record.update(self.setup().objective.flush(self.rank))  # type: ignore[union-attr]
         by_source = getattr(self.setup().train_data, "tokens_seen", None)  # a mixture's sources
         if by_source is not None:
             record.update(by_source(self.cursor, state.epoch, state.cursor))

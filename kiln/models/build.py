@@ -81,18 +81,21 @@ _TASK_AUTO = {
     "causal_lm": AutoModelForCausalLM,
     "instruction": AutoModelForCausalLM,
     "chat": AutoModelForCausalLM,
+    "preference": AutoModelForCausalLM,
     "seq2seq": AutoModelForSeq2SeqLM,
 }
 _TASK_NAMES = {
     "causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     "instruction": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     "chat": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    "preference": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     "seq2seq": MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
 }
 _TASK_WORDS = {
     "causal_lm": "a causal LM",
     "instruction": "a causal LM",
     "chat": "a causal LM",
+    "preference": "a causal LM",
     "seq2seq": "a seq2seq (encoder-decoder) model",
 }
 
