@@ -294,3 +294,142 @@ def test_a_preference_run_validates_with_reward_accuracy(tmp_path: Path, tokeniz
     raw["checkpoint"]["metric"] = "val_ppl"
     with pytest.raises(Exception, match="task preference validates val_loss"):
         load_config(data=raw)
+
+
+def scratch_raw(tmp_path: Path, name: str, batch: int, **train: Any) -> dict[str, Any]:
+    """A from-scratch tiny GPT-2 on 48 pairs (8 held out), as the CLI would run it."""
+    data = tmp_path / "pairs.jsonl"
+    if not data.exists():
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        write_jsonl(data, pairs(48))
+    return {
+        "name": name,
+        "output_dir": str(tmp_path / name),
+        "seed": 0,
+        "task": "preference",
+        "model": {"arch": "gpt2", "hidden_size": 32, "num_layers": 2, "num_heads": 2},
+        "tokenizer": {"vocab_size": 320},
+        "data": {"train": str(data), "val_split": 0.17, "cache_dir": str(tmp_path / "cache")},
+        "optim": {"lr": 3e-3, "warmup_steps": 0, "scheduler": "constant"},
+        "train": {"max_steps": 6, "batch_size": batch, "num_threads": 1, **train},
+        "eval": {"every_steps": 3},
+        "checkpoint": {"every_steps": 3},
+        "log": {"every_steps": 1, "progress": "none", "plots": False},
+    }
+
+
+def test_a_dpo_run_resumes_bit_exactly(tmp_path: Path) -> None:
+    from tests.helpers import assert_resume_is_exact
+
+    def make(root: Path) -> Any:
+        return load_config(data=scratch_raw(root, "run", 4))
+
+    ref, resumed = assert_resume_is_exact(make, tmp_path, stop_at=3)
+    # The reference came back as the model was built, not as the checkpoint left it.
+    for name, value in ref.parts.objective.reference.state_dict().items():
+        assert torch.equal(value, resumed.parts.objective.reference.state_dict()[name]), name
+    rows = [json.loads(x) for x in (tmp_path / "ref" / "run" / "metrics.jsonl").open()]
+    cut = [json.loads(x) for x in (tmp_path / "cut" / "run" / "metrics.jsonl").open()]
+    assert [r.get("rewards/margins") for r in cut] == [r.get("rewards/margins") for r in rows]
+
+
+@pytest.mark.slow
+def test_dpo_on_two_ranks_equals_one_with_the_same_global_batch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from kiln.cli import main
+    from tests.helpers import ROOT, free_port, gloo_env
+
+    def config(name: str, batch: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(scratch_raw(tmp_path, name, batch)))
+        return path
+
+    assert main(["-q", "train", str(config("one", 4))]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    cmd += ["-m", "kiln", "train", str(config("two", 2))]
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=gloo_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def records(name: str, split: str) -> list[dict[str, Any]]:
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").open()]
+        return [r for r in rows if r["split"] == split]
+
+    for split, keys in (("train", ("loss", *METRICS)), ("val", ("val_loss", "val_pairs"))):
+        one, two = records("one", split), records("two", split)
+        assert [r["step"] for r in two] == [r["step"] for r in one]
+        for key in keys:
+            assert [r[key] for r in two] == pytest.approx(
+                [r[key] for r in one], rel=1e-5, abs=1e-6
+            ), (split, key)
+    a = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    for name in b:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_kiln_train_names_bad_pairs_in_one_line_each(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    rows: list[dict[str, Any]] = list(pairs(8))
+    rows[1] = {"prompt": "p", "chosen": "c"}
+    rows[4] = {"prompt": "p", "chosen": "c", "rejected": ""}
+    raw = scratch_raw(tmp_path, "bad", 2)
+    raw["data"]["train"] = str(write_jsonl(tmp_path / "bad.jsonl", rows))
+    config = tmp_path / "bad.yaml"
+    config.write_text(json.dumps(raw))
+    done = subprocess.run(
+        [sys.executable, "-m", "kiln", "train", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [x for x in done.stderr.splitlines() if "bad.jsonl:" in x]
+    assert len(lines) == 2, done.stderr
+    assert "bad.jsonl:2: missing field 'rejected'" in lines[0]
+    assert "bad.jsonl:5: field 'rejected' is empty" in lines[1]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_kiln_eval_reports_preference_accuracy_as_the_run_validated(
+    tmp_path: Path, tokenizer, lora: bool
+) -> None:
+    """`kiln eval RUN --data pairs.jsonl` rebuilds the run's reference (its seeded init, or
+    the base with LoRA's adapters off) and reports the run's own last validation."""
+    from kiln.cli import main
+
+    if lora:
+        pytest.importorskip("peft")
+        model_dir, tok_dir = _model_dirs(tmp_path, tokenizer)
+        train = write_jsonl(tmp_path / "p.jsonl", pairs(24))
+        raw = dpo_raw(tmp_path, train, model_dir, tok_dir, steps=4, batch=4, lr=5e-3)
+        raw["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+        raw["log"]["every_steps"] = 2
+    else:
+        raw = scratch_raw(tmp_path, "run", 4)
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", pairs(60)[48:])
+    raw["data"]["val"] = str(held_out)
+    raw["eval"] = {"every_steps": 2}
+    result = Trainer(load_config(data=raw)).fit()
+    out = tmp_path / "report.json"
+    assert (
+        main(["-q", "eval", str(result.run_dir), "--data", str(held_out), "--out", str(out)]) == 0
+    )
+    report = json.loads(out.read_text())["metrics"]
+    last = result.metrics[-1]
+    for key in ("val_loss", "val_rewards/accuracies", "val_rewards/margins", "val_pairs"):
+        assert report[key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
+    assert last["val_rewards/margins"] != 0  # trained: the rewards moved off the reference

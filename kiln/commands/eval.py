@@ -77,7 +77,6 @@ def evaluate_on(
     from kiln.data import load_eval_data
     from kiln.data.collate import Batcher
     from kiln.device import Precision
-    from kiln.engine.evaluate import evaluate
     from kiln.errors import KilnError
 
     if loaded.cfg is None:
@@ -89,21 +88,17 @@ def evaluate_on(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     precision = Precision(cfg.train.precision if device.type == "cuda" else "fp32", device)
-    metrics = evaluate(
-        model,
-        dataset,
-        task=cfg.task,
-        batch_size=batch_size or cfg.eval.batch_size or cfg.train.batch_size,
-        pad_id=pad,
-        precision=precision,
-        max_batches=max_batches,
-        batcher=Batcher(
-            cfg.task,
-            pad,
-            collator=cfg.data.collator,
-            pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-        ),
+    batcher = Batcher(
+        cfg.task, pad, collator=cfg.data.collator, pad_to_multiple_of=cfg.data.pad_to_multiple_of
     )
+    if cfg.task == "preference":  # the DPO loss and rewards against the run's reference
+        objective = _preference_objective(cfg, model, tokenizer, precision)
+        size = batch_size or cfg.eval.batch_size or cfg.train.batch_size
+        metrics = objective.evaluate(
+            model, dataset, batcher, batch_size=size, max_batches=max_batches
+        )
+    else:
+        metrics = _token_metrics(cfg, model, dataset, batcher, precision, batch_size, max_batches)
     report = {
         "model": str(Path(loaded.path).resolve()),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -114,6 +109,43 @@ def evaluate_on(
         "metrics": dict(metrics or {}),
     }
     return report, cfg, rows
+
+
+def _token_metrics(
+    cfg: Any,
+    model: Any,
+    dataset: Any,
+    batcher: Any,
+    precision: Any,
+    batch_size: int | None,
+    max_batches: int | None,
+) -> dict[str, float] | None:
+    from kiln.engine.evaluate import evaluate
+
+    return evaluate(
+        model,
+        dataset,
+        task=cfg.task,
+        batch_size=batch_size or cfg.eval.batch_size or cfg.train.batch_size,
+        pad_id=batcher.pad_id,
+        precision=precision,
+        max_batches=max_batches,
+        batcher=batcher,
+    )
+
+
+def _preference_objective(cfg: Any, model: Any, tokenizer: Any, precision: Any) -> Any:
+    """The run's DPO objective, its reference rebuilt as the run built it: LoRA's adapters
+    off; else the base it started from (model.name_or_path) or its seeded initialization."""
+    from kiln.engine.preference import DPO
+    from kiln.process import seed_everything
+
+    if hasattr(model, "disable_adapter"):
+        return DPO(cfg.train.dpo, model, precision, adapters=True)
+    from kiln.models import build_model
+
+    seed_everything(cfg.seed)  # the initialization the run drew
+    return DPO(cfg.train.dpo, build_model(cfg, tokenizer), precision)
 
 
 def run(args: argparse.Namespace) -> int:
