@@ -238,8 +238,12 @@ def test_a_tokenizer_trained_for_chat_needs_a_template(tmp_path: Path) -> None:
 def test_a_chat_run_trains_and_saves_its_template(tmp_path: Path) -> None:
     rows = [{"messages": conversation(i, 1 + i % 2)} for i in range(24)]
     train = write_jsonl(tmp_path / "chat.jsonl", rows)
-    result = Trainer(load_config(data=chat_raw(tmp_path, train))).fit()
+    raw = chat_raw(tmp_path, train)
+    raw["eval"] = {"sample_prompt": "Recipe 3 part 0, please?", "sample_max_new_tokens": 8}
+    result = Trainer(load_config(data=raw)).fit()
     assert len(result.loss_history) == 4
+    # The end-of-run sample is a reply to the prompt as a user message, through the template.
+    assert result.sample.startswith("<|im_start|>user\nRecipe 3 part 0, please?<|im_end|>\n")
     from transformers import AutoTokenizer
 
     saved = AutoTokenizer.from_pretrained(result.final_dir)
@@ -337,3 +341,49 @@ def test_chat_sft_equals_trl_sft_trainer(tmp_path: Path, corpus) -> None:
     ours = dict(trainer.model.named_parameters())
     for name, theirs in sft.model.named_parameters():
         assert torch.allclose(ours[name], theirs, atol=1e-4, rtol=0), name
+
+
+@pytest.mark.parametrize(("template", "end"), [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>")])
+def test_a_reply_stops_at_the_templates_end_of_turn(corpus, template, end) -> None:
+    from kiln.data.chat import chat_prompt, chat_stop_ids
+
+    tokenizer = chat_tokenizer(corpus, template)
+    assert chat_stop_ids(tokenizer) == (tokenizer.convert_tokens_to_ids(end),)
+    prompt = chat_prompt(tokenizer, "Recipe 1 part 0, please?", system=SYSTEM["content"])
+    whole = tokenizer.apply_chat_template(
+        [SYSTEM, {"role": "user", "content": "Recipe 1 part 0, please?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert prompt == whole
+    assert chat_stop_ids(bpe_tokenizer(corpus, vocab_size=300)) == ()  # no template: EOS only
+
+
+def test_kiln_generate_chat_renders_the_prompt_and_stops_at_the_turn_end(tmp_path: Path) -> None:
+    """The decoding kiln generate --chat asks for: the rendered prompt, EOS and <|im_end|> as
+    stops (recorded from the model's generate call), and the reply alone printed."""
+    from kiln.cli import main
+    from kiln.data.chat import chat_prompt
+    from kiln.models.load import load_trained
+
+    rows = [{"messages": conversation(i, 1)} for i in range(24)]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    result = Trainer(load_config(data=chat_raw(tmp_path, train))).fit()
+    loaded = load_trained(result.final_dir)
+    calls: list[dict[str, Any]] = []
+    original = type(loaded.model).generate
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(loaded.model), "generate", spy)
+        code = main(["-q", "generate", str(result.run_dir), "Recipe 1 part 0, please?", "--chat"])
+    assert code == 0
+    tok = loaded.tokenizer
+    stops = calls[0]["eos_token_id"]
+    assert stops == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    prompt = tok.decode(calls[0]["input_ids"][0][calls[0]["attention_mask"][0].bool()])
+    assert prompt == chat_prompt(tok, "Recipe 1 part 0, please?")
+    assert main(["-q", "generate", str(result.run_dir), "x", "--system", "s"]) == 2

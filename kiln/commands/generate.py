@@ -27,6 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (1: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling RNG (0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto)")
+    add_flag(
+        p,
+        "--chat",
+        "the prompt is a user message: rendered with the model's chat template, the reply "
+        "printed alone, decoding stopped at the end of the assistant's turn",
+    )
+    p.add_argument("--system", metavar="TEXT", help="--chat: a system message before the prompt")
     p.add_argument(
         "--backend",
         choices=("torch", "onnx", "torchscript", "pt2"),
@@ -38,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kiln.device import resolve_device
+    from kiln.errors import KilnError
     from kiln.models.generation import GenerationOptions, generate_texts
     from kiln.models.load import load_trained
 
@@ -51,10 +59,26 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     options.check(flags=True)  # before loading a model for minutes
+    if args.system is not None and not args.chat:
+        raise KilnError("--system: a system message needs --chat")
     if args.backend != "torch":
+        if args.chat:
+            raise KilnError(f"--chat: not with --backend {args.backend} (greedy text only)")
         return _exported(args, options)
     device = resolve_device(args.device)
     loaded = load_trained(args.path, device=device)
+    if args.chat:
+        from dataclasses import replace
+
+        from kiln.data.chat import chat_prompt, chat_stop_ids
+
+        if getattr(loaded.tokenizer, "chat_template", None) is None:
+            raise KilnError(f"--chat: {args.path}: the tokenizer has no chat template")
+        prompt = chat_prompt(loaded.tokenizer, args.prompt, system=args.system)
+        options = replace(options, stop_ids=chat_stop_ids(loaded.tokenizer))
+        [reply] = generate_texts(loaded.model, loaded.tokenizer, [prompt], options=options)
+        print(reply.strip())
+        return ExitCode.FINISHED
     [text] = generate_texts(loaded.model, loaded.tokenizer, [args.prompt], options=options)
     print(text if loaded.task == "seq2seq" else args.prompt + text)
     return ExitCode.FINISHED

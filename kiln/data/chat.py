@@ -43,6 +43,8 @@ __all__ = [
     "CHAT_TEMPLATES",
     "ROLES",
     "ChatFormat",
+    "chat_prompt",
+    "chat_stop_ids",
     "chat_template",
     "conversation_text",
     "render_conversation",
@@ -191,6 +193,32 @@ def render_conversation(
         if end > len(before):
             spans.append((len(before), end))
     return text, spans
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, user: str, *, system: str | None = None) -> str:
+    """A user message (after an optional system message) rendered with the chat template and
+    its generation prompt: the text an assistant's reply continues."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": user})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # type: ignore[return-value]
+
+
+def chat_stop_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The token that ends an assistant turn in this template (what follows a reply's text
+    in its rendered turn, when that is one token): where generating a reply stops."""
+    reply = "Fine."
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]
+    try:
+        text, spans = render_conversation(tokenizer, messages)
+    except Exception:  # no template, or one that cannot render this: EOS alone ends a reply
+        return ()
+    if not spans:
+        return ()
+    start, end = spans[-1]
+    turn = text[start:end]
+    tail = turn[turn.find(reply) + len(reply) :] if reply in turn else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    return (int(ids[0]),) if len(ids) == 1 else ()
 
 
 def _token_spans(

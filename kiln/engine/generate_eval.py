@@ -190,5 +190,6 @@ def end_sample(cfg: RunConfig, parts: Parts, rank: RankContext) -> str | None:
     if prompt is None or not (rank.is_main or synced):
         return None
     max_new, model = cfg.eval.sample_max_new_tokens, parts.model
-    text = run_sample(model, parts.tokenizer, prompt, max_new, cfg.seed, synced=synced)
+    chat = cfg.task == "chat"  # the prompt is a user message, through the chat template
+    text = run_sample(model, parts.tokenizer, prompt, max_new, cfg.seed, synced=synced, chat=chat)
     return text if rank.is_main else None

@@ -11,7 +11,8 @@ caller gets the same rules:
   output is the generated tokens only (the continuation, or the seq2seq target), decoded with
   special tokens skipped.
 - **EOS and padding.** Decoding stops at the tokenizer's EOS (the model's generation config's
-  when the tokenizer has none). Padding uses the tokenizer's pad token, else its EOS.
+  when the tokenizer has none) and at `stop_ids` (a chat template's end of turn). Padding uses
+  the tokenizer's pad token, else its EOS.
 - **Context.** With the model's position limit L (`max_position_embeddings` / `n_positions`;
   none for relative-position models such as T5), `max_new_tokens` is capped at L - 1, a
   decoder-only prompt keeps its last L - max_new_tokens tokens (cut from the left: the
@@ -71,6 +72,8 @@ class GenerationOptions:
     num_beams: int = 1
     seed: int = 0
     """Seed of the sampling RNG (a fork: the global RNG is untouched)."""
+    stop_ids: tuple[int, ...] = ()
+    """Token ids that end a row besides EOS (a chat template's end of turn, `chat_stop_ids`)."""
 
     def check(self, *, flags: bool = False) -> None:
         """Raise a one-line KilnError naming the first bad option (as its CLI flag with `flags`)."""
@@ -203,8 +206,8 @@ def generate_samples(
     limit = max_positions(model.config)
     new_tokens, encoded = encode_prompts(tokenizer, prompts, options.max_new_tokens, limit, seq2seq)
     kwargs = {**options.generate_kwargs(), "max_new_tokens": new_tokens, "pad_token_id": pad}
-    if eos is not None:  # else the model's generation config has the say
-        kwargs["eos_token_id"] = eos
+    if eos is not None or options.stop_ids:  # else the model's generation config has the say
+        kwargs["eos_token_id"] = [*([] if eos is None else [eos]), *options.stop_ids]
     sync = synced is not None and synced.distributed
     if sync:
         kwargs["synced_gpus"] = True
@@ -337,12 +340,31 @@ def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def run_sample(
-    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, seed: int, synced: Any = None
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int,
+    seed: int,
+    synced: Any = None,
+    *,
+    chat: bool = False,
 ) -> str:
     """The end-of-run sample (summary.json): sampled at temperature 0.7, top-p 0.9, seeded;
-    a decoder-only model's text includes the prompt. `synced`: as for `generate_texts`."""
+    a decoder-only model's text includes the prompt. `chat`: the prompt is a user message,
+    rendered with the chat template, and the text is the conversation with the reply.
+    `synced`: as for `generate_texts`."""
+    stops: tuple[int, ...] = ()
+    if chat:
+        from kiln.data.chat import chat_prompt, chat_stop_ids
+
+        prompt, stops = chat_prompt(tokenizer, prompt), chat_stop_ids(tokenizer)
     options = GenerationOptions(
-        max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.9, seed=seed
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        seed=seed,
+        stop_ids=stops,
     )
     [text] = generate_texts(model, tokenizer, [prompt], options=options, synced=synced)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
