@@ -433,3 +433,14 @@ def test_kiln_eval_reports_preference_accuracy_as_the_run_validated(
     for key in ("val_loss", "val_rewards/accuracies", "val_rewards/margins", "val_pairs"):
         assert report[key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
     assert last["val_rewards/margins"] != 0  # trained: the rewards moved off the reference
+
+
+def test_a_sweep_ranks_dpo_trials_by_their_validation_metrics(tmp_path: Path) -> None:
+    from kiln.sweep.study import metric_problem
+
+    cfg = load_config(data=scratch_raw(tmp_path, "sweep", 4))
+    assert metric_problem("val_rewards/accuracies", cfg) is None
+    assert metric_problem("val_loss", cfg) is None
+    problem = metric_problem("val_reward/accuracies", cfg)
+    assert "did you mean val_rewards/accuracies?" in problem
+    assert "val_ppl" in metric_problem("val_ppl", cfg)  # pairs have no perplexity

@@ -32,10 +32,11 @@ from kiln.config.data import DataConfig
 from kiln.config.eval import CheckpointConfig, EvalConfig, ExportConfig
 from kiln.config.model import LoraConfig, ModelConfig, TokenizerConfig
 from kiln.config.tracking import LogConfig, NotifyConfig
-from kiln.config.train import OptimConfig, TrainConfig
+from kiln.config.train import DPO_METRICS, OptimConfig, TrainConfig
 from kiln.config.yamlio import parse_override_value, read_yaml_file, read_yaml_text
 
 __all__ = [
+    "PREFERENCE_VAL_METRICS",
     "PRESETS",
     "RunConfig",
     "apply_overrides",
@@ -366,13 +367,8 @@ def _storage_problems(cfg: RunConfig) -> list[str]:
 # Presets hold only training-behaviour knobs; the file's model and data always win.
 # Metrics every validation has; anything else comes from generation eval (eval.generate).
 _VAL_METRICS = ("val_loss", "val_ppl", "val_accuracy", "val_tokens")
-_PREFERENCE_VAL_METRICS = (
-    "val_loss",
-    "val_rewards/accuracies",
-    "val_rewards/margins",
-    "val_rewards/chosen",
-    "val_rewards/rejected",
-)
+PREFERENCE_VAL_METRICS = ("val_loss", "val_pairs", *(f"val_{m}" for m in DPO_METRICS))
+"""What a validation of preference pairs logs (`kiln.engine.preference`)."""
 
 
 def _eval_problems(cfg: RunConfig) -> list[str]:
@@ -390,8 +386,8 @@ def _eval_problems(cfg: RunConfig) -> list[str]:
         if not has_val:
             problems.append(f"{key}: needs validation data (set data.val or data.val_split > 0)")
         elif cfg.task == "preference":
-            if metric not in _PREFERENCE_VAL_METRICS:
-                names = ", ".join(_PREFERENCE_VAL_METRICS)
+            if metric not in PREFERENCE_VAL_METRICS:
+                names = ", ".join(PREFERENCE_VAL_METRICS)
                 problems.append(f"{key}: task preference validates {names}; got {metric}")
         elif metric not in _VAL_METRICS and not generates:
             problems.append(

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from kiln.config.base import MAX_BATCH, MAX_COUNT, MAX_TOKENS, Section, short_repr
 
 __all__ = [
+    "DPO_METRICS",
     "AnomalyConfig",
     "DPOConfig",
     "DistributedConfig",
@@ -114,6 +115,17 @@ class AnomalyConfig(Section):
     """rollback: rollbacks after which the next anomaly stops the run as diverged."""
     spike: SpikeConfig = SpikeConfig()
     """Loss spikes: finite, but far above the recent losses."""
+
+
+DPO_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+"""What a DPO step logs besides its loss, as TRL names them (validation: `val_` + the name)."""
 
 
 class DPOConfig(Section):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from kiln.config.train import DPO_METRICS as METRICS
 from kiln.engine.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -36,16 +37,6 @@ if TYPE_CHECKING:
     from kiln.rank import RankContext
 
 __all__ = ["DPO", "METRICS", "sequence_logps"]
-
-METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
-"""The per-pair means logged on train rows (val rows: `val_` + the name)."""
 
 
 def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

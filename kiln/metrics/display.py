@@ -12,7 +12,6 @@ from collections.abc import Mapping
 
 __all__ = [
     "LOSS_METRICS",
-    "PREFERENCE_METRICS",
     "format_metric",
     "generation_scores",
     "metric_scale",
@@ -21,17 +20,7 @@ __all__ = [
 
 LOSS_METRICS = ("val_loss", "val_ppl", "val_accuracy", "val_tokens")
 """What every validation computes; the other `val_*` keys come from generation eval (or, for
-preference pairs, are `PREFERENCE_METRICS`)."""
-PREFERENCE_METRICS = (
-    "val_pairs",
-    "val_rewards/chosen",
-    "val_rewards/rejected",
-    "val_rewards/accuracies",
-    "val_rewards/margins",
-    "val_logps/chosen",
-    "val_logps/rejected",
-)
-"""What a validation of preference pairs computes besides val_loss (`kiln.engine.preference`)."""
+preference pairs, are `kiln.config.run.PREFERENCE_VAL_METRICS`)."""
 _GEN_BOOKKEEPING = ("val_gen_samples", "val_gen_samples_scored", "val_gen_time_s")
 PPL_CAP_LOSS = 50.0
 """val_ppl is exp(loss) up to this loss (exp(50) ~ 5e21): a diverged loss gives a large
@@ -72,7 +61,9 @@ def generation_scores(metrics: Mapping[str, float]) -> str:
     time budget)"). Empty when the validation generated nothing."""
     parts: list[str] = []
     names = [k for k in metrics if k.startswith("val_")]
-    known = (*LOSS_METRICS, *PREFERENCE_METRICS, *_GEN_BOOKKEEPING)
+    from kiln.config.run import PREFERENCE_VAL_METRICS
+
+    known = (*LOSS_METRICS, *PREFERENCE_VAL_METRICS, *_GEN_BOOKKEEPING)
     shown = [k for k in names if k not in known]
     for i, key in enumerate(shown):
         scale = metric_scale(key)

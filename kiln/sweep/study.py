@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from kiln.config import ConfigError, RunConfig, load_config
 from kiln.config.base import SECTION_PATHS, format_errors, short_repr
+from kiln.config.run import PREFERENCE_VAL_METRICS
 from kiln.config.sweep import PrunerConfig, SweepConfig, space_key
 from kiln.config.yamlio import read_yaml_file
 from kiln.errors import KilnError, first_line
@@ -186,6 +187,8 @@ _GENERATION_BOOKKEEPING = ("val_gen_samples", "val_gen_time_s")
 def logged_metrics(cfg: RunConfig) -> tuple[list[str], bool]:
     """The validation metrics a run of `cfg` logs, and whether that list is open (a metric
     named by import path, whose scores only its run knows)."""
+    if cfg.task == "preference":
+        return list(PREFERENCE_VAL_METRICS), False
     names = list(VAL_METRICS)
     gen = cfg.eval.generate
     if gen.num_samples == 0:
