@@ -334,7 +334,10 @@ def test_a_dpo_run_resumes_bit_exactly(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_dpo_on_two_ranks_equals_one_with_the_same_global_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_dpo_on_two_ranks_equals_one_with_the_same_global_batch(
+    tmp_path: Path, strategy: str
+) -> None:
     import subprocess
     import sys
 
@@ -346,7 +349,11 @@ def test_dpo_on_two_ranks_equals_one_with_the_same_global_batch(tmp_path: Path) 
 
     def config(name: str, batch: int) -> Path:
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(scratch_raw(tmp_path, name, batch)))
+        raw = scratch_raw(tmp_path, name, batch)
+        raw["eval"]["batch_size"] = 3  # 8 held-out pairs: 3 batches, one rank runs a spare
+        if name == "two":
+            raw["train"]["distributed"] = {"strategy": strategy}
+        path.write_text(yaml.safe_dump(raw))
         return path
 
     assert main(["-q", "train", str(config("one", 4))]) == 0

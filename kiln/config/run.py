@@ -307,8 +307,6 @@ def _chat_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"train.objective: dpo needs task preference, got task {cfg.task}")
     if cfg.task == "preference":
         problems += _unsupported(cfg, "task preference")
-        if cfg.train.distributed.strategy == "fsdp":
-            problems.append("train.distributed.strategy: fsdp does not run task preference yet")
         if cfg.train.label_smoothing:
             problems.append("train.label_smoothing: a token loss option; task preference is DPO")
     if cfg.task != "chat":

@@ -195,6 +195,7 @@ def validate(
             batch_size=batch_size,
             max_batches=cfg.eval.max_batches,
             rank=rank,
+            sharded=parts.parallel.sharded,
         )
     metrics = evaluate(
         parts.model,

@@ -151,9 +151,11 @@ class DPO:
         batch_size: int,
         max_batches: int | None = None,
         rank: RankContext | None = None,
+        sharded: bool = False,
     ) -> dict[str, float]:
         """val_loss (the mean pair loss) and the metrics, `val_`-prefixed, over `dataset` in
-        order; on N ranks each takes every N-th batch and the sums are all-reduced."""
+        order; on N ranks each takes every N-th batch and the sums are all-reduced (a
+        `sharded` model's ranks run as many forwards each, the spare ones discarded)."""
         was = model.training
         model.eval()
         device = self.precision.device
@@ -163,15 +165,20 @@ class DPO:
         if max_batches is not None:
             end = min(end, max_batches * batch_size * world)
         starts = list(range(0, end, batch_size))
+        mine: list[int | None] = list(starts)
         if rank is not None and rank.distributed:
-            starts = starts[rank.rank :: rank.world_size]
+            mine = starts[rank.rank :: rank.world_size]
+            if sharded:  # each forward is a collective: every rank runs as many
+                mine += [None] * (-(-len(starts) // rank.world_size) - len(mine))
         try:
-            for start in starts:
-                batch = batcher(dataset, torch.arange(start, min(start + batch_size, end)))
+            for start in mine:
+                first = starts[0] if start is None else start
+                batch = batcher(dataset, torch.arange(first, min(first + batch_size, end)))
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with torch.no_grad(), self.precision.autocast():
                     losses, sums = self.pair_losses(model, batch)
-                total += torch.cat([losses.sum().view(1), sums]).double()
+                if start is not None:
+                    total += torch.cat([losses.sum().view(1), sums]).double()
         finally:
             model.train(was)
         if rank is not None and rank.distributed:
