@@ -332,7 +332,7 @@ def test_chat_sft_equals_trl_sft_trainer(tmp_path: Path, corpus) -> None:
     }
     raw["train"] = {"max_steps": steps, "batch_size": 8, "grad_clip": 1.0, "precision": "fp32"}
     raw["log"] = {"every_steps": 1, "progress": "none", "plots": False}
-    raw["data"]["dedup"] = False
+    raw["data"].update(dedup=False, packing=False)  # TRL: packing=False
     trainer = Trainer(load_config(data=raw))
     result = trainer.fit()
 
@@ -387,3 +387,53 @@ def test_kiln_generate_chat_renders_the_prompt_and_stops_at_the_turn_end(tmp_pat
     prompt = tok.decode(calls[0]["input_ids"][0][calls[0]["attention_mask"][0].bool()])
     assert prompt == chat_prompt(tok, "Recipe 1 part 0, please?")
     assert main(["-q", "generate", str(result.run_dir), "x", "--system", "s"]) == 2
+
+
+def test_packed_conversations_are_whole_isolated_and_lose_nothing(corpus) -> None:
+    """Whole conversations in blocks: each keeps its positions, none attends to another (the
+    logits of one do not move when another changes), and the summed loss of a packed batch is
+    the sum of the conversations' own."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kiln.data.chat import PackedConversations
+    from kiln.engine.loss import forward_loss_sum
+
+    tokenizer = chat_tokenizer(corpus, "chatml")
+    rendered = [
+        ChatFormat().render({"messages": conversation(i, 1 + i % 3)}, i)[0] for i in range(9)
+    ]
+    alone = tokenize_chat(rendered, tokenizer, 4096)
+    sizes = alone.lengths.tolist()
+    packed = PackedConversations(alone, 2 * max(sizes), tokenizer.pad_token_id)
+    assert len(packed) < len(alone)  # several to a block
+    assert sorted(c for b in packed.bins for c in b) == list(range(9))  # each exactly once
+    assert all(sum(sizes[c] for c in b) <= packed.length for b in packed.bins)
+    batch = packed.batch(torch.arange(len(packed)))
+    assert "attention_mask" not in batch
+    assert int(batch["real_tokens"].sum()) == sum(sizes)  # throughput counts no padding
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=32, n_layer=2, n_head=2)
+    ).eval()
+    with torch.no_grad():
+        packed_sum = forward_loss_sum(model, batch, "chat")[0]
+        sums = [
+            forward_loss_sum(model, {k: v[None] for k, v in alone[i].items()}, "chat")[0]
+            for i in range(9)
+        ]
+    assert float(packed_sum) == pytest.approx(float(sum(sums)), rel=1e-5)
+    # Change the first conversation of a two-conversation block: the second one's logits stay.
+    b = next(i for i, members in enumerate(packed.bins) if len(members) >= 2)
+    one = packed.batch(torch.tensor([b]))
+    one.pop("labels")
+    one.pop("real_tokens")
+    start = sizes[packed.bins[b][0]]
+    assert one["position_ids"][0, start] == 0  # the second conversation restarts at 0
+    other = {k: v.clone() for k, v in one.items()}
+    other["input_ids"][0, 1:start] = tokenizer.pad_token_id
+    with torch.no_grad():  # (use_cache=False, as training runs: with a cache, no isolation)
+        a = model(**one, use_cache=False).logits
+        c = model(**other, use_cache=False).logits
+    end = start + sizes[packed.bins[b][1]]
+    assert torch.allclose(a[0, start:end], c[0, start:end], atol=1e-5)
+    assert not torch.allclose(a[0, 1:start], c[0, 1:start], atol=1e-3)

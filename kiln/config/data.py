@@ -145,7 +145,9 @@ class DataConfig(Section):
     truncation: bool = True
     """Cut sequences longer than the limits; false makes such a sequence an error."""
     packing: bool = True
-    """causal_lm: concatenate documents (EOS-separated) into blocks of max_length tokens."""
+    """causal_lm: concatenate documents (EOS-separated) into blocks of max_length tokens.
+    chat: pack whole conversations into blocks of max_length (none split; positions restart
+    per conversation, no attention across them); validation stays one per example."""
     isolate_documents: bool = True
     """With packing: documents in a block do not attend to each other (position ids restart
     per document), where the model supports it."""

@@ -37,12 +37,14 @@ from kiln.data.tasks import _RowError
 from kiln.errors import DataError, ModelError
 
 if TYPE_CHECKING:
+    from torch import Tensor
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "CHAT_TEMPLATES",
     "ROLES",
     "ChatFormat",
+    "PackedConversations",
     "chat_prompt",
     "chat_stop_ids",
     "chat_template",
@@ -372,3 +374,92 @@ def tokenize_chat(
 def _line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:300]
+
+
+class PackedConversations:
+    """Conversations packed whole into blocks of `length` tokens (`data.packing` with task
+    chat): no conversation is split, so each keeps its positions and its turns.
+
+    The blocks are filled best-fit decreasing (longest conversation first, each into the block
+    it fills most; ties by order), deterministically. A block is its conversations end to end,
+    then padding to `length`; `position_ids` restart at 0 for each conversation and for the
+    padding, and the batch has no attention mask, so transformers builds a block-diagonal
+    causal mask from the position ids: no conversation attends to another (docs/post_training.md
+    says which attention implementations read them). Labels are the conversations' own (-100
+    off the assistant turns) and -100 on the padding, so the loss sums are those of the
+    conversations unpacked.
+    """
+
+    blocks = None
+    doc_starts = None
+
+    def __init__(self, conversations: TokenDataset, length: int, pad_id: int) -> None:
+        self.conversations, self.length, self.pad_id = conversations, length, pad_id
+        sizes = conversations.lengths.tolist()
+        too_long = [i for i, n in enumerate(sizes) if n > length]
+        if too_long:
+            raise ValueError(f"conversation {too_long[0]} is longer than the block ({length})")
+        self.bins = _best_fit_decreasing(sizes, length)
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self.batch(torch.tensor([i]), squeeze=True)
+
+    def batch(self, indices: Tensor, *, squeeze: bool = False) -> dict[str, Tensor]:
+        """The blocks at `indices` as (B, length) tensors: input_ids, labels, position_ids;
+        and real_tokens (B,): each block's tokens before its padding (for throughput)."""
+        n = len(indices)
+        real = torch.zeros(n, dtype=torch.int64)
+        ids = torch.full((n, self.length), self.pad_id, dtype=torch.int64)
+        labels = torch.full((n, self.length), IGNORE_INDEX, dtype=torch.int64)
+        positions = torch.zeros((n, self.length), dtype=torch.int64)
+        for row, b in enumerate(indices.tolist()):
+            at = 0
+            for c in self.bins[b]:
+                example = self.conversations[c]
+                k = len(example["input_ids"])
+                ids[row, at : at + k] = example["input_ids"]
+                labels[row, at : at + k] = example["labels"]
+                positions[row, at : at + k] = torch.arange(k)
+                at += k
+            positions[row, at:] = torch.arange(self.length - at)  # the padding: its own run
+            real[row] = at
+        out = {"input_ids": ids, "labels": labels, "position_ids": positions, "real_tokens": real}
+        return {k: v[0] for k, v in out.items()} if squeeze else out
+
+    @property
+    def num_tokens(self) -> int:
+        return self.conversations.num_tokens
+
+    @property
+    def lengths(self) -> Tensor:
+        return torch.full((len(self.bins),), self.length, dtype=torch.int64)
+
+    @property
+    def source_rows(self) -> Tensor | None:
+        return None  # a block holds several rows
+
+    has_labels = True
+    aligned = True
+
+
+def _best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices, each summing to <= capacity: items longest first, each into the
+    open bin it leaves least room in (a new bin when none fits)."""
+    import bisect
+
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted
+    for i in order:
+        at = bisect.bisect_left(free, (sizes[i], -1))
+        if at == len(free):
+            bins.append([i])
+            bisect.insort(free, (capacity - sizes[i], len(bins) - 1))
+            continue
+        room, b = free.pop(at)
+        bins[b].append(i)
+        bisect.insort(free, (room - sizes[i], b))
+    return [sorted(b) for b in bins]  # each block's conversations in their data order

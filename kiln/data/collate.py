@@ -283,6 +283,9 @@ class Batcher:
         """The batch of `dataset[indices]` (indices: a 1-D int64 tensor)."""
         if self._packed and getattr(dataset, "blocks", None) is not None:
             return packed_batch(dataset, indices)
+        batch = getattr(dataset, "batch", None)  # builds its own (packed conversations)
+        if batch is not None:
+            return batch(indices)
         gather = getattr(dataset, "gather", None)  # one call for the batch (augmentation)
         examples = gather(indices) if gather else [dataset[i] for i in indices.tolist()]
         return self.collate_fn(

@@ -431,6 +431,12 @@ def build_datasets(
     if cfg.task in ("instruction", "chat", "preference"):  # one per row, less those dropped
         kept = len(train) + (len(val) if val is not None else 0)
         stats.dropped["no_target"] = len(train_rows) + len(val_rows) - kept
+    if cfg.task == "chat" and cfg.data.packing:  # whole conversations in blocks (training only)
+        from kiln.data.chat import PackedConversations
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        train = PackedConversations(train, cfg.data.max_length, pad)  # type: ignore[assignment]
+        stats.train_examples = len(train)
     return train, val, stats
 
 

@@ -82,7 +82,11 @@ def eligible_samples(parts: Parts, step: int) -> Callable[[int], torch.Tensor] |
 
 
 def input_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Input tokens of a batch on the host: real tokens (padding excluded)."""
+    """Input tokens of a batch on the host: real tokens (padding excluded; packed
+    conversations, which carry no attention mask, say how many in `real_tokens`)."""
+    real = batch.get("real_tokens")
+    if real is not None:
+        return int(real.sum())
     mask = batch.get("attention_mask")
     n = batch["input_ids"].numel() if mask is None else int(mask.sum())
     return n
