@@ -9,11 +9,12 @@ contender as its own `kiln train` process for a few steps, reading the process's
 
 - `dpo-full`: task preference, full fine-tuning: policy + frozen copy + AdamW's two moments;
 - `dpo-lora`: task preference with LoRA r=8: one copy of the base weights;
-- `sft-lora`: task instruction with LoRA on the same prompts and chosen completions: what LoRA
-  training of this model costs without DPO (one sequence per example instead of two).
+- `sft-lora`: task instruction with LoRA on the same prompts and chosen completions, twice the
+  batch (a DPO batch of B pairs runs 2B sequences): what LoRA training of this model and these
+  tokens costs without DPO.
 
-What to read: dpo-lora minus sft-lora is DPO's own cost (twice the sequences, a no-grad
-reference forward), far below one model copy; dpo-full minus dpo-lora is at least the copy and
+What to read: dpo-lora minus sft-lora is DPO's own cost (a no-grad reference forward, the
+log-probabilities), far below one model copy; dpo-full minus dpo-lora is at least the copy and
 the optimizer state of full fine-tuning.
 """
 
@@ -57,12 +58,12 @@ def build(root: Path, width: int, layers: int) -> tuple[Path, int]:
 def write_pairs(path: Path, n: int) -> None:
     with path.open("w") as f:
         for i in range(n):
-            steps = " ".join(f"Stir the soup for {i + k} minutes." for k in range(12))
+            steps = [f"Stir the soup for {i + k} minutes." for k in range(12)]
             row = {
                 "prompt": f"Recipe {i}:",
-                "chosen": " " + steps,
-                "rejected": " " + steps[::-1],
-                "response": " " + steps,
+                "chosen": " " + " ".join(steps),
+                "rejected": " " + " ".join(reversed(steps)),  # as many tokens, another order
+                "response": " " + " ".join(steps),
             }
             f.write(json.dumps(row) + "\n")
 
@@ -76,7 +77,12 @@ def run(name: str, root: Path, model: Path, data: Path, steps: int, batch: int) 
         "task": task,
         "model": {"name_or_path": str(model)},
         "data": {"train": str(data), "val_split": 0, "cache_dir": None, "max_length": 256},
-        "train": {"max_steps": steps, "batch_size": batch, "num_threads": 2},
+        # A DPO batch of B pairs runs 2B sequences: SFT gets 2B examples, the same tokens.
+        "train": {
+            "max_steps": steps,
+            "batch_size": 2 * batch if task == "instruction" else batch,
+            "num_threads": 2,
+        },
         "log": {"every_steps": steps, "progress": "none", "plots": False},
     }
     if name.endswith("lora"):
