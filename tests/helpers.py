@@ -215,3 +215,54 @@ def start_train(config: Path, *extra: str, **popen: Any) -> Any:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         **popen,
     )
+
+
+def saved_gpt2(root: Path, tokenizer: Any, positions: int = 128) -> tuple[Path, Path]:
+    """A tiny GPT-2 (2 x 32, no dropout, seeded) sized for `tokenizer`, and the tokenizer,
+    saved under root/model and root/tok: a pretrained base that kiln and a reference trainer
+    (TRL, HF) load alike."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=positions,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "tok")
+    return root / "model", root / "tok"
+
+
+def reference_args(out: Path, *, batch: int, steps: int, lr: float) -> dict[str, Any]:
+    """`TrainingArguments` (TRL's configs extend them) for a parity run against kiln: fp32 on
+    the CPU, constant LR, no decay, clip 1.0, AdamW's defaults spelled out, a log row per step,
+    nothing saved or reported."""
+    return {
+        "output_dir": str(out),
+        "per_device_train_batch_size": batch,
+        "max_steps": steps,
+        "learning_rate": lr,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "bf16": False,
+        "fp16": False,
+        "use_cpu": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }

@@ -22,7 +22,7 @@ from kiln.config import ConfigError
 from kiln.data.chat import CHAT_TEMPLATES, ChatFormat, set_chat_template, tokenize_chat
 from kiln.data.collate import IGNORE_INDEX
 from kiln.errors import DataError
-from tests.helpers import ROOT, bpe_tokenizer, write_jsonl
+from tests.helpers import ROOT, bpe_tokenizer, reference_args, saved_gpt2, write_jsonl
 
 SYSTEM = {"role": "system", "content": "You write recipes."}
 
@@ -261,55 +261,22 @@ def test_chat_sft_equals_trl_sft_trainer(tmp_path: Path, corpus) -> None:
     assistant_only_loss to 1e-5 relative over 10 steps, and the final weights to 1e-4."""
     pytest.importorskip("trl")
     from datasets import Dataset
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = chat_tokenizer(corpus, CHATML_TAGGED)
-    tok_dir = tmp_path / "tok"
-    tokenizer.save_pretrained(tok_dir)
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=256,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
+    model_dir, tok_dir = saved_gpt2(tmp_path, tokenizer, positions=256)
     rows = [{"messages": conversation(i, 1 + i % 3)} for i in range(8)]
     steps, lr = 10, 1e-3
 
     trl_args = SFTConfig(
-        output_dir=str(tmp_path / "trl"),
-        per_device_train_batch_size=8,
-        max_steps=steps,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        seed=0,
+        **reference_args(tmp_path / "trl", batch=8, steps=steps, lr=lr),
         assistant_only_loss=True,
         packing=False,
         padding_free=False,
         max_length=None,
-        dataloader_num_workers=0,
     )
-    trl_model = GPT2LMHeadModel.from_pretrained(tmp_path / "model")
+    trl_model = GPT2LMHeadModel.from_pretrained(model_dir)
     sft = SFTTrainer(
         model=trl_model,
         args=trl_args,
@@ -320,7 +287,7 @@ def test_chat_sft_equals_trl_sft_trainer(tmp_path: Path, corpus) -> None:
     trl_losses = [h["loss"] for h in sft.state.log_history if "loss" in h]
 
     raw = chat_raw(tmp_path, write_jsonl(tmp_path / "chat.jsonl", rows))
-    raw["model"] = {"name_or_path": str(tmp_path / "model")}
+    raw["model"] = {"name_or_path": str(model_dir)}
     raw["tokenizer"] = {"name_or_path": str(tok_dir)}
     raw["optim"] = {
         "lr": lr,

@@ -14,7 +14,7 @@ from kiln import Trainer, load_config
 from kiln.data.collate import IGNORE_INDEX, collate_preference
 from kiln.data.preference import PreferenceDataset, PreferenceFormat, tokenize_preference
 from kiln.errors import DataError
-from tests.helpers import bpe_tokenizer, write_jsonl
+from tests.helpers import bpe_tokenizer, reference_args, saved_gpt2, write_jsonl
 
 
 def pairs(n: int) -> list[dict[str, str]]:
@@ -128,24 +128,7 @@ def test_chat_form_pairs_use_the_template(tokenizer) -> None:
 
 
 def _model_dirs(tmp_path: Path, tokenizer: Any) -> tuple[Path, Path]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=128,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "tok")
-    return tmp_path / "model", tmp_path / "tok"
+    return saved_gpt2(tmp_path, tokenizer)
 
 
 def dpo_raw(
@@ -195,24 +178,10 @@ def test_dpo_equals_trl_dpo_trainer(tmp_path: Path, tokenizer, loss_type: str) -
     rows = pairs(8)
     steps, lr = 10, 1e-3
     args = DPOConfig(
-        output_dir=str(tmp_path / "trl"),
-        per_device_train_batch_size=8,
-        max_steps=steps,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        seed=0,
+        **reference_args(tmp_path / "trl", batch=8, steps=steps, lr=lr),
         beta=0.1,
         loss_type=[loss_type],
         max_length=None,
-        dataloader_num_workers=0,
     )
     trl = DPOTrainer(
         model=GPT2LMHeadModel.from_pretrained(model_dir),

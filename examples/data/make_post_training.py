@@ -46,11 +46,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # importable from anywhere, not only as a script
+    sys.path.insert(0, str(HERE))
+from make_recipes import write_or_check  # noqa: E402  (the same --check as the recipes)
+
 SOURCES = {"": "recipes.jsonl", "_val": "recipes_val.jsonl"}  # output suffix: recipe file
 WELL_FORMED = 0.65  # make_recipes.py scores flawed rows <= 0.6, well-formed ones >= 0.72
 MAX_BYTES = 6_000_000
 MULTI_TURN_RATE, NO_SYSTEM_RATE = 1 / 3, 0.1
-NL = b"\n"
 
 SYSTEM_PROMPTS = (
     "You are a helpful cooking assistant. You write clear, complete recipes.",
@@ -181,25 +184,7 @@ def main(argv=None):
     ap.add_argument("--out-dir", type=Path, default=HERE)
     ap.add_argument("--check", action="store_true", help="verify the files; exit 1 on mismatch")
     args = ap.parse_args(argv)
-    files = build_files(args.data_dir)
-    if args.check:
-        bad = [
-            name
-            for name, data in files.items()
-            if not (args.out_dir / name).is_file() or (args.out_dir / name).read_bytes() != data
-        ]
-        for name in bad:
-            print(
-                f"mismatch: {args.out_dir / name} is missing or differs from the generator output"
-            )
-        if not bad:
-            print(f"ok: {', '.join(files)} in {args.out_dir} match the generator")
-        return 1 if bad else 0
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        (args.out_dir / name).write_bytes(data)
-        print(f"wrote {args.out_dir / name} ({data.count(NL)} rows, {len(data)} bytes)")
-    return 0
+    return write_or_check(build_files(args.data_dir), args.out_dir, args.check)
 
 
 if __name__ == "__main__":

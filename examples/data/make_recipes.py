@@ -387,24 +387,29 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="verify the files; exit 1 on mismatch")
     args = ap.parse_args(argv)
-    files = build_files(args.n_train, args.n_val, args.seed)
-    if args.check:
+    return write_or_check(
+        build_files(args.n_train, args.n_val, args.seed), args.out_dir, args.check
+    )
+
+
+def write_or_check(files, out_dir, check):
+    """Write `files` (name -> bytes) into `out_dir`, or with `check` compare them with what is
+    there: 0, or 1 naming each file that is missing or differs."""
+    if check:
         bad = [
             name
             for name, data in files.items()
-            if not (args.out_dir / name).is_file() or (args.out_dir / name).read_bytes() != data
+            if not (out_dir / name).is_file() or (out_dir / name).read_bytes() != data
         ]
         for name in bad:
-            print(
-                f"mismatch: {args.out_dir / name} is missing or differs from the generator output"
-            )
+            print(f"mismatch: {out_dir / name} is missing or differs from the generator output")
         if not bad:
-            print(f"ok: {', '.join(files)} in {args.out_dir} match the generator")
+            print(f"ok: {', '.join(files)} in {out_dir} match the generator")
         return 1 if bad else 0
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        (args.out_dir / name).write_bytes(data)
-        print(f"wrote {args.out_dir / name} ({data.count(NL)} rows, {len(data)} bytes)")
+        (out_dir / name).write_bytes(data)
+        print(f"wrote {out_dir / name} ({data.count(NL)} rows, {len(data)} bytes)")
     return 0
 
 

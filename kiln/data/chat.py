@@ -34,7 +34,8 @@ from kiln.data.collate import IGNORE_INDEX
 from kiln.data.dataset import TokenDataset, _as_tensor
 from kiln.data.sources import _Problems, json_type, where
 from kiln.data.tasks import _RowError
-from kiln.errors import DataError, ModelError
+from kiln.data.tokenize import report_dropped
+from kiln.errors import ModelError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -346,21 +347,8 @@ def tokenize_chat(
             kept.append(i)
     problems.raise_if_any()
     n = len(conversations)
-    if not kept:
-        raise DataError(
-            f"{what}: all {n} conversations dropped: no assistant token fits within "
-            f"data.max_length={max_length} (first: {name(dropped[0]) if dropped else '-'})"
-        )
-    if dropped:
-        (log.debug if quiet else log.warning)(
-            "%s: dropped %d of %d conversations whose first prompt leaves no room for an "
-            "assistant token within data.max_length=%d (first: %s)",
-            what,
-            len(dropped),
-            n,
-            max_length,
-            name(dropped[0]),
-        )
+    drops = [name(i) for i in dropped]
+    report_dropped(what, n, drops, max_length, quiet, items="conversations", target="assistant")
     flat_offsets = _as_tensor(offsets)
     source_rows = None if len(kept) == n else torch.tensor(kept, dtype=torch.int64)
     return TokenDataset.from_ragged(

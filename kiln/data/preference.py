@@ -31,7 +31,8 @@ from kiln.data.collate import IGNORE_INDEX
 from kiln.data.dataset import TokenDataset, _as_tensor
 from kiln.data.sources import _Problems, json_type, where
 from kiln.data.tasks import _RowError
-from kiln.errors import DataError, ModelError
+from kiln.data.tokenize import report_dropped
+from kiln.errors import ModelError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -182,21 +183,8 @@ def tokenize_preference(
         kept.append(i)
     problems.raise_if_any()
     n = len(rendered)
-    if not kept:
-        raise DataError(
-            f"{what}: all {n} preference pairs dropped: no completion token fits after the "
-            f"prompt within data.max_length={max_length}"
-        )
-    if dropped:
-        (log.debug if quiet else log.warning)(
-            "%s: dropped %d of %d preference pairs whose prompt leaves no room for a completion "
-            "token within data.max_length=%d (first: %s)",
-            what,
-            len(dropped),
-            n,
-            max_length,
-            name(dropped[0]),
-        )
+    drops = [name(i) for i in dropped]
+    report_dropped(what, n, drops, max_length, quiet, items="preference pairs", target="completion")
     flat_offsets = _as_tensor(offsets)
     rows = torch.tensor(kept, dtype=torch.int64).repeat_interleave(2)
     return TokenDataset.from_ragged(

@@ -439,23 +439,7 @@ def tokenize_instruction(
         labels.extend(end)
         offsets.append(len(ids))
     too_long.raise_if_any()
-    if dropped:
-        kept = n - len(dropped)
-        if kept == 0:
-            raise DataError(
-                f"{what}: all {n} samples dropped: no response token fits after the prompt "
-                f"within data.max_length={max_length}; raise data.max_length or shorten the "
-                f"prompts (first: {name(dropped[0])})"
-            )
-        (log.debug if quiet else log.warning)(
-            "%s: dropped %d of %d samples whose prompt leaves no room for a response token "
-            "within data.max_length=%d (first: %s)",
-            what,
-            len(dropped),
-            n,
-            max_length,
-            name(dropped[0]),
-        )
+    report_dropped(what, n, [name(i) for i in dropped], max_length, quiet)
     flat_offsets = _as_tensor(offsets)
     source_rows = None
     if dropped:
@@ -467,6 +451,44 @@ def tokenize_instruction(
         (_as_tensor(labels), flat_offsets),
         aligned=True,
         source_rows=source_rows,
+    )
+
+
+def report_dropped(
+    what: str,
+    n: int,
+    dropped: Sequence[str],
+    max_length: int,
+    quiet: bool = False,
+    *,
+    items: str = "samples",
+    target: str = "response",
+) -> None:
+    """Say that `dropped` (their locations; the first is named) of `n` `items` left no room
+    for a `target` token after their prompt within `max_length`: a warning (debug when
+    `quiet`), or a DataError when none is left.
+
+    Raises:
+        DataError: every one was dropped.
+    """
+    if not dropped:
+        return
+    if len(dropped) == n:
+        raise DataError(
+            f"{what}: all {n} {items} dropped: no {target} token fits after the prompt "
+            f"within data.max_length={max_length}; raise data.max_length or shorten the "
+            f"prompts (first: {dropped[0]})"
+        )
+    (log.debug if quiet else log.warning)(
+        "%s: dropped %d of %d %s whose prompt leaves no room for a %s token within "
+        "data.max_length=%d (first: %s)",
+        what,
+        len(dropped),
+        n,
+        items,
+        target,
+        max_length,
+        dropped[0],
     )
 
 
