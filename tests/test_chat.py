@@ -404,3 +404,19 @@ def test_packed_conversations_are_whole_isolated_and_lose_nothing(corpus) -> Non
     end = start + sizes[packed.bins[b][1]]
     assert torch.allclose(a[0, start:end], c[0, start:end], atol=1e-5)
     assert not torch.allclose(a[0, 1:start], c[0, 1:start], atol=1e-3)
+
+
+def test_generation_eval_replies_to_the_conversation_before_its_last_turn(tmp_path: Path) -> None:
+    rows = [{"messages": conversation(i, 1 + i % 2)} for i in range(24)]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"messages": conversation(i, 2)} for i in (50, 51)])
+    raw = chat_raw(tmp_path, train, val=str(val))
+    generate = {"num_samples": 2, "batch_size": 2, "max_new_tokens": 6, "metrics": ["bleu"]}
+    raw["eval"] = {"every_steps": 4, "generate": generate}
+    result = Trainer(load_config(data=raw)).fit()
+    assert "val_bleu" in result.metrics[-1]
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples" / "step-4.jsonl").open()]
+    assert len(samples) == 2
+    last_user = "<|im_start|>user\nRecipe 50 part 1, please?<|im_end|>\n"
+    assert samples[0]["prompt"].endswith(last_user + "<|im_start|>assistant\n")
+    assert samples[0]["reference"] == "Chop 50 onions, then stir 1 times."

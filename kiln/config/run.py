@@ -323,14 +323,14 @@ def _chat_problems(cfg: RunConfig) -> list[str]:
 def _unsupported(cfg: RunConfig, what: str) -> list[str]:
     """The data and eval options that read text rows, not conversations or pairs (yet)."""
     problems = []
+    if cfg.eval.generate.num_samples > 0 and what != "task chat":
+        problems.append(f"eval.generate: generation metrics are not built for {what}")
     if cfg.data.storage == "shards":
         problems.append(f"data.storage: shards does not read {what} rows yet")
     if cfg.data.augment:
         problems.append(f"data.augment: not supported with {what}")
     if cfg.data.curriculum is not None:
         problems.append(f"data.curriculum: not supported with {what} yet")
-    if cfg.eval.generate.num_samples > 0:
-        problems.append(f"eval.generate: generation metrics are not built for {what} yet")
     return problems
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "chat_prompt",
     "chat_stop_ids",
     "chat_template",
+    "conversation_prompt",
     "conversation_text",
     "render_conversation",
     "set_chat_template",
@@ -203,6 +204,11 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, user: str, *, system: str | 
     its generation prompt: the text an assistant's reply continues."""
     messages = [{"role": "system", "content": system}] if system is not None else []
     messages.append({"role": "user", "content": user})
+    return conversation_prompt(tokenizer, messages)
+
+
+def conversation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """The conversation so far rendered with the chat template and its generation prompt."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # type: ignore[return-value]
 
 

@@ -6,6 +6,8 @@ Which text is the prompt and which the reference, per task:
   `eval.generate.prompt_split` (default a newline, so "Title: Lemon Rice\\n" is the prompt of a
   recipe and the rest of the recipe is the reference); rows without the marker are skipped.
 - instruction: the rendered prompt and response (`kiln.data.tasks.make_format`).
+- chat: the conversation before its last assistant turn, rendered with the chat template and
+  its generation prompt, and that turn's content; decoding stops at the template's end of turn.
 - seq2seq: the rendered source and target.
 
 The same first `num_samples` usable validation rows are used at every evaluation, so the
@@ -59,6 +61,12 @@ def eval_pairs(cfg: RunConfig, rows: Sequence[Mapping[str, Any]], n: int) -> lis
             if cut < 0:
                 continue
             prompt, reference = text[: cut + len(marker)], text[cut + len(marker) :]
+        elif cfg.task == "chat":  # the conversation before its last reply, and that reply
+            messages = json.loads(parts[0])
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt, reference = json.dumps(messages[:last]), messages[last]["content"]
+            if last == 0:
+                continue
         else:
             prompt, reference = parts[0], parts[1]
         if prompt and reference.strip():
@@ -136,12 +144,19 @@ class GenerationEval:
         if not pairs:
             return {}
         start = time.perf_counter()
+        stops: tuple[int, ...] = ()
+        if self.cfg.task == "chat":  # the conversation so far, through the chat template
+            from kiln.data.chat import chat_stop_ids, conversation_prompt
+
+            pairs = [(conversation_prompt(tokenizer, json.loads(p)), r) for p, r in pairs]
+            stops = chat_stop_ids(tokenizer)
         options = GenerationOptions(
             max_new_tokens=self.gen.max_new_tokens,
             do_sample=self.gen.do_sample,
             temperature=self.gen.temperature,
             top_p=self.gen.top_p,
             seed=self.cfg.seed,
+            stop_ids=stops,
         )
         texts = generate_samples(
             model,
