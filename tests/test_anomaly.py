@@ -1,9 +1,9 @@
 """Divergence (train.anomaly): non-finite steps are skipped on the device, stop the run as
 diverged, or roll it back; spikes are flagged; nothing non-finite is ever kept.
 
-NaNs and spikes are injected by wrapping the trainer's `forward_loss_sum` (the test-only hook:
-`poison`), which multiplies the loss of chosen training micro-batches (0-based, in the order
-they run) by NaN or by a factor.
+NaNs and spikes are injected by wrapping `kiln.engine.parts.forward_loss_sum`, which the
+training step calls (the test-only hook: `poison`), multiplying the loss of chosen training
+micro-batches (0-based, in the order they run) by NaN or by a factor.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from helpers import StopAt, make_rows, tiny_config, write_jsonl
 from safetensors.torch import load_file
 
-import kiln.engine.trainer as trainer_module
+import kiln.engine.parts as parts_module
 from kiln import Trainer
 from kiln.callbacks import Callback
 from kiln.checkpoint import CheckpointManager
@@ -50,7 +50,7 @@ def poison(monkeypatch: pytest.MonkeyPatch, plan: dict[int, float], tap: Tap | N
     they run in this process, or, with `tap`, is the run's micro-step (the same after a
     resume; and after a rollback, when the same step runs again)."""
     calls = [0]
-    original = trainer_module.forward_loss_sum
+    original = parts_module.forward_loss_sum
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         loss_sum, logits, labels = original(*args, **kwargs)
@@ -59,7 +59,7 @@ def poison(monkeypatch: pytest.MonkeyPatch, plan: dict[int, float], tap: Tap | N
         factor = plan.get(key)
         return (loss_sum if factor is None else loss_sum * factor), logits, labels
 
-    monkeypatch.setattr(trainer_module, "forward_loss_sum", wrapped)
+    monkeypatch.setattr(parts_module, "forward_loss_sum", wrapped)
 
 
 def _cfg(tmp: Path, files: tuple[Path, Path], name: str, **sections: Any) -> Any:

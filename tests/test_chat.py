@@ -420,3 +420,14 @@ def test_generation_eval_replies_to_the_conversation_before_its_last_turn(tmp_pa
     last_user = "<|im_start|>user\nRecipe 50 part 1, please?<|im_end|>\n"
     assert samples[0]["prompt"].endswith(last_user + "<|im_start|>assistant\n")
     assert samples[0]["reference"] == "Chop 50 onions, then stir 1 times."
+
+
+def test_conversations_given_in_python_train_as_files_do(tmp_path: Path) -> None:
+    rows = [{"messages": conversation(i, 1 + i % 2)} for i in range(24)]
+    raw = chat_raw(tmp_path, tmp_path / "unused.jsonl")
+    raw["data"].pop("train")
+    given = Trainer(load_config(data=raw, complete=False), train_data=rows).fit()
+    raw["output_dir"] = str(tmp_path / "from-file")
+    raw["data"]["train"] = str(write_jsonl(tmp_path / "chat.jsonl", rows))
+    from_file = Trainer(load_config(data=raw)).fit()
+    assert given.loss_history == from_file.loss_history

@@ -348,7 +348,7 @@ def test_lora_under_fsdp_saves_every_ranks_adapter_shard(tmp_path: Path) -> None
 NAN_ON_RANK_1 = """
 import os, sys
 import torch
-import kiln.engine.trainer as trainer
+import kiln.engine.parts as trainer  # the training step's forward_loss_sum
 from kiln.callbacks import Callback
 from kiln.config import load_config
 from kiln.job import train

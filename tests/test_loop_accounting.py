@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import StopAt, free_port, tiny_config
 
-import kiln.engine.trainer as trainer_module
+import kiln.engine.parts as parts_module
 from kiln import Trainer
 
 # ---- item 22: eval.max_batches counts global batches -----------------------------------------
@@ -192,14 +192,14 @@ def test_item23_a_rollback_does_not_count_the_undone_steps_twice(
     tmp_path: Path, recipe_files, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = [0]
-    original = trainer_module.forward_loss_sum
+    original = parts_module.forward_loss_sum
 
     def poisoned(*args: Any, **kwargs: Any) -> Any:  # step 6's loss is NaN, once
         loss_sum, logits, labels = original(*args, **kwargs)
         calls[0] += 1
         return (loss_sum * float("nan") if calls[0] == 6 else loss_sum), logits, labels
 
-    monkeypatch.setattr(trainer_module, "forward_loss_sum", poisoned)
+    monkeypatch.setattr(parts_module, "forward_loss_sum", poisoned)
     cfg = tiny_config(
         tmp_path,
         *recipe_files,

@@ -420,3 +420,13 @@ def test_a_sweep_ranks_dpo_trials_by_their_validation_metrics(tmp_path: Path) ->
     problem = metric_problem("val_reward/accuracies", cfg)
     assert "did you mean val_rewards/accuracies?" in problem
     assert "val_ppl" in metric_problem("val_ppl", cfg)  # pairs have no perplexity
+
+
+@pytest.mark.slow
+def test_a_dpo_model_exports_like_any_causal_lm(tmp_path: Path) -> None:
+    """The result of DPO is a plain causal LM: `kiln export` checks it against PyTorch."""
+    from kiln.cli import main
+
+    result = Trainer(load_config(data=scratch_raw(tmp_path, "run", 4))).fit()
+    assert main(["-q", "export", str(result.run_dir), "--format", "torchscript"]) == 0
+    assert (result.run_dir / "export" / "kiln_export.json").is_file()

@@ -201,7 +201,7 @@ class AnomalyGuard:
             self._count += 1
         self._rows.append([loss32, norm_f, z, float(spike), float(skip)])
         one = len(micro_losses) == 1  # the window's loss is its only micro-batch's
-        self._micro.append([loss32] if one else [float(x) for x in micro_losses])
+        self._micro.append([loss32] if one else [float(x.detach()) for x in micro_losses])
         self._steps.append(_Step(step, epoch, micro_step, self._drawn))
         self._drawn = []
         return skip

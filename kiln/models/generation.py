@@ -206,8 +206,10 @@ def generate_samples(
     limit = max_positions(model.config)
     new_tokens, encoded = encode_prompts(tokenizer, prompts, options.max_new_tokens, limit, seq2seq)
     kwargs = {**options.generate_kwargs(), "max_new_tokens": new_tokens, "pad_token_id": pad}
-    if eos is not None or options.stop_ids:  # else the model's generation config has the say
+    if options.stop_ids:  # a chat turn's end, and EOS
         kwargs["eos_token_id"] = [*([] if eos is None else [eos]), *options.stop_ids]
+    elif eos is not None:  # else the model's generation config has the say
+        kwargs["eos_token_id"] = eos
     sync = synced is not None and synced.distributed
     if sync:
         kwargs["synced_gpus"] = True

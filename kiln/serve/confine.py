@@ -53,6 +53,7 @@ NOT_PATHS = frozenset(
         "data.hf_split",
         "data.sources.name",  # a label in metrics and data_stats.json
         "data.text_field",
+        "data.messages_field",
         "data.source_template",
         "data.target_template",
         "data.prompt_template",
@@ -65,6 +66,7 @@ NOT_PATHS = frozenset(
         "data.augment.name",
         "data.augment.options",
         "train.device",
+        "tokenizer.chat_template",  # a built-in name or Jinja (rendered in jinja2's sandbox)
         "eval.sample_prompt",
         "eval.generate.metrics",
         "eval.generate.prompt_split",
