@@ -27,14 +27,28 @@ def test_every_shipped_config_validates() -> None:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_validate_command(
-    path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     # validate also checks what a config names (kiln.preflight): its data, relative to the
     # repository, and the extras it needs.
     monkeypatch.chdir(ROOT)
-    if load_config(path).lora.enabled:
+    cfg = load_config(path)
+    if cfg.lora.enabled:
         pytest.importorskip("peft")
-    assert main(["config", "validate", str(path)]) == 0
+    overrides = []
+    base = cfg.model.name_or_path
+    if base is not None and base.startswith("runs/"):  # starts from another shipped run
+        if not (ROOT / base).is_dir():  # (a fresh clone): refused, naming it, until it exists
+            assert main(["config", "validate", str(path)]) == 2
+            assert f"model.name_or_path: cannot load {base!r}" in capsys.readouterr().err
+        from transformers import GPT2Config
+
+        GPT2Config().save_pretrained(tmp_path)  # a stand-in for the run's final/
+        overrides.append(f"model.name_or_path={tmp_path}")
+    assert main(["config", "validate", str(path), *overrides]) == 0
     assert capsys.readouterr().out.strip().endswith(": ok")
 
 
