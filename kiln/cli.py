@@ -175,7 +175,8 @@ def _run(args: argparse.Namespace) -> int:
     except KilnError as exc:
         if not _other_rank():  # bad input: the main rank's line says it for all
             say([f"kiln: error: {line}" for line in str(exc).splitlines()], ExitCode.BAD_INPUT)
-        return ExitCode.BAD_INPUT
+        # Under torchrun --max-restarts, 0: a restart would fail again (`kiln train` rank_code).
+        return int(getattr(module, "rank_code", int)(ExitCode.BAD_INPUT))
     except StorageFull as exc:
         say([f"kiln: error: {exc.message()}"], ExitCode.STORAGE_FULL)
         return ExitCode.STORAGE_FULL

@@ -26,12 +26,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kiln.engine.elastic import ELASTIC_ENV, SIGNALLED
 from kiln.runs import ExitCode
 
-__all__ = ["LINES_ENV", "closing_lines", "say", "torchrun"]
+__all__ = ["ELASTIC_ENV", "LINES_ENV", "SIGNALLED", "closing_lines", "say", "torchrun"]
 
 LINES_ENV = "KILN_RANK_LINES"
 """The folder where the ranks of `kiln train --nproc` leave their closing lines."""
+
+
+def membership_change() -> bool:
+    """Whether a SIGTERM to this rank is torchrun's agent restarting an elastic launch's ranks
+    for a membership change (not the user's stop)."""
+    folder = os.environ.get(LINES_ENV)
+    return bool(os.environ.get(ELASTIC_ENV) and folder and not (Path(folder) / SIGNALLED).exists())
+
 
 _STOPPED = (130, 143)
 """Exit codes of a rank stopped by SIGINT/SIGTERM before training started."""
@@ -120,11 +129,25 @@ def torchrun(argv: list[str]) -> int:
     """torchrun with `argv`, telling a failure only when the ranks did not (its exit code)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import parse_args, run
 
     held = _Held()
+    args = parse_args(argv)
     try:
-        run(parse_args(argv))
+        run(args)
+    except RendezvousTimeoutError:  # too few nodes: the last complete checkpoint is the run's
+        line = (
+            f"kiln: rendezvous at {args.rdzv_endpoint}: fewer than {args.nnodes.split(':')[0]} "
+            f"nodes joined within its join_timeout ({_join_timeout(args.rdzv_conf)} s); the "
+            "run keeps its last complete checkpoint: run the same command again to continue"
+        )
+        folder = os.environ.get(LINES_ENV)
+        if folder:  # `kiln train --nproc` prints it and marks the run paused
+            _record(Path(folder), -1, [line], ExitCode.PAUSED)
+        else:
+            print(line, file=sys.stderr)
+        return ExitCode.PAUSED
     except ChildFailedError as exc:
         folder = os.environ.get(LINES_ENV)
         if not (folder and any(Path(folder).glob("rank-*.jsonl"))):
@@ -135,6 +158,15 @@ def torchrun(argv: list[str]) -> int:
         return 128 + int(exc.sigval)  # the launcher tells it (`kiln.commands.train`)
     held.release()
     return ExitCode.FINISHED
+
+
+def _join_timeout(conf: str) -> str:
+    """join_timeout from torchrun's --rdzv-conf (torch's default: 600)."""
+    for item in (conf or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "join_timeout":
+            return value.strip()
+    return "600"
 
 
 if __name__ == "__main__":

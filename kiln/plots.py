@@ -1,5 +1,6 @@
 """Curves from metrics.jsonl: per-run PNGs (plots/) and an overlay of several runs; the steps
-of anomalies.jsonl (`train.anomaly`) are marked on the loss and gradient-norm curves.
+of anomalies.jsonl (`train.anomaly`) are marked on the loss and gradient-norm curves, and
+changes of world size (elastic runs) on the loss curve.
 
 Drawn with matplotlib's Agg backend on standalone `Figure`s (no pyplot global state, no
 display needed); matplotlib is the `plots` extra. Run directories are read through `kiln.runs`.
@@ -24,11 +25,13 @@ __all__ = [
     "eval_metrics",
     "loss_figure",
     "mark_anomalies",
+    "mark_world_sizes",
     "plot_run",
     "plot_runs",
     "read_metrics",
     "run_name",
     "series",
+    "world_size_changes",
 ]
 
 # Fields of val records that are not eval metrics of their own (`loss` repeats val_loss), and
@@ -89,6 +92,31 @@ def eval_metrics(records: list[dict[str, Any]]) -> list[str]:
 def anomaly_steps(run_dir: str | Path) -> list[int]:
     """The distinct steps of the run's anomalies.jsonl, in order ([] without one)."""
     return sorted({int(r["step"]) for r in runs.read_anomalies(run_dir)})
+
+
+def world_size_changes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The changes of world size metrics.jsonl records ({step, from, to, reason}), in order."""
+    return [r for r in records if r.get("split") == "world_size" and _is_number(r.get("step"))]
+
+
+def mark_world_sizes(ax: Any, changes: Sequence[dict[str, Any]]) -> Any:
+    """Dashed vertical lines across `ax` where the world size changed, each with its "2→1"
+    at the top; None when there are none."""
+    if not changes:
+        return None
+    for c in changes:
+        ax.annotate(
+            f"{c.get('from')}→{c.get('to')}",
+            (c["step"], 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, -10),
+            textcoords="offset points",
+            fontsize=8,
+            color="purple",
+        )
+    steps = [c["step"] for c in changes]
+    style = {"colors": "purple", "linestyles": "--", "linewidth": 0.9, "label": "world size"}
+    return ax.vlines(steps, 0, 1, transform=ax.get_xaxis_transform(), **style)
 
 
 def mark_anomalies(ax: Any, steps: Sequence[int], **style: Any) -> Any:
@@ -179,7 +207,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
 def loss_figure(records: list[dict[str, Any]], name: str, anomalies: Sequence[int] = ()) -> Any:
     """The loss figure of one run (train solid, val dashed) with its anomaly steps marked
-    (`mark_anomalies`); a matplotlib `Figure`, not saved."""
+    (`mark_anomalies`) and its changes of world size (`mark_world_sizes`); a matplotlib
+    `Figure`, not saved."""
     fig = _figure()
     ax = fig.subplots()
     for split, style in (("train", "-"), ("val", "o--")):
@@ -187,6 +216,7 @@ def loss_figure(records: list[dict[str, Any]], name: str, anomalies: Sequence[in
         if steps:
             _plot(ax, steps, values, style, label=f"{split} loss", markersize=4)
     marked = mark_anomalies(ax, anomalies)
+    marked = mark_world_sizes(ax, world_size_changes(records)) or marked
     _decorate(ax, f"{name}: loss", "loss")
     if ax.has_data() or marked is not None:
         ax.legend()

@@ -208,6 +208,13 @@ def load_report(run_dir: str | Path) -> RunReport:
         rows.append(("resumed from", str(summary["resumed_from"])))
     if report.anomaly_summary:
         rows.append(("anomalies", report.anomaly_summary))
+    changes = [r for r in records if r.get("split") == "world_size"]
+    if changes:  # an elastic run: nodes left or joined (marked on the loss plot too)
+        told = [
+            f"{c.get('from')} -> {c.get('to')} at step {c.get('step')} ({c.get('reason')})"
+            for c in changes
+        ]
+        rows.append(("world size", ", ".join(told)))
     report.rows = rows
     return report
 

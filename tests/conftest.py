@@ -21,6 +21,7 @@ def recipe_files(tmp_path: Path) -> tuple[Path, Path]:
 RANKS = {
     "test_distributed",
     "test_distributed_failures",
+    "test_elastic",
     "test_rank",
     "test_kill",
     "test_job",

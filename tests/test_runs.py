@@ -54,6 +54,7 @@ def status(run: Path, **fields: object) -> dict[str, object]:
         "stop": None,
         "exit_code": None,
         "error": None,
+        "world_size": 1,
     }
     data.update(fields)
     run.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,10 @@
 `--nproc N` re-executes the command under `torch.distributed.run` (torchrun) with N ranks on
 this machine; `--nnodes`, `--node-rank` and `--rdzv-endpoint` make it one node of several;
 `--max-restarts K` lets torchrun restart the ranks when one fails (they resume with
-`checkpoint.resume: auto`). `torchrun --nproc-per-node N -m kiln train CONFIG` is the same.
+`checkpoint.resume: auto`). `--nnodes MIN:MAX` is an elastic launch: nodes may leave and join,
+the ranks restart at each membership change and resume at the new world size with the same
+global batch (`kiln.engine.elastic`); a rendezvous short of MIN nodes pauses the run (exit 3).
+`torchrun --nproc-per-node N -m kiln train CONFIG` is the same.
 On N ranks, a collective that times out or a peer that dies makes every surviving rank print
 where it was (`kiln.rank.CollectiveFailed`) and exit 1.
 
@@ -49,41 +52,84 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     launch = p.add_argument_group("several processes (torchrun)")
     launch.add_argument("--nproc", type=int, metavar="N", help="ranks on this machine")
-    launch.add_argument("--nnodes", type=int, default=1, metavar="N", help="machines (1)")
+    launch.add_argument(
+        "--nnodes",
+        default="1",
+        metavar="N|MIN:MAX",
+        help="machines (1); MIN:MAX: elastic, nodes may leave and join (needs --rdzv-endpoint)",
+    )
     launch.add_argument("--node-rank", type=int, default=0, metavar="K", help="this machine (0)")
     launch.add_argument(
         "--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of the nodes (c10d)"
     )
     launch.add_argument(
+        "--rdzv-conf",
+        metavar="K=V,...",
+        help="torchrun's rendezvous settings, e.g. join_timeout=600,last_call_timeout=30",
+    )
+    launch.add_argument(
         "--max-restarts",
         type=int,
-        default=0,
+        default=None,
         metavar="K",
-        help="restart the ranks up to K times when one fails (0); with checkpoint.resume: auto "
-        "they continue from the last complete checkpoint",
+        help="restart the ranks up to K times when one fails (0; elastic: "
+        f"{ELASTIC_RESTARTS}); with checkpoint.resume: auto they continue from the last "
+        "complete checkpoint",
     )
+
+
+ELASTIC_RESTARTS = 10
+"""An elastic launch's default --max-restarts: each node lost costs the survivors one (a node
+joining does not count)."""
+
+
+def _nodes(text: str) -> tuple[int, int]:
+    """`--nnodes N` or `MIN:MAX` as (min, max)."""
+    low, _, high = text.partition(":")
+    try:
+        nodes = (int(low), int(high or low))
+    except ValueError:
+        raise KilnError(f"--nnodes: expected N or MIN:MAX, got {text!r}") from None
+    if not 1 <= nodes[0] <= nodes[1]:
+        raise KilnError(f"--nnodes: expected 1 <= MIN <= MAX, got {text!r}")
+    return nodes
+
+
+def _elastic(args: argparse.Namespace) -> bool:
+    """`--nnodes MIN:MAX`: nodes may leave and join."""
+    return ":" in str(args.nnodes)
 
 
 def _launch(args: argparse.Namespace) -> list[str]:
     """The torchrun command that runs this `kiln train` on `--nproc` ranks."""
-    if args.nproc < 1 or args.nnodes < 1:
-        raise KilnError(f"--nproc/--nnodes: must be >= 1, got {args.nproc}/{args.nnodes}")
-    if args.max_restarts < 0:
-        raise KilnError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
+    high = _nodes(args.nnodes)[1]
+    if args.nproc < 1:
+        raise KilnError(f"--nproc: must be >= 1, got {args.nproc}")
+    elastic = _elastic(args)
+    restarts = args.max_restarts
+    if restarts is None:
+        restarts = ELASTIC_RESTARTS if elastic else 0
+    if restarts < 0:
+        raise KilnError(f"--max-restarts: must be >= 0, got {restarts}")
     # kiln.launcher: torchrun, leaving the ranks' lines to kiln (each once, no traceback).
     cmd = [sys.executable, "-m", "kiln.launcher", "--nproc-per-node", str(args.nproc)]
-    if args.max_restarts:
-        cmd += ["--max-restarts", str(args.max_restarts)]
-    if args.nnodes == 1 and args.rdzv_endpoint is None:
+    if restarts:
+        cmd += ["--max-restarts", str(restarts)]
+    if high == 1 and not elastic and args.rdzv_endpoint is None:
         cmd.append("--standalone")  # a local rendezvous on a free port
     else:
         if args.rdzv_endpoint is None:
-            raise KilnError("--nnodes: several machines need --rdzv-endpoint HOST:PORT")
-        cmd += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank)]
+            raise KilnError(f"--nnodes {args.nnodes}: needs --rdzv-endpoint HOST:PORT")
+        cmd += ["--nnodes", str(args.nnodes)]
+        cmd += [] if elastic else ["--node-rank", str(args.node_rank)]
         cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint]
+    if args.rdzv_conf:
+        cmd += ["--rdzv-conf", args.rdzv_conf]
     cmd += ["-m", "kiln", *(["-q"] if args.quiet else []), "train"]
     cmd += [args.config] if args.config is not None else []
     cmd += list(args.overrides) + (["--overwrite"] if args.overwrite else [])
+    if elastic:  # restarts resume, at the new world size with the same global batch
+        cmd += ["checkpoint.resume=auto", "train.distributed.elastic.keep=global_batch"]
     if args.resume is True:
         cmd.append("--resume")
     elif args.resume is not None:
@@ -97,7 +143,11 @@ def _launch_env(args: argparse.Namespace) -> dict[str, str] | None:
     prefix their keys by restart (`RankContext.setup`), but machines count restarts apart (a
     machine whose ranks did not fail restarts them without counting), so several machines
     take a fresh store per rendezvous round instead (pytorch/pytorch#135712)."""
-    if args.nnodes > 1 and args.max_restarts > 0:
+    from kiln.launcher import ELASTIC_ENV
+
+    if _elastic(args):  # membership changes restart the ranks without counting a restart
+        return {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", ELASTIC_ENV: "1"}
+    if _nodes(args.nnodes)[1] > 1 and (args.max_restarts or 0) > 0:
         return {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     return None
 
@@ -114,7 +164,7 @@ def _run_launcher(cmd: list[str], run_dir: Path, env: dict[str, str] | None = No
     import tempfile
 
     from kiln.engine.signals import StoppedBeforeStart
-    from kiln.launcher import LINES_ENV, closing_lines
+    from kiln.launcher import LINES_ENV, SIGNALLED, closing_lines
     from kiln.runs import read_status
 
     before = read_status(run_dir)
@@ -123,6 +173,8 @@ def _run_launcher(cmd: list[str], run_dir: Path, env: dict[str, str] | None = No
 
     def forward_to_ranks(signum: int, _: object) -> None:
         received.append(signum)
+        with contextlib.suppress(OSError):  # the ranks tell the user's stop from the agent's
+            (folder / SIGNALLED).touch()
         if proc is not None:
             _forward(proc.pid, signum)
 
@@ -143,10 +195,18 @@ def _run_launcher(cmd: list[str], run_dir: Path, env: dict[str, str] | None = No
         for sig, handler in forward.items():
             signal.signal(sig, handler)
         shutil.rmtree(folder, ignore_errors=True)
-    for line in lines:
-        print(line, file=sys.stderr)
     status = read_status(run_dir)
     own = status.get("exit_code") if status is not None and status != before else None
+    if code == ExitCode.PAUSED:  # kiln.launcher: the rendezvous fell short of MIN nodes
+        from kiln.engine.status import mark_paused
+
+        lines = lines[:1]  # its line (the ranks' reports came before the restart)
+        mark_paused(run_dir, lines[0] if lines else "the rendezvous timed out")
+        own = ExitCode.PAUSED
+    elif own == ExitCode.FINISHED and status is not None and status["state"] == "finished":
+        return ExitCode.FINISHED  # after restarts: the earlier attempts' lines are in train.log
+    for line in lines:
+        print(line, file=sys.stderr)
     if own:
         return int(own)
     if said is None and code and received and received[-1] in (signal.SIGTERM, signal.SIGINT):
@@ -223,6 +283,8 @@ def check(args: argparse.Namespace) -> None:
     in well under a second, every problem at once, and once, not on every rank. The run
     directory's own rule is the main rank's, as when the engine claims it: another rank
     could find it already prepared by the main one."""
+    if args.nproc is None and args.nnodes != "1" and "LOCAL_RANK" not in os.environ:
+        raise KilnError(f"--nnodes {args.nnodes}: needs --nproc N (the ranks of each node)")
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         _launch(args)  # its arguments too
     args.loaded = cfg, resume = _load(args)
@@ -246,13 +308,15 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         cfg, _ = args.loaded if hasattr(args, "loaded") else _load(args)
         return _run_launcher(_launch(args), cfg.run_dir, _launch_env(args))
-    return _rank_code(_train(args))
+    return rank_code(_train(args))
 
 
-def _rank_code(code: int) -> int:
+def rank_code(code: int) -> int:
     """torchrun --max-restarts restarts the ranks on any other exit code than 0: a run that
-    ended as it decided (paused, stopped, diverged) exits 0 there, or a restart would undo
-    the pause or repeat the divergence. status.json keeps the code; --nproc reads it back."""
+    ended as it decided (paused, stopped, diverged) or on bad input exits 0 there, or a
+    restart would undo the pause, repeat the divergence or fail again. status.json (or the
+    ranks' closing line) keeps the code; --nproc reads it back. `kiln.cli` calls it for the
+    exit code of a bad input too."""
     if code not in (ExitCode.FINISHED, ExitCode.FAILED) and _max_restarts() > 0:
         return ExitCode.FINISHED
     return code
@@ -273,8 +337,11 @@ def stopped(args: argparse.Namespace | None, stop: StoppedBeforeStart) -> int:
             stop.resume_from = _resumable(args)
     if stop.resume_from is not None:
         stop.resume_from = _shown(Path(stop.resume_from))
-    say([stop.line()], stop.exit_code)
-    return _rank_code(stop.exit_code)
+    from kiln.launcher import membership_change
+
+    if not (stop.signum and membership_change()):  # (the agent restarts the ranks: no line)
+        say([stop.line()], stop.exit_code)
+    return rank_code(stop.exit_code)
 
 
 def _resumable(args: argparse.Namespace) -> str | None:
@@ -310,6 +377,7 @@ def _train(args: argparse.Namespace) -> int:
     from kiln.engine.console import start_console_log
     from kiln.engine.status import final_state
     from kiln.job import build_trainer
+    from kiln.launcher import membership_change
     from kiln.metrics.display import format_metric
 
     if int(os.environ.get("RANK", 0)) != 0:  # the main rank tells the story; others warn
@@ -347,6 +415,9 @@ def _train(args: argparse.Namespace) -> int:
         return code
     if state != "finished":  # paused (SIGTERM/SIGINT) or stopped (pruned)
         where = result.checkpoint_paths[-1] if result.checkpoint_paths else result.run_dir
+        if state == "paused" and membership_change():  # torchrun's agent restarts the ranks
+            print(f"\nmembership change at step {s['steps']}: checkpoint {where}")
+            return code
         print(f"\n{state} at step {s['steps']} ({s['stop_reason']}); checkpoint: {where}")
         print(f"continue with: kiln train --resume {_shown(result.run_dir)}")
         return code

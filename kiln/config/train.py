@@ -15,6 +15,7 @@ __all__ = [
     "AnomalyConfig",
     "DPOConfig",
     "DistributedConfig",
+    "ElasticConfig",
     "GradNoiseConfig",
     "OptimConfig",
     "SpikeConfig",
@@ -77,6 +78,31 @@ class GradNoiseConfig(Section):
     """Decay exponent of the noise variance."""
 
 
+class ElasticConfig(Section):
+    keep: Literal["global_batch"] | None = None
+    """global_batch: at a world size other than the checkpoint's (a node left or joined under
+    `kiln train --nnodes MIN:MAX`, or a resume with another --nproc), each rank's share of a
+    step is recomputed so that every optimizer step trains on the same samples as before;
+    null: a resume at another world size must keep train.batch_size x ranks itself (else it is
+    refused). `kiln train --nnodes MIN:MAX` sets global_batch."""
+    global_batch: int | None = Field(None, gt=0, le=MAX_BATCH * MAX_BATCH)
+    """Sequences per optimizer step at any world size (a multiple of train.grad_accum_steps);
+    null: train.batch_size x train.grad_accum_steps x the world size the run first started
+    at. Set it when the first start may see fewer nodes than planned, so the run's math does
+    not depend on how many nodes came first."""
+    vary: Literal["grad_accum_steps", "batch_size"] = "grad_accum_steps"
+    """What a rank changes when its share of a step grows: grad_accum_steps keeps micro-batches
+    at most train.batch_size (memory bounded; more forward/backward passes per step);
+    batch_size runs its share in one micro-batch per accumulation step. Either way each global
+    micro-batch, and so every sample of every step, is the same at any world size."""
+    indivisible: Literal["wait", "stop"] = "wait"
+    """A world size that does not divide the global micro-batch (global_batch /
+    grad_accum_steps): wait idles the ranks, without training, until the next membership
+    change restarts them (at most wait_s); stop pauses the run (exit 3, resumable)."""
+    wait_s: float = Field(600.0, gt=0.0, le=7 * 24 * 3600)
+    """How long `indivisible: wait` waits for a membership change before pausing (exit 3)."""
+
+
 class DistributedConfig(Section):
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """How N ranks (torchrun, or `kiln train --nproc N`) share the work: auto is a single
@@ -87,6 +113,9 @@ class DistributedConfig(Section):
     """Collective backend: auto is nccl with CUDA, else gloo."""
     timeout_s: float = Field(1800.0, gt=0.0, le=7 * 24 * 3600)
     """A collective waiting longer than this fails the run (a hung or dead rank)."""
+    elastic: ElasticConfig = ElasticConfig()
+    """Elastic runs: keeping the global batch when the world size changes
+    (docs/distributed.md, "Elastic training")."""
 
 
 class SpikeConfig(Section):
@@ -196,4 +225,10 @@ class TrainConfig(Section):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             got = short_repr(self.device)
             raise ValueError(f"train.device: expected auto, cpu, mps, cuda or cuda:N, got {got}")
+        whole = self.distributed.elastic.global_batch
+        if whole is not None and whole % self.grad_accum_steps:
+            raise ValueError(
+                f"train.distributed.elastic.global_batch: {whole} is not a multiple of "
+                f"train.grad_accum_steps ({self.grad_accum_steps})"
+            )
         return self

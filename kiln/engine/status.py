@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from kiln.engine.control import StopRequest
     from kiln.engine.state import TrainState
 
-__all__ = ["StatusFile", "exit_code_for", "final_state"]
+__all__ = ["StatusFile", "exit_code_for", "final_state", "mark_paused"]
 
 FORMAT = 1
 
@@ -59,6 +59,27 @@ def final_state(stop: StopRequest | None) -> tuple[str, int]:
     return state, STATE_EXIT_CODES[state]
 
 
+def mark_paused(run_dir: Path, line: str) -> None:
+    """status.json of a run whose launcher ended it between attempts (an elastic launch whose
+    rendezvous fell short of its minimum of nodes): paused, exit 3, with `line` as the stop's
+    reason (the ranks' last write may say failed: a peer died, then no restart could start)."""
+    from kiln.runs import read_status
+
+    data = read_status(run_dir)
+    if data is None:
+        return
+    data.update(
+        state="paused",
+        exit_code=ExitCode.PAUSED,
+        error=None,
+        stop={"kind": "rendezvous", "reason": line.removeprefix("kiln: ")},
+        heartbeat=time.time(),
+    )
+    path = RunPaths(run_dir).status
+    with contextlib.suppress(OSError):
+        write_atomic(path, json_text(data, indent=1) + "\n", durable=False)
+
+
 class StatusFile:
     """Writes `<run_dir>/status.json` (only on the main rank: `enabled`)."""
 
@@ -86,14 +107,23 @@ class StatusFile:
             "stop": None,
             "exit_code": None,
             "error": None,
+            "world_size": None,
         }
         self._rate_from: tuple[float, int] | None = None
         self._begun = False
 
-    def begin(self) -> None:
+    def begin(self, *, resumed: bool = False) -> None:
         """This process owns the run directory now (locked, checked): write `starting`. Until
-        then nothing is written, so a refused start never touches another run's status."""
+        then nothing is written, so a refused start never touches another run's status. A
+        resumed run keeps the record of its earlier world-size changes."""
         self._begun = self.enabled
+        if resumed and self.enabled:
+            from kiln.runs import read_status
+
+            before = read_status(self.path.parent) or {}
+            changes = before.get("world_size_changes")
+            if isinstance(changes, list):
+                self.data["world_size_changes"] = changes
         self.data["started_at"] = time.time()
         self.write("starting")
 

@@ -25,6 +25,7 @@ from kiln.engine import feed
 from kiln.engine.anomaly import clip_grad_norm
 from kiln.engine.cadence import Cadence
 from kiln.engine.control import CheckpointKind, Control, RunView, StopRequest
+from kiln.engine.elastic import Shares, plan, record_world
 from kiln.engine.evaluate import restore_best, validate
 from kiln.engine.events import Event
 from kiln.engine.generate_eval import GenerationEval, end_sample
@@ -124,6 +125,7 @@ class Trainer:
         self.final_from: dict[str, Any] | None = None  # which weights final/ holds
         self.meter: ThroughputMeter | None = None
         self.cursor: BatchCursor | None = None
+        self.shares = Shares(cfg.train.batch_size, cfg.train.batch_size)  # `_begin` plans them
         self.prefetch: Any = None  # a Prefetcher (data.loader_workers), or None
         self._resume_from: Path | None = None
         self._start_time = time.perf_counter()
@@ -276,7 +278,9 @@ class Trainer:
             want, self.checkpoints, self.run_dir, overwrite=self.overwrite
         )
         self._resume_from, world = resume_from, self.rank.world_size
-        self.status.begin()
+        self.status.begin(resumed=resume_from is not None)
+        self.cfg, self.shares = plan(self.cfg, world, resume_from)  # elastic: this rank's share
+        self.view.cfg = self.cfg
         # Before setup and config.yaml: a refused resume leaves only status.json (failed).
         changes = [] if resume_from is None else check_compatible(self.cfg, resume_from, world)
         parts, cfg = self.setup(), self.cfg
@@ -286,6 +290,7 @@ class Trainer:
         self.rank.barrier("run directory prepared")  # the main rank has prepared it
         if resume_from is not None:
             self._restore(resume_from, changes, forked=foreign)
+        record_world(self.status, self.run_dir, self.rank, self.state.step, resume_from)
         self.checkpoints.clean_incomplete()
         self.run_dir.clean_stale()
         if parts.data_stats:
@@ -376,9 +381,8 @@ class Trainer:
             return None
         staging = write_shards(self.checkpoints, parts, self.rank, step)  # FSDP: every rank
         staging = write_loadable(self.checkpoints, parts, self.rank, step, staging)  # HF, PEFT
-        writers = checkpoint_writers(
-            self.cfg, parts, self.loop, self.callbacks, self.rank
-        )  # on every rank: the RNG states are gathered
+        # On every rank: the RNG states are gathered.
+        writers = checkpoint_writers(self.cfg, parts, self.loop, self.callbacks, self.rank)
         if not main:
             self.rank.barrier("checkpoint written")
             return None
@@ -422,8 +426,8 @@ class Trainer:
             self.fire(Event.EPOCH_BEGIN)
         self.fire(Event.STEP_BEGIN)
         batches, tokens, samples = [], 0, 0
-        for _ in range(cfg.train.grad_accum_steps):
-            batch = self._next_batch()
+        drawn = [self._next_batch() for _ in range(cfg.train.grad_accum_steps)]
+        for batch in self.shares.split(drawn, task):
             tokens += feed.input_tokens(batch)  # host-side, on the CPU copy
             samples += batch["input_ids"].shape[0]
             if device.type != "cpu":

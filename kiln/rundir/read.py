@@ -65,6 +65,7 @@ _STATUS_KEYS = (
     "exit_code",
     "error",
     "run_dir",
+    "world_size",
 )
 
 
@@ -98,7 +99,9 @@ def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     Every key of format 1 is present (None where the file lacks it): format, state (one of
     `STATES`), pid, host, kiln_version, started_at and heartbeat (unix seconds), step,
     total_steps, epoch, tokens, train and val (the latest records), eta_s, stop ({kind,
-    reason} or None), exit_code, error (the error's first line when failed), run_dir. A newer
+    reason} or None), exit_code, error (the error's first line when failed), run_dir,
+    world_size (the ranks it runs on now). `world_size_changes`, when the run changed world
+    size: [{step, from, to, reason, time}] (reason: node left, node joined, resumed). A newer
     format's extra keys are kept. The state may be out of date: see `run_state`.
     """
     data = _read_json(RunPaths(run_dir).status, strict=False)

@@ -34,6 +34,8 @@ def describe(job: JobRow) -> dict[str, Any]:
     status = read_status(job.run_dir) or {}
     out = job.to_dict()
     out.update({k: status.get(k) for k in ("step", "total_steps", "epoch", "eta_s", "heartbeat")})
+    out["world_size"] = status.get("world_size")  # ranks now; its changes (elastic runs):
+    out["world_size_changes"] = status.get("world_size_changes") or []  # {step, from, to, reason}
     out["stop_requested"] = job.stop_requested is not None
     return out
 
