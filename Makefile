@@ -9,7 +9,7 @@ DEMO_EXTRAS := metrics,plots
 ALL_EXTRAS  := dev,bench,lora,data,metrics,tensorboard,wandb,mlflow,plots,sweep,postgres,export,serve,ray
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench clean image
 
 setup: $(STAMP)
 
@@ -52,6 +52,18 @@ format: setup
 
 bench: setup
 	$(BIN)/python benchmarks/step_overhead.py
+
+# The container image (Dockerfile, docs/deploy.md), with podman if it is here, else docker.
+# A GPU image: make image BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 TORCH_INDEX_URL=...cu128
+# IMAGE_FLAGS: more `build` flags (a pip.conf for the build: docs/deploy.md).
+CONTAINER ?= $(if $(shell command -v podman),podman,docker)
+IMAGE ?= kiln
+BASE ?=
+IMAGE_FLAGS ?=
+IMAGE_ARGS = $(if $(findstring podman,$(CONTAINER)),--format docker) $(if $(BASE),--build-arg \
+	BASE=$(BASE)) $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL))
+image:
+	$(CONTAINER) build $(strip $(IMAGE_ARGS) $(IMAGE_FLAGS)) -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
