@@ -183,6 +183,34 @@ def tree_hashes(root: Path) -> dict[str, str]:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, breadth first (by each process's parent in /proc/PID/stat)."""
+    import contextlib
+
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    tree = [pid]
+    for parent in tree:  # grows while it is read
+        tree += [child for child, of in parents.items() if of == parent]
+    return tree
+
+
+def load_script(path: Path, name: str) -> Any:
+    """The Python file `path` (a benchmark script) imported as module `name`."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for torchrun's rendezvous)."""
     import socket

@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "data_scale.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_data_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _module()
+bench = load_script(SCRIPT, "bench_data_scale")
 
 
 def test_sizes_parse_suffixes_and_print_back():

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import free_port, gloo_env, make_rows, tiny_raw, write_jsonl
+from helpers import free_port, gloo_env, make_rows, process_tree, tiny_raw, write_jsonl
 from safetensors.torch import load_file
 
 from kiln.checkpoint import CheckpointManager
@@ -106,18 +106,6 @@ def _kill_all(mark: str) -> None:
     for pid in _ours(mark):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-def _tree(pid: int) -> list[int]:
-    """`pid` and its descendants (by each process's parent in /proc/PID/stat)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    tree = [pid]
-    for parent in tree:  # grows while it is read: breadth first
-        tree += [child for child, of in parents.items() if of == parent]
-    return tree
 
 
 @dataclass
@@ -208,7 +196,7 @@ def one_rank_killed(tmp: Path) -> dict[str, Any]:
     job = Job.launch(_config(tmp, "chain"))
     victim, survivor = job.rank_pid(1), job.rank_pid(0)
     job.checkpoint_after(2)
-    tree = _tree(job.proc.pid)  # the launcher, torchrun, the ranks
+    tree = process_tree(job.proc.pid)  # the launcher, torchrun, the ranks
     os.kill(victim, signal.SIGKILL)
     os.kill(survivor, signal.SIGTERM)
     killed = time.monotonic()
@@ -276,7 +264,7 @@ def test_killed_at_random_then_restarted_resumes_bit_exactly(
     job.checkpoint_after(max(_steps(run)))
     time.sleep(random.Random(13).uniform(0.05, 0.5))
     assert job.proc.poll() is None
-    for pid in _tree(job.proc.pid):  # the whole job at once: launcher, torchrun, ranks
+    for pid in process_tree(job.proc.pid):  # the whole job at once: launcher, torchrun, ranks
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     job.wait(timeout=30)

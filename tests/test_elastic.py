@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import free_port, gloo_env, make_rows, tiny_raw, write_jsonl
+from helpers import free_port, gloo_env, make_rows, process_tree, tiny_raw, write_jsonl
 
 from kiln.config import load_config
 from kiln.engine.elastic import Shares, WorldSizeRefused, plan
@@ -60,18 +60,6 @@ def _config(tmp: Path, name: str, **train: Any) -> Path:
     return path
 
 
-def _tree(pid: int) -> list[int]:
-    """`pid` and its descendants."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    tree = [pid]
-    for parent in tree:
-        tree += [child for child, of in parents.items() if of == parent]
-    return tree
-
-
 class Node:
     """One `kiln train --nproc 1 --nnodes MIN:MAX` agent, in its own session."""
 
@@ -101,7 +89,7 @@ class Node:
     def rank_pid(self) -> int:
         """The pid of this node's rank (torchrun's worker: LOCAL_RANK in its environment)."""
         ranks = []
-        for pid in _tree(self.proc.pid)[1:]:
+        for pid in process_tree(self.proc.pid)[1:]:
             with contextlib.suppress(OSError):
                 if b"LOCAL_RANK=0" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                     ranks.append(pid)
@@ -110,7 +98,7 @@ class Node:
 
     def kill(self) -> None:
         """SIGKILL the agent and its ranks at once (a machine gone)."""
-        for pid in _tree(self.proc.pid):
+        for pid in process_tree(self.proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(timeout=10)

@@ -3,27 +3,19 @@ judges steps (a failure with its error line, a hang, a skip, the budget) and the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gc = _module()
+gc = load_script(SCRIPT, "bench_gpu_check")
 
 STEPS = [
     "setup",
@@ -193,11 +185,7 @@ def test_goals_are_judged_on_real_numbers_and_never_on_a_dry_run(tmp_path: Path)
 
 
 def test_goal_thresholds_match_the_benchmark() -> None:
-    spec = importlib.util.spec_from_file_location(
-        "bench_gpu_tp", SCRIPT.with_name("gpu_throughput.py")
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(SCRIPT.with_name("gpu_throughput.py"), "bench_gpu_tp")
     assert (gc.MFU_GOAL, gc.LORA_SPEEDUP_GOAL, gc.EQUAL_LOSS) == (
         bench.MFU_GOAL,
         bench.LORA_SPEEDUP_GOAL,
