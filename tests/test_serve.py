@@ -282,7 +282,13 @@ def test_the_dashboard_shows_a_finished_jobs_curve(tmp_path: Path) -> None:
         raw = serve_config(tmp_path)
         raw["train"]["max_steps"] = 8
         job = api.start(config=raw)
-        assert api.wait(job["id"], "succeeded", "failed")["state"] == "succeeded"
+        done = api.wait(job["id"], "succeeded", "failed")
+        assert done["state"] == "succeeded"
+        # As an elastic run records a node that left (kiln.engine.elastic): the page says so.
+        status_file = Path(done["run_dir"]) / "status.json"
+        status = json.loads(status_file.read_text())
+        change = {"step": 4, "from": 2, "to": 1, "reason": "node left", "time": 0.0}
+        status_file.write_text(json.dumps({**status, "world_size_changes": [change]}))
         page = f"{srv.url}/#job/{job['id']}"
         base = [
             browser,
@@ -296,6 +302,7 @@ def test_the_dashboard_shows_a_finished_jobs_curve(tmp_path: Path) -> None:
             [*base, "--dump-dom", page], capture_output=True, text=True, timeout=120
         ).stdout
         assert '<span id="state" class="state succeeded">succeeded</span>' in dom
+        assert '<span id="world">1 rank · world size 2→1 at step 4 (node left)</span>' in dom
         assert 'class="series" data-name="train"' in dom  # the loss curve was drawn
         assert 'class="series" data-name="val"' in dom
         shot = tmp_path / "job.png"
