@@ -223,6 +223,8 @@ def test_a_node_that_dies_leaves_the_run_going_on_one_node(tmp_path: Path, refer
     assert (status["state"], status["exit_code"], status["world_size"]) == ("finished", 0, 1)
     change = _change(run)
     assert (change["from"], change["to"], change["reason"]) == (2, 1, "node left")
+    train = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (train["batch_size"], train["distributed"]["elastic"]["micro_batch"]) == (8, 4)
     assert KILL_AT - EVERY <= change["step"] <= KILL_AT + 2 * EVERY
     _same_run(run, reference, change["step"])
     assert "rank 0: collective timed out or a peer died at step" in first.text()  # as it happened
@@ -319,6 +321,11 @@ def test_each_rank_takes_its_share_of_the_checkpoints_global_micro_batch(tmp_pat
     assert one.train.batch_size == 8
     assert one.train.grad_accum_steps == 2
     assert shares == Shares(unit=8, per_rank=8, micro=4)  # vary grad_accum_steps: 2 x 4
+    assert one.train.distributed.elastic.micro_batch == 4  # config.yaml keeps the limit
+    # `kiln train --resume RUN_DIR` reads that config.yaml (batch 8): still micro-batches of 4
+    again = load_config(data=one.model_dump(mode="json"))
+    assert plan(again, 1, ck)[1] == Shares(8, 8, 4)
+    assert plan(again, 2, ck)[0].train.batch_size == 4
     four, shares = plan(cfg, 4, ck)
     assert four.train.batch_size == 2
     assert shares == Shares(8, 2, None)

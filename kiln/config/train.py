@@ -95,6 +95,10 @@ class ElasticConfig(Section):
     at most train.batch_size (memory bounded; more forward/backward passes per step);
     batch_size runs its share in one micro-batch per accumulation step. Either way each global
     micro-batch, and so every sample of every step, is the same at any world size."""
+    micro_batch: int | None = Field(None, gt=0, le=MAX_BATCH)
+    """vary grad_accum_steps: the largest micro-batch a rank runs; null: train.batch_size as
+    first given (recorded here in the run's config.yaml once a world size changes its share,
+    so a later resume by hand keeps it)."""
     indivisible: Literal["wait", "stop"] = "wait"
     """A world size that does not divide the global micro-batch (global_batch /
     grad_accum_steps): wait idles the ranks, without training, until the next membership

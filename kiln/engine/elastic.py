@@ -145,9 +145,8 @@ def plan(cfg: RunConfig, world: int, checkpoint: Path | None) -> tuple[RunConfig
         )
         wait(why, el.indivisible, el.wait_s)
     per_rank = unit // world
-    micro = None
-    if el.vary == "grad_accum_steps" and per_rank > train.batch_size:
-        micro = train.batch_size
+    limit = el.micro_batch or train.batch_size
+    micro = limit if el.vary == "grad_accum_steps" and per_rank > limit else None
     shares = Shares(unit, per_rank, micro)
     if per_rank != train.batch_size:
         how = "" if micro is None else f", run as micro-batches of at most {micro}"
@@ -160,8 +159,11 @@ def plan(cfg: RunConfig, world: int, checkpoint: Path | None) -> tuple[RunConfig
         )
     if per_rank == train.batch_size:
         return cfg, shares
+    kept = {"micro_batch": limit} if el.vary == "grad_accum_steps" else {}
+    dist = train.distributed.model_copy(update={"elastic": el.model_copy(update=kept)})
     runs = cfg.model_copy(
-        update={"train": train.model_copy(update={"batch_size": per_rank})}, deep=True
+        update={"train": train.model_copy(update={"batch_size": per_rank, "distributed": dist})},
+        deep=True,
     )
     return runs, shares
 
