@@ -269,6 +269,16 @@ def _owners(root: Path) -> set[tuple[int, int]]:
     return {(p.lstat().st_uid, p.lstat().st_gid) for p in [root, *root.rglob("*")]}
 
 
+def _healthy(url: str) -> bool:
+    """Whether `url` answers 200 now (a server still starting refuses the connection)."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def _tiny_quickstart() -> dict[str, Any]:
     """configs/quickstart.yaml with TINY applied, its data the image's copy."""
     raw = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
@@ -374,12 +384,7 @@ def test_serve_in_a_container_runs_a_job_with_postgresql(
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        while not _healthy(f"{url}/api/health"):  # the server is up
             assert time.monotonic() < deadline, podman.logs(name)[-3000:]
             time.sleep(0.5)
         podman("healthcheck", "run", name)  # the image's healthcheck finds `kiln serve`

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from kiln.data.collate import IGNORE_INDEX
-from kiln.data.dataset import TokenDataset, _as_tensor
+from kiln.data.dataset import TokenDataset
 from kiln.data.sources import _Problems, json_type, where
 from kiln.data.tasks import _RowError
 from kiln.data.tokenize import report_dropped
@@ -355,14 +355,8 @@ def tokenize_chat(
     n = len(conversations)
     drops = [name(i) for i in dropped]
     report_dropped(what, n, drops, max_length, quiet, items="conversations", target="assistant")
-    flat_offsets = _as_tensor(offsets)
     source_rows = None if len(kept) == n else torch.tensor(kept, dtype=torch.int64)
-    return TokenDataset.from_ragged(
-        (_as_tensor(ids), flat_offsets),
-        (_as_tensor(labels), flat_offsets),
-        aligned=True,
-        source_rows=source_rows,
-    )
+    return TokenDataset.from_aligned(ids, labels, offsets, source_rows=source_rows)
 
 
 def _line(exc: BaseException) -> str:

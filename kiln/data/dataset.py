@@ -107,6 +107,20 @@ class TokenDataset(Dataset[dict[str, Tensor]]):
         self._check_ids()
 
     @classmethod
+    def from_aligned(
+        cls, ids: array, labels: array, offsets: array, *, source_rows: Tensor | None = None
+    ) -> TokenDataset:
+        """Wrap int64 arrays as a tokenizer builds them: every example's ids, then its labels
+        of the same length, both cut at `offsets` (0, ..., len(ids)); no copy (`from_ragged`)."""
+        cuts = _as_tensor(offsets)
+        return cls.from_ragged(
+            (_as_tensor(ids), cuts),
+            (_as_tensor(labels), cuts),
+            aligned=True,
+            source_rows=source_rows,
+        )
+
+    @classmethod
     def from_ragged(
         cls,
         ids: tuple[Tensor, Tensor],

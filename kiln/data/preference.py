@@ -28,7 +28,7 @@ import torch
 
 from kiln.data.chat import ChatFormat
 from kiln.data.collate import IGNORE_INDEX
-from kiln.data.dataset import TokenDataset, _as_tensor
+from kiln.data.dataset import TokenDataset
 from kiln.data.sources import _Problems, json_type, where
 from kiln.data.tasks import _RowError
 from kiln.data.tokenize import report_dropped
@@ -185,13 +185,9 @@ def tokenize_preference(
     n = len(rendered)
     drops = [name(i) for i in dropped]
     report_dropped(what, n, drops, max_length, quiet, items="preference pairs", target="completion")
-    flat_offsets = _as_tensor(offsets)
-    rows = torch.tensor(kept, dtype=torch.int64).repeat_interleave(2)
-    return TokenDataset.from_ragged(
-        (_as_tensor(ids), flat_offsets),
-        (_as_tensor(labels), flat_offsets),
-        aligned=True,
-        source_rows=None if len(kept) == n else rows,
+    rows = torch.tensor(kept, dtype=torch.int64).repeat_interleave(2)  # both of each pair
+    return TokenDataset.from_aligned(
+        ids, labels, offsets, source_rows=None if len(kept) == n else rows
     )
 
 

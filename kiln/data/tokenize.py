@@ -440,18 +440,12 @@ def tokenize_instruction(
         offsets.append(len(ids))
     too_long.raise_if_any()
     report_dropped(what, n, [name(i) for i in dropped], max_length, quiet)
-    flat_offsets = _as_tensor(offsets)
     source_rows = None
     if dropped:
         keep = torch.ones(n, dtype=torch.bool)
         keep[dropped] = False
         source_rows = keep.nonzero().squeeze(1)
-    return TokenDataset.from_ragged(
-        (_as_tensor(ids), flat_offsets),
-        (_as_tensor(labels), flat_offsets),
-        aligned=True,
-        source_rows=source_rows,
-    )
+    return TokenDataset.from_aligned(ids, labels, offsets, source_rows=source_rows)
 
 
 def report_dropped(

@@ -72,8 +72,7 @@ class Trainer:
     truth: what it asks for (progress, early stopping, trackers, notifications, plots, export
     on finish) runs whichever entry point builds the trainer; `callbacks` are added to those
     (one of the same class takes the config's one's place), and `config_callbacks=False`
-    leaves the config's out (`kiln.job.job_callbacks`).
-    """
+    leaves the config's out (`kiln.job.job_callbacks`)."""
 
     def __init__(
         self,
@@ -210,8 +209,7 @@ class Trainer:
 
         EXCEPTION fires for any error from here on, setup included (a failure notification
         must not depend on how far the run got). The process-wide state the run touches
-        (global RNGs, threads, TF32, signal handlers) is restored when fit() returns or raises.
-        """
+        (global RNGs, threads, TF32, signal handlers) is restored when fit() returns or raises."""
         with ProcessState() as process:
             result = self._fit()
         if process.stray:
@@ -507,10 +505,8 @@ class Trainer:
         self._record(record)
 
     def _flush_train(self) -> bool:
-        """A run that ends on a step past its log point (early stopping at a validation, a
-        stop requested at a checkpoint) logs the steps since its last train row, so
-        metrics.jsonl and loss_history cover every step. False when the review that comes
-        first rolled back or diverged (nothing more to do for this step)."""
+        """Log the steps since the last train row of a run that ends past its log point (an
+        early stop, a stop at a checkpoint); False when the review first rolled back or diverged."""
         if not (self.control.stopping and self.loop.pending_losses and self._final_wanted()):
             return True
         if self.judge.review(self.setup()) or self.judge.diverged:
